@@ -1,0 +1,4 @@
+//! braid-capture: the capture tool.
+//!
+//! Not built yet; the issues that build it are listed in the README. It depends on
+//! braid-core, where everything it decides lives.

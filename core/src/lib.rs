@@ -1,0 +1,30 @@
+//! braid-core: everything a Braid node decides, with no sockets, no tasks and no clock.
+//!
+//! Every state machine here takes time as an argument and has the same shape: feed it with
+//! `handle_input(now, ..)` or `handle_timeout(now)`, then call `poll_output()` until it
+//! returns a timeout. The daemons own the sockets and the clock; this crate is what they
+//! agree on, and what the tests drive in virtual time.
+//!
+//! # Layout
+//!
+//! - [`wire`]: the Braid wire protocol (envelope, media and control messages,
+//!   authentication tag) and the adapter around the RTP crate.
+//! - [`seq`]: [`SeqNo`], RTP's sequence number extended to 64 bits.
+//! - [`merge`]: the multi-path merge buffer with its loss register (NACK).
+//! - [`ring`]: the edge's ring of recent packets and the per-viewer cursors into it.
+//! - [`detect`]: windowed reception measures and the switch detector.
+//! - [`token`]: signed viewer tokens.
+//! - [`id`]: identifiers and units.
+
+pub mod detect;
+pub mod error;
+pub mod id;
+pub mod merge;
+pub mod ring;
+pub mod seq;
+pub mod token;
+pub mod wire;
+
+pub use error::Error;
+pub use id::{Bitrate, ClientId, DataSize, NodeId, PathId, StreamId};
+pub use seq::SeqNo;

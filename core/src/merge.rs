@@ -1,0 +1,685 @@
+//! The multi-path merge: many copies in, one ordered stream out.
+//!
+//! Every node that receives a stream over several paths runs one [`Buffer`] per stream.
+//! The first copy of each sequence number wins and later copies are dropped as
+//! duplicates. A packet that arrives ahead of a missing one waits, for at most the reorder
+//! window, for the missing one to arrive on some path; then the missing one is given up
+//! as a gap and counted. Nothing is ever released out of order.
+//!
+//! The buffer also keeps the loss register used for repair: a sequence number that every
+//! healthy path has gone past without delivering (or that stays missing for
+//! [`Config::nack_delay`]) is asked for once, on a path that delivers data, so the ask and
+//! the answer do not travel the path that lost it.
+//!
+//! # Contract
+//!
+//! A sans-IO state machine: feed it with [`Buffer::handle_input`] or
+//! [`Buffer::handle_timeout`], then call [`Buffer::poll_output`] until it returns
+//! [`Output::Timeout`], and call `handle_timeout` again at that instant at the latest.
+//! Time only moves when passed in. Memory is bounded by [`Config::max_held`] whatever
+//! arrives: a sender that jumps far ahead flushes the buffer instead of growing it, and old
+//! or repeated sequence numbers cost a counter increment.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::error::Error;
+use crate::id::PathId;
+use crate::seq::SeqNo;
+use crate::wire::SeqRange;
+
+/// Merge settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// How long a missing packet is waited for once a later one has arrived. Size it to
+    /// the delay difference between the slowest and fastest path plus one repair round
+    /// trip. The default, 200 ms, assumes paths within about 120 ms of each other and an
+    /// upstream under 80 ms away.
+    pub reorder_window: Duration,
+    /// Most packets held at once (bounds memory). The default, 4096, covers the window at
+    /// up to about 20 Mbps of 1316-byte payloads with room to spare.
+    pub max_held: usize,
+    /// Whether to ask upstream for missing packets.
+    pub nack: bool,
+    /// How long a missing packet waits for a path that has not yet gone past it before it
+    /// is asked for anyway. The default, 30 ms, spends a retransmission rather than wait
+    /// for a slow path.
+    pub nack_delay: Duration,
+    /// A path is healthy while data arrived on it within this long (default 500 ms).
+    pub path_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            reorder_window: Duration::from_millis(200),
+            max_held: 4096,
+            nack: true,
+            nack_delay: Duration::from_millis(30),
+            path_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+impl Config {
+    /// Checks that the settings make sense together.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.reorder_window.is_zero() {
+            return Err(Error::InvalidConfig(
+                "merge reorder window must be above zero".into(),
+            ));
+        }
+        if !(16..=1 << 20).contains(&self.max_held) {
+            return Err(Error::InvalidConfig(
+                "merge max_held must be between 16 and 1048576 packets".into(),
+            ));
+        }
+        if self.nack && self.nack_delay >= self.reorder_window {
+            return Err(Error::InvalidConfig(
+                "merge nack delay must be shorter than the reorder window, or the answer comes too late".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What the buffer is told.
+#[derive(Debug)]
+pub enum Input<T> {
+    /// A copy of packet `seq` arrived on `path`.
+    Packet {
+        /// The path it came on.
+        path: PathId,
+        /// Its sequence number.
+        seq: SeqNo,
+        /// The packet itself, released unchanged.
+        item: T,
+    },
+    /// Something that could not be decoded arrived on `path` (counted only).
+    Malformed {
+        /// The path it came on.
+        path: PathId,
+    },
+}
+
+/// What the buffer says.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Output<T> {
+    /// The next packet of the stream, in order.
+    Packet {
+        /// Its sequence number.
+        seq: SeqNo,
+        /// The packet.
+        item: T,
+    },
+    /// `count` sequence numbers starting at `first` are given up: they will never be
+    /// released.
+    Gap {
+        /// The first one given up.
+        first: SeqNo,
+        /// How many.
+        count: u64,
+    },
+    /// Ask upstream for these sequence numbers, over `path`.
+    Nack {
+        /// What is missing.
+        range: SeqRange,
+        /// A healthy path to ask on.
+        path: PathId,
+    },
+    /// Nothing more until this instant (or until the next input, if `None`).
+    Timeout(Option<Instant>),
+}
+
+/// Counters for one path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PathStats {
+    /// Packets received on this path.
+    pub received: u64,
+    /// Packets this path was first to deliver.
+    pub first: u64,
+    /// Copies of packets already held or released.
+    pub duplicates: u64,
+    /// Packets that arrived after their sequence number was given up.
+    pub late: u64,
+    /// Undecodable packets reported for this path.
+    pub malformed: u64,
+}
+
+/// Counters for the whole buffer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Packets released in order.
+    pub released: u64,
+    /// Sequence numbers given up (released as gaps).
+    pub gaps: u64,
+    /// Gap events (runs of consecutive sequence numbers given up).
+    pub gap_events: u64,
+    /// Duplicate copies dropped, over all paths.
+    pub duplicates: u64,
+    /// Late packets dropped, over all paths.
+    pub late: u64,
+    /// Sequence numbers asked for.
+    pub nacked: u64,
+    /// Asked-for sequence numbers that then arrived in time.
+    pub repaired: u64,
+    /// Times the sender jumped more than `max_held` ahead and the buffer was flushed.
+    pub jumps: u64,
+}
+
+enum Slot<T> {
+    Hole { since: Instant, nacked: bool },
+    Full(T),
+}
+
+/// Holes created together, waiting to be asked for.
+struct NackRun {
+    first: SeqNo,
+    count: u64,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct PathState {
+    stats: PathStats,
+    last_data: Option<Instant>,
+    highest: Option<SeqNo>,
+}
+
+/// For recently released sequence numbers, whether each was delivered or given up; tells
+/// a duplicate from a late packet without unbounded memory.
+struct History {
+    bits: Vec<u64>,
+    mask: u64,
+}
+
+impl History {
+    fn new(min_len: usize) -> History {
+        let len = min_len.next_power_of_two().max(64) as u64;
+        History {
+            bits: vec![0; (len / 64) as usize],
+            mask: len - 1,
+        }
+    }
+
+    fn len(&self) -> u64 {
+        self.mask + 1
+    }
+
+    fn set(&mut self, seq: SeqNo, delivered: bool) {
+        let i = seq.0 & self.mask;
+        let (word, bit) = ((i / 64) as usize, i % 64);
+        if delivered {
+            self.bits[word] |= 1 << bit;
+        } else {
+            self.bits[word] &= !(1 << bit);
+        }
+    }
+
+    fn get(&self, seq: SeqNo) -> bool {
+        let i = seq.0 & self.mask;
+        self.bits[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+
+    fn set_gap_range(&mut self, first: SeqNo, count: u64) {
+        // Only the last `len` entries can ever be looked at again.
+        let skip = count.saturating_sub(self.len());
+        for i in skip..count {
+            self.set(first.plus(i), false);
+        }
+    }
+}
+
+/// The merge buffer for one stream. See the module documentation for the contract.
+pub struct Buffer<T> {
+    config: Config,
+    now: Option<Instant>,
+    /// The next sequence number to release; `None` until the first packet.
+    next: Option<SeqNo>,
+    /// `slots[i]` holds sequence number `next + i`. The last slot is always full.
+    slots: VecDeque<Slot<T>>,
+    released_any: bool,
+    /// Before the first release, packets wait one window so that copies reordered ahead
+    /// of the first arrival still make it.
+    hold_until: Option<Instant>,
+    ready: VecDeque<Output<T>>,
+    nack_queue: VecDeque<NackRun>,
+    history: History,
+    paths: Vec<PathState>,
+    stats: Stats,
+    nack_turn: usize,
+}
+
+impl<T> Buffer<T> {
+    /// A buffer that starts at the first packet it receives (after holding it one window,
+    /// in case earlier packets arrive reordered behind it).
+    pub fn new(config: Config) -> Result<Self, Error> {
+        config.validate()?;
+        Ok(Buffer {
+            history: History::new(config.max_held),
+            config,
+            now: None,
+            next: None,
+            slots: VecDeque::new(),
+            released_any: false,
+            hold_until: None,
+            ready: VecDeque::new(),
+            nack_queue: VecDeque::new(),
+            paths: Vec::new(),
+            stats: Stats::default(),
+            nack_turn: 0,
+        })
+    }
+
+    /// A buffer that knows the stream starts at `first`: anything missing from there on is
+    /// a gap, and nothing is held back at start.
+    pub fn starting_at(config: Config, first: SeqNo) -> Result<Self, Error> {
+        let mut b = Self::new(config)?;
+        b.next = Some(first);
+        b.released_any = true;
+        Ok(b)
+    }
+
+    /// Takes one input at time `now`.
+    pub fn handle_input(&mut self, now: Instant, input: Input<T>) {
+        self.advance(now);
+        match input {
+            Input::Packet { path, seq, item } => self.handle_packet(now, path, seq, item),
+            Input::Malformed { path } => self.path_mut(path).stats.malformed += 1,
+        }
+    }
+
+    /// Moves time forward to `now` (time never goes back).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.advance(now);
+    }
+
+    /// The next output; call until it returns [`Output::Timeout`].
+    pub fn poll_output(&mut self) -> Output<T> {
+        if let Some(out) = self.ready.pop_front() {
+            return out;
+        }
+        let Some(now) = self.now else {
+            return Output::Timeout(None);
+        };
+        if let Some(out) = self.poll_nack(now) {
+            return out;
+        }
+        if let Some(out) = self.poll_release(now) {
+            return out;
+        }
+        Output::Timeout(self.next_deadline())
+    }
+
+    /// Drops everything held and starts over at the next packet (the stream restarted).
+    /// Held packets are given up and counted as gaps.
+    pub fn reset(&mut self) {
+        if let Some(next) = self.next {
+            let held = self.slots.len() as u64;
+            if held > 0 {
+                self.stats.gaps += held;
+                self.stats.gap_events += 1;
+                self.ready.push_back(Output::Gap {
+                    first: next,
+                    count: held,
+                });
+            }
+        }
+        self.slots.clear();
+        self.nack_queue.clear();
+        self.next = None;
+        self.released_any = false;
+        self.hold_until = None;
+    }
+
+    /// Counters for the whole buffer.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Counters for one path (zero for a path never seen).
+    pub fn path_stats(&self, path: PathId) -> PathStats {
+        self.paths
+            .get(usize::from(path.0))
+            .map(|p| p.stats)
+            .unwrap_or_default()
+    }
+
+    /// The paths seen so far, with their counters.
+    pub fn paths(&self) -> impl Iterator<Item = (PathId, PathStats)> + '_ {
+        self.paths
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.last_data.is_some() || p.stats.malformed > 0)
+            .map(|(i, p)| (PathId(i as u8), p.stats))
+    }
+
+    /// Whether data arrived on `path` within the path timeout.
+    pub fn is_healthy(&self, path: PathId) -> bool {
+        let Some(now) = self.now else { return false };
+        self.paths
+            .get(usize::from(path.0))
+            .is_some_and(|p| self.healthy(p, now))
+    }
+
+    /// Packets and holes currently held.
+    pub fn held(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The next sequence number to be released, once known.
+    pub fn next_seq(&self) -> Option<SeqNo> {
+        self.next
+    }
+
+    fn advance(&mut self, now: Instant) {
+        if self.now.is_none_or(|t| now > t) {
+            self.now = Some(now);
+        }
+    }
+
+    fn path_mut(&mut self, path: PathId) -> &mut PathState {
+        let i = usize::from(path.0);
+        if self.paths.len() <= i {
+            // At most 256 entries: PathId is a u8.
+            self.paths.resize_with(i + 1, PathState::default);
+        }
+        &mut self.paths[i]
+    }
+
+    fn healthy(&self, p: &PathState, now: Instant) -> bool {
+        p.last_data
+            .is_some_and(|t| now.saturating_duration_since(t) <= self.config.path_timeout)
+    }
+
+    fn handle_packet(&mut self, now: Instant, path: PathId, seq: SeqNo, item: T) {
+        let p = self.path_mut(path);
+        p.stats.received += 1;
+        p.last_data = Some(now);
+        if p.highest.is_none_or(|h| seq > h) {
+            p.highest = Some(seq);
+        }
+
+        let Some(next) = self.next else {
+            self.next = Some(seq);
+            self.slots.push_back(Slot::Full(item));
+            self.hold_until = Some(now + self.config.reorder_window);
+            self.path_mut(path).stats.first += 1;
+            return;
+        };
+
+        if seq < next {
+            if !self.released_any
+                && ((next.0 - seq.0) as usize) < self.config.max_held - self.slots.len()
+            {
+                // Still settling at start: grow the front.
+                let holes = next.0 - seq.0 - 1;
+                for _ in 0..holes {
+                    self.slots.push_front(Slot::Hole {
+                        since: now,
+                        nacked: false,
+                    });
+                }
+                self.slots.push_front(Slot::Full(item));
+                if holes > 0 && self.config.nack {
+                    self.nack_queue.push_back(NackRun {
+                        first: seq.next(),
+                        count: holes,
+                        since: now,
+                    });
+                }
+                self.next = Some(seq);
+                self.path_mut(path).stats.first += 1;
+                return;
+            }
+            let recent = next.0 - seq.0 <= self.history.len();
+            if self.released_any && recent && self.history.get(seq) {
+                self.stats.duplicates += 1;
+                self.path_mut(path).stats.duplicates += 1;
+            } else {
+                self.stats.late += 1;
+                self.path_mut(path).stats.late += 1;
+            }
+            return;
+        }
+
+        let idx = seq.0 - next.0;
+        if let Some(slot) = usize::try_from(idx)
+            .ok()
+            .and_then(|i| self.slots.get_mut(i))
+        {
+            match slot {
+                Slot::Full(_) => {
+                    self.stats.duplicates += 1;
+                    self.path_mut(path).stats.duplicates += 1;
+                }
+                Slot::Hole { nacked, .. } => {
+                    if *nacked {
+                        self.stats.repaired += 1;
+                    }
+                    *slot = Slot::Full(item);
+                    self.path_mut(path).stats.first += 1;
+                }
+            }
+            return;
+        }
+
+        let next = if idx >= self.config.max_held as u64 {
+            // Invariant: idx >= max_held >= 16, so this does not underflow.
+            let base = SeqNo(seq.0 + 1 - self.config.max_held as u64);
+            self.jump(next, base);
+            base
+        } else {
+            next
+        };
+
+        let end = next.plus(self.slots.len() as u64);
+        let holes = seq.0 - end.0;
+        for _ in 0..holes {
+            self.slots.push_back(Slot::Hole {
+                since: now,
+                nacked: false,
+            });
+        }
+        if holes > 0 && self.config.nack {
+            self.nack_queue.push_back(NackRun {
+                first: end,
+                count: holes,
+                since: now,
+            });
+        }
+        self.slots.push_back(Slot::Full(item));
+        self.path_mut(path).stats.first += 1;
+    }
+
+    /// The sender jumped too far ahead to hold: release everything below `base` now, in
+    /// order, packets as packets and holes as gaps, so that the packet that jumped fits
+    /// with the window behind it still open for copies reordered around the jump.
+    fn jump(&mut self, next: SeqNo, base: SeqNo) {
+        self.stats.jumps += 1;
+        let mut cursor = next;
+        let mut gap: Option<(SeqNo, u64)> = None;
+        while cursor < base {
+            match self.slots.pop_front() {
+                Some(Slot::Full(item)) => {
+                    if let Some((first, count)) = gap.take() {
+                        self.push_gap(first, count);
+                    }
+                    self.history.set(cursor, true);
+                    self.stats.released += 1;
+                    self.ready.push_back(Output::Packet { seq: cursor, item });
+                    cursor = cursor.next();
+                }
+                Some(Slot::Hole { .. }) => {
+                    match &mut gap {
+                        Some((_, count)) => *count += 1,
+                        None => gap = Some((cursor, 1)),
+                    }
+                    cursor = cursor.next();
+                }
+                None => {
+                    let skipped = base.0 - cursor.0;
+                    match &mut gap {
+                        Some((_, count)) => *count += skipped,
+                        None => gap = Some((cursor, skipped)),
+                    }
+                    cursor = base;
+                }
+            }
+        }
+        if let Some((first, count)) = gap {
+            self.push_gap(first, count);
+        }
+        self.next = Some(base);
+        self.released_any = true;
+        self.hold_until = None;
+    }
+
+    fn push_gap(&mut self, first: SeqNo, count: u64) {
+        self.stats.gaps += count;
+        self.stats.gap_events += 1;
+        self.history.set_gap_range(first, count);
+        self.ready.push_back(Output::Gap { first, count });
+    }
+
+    fn poll_release(&mut self, now: Instant) -> Option<Output<T>> {
+        if let Some(until) = self.hold_until {
+            if now < until {
+                return None;
+            }
+            self.hold_until = None;
+        }
+        let next = self.next?;
+        let window = self.config.reorder_window;
+        match self.slots.front()? {
+            Slot::Full(_) => {
+                let Some(Slot::Full(item)) = self.slots.pop_front() else {
+                    unreachable!("front was just seen full")
+                };
+                self.next = Some(next.next());
+                self.history.set(next, true);
+                self.stats.released += 1;
+                self.released_any = true;
+                Some(Output::Packet { seq: next, item })
+            }
+            Slot::Hole { since, .. } => {
+                if now < *since + window {
+                    return None;
+                }
+                let mut count = 0;
+                while let Some(Slot::Hole { since, .. }) = self.slots.front() {
+                    if now < *since + window {
+                        break;
+                    }
+                    self.slots.pop_front();
+                    count += 1;
+                }
+                self.next = Some(next.plus(count));
+                self.stats.gaps += count;
+                self.stats.gap_events += 1;
+                self.history.set_gap_range(next, count);
+                self.released_any = true;
+                Some(Output::Gap { first: next, count })
+            }
+        }
+    }
+
+    /// The lowest sequence number that every healthy path has gone past, if any path is
+    /// healthy.
+    fn healthy_floor(&self, now: Instant) -> Option<SeqNo> {
+        self.paths
+            .iter()
+            .filter(|p| self.healthy(p, now))
+            .filter_map(|p| p.highest)
+            .min()
+    }
+
+    fn poll_nack(&mut self, now: Instant) -> Option<Output<T>> {
+        if !self.config.nack || self.nack_queue.is_empty() {
+            return None;
+        }
+        let floor = self.healthy_floor(now);
+        let next = self.next?;
+        let delay = self.config.nack_delay;
+        loop {
+            let run = self.nack_queue.front_mut()?;
+            if run.count == 0 {
+                self.nack_queue.pop_front();
+                continue;
+            }
+            let due_by_time = now >= run.since + delay;
+            let passed = |s: SeqNo| due_by_time || floor.is_some_and(|f| f > s);
+            if !passed(run.first) {
+                return None;
+            }
+            let mut first: Option<SeqNo> = None;
+            let mut count: u16 = 0;
+            while run.count > 0 && count < u16::MAX && passed(run.first) {
+                let s = run.first;
+                let slot =
+                    s.0.checked_sub(next.0)
+                        .and_then(|i| usize::try_from(i).ok())
+                        .and_then(|i| self.slots.get_mut(i));
+                match slot {
+                    Some(Slot::Hole { nacked, .. }) if !*nacked => {
+                        *nacked = true;
+                        first.get_or_insert(s);
+                        count += 1;
+                    }
+                    // Filled, released, or already asked for: ends a range.
+                    _ if first.is_some() => break,
+                    _ => {}
+                }
+                run.first = s.next();
+                run.count -= 1;
+            }
+            if let Some(first) = first {
+                self.stats.nacked += u64::from(count);
+                let path = self.nack_path(now);
+                return Some(Output::Nack {
+                    range: SeqRange { first, count },
+                    path,
+                });
+            }
+        }
+    }
+
+    /// Round-robin over healthy paths; the most recently heard path when none is healthy.
+    fn nack_path(&mut self, now: Instant) -> PathId {
+        let n = self.paths.len();
+        for k in 0..n {
+            let i = (self.nack_turn + k) % n;
+            if self.healthy(&self.paths[i], now) {
+                self.nack_turn = i + 1;
+                return PathId(i as u8);
+            }
+        }
+        self.paths
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, p)| p.last_data)
+            .map(|(i, _)| PathId(i as u8))
+            .unwrap_or_default()
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut deadline: Option<Instant> = None;
+        let mut consider = |t: Instant| {
+            deadline = Some(deadline.map_or(t, |d| d.min(t)));
+        };
+        if let Some(until) = self.hold_until {
+            consider(until);
+        } else if let Some(Slot::Hole { since, .. }) = self.slots.front() {
+            consider(*since + self.config.reorder_window);
+        }
+        if self.config.nack {
+            if let Some(run) = self.nack_queue.iter().find(|r| r.count > 0) {
+                consider(run.since + self.config.nack_delay);
+            }
+        }
+        deadline
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,506 @@
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+
+use super::*;
+
+#[allow(clippy::disallowed_methods)] // Tests need one real instant to count from.
+fn t0() -> Instant {
+    Instant::now()
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn config() -> Config {
+    Config {
+        reorder_window: ms(100),
+        max_held: 64,
+        nack: true,
+        nack_delay: ms(20),
+        path_timeout: ms(500),
+    }
+}
+
+/// Everything the buffer says until it waits.
+fn drain(b: &mut Buffer<u64>) -> Vec<Output<u64>> {
+    let mut out = Vec::new();
+    loop {
+        match b.poll_output() {
+            Output::Timeout(_) => return out,
+            o => out.push(o),
+        }
+    }
+}
+
+fn released(outputs: &[Output<u64>]) -> Vec<u64> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Packet { seq, item } => {
+                assert_eq!(seq.0, *item, "item released under its own sequence number");
+                Some(seq.0)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn packet(path: u8, seq: u64) -> Input<u64> {
+    Input::Packet {
+        path: PathId(path),
+        seq: SeqNo(seq),
+        item: seq,
+    }
+}
+
+#[test]
+fn in_order_passes_through_at_once() {
+    let t = t0();
+    let mut b = Buffer::starting_at(config(), SeqNo(10)).unwrap();
+    for s in 10..20 {
+        b.handle_input(t, packet(0, s));
+        assert_eq!(released(&drain(&mut b)), vec![s]);
+    }
+    assert_eq!(b.stats().released, 10);
+    assert_eq!(b.stats().gaps, 0);
+    assert_eq!(b.held(), 0);
+}
+
+#[test]
+fn first_copy_wins_and_duplicates_are_dropped() {
+    let t = t0();
+    let mut b = Buffer::starting_at(config(), SeqNo(0)).unwrap();
+    b.handle_input(t, packet(1, 0));
+    b.handle_input(t, packet(0, 0)); // held copy exists: duplicate
+    assert_eq!(released(&drain(&mut b)), vec![0]);
+    b.handle_input(t, packet(2, 0)); // already released: duplicate
+    assert!(drain(&mut b).is_empty());
+    assert_eq!(b.path_stats(PathId(1)).first, 1);
+    assert_eq!(b.path_stats(PathId(0)).duplicates, 1);
+    assert_eq!(b.path_stats(PathId(2)).duplicates, 1);
+    assert_eq!(b.stats().duplicates, 2);
+    assert_eq!(b.stats().late, 0);
+}
+
+#[test]
+fn packets_out_of_order_are_released_in_order() {
+    let t = t0();
+    let mut b = Buffer::starting_at(config(), SeqNo(0)).unwrap();
+    b.handle_input(t, packet(0, 2));
+    b.handle_input(t, packet(0, 1));
+    assert!(released(&drain(&mut b)).is_empty(), "0 is still awaited");
+    b.handle_input(t + ms(10), packet(1, 0));
+    assert_eq!(released(&drain(&mut b)), vec![0, 1, 2]);
+    assert_eq!(b.stats().gaps, 0);
+}
+
+#[test]
+fn gap_after_window() {
+    let t = t0();
+    let mut b = Buffer::starting_at(
+        Config {
+            nack: false,
+            ..config()
+        },
+        SeqNo(0),
+    )
+    .unwrap();
+    b.handle_input(t, packet(0, 0));
+    b.handle_input(t + ms(5), packet(0, 3));
+    assert_eq!(released(&drain(&mut b)), vec![0]);
+    assert_eq!(b.poll_output(), Output::Timeout(Some(t + ms(105))));
+    b.handle_timeout(t + ms(104));
+    assert!(drain(&mut b).is_empty());
+    b.handle_timeout(t + ms(105));
+    assert_eq!(
+        drain(&mut b),
+        vec![
+            Output::Gap {
+                first: SeqNo(1),
+                count: 2
+            },
+            Output::Packet {
+                seq: SeqNo(3),
+                item: 3
+            }
+        ]
+    );
+    assert_eq!(b.stats().gaps, 2);
+    assert_eq!(b.stats().gap_events, 1);
+
+    // The given-up packet turns up: late, not released, not a duplicate.
+    b.handle_input(t + ms(200), packet(1, 2));
+    assert!(drain(&mut b).is_empty());
+    assert_eq!(b.path_stats(PathId(1)).late, 1);
+    assert_eq!(b.stats().late, 1);
+}
+
+#[test]
+fn start_waits_one_window_for_reordered_first_packets() {
+    let t = t0();
+    let mut b = Buffer::new(config()).unwrap();
+    b.handle_input(t, packet(0, 5));
+    assert!(drain(&mut b).is_empty(), "held while settling");
+    b.handle_input(t + ms(30), packet(1, 3));
+    b.handle_input(t + ms(40), packet(1, 4));
+    b.handle_timeout(t + ms(100));
+    assert_eq!(released(&drain(&mut b)), vec![3, 4, 5]);
+    // After the start, anything older is late.
+    b.handle_input(t + ms(110), packet(1, 2));
+    assert!(drain(&mut b).is_empty());
+    assert_eq!(b.stats().late, 1);
+}
+
+#[test]
+fn jump_far_ahead_flushes_without_growing() {
+    let t = t0();
+    let mut b = Buffer::starting_at(
+        Config {
+            nack: false,
+            ..config()
+        },
+        SeqNo(0),
+    )
+    .unwrap();
+    b.handle_input(t, packet(0, 0));
+    b.handle_input(t, packet(0, 2));
+    b.handle_input(t, packet(0, 1 << 40));
+    let mut out = drain(&mut b);
+    // The window behind the jump stays open for reordered copies...
+    b.handle_input(t + ms(10), packet(1, (1 << 40) - 1));
+    out.extend(drain(&mut b));
+    assert_eq!(b.held(), 64);
+    // ...and what never came is given up after the window.
+    b.handle_timeout(t + ms(100));
+    out.extend(drain(&mut b));
+    assert_eq!(
+        out,
+        vec![
+            Output::Packet {
+                seq: SeqNo(0),
+                item: 0
+            },
+            Output::Gap {
+                first: SeqNo(1),
+                count: 1
+            },
+            Output::Packet {
+                seq: SeqNo(2),
+                item: 2
+            },
+            Output::Gap {
+                first: SeqNo(3),
+                count: (1 << 40) - 66
+            },
+            Output::Gap {
+                first: SeqNo((1 << 40) - 63),
+                count: 62
+            },
+            Output::Packet {
+                seq: SeqNo((1 << 40) - 1),
+                item: (1 << 40) - 1
+            },
+            Output::Packet {
+                seq: SeqNo(1 << 40),
+                item: 1 << 40
+            },
+        ]
+    );
+    assert_eq!(b.stats().jumps, 1);
+    assert_eq!(b.stats().gaps, (1 << 40) - 3);
+    assert_eq!(b.held(), 0);
+}
+
+#[test]
+fn holes_never_exceed_max_held() {
+    let t = t0();
+    let mut b = Buffer::starting_at(config(), SeqNo(0)).unwrap();
+    // Every other packet: holes everywhere, a hostile pattern.
+    for i in 0..10_000u64 {
+        b.handle_input(t + ms(i / 100), packet(0, 1 + 2 * i));
+        drain(&mut b);
+        assert!(b.held() <= 64);
+    }
+}
+
+#[test]
+fn flood_of_old_numbers_is_counted_and_ignored() {
+    let t = t0();
+    let mut b = Buffer::starting_at(config(), SeqNo(1_000_000)).unwrap();
+    b.handle_input(t, packet(0, 1_000_000));
+    drain(&mut b);
+    for s in 0..100_000u64 {
+        b.handle_input(t, packet(1, s));
+        assert!(drain(&mut b).is_empty());
+    }
+    assert_eq!(b.path_stats(PathId(1)).late, 100_000);
+    assert_eq!(b.held(), 0);
+}
+
+#[test]
+fn nack_when_every_healthy_path_went_past() {
+    let t = t0();
+    let mut b = Buffer::starting_at(config(), SeqNo(0)).unwrap();
+    for p in 0..3 {
+        b.handle_input(t, packet(p, 0));
+    }
+    drain(&mut b);
+    b.handle_input(t + ms(1), packet(0, 2));
+    assert!(
+        !drain(&mut b)
+            .iter()
+            .any(|o| matches!(o, Output::Nack { .. })),
+        "paths 1 and 2 may still deliver 1"
+    );
+    b.handle_input(t + ms(2), packet(1, 2));
+    b.handle_input(t + ms(3), packet(2, 3));
+    let nacks: Vec<_> = drain(&mut b)
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Nack { range, .. } => Some(range),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        nacks,
+        vec![SeqRange {
+            first: SeqNo(1),
+            count: 1
+        }]
+    );
+    // Asked once only.
+    b.handle_timeout(t + ms(50));
+    assert!(
+        !drain(&mut b)
+            .iter()
+            .any(|o| matches!(o, Output::Nack { .. }))
+    );
+    // The repair arrives in time.
+    b.handle_input(t + ms(60), packet(0, 1));
+    assert_eq!(released(&drain(&mut b)), vec![1, 2, 3]);
+    assert_eq!(b.stats().nacked, 1);
+    assert_eq!(b.stats().repaired, 1);
+    assert_eq!(b.stats().gaps, 0);
+}
+
+#[test]
+fn nack_after_delay_when_a_path_lags() {
+    let t = t0();
+    let mut b = Buffer::starting_at(config(), SeqNo(0)).unwrap();
+    b.handle_input(t, packet(0, 0));
+    b.handle_input(t, packet(1, 0));
+    drain(&mut b);
+    b.handle_input(t + ms(1), packet(0, 3));
+    assert_eq!(b.poll_output(), Output::Timeout(Some(t + ms(21))));
+    b.handle_timeout(t + ms(21));
+    let out = drain(&mut b);
+    assert_eq!(
+        out,
+        vec![Output::Nack {
+            range: SeqRange {
+                first: SeqNo(1),
+                count: 2
+            },
+            path: PathId(0)
+        }]
+    );
+}
+
+#[test]
+fn nacks_go_round_robin_over_healthy_paths_only() {
+    let t = t0();
+    let mut b = Buffer::starting_at(config(), SeqNo(0)).unwrap();
+    // Path 2 delivered once, long ago: unhealthy.
+    b.handle_input(t, packet(2, 0));
+    drain(&mut b);
+    let mut seq = 1;
+    let mut paths = Vec::new();
+    for i in 0..6u64 {
+        let now = t + ms(1000 + i * 200);
+        b.handle_input(now, packet(0, seq));
+        b.handle_input(now, packet(1, seq));
+        // Leave a hole at seq+1, then go past it on both live paths.
+        b.handle_input(now, packet(0, seq + 2));
+        b.handle_input(now, packet(1, seq + 2));
+        for o in drain(&mut b) {
+            if let Output::Nack { range, path } = o {
+                assert_eq!(range.first, SeqNo(seq + 1));
+                paths.push(path.0);
+            }
+        }
+        b.handle_timeout(now + ms(150));
+        drain(&mut b);
+        seq += 3;
+    }
+    assert_eq!(paths, vec![0, 1, 0, 1, 0, 1]);
+    assert!(!b.is_healthy(PathId(2)));
+}
+
+#[test]
+fn malformed_is_counted_per_path() {
+    let t = t0();
+    let mut b: Buffer<u64> = Buffer::new(config()).unwrap();
+    b.handle_input(t, Input::Malformed { path: PathId(4) });
+    assert_eq!(b.path_stats(PathId(4)).malformed, 1);
+    assert_eq!(b.paths().count(), 1);
+}
+
+#[test]
+fn reset_gives_up_what_is_held() {
+    let t = t0();
+    let mut b = Buffer::starting_at(config(), SeqNo(0)).unwrap();
+    b.handle_input(t, packet(0, 2));
+    b.reset();
+    assert_eq!(
+        drain(&mut b),
+        vec![Output::Gap {
+            first: SeqNo(0),
+            count: 3
+        }]
+    );
+    b.handle_input(t, packet(0, 500));
+    b.handle_timeout(t + ms(100));
+    assert_eq!(released(&drain(&mut b)), vec![500]);
+}
+
+#[test]
+fn config_validation() {
+    let bad = [
+        Config {
+            reorder_window: Duration::ZERO,
+            ..config()
+        },
+        Config {
+            max_held: 8,
+            ..config()
+        },
+        Config {
+            nack_delay: ms(100),
+            ..config()
+        },
+    ];
+    for c in bad {
+        assert!(Buffer::<u64>::new(c.clone()).is_err(), "{c:?}");
+    }
+    assert!(Config::default().validate().is_ok());
+}
+
+/// One copy of one packet on one path, arriving at `at` ms.
+#[derive(Debug, Clone)]
+struct Arrival {
+    at: u64,
+    path: u8,
+    seq: u64,
+}
+
+/// K paths; each loses packets with its own probability and may duplicate them; each copy
+/// arrives at its send time plus a path delay plus jitter, all under the reorder window.
+fn scenario() -> impl Strategy<Value = (u64, Vec<Arrival>)> {
+    (1usize..=4, 2u64..400)
+        .prop_flat_map(|(k, n)| {
+            let per_path = (
+                0u64..30, // base delay, ms
+                // loss roll, jitter (ms), duplicate roll; delay + jitter * 1.5 stays under the window
+                prop::collection::vec((0u32..100, 0u64..40, 0u32..100), n as usize),
+                0u32..60, // loss %
+            );
+            (Just(n), prop::collection::vec(per_path, k))
+        })
+        .prop_map(|(n, paths)| {
+            let mut arrivals = Vec::new();
+            for (p, (delay, rolls, loss)) in paths.into_iter().enumerate() {
+                for (seq, (roll, jitter, dup)) in rolls.into_iter().enumerate() {
+                    let seq = seq as u64;
+                    // The last packet always arrives on path 0 so the tail is known.
+                    let lost = roll < loss && !(p == 0 && seq == n - 1);
+                    if lost {
+                        continue;
+                    }
+                    let at = seq * 2 + delay + jitter;
+                    arrivals.push(Arrival {
+                        at,
+                        path: p as u8,
+                        seq,
+                    });
+                    if dup < 10 {
+                        arrivals.push(Arrival {
+                            at: at + jitter / 2,
+                            path: p as u8,
+                            seq,
+                        });
+                    }
+                }
+            }
+            arrivals.sort_by_key(|a| a.at);
+            (n, arrivals)
+        })
+}
+
+fn run(b: &mut Buffer<u64>, t: Instant, arrivals: &[Arrival]) -> (Vec<u64>, u64) {
+    let mut out = Vec::new();
+    for a in arrivals {
+        b.handle_timeout(t + ms(a.at));
+        out.extend(drain(b));
+        b.handle_input(t + ms(a.at), packet(a.path, a.seq));
+        out.extend(drain(b));
+    }
+    let end = arrivals.last().map_or(0, |a| a.at) + 1000;
+    b.handle_timeout(t + ms(end));
+    out.extend(drain(b));
+    let gaps: u64 = out
+        .iter()
+        .map(|o| match o {
+            Output::Gap { count, .. } => *count,
+            _ => 0,
+        })
+        .sum();
+    (released(&out), gaps)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Whatever the interleaving, loss and duplication (reordering within the window), the
+    /// output is the original sequence minus what every path lost, in order, and each
+    /// packet lost everywhere is counted as a gap exactly once.
+    #[test]
+    fn merge_output_is_the_union_in_order((n, arrivals) in scenario(), nack in any::<bool>()) {
+        let t = t0();
+        let config = Config { nack, ..config() };
+        let mut expected: Vec<u64> = arrivals.iter().map(|a| a.seq).collect();
+        expected.sort_unstable();
+        expected.dedup();
+        let lost_everywhere = n - expected.len() as u64;
+
+        let mut b = Buffer::starting_at(config.clone(), SeqNo(0)).unwrap();
+        let (got, gaps) = run(&mut b, t, &arrivals);
+        prop_assert_eq!(&got, &expected);
+        prop_assert_eq!(gaps, lost_everywhere);
+        prop_assert_eq!(b.stats().gaps, lost_everywhere);
+        prop_assert_eq!(b.stats().late, 0);
+        let firsts: u64 = b.paths().map(|(_, s)| s.first).sum();
+        prop_assert_eq!(firsts, expected.len() as u64);
+        let received: u64 = b.paths().map(|(_, s)| s.received).sum();
+        prop_assert_eq!(received, arrivals.len() as u64);
+        prop_assert_eq!(b.stats().duplicates, arrivals.len() as u64 - expected.len() as u64);
+    }
+
+    /// Without being told where the stream starts, the same holds once packet 0 arrives
+    /// somewhere: the start is held one window for reordered copies.
+    #[test]
+    fn merge_finds_the_start_itself((n, mut arrivals) in scenario()) {
+        if !arrivals.iter().any(|a| a.seq == 0) {
+            arrivals.insert(0, Arrival { at: 0, path: 0, seq: 0 });
+        }
+        let t = t0();
+        let mut expected: Vec<u64> = arrivals.iter().map(|a| a.seq).collect();
+        expected.sort_unstable();
+        expected.dedup();
+        let mut b = Buffer::new(config()).unwrap();
+        let (got, gaps) = run(&mut b, t, &arrivals);
+        prop_assert_eq!(&got, &expected);
+        prop_assert_eq!(gaps, n - expected.len() as u64);
+    }
+}

@@ -1,0 +1,658 @@
+//! The Braid wire protocol, version 1 (`docs/PROTOCOL.md` is the reference).
+//!
+//! Every datagram is one message: an 8-byte header, a body that depends on the message
+//! kind, and a 16-byte authentication tag (keyed BLAKE3 over header and body, truncated).
+//! On stream transports each message is framed by a 16-bit length.
+//!
+//! Decoding never panics and never trusts a length field: every read is checked against
+//! what is left, every count is bounded by a protocol constant, and the tag is checked
+//! before the body is looked at. [`DecodeError::UnexpectedEnd`] tells input that ended
+//! early from input that is malformed.
+
+pub mod rtp;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use subtle::ConstantTimeEq;
+
+use crate::id::{NodeId, PathId, StreamId};
+use crate::seq::SeqNo;
+
+pub use self::rtp::Rtp;
+
+/// The protocol version this code speaks.
+pub const VERSION: u8 = 1;
+/// Length of the fixed header.
+pub const HEADER_LEN: usize = 8;
+/// Length of the authentication tag that ends every message.
+pub const TAG_LEN: usize = 16;
+/// Largest message accepted or produced (a jumbo frame's payload).
+pub const MAX_MESSAGE: usize = 9000;
+/// Most ranges in one NACK.
+pub const MAX_NACK_RANGES: usize = 64;
+/// Longest stream key in a publish message.
+pub const MAX_STREAM_KEY: usize = 64;
+/// Longest text in an error message.
+pub const MAX_ERROR_TEXT: usize = 255;
+/// Bytes the envelope adds around an RTP packet in a media message.
+pub const MEDIA_OVERHEAD: usize = HEADER_LEN + 4 + TAG_LEN;
+
+/// Why a message could not be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The input ended before the message did (on a stream: wait for more bytes).
+    #[error("input ended early")]
+    UnexpectedEnd,
+    /// The message speaks another protocol version.
+    #[error("unsupported protocol version {0}")]
+    Version(u8),
+    /// The message kind is not one this version knows.
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    /// The authentication tag does not match: wrong network key, or forged or damaged.
+    #[error("bad authentication tag")]
+    BadTag,
+    /// The message is larger than [`MAX_MESSAGE`].
+    #[error("message of {0} bytes is too large")]
+    TooLarge(usize),
+    /// The message is long enough but its content breaks the protocol.
+    #[error("malformed: {0}")]
+    Malformed(&'static str),
+}
+
+impl DecodeError {
+    /// A short, stable name for counters and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::UnexpectedEnd => "truncated",
+            DecodeError::Version(_) => "version",
+            DecodeError::UnknownKind(_) => "unknown_kind",
+            DecodeError::BadTag => "bad_tag",
+            DecodeError::TooLarge(_) => "too_large",
+            DecodeError::Malformed(_) => "malformed",
+        }
+    }
+}
+
+/// Why a message could not be encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EncodeError {
+    /// The encoded message would exceed [`MAX_MESSAGE`].
+    #[error("message of {0} bytes is too large")]
+    TooLarge(usize),
+    /// A field is outside what the protocol allows.
+    #[error("invalid field: {0}")]
+    Invalid(&'static str),
+}
+
+/// The network key that authenticates every message between Braid nodes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Key([u8; 32]);
+
+impl Key {
+    /// A key from 32 raw bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Key {
+        Key(bytes)
+    }
+
+    /// A key derived from a passphrase shared by every node of the network.
+    pub fn derive(passphrase: &str) -> Key {
+        Key(blake3::derive_key(
+            "braid 2026-11 network key v1",
+            passphrase.as_bytes(),
+        ))
+    }
+
+    fn tag(&self, bytes: &[u8]) -> [u8; TAG_LEN] {
+        let full = blake3::keyed_hash(&self.0, bytes);
+        let mut tag = [0; TAG_LEN];
+        tag.copy_from_slice(&full.as_bytes()[..TAG_LEN]);
+        tag
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Key(..)")
+    }
+}
+
+/// Message kinds, as numbered on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Kind {
+    /// An RTP packet of a stream.
+    Media = 1,
+    /// A publisher announces a stream, with its key.
+    Publish = 2,
+    /// A node asks for a stream (soft state, held for the lease).
+    Subscribe = 3,
+    /// A node renews its subscription.
+    Refresh = 4,
+    /// A node drops its subscription.
+    Unsubscribe = 5,
+    /// A receiver asks for missing sequence numbers.
+    Nack = 6,
+    /// Liveness and round-trip measurement between two nodes.
+    Keepalive = 7,
+    /// The receiver should move to another source.
+    Switch = 8,
+    /// A request was refused.
+    Error = 9,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Kind> {
+        Some(match v {
+            1 => Kind::Media,
+            2 => Kind::Publish,
+            3 => Kind::Subscribe,
+            4 => Kind::Refresh,
+            5 => Kind::Unsubscribe,
+            6 => Kind::Nack,
+            7 => Kind::Keepalive,
+            8 => Kind::Switch,
+            9 => Kind::Error,
+            _ => return None,
+        })
+    }
+}
+
+/// Header flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct Flags(u8);
+
+impl Flags {
+    /// The packet starts a random-access point (a keyframe).
+    pub const KEYFRAME: Flags = Flags(0x01);
+    /// The stream restarted: sequence numbers and timestamps do not continue.
+    pub const DISCONTINUITY: Flags = Flags(0x02);
+    /// The packet is a retransmission answering a NACK.
+    pub const RETRANSMIT: Flags = Flags(0x04);
+    const KNOWN: u8 = 0x07;
+
+    /// No flags.
+    pub const fn empty() -> Flags {
+        Flags(0)
+    }
+
+    /// Whether every flag of `other` is set.
+    pub fn contains(self, other: Flags) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// `self` with the flags of `other` set or cleared.
+    #[must_use]
+    pub fn with(self, other: Flags, on: bool) -> Flags {
+        if on {
+            Flags(self.0 | other.0)
+        } else {
+            Flags(self.0 & !other.0)
+        }
+    }
+
+    /// The bits as sent.
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+}
+
+impl std::ops::BitOr for Flags {
+    type Output = Flags;
+    fn bitor(self, rhs: Flags) -> Flags {
+        Flags(self.0 | rhs.0)
+    }
+}
+
+/// The fields every message carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Header {
+    /// The stream the message is about (0 for messages about no stream).
+    pub stream: StreamId,
+    /// The path the sender put the message on.
+    pub path: PathId,
+    /// Flags.
+    pub flags: Flags,
+}
+
+/// A media packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Media {
+    /// The packet's 64-bit sequence number; its low 16 bits are the RTP sequence number.
+    pub seq: SeqNo,
+    /// The RTP packet, carried unchanged.
+    pub rtp: Rtp,
+}
+
+/// A soft-state subscription (subscribe and refresh carry the same fields).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subscription {
+    /// The subscribing node.
+    pub node: NodeId,
+    /// How long the subscription holds without a refresh, in milliseconds.
+    pub lease_ms: u32,
+}
+
+/// A range of missing sequence numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqRange {
+    /// The first missing sequence number.
+    pub first: SeqNo,
+    /// How many follow it, itself included (at least 1).
+    pub count: u16,
+}
+
+impl SeqRange {
+    /// The sequence number after the range.
+    pub fn end(&self) -> SeqNo {
+        self.first.plus(u64::from(self.count))
+    }
+
+    /// Whether `seq` is in the range.
+    pub fn contains(&self, seq: SeqNo) -> bool {
+        seq >= self.first && seq < self.end()
+    }
+}
+
+/// Liveness and round-trip measurement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// The sending node.
+    pub node: NodeId,
+    /// The sender's clock when it sent this, in microseconds since an epoch of its own.
+    pub sent_us: u64,
+    /// The `sent_us` of the last keepalive received from the peer, echoed (0 if none).
+    pub echo_us: u64,
+}
+
+/// Why a receiver is told to switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum SwitchReason {
+    /// The node is being drained by an operator.
+    Drain = 1,
+    /// The node is overloaded.
+    Overload = 2,
+    /// The node is shutting down.
+    Shutdown = 3,
+}
+
+/// Error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ErrorCode(pub u16);
+
+impl ErrorCode {
+    /// The stream key or token was not accepted.
+    pub const UNAUTHORIZED: ErrorCode = ErrorCode(1);
+    /// The stream is not known here.
+    pub const UNKNOWN_STREAM: ErrorCode = ErrorCode(2);
+    /// A cap on streams, subscribers or viewers was reached.
+    pub const CAPACITY: ErrorCode = ErrorCode(3);
+    /// The request was malformed.
+    pub const BAD_REQUEST: ErrorCode = ErrorCode(4);
+    /// The node is draining and takes nothing new.
+    pub const DRAINING: ErrorCode = ErrorCode(5);
+}
+
+/// A message body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    /// An RTP packet of the stream.
+    Media(Media),
+    /// A publisher announces the stream with its key.
+    Publish {
+        /// The stream key (at most [`MAX_STREAM_KEY`] bytes).
+        key: Bytes,
+    },
+    /// A node subscribes to the stream.
+    Subscribe(Subscription),
+    /// A node renews its subscription.
+    Refresh(Subscription),
+    /// A node leaves the stream.
+    Unsubscribe {
+        /// The node that leaves.
+        node: NodeId,
+    },
+    /// Ranges of sequence numbers the sender is missing (1 to [`MAX_NACK_RANGES`]).
+    Nack(Vec<SeqRange>),
+    /// Liveness and round trip.
+    Keepalive(Keepalive),
+    /// Move to another source.
+    Switch {
+        /// Why.
+        reason: SwitchReason,
+    },
+    /// A refusal.
+    Error {
+        /// What kind of refusal.
+        code: ErrorCode,
+        /// A human-readable explanation (at most [`MAX_ERROR_TEXT`] bytes of UTF-8).
+        text: String,
+    },
+}
+
+impl Body {
+    /// The kind of this body on the wire.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Body::Media(_) => Kind::Media,
+            Body::Publish { .. } => Kind::Publish,
+            Body::Subscribe(_) => Kind::Subscribe,
+            Body::Refresh(_) => Kind::Refresh,
+            Body::Unsubscribe { .. } => Kind::Unsubscribe,
+            Body::Nack(_) => Kind::Nack,
+            Body::Keepalive(_) => Kind::Keepalive,
+            Body::Switch { .. } => Kind::Switch,
+            Body::Error { .. } => Kind::Error,
+        }
+    }
+}
+
+/// One protocol message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Stream, path and flags.
+    pub header: Header,
+    /// What the message says.
+    pub body: Body,
+}
+
+/// Encodes and decodes authenticated messages with one network key.
+#[derive(Debug, Clone)]
+pub struct Codec {
+    key: Key,
+}
+
+impl Codec {
+    /// A codec for the network whose key is `key`.
+    pub fn new(key: Key) -> Codec {
+        Codec { key }
+    }
+
+    /// Appends `msg`, tag included, to `out`.
+    pub fn encode(&self, msg: &Message, out: &mut BytesMut) -> Result<(), EncodeError> {
+        let start = out.len();
+        out.put_u8(VERSION);
+        out.put_u8(msg.body.kind() as u8);
+        out.put_u8(msg.header.flags.0);
+        out.put_u8(msg.header.path.0);
+        out.put_u32(msg.header.stream.0);
+        let res = encode_body(&msg.body, out);
+        if let Err(e) = res {
+            out.truncate(start);
+            return Err(e);
+        }
+        let len = out.len() - start + TAG_LEN;
+        if len > MAX_MESSAGE {
+            out.truncate(start);
+            return Err(EncodeError::TooLarge(len));
+        }
+        let tag = self.key.tag(&out[start..]);
+        out.put_slice(&tag);
+        Ok(())
+    }
+
+    /// Appends a media message for an RTP packet already in wire form: the hot path of
+    /// every forwarding node. `seq` must agree with the RTP sequence number.
+    pub fn encode_media(
+        &self,
+        header: Header,
+        seq: SeqNo,
+        rtp: &Rtp,
+        out: &mut BytesMut,
+    ) -> Result<(), EncodeError> {
+        if seq.low() != rtp.seq() {
+            return Err(EncodeError::Invalid(
+                "seq disagrees with the rtp sequence number",
+            ));
+        }
+        let len = MEDIA_OVERHEAD + rtp.len();
+        if len > MAX_MESSAGE {
+            return Err(EncodeError::TooLarge(len));
+        }
+        let start = out.len();
+        out.reserve(len);
+        out.put_u8(VERSION);
+        out.put_u8(Kind::Media as u8);
+        out.put_u8(header.flags.0);
+        out.put_u8(header.path.0);
+        out.put_u32(header.stream.0);
+        out.put_u32(rollovers_u32(seq)?);
+        out.put_slice(rtp.raw());
+        let tag = self.key.tag(&out[start..]);
+        out.put_slice(&tag);
+        Ok(())
+    }
+
+    /// Decodes one datagram. The payload of a media message is a slice of `datagram`.
+    pub fn decode(&self, datagram: Bytes) -> Result<Message, DecodeError> {
+        if datagram.len() > MAX_MESSAGE {
+            return Err(DecodeError::TooLarge(datagram.len()));
+        }
+        if datagram.len() < HEADER_LEN + TAG_LEN {
+            return Err(DecodeError::UnexpectedEnd);
+        }
+        if datagram[0] != VERSION {
+            return Err(DecodeError::Version(datagram[0]));
+        }
+        let split = datagram.len() - TAG_LEN;
+        let expected = self.key.tag(&datagram[..split]);
+        if !bool::from(expected.ct_eq(&datagram[split..])) {
+            return Err(DecodeError::BadTag);
+        }
+        let mut buf = datagram.slice(1..split);
+        let kind = buf.get_u8();
+        let kind = Kind::from_u8(kind).ok_or(DecodeError::UnknownKind(kind))?;
+        let flags = buf.get_u8();
+        if flags & !Flags::KNOWN != 0 {
+            return Err(DecodeError::Malformed("reserved flag bits set"));
+        }
+        let header = Header {
+            flags: Flags(flags),
+            path: PathId(buf.get_u8()),
+            stream: StreamId(buf.get_u32()),
+        };
+        let body = decode_body(kind, &mut buf)?;
+        if buf.has_remaining() {
+            return Err(DecodeError::Malformed("trailing bytes"));
+        }
+        Ok(Message { header, body })
+    }
+
+    /// Appends `msg` framed for a stream transport (16-bit big-endian length first).
+    pub fn encode_frame(&self, msg: &Message, out: &mut BytesMut) -> Result<(), EncodeError> {
+        let start = out.len();
+        out.put_u16(0);
+        self.encode(msg, out).inspect_err(|_| out.truncate(start))?;
+        let len = out.len() - start - 2;
+        // Invariant: `encode` bounds a message by MAX_MESSAGE, which fits in 16 bits.
+        out[start..start + 2].copy_from_slice(&(len as u16).to_be_bytes());
+        Ok(())
+    }
+
+    /// Takes one framed message off the front of `buf`. `Ok(None)` means more bytes are
+    /// needed; an error means the stream is broken and should be closed.
+    pub fn decode_frame(&self, buf: &mut BytesMut) -> Result<Option<Message>, DecodeError> {
+        if buf.len() < 2 {
+            return Ok(None);
+        }
+        let len = usize::from(u16::from_be_bytes([buf[0], buf[1]]));
+        if len > MAX_MESSAGE {
+            return Err(DecodeError::TooLarge(len));
+        }
+        if buf.len() < 2 + len {
+            return Ok(None);
+        }
+        buf.advance(2);
+        let frame = buf.split_to(len).freeze();
+        self.decode(frame).map(Some)
+    }
+}
+
+fn rollovers_u32(seq: SeqNo) -> Result<u32, EncodeError> {
+    u32::try_from(seq.rollovers()).map_err(|_| EncodeError::Invalid("seq beyond 48 bits"))
+}
+
+fn encode_body(body: &Body, out: &mut BytesMut) -> Result<(), EncodeError> {
+    match body {
+        Body::Media(m) => {
+            if m.seq.low() != m.rtp.seq() {
+                return Err(EncodeError::Invalid(
+                    "seq disagrees with the rtp sequence number",
+                ));
+            }
+            out.put_u32(rollovers_u32(m.seq)?);
+            out.put_slice(m.rtp.raw());
+        }
+        Body::Publish { key } => {
+            if key.len() > MAX_STREAM_KEY {
+                return Err(EncodeError::Invalid("stream key too long"));
+            }
+            out.put_u8(key.len() as u8);
+            out.put_slice(key);
+        }
+        Body::Subscribe(s) | Body::Refresh(s) => {
+            out.put_u64(s.node.0);
+            out.put_u32(s.lease_ms);
+        }
+        Body::Unsubscribe { node } => out.put_u64(node.0),
+        Body::Nack(ranges) => {
+            if ranges.is_empty() || ranges.len() > MAX_NACK_RANGES {
+                return Err(EncodeError::Invalid("nack needs 1 to 64 ranges"));
+            }
+            out.put_u8(ranges.len() as u8);
+            for r in ranges {
+                if r.count == 0 {
+                    return Err(EncodeError::Invalid("empty nack range"));
+                }
+                out.put_u64(r.first.0);
+                out.put_u16(r.count);
+            }
+        }
+        Body::Keepalive(k) => {
+            out.put_u64(k.node.0);
+            out.put_u64(k.sent_us);
+            out.put_u64(k.echo_us);
+        }
+        Body::Switch { reason } => out.put_u8(*reason as u8),
+        Body::Error { code, text } => {
+            if text.len() > MAX_ERROR_TEXT {
+                return Err(EncodeError::Invalid("error text too long"));
+            }
+            out.put_u16(code.0);
+            out.put_u8(text.len() as u8);
+            out.put_slice(text.as_bytes());
+        }
+    }
+    Ok(())
+}
+
+fn need(buf: &impl Buf, n: usize) -> Result<(), DecodeError> {
+    if buf.remaining() < n {
+        Err(DecodeError::UnexpectedEnd)
+    } else {
+        Ok(())
+    }
+}
+
+fn get_u8(buf: &mut impl Buf) -> Result<u8, DecodeError> {
+    need(buf, 1)?;
+    Ok(buf.get_u8())
+}
+
+fn get_u16(buf: &mut impl Buf) -> Result<u16, DecodeError> {
+    need(buf, 2)?;
+    Ok(buf.get_u16())
+}
+
+fn get_u32(buf: &mut impl Buf) -> Result<u32, DecodeError> {
+    need(buf, 4)?;
+    Ok(buf.get_u32())
+}
+
+fn get_u64(buf: &mut impl Buf) -> Result<u64, DecodeError> {
+    need(buf, 8)?;
+    Ok(buf.get_u64())
+}
+
+fn get_bytes(buf: &mut impl Buf, n: usize) -> Result<Bytes, DecodeError> {
+    need(buf, n)?;
+    Ok(buf.copy_to_bytes(n))
+}
+
+fn decode_body(kind: Kind, buf: &mut impl Buf) -> Result<Body, DecodeError> {
+    Ok(match kind {
+        Kind::Media => {
+            let rollovers = get_u32(buf)?;
+            let rtp = Rtp::parse(buf.copy_to_bytes(buf.remaining()))?;
+            let seq = SeqNo::from_parts(u64::from(rollovers), rtp.seq());
+            Body::Media(Media { seq, rtp })
+        }
+        Kind::Publish => {
+            let len = usize::from(get_u8(buf)?);
+            if len > MAX_STREAM_KEY {
+                return Err(DecodeError::Malformed("stream key too long"));
+            }
+            Body::Publish {
+                key: get_bytes(buf, len)?,
+            }
+        }
+        Kind::Subscribe | Kind::Refresh => {
+            let s = Subscription {
+                node: NodeId(get_u64(buf)?),
+                lease_ms: get_u32(buf)?,
+            };
+            if kind == Kind::Subscribe {
+                Body::Subscribe(s)
+            } else {
+                Body::Refresh(s)
+            }
+        }
+        Kind::Unsubscribe => Body::Unsubscribe {
+            node: NodeId(get_u64(buf)?),
+        },
+        Kind::Nack => {
+            let n = usize::from(get_u8(buf)?);
+            if n == 0 || n > MAX_NACK_RANGES {
+                return Err(DecodeError::Malformed("nack range count"));
+            }
+            // Checked before allocating: the count is bounded and the bytes are present.
+            need(buf, n * 10)?;
+            let mut ranges = Vec::with_capacity(n);
+            for _ in 0..n {
+                let first = SeqNo(buf.get_u64());
+                let count = buf.get_u16();
+                if count == 0 {
+                    return Err(DecodeError::Malformed("empty nack range"));
+                }
+                ranges.push(SeqRange { first, count });
+            }
+            Body::Nack(ranges)
+        }
+        Kind::Keepalive => Body::Keepalive(Keepalive {
+            node: NodeId(get_u64(buf)?),
+            sent_us: get_u64(buf)?,
+            echo_us: get_u64(buf)?,
+        }),
+        Kind::Switch => Body::Switch {
+            reason: match get_u8(buf)? {
+                1 => SwitchReason::Drain,
+                2 => SwitchReason::Overload,
+                3 => SwitchReason::Shutdown,
+                _ => return Err(DecodeError::Malformed("switch reason")),
+            },
+        },
+        Kind::Error => {
+            let code = ErrorCode(get_u16(buf)?);
+            let len = usize::from(get_u8(buf)?);
+            let text = get_bytes(buf, len)?;
+            let text = String::from_utf8(text.to_vec())
+                .map_err(|_| DecodeError::Malformed("error text is not utf-8"))?;
+            Body::Error { code, text }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests;
