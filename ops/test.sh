@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Runs every check and test Braid has, on a fresh machine too: installs what the tests
+# need, then formatting, lints, the test suite, the doc tests and the fuzz target build.
+# Usage: ops/test.sh            (CI runs exactly this)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+
+# System packages the tests use. None are needed by the core tests yet; the data-path and
+# viewer tests add ffmpeg and friends here.
+APT_PACKAGES=()
+if ((${#APT_PACKAGES[@]})); then
+    missing=()
+    for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+    if ((${#missing[@]})); then
+        if [[ $(id -u) -eq 0 ]]; then
+            log "installing ${missing[*]}"
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+        else
+            echo "missing packages (run as root to install): ${missing[*]}" >&2
+            exit 1
+        fi
+    fi
+fi
+
+log "cargo fmt --check"
+cargo fmt --all --check
+
+log "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+log "tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --no-fail-fast
+else
+    cargo test --workspace --no-fail-fast
+fi
+
+log "doc tests"
+cargo test --workspace --doc
+
+log "fuzz targets build"
+if rustup toolchain list | grep -q nightly; then
+    cargo fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+    (cd fuzz && cargo +nightly fuzz build -O)
+else
+    echo "no nightly toolchain: fuzz targets not built" >&2
+    exit 1
+fi
+
+log "all checks passed"
