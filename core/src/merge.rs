@@ -45,6 +45,12 @@ pub struct Config {
     /// is asked for anyway. The default, 30 ms, spends a retransmission rather than wait
     /// for a slow path.
     pub nack_delay: Duration,
+    /// How many times a missing packet is asked for, each time on the next healthy path
+    /// (default 3: one lost request or answer on a lossy path does not lose the packet).
+    pub nack_attempts: u8,
+    /// How long after an ask, still unanswered, the next one goes out (default 40 ms,
+    /// so three asks fit in the default window after the first delay).
+    pub nack_retry: Duration,
     /// A path is healthy while data arrived on it within this long (default 500 ms).
     pub path_timeout: Duration,
 }
@@ -56,6 +62,8 @@ impl Default for Config {
             max_held: 4096,
             nack: true,
             nack_delay: Duration::from_millis(30),
+            nack_attempts: 3,
+            nack_retry: Duration::from_millis(40),
             path_timeout: Duration::from_millis(500),
         }
     }
@@ -77,6 +85,11 @@ impl Config {
         if self.nack && self.nack_delay >= self.reorder_window {
             return Err(Error::InvalidConfig(
                 "merge nack delay must be shorter than the reorder window, or the answer comes too late".into(),
+            ));
+        }
+        if self.nack && (self.nack_attempts == 0 || self.nack_retry.is_zero()) {
+            return Err(Error::InvalidConfig(
+                "merge nack attempts and nack retry interval must be above zero".into(),
             ));
         }
         Ok(())
@@ -159,8 +172,10 @@ pub struct Stats {
     pub duplicates: u64,
     /// Late packets dropped, over all paths.
     pub late: u64,
-    /// Sequence numbers asked for.
+    /// Asks for sequence numbers, first asks and repeats.
     pub nacked: u64,
+    /// Of those, repeated asks (the first went unanswered).
+    pub nack_retries: u64,
     /// Asked-for sequence numbers that then arrived in time.
     pub repaired: u64,
     /// Times the sender jumped more than `max_held` ahead and the buffer was flushed.
@@ -168,15 +183,20 @@ pub struct Stats {
 }
 
 enum Slot<T> {
-    Hole { since: Instant, nacked: bool },
+    /// `asks`: how many times it was asked for.
+    Hole {
+        since: Instant,
+        asks: u8,
+    },
     Full(T),
 }
 
-/// Holes created together, waiting to be asked for.
+/// Consecutive holes due to be asked for (again) at `due`, having been asked `asks` times.
 struct NackRun {
     first: SeqNo,
     count: u64,
-    since: Instant,
+    due: Instant,
+    asks: u8,
 }
 
 #[derive(Default)]
@@ -243,7 +263,10 @@ pub struct Buffer<T> {
     /// of the first arrival still make it.
     hold_until: Option<Instant>,
     ready: VecDeque<Output<T>>,
+    /// First asks, in the order the holes appeared.
     nack_queue: VecDeque<NackRun>,
+    /// Repeated asks, in order of `due`.
+    retry_queue: VecDeque<NackRun>,
     history: History,
     paths: Vec<PathState>,
     stats: Stats,
@@ -265,6 +288,7 @@ impl<T> Buffer<T> {
             hold_until: None,
             ready: VecDeque::new(),
             nack_queue: VecDeque::new(),
+            retry_queue: VecDeque::new(),
             paths: Vec::new(),
             stats: Stats::default(),
             nack_turn: 0,
@@ -327,6 +351,7 @@ impl<T> Buffer<T> {
         }
         self.slots.clear();
         self.nack_queue.clear();
+        self.retry_queue.clear();
         self.next = None;
         self.released_any = false;
         self.hold_until = None;
@@ -417,7 +442,7 @@ impl<T> Buffer<T> {
                 for _ in 0..holes {
                     self.slots.push_front(Slot::Hole {
                         since: now,
-                        nacked: false,
+                        asks: 0,
                     });
                 }
                 self.slots.push_front(Slot::Full(item));
@@ -425,7 +450,8 @@ impl<T> Buffer<T> {
                     self.nack_queue.push_back(NackRun {
                         first: seq.next(),
                         count: holes,
-                        since: now,
+                        due: now + self.config.nack_delay,
+                        asks: 0,
                     });
                 }
                 self.next = Some(seq);
@@ -453,8 +479,8 @@ impl<T> Buffer<T> {
                     self.stats.duplicates += 1;
                     self.path_mut(path).stats.duplicates += 1;
                 }
-                Slot::Hole { nacked, .. } => {
-                    if *nacked {
+                Slot::Hole { asks, .. } => {
+                    if *asks > 0 {
                         self.stats.repaired += 1;
                     }
                     *slot = Slot::Full(item);
@@ -478,14 +504,15 @@ impl<T> Buffer<T> {
         for _ in 0..holes {
             self.slots.push_back(Slot::Hole {
                 since: now,
-                nacked: false,
+                asks: 0,
             });
         }
         if holes > 0 && self.config.nack {
             self.nack_queue.push_back(NackRun {
                 first: end,
                 count: holes,
-                since: now,
+                due: now + self.config.nack_delay,
+                asks: 0,
             });
         }
         self.slots.push_back(Slot::Full(item));
@@ -595,53 +622,98 @@ impl<T> Buffer<T> {
     }
 
     fn poll_nack(&mut self, now: Instant) -> Option<Output<T>> {
-        if !self.config.nack || self.nack_queue.is_empty() {
+        if !self.config.nack {
+            return None;
+        }
+        let next = self.next?;
+        // Repeats first: their holes are older.
+        while let Some(mut run) = self.retry_queue.pop_front() {
+            if now < run.due {
+                self.retry_queue.push_front(run);
+                break;
+            }
+            let range = self.take_range(next, &mut run, |_| true);
+            let asks = run.asks;
+            if run.count > 0 {
+                self.retry_queue.push_front(run);
+            }
+            if let Some(range) = range {
+                return Some(self.ask(now, range, asks));
+            }
+        }
+        if self.nack_queue.is_empty() {
             return None;
         }
         let floor = self.healthy_floor(now);
-        let next = self.next?;
-        let delay = self.config.nack_delay;
-        loop {
-            let run = self.nack_queue.front_mut()?;
-            if run.count == 0 {
-                self.nack_queue.pop_front();
-                continue;
-            }
-            let due_by_time = now >= run.since + delay;
-            let passed = |s: SeqNo| due_by_time || floor.is_some_and(|f| f > s);
+        while let Some(mut run) = self.nack_queue.pop_front() {
+            let due = now >= run.due;
+            let passed = |s: SeqNo| due || floor.is_some_and(|f| f > s);
             if !passed(run.first) {
+                self.nack_queue.push_front(run);
                 return None;
             }
-            let mut first: Option<SeqNo> = None;
-            let mut count: u16 = 0;
-            while run.count > 0 && count < u16::MAX && passed(run.first) {
-                let s = run.first;
-                let slot =
-                    s.0.checked_sub(next.0)
-                        .and_then(|i| usize::try_from(i).ok())
-                        .and_then(|i| self.slots.get_mut(i));
-                match slot {
-                    Some(Slot::Hole { nacked, .. }) if !*nacked => {
-                        *nacked = true;
-                        first.get_or_insert(s);
-                        count += 1;
-                    }
-                    // Filled, released, or already asked for: ends a range.
-                    _ if first.is_some() => break,
-                    _ => {}
-                }
-                run.first = s.next();
-                run.count -= 1;
+            let range = self.take_range(next, &mut run, passed);
+            let asks = run.asks;
+            if run.count > 0 {
+                self.nack_queue.push_front(run);
             }
-            if let Some(first) = first {
-                self.stats.nacked += u64::from(count);
-                let path = self.nack_path(now);
-                return Some(Output::Nack {
-                    range: SeqRange { first, count },
-                    path,
-                });
+            if let Some(range) = range {
+                return Some(self.ask(now, range, asks));
             }
         }
+        None
+    }
+
+    /// Takes from the front of `run` the first range of holes still missing and asked
+    /// exactly `run.asks` times, up to the first number `passed` refuses. Numbers filled,
+    /// released or asked for meanwhile are dropped from the run.
+    fn take_range(
+        &mut self,
+        next: SeqNo,
+        run: &mut NackRun,
+        passed: impl Fn(SeqNo) -> bool,
+    ) -> Option<SeqRange> {
+        let mut first: Option<SeqNo> = None;
+        let mut count: u16 = 0;
+        while run.count > 0 && count < u16::MAX && passed(run.first) {
+            let s = run.first;
+            let slot =
+                s.0.checked_sub(next.0)
+                    .and_then(|i| usize::try_from(i).ok())
+                    .and_then(|i| self.slots.get_mut(i));
+            match slot {
+                Some(Slot::Hole { asks, .. }) if *asks == run.asks => {
+                    *asks += 1;
+                    first.get_or_insert(s);
+                    count += 1;
+                }
+                // Filled, released, or asked for by another run: ends a range.
+                _ if first.is_some() => break,
+                _ => {}
+            }
+            run.first = s.next();
+            run.count -= 1;
+        }
+        first.map(|first| SeqRange { first, count })
+    }
+
+    /// Says `Output::Nack` for `range`, asked `asks` times before, and schedules the
+    /// next ask if attempts remain.
+    fn ask(&mut self, now: Instant, range: SeqRange, asks: u8) -> Output<T> {
+        self.stats.nacked += u64::from(range.count);
+        if asks > 0 {
+            self.stats.nack_retries += u64::from(range.count);
+        }
+        if asks + 1 < self.config.nack_attempts {
+            self.retry_queue.push_back(NackRun {
+                first: range.first,
+                count: u64::from(range.count),
+                due: now + self.config.nack_retry,
+                asks: asks + 1,
+            });
+        }
+        let path = self.nack_path(now);
+        Output::Nack { range, path }
     }
 
     /// Round-robin over healthy paths; the most recently heard path when none is healthy.
@@ -673,8 +745,11 @@ impl<T> Buffer<T> {
             consider(*since + self.config.reorder_window);
         }
         if self.config.nack {
-            if let Some(run) = self.nack_queue.iter().find(|r| r.count > 0) {
-                consider(run.since + self.config.nack_delay);
+            if let Some(run) = self.nack_queue.front() {
+                consider(run.due);
+            }
+            if let Some(run) = self.retry_queue.front() {
+                consider(run.due);
             }
         }
         deadline

@@ -19,6 +19,8 @@ fn config() -> Config {
         max_held: 64,
         nack: true,
         nack_delay: ms(20),
+        nack_attempts: 1,
+        nack_retry: ms(30),
         path_timeout: ms(500),
     }
 }
@@ -339,6 +341,80 @@ fn nacks_go_round_robin_over_healthy_paths_only() {
 }
 
 #[test]
+fn unanswered_nack_is_repeated_on_the_next_path() {
+    let t = t0();
+    let mut b = Buffer::starting_at(
+        Config {
+            nack_attempts: 3,
+            ..config()
+        },
+        SeqNo(0),
+    )
+    .unwrap();
+    for p in 0..3 {
+        b.handle_input(t, packet(p, 0));
+        b.handle_input(t, packet(p, 2));
+    }
+    let mut asks = Vec::new();
+    let mut collect = |b: &mut Buffer<u64>| {
+        for o in drain(b) {
+            if let Output::Nack { range, path } = o {
+                assert_eq!(
+                    range,
+                    SeqRange {
+                        first: SeqNo(1),
+                        count: 1
+                    }
+                );
+                asks.push(path.0);
+            }
+        }
+    };
+    collect(&mut b);
+    b.handle_timeout(t + ms(29));
+    collect(&mut b);
+    b.handle_timeout(t + ms(30));
+    collect(&mut b);
+    b.handle_timeout(t + ms(60));
+    collect(&mut b);
+    b.handle_timeout(t + ms(95));
+    collect(&mut b);
+    assert_eq!(
+        asks,
+        vec![0, 1, 2],
+        "three asks, 30 ms apart, each on the next path"
+    );
+    assert_eq!(b.stats().nacked, 3);
+    assert_eq!(b.stats().nack_retries, 2);
+}
+
+#[test]
+fn answered_nack_is_not_repeated() {
+    let t = t0();
+    let mut b = Buffer::starting_at(
+        Config {
+            nack_attempts: 3,
+            ..config()
+        },
+        SeqNo(0),
+    )
+    .unwrap();
+    b.handle_input(t, packet(0, 0));
+    b.handle_input(t, packet(0, 2));
+    assert!(
+        drain(&mut b)
+            .iter()
+            .any(|o| matches!(o, Output::Nack { .. }))
+    );
+    b.handle_input(t + ms(5), packet(0, 1));
+    assert_eq!(released(&drain(&mut b)), vec![1, 2]);
+    b.handle_timeout(t + ms(99));
+    assert!(drain(&mut b).is_empty());
+    assert_eq!(b.stats().nack_retries, 0);
+    assert_eq!(b.stats().repaired, 1);
+}
+
+#[test]
 fn malformed_is_counted_per_path() {
     let t = t0();
     let mut b: Buffer<u64> = Buffer::new(config()).unwrap();
@@ -378,6 +454,10 @@ fn config_validation() {
         },
         Config {
             nack_delay: ms(100),
+            ..config()
+        },
+        Config {
+            nack_attempts: 0,
             ..config()
         },
     ];
