@@ -335,6 +335,15 @@ impl<T> Buffer<T> {
         Output::Timeout(self.next_deadline())
     }
 
+    /// When [`Buffer::handle_timeout`] should next be called, without taking any output:
+    /// `Some(now)` if output is waiting.
+    pub fn next_timeout(&self) -> Option<Instant> {
+        if !self.ready.is_empty() {
+            return self.now;
+        }
+        self.next_deadline()
+    }
+
     /// Drops everything held and starts over at the next packet (the stream restarted).
     /// Held packets are given up and counted as gaps.
     pub fn reset(&mut self) {

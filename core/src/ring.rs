@@ -262,6 +262,12 @@ impl<T> Ring<T> {
         }
     }
 
+    /// The entry for `seq`, if the ring holds it (for answering NACKs).
+    pub fn get(&self, seq: SeqNo) -> Option<&Entry<T>> {
+        let i = self.entries.partition_point(|e| e.seq < seq);
+        self.entries.get(i).filter(|e| e.seq == seq)
+    }
+
     /// The next entry for `cursor`, moving it on.
     pub fn read(&self, cursor: &mut Cursor) -> Read<'_, T> {
         if cursor.pos < self.first_pos {
@@ -410,6 +416,16 @@ mod tests {
         assert!(read_all(&r, &mut c).is_empty());
         fill(&mut r, t, 18..23, 4);
         assert_eq!(read_all(&r, &mut c), vec![20, 21, 22]);
+    }
+
+    #[test]
+    fn get_finds_held_sequence_numbers_only() {
+        let t = t0();
+        let mut r = Ring::new(small()).unwrap();
+        fill(&mut r, t, 0..15, 5);
+        assert_eq!(r.get(SeqNo(4)), None, "evicted");
+        assert_eq!(r.get(SeqNo(9)).map(|e| e.item), Some(9));
+        assert_eq!(r.get(SeqNo(15)), None, "not yet");
     }
 
     #[test]

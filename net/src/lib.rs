@@ -2,6 +2,17 @@
 //!
 //! # Layout
 //!
-//! Planned (the data-path issue): batched UDP, QUIC through quinn, the seeded impairment
-//! layer (loss, bursts, delay, jitter, reordering, duplication, rate caps, outages),
-//! shutdown, shared config pieces and the metrics endpoint. Nothing is here yet.
+//! - [`udp`]: a daemon's UDP socket: batched receive (`recvmmsg`) and send (`sendmmsg`),
+//!   with the impairment layer on every outgoing link.
+//! - [`impair`]: the seeded impairment model (loss, bursts, delay, jitter, reordering,
+//!   duplication, rate cap, outages).
+//! - [`sys`]: the `sendmmsg`/`recvmmsg` system calls (the one `unsafe` module).
+//! - [`daemon`]: what every daemon does the same way: config file plus flags, logging,
+//!   the metrics endpoint, the ready line, shutdown on SIGTERM or Ctrl-C.
+//!
+//! Planned: QUIC through quinn (the QUIC issue).
+
+pub mod daemon;
+pub mod impair;
+pub mod sys;
+pub mod udp;

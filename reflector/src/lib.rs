@@ -1,4 +1,959 @@
-//! braid-reflector: the set reflector and edge daemon.
+//! braid-reflector: one binary, two roles.
 //!
-//! Not built yet; the issues that build it are listed in the README. It depends on
-//! braid-core, where everything it decides lives.
+//! - **set** (`--role set`): receives every copy the entry points send, merges them by
+//!   sequence number (duplicates stop here), asks the entry points for what both lost,
+//!   and forwards the merged stream to every edge subscribed to it. Subscriptions are
+//!   soft state: an edge refreshes about every second and is forgotten after its lease.
+//! - **edge** (`--role edge`): when the first viewer of a stream arrives it subscribes to
+//!   `subscribe_k` distinct set reflectors, merges their copies, asks them for what every
+//!   path lost, keeps the last seconds of the stream in a ring and serves every viewer from
+//!   its own cursor, starting at the latest keyframe. After the last viewer leaves it
+//!   lingers, then unsubscribes.
+//!
+//! # Layout
+//!
+//! - [`Config`]: flags and TOML for both roles.
+//! - [`run`]: the daemon's one task, which owns the socket and every stream's state.
+//!
+//! Paths are told apart by where a copy comes from: the edge numbers its configured set
+//! reflectors, the set reflector its upstream entry points. Every packet not forwarded is
+//! counted by reason in `braid_dropped_total`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use braid_core::merge::{self, Output};
+use braid_core::ring::{self, Cursor, Read, Ring, Start};
+use braid_core::wire::{
+    Body, Codec, ErrorCode, Flags, Header, Media, Message, SeqRange, Subscription,
+};
+use braid_core::{NodeId, PathId, StreamId};
+use braid_net::daemon::DaemonConfig;
+use braid_net::udp::{Impairments, Socket};
+use bytes::{Bytes, BytesMut};
+use clap::Parser;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+/// Which role the reflector plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Set reflector: merges the entry points' copies, forwards to subscribed edges.
+    Set,
+    /// Edge: subscribes to set reflectors, merges, keeps the ring, serves viewers.
+    Edge,
+}
+
+/// The reflector's configuration.
+#[derive(Debug, Clone, Parser, Deserialize)]
+#[command(
+    name = "braid-reflector",
+    version,
+    about = "Braid set reflector or edge"
+)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// TOML config file; flags given as well override it.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub check: bool,
+    /// Role: set or edge.
+    #[arg(long, value_enum, default_value = "edge")]
+    #[serde(default = "default_role")]
+    pub role: Role,
+    /// UDP address to listen on.
+    #[arg(long, default_value = "0.0.0.0:8000")]
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Prometheus metrics endpoint.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    #[serde(default = "default_metrics")]
+    pub metrics: SocketAddr,
+    /// The network key (a passphrase, or @file).
+    #[arg(long, env = "BRAID_NETWORK_KEY", default_value = "")]
+    #[serde(default)]
+    pub network_key: String,
+    /// This node's id.
+    #[arg(long, default_value_t = 1)]
+    #[serde(default)]
+    pub node_id: u64,
+    /// Streams carried (repeatable); none means any stream.
+    #[arg(long = "stream")]
+    #[serde(default)]
+    pub streams: Vec<u32>,
+    /// Set role: the entry points allowed to send (repeatable); none means any node with
+    /// the network key.
+    #[arg(long = "upstream")]
+    #[serde(default)]
+    pub upstreams: Vec<SocketAddr>,
+    /// Edge role: the set reflectors to subscribe to (repeatable).
+    #[arg(long = "reflector")]
+    #[serde(default)]
+    pub reflectors: Vec<SocketAddr>,
+    /// Edge role: how many distinct set reflectors to subscribe to (at least 2).
+    #[arg(long, default_value_t = 3)]
+    #[serde(default = "default_k")]
+    pub subscribe_k: usize,
+    /// How long a missing packet is waited for, in milliseconds (size it to the delay
+    /// difference between paths plus a repair round trip).
+    #[arg(long, default_value_t = 200)]
+    #[serde(default = "default_window")]
+    pub reorder_window_ms: u64,
+    /// Ask upstream for packets every path lost.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[serde(default = "default_true")]
+    pub repair: bool,
+    /// How long packets are kept to answer NACKs (set role), in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    #[serde(default = "default_retransmit_ms")]
+    pub retransmit_ms: u64,
+    /// Edge role: seconds of stream kept in the ring.
+    #[arg(long, default_value_t = 4.0)]
+    #[serde(default = "default_ring_seconds")]
+    pub ring_seconds: f64,
+    /// Edge role: how long to stay subscribed after the last viewer left, ms.
+    #[arg(long, default_value_t = 5000)]
+    #[serde(default = "default_linger_ms")]
+    pub linger_ms: u64,
+    /// Most subscribers (set role) or viewers (edge role) per stream.
+    #[arg(long, default_value_t = 1000)]
+    #[serde(default = "default_max_per_stream")]
+    pub max_per_stream: usize,
+    /// Most viewers on this node (edge role).
+    #[arg(long, default_value_t = 5000)]
+    #[serde(default = "default_max_viewers")]
+    pub max_viewers: usize,
+    /// Impairment of the outgoing links (TOML only).
+    #[arg(skip)]
+    #[serde(default)]
+    pub impair: Impairments,
+}
+
+fn default_role() -> Role {
+    Role::Edge
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8000))
+}
+fn default_metrics() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+fn default_k() -> usize {
+    3
+}
+fn default_window() -> u64 {
+    200
+}
+fn default_true() -> bool {
+    true
+}
+fn default_retransmit_ms() -> u64 {
+    2000
+}
+fn default_ring_seconds() -> f64 {
+    4.0
+}
+fn default_linger_ms() -> u64 {
+    5000
+}
+fn default_max_per_stream() -> usize {
+    1000
+}
+fn default_max_viewers() -> usize {
+    5000
+}
+
+/// How often an edge refreshes its subscriptions, and the lease it asks for.
+const REFRESH: Duration = Duration::from_secs(1);
+const LEASE_MS: u32 = 3000;
+/// Longest lease a subscriber may ask for.
+const MAX_LEASE: Duration = Duration::from_secs(10);
+/// Most sequence numbers answered per NACK message.
+const MAX_NACK_ANSWER: u64 = 256;
+/// An edge replaces a subscribed set reflector that delivered no data for this long.
+const PATH_DEAD: Duration = Duration::from_millis(1500);
+
+impl DaemonConfig for Config {
+    const NAME: &'static str = "braid-reflector";
+
+    fn file(&self) -> Option<&Path> {
+        self.config.as_deref()
+    }
+
+    fn check(&self) -> bool {
+        self.check
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        braid_net::daemon::network_key(&self.network_key).context("--network-key")?;
+        self.merge_config().validate()?;
+        self.ring_config()?.validate()?;
+        if self.role == Role::Edge {
+            if self.reflectors.is_empty() {
+                anyhow::bail!("an edge needs set reflectors: give --reflector ADDR (two or more)");
+            }
+            if self.subscribe_k < 2 && self.reflectors.len() >= 2 {
+                anyhow::bail!("subscribe_k must be at least 2: one path is no redundancy");
+            }
+        }
+        if self.reflectors.len() > 64 || self.upstreams.len() > 64 {
+            anyhow::bail!("at most 64 reflectors or upstreams");
+        }
+        if self.max_per_stream == 0 || self.max_viewers == 0 {
+            anyhow::bail!("max_per_stream and max_viewers must be above zero");
+        }
+        self.impair.validate().map_err(anyhow::Error::msg)?;
+        Ok(())
+    }
+}
+
+impl Config {
+    fn merge_config(&self) -> merge::Config {
+        let window = Duration::from_millis(self.reorder_window_ms);
+        let default = merge::Config::default();
+        merge::Config {
+            reorder_window: window,
+            nack: self.repair,
+            nack_delay: default.nack_delay.min(window / 4),
+            nack_retry: default.nack_retry.min(window / 4),
+            ..default
+        }
+    }
+
+    fn ring_config(&self) -> anyhow::Result<ring::Config> {
+        if !(self.ring_seconds > 0.0 && self.ring_seconds <= 60.0) {
+            anyhow::bail!("ring_seconds must be above 0 and at most 60");
+        }
+        Ok(ring::Config {
+            max_age: Duration::from_secs_f64(self.ring_seconds),
+            ..ring::Config::default()
+        })
+    }
+}
+
+fn dropped(role: Role, reason: &'static str) {
+    let role = match role {
+        Role::Set => "set",
+        Role::Edge => "edge",
+    };
+    metrics::counter!("braid_dropped_total", "role" => role, "reason" => reason).increment(1);
+}
+
+/// A merged packet: the datagram as it arrived, and what a retransmission needs.
+#[derive(Debug, Clone)]
+struct Packet {
+    datagram: Bytes,
+    header: Header,
+    media: Media,
+}
+
+struct Viewer {
+    cursor: Option<Cursor>,
+    expires: Instant,
+}
+
+struct Stream {
+    id: StreamId,
+    merge: merge::Buffer<Packet>,
+    kept: Ring<Packet>,
+    /// Set role: subscribed edges and when their lease ends.
+    subscribers: HashMap<SocketAddr, Instant>,
+    /// Set role without configured upstreams: paths numbered as senders appear.
+    dynamic_paths: Vec<SocketAddr>,
+    /// Edge role: viewers.
+    viewers: HashMap<SocketAddr, Viewer>,
+    /// Edge role: indexes into `reflectors` currently subscribed to, and when.
+    upstream: Vec<(usize, Instant)>,
+    last_refresh: Option<Instant>,
+    empty_since: Option<Instant>,
+    exported: merge::Stats,
+}
+
+struct Node {
+    config: Config,
+    codec: Codec,
+    socket: Socket,
+    streams: HashMap<StreamId, Stream>,
+    out: BytesMut,
+    node: NodeId,
+    viewers: usize,
+}
+
+/// Runs the reflector until `shutdown` fires.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    config.validate()?;
+    let codec = Codec::new(braid_net::daemon::network_key(&config.network_key)?);
+    let role_name = match config.role {
+        Role::Set => "set",
+        Role::Edge => "edge",
+    };
+    let socket = Socket::bind(config.listen, config.impair.clone(), role_name)
+        .with_context(|| format!("binding {}", config.listen))?;
+    let metrics_addr = braid_net::daemon::serve_metrics(config.metrics, shutdown.clone()).await?;
+    braid_net::daemon::print_ready(
+        role_name,
+        &[
+            ("udp", socket.local_addr()?.to_string()),
+            ("metrics", metrics_addr.to_string()),
+        ],
+    );
+    let mut node = Node {
+        node: NodeId(config.node_id),
+        config,
+        codec,
+        socket,
+        streams: HashMap::new(),
+        out: BytesMut::with_capacity(2048),
+        viewers: 0,
+    };
+    let mut rx = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        let deadline = node.next_deadline();
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            res = node.socket.recv(&mut rx) => {
+                res.context("receiving")?;
+                let now = Instant::now();
+                for (from, bytes) in rx.drain(..) {
+                    node.handle_datagram(now, from, bytes);
+                }
+                node.poll(now);
+            }
+            _ = async {
+                match deadline {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let now = Instant::now();
+                node.socket.handle_timeout(now);
+                node.poll(now);
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                node.housekeeping(now);
+                node.poll(now);
+            }
+        }
+    }
+    node.leave();
+    tracing::info!("reflector stopped");
+    Ok(())
+}
+
+impl Node {
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut d = self.socket.next_timeout();
+        for s in self.streams.values() {
+            if let Some(t) = s.merge.next_timeout() {
+                d = Some(d.map_or(t, |d| d.min(t)));
+            }
+        }
+        d
+    }
+
+    fn stream_allowed(&self, id: StreamId) -> bool {
+        self.config.streams.is_empty() || self.config.streams.contains(&id.0)
+    }
+
+    fn stream(&mut self, id: StreamId, now: Instant) -> anyhow::Result<&mut Stream> {
+        if !self.streams.contains_key(&id) {
+            let kept_config = match self.config.role {
+                Role::Set => ring::Config {
+                    max_age: Duration::from_millis(self.config.retransmit_ms),
+                    ..ring::Config::default()
+                },
+                Role::Edge => self.config.ring_config()?,
+            };
+            tracing::info!(stream = id.0, "stream opened");
+            self.streams.insert(
+                id,
+                Stream {
+                    id,
+                    merge: merge::Buffer::new(self.config.merge_config())?,
+                    kept: Ring::new(kept_config)?,
+                    subscribers: HashMap::new(),
+                    dynamic_paths: Vec::new(),
+                    viewers: HashMap::new(),
+                    upstream: Vec::new(),
+                    last_refresh: None,
+                    empty_since: Some(now),
+                    exported: merge::Stats::default(),
+                },
+            );
+        }
+        Ok(self.streams.get_mut(&id).expect("inserted above"))
+    }
+
+    fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: Bytes) {
+        let role = self.config.role;
+        let msg = match self.codec.decode(bytes.clone()) {
+            Ok(m) => m,
+            Err(e) => {
+                dropped(role, e.reason());
+                return;
+            }
+        };
+        let id = msg.header.stream;
+        if !self.stream_allowed(id) {
+            dropped(role, "unknown_stream");
+            self.reply_error(
+                now,
+                from,
+                id,
+                ErrorCode::UNKNOWN_STREAM,
+                "stream not carried here",
+            );
+            return;
+        }
+        match (role, msg.body) {
+            (_, Body::Media(media)) => self.handle_media(now, from, id, bytes, msg.header, media),
+            (Role::Set, Body::Subscribe(s) | Body::Refresh(s)) => {
+                self.handle_subscriber(now, from, id, s)
+            }
+            (Role::Edge, Body::Subscribe(s) | Body::Refresh(s)) => {
+                self.handle_viewer(now, from, id, s)
+            }
+            (_, Body::Unsubscribe { .. }) => {
+                if let Some(st) = self.streams.get_mut(&id) {
+                    st.subscribers.remove(&from);
+                    if st.viewers.remove(&from).is_some() {
+                        self.viewers -= 1;
+                    }
+                }
+            }
+            (Role::Set, Body::Nack(ranges)) => self.handle_nack(now, from, id, ranges),
+            (_, Body::Keepalive(_)) => {}
+            _ => dropped(role, "unexpected_kind"),
+        }
+    }
+
+    fn path_of(&mut self, id: StreamId, from: SocketAddr) -> Option<PathId> {
+        match self.config.role {
+            Role::Edge => self
+                .config
+                .reflectors
+                .iter()
+                .position(|r| *r == from)
+                .map(|i| PathId(i as u8)),
+            Role::Set if !self.config.upstreams.is_empty() => self
+                .config
+                .upstreams
+                .iter()
+                .position(|r| *r == from)
+                .map(|i| PathId(i as u8)),
+            Role::Set => {
+                let st = self.streams.get_mut(&id)?;
+                if let Some(i) = st.dynamic_paths.iter().position(|a| *a == from) {
+                    return Some(PathId(i as u8));
+                }
+                if st.dynamic_paths.len() >= 64 {
+                    return None;
+                }
+                st.dynamic_paths.push(from);
+                Some(PathId((st.dynamic_paths.len() - 1) as u8))
+            }
+        }
+    }
+
+    fn path_addr(&self, st: &Stream, path: PathId) -> Option<SocketAddr> {
+        let i = usize::from(path.0);
+        match self.config.role {
+            Role::Edge => self.config.reflectors.get(i).copied(),
+            Role::Set if !self.config.upstreams.is_empty() => self.config.upstreams.get(i).copied(),
+            Role::Set => st.dynamic_paths.get(i).copied(),
+        }
+    }
+
+    fn handle_media(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        id: StreamId,
+        datagram: Bytes,
+        header: Header,
+        media: Media,
+    ) {
+        let role = self.config.role;
+        if role == Role::Edge && !self.streams.contains_key(&id) {
+            // Nobody watches it here (any more): the subscription will lapse.
+            dropped(role, "not_subscribed");
+            return;
+        }
+        if let Err(e) = self.stream(id, now) {
+            tracing::error!("cannot open stream {id}: {e:#}");
+            return;
+        }
+        let Some(path) = self.path_of(id, from) else {
+            dropped(role, "unknown_peer");
+            return;
+        };
+        if header.flags.contains(Flags::DISCONTINUITY) {
+            if let Some(st) = self.streams.get_mut(&id) {
+                if st
+                    .merge
+                    .next_seq()
+                    .is_some_and(|n| media.seq.0.abs_diff(n.0) > 1 << 16)
+                {
+                    st.merge.reset();
+                }
+            }
+        }
+        let seq = media.seq;
+        let st = self.streams.get_mut(&id).expect("opened above");
+        st.merge.handle_input(
+            now,
+            merge::Input::Packet {
+                path,
+                seq,
+                item: Packet {
+                    datagram,
+                    header,
+                    media,
+                },
+            },
+        );
+    }
+
+    fn handle_subscriber(&mut self, now: Instant, from: SocketAddr, id: StreamId, s: Subscription) {
+        let max = self.config.max_per_stream;
+        let Ok(st) = self.stream(id, now) else {
+            return;
+        };
+        if !st.subscribers.contains_key(&from) && st.subscribers.len() >= max {
+            dropped(Role::Set, "subscriber_cap");
+            self.reply_error(
+                now,
+                from,
+                id,
+                ErrorCode::CAPACITY,
+                "too many subscribers for this stream",
+            );
+            return;
+        }
+        let lease = Duration::from_millis(u64::from(s.lease_ms)).min(MAX_LEASE);
+        if st.subscribers.insert(from, now + lease).is_none() {
+            tracing::info!(stream = id.0, subscriber = %from, "subscribed");
+        }
+    }
+
+    fn handle_viewer(&mut self, now: Instant, from: SocketAddr, id: StreamId, s: Subscription) {
+        let (max_stream, max_node) = (self.config.max_per_stream, self.config.max_viewers);
+        let node_full = self.viewers >= max_node;
+        let Ok(st) = self.stream(id, now) else {
+            return;
+        };
+        let lease = Duration::from_millis(u64::from(s.lease_ms)).min(MAX_LEASE);
+        if let Some(v) = st.viewers.get_mut(&from) {
+            v.expires = now + lease;
+            return;
+        }
+        if st.viewers.len() >= max_stream || node_full {
+            dropped(Role::Edge, "viewer_cap");
+            let text = if node_full {
+                "this edge is full: too many viewers"
+            } else {
+                "too many viewers for this stream on this edge"
+            };
+            self.reply_error(now, from, id, ErrorCode::CAPACITY, text);
+            return;
+        }
+        let cursor = st.kept.cursor(Start::Keyframe).ok().map(|(c, _)| c);
+        st.viewers.insert(
+            from,
+            Viewer {
+                cursor,
+                expires: now + lease,
+            },
+        );
+        st.empty_since = None;
+        let needs_upstream = st.upstream.is_empty();
+        self.viewers += 1;
+        metrics::counter!("braid_edge_viewer_joins_total").increment(1);
+        tracing::info!(stream = id.0, viewer = %from, "viewer joined");
+        if needs_upstream {
+            self.subscribe_upstream(now, id);
+        }
+    }
+
+    fn handle_nack(&mut self, now: Instant, from: SocketAddr, id: StreamId, ranges: Vec<SeqRange>) {
+        let Some(st) = self.streams.get(&id) else {
+            dropped(Role::Set, "nack_unknown_stream");
+            return;
+        };
+        if !st.subscribers.contains_key(&from) {
+            dropped(Role::Set, "nack_from_stranger");
+            return;
+        }
+        let mut answered = 0;
+        for r in ranges {
+            for i in 0..u64::from(r.count) {
+                if answered >= MAX_NACK_ANSWER {
+                    dropped(Role::Set, "nack_over_limit");
+                    return;
+                }
+                answered += 1;
+                let seq = r.first.plus(i);
+                let Some(e) = st.kept.get(seq) else {
+                    metrics::counter!("braid_retransmit_missing_total", "role" => "set")
+                        .increment(1);
+                    continue;
+                };
+                self.out.clear();
+                let header = Header {
+                    flags: e.item.header.flags | Flags::RETRANSMIT,
+                    ..e.item.header
+                };
+                if self
+                    .codec
+                    .encode_media(header, seq, &e.item.media.rtp, &mut self.out)
+                    .is_ok()
+                {
+                    self.socket.send(now, from, self.out.split().freeze(), true);
+                    metrics::counter!("braid_retransmit_sent_total", "role" => "set").increment(1);
+                }
+            }
+        }
+    }
+
+    /// Drains every merge buffer: forwards (set) or rings and serves (edge), asks for
+    /// what is missing, counts gaps; then sends.
+    fn poll(&mut self, now: Instant) {
+        let ids: Vec<StreamId> = self.streams.keys().copied().collect();
+        for id in ids {
+            self.poll_stream(now, id);
+        }
+        self.socket.flush();
+    }
+
+    fn poll_stream(&mut self, now: Instant, id: StreamId) {
+        let role = self.config.role;
+        let Some(mut st) = self.streams.remove(&id) else {
+            return;
+        };
+        st.merge.handle_timeout(now);
+        let mut pushed = false;
+        loop {
+            match st.merge.poll_output() {
+                Output::Packet { seq, item } => {
+                    let keyframe = item.header.flags.contains(Flags::KEYFRAME);
+                    if role == Role::Set {
+                        for (&to, &expires) in &st.subscribers {
+                            if expires > now {
+                                self.socket.send(now, to, item.datagram.clone(), true);
+                            }
+                        }
+                    }
+                    let size = item.datagram.len();
+                    st.kept.push(now, seq, keyframe, size, item);
+                    pushed = true;
+                }
+                Output::Gap { count, .. } => {
+                    metrics::counter!("braid_merge_gap_packets_total", "role" => role_name(role))
+                        .increment(count);
+                }
+                Output::Nack { range, path } => {
+                    if let Some(to) = self.path_addr(&st, path) {
+                        self.out.clear();
+                        let msg = Message {
+                            header: Header {
+                                stream: id,
+                                ..Header::default()
+                            },
+                            body: Body::Nack(vec![range]),
+                        };
+                        if self.codec.encode(&msg, &mut self.out).is_ok() {
+                            self.socket.send(now, to, self.out.split().freeze(), false);
+                            metrics::counter!("braid_nack_sent_total", "role" => role_name(role))
+                                .increment(1);
+                        }
+                    }
+                }
+                Output::Timeout(_) => break,
+            }
+        }
+        if pushed || role == Role::Edge {
+            st.kept.handle_timeout(now);
+        }
+        if role == Role::Edge && pushed {
+            self.serve(now, &mut st);
+        }
+        self.streams.insert(id, st);
+    }
+
+    fn serve(&mut self, now: Instant, st: &mut Stream) {
+        for (&addr, v) in st.viewers.iter_mut() {
+            if v.cursor.is_none() {
+                v.cursor = st.kept.cursor(Start::Keyframe).ok().map(|(c, _)| c);
+            }
+            let Some(cursor) = v.cursor.as_mut() else {
+                continue;
+            };
+            loop {
+                match st.kept.read(cursor) {
+                    Read::Packet(e) => self.socket.send(now, addr, e.item.datagram.clone(), true),
+                    Read::Skipped { lost } => {
+                        metrics::counter!("braid_edge_viewer_skipped_packets_total")
+                            .increment(lost);
+                    }
+                    Read::Pending => break,
+                }
+            }
+        }
+    }
+
+    fn subscribe_upstream(&mut self, now: Instant, id: StreamId) {
+        let k = self
+            .config
+            .subscribe_k
+            .max(2)
+            .min(self.config.reflectors.len());
+        let Some(st) = self.streams.get_mut(&id) else {
+            return;
+        };
+        st.upstream = (0..k).map(|i| (i, now)).collect();
+        self.refresh_upstream(now, id, true);
+    }
+
+    fn refresh_upstream(&mut self, now: Instant, id: StreamId, first: bool) {
+        let Some(st) = self.streams.get_mut(&id) else {
+            return;
+        };
+        st.last_refresh = Some(now);
+        let targets: Vec<SocketAddr> = st
+            .upstream
+            .iter()
+            .map(|(i, _)| self.config.reflectors[*i])
+            .collect();
+        let s = Subscription {
+            node: self.node,
+            lease_ms: LEASE_MS,
+        };
+        let body = if first {
+            Body::Subscribe(s)
+        } else {
+            Body::Refresh(s)
+        };
+        for to in targets {
+            self.send_control(now, to, id, body.clone());
+        }
+    }
+
+    fn send_control(&mut self, now: Instant, to: SocketAddr, stream: StreamId, body: Body) {
+        self.out.clear();
+        let msg = Message {
+            header: Header {
+                stream,
+                ..Header::default()
+            },
+            body,
+        };
+        if self.codec.encode(&msg, &mut self.out).is_ok() {
+            self.socket.send(now, to, self.out.split().freeze(), false);
+        }
+    }
+
+    fn reply_error(
+        &mut self,
+        now: Instant,
+        to: SocketAddr,
+        stream: StreamId,
+        code: ErrorCode,
+        text: &str,
+    ) {
+        self.send_control(
+            now,
+            to,
+            stream,
+            Body::Error {
+                code,
+                text: text.into(),
+            },
+        );
+    }
+
+    /// Expiries, refreshes, path replacement, linger, metrics export.
+    fn housekeeping(&mut self, now: Instant) {
+        let role = self.config.role;
+        let mut close = Vec::new();
+        let mut refresh = Vec::new();
+        let mut gone_viewers = 0;
+        for st in self.streams.values_mut() {
+            st.subscribers.retain(|_, exp| *exp > now);
+            let before = st.viewers.len();
+            st.viewers.retain(|_, v| v.expires > now);
+            gone_viewers += before - st.viewers.len();
+            if role == Role::Edge {
+                if st.viewers.is_empty() {
+                    let since = *st.empty_since.get_or_insert(now);
+                    if now.duration_since(since) >= Duration::from_millis(self.config.linger_ms) {
+                        close.push(st.id);
+                        continue;
+                    }
+                }
+                // Replace a subscribed set reflector that stopped delivering data.
+                let n = self.config.reflectors.len();
+                for j in 0..st.upstream.len() {
+                    let (i, since) = st.upstream[j];
+                    let dead = now.duration_since(since) > PATH_DEAD
+                        && !st.merge.is_healthy(PathId(i as u8));
+                    if dead && n > st.upstream.len() {
+                        let used: Vec<usize> = st.upstream.iter().map(|(i, _)| *i).collect();
+                        if let Some(next) = (1..n).map(|d| (i + d) % n).find(|c| !used.contains(c))
+                        {
+                            tracing::warn!(stream = st.id.0, from = %self.config.reflectors[i], to = %self.config.reflectors[next], "set reflector delivers no data: moving the subscription");
+                            metrics::counter!("braid_edge_path_replaced_total").increment(1);
+                            st.upstream[j] = (next, now);
+                            st.last_refresh = None;
+                        }
+                    }
+                }
+                if !st.upstream.is_empty()
+                    && st
+                        .last_refresh
+                        .is_none_or(|t| now.duration_since(t) >= REFRESH)
+                {
+                    refresh.push((st.id, st.last_refresh.is_none()));
+                }
+            }
+            export(role, st);
+        }
+        self.viewers -= gone_viewers;
+        for (id, first) in refresh {
+            self.refresh_upstream(now, id, first);
+        }
+        for id in close {
+            if let Some(st) = self.streams.remove(&id) {
+                tracing::info!(stream = id.0, "last viewer gone: unsubscribing");
+                for (i, _) in st.upstream {
+                    let to = self.config.reflectors[i];
+                    self.send_control(now, to, id, Body::Unsubscribe { node: self.node });
+                }
+            }
+        }
+        metrics::gauge!("braid_viewers").set(self.viewers as f64);
+        self.socket.flush();
+    }
+
+    /// On shutdown: an edge unsubscribes so the set reflectors stop at once.
+    fn leave(&mut self) {
+        let now = Instant::now();
+        let ids: Vec<StreamId> = self.streams.keys().copied().collect();
+        for id in ids {
+            let upstream: Vec<usize> = self.streams[&id].upstream.iter().map(|(i, _)| *i).collect();
+            for i in upstream {
+                let to = self.config.reflectors[i];
+                self.send_control(now, to, id, Body::Unsubscribe { node: self.node });
+            }
+        }
+        self.socket.flush();
+    }
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Set => "set",
+        Role::Edge => "edge",
+    }
+}
+
+/// Exports a stream's merge counters and per-path counters.
+fn export(role: Role, st: &mut Stream) {
+    let s = st.merge.stats();
+    let stream = st.id.0.to_string();
+    let r = role_name(role);
+    let set = |name: &'static str, v: u64| {
+        metrics::counter!(name, "role" => r, "stream" => stream.clone()).absolute(v);
+    };
+    set("braid_merge_released_total", s.released);
+    set("braid_merge_gaps_total", s.gaps);
+    set("braid_merge_duplicates_total", s.duplicates);
+    set("braid_merge_late_total", s.late);
+    set("braid_merge_nacked_total", s.nacked);
+    set("braid_merge_repaired_total", s.repaired);
+    set("braid_merge_jumps_total", s.jumps);
+    for (path, p) in st.merge.paths() {
+        let path = path.0.to_string();
+        let set = |name: &'static str, v: u64| {
+            metrics::counter!(name, "role" => r, "stream" => stream.clone(), "path" => path.clone()).absolute(v);
+        };
+        set("braid_path_received_total", p.received);
+        set("braid_path_first_total", p.first);
+        set("braid_path_duplicates_total", p.duplicates);
+        set("braid_path_late_total", p.late);
+    }
+    metrics::gauge!("braid_stream_viewers", "stream" => stream.clone())
+        .set(st.viewers.len() as f64);
+    metrics::gauge!("braid_stream_subscribers", "stream" => stream)
+        .set(st.subscribers.len() as f64);
+    st.exported = s;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edge_config_needs_reflectors() {
+        let c = Config::try_parse_from([
+            "braid-reflector",
+            "--role",
+            "edge",
+            "--network-key",
+            "a network key",
+        ])
+        .unwrap();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("set reflectors")
+        );
+        let c = Config::try_parse_from([
+            "braid-reflector",
+            "--role",
+            "edge",
+            "--network-key",
+            "a network key",
+            "--reflector",
+            "127.0.0.1:1",
+            "--reflector",
+            "127.0.0.1:2",
+        ])
+        .unwrap();
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn toml_config_refuses_unknown_fields() {
+        assert!(
+            toml::from_str::<Config>("role = \"set\"\nnetwork_key = \"a network key\"").is_ok()
+        );
+        assert!(toml::from_str::<Config>("role = \"set\"\nwindow = 3").is_err());
+        assert!(toml::from_str::<Config>("role = \"middle\"").is_err());
+    }
+
+    #[test]
+    fn window_too_small_for_repair_is_refused() {
+        let c = Config::try_parse_from([
+            "braid-reflector",
+            "--role",
+            "set",
+            "--network-key",
+            "a network key",
+            "--reorder-window-ms",
+            "0",
+        ])
+        .unwrap();
+        assert!(c.validate().is_err());
+    }
+}

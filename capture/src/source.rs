@@ -1,0 +1,270 @@
+//! Live sources: where the capture's TS bytes come from, paced as a live stream.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use tokio::io::AsyncReadExt;
+
+use crate::ts::{self, PACKET, Synth, SynthConfig};
+
+/// Which source, parsed from `--source`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Spec {
+    /// The built-in synthetic stream.
+    Synth,
+    /// An MPEG-TS file paced in real time by its PCR.
+    File(PathBuf),
+    /// MPEG-TS on standard input (a pipe from ffmpeg), taken as it comes.
+    Stdin,
+    /// MPEG-TS or RTP/MPEG-TS datagrams arriving on this UDP address.
+    Udp(std::net::SocketAddr),
+}
+
+impl std::str::FromStr for Spec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Spec, String> {
+        match s {
+            "synth" | "test" => Ok(Spec::Synth),
+            "-" | "stdin" => Ok(Spec::Stdin),
+            _ => {
+                if let Some(addr) = s.strip_prefix("udp://").or_else(|| s.strip_prefix("udp:")) {
+                    let addr = addr.trim_start_matches('@');
+                    return addr
+                        .parse()
+                        .map(Spec::Udp)
+                        .map_err(|e| format!("bad UDP source address {addr:?}: {e}"));
+                }
+                let path = s.strip_prefix("file:").unwrap_or(s);
+                Ok(Spec::File(PathBuf::from(path)))
+            }
+        }
+    }
+}
+
+/// One piece of the stream and whether the stream restarted before it.
+#[derive(Debug)]
+pub struct Piece {
+    /// TS bytes.
+    pub bytes: Bytes,
+    /// The stream does not continue from the previous piece (a looped file).
+    pub discontinuity: bool,
+}
+
+/// A running source.
+pub enum Source {
+    /// Synthetic frames at their frame times.
+    Synth {
+        /// The generator.
+        synth: Synth,
+        /// Time of frame 0.
+        start: Instant,
+        /// Frames per second.
+        fps: u32,
+        /// Frames made so far.
+        frames: u64,
+    },
+    /// A file, paced by PCR.
+    File(FileSource),
+    /// Standard input.
+    Stdin(tokio::io::Stdin),
+    /// UDP datagrams.
+    Udp(tokio::net::UdpSocket),
+}
+
+impl Source {
+    /// Opens the source.
+    pub async fn open(spec: &Spec, synth: SynthConfig, looped: bool) -> anyhow::Result<Source> {
+        Ok(match spec {
+            Spec::Synth => Source::Synth {
+                synth: Synth::new(synth),
+                start: Instant::now(),
+                fps: synth.fps.max(1),
+                frames: 0,
+            },
+            Spec::File(path) => {
+                let data = tokio::fs::read(path)
+                    .await
+                    .with_context(|| format!("reading {}", path.display()))?;
+                if data.len() < PACKET {
+                    anyhow::bail!("{} holds no MPEG-TS packet", path.display());
+                }
+                Source::File(FileSource::new(Bytes::from(data), looped))
+            }
+            Spec::Stdin => Source::Stdin(tokio::io::stdin()),
+            Spec::Udp(addr) => Source::Udp(
+                tokio::net::UdpSocket::bind(addr)
+                    .await
+                    .with_context(|| format!("binding UDP source {addr}"))?,
+            ),
+        })
+    }
+
+    /// The next piece, when it is due; `None` at the end of the stream.
+    pub async fn next(&mut self) -> anyhow::Result<Option<Piece>> {
+        match self {
+            Source::Synth {
+                synth,
+                start,
+                fps,
+                frames,
+            } => {
+                let due = *start + Duration::from_secs(*frames) / *fps;
+                tokio::time::sleep_until(due.into()).await;
+                *frames += 1;
+                Ok(Some(Piece {
+                    bytes: synth.next_frame(),
+                    discontinuity: false,
+                }))
+            }
+            Source::File(f) => f.next().await,
+            Source::Stdin(stdin) => {
+                let mut buf = vec![0u8; 64 * PACKET];
+                let n = stdin.read(&mut buf).await.context("reading stdin")?;
+                if n == 0 {
+                    return Ok(None);
+                }
+                buf.truncate(n);
+                Ok(Some(Piece {
+                    bytes: Bytes::from(buf),
+                    discontinuity: false,
+                }))
+            }
+            Source::Udp(sock) => {
+                let mut buf = vec![0u8; 65_536];
+                let n = sock
+                    .recv(&mut buf)
+                    .await
+                    .context("receiving the UDP source")?;
+                buf.truncate(n);
+                let bytes = Bytes::from(buf);
+                // RTP (version 2 in the top bits) carries TS in its payload; raw TS starts
+                // with the sync byte.
+                let bytes = if bytes.first().is_some_and(|b| b >> 6 == 2) {
+                    match braid_core::wire::Rtp::parse(bytes) {
+                        Ok(rtp) => rtp.payload(),
+                        Err(e) => {
+                            metrics::counter!("braid_capture_input_dropped_total", "reason" => "bad_rtp").increment(1);
+                            tracing::debug!("dropping a bad RTP datagram: {e}");
+                            Bytes::new()
+                        }
+                    }
+                } else {
+                    bytes
+                };
+                Ok(Some(Piece {
+                    bytes,
+                    discontinuity: false,
+                }))
+            }
+        }
+    }
+}
+
+/// An MPEG-TS file sent at the pace its PCRs say, optionally looped.
+pub struct FileSource {
+    data: Bytes,
+    pos: usize,
+    looped: bool,
+    /// (first PCR of this pass, when it was due).
+    anchor: Option<(u64, Instant)>,
+    pass_start: bool,
+    /// Time of the last PCR sent, to continue pacing across a loop.
+    last_due: Instant,
+}
+
+impl FileSource {
+    fn new(data: Bytes, looped: bool) -> FileSource {
+        FileSource {
+            data,
+            pos: 0,
+            looped,
+            anchor: None,
+            pass_start: false,
+            last_due: Instant::now(),
+        }
+    }
+
+    /// Up to the next PCR (at most 64 packets): sent when that PCR is due.
+    async fn next(&mut self) -> anyhow::Result<Option<Piece>> {
+        if self.pos + PACKET > self.data.len() {
+            if !self.looped {
+                return Ok(None);
+            }
+            self.pos = 0;
+            self.anchor = None;
+            self.pass_start = true;
+        }
+        let start = self.pos;
+        let mut due = None;
+        while self.pos + PACKET <= self.data.len() && self.pos - start < 64 * PACKET {
+            let p = &self.data[self.pos..self.pos + PACKET];
+            self.pos += PACKET;
+            if let Some(pcr) = ts::parse(p).and_then(|h| h.pcr) {
+                let (first, at) = *self.anchor.get_or_insert((pcr, self.last_due));
+                let ticks = pcr.saturating_sub(first);
+                due = Some(at + Duration::from_nanos(ticks * 1000 / 27));
+                break;
+            }
+        }
+        if let Some(due) = due {
+            // A PCR more than 10 s ahead of the last is a jump, not a pace: do not stall.
+            if due.saturating_duration_since(self.last_due) < Duration::from_secs(10) {
+                tokio::time::sleep_until(due.into()).await;
+                self.last_due = due;
+            } else {
+                self.anchor = None;
+            }
+        }
+        let discontinuity = std::mem::take(&mut self.pass_start);
+        Ok(Some(Piece {
+            bytes: self.data.slice(start..self.pos),
+            discontinuity,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse() {
+        assert_eq!("synth".parse::<Spec>(), Ok(Spec::Synth));
+        assert_eq!("-".parse::<Spec>(), Ok(Spec::Stdin));
+        assert_eq!(
+            "udp://127.0.0.1:5000".parse::<Spec>(),
+            Ok(Spec::Udp("127.0.0.1:5000".parse().unwrap()))
+        );
+        assert_eq!(
+            "udp://@127.0.0.1:5000".parse::<Spec>(),
+            Ok(Spec::Udp("127.0.0.1:5000".parse().unwrap()))
+        );
+        assert!("udp://nonsense".parse::<Spec>().is_err());
+        assert_eq!("a.ts".parse::<Spec>(), Ok(Spec::File("a.ts".into())));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn file_is_paced_by_pcr() {
+        let mut s = Synth::new(SynthConfig {
+            bitrate: 1_000_000,
+            fps: 25,
+            gop: 25,
+        });
+        let data: Vec<u8> = (0..50).flat_map(|_| s.next_frame().to_vec()).collect();
+        let mut f = FileSource::new(Bytes::from(data.clone()), false);
+        let t = tokio::time::Instant::now();
+        let mut total = 0;
+        while let Some(p) = f.next().await.unwrap() {
+            total += p.bytes.len();
+        }
+        assert_eq!(total, data.len());
+        let took = t.elapsed();
+        // 50 frames at 25 fps: the last PCR is 49/25 s after the first.
+        assert!(
+            took >= Duration::from_millis(1950) && took < Duration::from_millis(2000),
+            "{took:?}"
+        );
+    }
+}

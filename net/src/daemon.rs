@@ -1,0 +1,163 @@
+//! What every Braid daemon does the same way.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+/// Loads a daemon's config: flags, and if a config file is named, the file with the flags
+/// on top (flags win).
+pub fn load_config<C>(args: Vec<OsString>, file: impl Fn(&C) -> Option<&Path>) -> anyhow::Result<C>
+where
+    C: clap::Parser + DeserializeOwned,
+{
+    let from_flags = C::try_parse_from(&args).unwrap_or_else(|e| e.exit());
+    let Some(path) = file(&from_flags).map(Path::to_path_buf) else {
+        return Ok(from_flags);
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    let mut config: C =
+        toml::from_str(&text).with_context(|| format!("in config file {}", path.display()))?;
+    config.try_update_from(&args).unwrap_or_else(|e| e.exit());
+    Ok(config)
+}
+
+/// Starts logging to stderr; `RUST_LOG` overrides `default_level`.
+pub fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Installs the Prometheus recorder and serves `/metrics` on `addr` (port 0: any free
+/// port). Returns the bound address.
+pub async fn serve_metrics(
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let handle = PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+    let bound = listener.local_addr()?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let handle: PrometheusHandle = handle.clone();
+            async move { handle.render() }
+        }),
+    );
+    tokio::spawn(async move {
+        let serve = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await });
+        if let Err(e) = serve.await {
+            tracing::warn!("metrics endpoint stopped: {e}");
+        }
+    });
+    Ok(bound)
+}
+
+/// A token cancelled on SIGTERM or Ctrl-C (SIGINT).
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("cannot listen for SIGTERM: {e}");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C: shutting down"),
+        }
+        t.cancel();
+    });
+    token
+}
+
+/// Prints the line a supervisor (the testbed, the tests) waits for: one JSON object on
+/// stdout saying the daemon is up and where.
+pub fn print_ready(role: &str, fields: &[(&str, String)]) {
+    let mut obj = serde_json::Map::new();
+    obj.insert("ready".into(), role.into());
+    for (k, v) in fields {
+        obj.insert((*k).into(), v.clone().into());
+    }
+    println!("{}", serde_json::Value::Object(obj));
+}
+
+/// The network key from a passphrase given inline or in a file (`@path`).
+pub fn network_key(spec: &str) -> anyhow::Result<braid_core::wire::Key> {
+    let text = match spec.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(PathBuf::from(path))
+            .with_context(|| format!("reading the network key file {path}"))?
+            .trim()
+            .to_owned(),
+        None => spec.to_owned(),
+    };
+    if text.len() < 8 {
+        anyhow::bail!("the network key must be at least 8 characters");
+    }
+    Ok(braid_core::wire::Key::derive(&text))
+}
+
+/// What a daemon's config offers to [`main`].
+pub trait DaemonConfig: clap::Parser + DeserializeOwned {
+    /// The binary's name, for messages.
+    const NAME: &'static str;
+    /// The config file named with `--config`.
+    fn file(&self) -> Option<&Path>;
+    /// Whether `--check` was given.
+    fn check(&self) -> bool;
+    /// Checks the configuration, with a message that says what to fix.
+    fn validate(&self) -> anyhow::Result<()>;
+}
+
+/// A daemon's `main`: load the config (exit 2 with a message if it is bad), answer
+/// `--check`, else run until SIGTERM or Ctrl-C (exit 1 with a message on failure).
+pub async fn main<C, F, Fut>(run: F) -> std::process::ExitCode
+where
+    C: DaemonConfig,
+    F: FnOnce(C, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    use std::process::ExitCode;
+    init_logging("info");
+    let config = match load_config::<C>(std::env::args_os().collect(), C::file) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}: {e:#}", C::NAME);
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = config.validate() {
+        eprintln!("{}: {e:#}", C::NAME);
+        return ExitCode::from(2);
+    }
+    if config.check() {
+        println!("{}: configuration ok", C::NAME);
+        return ExitCode::SUCCESS;
+    }
+    let shutdown = shutdown_on_signals();
+    match run(config, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}: {e:#}", C::NAME);
+            ExitCode::FAILURE
+        }
+    }
+}

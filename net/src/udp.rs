@@ -1,0 +1,287 @@
+//! A UDP socket for a daemon's task: batched receive and send, with the impairment layer
+//! on every outgoing link.
+//!
+//! The owning task calls [`Socket::send`] for each datagram, then [`Socket::flush`] once
+//! per wake-up so everything queued goes out in `sendmmsg` batches. Delayed datagrams
+//! (impairment delay, jitter, reordering, rate cap) wait in a timer queue; the task wakes
+//! at [`Socket::next_timeout`] and calls [`Socket::handle_timeout`]. Every datagram not sent
+//! is counted by reason.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use tokio::io::Interest;
+
+use crate::impair::{self, Impairer, Verdict};
+use crate::sys::{self, Received};
+
+/// Largest datagram received; anything longer is truncated and then refused by the codec.
+pub const MAX_DATAGRAM: usize = 9216;
+
+/// Socket buffer size asked for (the kernel may cap it): about 100 ms at 300 Mbps.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Impairments of a daemon's outgoing links.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Impairments {
+    /// Applied to every link not listed in `links`.
+    pub default: impair::Config,
+    /// Per-destination impairments.
+    pub links: Vec<Link>,
+}
+
+/// The impairment of the link to one destination.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Link {
+    /// The destination.
+    pub to: SocketAddr,
+    /// What happens to packets sent there.
+    #[serde(flatten)]
+    pub impair: impair::Config,
+}
+
+impl Impairments {
+    /// Checks every link's settings.
+    pub fn validate(&self) -> Result<(), String> {
+        self.default.validate()?;
+        for l in &self.links {
+            l.impair
+                .validate()
+                .map_err(|e| format!("link to {}: {e}", l.to))?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Delayed {
+    at: Instant,
+    order: u64,
+    to: SocketAddr,
+    bytes: Bytes,
+}
+
+/// Counters of one socket, also exported as metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Datagrams received.
+    pub received: u64,
+    /// Datagrams handed to the kernel.
+    pub sent: u64,
+    /// Datagrams the kernel would not take (send buffer full) or refused.
+    pub send_failed: u64,
+    /// Datagrams the impairment layer dropped.
+    pub impaired: u64,
+}
+
+/// A daemon's UDP socket. Owned by one task.
+#[derive(Debug)]
+pub struct Socket {
+    inner: tokio::net::UdpSocket,
+    start: Instant,
+    impairments: Impairments,
+    links: HashMap<SocketAddr, Impairer>,
+    delayed: BinaryHeap<Reverse<Delayed>>,
+    order: u64,
+    outbox: Vec<(SocketAddr, Bytes)>,
+    rx_bufs: Vec<[u8; MAX_DATAGRAM]>,
+    rx_meta: Vec<Received>,
+    stats: Stats,
+    role: &'static str,
+}
+
+impl Socket {
+    /// Binds `addr` with large socket buffers. `role` labels the metrics.
+    pub fn bind(
+        addr: SocketAddr,
+        impairments: Impairments,
+        role: &'static str,
+    ) -> io::Result<Socket> {
+        let domain = if addr.is_ipv4() {
+            socket2::Domain::IPV4
+        } else {
+            socket2::Domain::IPV6
+        };
+        let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+        // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+        let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+        let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())?;
+        let inner = tokio::net::UdpSocket::from_std(s.into())?;
+        Ok(Socket {
+            inner,
+            start: Instant::now(),
+            impairments,
+            links: HashMap::new(),
+            delayed: BinaryHeap::new(),
+            order: 0,
+            outbox: Vec::with_capacity(sys::BATCH),
+            rx_bufs: vec![[0; MAX_DATAGRAM]; sys::BATCH],
+            rx_meta: Vec::with_capacity(sys::BATCH),
+            stats: Stats::default(),
+            role,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Queues `bytes` for `to` through that link's impairment. `is_data` says whether it is
+    /// media (for `data_only` impairments). Call [`Socket::flush`] to send.
+    pub fn send(&mut self, now: Instant, to: SocketAddr, bytes: Bytes, is_data: bool) {
+        let impairer = match self.links.get_mut(&to) {
+            Some(i) => i,
+            None => {
+                let config = self
+                    .impairments
+                    .links
+                    .iter()
+                    .find(|l| l.to == to)
+                    .map(|l| l.impair.clone())
+                    .unwrap_or_else(|| self.impairments.default.clone());
+                let salt = salt(to);
+                self.links
+                    .entry(to)
+                    .or_insert(Impairer::new(config, self.start, salt))
+            }
+        };
+        if impairer.is_noop() {
+            self.outbox.push((to, bytes));
+            return;
+        }
+        match impairer.decide(now, bytes.len(), is_data) {
+            Verdict::Drop(reason) => {
+                self.stats.impaired += 1;
+                metrics::counter!("braid_udp_impaired_total", "role" => self.role, "reason" => reason.name())
+                    .increment(1);
+            }
+            Verdict::Send { at, copies } => {
+                for _ in 0..copies {
+                    if at <= now {
+                        self.outbox.push((to, bytes.clone()));
+                    } else {
+                        self.order += 1;
+                        self.delayed.push(Reverse(Delayed {
+                            at,
+                            order: self.order,
+                            to,
+                            bytes: bytes.clone(),
+                        }));
+                    }
+                }
+            }
+        }
+        if self.outbox.len() >= sys::BATCH {
+            self.flush();
+        }
+    }
+
+    /// Moves delayed datagrams that are due into the outbox and sends.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(Reverse(d)) = self.delayed.peek() {
+            if d.at > now {
+                break;
+            }
+            let Some(Reverse(d)) = self.delayed.pop() else {
+                break;
+            };
+            self.outbox.push((d.to, d.bytes));
+            if self.outbox.len() >= sys::BATCH {
+                self.flush();
+            }
+        }
+        self.flush();
+    }
+
+    /// When the next delayed datagram is due.
+    pub fn next_timeout(&self) -> Option<Instant> {
+        self.delayed.peek().map(|Reverse(d)| d.at)
+    }
+
+    /// Sends everything queued, in `sendmmsg` batches. A datagram the kernel will not take
+    /// right now (send buffer full) is dropped and counted: a live stream does not wait.
+    pub fn flush(&mut self) {
+        if self.outbox.is_empty() {
+            return;
+        }
+        let msgs: Vec<(SocketAddr, &[u8])> =
+            self.outbox.iter().map(|(a, b)| (*a, &b[..])).collect();
+        let fd = self.inner.as_raw_fd();
+        let mut done = 0;
+        let mut failed = 0u64;
+        while done < msgs.len() {
+            match self
+                .inner
+                .try_io(Interest::WRITABLE, || sys::send_batch(fd, &msgs[done..]))
+            {
+                Ok(n) if n > 0 => done += n,
+                Ok(_) | Err(_) => {
+                    // The datagram at `done` could not be sent (would block, or refused,
+                    // e.g. ECONNREFUSED from an earlier ICMP): count it and go on.
+                    failed += 1;
+                    metrics::counter!("braid_udp_send_failed_total", "role" => self.role)
+                        .increment(1);
+                    done += 1;
+                }
+            }
+        }
+        self.stats.send_failed += failed;
+        self.stats.sent += msgs.len() as u64 - failed;
+        drop(msgs);
+        self.outbox.clear();
+    }
+
+    /// Waits for datagrams and appends them to `out` (at most a batch). Each is copied
+    /// into its own right-sized buffer so that a packet kept in a ring does not pin a
+    /// whole receive batch.
+    pub async fn recv(&mut self, out: &mut Vec<(SocketAddr, Bytes)>) -> io::Result<()> {
+        loop {
+            self.inner.readable().await?;
+            let fd = self.inner.as_raw_fd();
+            let bufs = &mut self.rx_bufs;
+            let meta = &mut self.rx_meta;
+            match self
+                .inner
+                .try_io(Interest::READABLE, || sys::recv_batch(fd, bufs, meta))
+            {
+                Ok(_) => {
+                    for (i, r) in self.rx_meta.iter().enumerate() {
+                        out.push((r.from, Bytes::copy_from_slice(&self.rx_bufs[i][..r.len])));
+                    }
+                    self.stats.received += self.rx_meta.len() as u64;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                // ICMP port unreachable from an earlier send surfaces here on Linux; it
+                // says nothing about this socket.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+fn salt(addr: SocketAddr) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // DefaultHasher with fixed keys is deterministic across runs.
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new_with_keys(0, 0);
+    addr.hash(&mut h);
+    h.finish()
+}
