@@ -25,7 +25,7 @@ use braid_net::daemon::DaemonConfig;
 use braid_net::udp::{Impairments, Socket};
 use bytes::{Bytes, BytesMut};
 use clap::Parser;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::packetize::Packetizer;
@@ -33,7 +33,7 @@ use crate::source::{Source, Spec};
 use crate::ts::SynthConfig;
 
 /// The capture's configuration: flags, or a TOML file (`--config`) with flags on top.
-#[derive(Debug, Clone, Parser, Deserialize)]
+#[derive(Debug, Clone, Parser, Deserialize, Serialize)]
 #[command(
     name = "braid-capture",
     version,
@@ -43,11 +43,11 @@ use crate::ts::SynthConfig;
 pub struct Config {
     /// TOML config file; flags given as well override it.
     #[arg(long)]
-    #[serde(skip)]
+    #[serde(default)]
     pub config: Option<PathBuf>,
     /// Validate the configuration and exit.
     #[arg(long)]
-    #[serde(skip)]
+    #[serde(default)]
     pub check: bool,
     /// Entry points to push to (give two, for redundancy).
     #[arg(long = "entry", required = false)]
@@ -71,7 +71,7 @@ pub struct Config {
     pub source: String,
     /// Loop a file source.
     #[arg(long = "loop")]
-    #[serde(default, rename = "loop")]
+    #[serde(default)]
     pub looped: bool,
     /// Synthetic source bit rate, bits per second.
     #[arg(long, default_value_t = 4_000_000)]

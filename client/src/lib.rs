@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 /// The client's configuration.
-#[derive(Debug, Clone, Parser, Deserialize)]
+#[derive(Debug, Clone, Parser, Deserialize, Serialize)]
 #[command(
     name = "braid-client",
     version,
@@ -36,11 +36,11 @@ use tokio_util::sync::CancellationToken;
 pub struct Config {
     /// TOML config file; flags given as well override it.
     #[arg(long)]
-    #[serde(skip)]
+    #[serde(default)]
     pub config: Option<PathBuf>,
     /// Validate the configuration and exit.
     #[arg(long)]
-    #[serde(skip)]
+    #[serde(default)]
     pub check: bool,
     /// The edge to watch from.
     #[arg(long)]

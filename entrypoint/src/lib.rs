@@ -25,7 +25,7 @@ use braid_net::daemon::DaemonConfig;
 use braid_net::udp::{Impairments, Socket};
 use bytes::{Bytes, BytesMut};
 use clap::Parser;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
@@ -36,17 +36,17 @@ pub const PUBLISHER_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_NACK_ANSWER: u64 = 256;
 
 /// The entry point's configuration.
-#[derive(Debug, Clone, Parser, Deserialize)]
+#[derive(Debug, Clone, Parser, Deserialize, Serialize)]
 #[command(name = "braid-entrypoint", version, about = "Braid entry point")]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// TOML config file; flags given as well override it.
     #[arg(long)]
-    #[serde(skip)]
+    #[serde(default)]
     pub config: Option<PathBuf>,
     /// Validate the configuration and exit.
     #[arg(long)]
-    #[serde(skip)]
+    #[serde(default)]
     pub check: bool,
     /// UDP address to listen on.
     #[arg(long, default_value = "0.0.0.0:7000")]
@@ -80,7 +80,7 @@ pub struct Config {
 }
 
 /// One stream an entry point accepts.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamConfig {
     /// Stream id.

@@ -10,20 +10,43 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
 /// Loads a daemon's config: flags, and if a config file is named, the file with the flags
-/// on top (flags win).
+/// on top. Only flags actually given (or set through their environment variable)
+/// override the file; a flag's default never clobbers a value from the file.
 pub fn load_config<C>(args: Vec<OsString>, file: impl Fn(&C) -> Option<&Path>) -> anyhow::Result<C>
 where
-    C: clap::Parser + DeserializeOwned,
+    C: clap::Parser + DeserializeOwned + serde::Serialize,
 {
-    let from_flags = C::try_parse_from(&args).unwrap_or_else(|e| e.exit());
+    use clap::parser::ValueSource;
+
+    let matches = C::command()
+        .try_get_matches_from(&args)
+        .unwrap_or_else(|e| e.exit());
+    let from_flags = C::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let Some(path) = file(&from_flags).map(Path::to_path_buf) else {
         return Ok(from_flags);
     };
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("reading config file {}", path.display()))?;
-    let mut config: C =
+    let from_file: C =
         toml::from_str(&text).with_context(|| format!("in config file {}", path.display()))?;
-    config.try_update_from(&args).unwrap_or_else(|e| e.exit());
+    // Merge field by field through each one's serialized form, so types always agree.
+    let mut merged = toml::Table::try_from(&from_file).context("re-reading the config file")?;
+    let flags = toml::Table::try_from(&from_flags).context("reading the flags")?;
+    for id in matches.ids() {
+        let id = id.as_str();
+        if matches!(
+            matches.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        ) {
+            match flags.get(id) {
+                Some(v) => merged.insert(id.to_owned(), v.clone()),
+                None => merged.remove(id),
+            };
+        }
+    }
+    let config: C = merged
+        .try_into()
+        .with_context(|| format!("combining {} with the flags", path.display()))?;
     Ok(config)
 }
 
@@ -116,7 +139,7 @@ pub fn network_key(spec: &str) -> anyhow::Result<braid_core::wire::Key> {
 }
 
 /// What a daemon's config offers to [`main`].
-pub trait DaemonConfig: clap::Parser + DeserializeOwned {
+pub trait DaemonConfig: clap::Parser + DeserializeOwned + serde::Serialize {
     /// The binary's name, for messages.
     const NAME: &'static str;
     /// The config file named with `--config`.
@@ -159,5 +182,81 @@ where
             eprintln!("{}: {e:#}", C::NAME);
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq, clap::Parser, serde::Deserialize, serde::Serialize)]
+    #[serde(deny_unknown_fields)]
+    struct Example {
+        #[arg(long)]
+        #[serde(default)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value = "edge")]
+        #[serde(default = "edge")]
+        role: String,
+        #[arg(long, default_value_t = 200)]
+        #[serde(default = "window")]
+        window: u64,
+        #[arg(long = "peer")]
+        #[serde(default)]
+        peers: Vec<SocketAddr>,
+    }
+
+    fn edge() -> String {
+        "edge".into()
+    }
+    fn window() -> u64 {
+        200
+    }
+
+    fn load(toml: &str, flags: &[&str]) -> anyhow::Result<Example> {
+        let dir = std::env::temp_dir().join(format!(
+            "braid-config-test-{}-{}",
+            std::process::id(),
+            toml.len()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, toml).unwrap();
+        let mut args: Vec<OsString> = vec!["x".into(), "--config".into(), file.into_os_string()];
+        args.extend(flags.iter().map(OsString::from));
+        load_config::<Example>(args, |c| c.config.as_deref())
+    }
+
+    #[test]
+    fn cli_does_not_clobber_toml_with_defaults() {
+        let c = load("role = \"set\"\nwindow = 400\n", &[]).unwrap();
+        assert_eq!((c.role.as_str(), c.window), ("set", 400));
+    }
+
+    #[test]
+    fn cli_given_flags_override_toml() {
+        let c = load(
+            "role = \"set\"\nwindow = 400\npeers = [\"127.0.0.1:1\"]\n",
+            &[
+                "--window",
+                "50",
+                "--peer",
+                "127.0.0.1:2",
+                "--peer",
+                "127.0.0.1:3",
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.role, "set");
+        assert_eq!(c.window, 50);
+        assert_eq!(c.peers.len(), 2);
+    }
+
+    #[test]
+    fn bad_toml_is_a_clear_error() {
+        let e = load("windoww = 3\n", &[]).unwrap_err();
+        assert!(format!("{e:#}").contains("windoww"), "{e:#}");
+        let e = load("window = \"soon\"\n", &[]).unwrap_err();
+        assert!(format!("{e:#}").contains("window"), "{e:#}");
     }
 }

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// What a link does to the packets sent on it. The default does nothing.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Probability that a packet is lost, independently of the others.
@@ -48,7 +48,7 @@ pub struct Config {
 }
 
 /// Gilbert-Elliott burst loss: a good and a bad state.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Burst {
     /// Probability, per packet, of going from good to bad.
@@ -60,7 +60,7 @@ pub struct Burst {
 }
 
 /// A period with no delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Outage {
     /// When it starts, in milliseconds after the daemon started.
@@ -264,7 +264,11 @@ mod tests {
         };
         let a = run(c.clone(), 20_000);
         let b = run(c, 20_000);
-        let pattern = |v: &[Verdict]| v.iter().map(|v| matches!(v, Verdict::Drop(_))).collect::<Vec<_>>();
+        let pattern = |v: &[Verdict]| {
+            v.iter()
+                .map(|v| matches!(v, Verdict::Drop(_)))
+                .collect::<Vec<_>>()
+        };
         assert!(pattern(&a) == pattern(&b), "same seed, same losses");
         let rate = lost(&a) as f64 / 20_000.0;
         assert!((0.09..0.11).contains(&rate), "{rate}");

@@ -15,7 +15,7 @@ use std::os::fd::AsRawFd;
 use std::time::Instant;
 
 use bytes::Bytes;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::Interest;
 
 use crate::impair::{self, Impairer, Verdict};
@@ -28,7 +28,7 @@ pub const MAX_DATAGRAM: usize = 9216;
 const SOCKET_BUFFER: usize = 4 << 20;
 
 /// Impairments of a daemon's outgoing links.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Impairments {
     /// Applied to every link not listed in `links`.
@@ -38,7 +38,7 @@ pub struct Impairments {
 }
 
 /// The impairment of the link to one destination.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Link {
     /// The destination.
@@ -155,7 +155,9 @@ impl Socket {
                     .find(|l| l.to == to)
                     .map(|l| l.impair.clone())
                     .unwrap_or_else(|| self.impairments.default.clone());
-                let salt = salt(to);
+                // Salted with both ends: two senders with one config to one receiver must
+                // not lose the same packets.
+                let salt = salt(self.inner.local_addr().ok(), to);
                 self.links
                     .entry(to)
                     .or_insert(Impairer::new(config, self.start, salt))
@@ -277,11 +279,12 @@ impl Socket {
     }
 }
 
-fn salt(addr: SocketAddr) -> u64 {
+fn salt(local: Option<SocketAddr>, to: SocketAddr) -> u64 {
     use std::hash::{Hash, Hasher};
-    // DefaultHasher with fixed keys is deterministic across runs.
+    // SipHasher with fixed keys is deterministic across runs.
     #[allow(deprecated)]
     let mut h = std::hash::SipHasher::new_with_keys(0, 0);
-    addr.hash(&mut h);
+    local.hash(&mut h);
+    to.hash(&mut h);
     h.finish()
 }

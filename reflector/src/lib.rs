@@ -35,11 +35,11 @@ use braid_net::daemon::DaemonConfig;
 use braid_net::udp::{Impairments, Socket};
 use bytes::{Bytes, BytesMut};
 use clap::Parser;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 /// Which role the reflector plays.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Set reflector: merges the entry points' copies, forwards to subscribed edges.
@@ -49,7 +49,7 @@ pub enum Role {
 }
 
 /// The reflector's configuration.
-#[derive(Debug, Clone, Parser, Deserialize)]
+#[derive(Debug, Clone, Parser, Deserialize, Serialize)]
 #[command(
     name = "braid-reflector",
     version,
@@ -59,11 +59,11 @@ pub enum Role {
 pub struct Config {
     /// TOML config file; flags given as well override it.
     #[arg(long)]
-    #[serde(skip)]
+    #[serde(default)]
     pub config: Option<PathBuf>,
     /// Validate the configuration and exit.
     #[arg(long)]
-    #[serde(skip)]
+    #[serde(default)]
     pub check: bool,
     /// Role: set or edge.
     #[arg(long, value_enum, default_value = "edge")]
