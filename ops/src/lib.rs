@@ -1,4 +1,10 @@
-//! braid-ops: the testbed that starts a whole network on one machine.
+//! braid-ops: runs whole Braid networks on one machine.
 //!
-//! Not built yet; the issues that build it are listed in the README. It depends on
-//! braid-core, where everything it decides lives.
+//! # Layout
+//!
+//! - [`harness`]: the daemons as child processes (killed when dropped), a test network
+//!   builder, and a Prometheus scraper; used by `tests/`, the benchmarks and the testbed.
+//! - `src/bin/`: the benchmark drivers (`braid-bench-latency`, `braid-bench-fanout`,
+//!   `braid-impair-proxy`).
+
+pub mod harness;

@@ -1,0 +1,206 @@
+//! Packets per second one set reflector forwards to N edges, against a raw `sendmmsg` loop
+//! of the same packets to N loopback sockets measured in the same run (this machine's
+//! physical limit).
+//!
+//! `cargo build --release --bins && target/release/braid-bench-fanout --edges 1,10,50`
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use braid_core::wire::rtp::{Fields, PAYLOAD_TYPE_MP2T};
+use braid_core::wire::{Body, Codec, Flags, Header, Key, Message, Rtp, Subscription};
+use braid_core::{NodeId, PathId, SeqNo, StreamId};
+use braid_ops::harness::{NETWORK_KEY, Proc};
+use bytes::{Bytes, BytesMut};
+use clap::Parser;
+
+#[derive(Parser)]
+struct Args {
+    /// Numbers of edges to try, comma-separated.
+    #[arg(long, default_value = "1,10,50", value_delimiter = ',')]
+    edges: Vec<usize>,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+}
+
+struct Sinks {
+    addrs: Vec<SocketAddr>,
+    sockets: Vec<UdpSocket>,
+    count: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+fn sinks(n: usize) -> anyhow::Result<Sinks> {
+    let count = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut addrs = Vec::new();
+    let mut sockets = Vec::new();
+    let mut threads = Vec::new();
+    for _ in 0..n {
+        let s = UdpSocket::bind("127.0.0.1:0")?;
+        s.set_read_timeout(Some(Duration::from_millis(50)))?;
+        addrs.push(s.local_addr()?);
+        sockets.push(s.try_clone()?);
+        let (count, stop) = (count.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if s.recv(&mut buf).is_ok() {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    Ok(Sinks {
+        addrs,
+        sockets,
+        count,
+        stop,
+        threads,
+    })
+}
+
+impl Sinks {
+    fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn media(codec: &Codec, i: u64) -> Bytes {
+    let seq = SeqNo((1 << 20) + i);
+    let rtp = Rtp::build(
+        Fields {
+            marker: false,
+            payload_type: PAYLOAD_TYPE_MP2T,
+            seq: seq.low(),
+            timestamp: 0,
+            ssrc: 1,
+        },
+        &[0x47; 1316],
+    );
+    let mut out = BytesMut::new();
+    codec
+        .encode_media(
+            Header {
+                stream: StreamId(1),
+                path: PathId(0),
+                flags: Flags::empty(),
+            },
+            seq,
+            &rtp,
+            &mut out,
+        )
+        .expect("valid media");
+    out.freeze()
+}
+
+/// Sends packet `next(i)` for i = 0, 1, ... in sendmmsg batches to each of `to` for
+/// `secs`; returns datagrams sent.
+fn blast(src: &UdpSocket, to: &[SocketAddr], mut next: impl FnMut(u64) -> Bytes, secs: u64) -> u64 {
+    use std::os::fd::AsRawFd;
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut sent = 0u64;
+    let mut i = 0;
+    while Instant::now() < end {
+        let p = next(i);
+        i += 1;
+        let msgs: Vec<(SocketAddr, &[u8])> = to.iter().map(|a| (*a, &p[..])).collect();
+        sent += braid_net::sys::send_batch(src.as_raw_fd(), &msgs).unwrap_or(0) as u64;
+    }
+    sent
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let codec = Codec::new(Key::derive(NETWORK_KEY));
+    let dir = tempfile::tempdir()?;
+    let set = Proc::start(
+        "set",
+        "braid-reflector",
+        &[
+            "--role".into(),
+            "set".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--stream".into(),
+            "1".into(),
+            "--max-per-stream".into(),
+            "10000".into(),
+        ],
+        &dir.path().join("set.log"),
+    );
+    let set_addr = set.udp();
+    let mut seq_base = 0u64;
+    for &n in &args.edges {
+        // Baseline: this process sends every packet to N sockets with sendmmsg.
+        let base = sinks(n)?;
+        let src = UdpSocket::bind("127.0.0.1:0")?;
+        let one = media(&codec, 0);
+        let t = Instant::now();
+        let sent = blast(&src, &base.addrs, |_| one.clone(), args.seconds);
+        std::thread::sleep(Duration::from_millis(200));
+        let base_rx = base.count.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64();
+        base.finish();
+
+        // Braid: N edges subscribe; the source sends each packet once to the set
+        // reflector, which forwards it to all N.
+        let edges = sinks(n)?;
+        let mut out = BytesMut::new();
+        codec.encode(
+            &Message {
+                header: Header {
+                    stream: StreamId(1),
+                    ..Header::default()
+                },
+                body: Body::Subscribe(Subscription {
+                    node: NodeId(1),
+                    lease_ms: 10_000,
+                }),
+            },
+            &mut out,
+        )?;
+        for s in &edges.sockets {
+            s.send_to(&out, set_addr)?;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        // Every run continues the sequence, so no packet is a repeat of an earlier run's.
+        let before = edges.count.load(Ordering::Relaxed);
+        let t = Instant::now();
+        let offered = blast(&src, &[set_addr], |i| media(&codec, seq_base + i), args.seconds);
+        seq_base += offered + 1;
+        std::thread::sleep(Duration::from_millis(300));
+        let braid_rx = (edges.count.load(Ordering::Relaxed) - before) as f64 / t.elapsed().as_secs_f64();
+        out.clear();
+        codec.encode(
+            &Message {
+                header: Header {
+                    stream: StreamId(1),
+                    ..Header::default()
+                },
+                body: Body::Unsubscribe { node: NodeId(1) },
+            },
+            &mut out,
+        )?;
+        for s in &edges.sockets {
+            s.send_to(&out, set_addr)?;
+        }
+        edges.finish();
+        println!(
+            "edges {n:>3}: braid forwards {:>9.0} packets/s ({:.0} in/s offered) | raw sendmmsg {:>9.0} packets/s ({} sent) | ratio {:.2}",
+            braid_rx,
+            offered as f64 / args.seconds as f64,
+            base_rx,
+            sent,
+            braid_rx / base_rx
+        );
+    }
+    drop(set);
+    Ok(())
+}

@@ -1,0 +1,440 @@
+//! Running the real daemons as child processes on 127.0.0.1: for the whole-network tests,
+//! the benchmarks and the testbed.
+//!
+//! - [`Proc`]: a child process that is killed when dropped, so a failing test leaves
+//!   nothing behind; its ready line (JSON on stdout) says where it listens.
+//! - [`Net`]: starts set reflectors, edges, entry points, a capture and viewers with the
+//!   settings a test asks for, each on a free port.
+//! - [`metrics`]: scrapes a daemon's Prometheus endpoint.
+//! - [`compare`]: checks a viewer's output against what the capture sent.
+//!
+//! The daemons are found next to the test binary (`target/<profile>/`); if they are not
+//! built yet, the first test builds them with `cargo build --bins`.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+/// The network key every test network uses.
+pub const NETWORK_KEY: &str = "braid test network key";
+/// The stream key every test stream uses.
+pub const STREAM_KEY: &str = "test-stream-key";
+
+/// The path of a daemon binary, building the workspace's binaries once if needed.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILD: Once = Once::new();
+    let exe = std::env::current_exe().expect("a process knows its own path");
+    // A binary in target/<profile>/ has the daemons beside it; a test in
+    // target/<profile>/deps/ has them one level up.
+    let dir = exe.parent().expect("an executable lives in a directory");
+    let dir = if dir.ends_with("deps") {
+        dir.parent().expect("deps has a parent")
+    } else {
+        dir
+    };
+    let path = dir.join(name);
+    if !path.exists() {
+        BUILD.call_once(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "--bins", "--quiet"])
+                .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+                .args(if dir.ends_with("release") { &["--release"][..] } else { &[][..] })
+                .status()
+                .expect("running cargo build");
+            assert!(status.success(), "cargo build --bins failed");
+        });
+    }
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --bins`",
+        path.display()
+    );
+    path
+}
+
+/// A running daemon. Dropping it kills it (SIGKILL) and reaps it.
+pub struct Proc {
+    /// What it is, for messages.
+    pub name: String,
+    child: Child,
+    /// The fields of its ready line.
+    pub ready: HashMap<String, String>,
+}
+
+impl Proc {
+    /// Starts `bin` with `args`, stderr into `log`, and waits up to 10 s for its ready line.
+    pub fn start(name: &str, bin_name: &str, args: &[String], log: &Path) -> Proc {
+        let stderr = std::fs::File::create(log).expect("creating a log file");
+        let mut child = Command::new(bin(bin_name))
+            .args(args)
+            .env("BRAID_NETWORK_KEY", NETWORK_KEY)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the child never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let mut proc = Proc {
+            name: name.to_owned(),
+            child,
+            ready: HashMap::new(),
+        };
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("{name} did not say it was ready; see {}", log.display()));
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("{name}: ready line {line:?}: {e}"));
+        for (k, v) in v.as_object().expect("the ready line is an object") {
+            proc.ready
+                .insert(k.clone(), v.as_str().unwrap_or_default().to_owned());
+        }
+        proc
+    }
+
+    /// Starts a process that prints no ready line (a viewer).
+    pub fn spawn(name: &str, bin_name: &str, args: &[String], log: &Path) -> Proc {
+        let stderr = std::fs::File::create(log).expect("creating a log file");
+        let child = Command::new(bin(bin_name))
+            .args(args)
+            .env("BRAID_NETWORK_KEY", NETWORK_KEY)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Proc {
+            name: name.to_owned(),
+            child,
+            ready: HashMap::new(),
+        }
+    }
+
+    /// The UDP address from the ready line.
+    pub fn udp(&self) -> SocketAddr {
+        self.ready["udp"]
+            .parse()
+            .expect("ready line has a udp address")
+    }
+
+    /// The metrics address from the ready line.
+    pub fn metrics(&self) -> SocketAddr {
+        self.ready["metrics"]
+            .parse()
+            .expect("ready line has a metrics address")
+    }
+
+    /// SIGKILL, now.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether it is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits up to `timeout` for it to exit by itself; its exit status, or `None`.
+    pub fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Scrapes a Prometheus endpoint.
+pub mod metrics {
+    use std::net::SocketAddr;
+
+    /// Every sample as (name with labels, value).
+    pub fn scrape(addr: SocketAddr) -> Vec<(String, f64)> {
+        let body = ureq::get(&format!("http://{addr}/metrics"))
+            .call()
+            .and_then(|mut r| r.body_mut().read_to_string())
+            .unwrap_or_else(|e| panic!("scraping {addr}: {e}"));
+        body.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_owned(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// The sum of samples of metric `name` whose labels contain every `label="value"`
+    /// in `labels`.
+    pub fn sum(addr: SocketAddr, name: &str, labels: &[&str]) -> f64 {
+        scrape(addr)
+            .into_iter()
+            .filter(|(k, _)| k == name || k.starts_with(&format!("{name}{{")))
+            .filter(|(k, _)| labels.iter().all(|l| k.contains(l)))
+            .map(|(_, v)| v)
+            .sum()
+    }
+}
+
+/// Settings of a test network.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// Set reflectors.
+    pub sets: usize,
+    /// Entry points.
+    pub entries: usize,
+    /// Viewers on the (one) edge.
+    pub viewers: usize,
+    /// Seconds the viewers watch.
+    pub seconds: f64,
+    /// Synthetic source bit rate.
+    pub bitrate: u64,
+    /// Repair on sets and edge.
+    pub repair: bool,
+    /// Reorder window, ms, on sets and edge.
+    pub window_ms: u64,
+    /// TOML impairment (the `[impair]` table body, default links) per entry point.
+    pub entry_impair: String,
+    /// TOML impairment per set reflector, by index (empty: none).
+    pub set_impair: Vec<String>,
+    /// Start the capture (with its synthetic source).
+    pub capture: bool,
+}
+
+impl Default for Spec {
+    fn default() -> Self {
+        Spec {
+            sets: 3,
+            entries: 2,
+            viewers: 2,
+            seconds: 15.0,
+            bitrate: 4_000_000,
+            repair: true,
+            window_ms: 200,
+            entry_impair: String::new(),
+            set_impair: Vec::new(),
+            capture: true,
+        }
+    }
+}
+
+/// A running test network: set reflectors, one edge, entry points, a capture, viewers.
+pub struct Net {
+    /// Where logs, configs and outputs go.
+    pub dir: tempfile::TempDir,
+    /// Set reflectors.
+    pub sets: Vec<Proc>,
+    /// The edge.
+    pub edge: Proc,
+    /// Entry points.
+    pub entries: Vec<Proc>,
+    /// The capture, if started.
+    pub capture: Option<Proc>,
+    /// Viewers.
+    pub viewers: Vec<Proc>,
+    /// The spec it was started with.
+    pub spec: Spec,
+}
+
+fn s(v: impl ToString) -> String {
+    v.to_string()
+}
+
+impl Net {
+    /// Starts everything and the viewers; returns once the viewers are started.
+    pub fn start(spec: Spec) -> Net {
+        // BRAID_TEST_KEEP=1 keeps logs, configs and outputs for a look after the test.
+        let dir = tempfile::Builder::new()
+            .prefix("braid-test-")
+            .disable_cleanup(std::env::var_os("BRAID_TEST_KEEP").is_some())
+            .tempdir()
+            .expect("a temporary directory");
+        let p = |f: &str| dir.path().join(f);
+        let write = |f: &str, text: &str| {
+            std::fs::write(p(f), text).expect("writing a config");
+            p(f).display().to_string()
+        };
+        let mut sets = Vec::new();
+        for i in 0..spec.sets {
+            let impair = spec.set_impair.get(i).cloned().unwrap_or_default();
+            let cfg = write(
+                &format!("set{i}.toml"),
+                &format!("role = \"set\"\n[impair.default]\n{impair}\n"),
+            );
+            sets.push(Proc::start(
+                &format!("set{i}"),
+                "braid-reflector",
+                &[
+                    s("--config"),
+                    cfg,
+                    s("--listen"),
+                    s("127.0.0.1:0"),
+                    s("--node-id"),
+                    s(100 + i),
+                    s("--stream"),
+                    s(1),
+                    s("--repair"),
+                    s(spec.repair),
+                    s("--reorder-window-ms"),
+                    s(spec.window_ms),
+                ],
+                &p(&format!("set{i}.log")),
+            ));
+        }
+        let mut edge_args = vec![
+            s("--role"),
+            s("edge"),
+            s("--listen"),
+            s("127.0.0.1:0"),
+            s("--node-id"),
+            s(200),
+            s("--stream"),
+            s(1),
+            s("--repair"),
+            s(spec.repair),
+            s("--reorder-window-ms"),
+            s(spec.window_ms),
+        ];
+        for set in &sets {
+            edge_args.push(s("--reflector"));
+            edge_args.push(s(set.udp()));
+        }
+        let edge = Proc::start("edge", "braid-reflector", &edge_args, &p("edge.log"));
+        let reflectors: Vec<String> = sets.iter().map(|x| s(x.udp())).collect();
+        let mut entries = Vec::new();
+        for i in 0..spec.entries {
+            let cfg = write(
+                &format!("entry{i}.toml"),
+                &format!("[impair.default]\n{}\n", spec.entry_impair),
+            );
+            entries.push(Proc::start(
+                &format!("entry{i}"),
+                "braid-entrypoint",
+                &[
+                    s("--config"),
+                    cfg,
+                    s("--listen"),
+                    s("127.0.0.1:0"),
+                    s("--stream"),
+                    format!("1:{STREAM_KEY}:{}", reflectors.join(",")),
+                ],
+                &p(&format!("entry{i}.log")),
+            ));
+        }
+        let mut viewers = Vec::new();
+        for i in 0..spec.viewers {
+            viewers.push(Proc::spawn(
+                &format!("viewer{i}"),
+                "braid-client",
+                &[
+                    s("--edge"),
+                    s(edge.udp()),
+                    s("--stream"),
+                    s(1),
+                    s("--out"),
+                    p(&format!("view{i}.ts")).display().to_string(),
+                    s("--duration"),
+                    s(spec.seconds),
+                    s("--stats-json"),
+                    p(&format!("view{i}.json")).display().to_string(),
+                    s("--start-timeout"),
+                    s(10),
+                ],
+                &p(&format!("view{i}.log")),
+            ));
+        }
+        let mut cap_args = vec![
+            s("--stream"),
+            s(1),
+            s("--stream-key"),
+            s(STREAM_KEY),
+            s("--bitrate"),
+            s(spec.bitrate),
+            s("--gop"),
+            s(25),
+            s("--tee"),
+            p("tee.ts").display().to_string(),
+            s("--duration"),
+            s(spec.seconds + 3.0),
+            s("--bind"),
+            s("127.0.0.1:0"),
+        ];
+        for e in &entries {
+            cap_args.push(s("--entry"));
+            cap_args.push(s(e.udp()));
+        }
+        let capture = spec
+            .capture
+            .then(|| Proc::start("capture", "braid-capture", &cap_args, &p("capture.log")));
+        Net {
+            dir,
+            sets,
+            edge,
+            entries,
+            capture,
+            viewers,
+            spec,
+        }
+    }
+
+    /// A file in the test's directory.
+    pub fn path(&self, f: &str) -> PathBuf {
+        self.dir.path().join(f)
+    }
+
+    /// Waits for every viewer to finish and asserts each exited cleanly.
+    pub fn wait_viewers(&mut self) {
+        let limit = Duration::from_secs_f64(self.spec.seconds + 20.0);
+        for v in &mut self.viewers {
+            let status = v
+                .wait(limit)
+                .unwrap_or_else(|| panic!("{} did not finish", v.name));
+            assert!(
+                status.success(),
+                "{} failed: see {}",
+                v.name,
+                self.dir.path().display()
+            );
+        }
+    }
+
+    /// A viewer's final stats.
+    pub fn viewer_stats(&self, i: usize) -> serde_json::Value {
+        let text =
+            std::fs::read_to_string(self.path(&format!("view{i}.json"))).expect("viewer stats");
+        serde_json::from_str(&text).expect("viewer stats are JSON")
+    }
+}
