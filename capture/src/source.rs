@@ -172,6 +172,8 @@ pub struct FileSource {
     pass_start: bool,
     /// Time of the last PCR sent, to continue pacing across a loop.
     last_due: Instant,
+    /// A piece cut and waiting for its time.
+    pending: Option<(Piece, Option<Instant>)>,
 }
 
 impl FileSource {
@@ -183,14 +185,31 @@ impl FileSource {
             anchor: None,
             pass_start: false,
             last_due: Instant::now(),
+            pending: None,
         }
     }
 
-    /// Up to the next PCR (at most 64 packets): sent when that PCR is due.
+    /// Up to the next PCR (at most 64 packets), when that PCR is due. Cancel-safe: the
+    /// piece is cut before the wait and kept across a cancelled call (the capture's loop
+    /// `select!`s on this future), so nothing is skipped.
     async fn next(&mut self) -> anyhow::Result<Option<Piece>> {
+        if self.pending.is_none() {
+            self.pending = self.cut();
+        }
+        let Some((_, due)) = &self.pending else {
+            return Ok(None);
+        };
+        if let Some(due) = *due {
+            tokio::time::sleep_until(due.into()).await;
+        }
+        Ok(self.pending.take().map(|(piece, _)| piece))
+    }
+
+    /// The next piece and when it is due (`None`: now); `None` at the end of the file.
+    fn cut(&mut self) -> Option<(Piece, Option<Instant>)> {
         if self.pos + PACKET > self.data.len() {
             if !self.looped {
-                return Ok(None);
+                return None;
             }
             self.pos = 0;
             self.anchor = None;
@@ -208,20 +227,23 @@ impl FileSource {
                 break;
             }
         }
-        if let Some(due) = due {
+        if let Some(d) = due {
             // A PCR more than 10 s ahead of the last is a jump, not a pace: do not stall.
-            if due.saturating_duration_since(self.last_due) < Duration::from_secs(10) {
-                tokio::time::sleep_until(due.into()).await;
-                self.last_due = due;
+            if d.saturating_duration_since(self.last_due) < Duration::from_secs(10) {
+                self.last_due = d;
             } else {
                 self.anchor = None;
+                due = None;
             }
         }
         let discontinuity = std::mem::take(&mut self.pass_start);
-        Ok(Some(Piece {
-            bytes: self.data.slice(start..self.pos),
-            discontinuity,
-        }))
+        Some((
+            Piece {
+                bytes: self.data.slice(start..self.pos),
+                discontinuity,
+            },
+            due,
+        ))
     }
 }
 
@@ -243,6 +265,29 @@ mod tests {
         );
         assert!("udp://nonsense".parse::<Spec>().is_err());
         assert_eq!("a.ts".parse::<Spec>(), Ok(Spec::File("a.ts".into())));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn file_source_is_cancel_safe() {
+        let mut s = Synth::new(SynthConfig {
+            bitrate: 1_000_000,
+            fps: 25,
+            gop: 25,
+        });
+        let data: Vec<u8> = (0..20).flat_map(|_| s.next_frame().to_vec()).collect();
+        let mut f = FileSource::new(Bytes::from(data.clone()), false);
+        let mut got = Vec::new();
+        loop {
+            // Race every call against a short timer, as the capture's select! does.
+            tokio::select! {
+                piece = f.next() => match piece.unwrap() {
+                    Some(p) => got.extend_from_slice(&p.bytes),
+                    None => break,
+                },
+                _ = tokio::time::sleep(Duration::from_millis(7)) => {}
+            }
+        }
+        assert_eq!(got, data, "nothing skipped or repeated");
     }
 
     #[tokio::test(start_paused = true)]

@@ -43,7 +43,11 @@ pub fn bin(name: &str) -> PathBuf {
             let status = Command::new(cargo)
                 .args(["build", "--bins", "--quiet"])
                 .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-                .args(if dir.ends_with("release") { &["--release"][..] } else { &[][..] })
+                .args(if dir.ends_with("release") {
+                    &["--release"][..]
+                } else {
+                    &[][..]
+                })
                 .status()
                 .expect("running cargo build");
             assert!(status.success(), "cargo build --bins failed");
@@ -69,12 +73,23 @@ pub struct Proc {
 impl Proc {
     /// Starts `bin` with `args`, stderr into `log`, and waits up to 10 s for its ready line.
     pub fn start(name: &str, bin_name: &str, args: &[String], log: &Path) -> Proc {
+        Self::start_with_stdin(name, bin_name, args, log, Stdio::null())
+    }
+
+    /// Like [`Proc::start`], with standard input from `stdin`.
+    pub fn start_with_stdin(
+        name: &str,
+        bin_name: &str,
+        args: &[String],
+        log: &Path,
+        stdin: Stdio,
+    ) -> Proc {
         let stderr = std::fs::File::create(log).expect("creating a log file");
         let mut child = Command::new(bin(bin_name))
             .args(args)
             .env("BRAID_NETWORK_KEY", NETWORK_KEY)
             .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -230,8 +245,16 @@ pub struct Spec {
     pub entry_impair: String,
     /// TOML impairment per set reflector, by index (empty: none).
     pub set_impair: Vec<String>,
-    /// Start the capture (with its synthetic source).
+    /// Start the capture.
     pub capture: bool,
+    /// The capture's `--source` (default: its synthetic stream).
+    pub source: Option<String>,
+    /// A file the capture reads as standard input (with `source` "-").
+    pub capture_stdin: Option<PathBuf>,
+    /// More capture flags.
+    pub capture_args: Vec<String>,
+    /// The edge's linger after its last viewer, ms.
+    pub linger_ms: u64,
 }
 
 impl Default for Spec {
@@ -247,6 +270,10 @@ impl Default for Spec {
             entry_impair: String::new(),
             set_impair: Vec::new(),
             capture: true,
+            source: None,
+            capture_stdin: None,
+            capture_args: Vec::new(),
+            linger_ms: 5000,
         }
     }
 }
@@ -321,6 +348,8 @@ impl Net {
             s("127.0.0.1:0"),
             s("--node-id"),
             s(200),
+            s("--linger-ms"),
+            s(spec.linger_ms),
             s("--stream"),
             s(1),
             s("--repair"),
@@ -396,9 +425,26 @@ impl Net {
             cap_args.push(s("--entry"));
             cap_args.push(s(e.udp()));
         }
-        let capture = spec
-            .capture
-            .then(|| Proc::start("capture", "braid-capture", &cap_args, &p("capture.log")));
+        if let Some(source) = &spec.source {
+            cap_args.push(s("--source"));
+            cap_args.push(source.clone());
+        }
+        cap_args.extend(spec.capture_args.iter().cloned());
+        let capture = spec.capture.then(|| {
+            let stdin = match &spec.capture_stdin {
+                Some(f) => {
+                    Stdio::from(std::fs::File::open(f).expect("opening the capture's input"))
+                }
+                None => Stdio::null(),
+            };
+            Proc::start_with_stdin(
+                "capture",
+                "braid-capture",
+                &cap_args,
+                &p("capture.log"),
+                stdin,
+            )
+        });
         Net {
             dir,
             sets,

@@ -73,4 +73,3 @@ pub mod compare {
         (missing, vp.len())
     }
 }
-

@@ -173,10 +173,16 @@ fn main() -> anyhow::Result<()> {
         // Every run continues the sequence, so no packet is a repeat of an earlier run's.
         let before = edges.count.load(Ordering::Relaxed);
         let t = Instant::now();
-        let offered = blast(&src, &[set_addr], |i| media(&codec, seq_base + i), args.seconds);
+        let offered = blast(
+            &src,
+            &[set_addr],
+            |i| media(&codec, seq_base + i),
+            args.seconds,
+        );
         seq_base += offered + 1;
         std::thread::sleep(Duration::from_millis(300));
-        let braid_rx = (edges.count.load(Ordering::Relaxed) - before) as f64 / t.elapsed().as_secs_f64();
+        let braid_rx =
+            (edges.count.load(Ordering::Relaxed) - before) as f64 / t.elapsed().as_secs_f64();
         out.clear();
         codec.encode(
             &Message {

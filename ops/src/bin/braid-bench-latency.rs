@@ -52,17 +52,27 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-fn receiver(sock: UdpSocket, codec: Option<Codec>, n: usize, first: u64, stop: Arc<AtomicBool>) -> Vec<Option<Instant>> {
+fn receiver(
+    sock: UdpSocket,
+    codec: Option<Codec>,
+    n: usize,
+    first: u64,
+    stop: Arc<AtomicBool>,
+) -> Vec<Option<Instant>> {
     let mut got = vec![None; n];
     let mut buf = [0u8; 2048];
-    sock.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
     while !stop.load(Ordering::Relaxed) {
-        let Ok(len) = sock.recv(&mut buf) else { continue };
+        let Ok(len) = sock.recv(&mut buf) else {
+            continue;
+        };
         let now = Instant::now();
         let seq = match &codec {
             Some(c) => match c.decode(Bytes::copy_from_slice(&buf[..len])) {
                 Ok(Message {
-                    body: Body::Media(m), ..
+                    body: Body::Media(m),
+                    ..
                 }) => m.seq.0,
                 _ => continue,
             },
@@ -154,7 +164,10 @@ fn main() -> anyhow::Result<()> {
     for (i, slot) in sent.iter_mut().enumerate() {
         let due = start + gap * i as u32;
         while Instant::now() < due {
-            std::thread::sleep(due.saturating_duration_since(Instant::now()).min(Duration::from_micros(500)));
+            std::thread::sleep(
+                due.saturating_duration_since(Instant::now())
+                    .min(Duration::from_micros(500)),
+            );
         }
         let seq = SeqNo(first + i as u64);
         let mut payload = vec![0x47u8; 1316];
@@ -206,7 +219,9 @@ fn main() -> anyhow::Result<()> {
         let mut v: Vec<f64> = sent[skip..]
             .iter()
             .zip(&rx[skip..])
-            .filter_map(|(s, r)| Some((r.as_ref()?.duration_since(*s.as_ref()?)).as_secs_f64() * 1000.0))
+            .filter_map(|(s, r)| {
+                Some((r.as_ref()?.duration_since(*s.as_ref()?)).as_secs_f64() * 1000.0)
+            })
             .collect();
         v.sort_by(f64::total_cmp);
         v

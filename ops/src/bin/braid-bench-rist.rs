@@ -62,8 +62,18 @@ fn main() -> anyhow::Result<()> {
     let proxy = |listen: u16, to: u16, seed: u64| -> anyhow::Result<Kill> {
         Ok(Kill(
             Command::new(bin("braid-impair-proxy"))
-                .args(["--listen", &format!("127.0.0.1:{listen}"), "--to", &format!("127.0.0.1:{to}")])
-                .args(["--loss", &args.loss.to_string(), "--seed", &seed.to_string()])
+                .args([
+                    "--listen",
+                    &format!("127.0.0.1:{listen}"),
+                    "--to",
+                    &format!("127.0.0.1:{to}"),
+                ])
+                .args([
+                    "--loss",
+                    &args.loss.to_string(),
+                    "--seed",
+                    &seed.to_string(),
+                ])
                 .spawn()?,
         ))
     };
@@ -71,8 +81,20 @@ fn main() -> anyhow::Result<()> {
     let buffer = args.buffer_ms.to_string();
     let _receiver = Kill(
         Command::new("ristreceiver")
-            .args(["-i", &format!("rist://@127.0.0.1:{r1},rist://@127.0.0.1:{r2}")])
-            .args(["-o", &format!("udp://127.0.0.1:{out_port}"), "-b", &buffer, "-S", "0", "-v", "3"])
+            .args([
+                "-i",
+                &format!("rist://@127.0.0.1:{r1},rist://@127.0.0.1:{r2}"),
+            ])
+            .args([
+                "-o",
+                &format!("udp://127.0.0.1:{out_port}"),
+                "-b",
+                &buffer,
+                "-S",
+                "0",
+                "-v",
+                "3",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?,
@@ -131,7 +153,10 @@ fn main() -> anyhow::Result<()> {
     for (i, slot) in sent.iter_mut().enumerate() {
         let due = start + gap * i as u32;
         while Instant::now() < due {
-            std::thread::sleep(due.saturating_duration_since(Instant::now()).min(Duration::from_micros(500)));
+            std::thread::sleep(
+                due.saturating_duration_since(Instant::now())
+                    .min(Duration::from_micros(500)),
+            );
         }
         let mut p = vec![0x47u8; 1316];
         p[..8].copy_from_slice(&(i as u64).to_be_bytes());
@@ -148,7 +173,11 @@ fn main() -> anyhow::Result<()> {
         .filter_map(|(s, r)| Some(r.as_ref()?.duration_since(*s.as_ref()?).as_secs_f64() * 1000.0))
         .collect();
     lat.sort_by(f64::total_cmp);
-    let pct = |p: f64| lat.get(((lat.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or(f64::NAN);
+    let pct = |p: f64| {
+        lat.get(((lat.len().max(1) - 1) as f64 * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
     let delivered = lat.len() as f64 / (n - skip) as f64 * 100.0;
     // librist prints one stats line per peer per interval, counting that interval.
     let retrans: u64 = retransmitted
@@ -156,7 +185,12 @@ fn main() -> anyhow::Result<()> {
         .expect("not poisoned")
         .iter()
         .flat_map(|line| line.split("\"retransmitted\":").skip(1))
-        .filter_map(|s| s.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u64>().ok())
+        .filter_map(|s| {
+            s.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
         .sum();
     println!(
         "rist two paths, loss {:.0}% each way: p50 {:.3} ms p99 {:.3} ms | delivered {:.4}% | retransmitted (sum of ristsender's per-interval stats) {}",

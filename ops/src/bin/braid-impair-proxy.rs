@@ -33,10 +33,17 @@ struct Args {
     seed: u64,
 }
 
-fn relay(from: &UdpSocket, to: &UdpSocket, dest: impl Fn(SocketAddr) -> Option<SocketAddr>, mut imp: Impairer) {
+fn relay(
+    from: &UdpSocket,
+    to: &UdpSocket,
+    dest: impl Fn(SocketAddr) -> Option<SocketAddr>,
+    mut imp: Impairer,
+) {
     let mut buf = vec![0u8; 65_536];
     loop {
-        let Ok((n, src)) = from.recv_from(&mut buf) else { continue };
+        let Ok((n, src)) = from.recv_from(&mut buf) else {
+            continue;
+        };
         let Some(d) = dest(src) else { continue };
         let now = Instant::now();
         match imp.decide(now, n, true) {
@@ -81,6 +88,11 @@ fn main() -> anyhow::Result<()> {
             upstream,
         );
     });
-    relay(&back, &front, |_| *client.lock().expect("not poisoned"), downstream);
+    relay(
+        &back,
+        &front,
+        |_| *client.lock().expect("not poisoned"),
+        downstream,
+    );
     Ok(())
 }
