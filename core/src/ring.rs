@@ -262,6 +262,19 @@ impl<T> Ring<T> {
         }
     }
 
+    /// The entry `cursor` would read next, without moving it (`None` if there is none yet
+    /// or the cursor was overtaken; [`Ring::read`] tells which). The cursor's start filter
+    /// is not applied.
+    pub fn peek(&self, cursor: &Cursor) -> Option<&Entry<T>> {
+        let i = cursor.pos.checked_sub(self.first_pos)?;
+        self.entries.get(usize::try_from(i).ok()?)
+    }
+
+    /// Whether the writer has overtaken `cursor` (its next entry was evicted unread).
+    pub fn overtaken(&self, cursor: &Cursor) -> bool {
+        cursor.pos < self.first_pos
+    }
+
     /// The entry for `seq`, if the ring holds it (for answering NACKs).
     pub fn get(&self, seq: SeqNo) -> Option<&Entry<T>> {
         let i = self.entries.partition_point(|e| e.seq < seq);
@@ -450,6 +463,21 @@ mod tests {
         fill(&mut r, t, 5..30, 5); // ring keeps 20..30, keyframes at 20, 25
         assert_eq!(r.read(&mut c), Read::Skipped { lost: 20 });
         assert_eq!(read_all(&r, &mut c), vec![25, 26, 27, 28, 29]);
+    }
+
+    #[test]
+    fn peek_does_not_move() {
+        let t = t0();
+        let mut r = Ring::new(small()).unwrap();
+        fill(&mut r, t, 0..3, 1);
+        let (mut c, _) = r.cursor(Start::Seq(SeqNo(1))).unwrap();
+        assert_eq!(r.peek(&c).map(|e| e.item), Some(1));
+        assert_eq!(r.peek(&c).map(|e| e.item), Some(1));
+        assert_eq!(read_all(&r, &mut c), vec![1, 2]);
+        assert_eq!(r.peek(&c), None);
+        fill(&mut r, t, 3..30, 1);
+        assert!(r.overtaken(&c));
+        assert_eq!(r.peek(&c), None);
     }
 
     #[test]

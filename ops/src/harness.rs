@@ -481,6 +481,11 @@ impl Net {
     pub fn viewer_stats(&self, i: usize) -> serde_json::Value {
         let text =
             std::fs::read_to_string(self.path(&format!("view{i}.json"))).expect("viewer stats");
-        serde_json::from_str(&text).expect("viewer stats are JSON")
+        let last = text
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .expect("a stats line");
+        serde_json::from_str(last).expect("viewer stats are JSON lines")
     }
 }

@@ -14,6 +14,13 @@
 //!
 //! - [`Config`]: flags and TOML for both roles.
 //! - [`run`]: the daemon's one task, which owns the socket and every stream's state.
+//! - `tcp`: TCP viewers' connection tasks.
+//!
+//! Viewers (edge role) speak the watch protocol (`docs/PROTOCOL.md`): a watch message
+//! starts, renews and acknowledges; the edge serves each viewer from its own cursor and,
+//! over UDP, keeps at most `viewer_window` packets beyond what the viewer acknowledged in
+//! flight, so a viewer that stops reading stops its cursor instead of losing packets in its
+//! socket buffer; the ring then overtakes it, and the skip is counted and told to it.
 //!
 //! Paths are told apart by where a copy comes from: the edge numbers its configured set
 //! reflectors, the set reflector its upstream entry points. Every packet not forwarded is
@@ -28,15 +35,19 @@ use anyhow::Context;
 use braid_core::merge::{self, Output};
 use braid_core::ring::{self, Cursor, Read, Ring, Start};
 use braid_core::wire::{
-    Body, Codec, ErrorCode, Flags, Header, Media, Message, SeqRange, Subscription,
+    Body, Codec, ErrorCode, Flags, Header, Media, Message, NoticeKind, SeqRange, Subscription,
+    Watch, WatchStart,
 };
-use braid_core::{NodeId, PathId, StreamId};
+use braid_core::{NodeId, PathId, SeqNo, StreamId};
 use braid_net::daemon::DaemonConfig;
 use braid_net::udp::{Impairments, Socket};
 use bytes::{Bytes, BytesMut};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+mod tcp;
 
 /// Which role the reflector plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
@@ -131,6 +142,11 @@ pub struct Config {
     #[arg(long, default_value_t = 5000)]
     #[serde(default = "default_max_viewers")]
     pub max_viewers: usize,
+    /// Edge role: most packets in flight to a UDP viewer beyond what it acknowledged
+    /// (default 128, about 170 kB: fits a default Linux socket receive buffer).
+    #[arg(long, default_value_t = 128)]
+    #[serde(default = "default_viewer_window")]
+    pub viewer_window: u64,
     /// Impairment of the outgoing links (TOML only).
     #[arg(skip)]
     #[serde(default)]
@@ -170,6 +186,9 @@ fn default_max_per_stream() -> usize {
 fn default_max_viewers() -> usize {
     5000
 }
+fn default_viewer_window() -> u64 {
+    128
+}
 
 /// How often an edge refreshes its subscriptions, and the lease it asks for.
 const REFRESH: Duration = Duration::from_secs(1);
@@ -207,8 +226,8 @@ impl DaemonConfig for Config {
         if self.reflectors.len() > 64 || self.upstreams.len() > 64 {
             anyhow::bail!("at most 64 reflectors or upstreams");
         }
-        if self.max_per_stream == 0 || self.max_viewers == 0 {
-            anyhow::bail!("max_per_stream and max_viewers must be above zero");
+        if self.max_per_stream == 0 || self.max_viewers == 0 || self.viewer_window == 0 {
+            anyhow::bail!("max_per_stream, max_viewers and viewer_window must be above zero");
         }
         self.impair.validate().map_err(anyhow::Error::msg)?;
         Ok(())
@@ -255,9 +274,31 @@ struct Packet {
     media: Media,
 }
 
+/// Who a viewer is: its UDP address, or its TCP connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum ViewerKey {
+    Udp(SocketAddr),
+    Tcp(u64),
+}
+
+enum Transport {
+    Udp(SocketAddr),
+    Tcp(mpsc::Sender<Bytes>),
+}
+
 struct Viewer {
+    transport: Transport,
+    /// Placed once the ring can serve the requested start.
     cursor: Option<Cursor>,
+    start: WatchStart,
+    start_seq: SeqNo,
     expires: Instant,
+    /// Highest sequence number the viewer said it has (UDP flow window).
+    acked: SeqNo,
+    /// Highest sequence number sent to it.
+    sent: SeqNo,
+    /// The first sequence number sent to it.
+    first_sent: SeqNo,
 }
 
 struct Stream {
@@ -269,7 +310,7 @@ struct Stream {
     /// Set role without configured upstreams: paths numbered as senders appear.
     dynamic_paths: Vec<SocketAddr>,
     /// Edge role: viewers.
-    viewers: HashMap<SocketAddr, Viewer>,
+    viewers: HashMap<ViewerKey, Viewer>,
     /// Edge role: indexes into `reflectors` currently subscribed to, and when.
     upstream: Vec<(usize, Instant)>,
     last_refresh: Option<Instant>,
@@ -287,6 +328,14 @@ struct Node {
     viewers: usize,
 }
 
+/// What a viewer asked for, from whichever transport.
+struct WatchRequest {
+    key: ViewerKey,
+    transport: Transport,
+    stream: StreamId,
+    watch: Watch,
+}
+
 /// Runs the reflector until `shutdown` fires.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.validate()?;
@@ -298,13 +347,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let socket = Socket::bind(config.listen, config.impair.clone(), role_name)
         .with_context(|| format!("binding {}", config.listen))?;
     let metrics_addr = braid_net::daemon::serve_metrics(config.metrics, shutdown.clone()).await?;
-    braid_net::daemon::print_ready(
-        role_name,
-        &[
-            ("udp", socket.local_addr()?.to_string()),
-            ("metrics", metrics_addr.to_string()),
-        ],
-    );
+    let udp_addr = socket.local_addr()?;
+    let mut ready = vec![
+        ("udp", udp_addr.to_string()),
+        ("metrics", metrics_addr.to_string()),
+    ];
+    let (tcp_tx, mut tcp_rx) = mpsc::channel::<tcp::Event>(1024);
+    if config.role == Role::Edge {
+        // TCP viewers on the same address and port number as UDP.
+        let listener = tokio::net::TcpListener::bind(udp_addr)
+            .await
+            .with_context(|| format!("binding TCP {udp_addr} for viewers"))?;
+        ready.push(("tcp", listener.local_addr()?.to_string()));
+        tokio::spawn(tcp::accept(
+            listener,
+            codec.clone(),
+            tcp_tx,
+            shutdown.clone(),
+        ));
+    } else {
+        drop(tcp_tx);
+    }
+    braid_net::daemon::print_ready(role_name, &ready);
     let mut node = Node {
         node: NodeId(config.node_id),
         config,
@@ -337,6 +401,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 let now = Instant::now();
                 node.socket.handle_timeout(now);
                 node.poll(now);
+            }
+            Some(ev) = tcp_rx.recv() => {
+                let now = Instant::now();
+                node.handle_tcp(now, ev);
+                while let Ok(ev) = tcp_rx.try_recv() {
+                    node.handle_tcp(now, ev);
+                }
+                node.socket.flush();
             }
             _ = tick.tick() => {
                 let now = Instant::now();
@@ -420,18 +492,23 @@ impl Node {
             (Role::Set, Body::Subscribe(s) | Body::Refresh(s)) => {
                 self.handle_subscriber(now, from, id, s)
             }
-            (Role::Edge, Body::Subscribe(s) | Body::Refresh(s)) => {
-                self.handle_viewer(now, from, id, s)
-            }
-            (_, Body::Unsubscribe { .. }) => {
+            (Role::Edge, Body::Watch(watch)) => self.handle_watch(
+                now,
+                WatchRequest {
+                    key: ViewerKey::Udp(from),
+                    transport: Transport::Udp(from),
+                    stream: id,
+                    watch,
+                },
+            ),
+            (Role::Set, Body::Unsubscribe { .. }) => {
                 if let Some(st) = self.streams.get_mut(&id) {
                     st.subscribers.remove(&from);
-                    if st.viewers.remove(&from).is_some() {
-                        self.viewers -= 1;
-                    }
                 }
             }
+            (Role::Edge, Body::Unsubscribe { .. }) => self.remove_viewer(id, ViewerKey::Udp(from)),
             (Role::Set, Body::Nack(ranges)) => self.handle_nack(now, from, id, ranges),
+            (Role::Edge, Body::Nack(ranges)) => self.handle_viewer_nack(now, from, id, ranges),
             (_, Body::Keepalive(_)) => {}
             _ => dropped(role, "unexpected_kind"),
         }
@@ -546,42 +623,193 @@ impl Node {
         }
     }
 
-    fn handle_viewer(&mut self, now: Instant, from: SocketAddr, id: StreamId, s: Subscription) {
+    fn handle_tcp(&mut self, now: Instant, ev: tcp::Event) {
+        match ev {
+            tcp::Event::Message {
+                conn,
+                peer,
+                msg,
+                writer,
+            } => {
+                let id = msg.header.stream;
+                let key = ViewerKey::Tcp(conn);
+                match msg.body {
+                    Body::Watch(watch) if self.stream_allowed(id) => self.handle_watch(
+                        now,
+                        WatchRequest {
+                            key,
+                            transport: Transport::Tcp(writer),
+                            stream: id,
+                            watch,
+                        },
+                    ),
+                    Body::Watch(_) => {
+                        dropped(Role::Edge, "unknown_stream");
+                        let d = self.error_datagram(
+                            id,
+                            ErrorCode::UNKNOWN_STREAM,
+                            "stream not carried here",
+                        );
+                        let _ = writer.try_send(d);
+                    }
+                    Body::Unsubscribe { .. } => self.remove_viewer(id, key),
+                    _ => {
+                        tracing::debug!("unexpected message from TCP viewer {peer}");
+                        dropped(Role::Edge, "unexpected_kind");
+                    }
+                }
+            }
+            tcp::Event::Gone { conn } => {
+                let ids: Vec<StreamId> = self.streams.keys().copied().collect();
+                for id in ids {
+                    self.remove_viewer(id, ViewerKey::Tcp(conn));
+                }
+            }
+            tcp::Event::Malformed { reason } => dropped(Role::Edge, reason),
+        }
+    }
+
+    fn remove_viewer(&mut self, id: StreamId, key: ViewerKey) {
+        if let Some(st) = self.streams.get_mut(&id) {
+            if st.viewers.remove(&key).is_some() {
+                self.viewers -= 1;
+                metrics::counter!("braid_edge_viewer_leaves_total").increment(1);
+            }
+        }
+    }
+
+    fn handle_watch(&mut self, now: Instant, req: WatchRequest) {
         let (max_stream, max_node) = (self.config.max_per_stream, self.config.max_viewers);
         let node_full = self.viewers >= max_node;
+        let id = req.stream;
         let Ok(st) = self.stream(id, now) else {
             return;
         };
-        let lease = Duration::from_millis(u64::from(s.lease_ms)).min(MAX_LEASE);
-        if let Some(v) = st.viewers.get_mut(&from) {
+        let lease = Duration::from_millis(u64::from(req.watch.lease_ms)).min(MAX_LEASE);
+        if let Some(v) = st.viewers.get_mut(&req.key) {
             v.expires = now + lease;
+            if req.watch.acked > v.acked {
+                v.acked = req.watch.acked;
+            }
+            // The window may have opened: serve this viewer now.
+            self.serve_one(now, id, req.key);
             return;
         }
         if st.viewers.len() >= max_stream || node_full {
             dropped(Role::Edge, "viewer_cap");
             let text = if node_full {
-                "this edge is full: too many viewers"
+                "this edge is full: too many viewers on this node"
             } else {
                 "too many viewers for this stream on this edge"
             };
-            self.reply_error(now, from, id, ErrorCode::CAPACITY, text);
+            self.refuse(now, &req.transport, id, ErrorCode::CAPACITY, text);
             return;
         }
-        let cursor = st.kept.cursor(Start::Keyframe).ok().map(|(c, _)| c);
         st.viewers.insert(
-            from,
+            req.key,
             Viewer {
-                cursor,
+                transport: req.transport,
+                cursor: None,
+                start: req.watch.start,
+                start_seq: req.watch.seq,
                 expires: now + lease,
+                acked: req.watch.acked,
+                sent: SeqNo(0),
+                first_sent: SeqNo(0),
             },
         );
         st.empty_since = None;
         let needs_upstream = st.upstream.is_empty();
         self.viewers += 1;
         metrics::counter!("braid_edge_viewer_joins_total").increment(1);
-        tracing::info!(stream = id.0, viewer = %from, "viewer joined");
+        tracing::info!(stream = id.0, viewer = ?req.key, "viewer joined");
         if needs_upstream {
             self.subscribe_upstream(now, id);
+        }
+        self.serve_one(now, id, req.key);
+    }
+
+    fn serve_one(&mut self, now: Instant, id: StreamId, key: ViewerKey) {
+        if let Some(mut st) = self.streams.remove(&id) {
+            self.serve(now, &mut st, Some(key));
+            self.streams.insert(id, st);
+        }
+    }
+
+    fn handle_viewer_nack(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        id: StreamId,
+        ranges: Vec<SeqRange>,
+    ) {
+        let Some(st) = self.streams.get(&id) else {
+            dropped(Role::Edge, "nack_unknown_stream");
+            return;
+        };
+        if !st.viewers.contains_key(&ViewerKey::Udp(from)) {
+            dropped(Role::Edge, "nack_from_stranger");
+            return;
+        }
+        let mut answered = 0;
+        for r in ranges {
+            for i in 0..u64::from(r.count) {
+                if answered >= MAX_NACK_ANSWER {
+                    dropped(Role::Edge, "nack_over_limit");
+                    return;
+                }
+                answered += 1;
+                match st.kept.get(r.first.plus(i)) {
+                    Some(e) => {
+                        self.socket.send(now, from, e.item.datagram.clone(), true);
+                        metrics::counter!("braid_retransmit_sent_total", "role" => "edge")
+                            .increment(1);
+                    }
+                    None => metrics::counter!("braid_retransmit_missing_total", "role" => "edge")
+                        .increment(1),
+                }
+            }
+        }
+    }
+
+    fn error_datagram(&mut self, stream: StreamId, code: ErrorCode, text: &str) -> Bytes {
+        self.control_datagram(
+            stream,
+            Body::Error {
+                code,
+                text: text.into(),
+            },
+        )
+    }
+
+    fn control_datagram(&mut self, stream: StreamId, body: Body) -> Bytes {
+        self.out.clear();
+        let msg = Message {
+            header: Header {
+                stream,
+                ..Header::default()
+            },
+            body,
+        };
+        // Control bodies built here are always within the protocol's bounds.
+        let _ = self.codec.encode(&msg, &mut self.out);
+        self.out.split().freeze()
+    }
+
+    fn refuse(
+        &mut self,
+        now: Instant,
+        to: &Transport,
+        stream: StreamId,
+        code: ErrorCode,
+        text: &str,
+    ) {
+        let d = self.error_datagram(stream, code, text);
+        match to {
+            Transport::Udp(a) => self.socket.send(now, *a, d, false),
+            Transport::Tcp(w) => {
+                let _ = w.try_send(d);
+            }
         }
     }
 
@@ -685,27 +913,100 @@ impl Node {
             st.kept.handle_timeout(now);
         }
         if role == Role::Edge && pushed {
-            self.serve(now, &mut st);
+            self.serve(now, &mut st, None);
         }
         self.streams.insert(id, st);
     }
 
-    fn serve(&mut self, now: Instant, st: &mut Stream) {
-        for (&addr, v) in st.viewers.iter_mut() {
+    /// Sends each viewer (or only `only`) what its cursor has to read, within its flow
+    /// window (UDP) or queue (TCP), and places the cursors of viewers still waiting for
+    /// their start.
+    fn serve(&mut self, now: Instant, st: &mut Stream, only: Option<ViewerKey>) {
+        let window = self.config.viewer_window;
+        let mut notices: Vec<(ViewerKey, NoticeKind, u64)> = Vec::new();
+        for (&key, v) in st.viewers.iter_mut() {
+            if only.is_some_and(|k| k != key) {
+                continue;
+            }
             if v.cursor.is_none() {
-                v.cursor = st.kept.cursor(Start::Keyframe).ok().map(|(c, _)| c);
+                let start = match v.start {
+                    WatchStart::Keyframe => Start::Keyframe,
+                    WatchStart::Seq => Start::Seq(v.start_seq),
+                    WatchStart::Live => Start::Live,
+                };
+                // A resume waits for packets to arrive; a keyframe start for a keyframe.
+                if v.start != WatchStart::Keyframe && st.kept.is_empty() {
+                    continue;
+                }
+                if let Ok((c, missed)) = st.kept.cursor(start) {
+                    v.cursor = Some(c);
+                    let first = st.kept.peek(&c).map_or(SeqNo(0), |e| e.seq);
+                    notices.push((key, NoticeKind::Joined, first.0));
+                    if missed > 0 {
+                        metrics::counter!("braid_edge_resume_missed_packets_total")
+                            .increment(missed);
+                        notices.push((key, NoticeKind::Missed, missed));
+                    }
+                }
             }
             let Some(cursor) = v.cursor.as_mut() else {
                 continue;
             };
             loop {
+                match &v.transport {
+                    Transport::Udp(_) => {
+                        // Until the viewer acknowledges anything, the window counts from
+                        // the first packet sent to it.
+                        if let Some(e) = st.kept.peek(cursor) {
+                            let base = if v.acked.0 > 0 {
+                                v.acked.0
+                            } else {
+                                v.first_sent.0
+                            };
+                            if base > 0 && e.seq.0 > base + window {
+                                break;
+                            }
+                        }
+                    }
+                    Transport::Tcp(w) => {
+                        if w.capacity() == 0 {
+                            break;
+                        }
+                    }
+                }
                 match st.kept.read(cursor) {
-                    Read::Packet(e) => self.socket.send(now, addr, e.item.datagram.clone(), true),
+                    Read::Packet(e) => {
+                        if v.first_sent.0 == 0 {
+                            v.first_sent = e.seq;
+                        }
+                        v.sent = e.seq;
+                        match &v.transport {
+                            Transport::Udp(a) => {
+                                self.socket.send(now, *a, e.item.datagram.clone(), true)
+                            }
+                            Transport::Tcp(w) => {
+                                let _ = w.try_send(e.item.datagram.clone());
+                            }
+                        }
+                    }
                     Read::Skipped { lost } => {
                         metrics::counter!("braid_edge_viewer_skipped_packets_total")
                             .increment(lost);
+                        metrics::counter!("braid_edge_viewer_skips_total").increment(1);
+                        notices.push((key, NoticeKind::Skipped, lost));
                     }
                     Read::Pending => break,
+                }
+            }
+        }
+        for (key, kind, value) in notices {
+            let d = self.control_datagram(st.id, Body::Notice { kind, value });
+            if let Some(v) = st.viewers.get(&key) {
+                match &v.transport {
+                    Transport::Udp(a) => self.socket.send(now, *a, d, false),
+                    Transport::Tcp(w) => {
+                        let _ = w.try_send(d);
+                    }
                 }
             }
         }
@@ -787,8 +1088,18 @@ impl Node {
         let mut close = Vec::new();
         let mut refresh = Vec::new();
         let mut gone_viewers = 0;
+        let mut overtaken = Vec::new();
         for st in self.streams.values_mut() {
             st.subscribers.retain(|_, exp| *exp > now);
+            // A viewer that stopped reading stops its cursor; count its skip when the ring
+            // overtakes it, not only when it comes back.
+            if st
+                .viewers
+                .values()
+                .any(|v| v.cursor.is_some_and(|c| st.kept.overtaken(&c)))
+            {
+                overtaken.push(st.id);
+            }
             let before = st.viewers.len();
             st.viewers.retain(|_, v| v.expires > now);
             gone_viewers += before - st.viewers.len();
@@ -828,6 +1139,12 @@ impl Node {
             export(role, st);
         }
         self.viewers -= gone_viewers;
+        for id in overtaken {
+            if let Some(mut st) = self.streams.remove(&id) {
+                self.serve(now, &mut st, None);
+                self.streams.insert(id, st);
+            }
+        }
         for (id, first) in refresh {
             self.refresh_upstream(now, id, first);
         }

@@ -33,6 +33,8 @@ pub const MAX_NACK_RANGES: usize = 64;
 pub const MAX_STREAM_KEY: usize = 64;
 /// Longest text in an error message.
 pub const MAX_ERROR_TEXT: usize = 255;
+/// Longest viewer token in a watch message.
+pub const MAX_TOKEN: usize = 64;
 /// Bytes the envelope adds around an RTP packet in a media message.
 pub const MEDIA_OVERHEAD: usize = HEADER_LEN + 4 + TAG_LEN;
 
@@ -140,6 +142,10 @@ pub enum Kind {
     Switch = 8,
     /// A request was refused.
     Error = 9,
+    /// A viewer asks an edge for a stream, renews, and acknowledges what it received.
+    Watch = 10,
+    /// An edge tells a viewer something about its stream (joined, skipped).
+    Notice = 11,
 }
 
 impl Kind {
@@ -154,6 +160,8 @@ impl Kind {
             7 => Kind::Keepalive,
             8 => Kind::Switch,
             9 => Kind::Error,
+            10 => Kind::Watch,
+            11 => Kind::Notice,
             _ => return None,
         })
     }
@@ -278,6 +286,48 @@ pub enum SwitchReason {
     Shutdown = 3,
 }
 
+/// Where a viewer starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum WatchStart {
+    /// At the latest keyframe (a new viewer).
+    Keyframe = 0,
+    /// At a sequence number (a viewer resuming after a switch).
+    Seq = 1,
+    /// At the next packet.
+    Live = 2,
+}
+
+/// A viewer's request to an edge, repeated as its refresh and acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watch {
+    /// The viewer's id.
+    pub node: NodeId,
+    /// How long the edge keeps serving without another watch message, ms.
+    pub lease_ms: u32,
+    /// Where to start (used when the edge does not know the viewer yet).
+    pub start: WatchStart,
+    /// The sequence number to start at, for [`WatchStart::Seq`].
+    pub seq: SeqNo,
+    /// The highest sequence number received so far (0: none yet).
+    pub acked: SeqNo,
+    /// The viewer's token (at most [`MAX_TOKEN`] bytes; may be empty).
+    pub token: Bytes,
+}
+
+/// What an edge tells a viewer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum NoticeKind {
+    /// The viewer is served; the value is the first sequence number it gets.
+    Joined = 1,
+    /// The viewer fell behind the ring and was moved to the latest keyframe; the value is
+    /// how many packets it will never get.
+    Skipped = 2,
+    /// A resumed viewer asked for packets the edge no longer has; the value is how many.
+    Missed = 3,
+}
+
 /// Error codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ErrorCode(pub u16);
@@ -330,6 +380,15 @@ pub enum Body {
         /// A human-readable explanation (at most [`MAX_ERROR_TEXT`] bytes of UTF-8).
         text: String,
     },
+    /// A viewer watches the stream.
+    Watch(Watch),
+    /// An edge informs a viewer.
+    Notice {
+        /// What happened.
+        kind: NoticeKind,
+        /// A count or a sequence number, depending on the kind.
+        value: u64,
+    },
 }
 
 impl Body {
@@ -345,6 +404,8 @@ impl Body {
             Body::Keepalive(_) => Kind::Keepalive,
             Body::Switch { .. } => Kind::Switch,
             Body::Error { .. } => Kind::Error,
+            Body::Watch(_) => Kind::Watch,
+            Body::Notice { .. } => Kind::Notice,
         }
     }
 }
@@ -544,6 +605,22 @@ fn encode_body(body: &Body, out: &mut BytesMut) -> Result<(), EncodeError> {
             out.put_u8(text.len() as u8);
             out.put_slice(text.as_bytes());
         }
+        Body::Watch(w) => {
+            if w.token.len() > MAX_TOKEN {
+                return Err(EncodeError::Invalid("token too long"));
+            }
+            out.put_u64(w.node.0);
+            out.put_u32(w.lease_ms);
+            out.put_u8(w.start as u8);
+            out.put_u64(w.seq.0);
+            out.put_u64(w.acked.0);
+            out.put_u8(w.token.len() as u8);
+            out.put_slice(&w.token);
+        }
+        Body::Notice { kind, value } => {
+            out.put_u8(*kind as u8);
+            out.put_u64(*value);
+        }
     }
     Ok(())
 }
@@ -651,6 +728,39 @@ fn decode_body(kind: Kind, buf: &mut impl Buf) -> Result<Body, DecodeError> {
                 .map_err(|_| DecodeError::Malformed("error text is not utf-8"))?;
             Body::Error { code, text }
         }
+        Kind::Watch => {
+            let node = NodeId(get_u64(buf)?);
+            let lease_ms = get_u32(buf)?;
+            let start = match get_u8(buf)? {
+                0 => WatchStart::Keyframe,
+                1 => WatchStart::Seq,
+                2 => WatchStart::Live,
+                _ => return Err(DecodeError::Malformed("watch start")),
+            };
+            let seq = SeqNo(get_u64(buf)?);
+            let acked = SeqNo(get_u64(buf)?);
+            let len = usize::from(get_u8(buf)?);
+            if len > MAX_TOKEN {
+                return Err(DecodeError::Malformed("token too long"));
+            }
+            Body::Watch(Watch {
+                node,
+                lease_ms,
+                start,
+                seq,
+                acked,
+                token: get_bytes(buf, len)?,
+            })
+        }
+        Kind::Notice => Body::Notice {
+            kind: match get_u8(buf)? {
+                1 => NoticeKind::Joined,
+                2 => NoticeKind::Skipped,
+                3 => NoticeKind::Missed,
+                _ => return Err(DecodeError::Malformed("notice kind")),
+            },
+            value: get_u64(buf)?,
+        },
     })
 }
 

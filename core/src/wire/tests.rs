@@ -96,6 +96,24 @@ fn samples() -> Vec<Message> {
                 text: "wrong stream key ✗".into(),
             },
         },
+        Message {
+            header: h,
+            body: Body::Watch(Watch {
+                node: NodeId(5),
+                lease_ms: 3000,
+                start: WatchStart::Seq,
+                seq: SeqNo(1 << 40),
+                acked: SeqNo(17),
+                token: Bytes::from_static(b"token"),
+            }),
+        },
+        Message {
+            header: h,
+            body: Body::Notice {
+                kind: NoticeKind::Skipped,
+                value: 120,
+            },
+        },
     ]
 }
 
@@ -427,6 +445,26 @@ fn arb_message() -> impl Strategy<Value = Message> {
             code: ErrorCode(c),
             text: t
         }),
+        (
+            any::<u64>(),
+            any::<u32>(),
+            0u8..3,
+            any::<u64>(),
+            any::<u64>(),
+            prop::collection::vec(any::<u8>(), 0..=MAX_TOKEN)
+        )
+            .prop_map(|(n, l, st, s, a, t)| Body::Watch(Watch {
+                node: NodeId(n),
+                lease_ms: l,
+                start: [WatchStart::Keyframe, WatchStart::Seq, WatchStart::Live][usize::from(st)],
+                seq: SeqNo(s),
+                acked: SeqNo(a),
+                token: t.into(),
+            })),
+        (1u8..4, any::<u64>()).prop_map(|(k, value)| Body::Notice {
+            kind: [NoticeKind::Joined, NoticeKind::Skipped, NoticeKind::Missed][usize::from(k - 1)],
+            value
+        }),
     ];
     (header, body).prop_map(|(header, body)| Message { header, body })
 }
@@ -452,7 +490,7 @@ proptest! {
 
     /// Arbitrary bytes, with a valid tag so the body parser is reached, never panic.
     #[test]
-    fn arbitrary_tagged_bytes_never_panic(kind in 0u8..12, flags in any::<u8>(), body in prop::collection::vec(any::<u8>(), 0..200)) {
+    fn arbitrary_tagged_bytes_never_panic(kind in 0u8..14, flags in any::<u8>(), body in prop::collection::vec(any::<u8>(), 0..200)) {
         let mut b = vec![VERSION, kind, flags, 0, 0, 0, 0, 1];
         b.extend_from_slice(&body);
         let tag = Key::derive("test network").tag(&b);
