@@ -1,9 +1,10 @@
 //! From a TS byte stream to RTP packets (RFC 2250): sans-IO.
 //!
-//! TS packets are gathered up to seven per RTP packet. A new RTP packet is started at a
-//! PAT (so the tables a decoder needs lead the packet) and at a keyframe unless only the
-//! tables precede it; the packet holding the keyframe is flagged, so an edge can start a
-//! viewer there with PAT, PMT and keyframe in hand. Bytes that are not TS packets are
+//! TS packets are gathered up to seven per RTP packet. A new RTP packet is started at the
+//! first table packet (PAT, PMT, or another PSI/SI table such as the SDT) after media, so
+//! the tables a decoder needs lead the packet, and at a keyframe unless only tables
+//! precede it; the packet holding the keyframe is flagged, so an edge can start a viewer
+//! there with the tables and the keyframe in hand. Bytes that are not TS packets are
 //! skipped until the next sync byte, and counted.
 
 use bytes::{Bytes, BytesMut};
@@ -98,11 +99,13 @@ impl Packetizer {
         };
         self.stats.ts_packets += 1;
         let key = self.program.observe(p, &h);
-        let psi = self.program.is_psi(h.pid);
+        // PIDs below 0x20 carry PSI and SI tables (PAT, CAT, NIT, SDT, EIT, ...).
+        let psi = h.pid < 0x20 || self.program.is_psi(h.pid);
         if key {
             self.stats.keyframes += 1;
         }
-        let starts_new = (h.pid == 0 && h.pusi) || (key && !self.pending_only_psi);
+        let starts_new =
+            (psi && h.pusi && !self.pending_only_psi) || (key && !self.pending_only_psi);
         if starts_new {
             self.flush();
         }

@@ -1,0 +1,334 @@
+//! Viewers: real media end to end, many viewers, slow viewers, joining mid-stream.
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use braid_core::wire::{Body, Codec, Header, Key, Message, Watch, WatchStart};
+use braid_core::{NodeId, SeqNo, StreamId};
+use braid_tests::{Net, Proc, Spec, bin, compare, crowd, metrics};
+use bytes::{Bytes, BytesMut};
+
+fn need(tool: &str) {
+    let ok = Command::new(tool)
+        .arg("-version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "{tool} is not installed: ops/test.sh installs it (apt-get install ffmpeg, as root)"
+    );
+}
+
+fn client(net: &Net, name: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "--edge".to_string(),
+        net.edge.udp().to_string(),
+        "--out".into(),
+        net.path(&format!("{name}.ts")).display().to_string(),
+        "--stats-json".into(),
+        net.path(&format!("{name}.json")).display().to_string(),
+        "--start-timeout".into(),
+        "15".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Proc::spawn(
+        name,
+        "braid-client",
+        &args,
+        &net.path(&format!("{name}.log")),
+    )
+}
+
+fn last_stats(net: &Net, name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(net.path(&format!("{name}.json"))).expect("stats");
+    serde_json::from_str(text.lines().last().expect("a line")).expect("json")
+}
+
+/// Acceptance 1: ffmpeg makes 20 s of H.264/AAC MPEG-TS in real time into the capture;
+/// the client's output is byte-identical to what ffmpeg made and decodes cleanly.
+#[test]
+fn real_media_from_ffmpeg_is_byte_identical_and_decodes_cleanly() {
+    need("ffmpeg");
+    let net = Net::start(Spec {
+        viewers: 0,
+        capture: false,
+        ..Spec::default()
+    });
+    let mut viewer = client(&net, "view", &["--duration", "26"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut cap_args = vec![
+        "--stream-key".to_string(),
+        braid_tests::STREAM_KEY.into(),
+        "--source".into(),
+        "-".into(),
+        "--bind".into(),
+        "127.0.0.1:0".into(),
+    ];
+    for e in &net.entries {
+        cap_args.extend(["--entry".to_string(), e.udp().to_string()]);
+    }
+    let mut capture = Command::new(bin("braid-capture"))
+        .args(&cap_args)
+        .env("BRAID_NETWORK_KEY", braid_tests::NETWORK_KEY)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(net.path("capture.log")).expect("log"))
+        .spawn()
+        .expect("capture");
+    let mut ffmpeg = Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-re"])
+        .args(["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=25"])
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"])
+        .args([
+            "-t",
+            "20",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-tune",
+            "zerolatency",
+            "-g",
+            "50",
+            "-b:v",
+            "2M",
+        ])
+        .args(["-c:a", "aac", "-b:a", "128k", "-f", "mpegts", "pipe:1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(net.path("ffmpeg.log")).expect("log"))
+        .spawn()
+        .expect("ffmpeg");
+    // Tee ffmpeg's output: one copy is the reference, the other goes to the capture.
+    let mut from_ffmpeg = ffmpeg.stdout.take().expect("piped");
+    let mut to_capture = capture.stdin.take().expect("piped");
+    let mut reference = std::fs::File::create(net.path("ffmpeg.ts")).expect("reference");
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = from_ffmpeg.read(&mut buf).expect("reading ffmpeg");
+        if n == 0 {
+            break;
+        }
+        reference
+            .write_all(&buf[..n])
+            .expect("writing the reference");
+        to_capture
+            .write_all(&buf[..n])
+            .expect("feeding the capture");
+    }
+    drop(to_capture);
+    assert!(
+        ffmpeg.wait().expect("ffmpeg").success(),
+        "ffmpeg failed; see {}",
+        net.path("ffmpeg.log").display()
+    );
+    assert!(capture.wait().expect("capture").success(), "capture failed");
+    let status = viewer
+        .wait(Duration::from_secs(20))
+        .expect("the viewer ends");
+    assert!(status.success());
+
+    let made = std::fs::read(net.path("ffmpeg.ts")).expect("reference");
+    let got = std::fs::read(net.path("view.ts")).expect("output");
+    assert!(made.len() > 2_000_000, "ffmpeg made {} bytes", made.len());
+    assert!(
+        got == made,
+        "the client's output ({} bytes) is not what ffmpeg made ({} bytes)",
+        got.len(),
+        made.len()
+    );
+
+    let out = Command::new("ffmpeg")
+        .args(["-hide_banner", "-v", "debug", "-i"])
+        .arg(net.path("view.ts"))
+        .args(["-f", "null", "-"])
+        .output()
+        .expect("ffmpeg decode");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success());
+    assert!(
+        !log.contains("Continuity check failed"),
+        "continuity errors"
+    );
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("[error]") || l.contains("Error while decoding"))
+        .collect();
+    assert!(errors.is_empty(), "decode errors: {errors:?}");
+    let probe = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-show_entries",
+            "stream=codec_name",
+            "-of",
+            "csv=p=0",
+        ])
+        .arg(net.path("view.ts"))
+        .output()
+        .expect("ffprobe");
+    let codecs = String::from_utf8_lossy(&probe.stdout);
+    assert!(
+        codecs.contains("h264") && codecs.contains("aac"),
+        "{codecs}"
+    );
+    assert!(
+        probe.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+}
+
+/// Acceptance 2: 200 viewers of one 4 Mbps stream on one edge each receive every packet.
+#[test]
+fn two_hundred_viewers_each_receive_every_packet() {
+    let net = Net::start(Spec {
+        viewers: 0,
+        seconds: 14.0,
+        ..Spec::default()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let crowd = crowd::Crowd::start(net.edge.udp(), 200);
+    std::thread::sleep(Duration::from_secs(10));
+    let seen = crowd.finish();
+    for (i, s) in seen.iter().enumerate() {
+        assert!(s.errors.is_empty(), "viewer {i} refused: {:?}", s.errors);
+        assert!(
+            s.seqs.len() > 3000,
+            "viewer {i} got only {} packets",
+            s.seqs.len()
+        );
+        assert_eq!(s.missing(), 0, "viewer {i} missed packets");
+    }
+    let edge = net.edge.metrics();
+    assert_eq!(
+        metrics::sum(edge, "braid_edge_viewer_skips_total", &[]),
+        0.0
+    );
+    assert_eq!(metrics::sum(edge, "braid_udp_send_failed_total", &[]), 0.0);
+}
+
+/// Acceptance 3: a viewer that stops reading (TCP, and UDP with a full socket buffer) is
+/// skipped forward and counted; the other viewers lose nothing.
+#[test]
+fn a_viewer_that_stops_reading_is_skipped_and_the_others_lose_nothing() {
+    let mut net = Net::start(Spec {
+        viewers: 0,
+        seconds: 22.0,
+        ..Spec::default()
+    });
+    let mut good_udp = client(&net, "good-udp", &["--duration", "18"]);
+    let tcp_addr = net.edge.ready["tcp"].clone();
+    // The edge serves TCP on the same port number as UDP.
+    assert_eq!(tcp_addr, net.edge.udp().to_string());
+    let mut good_tcp = client(
+        &net,
+        "good-tcp",
+        &["--duration", "18", "--transport", "tcp"],
+    );
+    // A UDP viewer that stops reading from 3 s to 12 s.
+    let mut stalled_udp = client(&net, "stalled-udp", &["--duration", "18", "--stall", "3:9"]);
+    // A TCP viewer that asks for the stream and never reads, with a small receive buffer.
+    let stalled_tcp = {
+        let sock = socket2_connect(&tcp_addr);
+        let codec = Codec::new(Key::derive(braid_tests::NETWORK_KEY));
+        let mut out = BytesMut::new();
+        codec
+            .encode_frame(
+                &Message {
+                    header: Header {
+                        stream: StreamId(1),
+                        ..Header::default()
+                    },
+                    body: Body::Watch(Watch {
+                        node: NodeId(77),
+                        lease_ms: 10_000,
+                        start: WatchStart::Keyframe,
+                        seq: SeqNo(0),
+                        acked: SeqNo(0),
+                        token: Bytes::new(),
+                    }),
+                },
+                &mut out,
+            )
+            .expect("encodes");
+        let mut s = sock;
+        s.write_all(&out).expect("send watch");
+        s
+    };
+    for v in [&mut good_udp, &mut good_tcp, &mut stalled_udp] {
+        assert!(
+            v.wait(Duration::from_secs(30))
+                .expect("viewer ends")
+                .success(),
+            "{} failed",
+            v.name
+        );
+    }
+    let edge = net.edge.metrics();
+    let skips = metrics::sum(edge, "braid_edge_viewer_skips_total", &[]);
+    assert!(
+        skips >= 2.0,
+        "both stalled viewers were skipped forward ({skips} skips)"
+    );
+    assert!(metrics::sum(edge, "braid_edge_viewer_skipped_packets_total", &[]) > 0.0);
+    let stalled = last_stats(&net, "stalled-udp");
+    assert!(
+        stalled["skips"].as_u64() >= Some(1),
+        "the stalled UDP viewer was told: {stalled}"
+    );
+    for name in ["good-udp", "good-tcp"] {
+        let st = last_stats(&net, name);
+        assert_eq!(st["gaps"], 0, "{name}: {st}");
+        assert_eq!(st["skips"], 0, "{name}: {st}");
+        compare::assert_contiguous(&net.path("tee.ts"), &net.path(&format!("{name}.ts")));
+    }
+    drop(stalled_tcp);
+    net.viewers.clear();
+}
+
+fn socket2_connect(addr: &str) -> std::net::TcpStream {
+    // A small receive buffer, so the edge's queue for it fills within seconds.
+    let addr: std::net::SocketAddr = addr.parse().expect("tcp address");
+    let s =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    s.set_recv_buffer_size(16 * 1024).expect("rcvbuf");
+    s.connect(&addr.into()).expect("connect");
+    s.into()
+}
+
+/// Acceptance 4: a viewer joining mid-stream starts on a keyframe, with the tables first.
+#[test]
+fn a_viewer_joining_mid_stream_starts_on_a_keyframe() {
+    let net = Net::start(Spec {
+        viewers: 0,
+        seconds: 12.0,
+        ..Spec::default()
+    });
+    // The edge serves someone already; the late viewer joins 5 s in.
+    let early = client(&net, "early", &["--duration", "10"]);
+    std::thread::sleep(Duration::from_secs(5));
+    let t = Instant::now();
+    let mut late = client(&net, "late", &["--duration", "4"]);
+    assert!(late.wait(Duration::from_secs(20)).expect("ends").success());
+    let out = std::fs::read(net.path("late.ts")).expect("output");
+    assert!(out.len() > 188 * 100);
+    let pid = |p: &[u8]| (u16::from(p[1] & 0x1f) << 8) | u16::from(p[2]);
+    assert_eq!(pid(&out[..188]), 0, "the first packet is the PAT");
+    // The first packet of the data PID carries the random access indicator.
+    let first_data = out
+        .chunks(188)
+        .find(|p| pid(p) == 0x100)
+        .expect("data packets");
+    assert!(
+        first_data[3] & 0x20 != 0 && first_data[5] & 0x40 != 0,
+        "starts on a random access point"
+    );
+    let st = last_stats(&net, "late");
+    assert!(st["join_ms"].as_u64().is_some(), "{st}");
+    assert!(t.elapsed() < Duration::from_secs(20));
+    drop(early);
+}
