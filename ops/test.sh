@@ -7,9 +7,8 @@ cd "$(dirname "$0")/.."
 
 log() { printf '\n==> %s\n' "$*"; }
 
-# System packages the tests use. None are needed by the core tests yet; the data-path and
-# viewer tests add ffmpeg and friends here.
-APT_PACKAGES=()
+# System packages the tests use: ffmpeg makes and checks real H.264/AAC media.
+APT_PACKAGES=(ffmpeg)
 if ((${#APT_PACKAGES[@]})); then
     missing=()
     for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

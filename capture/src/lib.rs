@@ -229,6 +229,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let deadline =
         (config.duration > 0.0).then(|| started + Duration::from_secs_f64(config.duration));
     let mut publish_tick = tokio::time::interval(Duration::from_secs(1));
+    // Publish before the first packet, so no entry point sees media it cannot accept yet.
+    {
+        let msg = Message {
+            header: Header {
+                stream,
+                path: PathId(0),
+                flags: Flags::empty(),
+            },
+            body: Body::Publish {
+                key: Bytes::from(config.stream_key.clone()),
+            },
+        };
+        let mut first = BytesMut::new();
+        codec.encode(&msg, &mut first)?;
+        let first = first.freeze();
+        for &to in &config.entries {
+            socket.send(Instant::now(), to, first.clone(), false);
+        }
+        socket.flush();
+        publish_tick.tick().await;
+    }
     let mut last_ack: Vec<Option<Instant>> = vec![None; config.entries.len()];
     let mut progress = Progress {
         entries: config.entries.len(),

@@ -260,6 +260,7 @@ fn handle(
             let ok: bool = key.as_ref().ct_eq(stream.config.key.as_bytes()).into();
             let reply = if ok {
                 stream.publishers.insert(from, now);
+
                 metrics::counter!("braid_entrypoint_publish_total", "result" => "accepted")
                     .increment(1);
                 Body::Keepalive(Keepalive {
@@ -288,6 +289,7 @@ fn handle(
                 .is_some_and(|t| now.duration_since(*t) < PUBLISHER_TIMEOUT);
             if !authorized {
                 drop_count("unpublished");
+                tracing::debug!(%from, publishers = ?stream.publishers.keys().collect::<Vec<_>>(), "media from a source that has not published");
                 return;
             }
             for &to in &stream.config.reflectors {

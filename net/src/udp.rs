@@ -228,10 +228,10 @@ impl Socket {
         let mut done = 0;
         let mut failed = 0u64;
         while done < msgs.len() {
-            match self
-                .inner
-                .try_io(Interest::WRITABLE, || sys::send_batch(fd, &msgs[done..]))
-            {
+            // Straight to the non-blocking socket, not through tokio's readiness: a socket
+            // that has never been polled counts as not writable there, which would drop
+            // the first datagrams a daemon sends (its first publish or subscribe).
+            match sys::send_batch(fd, &msgs[done..]) {
                 Ok(n) if n > 0 => done += n,
                 Ok(_) | Err(_) => {
                     // The datagram at `done` could not be sent (would block, or refused,
@@ -245,6 +245,9 @@ impl Socket {
         }
         self.stats.send_failed += failed;
         self.stats.sent += msgs.len() as u64 - failed;
+        let bytes: usize = msgs.iter().map(|(_, b)| b.len()).sum();
+        metrics::counter!("braid_udp_sent_bytes_total", "role" => self.role)
+            .increment(bytes as u64);
         drop(msgs);
         self.outbox.clear();
     }

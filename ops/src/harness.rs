@@ -140,6 +140,20 @@ impl Proc {
         }
     }
 
+    /// Adopts a child started elsewhere (ffmpeg, for one), to be killed when dropped.
+    pub fn adopt(name: &str, child: Child) -> Proc {
+        Proc {
+            name: name.to_owned(),
+            child,
+            ready: HashMap::new(),
+        }
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The UDP address from the ready line.
     pub fn udp(&self) -> SocketAddr {
         self.ready["udp"]
@@ -196,6 +210,27 @@ impl Drop for Proc {
 /// Scrapes a Prometheus endpoint.
 pub mod metrics {
     use std::net::SocketAddr;
+
+    /// Every sample, or nothing if the endpoint does not answer.
+    pub fn try_scrape(addr: SocketAddr) -> Vec<(String, f64)> {
+        let Ok(body) = ureq::get(&format!("http://{addr}/metrics"))
+            .call()
+            .and_then(|mut r| r.body_mut().read_to_string())
+        else {
+            return Vec::new();
+        };
+        parse(&body)
+    }
+
+    fn parse(body: &str) -> Vec<(String, f64)> {
+        body.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_owned(), v.parse().ok()?))
+            })
+            .collect()
+    }
 
     /// Every sample as (name with labels, value).
     pub fn scrape(addr: SocketAddr) -> Vec<(String, f64)> {
