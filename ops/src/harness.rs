@@ -524,3 +524,142 @@ impl Net {
         serde_json::from_str(last).expect("viewer stats are JSON lines")
     }
 }
+
+/// Many viewers in one process, one thread each, speaking the watch protocol directly;
+/// each records every sequence number it gets.
+pub mod crowd {
+    use std::net::{SocketAddr, UdpSocket};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::thread::JoinHandle;
+    use std::time::{Duration, Instant};
+
+    use braid_core::wire::{Body, Codec, Header, Key, Message, Watch, WatchStart};
+    use braid_core::{NodeId, SeqNo, StreamId};
+    use bytes::{Bytes, BytesMut};
+
+    /// What one viewer got.
+    #[derive(Debug, Default, Clone)]
+    pub struct Seen {
+        /// Every media sequence number, in arrival order.
+        pub seqs: Vec<u64>,
+        /// Errors the edge sent.
+        pub errors: Vec<String>,
+        /// From the first watch message to the first media packet.
+        pub join: Option<Duration>,
+    }
+
+    impl Seen {
+        /// Sequence numbers missing between the first and the last received.
+        pub fn missing(&self) -> u64 {
+            let mut s = self.seqs.clone();
+            s.sort_unstable();
+            s.dedup();
+            match (s.first(), s.last()) {
+                (Some(a), Some(b)) => b - a + 1 - s.len() as u64,
+                _ => 0,
+            }
+        }
+    }
+
+    /// A crowd of viewers watching stream 1 on `edge`.
+    pub struct Crowd {
+        stop: Arc<AtomicBool>,
+        threads: Vec<JoinHandle<Seen>>,
+    }
+
+    fn watch(codec: &Codec, id: u64, acked: u64) -> Bytes {
+        let mut out = BytesMut::new();
+        let msg = Message {
+            header: Header {
+                stream: StreamId(1),
+                ..Header::default()
+            },
+            body: Body::Watch(Watch {
+                node: NodeId(id),
+                lease_ms: 3000,
+                start: WatchStart::Keyframe,
+                seq: SeqNo(0),
+                acked: SeqNo(acked),
+                token: Bytes::new(),
+            }),
+        };
+        codec
+            .encode(&msg, &mut out)
+            .expect("a watch message encodes");
+        out.freeze()
+    }
+
+    impl Crowd {
+        /// Starts `n` viewers.
+        pub fn start(edge: SocketAddr, n: usize) -> Crowd {
+            let stop = Arc::new(AtomicBool::new(false));
+            let threads = (0..n)
+                .map(|i| {
+                    let stop = stop.clone();
+                    std::thread::spawn(move || {
+                        let codec = Codec::new(Key::derive(super::NETWORK_KEY));
+                        let sock = UdpSocket::bind("127.0.0.1:0").expect("a socket");
+                        sock.set_read_timeout(Some(Duration::from_millis(50)))
+                            .expect("timeout");
+                        let mut seen = Seen::default();
+                        let mut buf = [0u8; 2048];
+                        let mut acked = 0u64;
+                        let mut since = 0;
+                        let mut last_ack = Instant::now();
+                        let asked = Instant::now();
+                        let _ = sock.send_to(&watch(&codec, i as u64, 0), edge);
+                        while !stop.load(Ordering::Relaxed) {
+                            if let Ok(n) = sock.recv(&mut buf) {
+                                match codec.decode(Bytes::copy_from_slice(&buf[..n])) {
+                                    Ok(Message {
+                                        body: Body::Media(m),
+                                        ..
+                                    }) => {
+                                        seen.join.get_or_insert_with(|| asked.elapsed());
+                                        seen.seqs.push(m.seq.0);
+                                        acked = acked.max(m.seq.0);
+                                        since += 1;
+                                    }
+                                    Ok(Message {
+                                        body: Body::Error { text, .. },
+                                        ..
+                                    }) => seen.errors.push(text),
+                                    _ => {}
+                                }
+                            }
+                            if since >= 32 || last_ack.elapsed() > Duration::from_millis(250) {
+                                since = 0;
+                                last_ack = Instant::now();
+                                let _ = sock.send_to(&watch(&codec, i as u64, acked), edge);
+                            }
+                        }
+                        // Leave at once, so the edge stops sending to this port.
+                        let mut out = BytesMut::new();
+                        let bye = Message {
+                            header: Header {
+                                stream: StreamId(1),
+                                ..Header::default()
+                            },
+                            body: Body::Unsubscribe { node: NodeId(i as u64) },
+                        };
+                        if codec.encode(&bye, &mut out).is_ok() {
+                            let _ = sock.send_to(&out, edge);
+                        }
+                        seen
+                    })
+                })
+                .collect();
+            Crowd { stop, threads }
+        }
+
+        /// Stops every viewer and returns what each got.
+        pub fn finish(self) -> Vec<Seen> {
+            self.stop.store(true, Ordering::Relaxed);
+            self.threads
+                .into_iter()
+                .map(|t| t.join().expect("viewer thread"))
+                .collect()
+        }
+    }
+}

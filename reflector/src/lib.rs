@@ -964,10 +964,12 @@ impl Node {
                         if let Some(e) = st.kept.peek(cursor) {
                             let base = if v.acked.0 > 0 {
                                 v.acked.0
-                            } else {
+                            } else if v.first_sent.0 > 0 {
                                 v.first_sent.0
+                            } else {
+                                e.seq.0
                             };
-                            if base > 0 && e.seq.0 > base + window {
+                            if e.seq.0 >= base + window {
                                 break;
                             }
                         }

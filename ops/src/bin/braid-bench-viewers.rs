@@ -1,0 +1,161 @@
+//! Edge fan-out to viewers: how many 4 Mbps viewers one edge serves with zero loss, the
+//! packets per second that is, CPU per Gbps delivered, memory per viewer, and join time;
+//! against a raw `sendmmsg` loop of the same packet rate to as many sockets, measured in
+//! the same run.
+//!
+//! `cargo build --release --bins && target/release/braid-bench-viewers --viewers 100,200,400`
+//!
+//! Viewers are threads of this process speaking the watch protocol (they compete with the
+//! edge for the machine's two cores, as the baseline's receivers do).
+
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use braid_ops::harness::{Net, Spec, crowd};
+use clap::Parser;
+
+#[derive(Parser)]
+struct Args {
+    /// Viewer counts to try, comma-separated.
+    #[arg(long, default_value = "100,200,400", value_delimiter = ',')]
+    viewers: Vec<usize>,
+    /// Seconds measured per count.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // After the command name: state is field 0; utime 11, stime 12.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn rss_kib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The raw baseline: one packet every `gap` to each of `n` sockets with sendmmsg, for
+/// `secs`; returns the share of packets the receivers got.
+fn raw_baseline(n: usize, pps_per_viewer: u64, secs: u64) -> f64 {
+    let count = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    let mut threads = Vec::new();
+    for _ in 0..n {
+        let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        s.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+        addrs.push(s.local_addr().expect("addr"));
+        let (count, stop) = (count.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if s.recv(&mut buf).is_ok() {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let src = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let packet = vec![0x47u8; 1356];
+    let gap = Duration::from_nanos(1_000_000_000 / pps_per_viewer);
+    let start = Instant::now();
+    let total = secs * pps_per_viewer;
+    for i in 0..total {
+        let due = start + gap * i as u32;
+        while Instant::now() < due {
+            std::thread::sleep(due.saturating_duration_since(Instant::now()).min(Duration::from_micros(500)));
+        }
+        let msgs: Vec<(SocketAddr, &[u8])> = addrs.iter().map(|a| (*a, &packet[..])).collect();
+        let _ = braid_net::sys::send_batch(src.as_raw_fd(), &msgs);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    count.load(Ordering::Relaxed) as f64 / (total * n as u64) as f64
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    // The join phase takes about 21 s, then each count its warm-up, measurement and pause.
+    let longest = args.viewers.len() as f64 * (args.seconds as f64 + 12.0) + 40.0;
+    let net = Net::start(Spec {
+        viewers: 0,
+        seconds: longest,
+        ..Spec::default()
+    });
+    let edge = net.edge.udp();
+    let pid = net.edge.pid();
+    std::thread::sleep(Duration::from_secs(3));
+    let pps = 4_000_000 / (1316 * 8) as u64; // packets per second of one 4 Mbps viewer
+
+    // Join time on a warm edge: one viewer at a time, 50 times.
+    let warm = crowd::Crowd::start(edge, 1);
+    std::thread::sleep(Duration::from_secs(2));
+    let mut joins = Vec::new();
+    for _ in 0..50 {
+        let one = crowd::Crowd::start(edge, 1);
+        std::thread::sleep(Duration::from_millis(300));
+        if let Some(j) = one.finish().first().and_then(|s| s.join) {
+            joins.push(j.as_secs_f64() * 1000.0);
+        }
+    }
+    drop(warm.finish());
+    joins.sort_by(f64::total_cmp);
+    println!(
+        "join on a warm edge, 50 viewers one at a time: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms ({} joined)",
+        joins.get(joins.len() / 2).copied().unwrap_or(f64::NAN),
+        joins.get((joins.len().max(1) - 1) * 99 / 100).copied().unwrap_or(f64::NAN),
+        joins.last().copied().unwrap_or(f64::NAN),
+        joins.len()
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    for &n in &args.viewers {
+        let rss_before = rss_kib(pid);
+        let c = crowd::Crowd::start(edge, n);
+        // Let everyone join and catch up, then measure.
+        std::thread::sleep(Duration::from_secs(3));
+        let cpu0 = cpu_seconds(pid);
+        let t0 = Instant::now();
+        std::thread::sleep(Duration::from_secs(args.seconds));
+        let cpu = (cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64();
+        let rss_with = rss_kib(pid);
+        let seen = c.finish();
+        // Lossless: nothing missing, and at least 95% of what the stream carried while it
+        // watched (a viewer the machine starved of CPU lets its lease lapse).
+        let expected = pps as f64 * (args.seconds as f64 + 3.0);
+        let lossless = seen.iter().filter(|s| s.missing() == 0 && s.seqs.len() as f64 >= 0.95 * expected).count();
+        let missing: u64 = seen.iter().map(|s| s.missing()).sum();
+        let packets: usize = seen.iter().map(|s| s.seqs.len()).sum();
+        let mut joins: Vec<f64> = seen.iter().filter_map(|s| s.join).map(|d| d.as_secs_f64() * 1000.0).collect();
+        joins.sort_by(f64::total_cmp);
+        let pct = |p: f64| joins.get(((joins.len().max(1) - 1) as f64 * p) as usize).copied().unwrap_or(f64::NAN);
+        let gbps = n as f64 * 4.0 / 1000.0;
+        let base = raw_baseline(n, pps, args.seconds.min(5));
+        println!(
+            "viewers {n:>4}: lossless {lossless}/{n} (missing {missing} of {packets}) | edge CPU {:.1}% of a core, {:.1}% per Gbps | {:.0} packets/s delivered | RSS +{:.0} KiB ({:.1} MiB per 1000 viewers) | join when all join at once p50 {:.1} ms p99 {:.1} ms | raw sendmmsg at the same rate delivered {:.3}%",
+            cpu * 100.0,
+            cpu * 100.0 / gbps,
+            n as f64 * pps as f64,
+            rss_with - rss_before,
+            (rss_with - rss_before) / 1024.0 / n as f64 * 1000.0,
+            pct(0.5),
+            pct(0.99),
+            base * 100.0
+        );
+        std::thread::sleep(Duration::from_secs(4));
+    }
+    Ok(())
+}
