@@ -641,7 +641,9 @@ pub mod crowd {
                                 stream: StreamId(1),
                                 ..Header::default()
                             },
-                            body: Body::Unsubscribe { node: NodeId(i as u64) },
+                            body: Body::Unsubscribe {
+                                node: NodeId(i as u64),
+                            },
                         };
                         if codec.encode(&bye, &mut out).is_ok() {
                             let _ = sock.send_to(&out, edge);

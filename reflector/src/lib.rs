@@ -508,8 +508,7 @@ impl Node {
                 }
             }
             (Role::Edge, Body::Unsubscribe { .. }) => self.remove_viewer(id, ViewerKey::Udp(from)),
-            (Role::Set, Body::Nack(ranges)) => self.handle_nack(now, from, id, ranges),
-            (Role::Edge, Body::Nack(ranges)) => self.handle_viewer_nack(now, from, id, ranges),
+            (_, Body::Nack(ranges)) => self.handle_nack(now, from, id, ranges),
             (_, Body::Keepalive(_)) => {}
             _ => dropped(role, "unexpected_kind"),
         }
@@ -737,42 +736,6 @@ impl Node {
         }
     }
 
-    fn handle_viewer_nack(
-        &mut self,
-        now: Instant,
-        from: SocketAddr,
-        id: StreamId,
-        ranges: Vec<SeqRange>,
-    ) {
-        let Some(st) = self.streams.get(&id) else {
-            dropped(Role::Edge, "nack_unknown_stream");
-            return;
-        };
-        if !st.viewers.contains_key(&ViewerKey::Udp(from)) {
-            dropped(Role::Edge, "nack_from_stranger");
-            return;
-        }
-        let mut answered = 0;
-        for r in ranges {
-            for i in 0..u64::from(r.count) {
-                if answered >= MAX_NACK_ANSWER {
-                    dropped(Role::Edge, "nack_over_limit");
-                    return;
-                }
-                answered += 1;
-                match st.kept.get(r.first.plus(i)) {
-                    Some(e) => {
-                        self.socket.send(now, from, e.item.datagram.clone(), true);
-                        metrics::counter!("braid_retransmit_sent_total", "role" => "edge")
-                            .increment(1);
-                    }
-                    None => metrics::counter!("braid_retransmit_missing_total", "role" => "edge")
-                        .increment(1),
-                }
-            }
-        }
-    }
-
     fn error_datagram(&mut self, stream: StreamId, code: ErrorCode, text: &str) -> Bytes {
         self.control_datagram(
             stream,
@@ -814,42 +777,49 @@ impl Node {
         }
     }
 
+    /// Answers a NACK from a subscribed edge (set role) or a viewer (edge role) from the
+    /// packets kept, re-encoded with the retransmission flag; at most
+    /// `MAX_NACK_ANSWER` numbers per NACK, and only to nodes served here.
     fn handle_nack(&mut self, now: Instant, from: SocketAddr, id: StreamId, ranges: Vec<SeqRange>) {
+        let role = self.config.role;
         let Some(st) = self.streams.get(&id) else {
-            dropped(Role::Set, "nack_unknown_stream");
+            dropped(role, "nack_unknown_stream");
             return;
         };
-        if !st.subscribers.contains_key(&from) {
-            dropped(Role::Set, "nack_from_stranger");
+        let served = match role {
+            Role::Set => st.subscribers.contains_key(&from),
+            Role::Edge => st.viewers.contains_key(&ViewerKey::Udp(from)),
+        };
+        if !served {
+            dropped(role, "nack_from_stranger");
             return;
         }
-        let mut answered = 0;
-        for r in ranges {
-            for i in 0..u64::from(r.count) {
-                if answered >= MAX_NACK_ANSWER {
-                    dropped(Role::Set, "nack_over_limit");
-                    return;
-                }
-                answered += 1;
-                let seq = r.first.plus(i);
-                let Some(e) = st.kept.get(seq) else {
-                    metrics::counter!("braid_retransmit_missing_total", "role" => "set")
-                        .increment(1);
-                    continue;
-                };
-                self.out.clear();
-                let header = Header {
-                    flags: e.item.header.flags | Flags::RETRANSMIT,
-                    ..e.item.header
-                };
-                if self
-                    .codec
-                    .encode_media(header, seq, &e.item.media.rtp, &mut self.out)
-                    .is_ok()
-                {
-                    self.socket.send(now, from, self.out.split().freeze(), true);
-                    metrics::counter!("braid_retransmit_sent_total", "role" => "set").increment(1);
-                }
+        let asked = ranges
+            .iter()
+            .flat_map(|r| (0..u64::from(r.count)).map(move |i| r.first.plus(i)));
+        for (n, seq) in asked.enumerate() {
+            if n as u64 >= MAX_NACK_ANSWER {
+                dropped(role, "nack_over_limit");
+                return;
+            }
+            let Some(e) = st.kept.get(seq) else {
+                metrics::counter!("braid_retransmit_missing_total", "role" => role_name(role))
+                    .increment(1);
+                continue;
+            };
+            self.out.clear();
+            let header = Header {
+                flags: e.item.header.flags | Flags::RETRANSMIT,
+                ..e.item.header
+            };
+            if self
+                .codec
+                .encode_media(header, seq, &e.item.media.rtp, &mut self.out)
+                .is_ok()
+            {
+                self.socket.send(now, from, self.out.split().freeze(), true);
+                metrics::counter!("braid_retransmit_sent_total", "role" => role_name(role))
+                    .increment(1);
             }
         }
     }

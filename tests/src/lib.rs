@@ -6,8 +6,8 @@
 //! - [`compare`]: checks a viewer's output against what the capture sent.
 //! - The process harness lives in `braid_ops::harness` (re-exported here).
 
-pub use braid_ops::harness::*;
 pub use braid_ops::harness::crowd;
+pub use braid_ops::harness::*;
 
 /// Checks viewers' output against the capture's tee.
 pub mod compare {
@@ -74,4 +74,3 @@ pub mod compare {
         (missing, vp.len())
     }
 }
-

@@ -30,8 +30,18 @@ struct Args {
 /// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // After the command name: state is field 0; utime 11, stime 12.
     (ticks(11) + ticks(12)) / 100.0
 }
@@ -54,7 +64,8 @@ fn raw_baseline(n: usize, pps_per_viewer: u64, secs: u64) -> f64 {
     let mut threads = Vec::new();
     for _ in 0..n {
         let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        s.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
         addrs.push(s.local_addr().expect("addr"));
         let (count, stop) = (count.clone(), stop.clone());
         threads.push(std::thread::spawn(move || {
@@ -74,7 +85,10 @@ fn raw_baseline(n: usize, pps_per_viewer: u64, secs: u64) -> f64 {
     for i in 0..total {
         let due = start + gap * i as u32;
         while Instant::now() < due {
-            std::thread::sleep(due.saturating_duration_since(Instant::now()).min(Duration::from_micros(500)));
+            std::thread::sleep(
+                due.saturating_duration_since(Instant::now())
+                    .min(Duration::from_micros(500)),
+            );
         }
         let msgs: Vec<(SocketAddr, &[u8])> = addrs.iter().map(|a| (*a, &packet[..])).collect();
         let _ = braid_net::sys::send_batch(src.as_raw_fd(), &msgs);
@@ -117,7 +131,10 @@ fn main() -> anyhow::Result<()> {
     println!(
         "join on a warm edge, 50 viewers one at a time: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms ({} joined)",
         joins.get(joins.len() / 2).copied().unwrap_or(f64::NAN),
-        joins.get((joins.len().max(1) - 1) * 99 / 100).copied().unwrap_or(f64::NAN),
+        joins
+            .get((joins.len().max(1) - 1) * 99 / 100)
+            .copied()
+            .unwrap_or(f64::NAN),
         joins.last().copied().unwrap_or(f64::NAN),
         joins.len()
     );
@@ -136,12 +153,24 @@ fn main() -> anyhow::Result<()> {
         // Lossless: nothing missing, and at least 95% of what the stream carried while it
         // watched (a viewer the machine starved of CPU lets its lease lapse).
         let expected = pps as f64 * (args.seconds as f64 + 3.0);
-        let lossless = seen.iter().filter(|s| s.missing() == 0 && s.seqs.len() as f64 >= 0.95 * expected).count();
+        let lossless = seen
+            .iter()
+            .filter(|s| s.missing() == 0 && s.seqs.len() as f64 >= 0.95 * expected)
+            .count();
         let missing: u64 = seen.iter().map(|s| s.missing()).sum();
         let packets: usize = seen.iter().map(|s| s.seqs.len()).sum();
-        let mut joins: Vec<f64> = seen.iter().filter_map(|s| s.join).map(|d| d.as_secs_f64() * 1000.0).collect();
+        let mut joins: Vec<f64> = seen
+            .iter()
+            .filter_map(|s| s.join)
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .collect();
         joins.sort_by(f64::total_cmp);
-        let pct = |p: f64| joins.get(((joins.len().max(1) - 1) as f64 * p) as usize).copied().unwrap_or(f64::NAN);
+        let pct = |p: f64| {
+            joins
+                .get(((joins.len().max(1) - 1) as f64 * p) as usize)
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
         let gbps = n as f64 * 4.0 / 1000.0;
         let base = raw_baseline(n, pps, args.seconds.min(5));
         println!(
