@@ -61,6 +61,24 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// `cmd`, set up so the child is killed if the thread that started it dies, even by
+/// SIGKILL: a crashed test or testbed never leaves daemons behind.
+pub fn die_with_parent(mut cmd: Command) -> Command {
+    use std::os::unix::process::CommandExt;
+    #[allow(unsafe_code)]
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl,
+    // which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
 /// A running daemon. Dropping it kills it (SIGKILL) and reaps it.
 pub struct Proc {
     /// What it is, for messages.
@@ -85,7 +103,7 @@ impl Proc {
         stdin: Stdio,
     ) -> Proc {
         let stderr = std::fs::File::create(log).expect("creating a log file");
-        let mut child = Command::new(bin(bin_name))
+        let mut child = die_with_parent(Command::new(bin(bin_name)))
             .args(args)
             .env("BRAID_NETWORK_KEY", NETWORK_KEY)
             .env("RUST_LOG", "info")
@@ -124,7 +142,7 @@ impl Proc {
     /// Starts a process that prints no ready line (a viewer).
     pub fn spawn(name: &str, bin_name: &str, args: &[String], log: &Path) -> Proc {
         let stderr = std::fs::File::create(log).expect("creating a log file");
-        let child = Command::new(bin(bin_name))
+        let child = die_with_parent(Command::new(bin(bin_name)))
             .args(args)
             .env("BRAID_NETWORK_KEY", NETWORK_KEY)
             .env("RUST_LOG", "info")

@@ -332,3 +332,79 @@ fn a_viewer_joining_mid_stream_starts_on_a_keyframe() {
     assert!(t.elapsed() < Duration::from_secs(20));
     drop(early);
 }
+
+/// Caps: a viewer over an edge's per-stream cap is refused with a message that says why,
+/// and the client exits non-zero with it; so does a client whose edge does not answer.
+#[test]
+fn refusals_are_clear() {
+    let net = Net::start(Spec {
+        viewers: 0,
+        seconds: 10.0,
+        sets: 2,
+        ..Spec::default()
+    });
+    // A second edge with a cap of one viewer per stream.
+    let mut args = vec![
+        "--role".to_string(),
+        "edge".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--max-per-stream".into(),
+        "1".into(),
+    ];
+    for s in &net.sets {
+        args.extend(["--reflector".to_string(), s.udp().to_string()]);
+    }
+    let capped = Proc::start("capped", "braid-reflector", &args, &net.path("capped.log"));
+    let viewer = |name: &str, edge: String| {
+        Command::new(bin("braid-client"))
+            .args([
+                "--edge",
+                &edge,
+                "--duration",
+                "4",
+                "--start-timeout",
+                "3",
+                "--out",
+            ])
+            .arg(net.path(&format!("{name}.ts")))
+            .env("BRAID_NETWORK_KEY", braid_tests::NETWORK_KEY)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("client")
+    };
+    let first = viewer("first", capped.udp().to_string());
+    std::thread::sleep(Duration::from_millis(1500));
+    let second = viewer("second", capped.udp().to_string())
+        .wait_with_output()
+        .expect("second");
+    assert!(!second.status.success());
+    let msg = String::from_utf8_lossy(&second.stderr);
+    assert!(msg.contains("too many viewers for this stream"), "{msg}");
+    assert!(
+        first.wait_with_output().expect("first").status.success(),
+        "the first viewer was served"
+    );
+    assert!(
+        metrics::sum(
+            capped.metrics(),
+            "braid_dropped_total",
+            &["reason=\"viewer_cap\""]
+        ) >= 1.0
+    );
+
+    // Nobody listens on this port.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0")
+        .expect("a port")
+        .local_addr()
+        .expect("addr");
+    let out = viewer("dead", dead.to_string())
+        .wait_with_output()
+        .expect("dead");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no stream from edge"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -257,7 +257,7 @@ fn main() -> anyhow::Result<()> {
     let capture = match topo.capture.source.as_str() {
         "synth" => Proc::start("capture", "braid-capture", &cap, &p("capture.log")),
         "ffmpeg" => {
-            let mut ff = Command::new("ffmpeg")
+            let mut ff = braid_ops::harness::die_with_parent(Command::new("ffmpeg"))
                 .args([
                     "-hide_banner",
                     "-loglevel",
