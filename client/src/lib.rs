@@ -17,6 +17,18 @@
 //!
 //! - [`Config`]: flags and TOML.
 //! - [`run`]: the viewer's one task.
+//! - [`control`]: assignment, switch requests and feedback to the control servers.
+//!
+//! With `--control`, the client asks a control server for a primary edge and a secondary
+//! set, watches the primary with the core's detectors (rate drop, stall, gaps, disorder),
+//! and on trouble, or when the edge signals a drain, asks for an edge of the other set
+//! and resumes there at the first sequence number it does not have: the buffer drops what
+//! it already holds and fills what it lacks, so the output goes on with no gap and no
+//! duplicate. With no control server answering it goes straight to a candidate of the
+//! secondary set. It asks again every `--reask-secs` and moves when a candidate is
+//! better by `--better-margin`.
+
+pub mod control;
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -24,6 +36,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use braid_core::detect::{Config as DetectConfig, Detector, Observation, Output as DetectOutput};
 use braid_core::merge::{self, Output};
 use braid_core::wire::{Body, Codec, Header, Message, NoticeKind, SeqRange, Watch, WatchStart};
 use braid_core::{Bitrate, DataSize, NodeId, PathId, SeqNo, StreamId};
@@ -112,6 +125,39 @@ pub struct Config {
     #[arg(long, default_value_t = 0)]
     #[serde(default)]
     pub id: u64,
+    /// Control servers (repeatable), `http://host:port`; tried in order.
+    #[arg(long = "control")]
+    #[serde(default)]
+    pub controls: Vec<String>,
+    /// The viewer's token.
+    #[arg(long, env = "BRAID_TOKEN", default_value = "")]
+    #[serde(default)]
+    pub token: String,
+    /// The viewer's region, for the assignment.
+    #[arg(long, default_value = "")]
+    #[serde(default)]
+    pub region: String,
+    /// Time a small request to each candidate edge and watch the fastest of the primary's
+    /// set; the timings go back to the control server.
+    #[arg(long)]
+    #[serde(default)]
+    pub probe: bool,
+    /// Ask the control server again this often, seconds (0: never).
+    #[arg(long, default_value_t = 30.0)]
+    #[serde(default = "default_reask")]
+    pub reask_secs: f64,
+    /// Move on a re-ask when a candidate's weight beats the current edge's by this share.
+    #[arg(long, default_value_t = 0.5)]
+    #[serde(default = "default_margin")]
+    pub better_margin: f64,
+    /// The stream's nominal bit rate, for the rate-drop detector (0: learned).
+    #[arg(long, default_value_t = 0)]
+    #[serde(default)]
+    pub nominal_bps: u64,
+    /// Silence that counts as a stall, ms.
+    #[arg(long, default_value_t = 500)]
+    #[serde(default = "default_stall_ms")]
+    pub stall_ms: u64,
     /// Stop reading the network for this many seconds after this many seconds (testing a
     /// stalled viewer): `AT:FOR`.
     #[arg(long, hide = true)]
@@ -137,6 +183,15 @@ fn default_start_timeout() -> f64 {
 fn default_bind() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 0))
 }
+fn default_reask() -> f64 {
+    30.0
+}
+fn default_margin() -> f64 {
+    0.5
+}
+fn default_stall_ms() -> u64 {
+    500
+}
 
 impl DaemonConfig for Config {
     const NAME: &'static str = "braid-client";
@@ -150,8 +205,13 @@ impl DaemonConfig for Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        if self.edge.is_none() {
-            anyhow::bail!("no edge to watch from: give --edge ADDR");
+        if self.edge.is_none() && self.controls.is_empty() {
+            anyhow::bail!("no edge to watch from: give --control URL (or --edge ADDR)");
+        }
+        if self.stall_ms < 100 || self.reask_secs < 0.0 || self.better_margin < 0.0 {
+            anyhow::bail!(
+                "--stall-ms must be at least 100, --reask-secs and --better-margin not negative"
+            );
         }
         braid_net::daemon::network_key(&self.network_key).context("--network-key")?;
         if self.start_timeout <= 0.0 || self.start_timeout.is_nan() || self.duration < 0.0 {
@@ -175,10 +235,29 @@ impl Config {
     }
 }
 
+/// One switch, as the JSON stats record it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct SwitchStat {
+    /// Why: a detector's reason, `drain`, `refused`, or `better`.
+    pub reason: String,
+    /// The edge left.
+    pub from: String,
+    /// The edge taken.
+    pub to: String,
+    /// Whether a control server chose it (else the client took a secondary candidate).
+    pub via_control: bool,
+    /// Milliseconds from detection to the first packet from the new edge.
+    pub detect_to_first_packet_ms: Option<u64>,
+    /// Sequence number resumed at.
+    pub resumed_at: u64,
+    /// Packets given up between detection and two seconds after the switch.
+    pub lost: Option<u64>,
+}
+
 /// What the viewer received; written as JSON.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Stats {
-    /// The edge.
+    /// The edge now.
     pub edge: String,
     /// UDP or TCP.
     pub transport: String,
@@ -204,6 +283,8 @@ pub struct Stats {
     pub repaired: u64,
     /// Packets that failed to decode.
     pub malformed: u64,
+    /// Media from an edge this viewer no longer watches (dropped).
+    pub stray: u64,
     /// Milliseconds from the first watch message to the first packet received.
     pub join_ms: Option<u64>,
     /// Milliseconds from the first watch message to the first packet written.
@@ -212,6 +293,8 @@ pub struct Stats {
     pub bitrate_bps: u64,
     /// Packets held in the buffer.
     pub buffered: usize,
+    /// Every switch.
+    pub switches: Vec<SwitchStat>,
     /// Whether this is the last line.
     pub done: bool,
 }
@@ -219,7 +302,6 @@ pub struct Stats {
 enum Link {
     Udp {
         socket: Box<Socket>,
-        edge: SocketAddr,
     },
     Tcp {
         writer: tokio::net::tcp::OwnedWriteHalf,
@@ -227,16 +309,12 @@ enum Link {
     },
 }
 
-/// Watches the stream until `--duration` passes, the edge refuses, or `shutdown` fires.
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let edge = config.edge.context("no --edge")?;
-    let codec = Codec::new(braid_net::daemon::network_key(&config.network_key)?);
-    let mut link = match config.transport {
+async fn connect(config: &Config, edge: SocketAddr) -> anyhow::Result<Link> {
+    Ok(match config.transport {
         Transport::Udp => Link::Udp {
             socket: Box::new(
                 Socket::bind(config.bind, Impairments::default(), "client").context("binding")?,
             ),
-            edge,
         },
         Transport::Tcp => {
             let stream = tokio::net::TcpStream::connect(edge)
@@ -266,7 +344,108 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             });
             Link::Tcp { writer, rx }
         }
+    })
+}
+
+/// Times a keepalive to each candidate (300 ms at most) and returns the round trips.
+fn probe(codec: &Codec, stream: StreamId, candidates: &[SocketAddr]) -> Vec<(SocketAddr, f64)> {
+    let Ok(sock) = std::net::UdpSocket::bind("0.0.0.0:0") else {
+        return Vec::new();
     };
+    let _ = sock.set_read_timeout(Some(Duration::from_millis(50)));
+    let start = Instant::now();
+    for (i, c) in candidates.iter().enumerate() {
+        let mut out = BytesMut::new();
+        let msg = Message {
+            header: Header {
+                stream,
+                ..Header::default()
+            },
+            body: Body::Keepalive(braid_core::wire::Keepalive {
+                node: NodeId(0),
+                sent_us: (i as u64 + 1) << 32 | start.elapsed().as_micros() as u64 & 0xffff_ffff,
+                echo_us: 0,
+            }),
+        };
+        if codec.encode(&msg, &mut out).is_ok() {
+            let _ = sock.send_to(&out, c);
+        }
+    }
+    let mut rtts = Vec::new();
+    let mut buf = [0u8; 512];
+    while start.elapsed() < Duration::from_millis(300) && rtts.len() < candidates.len() {
+        let Ok((n, from)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
+        if let Ok(Message {
+            body: Body::Keepalive(k),
+            ..
+        }) = codec.decode(Bytes::copy_from_slice(&buf[..n]))
+        {
+            let sent = Duration::from_micros(k.echo_us & 0xffff_ffff);
+            if candidates.contains(&from) {
+                rtts.push((
+                    from,
+                    start.elapsed().saturating_sub(sent).as_secs_f64() * 1000.0,
+                ));
+            }
+        }
+    }
+    rtts
+}
+
+/// Watches the stream until `--duration` passes, the edge refuses with nowhere else to
+/// go, or `shutdown` fires.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let codec = Codec::new(braid_net::daemon::network_key(&config.network_key)?);
+    let stream = StreamId(config.stream);
+    let viewer = (!config.controls.is_empty()).then(|| control::Viewer {
+        controls: config.controls.clone(),
+        client: config.id,
+        stream: config.stream,
+        token: config.token.clone(),
+        region: config.region.clone(),
+    });
+    let mut assignment: Option<control::Assignment> = None;
+    if let Some(v) = viewer.clone() {
+        match tokio::task::spawn_blocking(move || control::assign(&v)).await? {
+            Ok(a) => assignment = Some(a),
+            Err(e) if config.edge.is_some() => tracing::warn!("{e:#}; watching --edge instead"),
+            Err(e) => return Err(e),
+        }
+    }
+    let mut edge = match (&assignment, config.edge) {
+        (Some(a), _) => a.primary,
+        (None, Some(e)) => e,
+        (None, None) => anyhow::bail!("no edge to watch"),
+    };
+    if let (true, Some(a), Some(v)) = (config.probe, &assignment, viewer.clone()) {
+        let cands: Vec<SocketAddr> = a.candidates.iter().map(|c| c.addr).collect();
+        let c2 = codec.clone();
+        let rtts = tokio::task::spawn_blocking(move || {
+            let r = probe(&c2, stream, &cands);
+            control::feedback(&v, &r, 0);
+            r
+        })
+        .await?;
+        let same_set: Vec<&(SocketAddr, f64)> = rtts
+            .iter()
+            .filter(|(addr, _)| {
+                a.candidates
+                    .iter()
+                    .any(|c| c.addr == *addr && c.set == a.primary_set)
+            })
+            .collect();
+        if let Some((fastest, rtt)) = same_set.into_iter().min_by(|x, y| x.1.total_cmp(&y.1)) {
+            tracing::info!(
+                "probed {} edges; fastest of the {} set: {fastest} ({rtt:.2} ms)",
+                rtts.len(),
+                a.primary_set
+            );
+            edge = *fastest;
+        }
+    }
+    let mut link = connect(&config, edge).await?;
     let mut out: Box<dyn Write> = if config.out.as_os_str() == "-" {
         Box::new(std::io::BufWriter::new(std::io::stdout()))
     } else {
@@ -290,8 +469,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         nack_retry: (window / 5).max(Duration::from_millis(10)),
         ..merge::Config::default()
     })?;
-    let stream = StreamId(config.stream);
+    let mut detector = Detector::new(DetectConfig {
+        nominal_bitrate: (config.nominal_bps > 0).then_some(Bitrate(config.nominal_bps)),
+        stall: Duration::from_millis(config.stall_ms),
+        ..DetectConfig::default()
+    })?;
     let started = Instant::now();
+    detector.reset(started);
     let deadline =
         (config.duration > 0.0).then(|| started + Duration::from_secs_f64(config.duration));
     let start_deadline = started + Duration::from_secs_f64(config.start_timeout);
@@ -306,37 +490,58 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         transport: format!("{:?}", config.transport).to_lowercase(),
         ..Stats::default()
     };
-    let (start, start_seq) = match config.resume_seq {
+    let mut start = match config.resume_seq {
         Some(s) => (WatchStart::Seq, SeqNo(s)),
         None => (WatchStart::Keyframe, SeqNo(0)),
     };
+    // Detectors are ignored until the first packet from an edge, or this long.
+    let grace = Duration::from_secs_f64(config.start_timeout.min(3.0));
+    let mut grace_until = started + grace;
+    // Measures are judged from one second after a start or switch (the catch-up burst).
+    let settle = Duration::from_secs(1);
+    let mut judge_from = started + settle;
+    let mut got_from_edge = false;
     let mut acked = SeqNo(0);
     let mut since_ack = 0u32;
     let mut ack_tick = tokio::time::interval(Duration::from_millis(250));
     let mut report_tick = tokio::time::interval(Duration::from_secs(1));
     report_tick.tick().await;
+    let reask_every = (config.reask_secs > 0.0 && viewer.is_some())
+        .then(|| Duration::from_secs_f64(config.reask_secs));
+    let mut next_reask = reask_every.map(|d| started + d);
+    let mut reask: Option<tokio::task::JoinHandle<anyhow::Result<control::Assignment>>> = None;
     let mut last_report = (Instant::now(), 0u64);
     let tty = std::io::stderr().is_terminal();
-    let mut rx = Vec::new();
+    let mut rx: Vec<(Option<SocketAddr>, Bytes)> = Vec::new();
     let mut buf = BytesMut::new();
     let node = NodeId(config.id);
     let mut result = Ok(());
-    let watch = |acked: SeqNo| {
+    let token = Bytes::from(config.token.clone());
+    let mut pending_switch: Option<(String, Instant)> = None;
+    let mut switch_marks: Vec<(usize, Instant, u64)> = Vec::new();
+    let watch = |acked: SeqNo, start: (WatchStart, SeqNo)| {
         Body::Watch(Watch {
             node,
             lease_ms: 3000,
-            start,
-            seq: start_seq,
+            start: start.0,
+            seq: start.1,
             acked,
-            token: Bytes::new(),
+            token: token.clone(),
         })
     };
+    send(
+        &codec,
+        &mut link,
+        edge,
+        &mut buf,
+        stream,
+        watch(acked, start),
+    )
+    .await?;
     loop {
         let merge_deadline = buffer.next_timeout();
-        let stalled = stall.is_some_and(|(a, b)| {
-            let now = Instant::now();
-            now >= a && now < b
-        });
+        let now = Instant::now();
+        let stalled = stall.is_some_and(|(a, b)| now >= a && now < b);
         let mut send_ack = false;
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -345,25 +550,58 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 result = Err(anyhow::anyhow!("no stream from edge {edge} within {} s (is stream {} published, and the edge reachable over {:?}?)", config.start_timeout, config.stream, config.transport));
                 break;
             }
-            _ = ack_tick.tick() => send_ack = true,
+            _ = ack_tick.tick() => {
+                send_ack = true;
+                detector.handle_timeout(Instant::now());
+            }
             _ = async { match merge_deadline { Some(t) => tokio::time::sleep_until(t.into()).await, None => std::future::pending().await } } => {
                 buffer.handle_timeout(Instant::now());
             }
             _ = tokio::time::sleep(Duration::from_millis(50)), if stalled => {}
+            res = async { reask.as_mut().expect("guarded").await }, if reask.is_some() => {
+                reask = None;
+                if let Ok(Ok(a)) = res {
+                    let current = a.candidates.iter().find(|c| c.addr == edge).map(|c| f64::from(c.weight));
+                    let best = a.candidates.first().map(|c| (c.addr, f64::from(c.weight)));
+                    let better = match (current, best) {
+                        (None, Some(_)) => true,
+                        (Some(cur), Some((addr, w))) => addr != edge && w > cur * (1.0 + config.better_margin),
+                        _ => false,
+                    };
+                    assignment = Some(a);
+                    if better && pending_switch.is_none() {
+                        pending_switch = Some(("better".into(), Instant::now()));
+                    }
+                }
+            }
             res = recv(&mut link, &mut rx), if !stalled => {
                 res?;
                 let now = Instant::now();
-                for datagram in rx.drain(..) {
+                for (from, datagram) in rx.drain(..) {
+                    let from_edge = from.is_none_or(|f| f == edge);
                     match codec.decode(datagram) {
-                        Ok(Message { body: Body::Media(m), .. }) => {
+                        Ok(Message { header, body: Body::Media(m) }) => {
+                            if !from_edge {
+                                stats.stray += 1;
+                                continue;
+                            }
                             stats.join_ms.get_or_insert(now.duration_since(started).as_millis() as u64);
+                            if !got_from_edge {
+                                got_from_edge = true;
+                                if let Some((i, t, _)) = switch_marks.last() {
+                                    if let Some(s) = stats.switches.get_mut(*i) {
+                                        s.detect_to_first_packet_ms.get_or_insert(now.duration_since(*t).as_millis() as u64);
+                                    }
+                                }
+                            }
                             if m.seq > acked {
                                 acked = m.seq;
                             }
                             since_ack += 1;
+                            detector.handle_input(now, Observation { seq: m.seq, size: m.rtp.len(), frame_start: header.flags.contains(braid_core::wire::Flags::KEYFRAME) });
                             buffer.handle_input(now, merge::Input::Packet { path: PathId(0), seq: m.seq, item: m.rtp.payload() });
                         }
-                        Ok(Message { body: Body::Notice { kind, value }, .. }) => match kind {
+                        Ok(Message { body: Body::Notice { kind, value }, .. }) if from_edge => match kind {
                             NoticeKind::Skipped => {
                                 stats.skipped += value;
                                 stats.skips += 1;
@@ -372,8 +610,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                             NoticeKind::Missed => tracing::warn!("the edge no longer had {value} of the packets asked for"),
                             NoticeKind::Joined => tracing::debug!("joined at {value}"),
                         },
-                        Ok(Message { body: Body::Error { text, .. }, .. }) => {
-                            result = Err(anyhow::anyhow!("edge {edge} refused: {text}"));
+                        Ok(Message { body: Body::Switch { reason }, .. }) if from_edge => {
+                            tracing::warn!("edge {edge} asks its viewers to move ({reason:?})");
+                            if pending_switch.is_none() {
+                                pending_switch = Some(("drain".into(), now));
+                            }
+                        }
+                        Ok(Message { body: Body::Error { text, .. }, .. }) if from_edge => {
+                            if viewer.is_some() || assignment.is_some() {
+                                tracing::warn!("edge {edge} refused: {text}");
+                                if pending_switch.is_none() {
+                                    pending_switch = Some(("refused".into(), now));
+                                }
+                            } else {
+                                result = Err(anyhow::anyhow!("edge {edge} refused: {text}"));
+                            }
                         }
                         Ok(_) => {}
                         Err(_) => stats.malformed += 1,
@@ -389,11 +640,119 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 stats.bitrate_bps = Bitrate::from_size_over(DataSize(stats.bytes - b0), now.duration_since(t0)).0;
                 last_report = (now, stats.bytes);
                 stats.buffered = buffer.held();
+                for (i, t, gaps) in &switch_marks {
+                    if now.duration_since(*t) > Duration::from_secs(2) + window {
+                        if let Some(s) = stats.switches.get_mut(*i) {
+                            s.lost.get_or_insert(stats.gaps - gaps);
+                        }
+                    }
+                }
                 report(&stats, tty, stats_out.as_mut())?;
             }
         }
         if result.is_err() {
             break;
+        }
+        // The detectors' verdict, once the edge had its chance.
+        let now = Instant::now();
+        while let DetectOutput::Switch(reason) = detector.poll_output() {
+            // Judge an edge only once it delivered and its catch-up is over, or, if it
+            // delivers nothing, after the grace.
+            let judged = if got_from_edge {
+                now >= judge_from
+            } else {
+                now >= grace_until
+            };
+            if judged && pending_switch.is_none() && stats.join_ms.is_some() {
+                tracing::warn!("leaving {edge}: {reason:?}");
+                pending_switch = Some((reason.name().to_owned(), now));
+            } else if !judged {
+                // Too early to judge: re-arm, so a problem that lasts is said again.
+                detector.reset(now);
+            }
+        }
+        if reask.is_none() && next_reask.is_some_and(|t| now >= t) {
+            next_reask = reask_every.map(|d| now + d);
+            let v = viewer.clone().expect("re-ask only with control servers");
+            reask = Some(tokio::task::spawn_blocking(move || control::assign(&v)));
+        }
+        if let Some((reason, detected)) = pending_switch.take() {
+            // The first sequence number not yet written: the new edge starts there; what the
+            // buffer already holds is dropped as duplicate, what it lacks is filled.
+            let resume = buffer.next_seq().unwrap_or(acked.next());
+            let mut via_control = false;
+            let mut target = None;
+            if let Some(v) = viewer.clone() {
+                let failed = edge;
+                let r = reason.clone();
+                match tokio::task::spawn_blocking(move || control::switch(&v, failed, &r, resume.0))
+                    .await?
+                {
+                    Ok(a) => {
+                        target = Some(a.primary);
+                        via_control = true;
+                        assignment = Some(a);
+                    }
+                    Err(e) => tracing::warn!("{e:#}: going to the secondary set directly"),
+                }
+            }
+            if target.is_none() {
+                if let Some(a) = &assignment {
+                    let current_set = a
+                        .candidates
+                        .iter()
+                        .find(|c| c.addr == edge)
+                        .map(|c| c.set.clone());
+                    target = a
+                        .candidates
+                        .iter()
+                        .filter(|c| c.addr != edge)
+                        .min_by_key(|c| (Some(&c.set) == current_set.as_ref(), c.priority))
+                        .map(|c| c.addr);
+                }
+            }
+            match target {
+                Some(to) if to != edge => {
+                    let _ = send(
+                        &codec,
+                        &mut link,
+                        edge,
+                        &mut buf,
+                        stream,
+                        Body::Unsubscribe { node },
+                    )
+                    .await;
+                    tracing::info!(
+                        "switching {edge} -> {to} ({reason}), resuming at {}",
+                        resume.0
+                    );
+                    if config.transport == Transport::Tcp {
+                        link = connect(&config, to).await?;
+                    }
+                    stats.switches.push(SwitchStat {
+                        reason,
+                        from: edge.to_string(),
+                        to: to.to_string(),
+                        via_control,
+                        detect_to_first_packet_ms: None,
+                        resumed_at: resume.0,
+                        lost: None,
+                    });
+                    switch_marks.push((stats.switches.len() - 1, detected, stats.gaps));
+                    edge = to;
+                    stats.edge = to.to_string();
+                    start = (WatchStart::Seq, resume);
+                    got_from_edge = false;
+                    grace_until = Instant::now() + grace;
+                    judge_from = Instant::now() + settle;
+                    detector.reset(Instant::now());
+                    send_ack = true;
+                }
+                _ => {
+                    tracing::warn!("nowhere to switch to ({reason}); staying on {edge}");
+                    detector.reset(Instant::now());
+                }
+            }
         }
         // Drain the buffer: write in-order packets, count gaps, ask for what is missing.
         let mut nacks: Vec<SeqRange> = Vec::new();
@@ -423,6 +782,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 send(
                     &codec,
                     &mut link,
+                    edge,
                     &mut buf,
                     stream,
                     Body::Nack(chunk.to_vec()),
@@ -432,7 +792,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
         if send_ack && !stalled {
             since_ack = 0;
-            send(&codec, &mut link, &mut buf, stream, watch(acked)).await?;
+            send(
+                &codec,
+                &mut link,
+                edge,
+                &mut buf,
+                stream,
+                watch(acked, start),
+            )
+            .await?;
         }
     }
     out.flush().context("writing the stream")?;
@@ -440,6 +808,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let _ = send(
         &codec,
         &mut link,
+        edge,
         &mut buf,
         stream,
         Body::Unsubscribe { node },
@@ -454,21 +823,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     result
 }
 
-async fn recv(link: &mut Link, out: &mut Vec<Bytes>) -> anyhow::Result<()> {
+async fn recv(link: &mut Link, out: &mut Vec<(Option<SocketAddr>, Bytes)>) -> anyhow::Result<()> {
     match link {
-        Link::Udp { socket, .. } => {
+        Link::Udp { socket } => {
             let mut v = Vec::new();
             socket.recv(&mut v).await.context("receiving")?;
-            out.extend(v.into_iter().map(|(_, b)| b));
+            out.extend(v.into_iter().map(|(a, b)| (Some(a), b)));
         }
         Link::Tcp { rx, .. } => match rx.recv().await {
             Some(b) => {
-                out.push(b);
+                out.push((None, b));
                 while let Ok(b) = rx.try_recv() {
-                    out.push(b);
+                    out.push((None, b));
                 }
             }
-            None => anyhow::bail!("the edge closed the TCP connection"),
+            None => {
+                // The edge went away: wait, and let the stall detector move us.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         },
     }
     Ok(())
@@ -477,6 +849,7 @@ async fn recv(link: &mut Link, out: &mut Vec<Bytes>) -> anyhow::Result<()> {
 async fn send(
     codec: &Codec,
     link: &mut Link,
+    edge: SocketAddr,
     buf: &mut BytesMut,
     stream: StreamId,
     body: Body,
@@ -490,14 +863,17 @@ async fn send(
         body,
     };
     match link {
-        Link::Udp { socket, edge } => {
+        Link::Udp { socket } => {
             codec.encode(&msg, buf)?;
-            socket.send(Instant::now(), *edge, buf.split().freeze(), false);
+            socket.send(Instant::now(), edge, buf.split().freeze(), false);
             socket.flush();
         }
         Link::Tcp { writer, .. } => {
             codec.encode_frame(&msg, buf)?;
-            writer.write_all(buf).await.context("writing to the edge")?;
+            // A dead edge's connection fails here; the stall detector moves us on.
+            if let Err(e) = writer.write_all(buf).await {
+                tracing::debug!("writing to edge {edge}: {e}");
+            }
         }
     }
     Ok(())
@@ -506,12 +882,13 @@ async fn send(
 fn report(s: &Stats, tty: bool, json: Option<&mut Box<dyn Write>>) -> anyhow::Result<()> {
     if tty {
         eprint!(
-            "\r{:>8.2} Mbps  buffer {:>4} pkts  {:>9} packets  gaps {:>5}  skips {:>3}  from {} ({})   ",
+            "\r{:>8.2} Mbps  buffer {:>4} pkts  {:>9} packets  gaps {:>5}  skips {:>3}  switches {:>2}  from {} ({})   ",
             s.bitrate_bps as f64 / 1e6,
             s.buffered,
             s.packets,
             s.gaps,
             s.skips,
+            s.switches.len(),
             s.edge,
             s.transport
         );

@@ -1,4 +1,428 @@
-//! braid-control: the control server.
+//! braid-control: the control server (seed 002's heart, seed 000's mapping server).
 //!
-//! Not built yet; the issues that build it are listed in the README. It depends on
-//! braid-core, where everything it decides lives.
+//! Nodes report to it every second; it groups edges into two disjoint sets by port,
+//! assigns each viewer a primary edge and a secondary set, answers switch requests with an
+//! edge of the other set, keeps viewers' probe timings per network prefix to rank
+//! candidates, and shows it all on a status page. It keeps no database: everything is
+//! rebuilt from reports within seconds, so several run side by side.
+//!
+//! # Layout
+//!
+//! - [`registry`]: the state and every decision (sans-IO).
+//! - [`Config`], [`run`]: the HTTP API (axum) around it.
+//!
+//! | method | path | body / query | answer |
+//! |---|---|---|---|
+//! | POST | `/v1/report` | [`registry::Report`] | [`registry::ReportReply`] |
+//! | GET | `/v1/assign` | `stream`, `client`, `token`, `region` | [`registry::Assignment`] |
+//! | POST | `/v1/switch` | [`SwitchRequest`] | [`registry::Assignment`] |
+//! | POST, DELETE | `/v1/drain/{node}` | | drain on, off |
+//! | POST | `/v1/feedback` | [`Feedback`] | |
+//! | GET | `/v1/status`, `/` | | JSON, HTML |
+//! | GET | `/metrics` (on `--metrics`) | | Prometheus |
+
+pub mod registry;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use axum::extract::{ConnectInfo, Path as UrlPath, Query, State};
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use braid_core::StreamId;
+use braid_core::token::Signer;
+use braid_net::daemon::DaemonConfig;
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::registry::{Registry, Report, SetRule};
+
+/// The control server's configuration.
+#[derive(Debug, Clone, Parser, Deserialize, Serialize)]
+#[command(name = "braid-control", version, about = "Braid control server")]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// TOML config file; flags given as well override it.
+    #[arg(long)]
+    #[serde(default)]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    #[serde(default)]
+    pub check: bool,
+    /// HTTP address of the API and status page.
+    #[arg(long, default_value = "127.0.0.1:7100")]
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Prometheus metrics endpoint.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    #[serde(default = "default_metrics")]
+    pub metrics: SocketAddr,
+    /// Viewer tokens are required and checked with this secret (empty: not required).
+    #[arg(long, env = "BRAID_TOKEN_SECRET", default_value = "")]
+    #[serde(default)]
+    pub token_secret: String,
+    /// How edges fall in the two sets: `parity`, or port ranges of the even set such as
+    /// `9000-9099,9200-9299`.
+    #[arg(long, default_value = "parity")]
+    #[serde(default = "default_sets")]
+    pub sets: String,
+    /// A node silent this long is down, ms (default 3000: three missed reports).
+    #[arg(long, default_value_t = 3000)]
+    #[serde(default = "default_down_ms")]
+    pub down_ms: u64,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7100))
+}
+fn default_metrics() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+fn default_sets() -> String {
+    "parity".into()
+}
+fn default_down_ms() -> u64 {
+    3000
+}
+
+impl Config {
+    fn set_rule(&self) -> anyhow::Result<SetRule> {
+        if self.sets == "parity" {
+            return Ok(SetRule::Parity);
+        }
+        let ranges = self
+            .sets
+            .split(',')
+            .map(|r| {
+                let (a, b) = r
+                    .split_once('-')
+                    .with_context(|| format!("set range {r:?} is not LOW-HIGH"))?;
+                let (a, b): (u16, u16) = (a.trim().parse()?, b.trim().parse()?);
+                anyhow::ensure!(a <= b, "set range {r:?} is empty");
+                Ok((a, b))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+            .context("--sets takes `parity` or port ranges like 9000-9099,9200-9299")?;
+        Ok(SetRule::Ranges(ranges))
+    }
+}
+
+impl DaemonConfig for Config {
+    const NAME: &'static str = "braid-control";
+
+    fn file(&self) -> Option<&Path> {
+        self.config.as_deref()
+    }
+
+    fn check(&self) -> bool {
+        self.check
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        self.set_rule()?;
+        if self.down_ms < 500 {
+            anyhow::bail!("--down-ms below 500 would call nodes down between two reports");
+        }
+        Ok(())
+    }
+}
+
+/// A switch request from a viewer.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchRequest {
+    /// The viewer.
+    pub client: u64,
+    /// The stream.
+    pub stream: u32,
+    /// The primary that failed.
+    pub failed: SocketAddr,
+    /// Why (bitrate, stall, gaps, out_of_order, drain, ...).
+    pub reason: String,
+    /// The last sequence number the viewer has.
+    #[serde(default)]
+    pub last_seq: u64,
+    /// The viewer's token.
+    #[serde(default)]
+    pub token: String,
+    /// The viewer's region.
+    #[serde(default)]
+    pub region: String,
+}
+
+/// Probe timings and throughput a viewer measured.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Feedback {
+    /// The viewer.
+    pub client: u64,
+    /// Round trips to candidate edges.
+    pub probes: Vec<Probe>,
+    /// Throughput it measured, bits per second.
+    #[serde(default)]
+    pub throughput_bps: u64,
+}
+
+/// One probe.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Probe {
+    /// The edge probed.
+    pub edge: SocketAddr,
+    /// Its round trip, ms.
+    pub rtt_ms: f64,
+}
+
+#[derive(Deserialize)]
+struct AssignQuery {
+    stream: u32,
+    #[serde(default)]
+    client: u64,
+    #[serde(default)]
+    token: String,
+    #[serde(default)]
+    region: String,
+}
+
+struct App {
+    registry: Mutex<Registry>,
+    signer: Option<Signer>,
+}
+
+type Shared = Arc<App>;
+
+/// An error answer: status and a sentence.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn prefix(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            format!("{}.{}.{}", o[0], o[1], o[2])
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}", s[0], s[1], s[2])
+        }
+    }
+}
+
+impl App {
+    fn check_token(&self, stream: u32, token: &str) -> Result<(), ApiError> {
+        let Some(signer) = &self.signer else {
+            return Ok(());
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        signer
+            .verify_for(StreamId(stream), token, now)
+            .map(|_| ())
+            .map_err(|e| {
+                metrics::counter!("braid_control_refused_total", "reason" => "token").increment(1);
+                ApiError(StatusCode::FORBIDDEN, format!("viewer token refused: {e}"))
+            })
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        // A panic while holding the lock would be a bug in the registry; keep serving.
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+async fn report(State(app): State<Shared>, Json(r): Json<Report>) -> impl IntoResponse {
+    Json(app.registry().handle_report(Instant::now(), r))
+}
+
+async fn assign(
+    State(app): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(q): Query<AssignQuery>,
+) -> Result<Json<registry::Assignment>, ApiError> {
+    app.check_token(q.stream, &q.token)?;
+    let _ = q.client;
+    let a = app
+        .registry()
+        .assign(Instant::now(), &q.region, &prefix(peer.ip()))
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    metrics::counter!("braid_control_assignments_total").increment(1);
+    Ok(Json(a))
+}
+
+async fn switch(
+    State(app): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Json(s): Json<SwitchRequest>,
+) -> Result<Json<registry::Assignment>, ApiError> {
+    app.check_token(s.stream, &s.token)?;
+    let a = app
+        .registry()
+        .switch(
+            Instant::now(),
+            s.failed,
+            &s.reason,
+            &s.region,
+            &prefix(peer.ip()),
+        )
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    metrics::counter!("braid_control_switches_total", "reason" => s.reason.clone()).increment(1);
+    tracing::info!(client = s.client, failed = %s.failed, to = %a.primary, reason = %s.reason, "switch");
+    Ok(Json(a))
+}
+
+async fn drain(
+    State(app): State<Shared>,
+    UrlPath(node): UrlPath<u64>,
+) -> Result<&'static str, ApiError> {
+    if app.registry().drain(node, true) {
+        tracing::warn!(node, "draining");
+        Ok("draining\n")
+    } else {
+        Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no node {node} has reported"),
+        ))
+    }
+}
+
+async fn undrain(
+    State(app): State<Shared>,
+    UrlPath(node): UrlPath<u64>,
+) -> Result<&'static str, ApiError> {
+    if app.registry().drain(node, false) {
+        Ok("serving\n")
+    } else {
+        Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no node {node} has reported"),
+        ))
+    }
+}
+
+async fn feedback(
+    State(app): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Json(f): Json<Feedback>,
+) -> StatusCode {
+    let probes: Vec<(SocketAddr, f64)> = f
+        .probes
+        .iter()
+        .filter(|p| p.rtt_ms.is_finite() && p.rtt_ms >= 0.0)
+        .take(64)
+        .map(|p| (p.edge, p.rtt_ms))
+        .collect();
+    app.registry().handle_feedback(&prefix(peer.ip()), &probes);
+    StatusCode::NO_CONTENT
+}
+
+async fn status_json(State(app): State<Shared>) -> impl IntoResponse {
+    Json(app.registry().status(Instant::now()))
+}
+
+async fn status_html(State(app): State<Shared>) -> Html<String> {
+    use std::fmt::Write;
+    let s = app.registry().status(Instant::now());
+    let mut h = String::from(
+        "<!doctype html><meta charset=utf-8><meta http-equiv=refresh content=2><title>Braid control</title>\
+         <style>body{font:14px system-ui;margin:2em}td,th{padding:2px 10px;text-align:left}.down{color:#b00}.warn{color:#b00;font-weight:bold}</style>\
+         <h1>Braid control server</h1>",
+    );
+    for w in &s.warnings {
+        let _ = write!(h, "<p class=warn>{}</p>", html_escape(w));
+    }
+    let _ = write!(
+        h,
+        "<p>live edges: even set {}, odd set {} &middot; assignments {} &middot; switches {:?}</p>\
+         <table><tr><th>node<th>role<th>address<th>region<th>set<th>state<th>viewers<th>capacity<th>egress<th>cpu<th>silent",
+        s.live_edges_even, s.live_edges_odd, s.assignments, s.switches.0
+    );
+    for n in &s.nodes {
+        let state = match (n.live, n.drained) {
+            (false, _) => "<span class=down>down</span>",
+            (true, true) => "draining",
+            (true, false) => "live",
+        };
+        let _ = write!(
+            h,
+            "<tr><td>{}<td>{:?}<td>{}<td>{}<td>{}<td>{}<td>{}<td>{}<td>{:.2} Mbps<td>{:.0}%<td>{} ms",
+            n.node,
+            n.role,
+            n.addr,
+            html_escape(&n.region),
+            n.set
+                .map_or("-".into(), |s| format!("{s:?}").to_lowercase()),
+            state,
+            n.viewers,
+            n.capacity,
+            n.egress_bps as f64 / 1e6,
+            n.cpu * 100.0,
+            n.silent_ms
+        );
+    }
+    h.push_str("</table>");
+    Html(h)
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// The API router, for tests and for [`run`].
+pub fn router(config: &Config) -> anyhow::Result<Router> {
+    let app = Arc::new(App {
+        registry: Mutex::new(Registry::new(
+            config.set_rule()?,
+            Duration::from_millis(config.down_ms),
+        )),
+        signer: (!config.token_secret.is_empty()).then(|| Signer::new(&config.token_secret)),
+    });
+    Ok(Router::new()
+        .route("/", get(status_html))
+        .route("/v1/status", get(status_json))
+        .route("/v1/report", post(report))
+        .route("/v1/assign", get(assign))
+        .route("/v1/switch", post(switch))
+        .route("/v1/drain/{node}", post(drain).delete(undrain))
+        .route("/v1/feedback", post(feedback))
+        .with_state(app))
+}
+
+/// Runs the control server until `shutdown` fires.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let app = router(&config)?;
+    let metrics_addr = braid_net::daemon::serve_metrics(config.metrics, shutdown.clone()).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let http = listener.local_addr()?;
+    braid_net::daemon::print_ready(
+        "control",
+        &[
+            ("http", http.to_string()),
+            ("metrics", metrics_addr.to_string()),
+        ],
+    );
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
+    .context("serving HTTP")?;
+    Ok(())
+}

@@ -21,6 +21,9 @@ use crate::error::Error;
 use crate::id::{Bitrate, DataSize};
 use crate::seq::SeqNo;
 
+/// Windows after a (re)start that are not learned from (a catch-up burst).
+const LEARN_AFTER: u64 = 4;
+
 /// Thresholds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -194,6 +197,9 @@ pub struct Detector {
     stall_reported: bool,
     pending: VecDeque<Output>,
     windows: u64,
+    /// Windows closed since the last reset; the first second after a (re)start is a
+    /// catch-up burst and teaches nothing about the stream's rate.
+    since_reset: u64,
 }
 
 impl Detector {
@@ -215,6 +221,7 @@ impl Detector {
             stall_reported: false,
             pending: VecDeque::new(),
             windows: 0,
+            since_reset: 0,
         })
     }
 
@@ -230,6 +237,7 @@ impl Detector {
         self.armed = true;
         self.stall_reported = false;
         self.pending.clear();
+        self.since_reset = 0;
         // The sequence position carries over: the new source resumes where the old left.
     }
 
@@ -302,6 +310,7 @@ impl Detector {
 
     fn close_window(&mut self, c: Counts) {
         self.windows += 1;
+        self.since_reset += 1;
         let secs = self.config.window.as_secs_f64();
         let expected = c.packets + c.gaps;
         let stats = WindowStats {
@@ -337,8 +346,12 @@ impl Detector {
                 if !self.armed && self.good_streak >= self.config.rearm_windows {
                     self.armed = true;
                 }
-                // Learn the nominal rate from good windows only.
-                if self.config.nominal_bitrate.is_none() && c.packets > 0 {
+                // Learn the nominal rate from good windows only, and not from the burst
+                // that follows a (re)start.
+                if self.config.nominal_bitrate.is_none()
+                    && c.packets > 0
+                    && self.since_reset > LEARN_AFTER
+                {
                     let v = stats.bitrate.0 as f64;
                     self.learned_nominal = Some(match self.learned_nominal {
                         None => v,
@@ -377,10 +390,10 @@ impl Detector {
     }
 
     /// The nominal bit rate in use: configured, or learned once four good windows were
-    /// seen.
+    /// seen after the first second.
     pub fn nominal(&self) -> Option<Bitrate> {
         self.config.nominal_bitrate.or_else(|| {
-            if self.windows >= 4 {
+            if self.windows >= LEARN_AFTER + 4 {
                 self.learned_nominal.map(|v| Bitrate(v as u64))
             } else {
                 None
@@ -585,6 +598,18 @@ mod tests {
         // Good for 8 windows re-arms; the learned nominal did not sink with the bad rate.
         assert!(feed(&mut d, t, 7000, 3, 4_000_000, &mut seq, 0).is_empty());
         assert_eq!(feed(&mut d, t, 10_000, 2, 1_000_000, &mut seq, 0).len(), 1);
+    }
+
+    #[test]
+    fn a_catch_up_burst_after_a_start_is_not_learned_as_the_nominal_rate() {
+        let t = t0();
+        let mut d = Detector::new(Config::default()).unwrap();
+        let mut seq = 0;
+        // Half a second at four times the rate (a ring's catch-up), then the real rate.
+        assert!(feed(&mut d, t, 0, 1, 8_000_000, &mut seq, 0).is_empty());
+        assert!(feed(&mut d, t, 1000, 4, 4_000_000, &mut seq, 0).is_empty());
+        let n = d.nominal().unwrap().0 as f64;
+        assert!((n - 4e6).abs() < 0.1 * 4e6, "learned {n}");
     }
 
     #[test]

@@ -80,6 +80,8 @@ pub struct Stats {
     pub send_failed: u64,
     /// Datagrams the impairment layer dropped.
     pub impaired: u64,
+    /// Bytes handed to the kernel.
+    pub sent_bytes: u64,
 }
 
 /// A daemon's UDP socket. Owned by one task.
@@ -246,6 +248,7 @@ impl Socket {
         self.stats.send_failed += failed;
         self.stats.sent += msgs.len() as u64 - failed;
         let bytes: usize = msgs.iter().map(|(_, b)| b.len()).sum();
+        self.stats.sent_bytes += bytes as u64;
         metrics::counter!("braid_udp_sent_bytes_total", "role" => self.role)
             .increment(bytes as u64);
         drop(msgs);

@@ -683,3 +683,202 @@ pub mod crowd {
         }
     }
 }
+
+/// A network with control servers and edges in both port-parity sets, for the control
+/// and switching tests.
+pub struct ControlNet {
+    /// Where logs and outputs go.
+    pub dir: tempfile::TempDir,
+    /// Control servers.
+    pub controls: Vec<Proc>,
+    /// Set reflectors.
+    pub sets: Vec<Proc>,
+    /// Edges: even-port ones first.
+    pub edges: Vec<Proc>,
+    /// Entry points.
+    pub entries: Vec<Proc>,
+    /// The capture.
+    pub capture: Proc,
+}
+
+/// A free port of the given parity (UDP and TCP).
+pub fn port_of_parity(even: bool) -> u16 {
+    for _ in 0..1000 {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let p = s.local_addr().expect("addr").port();
+        if (p % 2 == 0) == even && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free port of the right parity")
+}
+
+impl ControlNet {
+    /// Starts `controls` control servers, 3 set reflectors, `per_set` edges per set,
+    /// 2 entry points and a synthetic capture running `seconds`; `edge_args(i)` adds flags
+    /// to edge `i`, `token_secret` (if any) is required by control servers and edges.
+    pub fn start(
+        controls: usize,
+        per_set: usize,
+        seconds: f64,
+        token_secret: &str,
+        edge_args: impl Fn(usize) -> Vec<String>,
+    ) -> ControlNet {
+        let dir = tempfile::Builder::new()
+            .prefix("braid-test-")
+            .disable_cleanup(std::env::var_os("BRAID_TEST_KEEP").is_some())
+            .tempdir()
+            .expect("a temporary directory");
+        let p = |f: &str| dir.path().join(f);
+        let s = |v: &dyn ToString| v.to_string();
+        let mut ctl = Vec::new();
+        for i in 0..controls {
+            ctl.push(Proc::start(
+                &format!("control{i}"),
+                "braid-control",
+                &[
+                    s(&"--listen"),
+                    s(&"127.0.0.1:0"),
+                    s(&"--token-secret"),
+                    token_secret.to_owned(),
+                ],
+                &p(&format!("control{i}.log")),
+            ));
+        }
+        let urls: Vec<String> = ctl
+            .iter()
+            .map(|c| format!("http://{}", c.ready["http"]))
+            .collect();
+        let mut sets = Vec::new();
+        for i in 0..3 {
+            sets.push(Proc::start(
+                &format!("set{i}"),
+                "braid-reflector",
+                &[
+                    s(&"--role"),
+                    s(&"set"),
+                    s(&"--listen"),
+                    s(&"127.0.0.1:0"),
+                    s(&"--stream"),
+                    s(&1),
+                    s(&"--node-id"),
+                    s(&(100 + i)),
+                ],
+                &p(&format!("set{i}.log")),
+            ));
+        }
+        let mut edges = Vec::new();
+        for i in 0..2 * per_set {
+            let even = i < per_set;
+            let mut a = vec![
+                s(&"--role"),
+                s(&"edge"),
+                s(&"--listen"),
+                format!("127.0.0.1:{}", port_of_parity(even)),
+                s(&"--stream"),
+                s(&1),
+                s(&"--node-id"),
+                s(&(200 + i)),
+                s(&"--token-secret"),
+                token_secret.to_owned(),
+                s(&"--linger-ms"),
+                s(&60000),
+            ];
+            for set in &sets {
+                a.extend([s(&"--reflector"), s(&set.udp())]);
+            }
+            for u in &urls {
+                a.extend([s(&"--control"), u.clone()]);
+            }
+            a.extend(edge_args(i));
+            edges.push(Proc::start(
+                &format!("edge{i}"),
+                "braid-reflector",
+                &a,
+                &p(&format!("edge{i}.log")),
+            ));
+        }
+        let refl: Vec<String> = sets.iter().map(|x| x.udp().to_string()).collect();
+        let mut entries = Vec::new();
+        for i in 0..2 {
+            entries.push(Proc::start(
+                &format!("entry{i}"),
+                "braid-entrypoint",
+                &[
+                    s(&"--listen"),
+                    s(&"127.0.0.1:0"),
+                    s(&"--stream"),
+                    format!("1:{STREAM_KEY}:{}", refl.join(",")),
+                ],
+                &p(&format!("entry{i}.log")),
+            ));
+        }
+        let mut cap = vec![
+            s(&"--stream-key"),
+            s(&STREAM_KEY),
+            s(&"--gop"),
+            s(&25),
+            s(&"--tee"),
+            p("tee.ts").display().to_string(),
+            s(&"--duration"),
+            s(&seconds),
+            s(&"--bind"),
+            s(&"127.0.0.1:0"),
+        ];
+        for e in &entries {
+            cap.extend([s(&"--entry"), s(&e.udp())]);
+        }
+        let capture = Proc::start("capture", "braid-capture", &cap, &p("capture.log"));
+        ControlNet {
+            dir,
+            controls: ctl,
+            sets,
+            edges,
+            entries,
+            capture,
+        }
+    }
+
+    /// A file in the test's directory.
+    pub fn path(&self, f: &str) -> PathBuf {
+        self.dir.path().join(f)
+    }
+
+    /// The control servers' URLs.
+    pub fn urls(&self) -> Vec<String> {
+        self.controls
+            .iter()
+            .map(|c| format!("http://{}", c.ready["http"]))
+            .collect()
+    }
+
+    /// Starts a viewer that asks the control servers; `extra` adds flags.
+    pub fn viewer(&self, name: &str, id: u64, seconds: f64, extra: &[String]) -> Proc {
+        let mut a = vec![
+            "--id".to_string(),
+            id.to_string(),
+            "--out".into(),
+            self.path(&format!("{name}.ts")).display().to_string(),
+            "--stats-json".into(),
+            self.path(&format!("{name}.json")).display().to_string(),
+            "--duration".into(),
+            seconds.to_string(),
+            "--start-timeout".into(),
+            "10".into(),
+        ];
+        for u in self.urls() {
+            a.extend(["--control".into(), u]);
+        }
+        a.extend(extra.iter().cloned());
+        Proc::spawn(name, "braid-client", &a, &self.path(&format!("{name}.log")))
+    }
+
+    /// A viewer's last stats line.
+    pub fn stats(&self, name: &str) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.path(&format!("{name}.json"))).unwrap_or_default();
+        text.lines()
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+}

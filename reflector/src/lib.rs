@@ -38,7 +38,7 @@ use braid_core::wire::{
     Body, Codec, ErrorCode, Flags, Header, Media, Message, NoticeKind, SeqRange, Subscription,
     Watch, WatchStart,
 };
-use braid_core::{NodeId, PathId, SeqNo, StreamId};
+use braid_core::{Bitrate, DataSize, NodeId, PathId, SeqNo, StreamId};
 use braid_net::daemon::DaemonConfig;
 use braid_net::udp::{Impairments, Socket};
 use bytes::{Bytes, BytesMut};
@@ -47,6 +47,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+mod report;
 mod tcp;
 
 /// Which role the reflector plays.
@@ -148,6 +149,22 @@ pub struct Config {
     #[arg(long, default_value_t = 64)]
     #[serde(default = "default_viewer_window")]
     pub viewer_window: u64,
+    /// Control servers to report to (repeatable), as `http://host:port`.
+    #[arg(long = "control")]
+    #[serde(default)]
+    pub controls: Vec<String>,
+    /// This node's region, for the control server's assignment.
+    #[arg(long, default_value = "")]
+    #[serde(default)]
+    pub region: String,
+    /// This node's cost tier (0 cheapest).
+    #[arg(long, default_value_t = 0)]
+    #[serde(default)]
+    pub cost_tier: u8,
+    /// Edge role: viewers must present a token signed with this secret (empty: no check).
+    #[arg(long, env = "BRAID_TOKEN_SECRET", default_value = "")]
+    #[serde(default)]
+    pub token_secret: String,
     /// Impairment of the outgoing links (TOML only).
     #[arg(skip)]
     #[serde(default)]
@@ -327,6 +344,11 @@ struct Node {
     out: BytesMut,
     node: NodeId,
     viewers: usize,
+    shared: std::sync::Arc<report::Shared>,
+    signer: Option<braid_core::token::Signer>,
+    /// (when, bytes sent then), for the egress rate.
+    egress_mark: (Instant, u64),
+    last_drain_signal: Option<Instant>,
 }
 
 /// What a viewer asked for, from whichever transport.
@@ -370,6 +392,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         drop(tcp_tx);
     }
     braid_net::daemon::print_ready(role_name, &ready);
+    let shared = std::sync::Arc::new(report::Shared::default());
+    report::spawn(
+        config.controls.clone(),
+        report::Identity {
+            node: config.node_id,
+            role: role_name,
+            addr: udp_addr,
+            region: config.region.clone(),
+            capacity: config.max_viewers as u64,
+            cost_tier: config.cost_tier,
+        },
+        shared.clone(),
+        shutdown.clone(),
+    );
+    let signer = (!config.token_secret.is_empty())
+        .then(|| braid_core::token::Signer::new(&config.token_secret));
     let mut node = Node {
         node: NodeId(config.node_id),
         config,
@@ -378,6 +416,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         streams: HashMap::new(),
         out: BytesMut::with_capacity(2048),
         viewers: 0,
+        shared,
+        signer,
+        egress_mark: (Instant::now(), 0),
+        last_drain_signal: None,
     };
     let mut rx = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -509,6 +551,16 @@ impl Node {
             }
             (Role::Edge, Body::Unsubscribe { .. }) => self.remove_viewer(id, ViewerKey::Udp(from)),
             (_, Body::Nack(ranges)) => self.handle_nack(now, from, id, ranges),
+            (Role::Edge, Body::Keepalive(k)) => {
+                // A viewer probing this edge: echo its time so it can measure the round trip.
+                let reply = Body::Keepalive(braid_core::wire::Keepalive {
+                    node: self.node,
+                    sent_us: 0,
+                    echo_us: k.sent_us,
+                });
+                let d = self.control_datagram(id, reply);
+                self.socket.send(now, from, d, false);
+            }
             (_, Body::Keepalive(_)) => {}
             _ => dropped(role, "unexpected_kind"),
         }
@@ -695,6 +747,33 @@ impl Node {
             self.serve_one(now, id, req.key);
             return;
         }
+        let draining = self.shared.drain.load(std::sync::atomic::Ordering::Relaxed);
+        if draining {
+            dropped(Role::Edge, "draining");
+            self.refuse(
+                now,
+                &req.transport,
+                id,
+                ErrorCode::DRAINING,
+                "this edge is draining: ask the control server for another",
+            );
+            return;
+        }
+        if let Some(signer) = &self.signer {
+            let unix = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let token = std::str::from_utf8(&req.watch.token).unwrap_or("");
+            if let Err(e) = signer.verify_for(id, token, unix) {
+                dropped(Role::Edge, "bad_token");
+                let text = format!("viewer token refused: {e}");
+                self.refuse(now, &req.transport, id, ErrorCode::UNAUTHORIZED, &text);
+                return;
+            }
+        }
+        let Some(st) = self.streams.get_mut(&id) else {
+            return;
+        };
         if st.viewers.len() >= max_stream || node_full {
             dropped(Role::Edge, "viewer_cap");
             let text = if node_full {
@@ -1061,6 +1140,8 @@ impl Node {
     /// Expiries, refreshes, path replacement, linger, metrics export.
     fn housekeeping(&mut self, now: Instant) {
         let role = self.config.role;
+        self.report_load(now);
+        self.signal_drain(now);
         let mut close = Vec::new();
         let mut refresh = Vec::new();
         let mut gone_viewers = 0;
@@ -1135,6 +1216,59 @@ impl Node {
         }
         metrics::gauge!("braid_viewers").set(self.viewers as f64);
         self.socket.flush();
+    }
+
+    /// Shares viewers and egress with the reporter thread.
+    fn report_load(&mut self, now: Instant) {
+        use std::sync::atomic::Ordering;
+        self.shared
+            .viewers
+            .store(self.viewers as u64, Ordering::Relaxed);
+        let (t0, b0) = self.egress_mark;
+        let elapsed = now.saturating_duration_since(t0);
+        if elapsed >= Duration::from_secs(1) {
+            let bytes = self.socket.stats().sent_bytes;
+            let bps = Bitrate::from_size_over(DataSize(bytes.saturating_sub(b0)), elapsed);
+            self.shared.egress_bps.store(bps.0, Ordering::Relaxed);
+            self.egress_mark = (now, bytes);
+        }
+    }
+
+    /// A drained edge tells its viewers to switch, every second while any remain.
+    fn signal_drain(&mut self, now: Instant) {
+        if self.config.role != Role::Edge
+            || !self.shared.drain.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        if self
+            .last_drain_signal
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last_drain_signal = Some(now);
+        let ids: Vec<StreamId> = self.streams.keys().copied().collect();
+        for id in ids {
+            let d = self.control_datagram(
+                id,
+                Body::Switch {
+                    reason: braid_core::wire::SwitchReason::Drain,
+                },
+            );
+            let Some(st) = self.streams.get(&id) else {
+                continue;
+            };
+            for v in st.viewers.values() {
+                match &v.transport {
+                    Transport::Udp(a) => self.socket.send(now, *a, d.clone(), false),
+                    Transport::Tcp(w) => {
+                        let _ = w.try_send(d.clone());
+                    }
+                }
+            }
+            metrics::counter!("braid_edge_drain_signals_total").increment(st.viewers.len() as u64);
+        }
     }
 
     /// On shutdown: an edge unsubscribes so the set reflectors stop at once.

@@ -1,0 +1,587 @@
+//! The control server's state: nodes, their load, the two edge sets, assignment and
+//! switching. Sans-IO: time is an argument; the HTTP layer owns the clock.
+//!
+//! Edges fall in two disjoint sets by a function of their port (seed 002): parity by
+//! default, or port ranges. A viewer gets a primary edge in one set and the other set as
+//! its secondary, so the edge it moves to is always a different machine. State is soft:
+//! it is rebuilt from the nodes' reports (every second) within seconds, so several
+//! control servers can run side by side with no shared database.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// Which of the two disjoint edge sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Set {
+    /// Even ports (or the first range).
+    Even,
+    /// Odd ports (or the rest).
+    Odd,
+}
+
+impl Set {
+    /// The other set.
+    pub fn other(self) -> Set {
+        match self {
+            Set::Even => Set::Odd,
+            Set::Odd => Set::Even,
+        }
+    }
+}
+
+/// How an edge's port decides its set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SetRule {
+    /// Even ports in one set, odd in the other.
+    Parity,
+    /// Ports in these inclusive ranges are the "even" set, all others the "odd" one.
+    Ranges(Vec<(u16, u16)>),
+}
+
+impl SetRule {
+    /// The set of an edge listening on `port`.
+    pub fn set_of(&self, port: u16) -> Set {
+        match self {
+            SetRule::Parity if port % 2 == 0 => Set::Even,
+            SetRule::Parity => Set::Odd,
+            SetRule::Ranges(r) if r.iter().any(|(a, b)| (*a..=*b).contains(&port)) => Set::Even,
+            SetRule::Ranges(_) => Set::Odd,
+        }
+    }
+}
+
+/// A node's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Entry point.
+    Entrypoint,
+    /// Set reflector.
+    Set,
+    /// Edge.
+    Edge,
+}
+
+/// What a node says about itself, every second.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Report {
+    /// Its id.
+    pub node: u64,
+    /// Its role.
+    pub role: Role,
+    /// Where viewers (or edges) reach it.
+    pub addr: SocketAddr,
+    /// Its region, for preferring nearby edges.
+    #[serde(default)]
+    pub region: String,
+    /// Most viewers it takes.
+    #[serde(default = "default_capacity")]
+    pub capacity: u64,
+    /// Cost tier (0 cheapest), for later use by assignment.
+    #[serde(default)]
+    pub cost_tier: u8,
+    /// Viewers now.
+    #[serde(default)]
+    pub viewers: u64,
+    /// Egress, bits per second.
+    #[serde(default)]
+    pub egress_bps: u64,
+    /// CPU use, 0 to 1 per core.
+    #[serde(default)]
+    pub cpu: f64,
+}
+
+fn default_capacity() -> u64 {
+    1000
+}
+
+/// What the control server tells a reporting node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportReply {
+    /// The node should move its viewers away and take no new ones.
+    pub drain: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Node {
+    report: Report,
+    last: Instant,
+    /// Viewers assigned here since its last report (it has not counted them yet).
+    pending: u64,
+    drained: bool,
+}
+
+/// One edge offered to a viewer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    /// Where to watch.
+    pub addr: SocketAddr,
+    /// Its set.
+    pub set: Set,
+    /// Lower is better (like DNS SRV).
+    pub priority: u32,
+    /// Among equal priorities, share of viewers (like DNS SRV).
+    pub weight: u32,
+    /// Its region.
+    pub region: String,
+}
+
+/// A viewer's assignment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// The edge to watch.
+    pub primary: SocketAddr,
+    /// The primary's set.
+    pub primary_set: Set,
+    /// The set to switch to.
+    pub secondary_set: Set,
+    /// Every live edge, ranked: the primary first, then its set, then the other set.
+    pub candidates: Vec<Candidate>,
+}
+
+/// Why no edge could be given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
+#[non_exhaustive]
+pub enum AssignError {
+    /// No live edge that takes viewers.
+    #[error("no live edge with room")]
+    NoEdge,
+    /// Every live edge other than the failed one is in the failed one's set, or down.
+    #[error("no live edge in the other set")]
+    NoOtherSet,
+}
+
+/// Probe timings a viewer reported, kept per client network prefix.
+#[derive(Debug, Clone, Default)]
+struct Feedback {
+    /// Round trip to each edge, ms, smoothed.
+    rtt_ms: HashMap<SocketAddr, f64>,
+}
+
+/// Switch counters by reason.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Switches(pub HashMap<String, u64>);
+
+/// The registry.
+#[derive(Debug)]
+pub struct Registry {
+    rule: SetRule,
+    down_after: Duration,
+    nodes: HashMap<u64, Node>,
+    feedback: HashMap<String, Feedback>,
+    switches: Switches,
+    assignments: u64,
+}
+
+impl Registry {
+    /// A registry; a node silent for `down_after` is down (default 3 s).
+    pub fn new(rule: SetRule, down_after: Duration) -> Registry {
+        Registry {
+            rule,
+            down_after,
+            nodes: HashMap::new(),
+            feedback: HashMap::new(),
+            switches: Switches::default(),
+            assignments: 0,
+        }
+    }
+
+    /// A node's report.
+    pub fn handle_report(&mut self, now: Instant, report: Report) -> ReportReply {
+        let node = self.nodes.entry(report.node).or_insert(Node {
+            report: report.clone(),
+            last: now,
+            pending: 0,
+            drained: false,
+        });
+        node.report = report;
+        node.last = now;
+        node.pending = 0;
+        ReportReply {
+            drain: node.drained,
+        }
+    }
+
+    /// Marks an edge drained (or not); returns whether it is known.
+    pub fn drain(&mut self, node: u64, on: bool) -> bool {
+        match self.nodes.get_mut(&node) {
+            Some(n) => {
+                n.drained = on;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn live(&self, now: Instant, n: &Node) -> bool {
+        now.saturating_duration_since(n.last) < self.down_after
+    }
+
+    /// Live, undrained edges with room, with their set and load (0 empty, 1 full).
+    fn edges(&self, now: Instant) -> Vec<(&Node, Set, f64)> {
+        self.nodes
+            .values()
+            .filter(|n| n.report.role == Role::Edge && self.live(now, n) && !n.drained)
+            .map(|n| {
+                let load = (n.report.viewers + n.pending) as f64 / n.report.capacity.max(1) as f64;
+                (n, self.rule.set_of(n.report.addr.port()), load)
+            })
+            .filter(|(_, _, load)| *load < 1.0)
+            .collect()
+    }
+
+    /// Headroom (free viewer slots) of a set.
+    fn headroom(edges: &[(&Node, Set, f64)], set: Set) -> u64 {
+        edges
+            .iter()
+            .filter(|(_, s, _)| *s == set)
+            .map(|(n, _, _)| {
+                n.report
+                    .capacity
+                    .saturating_sub(n.report.viewers + n.pending)
+            })
+            .sum()
+    }
+
+    /// Assigns a viewer: the least loaded live edge of the set with more headroom,
+    /// preferring `region`, and the other set as secondary.
+    pub fn assign(
+        &mut self,
+        now: Instant,
+        region: &str,
+        prefix: &str,
+    ) -> Result<Assignment, AssignError> {
+        let edges = self.edges(now);
+        if edges.is_empty() {
+            return Err(AssignError::NoEdge);
+        }
+        let set = if Self::headroom(&edges, Set::Even) >= Self::headroom(&edges, Set::Odd) {
+            Set::Even
+        } else {
+            Set::Odd
+        };
+        let a = self.pick(now, set, None, region, prefix)?;
+        self.assignments += 1;
+        Ok(a)
+    }
+
+    /// A viewer's primary failed: the least loaded live edge of the other set, never the
+    /// failed one; the roles swap.
+    pub fn switch(
+        &mut self,
+        now: Instant,
+        failed: SocketAddr,
+        reason: &str,
+        region: &str,
+        prefix: &str,
+    ) -> Result<Assignment, AssignError> {
+        *self.switches.0.entry(reason.to_owned()).or_default() += 1;
+        let set = self.rule.set_of(failed.port()).other();
+        self.pick(now, set, Some(failed), region, prefix)
+            .map_err(|e| match e {
+                AssignError::NoEdge => AssignError::NoOtherSet,
+                e => e,
+            })
+    }
+
+    fn pick(
+        &mut self,
+        now: Instant,
+        set: Set,
+        avoid: Option<SocketAddr>,
+        region: &str,
+        prefix: &str,
+    ) -> Result<Assignment, AssignError> {
+        let fb = self.feedback.get(prefix);
+        let mut ranked: Vec<(SocketAddr, Set, f64, String, u64)> = self
+            .edges(now)
+            .into_iter()
+            .filter(|(n, _, _)| Some(n.report.addr) != avoid)
+            .map(|(n, s, load)| {
+                (
+                    n.report.addr,
+                    s,
+                    load,
+                    n.report.region.clone(),
+                    n.report.node,
+                )
+            })
+            .collect();
+        // Order: the chosen set first; within it, the viewer's region first; then the
+        // least loaded; then the fastest as the viewer's network measured it.
+        let rtt = |a: &SocketAddr| {
+            fb.and_then(|f| f.rtt_ms.get(a).copied())
+                .unwrap_or(f64::MAX)
+        };
+        ranked.sort_by(|x, y| {
+            (x.1 != set)
+                .cmp(&(y.1 != set))
+                .then((x.3 != region).cmp(&(y.3 != region)))
+                .then(x.2.total_cmp(&y.2))
+                .then(rtt(&x.0).total_cmp(&rtt(&y.0)))
+        });
+        let Some(first) = ranked.first().filter(|c| c.1 == set) else {
+            return Err(AssignError::NoEdge);
+        };
+        let primary = first.0;
+        if let Some(n) = self.nodes.get_mut(&first.4) {
+            n.pending += 1;
+        }
+        let candidates = ranked
+            .iter()
+            .enumerate()
+            .map(|(i, (addr, s, load, region, _))| Candidate {
+                addr: *addr,
+                set: *s,
+                priority: if i == 0 {
+                    0
+                } else if *s == set {
+                    1
+                } else {
+                    2
+                },
+                weight: ((1.0 - load) * 100.0).round().max(1.0) as u32,
+                region: region.clone(),
+            })
+            .collect();
+        Ok(Assignment {
+            primary,
+            primary_set: set,
+            secondary_set: set.other(),
+            candidates,
+        })
+    }
+
+    /// Probe timings from a viewer on network `prefix`.
+    pub fn handle_feedback(&mut self, prefix: &str, probes: &[(SocketAddr, f64)]) {
+        let f = self.feedback.entry(prefix.to_owned()).or_default();
+        for (addr, rtt) in probes {
+            let v = f.rtt_ms.entry(*addr).or_insert(*rtt);
+            *v += (rtt - *v) * 0.3;
+        }
+    }
+
+    /// A snapshot for the status page.
+    pub fn status(&self, now: Instant) -> Status {
+        let mut nodes: Vec<NodeStatus> = self
+            .nodes
+            .values()
+            .map(|n| NodeStatus {
+                node: n.report.node,
+                role: n.report.role,
+                addr: n.report.addr,
+                region: n.report.region.clone(),
+                set: (n.report.role == Role::Edge).then(|| self.rule.set_of(n.report.addr.port())),
+                live: self.live(now, n),
+                drained: n.drained,
+                viewers: n.report.viewers,
+                capacity: n.report.capacity,
+                egress_bps: n.report.egress_bps,
+                cpu: n.report.cpu,
+                silent_ms: now.saturating_duration_since(n.last).as_millis() as u64,
+            })
+            .collect();
+        nodes.sort_by_key(|n| (n.role as u8, n.addr));
+        let live_in = |set: Set| {
+            nodes
+                .iter()
+                .filter(|n| n.set == Some(set) && n.live && !n.drained)
+                .count()
+        };
+        let (even, odd) = (live_in(Set::Even), live_in(Set::Odd));
+        let mut warnings = Vec::new();
+        for (name, count) in [("even", even), ("odd", odd)] {
+            if count == 0 {
+                warnings.push(format!(
+                    "the {name} edge set is empty: its viewers have nowhere to switch"
+                ));
+            }
+        }
+        Status {
+            nodes,
+            live_edges_even: even,
+            live_edges_odd: odd,
+            assignments: self.assignments,
+            switches: self.switches.clone(),
+            warnings,
+        }
+    }
+}
+
+/// One node on the status page.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    /// Id.
+    pub node: u64,
+    /// Role.
+    pub role: Role,
+    /// Address.
+    pub addr: SocketAddr,
+    /// Region.
+    pub region: String,
+    /// Set, for edges.
+    pub set: Option<Set>,
+    /// Reported within the down time.
+    pub live: bool,
+    /// Drained by an operator.
+    pub drained: bool,
+    /// Viewers.
+    pub viewers: u64,
+    /// Capacity.
+    pub capacity: u64,
+    /// Egress.
+    pub egress_bps: u64,
+    /// CPU.
+    pub cpu: f64,
+    /// Since the last report.
+    pub silent_ms: u64,
+}
+
+/// The status page's data.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Every node known.
+    pub nodes: Vec<NodeStatus>,
+    /// Live, undrained edges in the even set.
+    pub live_edges_even: usize,
+    /// Same, odd set.
+    pub live_edges_odd: usize,
+    /// Assignments made.
+    pub assignments: u64,
+    /// Switches by reason.
+    pub switches: Switches,
+    /// Problems an operator should see (an empty set).
+    pub warnings: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn edge(node: u64, port: u16, viewers: u64) -> Report {
+        Report {
+            node,
+            role: Role::Edge,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            region: String::new(),
+            capacity: 100,
+            cost_tier: 0,
+            viewers,
+            egress_bps: 0,
+            cpu: 0.0,
+        }
+    }
+
+    fn four_edges(r: &mut Registry, t: Instant) {
+        for (i, port) in [9000u16, 9002, 9001, 9003].into_iter().enumerate() {
+            r.handle_report(t, edge(i as u64, port, 0));
+        }
+    }
+
+    #[test]
+    fn sets_by_parity_and_ranges() {
+        assert_eq!(SetRule::Parity.set_of(8000), Set::Even);
+        assert_eq!(SetRule::Parity.set_of(8001), Set::Odd);
+        let r = SetRule::Ranges(vec![(9000, 9099)]);
+        assert_eq!(r.set_of(9050), Set::Even);
+        assert_eq!(r.set_of(9100), Set::Odd);
+    }
+
+    #[test]
+    fn forty_viewers_spread_evenly_with_secondary_in_the_other_set() {
+        let t = Instant::now();
+        let mut r = Registry::new(SetRule::Parity, Duration::from_secs(3));
+        four_edges(&mut r, t);
+        let mut per: HashMap<SocketAddr, u32> = HashMap::new();
+        for _ in 0..40 {
+            let a = r.assign(t, "", "").unwrap();
+            assert_ne!(a.primary_set, a.secondary_set);
+            assert_eq!(SetRule::Parity.set_of(a.primary.port()), a.primary_set);
+            *per.entry(a.primary).or_default() += 1;
+        }
+        assert_eq!(per.len(), 4);
+        assert!(per.values().all(|&n| (8..=12).contains(&n)), "{per:?}");
+    }
+
+    #[test]
+    fn switch_goes_to_the_other_set_never_the_failed_edge() {
+        let t = Instant::now();
+        let mut r = Registry::new(SetRule::Parity, Duration::from_secs(3));
+        four_edges(&mut r, t);
+        let failed = SocketAddr::from(([127, 0, 0, 1], 9000));
+        for _ in 0..10 {
+            let a = r.switch(t, failed, "stall", "", "").unwrap();
+            assert_ne!(a.primary, failed);
+            assert_eq!(a.primary_set, Set::Odd);
+        }
+        assert_eq!(r.status(t).switches.0["stall"], 10);
+    }
+
+    #[test]
+    fn silent_and_drained_edges_get_no_viewers() {
+        let t = Instant::now();
+        let mut r = Registry::new(SetRule::Parity, Duration::from_secs(3));
+        four_edges(&mut r, t);
+        // Only node 0 (9000) and 2 (9001) keep reporting.
+        let later = t + Duration::from_secs(4);
+        r.handle_report(later, edge(0, 9000, 0));
+        r.handle_report(later, edge(2, 9001, 0));
+        assert!(r.drain(0, true));
+        for _ in 0..10 {
+            assert_eq!(r.assign(later, "", "").unwrap().primary.port(), 9001);
+        }
+        let s = r.status(later);
+        assert_eq!((s.live_edges_even, s.live_edges_odd), (0, 1));
+        assert!(s.warnings.iter().any(|w| w.contains("even")));
+        assert_eq!(
+            r.switch(
+                later,
+                SocketAddr::from(([127, 0, 0, 1], 9001)),
+                "kill",
+                "",
+                ""
+            ),
+            Err(AssignError::NoOtherSet)
+        );
+    }
+
+    #[test]
+    fn region_and_probe_feedback_rank_candidates() {
+        let t = Instant::now();
+        let mut r = Registry::new(SetRule::Parity, Duration::from_secs(3));
+        let mut a = edge(0, 9000, 0);
+        a.region = "eu".into();
+        r.handle_report(t, a);
+        r.handle_report(t, edge(1, 9002, 0));
+        assert_eq!(r.assign(t, "eu", "").unwrap().primary.port(), 9000);
+        // Without a region, the viewer's network measured 9002 faster.
+        let mut r = Registry::new(SetRule::Parity, Duration::from_secs(3));
+        r.handle_report(t, edge(0, 9000, 0));
+        r.handle_report(t, edge(1, 9002, 0));
+        r.handle_feedback(
+            "10.1.2",
+            &[
+                (SocketAddr::from(([127, 0, 0, 1], 9000)), 40.0),
+                (SocketAddr::from(([127, 0, 0, 1], 9002)), 5.0),
+            ],
+        );
+        assert_eq!(r.assign(t, "", "10.1.2").unwrap().primary.port(), 9002);
+    }
+
+    #[test]
+    fn no_edge_is_an_error() {
+        let t = Instant::now();
+        let mut r = Registry::new(SetRule::Parity, Duration::from_secs(3));
+        assert_eq!(r.assign(t, "", ""), Err(AssignError::NoEdge));
+        let mut full = edge(0, 9000, 100);
+        full.capacity = 100;
+        r.handle_report(t, full);
+        assert_eq!(r.assign(t, "", ""), Err(AssignError::NoEdge));
+    }
+}

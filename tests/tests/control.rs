@@ -1,0 +1,368 @@
+//! The control server, the odd/even edge sets, and switching without loss.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use braid_core::token::{Claims, Signer};
+use braid_core::{ClientId, StreamId};
+use braid_tests::{ControlNet, compare, metrics};
+
+const SECRET: &str = "control test token secret";
+
+fn token(client: u64, stream: u32, ttl: i64) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    Signer::new(SECRET).sign(&Claims {
+        stream: StreamId(stream),
+        client: ClientId(client),
+        expires: (now + ttl).max(0) as u64,
+    })
+}
+
+fn get(url: &str) -> (u16, serde_json::Value) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut r = agent.get(url).call().expect("control server answers");
+    let status = r.status().as_u16();
+    let body = r.body_mut().read_to_string().expect("body");
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)),
+    )
+}
+
+fn post(url: &str) -> u16 {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    agent
+        .post(url)
+        .send_empty()
+        .expect("control server answers")
+        .status()
+        .as_u16()
+}
+
+fn viewer_args(id: u64, extra: &[&str]) -> Vec<String> {
+    let mut a = vec!["--token".to_string(), token(id, 1, 3600)];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn wait_for_edges(net: &ControlNet, n: usize) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end {
+        let (_, s) = get(&format!("{}/v1/status", net.urls()[0]));
+        let live =
+            s["live_edges_even"].as_u64().unwrap_or(0) + s["live_edges_odd"].as_u64().unwrap_or(0);
+        if live as usize >= n {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("edges did not report to the control server");
+}
+
+/// Acceptance 1: two edges per set, 40 viewers: primaries within ±20% of even, and every
+/// viewer's primary and secondary are in different sets.
+#[test]
+fn forty_viewers_spread_evenly_with_the_secondary_in_the_other_set() {
+    let net = ControlNet::start(1, 2, 10.0, SECRET, |_| vec![]);
+    wait_for_edges(&net, 4);
+    let mut per: HashMap<String, u32> = HashMap::new();
+    for c in 0..40u64 {
+        let (status, a) = get(&format!(
+            "{}/v1/assign?stream=1&client={c}&token={}",
+            net.urls()[0],
+            token(c, 1, 3600)
+        ));
+        assert_eq!(status, 200, "{a}");
+        assert_ne!(a["primary_set"], a["secondary_set"], "{a}");
+        let port: u16 = a["primary"]
+            .as_str()
+            .expect("addr")
+            .rsplit(':')
+            .next()
+            .expect("port")
+            .parse()
+            .expect("port");
+        assert_eq!(a["primary_set"], if port % 2 == 0 { "even" } else { "odd" });
+        *per.entry(a["primary"].as_str().expect("addr").to_owned())
+            .or_default() += 1;
+    }
+    assert_eq!(per.len(), 4, "{per:?}");
+    assert!(per.values().all(|&n| (8..=12).contains(&n)), "{per:?}");
+    let (_, page) = get(&format!("{}/", net.urls()[0]));
+    assert!(
+        page.as_str()
+            .is_some_and(|h| h.contains("Braid control server"))
+    );
+}
+
+/// Acceptance 2: SIGKILL the primary edge of 20 viewers; all move to the other set and
+/// every output is byte-identical to the source.
+#[test]
+fn killing_an_edge_moves_its_viewers_to_the_other_set_without_loss() {
+    let mut net = ControlNet::start(1, 1, 24.0, SECRET, |_| vec![]);
+    wait_for_edges(&net, 2);
+    let mut viewers: Vec<_> = (0..40u64)
+        .map(|i| net.viewer(&format!("v{i}"), i, 16.0, &viewer_args(i, &[])))
+        .collect();
+    std::thread::sleep(Duration::from_secs(6));
+    let even_edge = net.edges[0].udp().to_string();
+    let on_even: Vec<u64> = (0..40)
+        .filter(|i| net.stats(&format!("v{i}"))["edge"] == even_edge.as_str())
+        .collect();
+    assert!(
+        (16..=24).contains(&on_even.len()),
+        "{} viewers on the even edge",
+        on_even.len()
+    );
+    net.edges[0].kill();
+    for v in &mut viewers {
+        assert!(
+            v.wait(Duration::from_secs(30))
+                .expect("viewer ends")
+                .success(),
+            "{} failed",
+            v.name
+        );
+    }
+    let odd_edge = net.edges[1].udp().to_string();
+    for i in 0..40u64 {
+        let name = format!("v{i}");
+        let st = net.stats(&name);
+        assert_eq!(st["gaps"], 0, "{name}: {st}");
+        compare::assert_contiguous(&net.path("tee.ts"), &net.path(&format!("{name}.ts")));
+        if on_even.contains(&i) {
+            let sw = &st["switches"][0];
+            assert_eq!(sw["to"], odd_edge.as_str(), "{name}: {st}");
+            assert_eq!(sw["from"], even_edge.as_str());
+        }
+    }
+}
+
+/// Acceptance 3: cap one edge's egress below the stream's bit rate: its viewers detect the
+/// rate drop and move; viewers of other edges do not.
+#[test]
+fn a_rate_capped_edge_loses_its_viewers_and_only_them() {
+    let dir = std::env::temp_dir().join(format!("braid-cap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let cap = dir.join("capped.toml");
+    std::fs::write(
+        &cap,
+        "role = \"edge\"\n[impair.default]\nrate_bps = 2500000\nqueue_ms = 500\n",
+    )
+    .expect("write");
+    let capped_cfg = cap.display().to_string();
+    let net = ControlNet::start(1, 2, 22.0, SECRET, move |i| {
+        if i == 0 {
+            vec!["--config".into(), capped_cfg.clone()]
+        } else {
+            vec![]
+        }
+    });
+    wait_for_edges(&net, 4);
+    let mut viewers: Vec<_> = (0..12u64)
+        .map(|i| {
+            net.viewer(
+                &format!("v{i}"),
+                i,
+                15.0,
+                &viewer_args(i, &["--nominal-bps", "4000000"]),
+            )
+        })
+        .collect();
+    for v in &mut viewers {
+        assert!(
+            v.wait(Duration::from_secs(30)).expect("ends").success(),
+            "{} failed",
+            v.name
+        );
+    }
+    let capped = net.edges[0].udp().to_string();
+    let mut moved = 0;
+    for i in 0..12u64 {
+        let st = net.stats(&format!("v{i}"));
+        let switches = st["switches"].as_array().cloned().unwrap_or_default();
+        let started_capped = switches.first().map_or(st["edge"] == capped.as_str(), |s| {
+            s["from"] == capped.as_str()
+        });
+        if started_capped {
+            moved += 1;
+            assert!(
+                !switches.is_empty(),
+                "a viewer of the capped edge stayed: {st}"
+            );
+            assert_ne!(st["edge"], capped.as_str());
+            assert!(
+                ["bitrate", "gaps", "stall"]
+                    .contains(&switches[0]["reason"].as_str().unwrap_or("")),
+                "{st}"
+            );
+        } else {
+            assert!(
+                switches.is_empty(),
+                "a viewer of a healthy edge moved: {st}"
+            );
+        }
+    }
+    assert!(moved >= 2, "the capped edge had {moved} viewers");
+}
+
+/// Acceptance 4: drain an edge: its viewers move within a second, nothing is lost, and no
+/// new viewer is sent to it.
+#[test]
+fn draining_an_edge_moves_its_viewers_without_loss() {
+    let net = ControlNet::start(1, 2, 20.0, SECRET, |_| vec![]);
+    wait_for_edges(&net, 4);
+    let mut viewers: Vec<_> = (0..12u64)
+        .map(|i| net.viewer(&format!("v{i}"), i, 14.0, &viewer_args(i, &[])))
+        .collect();
+    std::thread::sleep(Duration::from_secs(5));
+    let drained = net.edges[0].udp().to_string();
+    assert_eq!(post(&format!("{}/v1/drain/200", net.urls()[0])), 200);
+    std::thread::sleep(Duration::from_secs(3));
+    for c in 100..110u64 {
+        let (_, a) = get(&format!(
+            "{}/v1/assign?stream=1&client={c}&token={}",
+            net.urls()[0],
+            token(c, 1, 3600)
+        ));
+        assert_ne!(
+            a["primary"],
+            drained.as_str(),
+            "a new viewer went to the drained edge"
+        );
+    }
+    for v in &mut viewers {
+        assert!(
+            v.wait(Duration::from_secs(30)).expect("ends").success(),
+            "{} failed",
+            v.name
+        );
+    }
+    let mut moved = 0;
+    for i in 0..12u64 {
+        let name = format!("v{i}");
+        let st = net.stats(&name);
+        assert_eq!(st["gaps"], 0, "{name}: {st}");
+        compare::assert_contiguous(&net.path("tee.ts"), &net.path(&format!("{name}.ts")));
+        if let Some(sw) = st["switches"].as_array().and_then(|s| s.first()) {
+            if sw["from"] == drained.as_str() {
+                moved += 1;
+                assert_eq!(sw["reason"], "drain", "{st}");
+                let ms = sw["detect_to_first_packet_ms"].as_u64().expect("measured");
+                assert!(ms < 1000, "{name} took {ms} ms to move");
+            }
+        }
+    }
+    assert!(moved >= 1, "the drained edge had no viewer to move");
+    assert!(
+        metrics::sum(
+            net.edges[0].metrics(),
+            "braid_edge_drain_signals_total",
+            &[]
+        ) > 0.0
+    );
+}
+
+/// Acceptance 5: kill every control server, then an edge: its viewers still reach their
+/// secondary set.
+#[test]
+fn with_every_control_server_dead_viewers_still_reach_the_secondary_set() {
+    let mut net = ControlNet::start(2, 1, 20.0, SECRET, |_| vec![]);
+    wait_for_edges(&net, 2);
+    let mut viewers: Vec<_> = (0..6u64)
+        .map(|i| net.viewer(&format!("v{i}"), i, 14.0, &viewer_args(i, &[])))
+        .collect();
+    std::thread::sleep(Duration::from_secs(5));
+    for c in &mut net.controls {
+        c.kill();
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let even = net.edges[0].udp().to_string();
+    net.edges[0].kill();
+    for v in &mut viewers {
+        assert!(
+            v.wait(Duration::from_secs(30)).expect("ends").success(),
+            "{} failed",
+            v.name
+        );
+    }
+    let odd = net.edges[1].udp().to_string();
+    let mut moved = 0;
+    for i in 0..6u64 {
+        let st = net.stats(&format!("v{i}"));
+        if let Some(sw) = st["switches"].as_array().and_then(|s| s.first()) {
+            assert_eq!(sw["from"], even.as_str());
+            assert_eq!(sw["to"], odd.as_str(), "{st}");
+            assert_eq!(sw["via_control"], false);
+            moved += 1;
+        }
+        assert_eq!(st["edge"], odd.as_str(), "{st}");
+        assert_eq!(st["gaps"], 0, "{st}");
+    }
+    assert!(moved >= 1);
+}
+
+/// Acceptance 6: a viewer with a bad or expired token is refused, by the control server
+/// and by the edge.
+#[test]
+fn bad_and_expired_tokens_are_refused_by_control_and_edge() {
+    let net = ControlNet::start(1, 1, 10.0, SECRET, |_| vec![]);
+    wait_for_edges(&net, 2);
+    let url = &net.urls()[0];
+    for (what, t) in [
+        ("expired", token(1, 1, -10)),
+        ("other stream", token(1, 2, 3600)),
+        (
+            "forged",
+            Signer::new("not the secret").sign(&Claims {
+                stream: StreamId(1),
+                client: ClientId(1),
+                expires: u64::MAX,
+            }),
+        ),
+        ("garbage", "nonsense".to_string()),
+    ] {
+        let (status, body) = get(&format!("{url}/v1/assign?stream=1&client=1&token={t}"));
+        assert_eq!(status, 403, "{what}: {body}");
+        assert!(
+            body["error"].as_str().is_some_and(|e| e.contains("token")),
+            "{what}: {body}"
+        );
+        // The edge refuses it too, with the reason.
+        let out = std::process::Command::new(braid_tests::bin("braid-client"))
+            .args([
+                "--edge",
+                &net.edges[0].udp().to_string(),
+                "--token",
+                &t,
+                "--duration",
+                "3",
+                "--start-timeout",
+                "3",
+                "--out",
+                "/dev/null",
+            ])
+            .env("BRAID_NETWORK_KEY", braid_tests::NETWORK_KEY)
+            .output()
+            .expect("client");
+        assert!(!out.status.success(), "{what}: the edge served a bad token");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("token refused"), "{what}: {err}");
+    }
+    assert!(
+        metrics::sum(
+            net.edges[0].metrics(),
+            "braid_dropped_total",
+            &["reason=\"bad_token\""]
+        ) >= 4.0
+    );
+}
