@@ -252,6 +252,16 @@ pub struct SwitchStat {
     pub resumed_at: u64,
     /// Packets given up between detection and two seconds after the switch.
     pub lost: Option<u64>,
+    /// Wall clock at detection, ms since the Unix epoch (to line up with other logs).
+    pub detected_unix_ms: u64,
+    /// Wall clock at the first packet from the new edge, ms since the Unix epoch.
+    pub first_packet_unix_ms: Option<u64>,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// What the viewer received; written as JSON.
@@ -591,6 +601,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                                 if let Some((i, t, _)) = switch_marks.last() {
                                     if let Some(s) = stats.switches.get_mut(*i) {
                                         s.detect_to_first_packet_ms.get_or_insert(now.duration_since(*t).as_millis() as u64);
+                                        s.first_packet_unix_ms.get_or_insert_with(unix_ms);
                                     }
                                 }
                             }
@@ -737,6 +748,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                         detect_to_first_packet_ms: None,
                         resumed_at: resume.0,
                         lost: None,
+                        detected_unix_ms: unix_ms().saturating_sub(detected.elapsed().as_millis() as u64),
+                        first_packet_unix_ms: None,
                     });
                     switch_marks.push((stats.switches.len() - 1, detected, stats.gaps));
                     edge = to;

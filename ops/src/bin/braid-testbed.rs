@@ -44,6 +44,8 @@ struct Topology {
     edges_even: usize,
     edges_odd: usize,
     clients: usize,
+    #[serde(default = "default_controls")]
+    control_servers: usize,
     #[serde(default)]
     duration: f64,
     capture: CaptureSpec,
@@ -61,6 +63,10 @@ struct CaptureSpec {
 
 fn default_bitrate() -> u64 {
     4_000_000
+}
+
+fn default_controls() -> usize {
+    1
 }
 
 /// A free UDP port of the given parity (TCP on the same number is checked too).
@@ -122,6 +128,13 @@ fn main() -> anyhow::Result<()> {
     let mut nodes: Vec<Node> = Vec::new();
     let stream = topo.stream.to_string();
 
+    let mut control_urls = Vec::new();
+    for i in 0..topo.control_servers {
+        let name = format!("control{i}");
+        let proc = Proc::start(&name, "braid-control", &["--listen".into(), "127.0.0.1:0".into()], &p(&format!("{name}.log")));
+        control_urls.push(format!("http://{}", proc.ready["http"]));
+        nodes.push(Node { proc, role: "control", set: "" });
+    }
     let mut set_addrs = Vec::new();
     for i in 0..topo.set_reflectors {
         let name = format!("set{i}");
@@ -166,6 +179,9 @@ fn main() -> anyhow::Result<()> {
         for r in &set_addrs {
             a.extend(["--reflector".into(), r.to_string()]);
         }
+        for u in &control_urls {
+            a.extend(["--control".into(), u.clone()]);
+        }
         let c = cfg(&name, &format!("role = \"edge\"\n{impair}\n"))?;
         a.extend(["--config".into(), c]);
         let proc = start(&name, "braid-reflector", a);
@@ -206,13 +222,15 @@ fn main() -> anyhow::Result<()> {
             set: "",
         });
     }
+    // Edges report once a second; give them that second before clients ask.
+    if !control_urls.is_empty() {
+        std::thread::sleep(Duration::from_millis(1500));
+    }
     let mut clients = Vec::new();
     for i in 0..topo.clients {
         let edge = edge_addrs[i % edge_addrs.len()];
         let name = format!("client{i}");
         let mut a = vec![
-            "--edge".into(),
-            edge.to_string(),
             "--stream".into(),
             stream.clone(),
             "--out".into(),
@@ -228,6 +246,12 @@ fn main() -> anyhow::Result<()> {
         ];
         if duration > 0.0 {
             a.extend(["--duration".into(), s(&duration)]);
+        }
+        if control_urls.is_empty() {
+            a.extend(["--edge".into(), edge.to_string()]);
+        }
+        for u in &control_urls {
+            a.extend(["--control".into(), u.clone()]);
         }
         clients.push((
             name.clone(),
@@ -332,9 +356,9 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let tty = std::io::stderr().is_terminal();
     let mut rates = Rates::default();
-    eprintln!(
-        "braid-testbed: control server not part of Braid yet; clients are given their edge directly (round-robin)."
-    );
+    if let Some(u) = control_urls.first() {
+        eprintln!("braid-testbed: control server status page: {u}/");
+    }
     loop {
         std::thread::sleep(Duration::from_millis(250));
         let done = stop.load(std::sync::atomic::Ordering::Relaxed)
@@ -360,8 +384,9 @@ fn main() -> anyhow::Result<()> {
         started.elapsed().as_secs_f64(),
         dir.display()
     );
-    for (name, edge, _) in &clients {
+    for (name, _, _) in &clients {
         let st = client_stats(&dir, name);
+        let edge = st["edge"].as_str().unwrap_or("-").to_owned();
         let packets = st["packets"].as_u64().unwrap_or(0);
         let gaps = st["gaps"].as_u64().unwrap_or(0);
         let delivered = if packets + gaps > 0 {
@@ -497,23 +522,24 @@ fn render(
     }
     let _ = writeln!(
         s,
-        "{:<12} {:<21} {:>10} {:>10} {:>6} {:>6} {:>8}",
-        "client", "edge", "Mbps", "packets", "gaps", "skips", "join ms"
+        "{:<12} {:<21} {:>10} {:>10} {:>6} {:>6} {:>8} {:>8}",
+        "client", "edge", "Mbps", "packets", "gaps", "skips", "join ms", "switches"
     );
-    for (name, edge, _) in clients {
+    for (name, _, _) in clients {
         let st = client_stats(dir, name);
         let _ = writeln!(
             s,
-            "{:<12} {:<21} {:>10.2} {:>10} {:>6} {:>6} {:>8}",
+            "{:<12} {:<21} {:>10.2} {:>10} {:>6} {:>6} {:>8} {:>8}",
             name,
-            edge,
+            st["edge"].as_str().unwrap_or("-"),
             st["bitrate_bps"].as_f64().unwrap_or(0.0) / 1e6,
             st["packets"].as_u64().unwrap_or(0),
             st["gaps"].as_u64().unwrap_or(0),
             st["skips"].as_u64().unwrap_or(0),
             st["join_ms"]
                 .as_u64()
-                .map_or("-".to_string(), |v| v.to_string())
+                .map_or("-".to_string(), |v| v.to_string()),
+            st["switches"].as_array().map_or(0, Vec::len)
         );
     }
     s
