@@ -548,6 +548,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         watch(acked, start),
     )
     .await?;
+    let mut detector_deadline: Option<Instant> = None;
     loop {
         let merge_deadline = buffer.next_timeout();
         let now = Instant::now();
@@ -562,6 +563,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             }
             _ = ack_tick.tick() => {
                 send_ack = true;
+                detector.handle_timeout(Instant::now());
+            }
+            _ = async { match detector_deadline { Some(t) => tokio::time::sleep_until(t.into()).await, None => std::future::pending().await } } => {
+                // Wake exactly when a window closes or a stall would begin.
                 detector.handle_timeout(Instant::now());
             }
             _ = async { match merge_deadline { Some(t) => tokio::time::sleep_until(t.into()).await, None => std::future::pending().await } } => {
@@ -682,6 +687,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 detector.reset(now);
             }
         }
+        // `poll_output` said Timeout to end the loop above; ask again for its deadline.
+        detector_deadline = match detector.poll_output() {
+            DetectOutput::Timeout(t) => t,
+            DetectOutput::Switch(_) => Some(now),
+        };
         if reask.is_none() && next_reask.is_some_and(|t| now >= t) {
             next_reask = reask_every.map(|d| now + d);
             let v = viewer.clone().expect("re-ask only with control servers");

@@ -699,6 +699,8 @@ pub struct ControlNet {
     pub entries: Vec<Proc>,
     /// The capture.
     pub capture: Proc,
+    /// Each edge's command line, to restart it.
+    pub edge_args: Vec<Vec<String>>,
 }
 
 /// A free port of the given parity (UDP and TCP).
@@ -768,6 +770,7 @@ impl ControlNet {
             ));
         }
         let mut edges = Vec::new();
+        let mut all_edge_args = Vec::new();
         for i in 0..2 * per_set {
             let even = i < per_set;
             let mut a = vec![
@@ -797,6 +800,7 @@ impl ControlNet {
                 &a,
                 &p(&format!("edge{i}.log")),
             ));
+            all_edge_args.push(a);
         }
         let refl: Vec<String> = sets.iter().map(|x| x.udp().to_string()).collect();
         let mut entries = Vec::new();
@@ -836,7 +840,14 @@ impl ControlNet {
             edges,
             entries,
             capture,
+            edge_args: all_edge_args,
         }
+    }
+
+    /// Starts edge `i` again with its original command line (after a kill).
+    pub fn restart_edge(&mut self, i: usize) {
+        let log = self.path(&format!("edge{i}-again.log"));
+        self.edges[i] = Proc::start(&format!("edge{i}"), "braid-reflector", &self.edge_args[i], &log);
     }
 
     /// A file in the test's directory.
