@@ -758,7 +758,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                         detect_to_first_packet_ms: None,
                         resumed_at: resume.0,
                         lost: None,
-                        detected_unix_ms: unix_ms().saturating_sub(detected.elapsed().as_millis() as u64),
+                        detected_unix_ms: unix_ms()
+                            .saturating_sub(detected.elapsed().as_millis() as u64),
                         first_packet_unix_ms: None,
                     });
                     switch_marks.push((stats.switches.len() - 1, detected, stats.gaps));

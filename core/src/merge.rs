@@ -28,6 +28,10 @@ use crate::id::PathId;
 use crate::seq::SeqNo;
 use crate::wire::SeqRange;
 
+/// Sequence numbers from here on are refused (the wire carries 48 bits; this leaves
+/// room for every sequence number the buffer computes past one it accepts).
+pub const MAX_SEQ: u64 = 1 << 62;
+
 /// Merge settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -429,6 +433,12 @@ impl<T> Buffer<T> {
     fn handle_packet(&mut self, now: Instant, path: PathId, seq: SeqNo, item: T) {
         let p = self.path_mut(path);
         p.stats.received += 1;
+        if seq.0 >= MAX_SEQ {
+            // No packet after it could be numbered: refuse it rather than stall the stream
+            // at the end of the number space (the wire carries 48 bits).
+            p.stats.malformed += 1;
+            return;
+        }
         p.last_data = Some(now);
         if p.highest.is_none_or(|h| seq > h) {
             p.highest = Some(seq);

@@ -847,7 +847,12 @@ impl ControlNet {
     /// Starts edge `i` again with its original command line (after a kill).
     pub fn restart_edge(&mut self, i: usize) {
         let log = self.path(&format!("edge{i}-again.log"));
-        self.edges[i] = Proc::start(&format!("edge{i}"), "braid-reflector", &self.edge_args[i], &log);
+        self.edges[i] = Proc::start(
+            &format!("edge{i}"),
+            "braid-reflector",
+            &self.edge_args[i],
+            &log,
+        );
     }
 
     /// A file in the test's directory.

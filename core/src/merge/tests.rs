@@ -215,6 +215,21 @@ fn jump_far_ahead_flushes_without_growing() {
     assert_eq!(b.held(), 0);
 }
 
+/// Found by the fuzzer: the same number at the very end of the space was released twice,
+/// because the next number saturated.
+#[test]
+fn sequence_numbers_at_the_end_of_the_space_are_refused() {
+    let t = t0();
+    let mut b = Buffer::new(config()).unwrap();
+    for i in 0..3 {
+        b.handle_input(t + ms(255 * i), packet(7, u64::MAX));
+        b.handle_input(t + ms(255 * i), packet(7, MAX_SEQ));
+        assert!(drain(&mut b).is_empty());
+    }
+    assert_eq!(b.path_stats(PathId(7)).malformed, 6);
+    assert_eq!(b.stats().released, 0);
+}
+
 #[test]
 fn holes_never_exceed_max_held() {
     let t = t0();

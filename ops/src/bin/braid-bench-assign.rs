@@ -60,33 +60,55 @@ fn load(url: String, concurrency: usize, seconds: u64) -> (f64, f64, f64, usize)
     }
     let elapsed = start.elapsed().as_secs_f64();
     all.sort_by(f64::total_cmp);
-    let pct = |p: f64| all.get(((all.len().max(1) - 1) as f64 * p) as usize).copied().unwrap_or(f64::NAN);
+    let pct = |p: f64| {
+        all.get(((all.len().max(1) - 1) as f64 * p) as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
     (all.len() as f64 / elapsed, pct(0.5), pct(0.99), errors)
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
-    let control = Proc::start("control", "braid-control", &["--listen".into(), "127.0.0.1:0".into()], &dir.path().join("control.log"));
+    let control = Proc::start(
+        "control",
+        "braid-control",
+        &["--listen".into(), "127.0.0.1:0".into()],
+        &dir.path().join("control.log"),
+    );
     let base = format!("http://{}", control.ready["http"]);
     // Four edges that keep reporting.
     let stop = Arc::new(AtomicBool::new(false));
     let reporter = {
         let (base, stop) = (base.clone(), stop.clone());
         std::thread::spawn(move || {
-            let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .into();
             while !stop.load(Ordering::Relaxed) {
                 for (i, port) in [9000u16, 9002, 9001, 9003].into_iter().enumerate() {
-                    let body = format!("{{\"node\":{i},\"role\":\"edge\",\"addr\":\"127.0.0.1:{port}\",\"capacity\":1000000}}");
-                    let _ = agent.post(&format!("{base}/v1/report")).header("content-type", "application/json").send(&body);
+                    let body = format!(
+                        "{{\"node\":{i},\"role\":\"edge\",\"addr\":\"127.0.0.1:{port}\",\"capacity\":1000000}}"
+                    );
+                    let _ = agent
+                        .post(&format!("{base}/v1/report"))
+                        .header("content-type", "application/json")
+                        .send(&body);
                 }
                 std::thread::sleep(Duration::from_millis(500));
             }
         })
     };
     std::thread::sleep(Duration::from_millis(700));
-    let (rps, p50, p99, errors) = load(format!("{base}/v1/assign?stream=1&client=CLIENT"), args.concurrency, args.seconds);
-    let (brps, bp50, bp99, berrors) = load(format!("{base}/v1/nowhere"), args.concurrency, args.seconds);
+    let (rps, p50, p99, errors) = load(
+        format!("{base}/v1/assign?stream=1&client=CLIENT"),
+        args.concurrency,
+        args.seconds,
+    );
+    let (brps, bp50, bp99, berrors) =
+        load(format!("{base}/v1/nowhere"), args.concurrency, args.seconds);
     stop.store(true, Ordering::Relaxed);
     let _ = reporter.join();
     println!(

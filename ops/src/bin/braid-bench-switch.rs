@@ -10,9 +10,9 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use braid_ops::harness::ControlNet;
 use braid_core::token::{Claims, Signer};
 use braid_core::{ClientId, StreamId};
+use braid_ops::harness::ControlNet;
 use clap::Parser;
 
 #[derive(Parser)]
@@ -26,7 +26,9 @@ struct Args {
 const SECRET: &str = "bench token secret";
 
 fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,7 +53,17 @@ fn main() -> anyhow::Result<()> {
                     expires: u64::MAX,
                 });
                 let name = format!("r{round}v{id}");
-                let v = net.viewer(&name, id, 9.0, &["--token".into(), token, "--stall-ms".into(), args.stall_ms.to_string()]);
+                let v = net.viewer(
+                    &name,
+                    id,
+                    9.0,
+                    &[
+                        "--token".into(),
+                        token,
+                        "--stall-ms".into(),
+                        args.stall_ms.to_string(),
+                    ],
+                );
                 (name, v)
             })
             .collect();
@@ -63,7 +75,9 @@ fn main() -> anyhow::Result<()> {
         }
         for j in (id - 9)..=id {
             let st = net.stats(&format!("r{round}v{j}"));
-            let Some(sw) = st["switches"].as_array().and_then(|s| s.first()).cloned() else { continue };
+            let Some(sw) = st["switches"].as_array().and_then(|s| s.first()).cloned() else {
+                continue;
+            };
             if sw["from"] != even.as_str() {
                 continue;
             }
@@ -81,7 +95,11 @@ fn main() -> anyhow::Result<()> {
     }
     gaps.sort_by(f64::total_cmp);
     resumes.sort_by(f64::total_cmp);
-    let pct = |v: &[f64], p: f64| v.get(((v.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or(f64::NAN);
+    let pct = |v: &[f64], p: f64| {
+        v.get(((v.len().max(1) - 1) as f64 * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
     println!(
         "stall {} ms: {} switches over {} rounds | kill to first packet from the new edge p50 {:.0} ms p99 {:.0} ms | of which resume (detection to first packet) p50 {:.0} ms p99 {:.0} ms | packets lost by the moved viewers: {lost}",
         args.stall_ms,

@@ -131,9 +131,18 @@ fn main() -> anyhow::Result<()> {
     let mut control_urls = Vec::new();
     for i in 0..topo.control_servers {
         let name = format!("control{i}");
-        let proc = Proc::start(&name, "braid-control", &["--listen".into(), "127.0.0.1:0".into()], &p(&format!("{name}.log")));
+        let proc = Proc::start(
+            &name,
+            "braid-control",
+            &["--listen".into(), "127.0.0.1:0".into()],
+            &p(&format!("{name}.log")),
+        );
         control_urls.push(format!("http://{}", proc.ready["http"]));
-        nodes.push(Node { proc, role: "control", set: "" });
+        nodes.push(Node {
+            proc,
+            role: "control",
+            set: "",
+        });
     }
     let mut set_addrs = Vec::new();
     for i in 0..topo.set_reflectors {
