@@ -18,6 +18,7 @@
 //! | POST | `/v1/switch` | [`SwitchRequest`] | [`registry::Assignment`] |
 //! | POST, DELETE | `/v1/drain/{node}` | | drain on, off |
 //! | POST | `/v1/feedback` | [`Feedback`] | |
+//! | GET | `/v1/reflectors` | | live set reflectors, for edges without a static list |
 //! | GET | `/v1/status`, `/` | | JSON, HTML |
 //! | GET | `/metrics` (on `--metrics`) | | Prometheus |
 
@@ -328,6 +329,10 @@ async fn feedback(
     StatusCode::NO_CONTENT
 }
 
+async fn reflectors(State(app): State<Shared>) -> impl IntoResponse {
+    Json(serde_json::json!({ "reflectors": app.registry().reflectors(Instant::now()) }))
+}
+
 async fn status_json(State(app): State<Shared>) -> impl IntoResponse {
     Json(app.registry().status(Instant::now()))
 }
@@ -399,6 +404,7 @@ pub fn router(config: &Config) -> anyhow::Result<Router> {
         .route("/v1/switch", post(switch))
         .route("/v1/drain/{node}", post(drain).delete(undrain))
         .route("/v1/feedback", post(feedback))
+        .route("/v1/reflectors", get(reflectors))
         .with_state(app))
 }
 

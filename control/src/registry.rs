@@ -367,6 +367,18 @@ impl Registry {
         }
     }
 
+    /// Live set reflectors, for edges that learn them from the control server.
+    pub fn reflectors(&self, now: Instant) -> Vec<SocketAddr> {
+        let mut v: Vec<SocketAddr> = self
+            .nodes
+            .values()
+            .filter(|n| n.report.role == Role::Set && self.live(now, n))
+            .map(|n| n.report.addr)
+            .collect();
+        v.sort();
+        v
+    }
+
     /// A snapshot for the status page.
     pub fn status(&self, now: Instant) -> Status {
         let mut nodes: Vec<NodeStatus> = self

@@ -753,19 +753,24 @@ impl ControlNet {
             .collect();
         let mut sets = Vec::new();
         for i in 0..3 {
+            let mut a = vec![
+                s(&"--role"),
+                s(&"set"),
+                s(&"--listen"),
+                s(&"127.0.0.1:0"),
+                s(&"--stream"),
+                s(&1),
+                s(&"--node-id"),
+                s(&(100 + i)),
+            ];
+            // Set reflectors report too, so edges without a list can learn them.
+            for u in &urls {
+                a.extend([s(&"--control"), u.clone()]);
+            }
             sets.push(Proc::start(
                 &format!("set{i}"),
                 "braid-reflector",
-                &[
-                    s(&"--role"),
-                    s(&"set"),
-                    s(&"--listen"),
-                    s(&"127.0.0.1:0"),
-                    s(&"--stream"),
-                    s(&1),
-                    s(&"--node-id"),
-                    s(&(100 + i)),
-                ],
+                &a,
                 &p(&format!("set{i}.log")),
             ));
         }

@@ -234,8 +234,10 @@ impl DaemonConfig for Config {
         self.merge_config().validate()?;
         self.ring_config()?.validate()?;
         if self.role == Role::Edge {
-            if self.reflectors.is_empty() {
-                anyhow::bail!("an edge needs set reflectors: give --reflector ADDR (two or more)");
+            if self.reflectors.is_empty() && self.controls.is_empty() {
+                anyhow::bail!(
+                    "an edge needs set reflectors: give --reflector ADDR (two or more), or --control URL to learn them"
+                );
             }
             if self.subscribe_k < 2 && self.reflectors.len() >= 2 {
                 anyhow::bail!("subscribe_k must be at least 2: one path is no redundancy");
@@ -1076,8 +1078,19 @@ impl Node {
         let Some(st) = self.streams.get_mut(&id) else {
             return;
         };
-        st.upstream = (0..k).map(|i| (i, now)).collect();
-        self.refresh_upstream(now, id, true);
+        // Keep the reflectors already subscribed; add unused ones up to k (an edge that
+        // learns its reflectors from the control server tops up as it learns them).
+        let before = st.upstream.len();
+        let mut next = 0;
+        while st.upstream.len() < k && next < self.config.reflectors.len() {
+            if !st.upstream.iter().any(|(i, _)| *i == next) {
+                st.upstream.push((next, now));
+            }
+            next += 1;
+        }
+        if st.upstream.len() > before {
+            self.refresh_upstream(now, id, true);
+        }
     }
 
     fn refresh_upstream(&mut self, now: Instant, id: StreamId, first: bool) {
@@ -1141,11 +1154,26 @@ impl Node {
     fn housekeeping(&mut self, now: Instant) {
         let role = self.config.role;
         self.report_load(now);
+        self.learn_reflectors();
         self.signal_drain(now);
         let mut close = Vec::new();
         let mut refresh = Vec::new();
         let mut gone_viewers = 0;
         let mut overtaken = Vec::new();
+        let k = self
+            .config
+            .subscribe_k
+            .max(2)
+            .min(self.config.reflectors.len());
+        let top_up: Vec<StreamId> = self
+            .streams
+            .values()
+            .filter(|st| role == Role::Edge && !st.viewers.is_empty() && st.upstream.len() < k)
+            .map(|st| st.id)
+            .collect();
+        for id in top_up {
+            self.subscribe_upstream(now, id);
+        }
         for st in self.streams.values_mut() {
             st.subscribers.retain(|_, exp| *exp > now);
             // A viewer that stopped reading stops its cursor; count its skip when the ring
@@ -1216,6 +1244,25 @@ impl Node {
         }
         metrics::gauge!("braid_viewers").set(self.viewers as f64);
         self.socket.flush();
+    }
+
+    /// Adds set reflectors a control server lists that this edge does not know yet. The
+    /// list only grows (paths are numbered by position); one that dies delivers nothing
+    /// and is replaced by the dead-path rule.
+    fn learn_reflectors(&mut self) {
+        if self.config.role != Role::Edge || self.config.controls.is_empty() {
+            return;
+        }
+        let listed = match self.shared.reflectors.lock() {
+            Ok(r) => r.clone(),
+            Err(_) => return,
+        };
+        for r in listed {
+            if !self.config.reflectors.contains(&r) && self.config.reflectors.len() < 64 {
+                tracing::info!(reflector = %r, "learned a set reflector from the control server");
+                self.config.reflectors.push(r);
+            }
+        }
     }
 
     /// Shares viewers and egress with the reporter thread.

@@ -18,6 +18,41 @@ pub(crate) struct Shared {
     pub(crate) egress_bps: AtomicU64,
     /// Set when a control server says this node is drained.
     pub(crate) drain: AtomicBool,
+    /// Live set reflectors, as a control server last listed them (edges only).
+    pub(crate) reflectors: std::sync::Mutex<Vec<SocketAddr>>,
+}
+
+/// This process's CPU use since the last sample, in cores (from `/proc/self/stat`).
+#[derive(Default)]
+struct CpuMeter {
+    last: Option<(std::time::Instant, f64)>,
+}
+
+impl CpuMeter {
+    fn sample(&mut self) -> f64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // utime and stime, in clock ticks of 1/100 s (the Linux default).
+        let secs = (ticks(11) + ticks(12)) / 100.0;
+        let now = std::time::Instant::now();
+        let used = match self.last {
+            Some((t, s)) if now > t => (secs - s) / now.duration_since(t).as_secs_f64(),
+            _ => 0.0,
+        };
+        self.last = Some((now, secs));
+        used.max(0.0)
+    }
 }
 
 /// The fixed part of a report.
@@ -46,6 +81,7 @@ pub(crate) fn spawn(
             .http_status_as_error(false)
             .build()
             .into();
+        let mut cpu = CpuMeter::default();
         while !shutdown.is_cancelled() {
             let body = serde_json::json!({
                 "node": id.node,
@@ -56,7 +92,7 @@ pub(crate) fn spawn(
                 "cost_tier": id.cost_tier,
                 "viewers": shared.viewers.load(Ordering::Relaxed),
                 "egress_bps": shared.egress_bps.load(Ordering::Relaxed),
-                "cpu": 0.0,
+                "cpu": cpu.sample(),
             })
             .to_string();
             let mut answered = 0;
@@ -86,6 +122,26 @@ pub(crate) fn spawn(
             // With no control server answering, keep the last word rather than guess.
             if answered > 0 {
                 shared.drain.store(drain, Ordering::Relaxed);
+            }
+            if id.role == "edge" {
+                for url in &controls {
+                    let res = agent
+                        .get(&format!("{}/v1/reflectors", url.trim_end_matches('/')))
+                        .call()
+                        .and_then(|mut r| r.body_mut().read_to_string());
+                    let Ok(text) = res else { continue };
+                    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+                        continue;
+                    };
+                    let list: Vec<SocketAddr> = v["reflectors"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|x| x.as_str()?.parse().ok()).collect())
+                        .unwrap_or_default();
+                    if let Ok(mut r) = shared.reflectors.lock() {
+                        *r = list;
+                    }
+                    break;
+                }
             }
             std::thread::sleep(Duration::from_secs(1));
         }

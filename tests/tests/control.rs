@@ -226,7 +226,19 @@ fn draining_an_edge_moves_its_viewers_without_loss() {
         .collect();
     std::thread::sleep(Duration::from_secs(5));
     let drained = net.edges[0].udp().to_string();
-    assert_eq!(post(&format!("{}/v1/drain/200", net.urls()[0])), 200);
+    // Drain with the operator's command line (it goes through the API).
+    let out = std::process::Command::new(braid_tests::bin("braid-ctl"))
+        .args(["--control", &net.urls()[0], "drain", "200"])
+        .output()
+        .expect("braid-ctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("draining"));
+    // An unknown node is refused.
+    assert_eq!(post(&format!("{}/v1/drain/999", net.urls()[0])), 404);
     std::thread::sleep(Duration::from_secs(3));
     for c in 100..110u64 {
         let (_, a) = get(&format!(
@@ -365,4 +377,61 @@ fn bad_and_expired_tokens_are_refused_by_control_and_edge() {
             &["reason=\"bad_token\""]
         ) >= 4.0
     );
+}
+
+/// Set reflectors report to the control server, and an edge started with no list of them
+/// learns it there and serves its viewers.
+#[test]
+fn an_edge_without_a_reflector_list_learns_it_from_the_control_server() {
+    let net = ControlNet::start(1, 1, 14.0, SECRET, |_| vec![]);
+    wait_for_edges(&net, 2);
+    let url = net.urls()[0].clone();
+    let learner = braid_tests::Proc::start(
+        "learner",
+        "braid-reflector",
+        &[
+            "--role".into(),
+            "edge".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--stream".into(),
+            "1".into(),
+            "--node-id".into(),
+            "300".into(),
+            "--control".into(),
+            url.clone(),
+            "--token-secret".into(),
+            SECRET.into(),
+        ],
+        &net.path("learner.log"),
+    );
+    let (_, list) = get(&format!("{url}/v1/reflectors"));
+    assert_eq!(
+        list["reflectors"].as_array().map(Vec::len),
+        Some(3),
+        "{list}"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = std::process::Command::new(braid_tests::bin("braid-client"))
+        .args([
+            "--edge",
+            &learner.udp().to_string(),
+            "--token",
+            &token(9, 1, 3600),
+            "--duration",
+            "6",
+            "--start-timeout",
+            "5",
+            "--out",
+        ])
+        .arg(net.path("learned.ts"))
+        .env("BRAID_NETWORK_KEY", braid_tests::NETWORK_KEY)
+        .output()
+        .expect("client");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    compare::assert_contiguous(&net.path("tee.ts"), &net.path("learned.ts"));
 }

@@ -1,0 +1,140 @@
+//! `braid-ctl`: an operator's command line for the control servers.
+//!
+//! ```sh
+//! braid-ctl --control http://127.0.0.1:7100 drain 201     # its viewers move, no new ones
+//! braid-ctl --control http://127.0.0.1:7100 undrain 201
+//! braid-ctl --control http://127.0.0.1:7100 status
+//! braid-ctl token --secret S --stream 1 --client 42 --ttl 3600
+//! ```
+//! Drains go to every control server given (they share no state); status asks the first.
+
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use braid_core::token::{Claims, Signer};
+use braid_core::{ClientId, StreamId};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "braid-ctl", version, about = "Operate Braid control servers")]
+struct Cli {
+    /// Control servers (repeatable).
+    #[arg(
+        long = "control",
+        env = "BRAID_CONTROL",
+        default_value = "http://127.0.0.1:7100",
+        value_delimiter = ','
+    )]
+    controls: Vec<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Drain an edge: its viewers are told to move and no new viewer is sent to it.
+    Drain {
+        /// The edge's node id.
+        node: u64,
+    },
+    /// Put a drained edge back in service.
+    Undrain {
+        /// The edge's node id.
+        node: u64,
+    },
+    /// Print the first control server's status (JSON).
+    Status,
+    /// Make a viewer token.
+    Token {
+        /// The token secret the control servers and edges check with.
+        #[arg(long, env = "BRAID_TOKEN_SECRET")]
+        secret: String,
+        /// Stream id.
+        #[arg(long)]
+        stream: u32,
+        /// Viewer id.
+        #[arg(long)]
+        client: u64,
+        /// Seconds the token is good for.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    match cli.cmd {
+        Cmd::Token {
+            secret,
+            stream,
+            client,
+            ttl,
+        } => {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            println!(
+                "{}",
+                Signer::new(&secret).sign(&Claims {
+                    stream: StreamId(stream),
+                    client: ClientId(client),
+                    expires: now + ttl,
+                })
+            );
+            ExitCode::SUCCESS
+        }
+        Cmd::Status => {
+            let url = format!("{}/v1/status", cli.controls[0].trim_end_matches('/'));
+            match agent
+                .get(&url)
+                .call()
+                .and_then(|mut r| r.body_mut().read_to_string())
+            {
+                Ok(body) => {
+                    println!("{body}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("braid-ctl: {url}: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Drain { node } | Cmd::Undrain { node } => {
+            let drain = matches!(cli.cmd, Cmd::Drain { .. });
+            let mut ok = 0;
+            for c in &cli.controls {
+                let url = format!("{}/v1/drain/{node}", c.trim_end_matches('/'));
+                let res = if drain {
+                    agent.post(&url).send_empty()
+                } else {
+                    agent.delete(&url).call()
+                };
+                match res.map(|mut r| {
+                    (
+                        r.status().as_u16(),
+                        r.body_mut().read_to_string().unwrap_or_default(),
+                    )
+                }) {
+                    Ok((200, _)) => ok += 1,
+                    Ok((status, body)) => eprintln!("braid-ctl: {c}: {status} {body}"),
+                    Err(e) => eprintln!("braid-ctl: {c}: {e}"),
+                }
+            }
+            if ok == 0 {
+                eprintln!("braid-ctl: no control server took it");
+                return ExitCode::FAILURE;
+            }
+            println!(
+                "node {node} {} on {ok} of {} control servers",
+                if drain { "draining" } else { "serving" },
+                cli.controls.len()
+            );
+            ExitCode::SUCCESS
+        }
+    }
+}
