@@ -177,6 +177,7 @@ pub struct Registry {
     feedback: HashMap<String, Feedback>,
     switches: Switches,
     assignments: u64,
+    feedback_reports: u64,
 }
 
 impl Registry {
@@ -189,6 +190,7 @@ impl Registry {
             feedback: HashMap::new(),
             switches: Switches::default(),
             assignments: 0,
+            feedback_reports: 0,
         }
     }
 
@@ -360,6 +362,7 @@ impl Registry {
 
     /// Probe timings from a viewer on network `prefix`.
     pub fn handle_feedback(&mut self, prefix: &str, probes: &[(SocketAddr, f64)]) {
+        self.feedback_reports += 1;
         let f = self.feedback.entry(prefix.to_owned()).or_default();
         for (addr, rtt) in probes {
             let v = f.rtt_ms.entry(*addr).or_insert(*rtt);
@@ -420,6 +423,7 @@ impl Registry {
             live_edges_even: even,
             live_edges_odd: odd,
             assignments: self.assignments,
+            feedback_reports: self.feedback_reports,
             switches: self.switches.clone(),
             warnings,
         }
@@ -466,6 +470,8 @@ pub struct Status {
     pub live_edges_odd: usize,
     /// Assignments made.
     pub assignments: u64,
+    /// Probe reports received from viewers.
+    pub feedback_reports: u64,
     /// Switches by reason.
     pub switches: Switches,
     /// Problems an operator should see (an empty set).

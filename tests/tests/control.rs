@@ -435,3 +435,21 @@ fn an_edge_without_a_reflector_list_learns_it_from_the_control_server() {
     );
     compare::assert_contiguous(&net.path("tee.ts"), &net.path("learned.ts"));
 }
+
+/// A viewer asked to probe times every candidate, watches the fastest of its primary's
+/// set, and reports the timings back.
+#[test]
+fn a_probing_viewer_times_the_candidates_and_reports_them() {
+    let net = ControlNet::start(1, 2, 12.0, SECRET, |_| vec![]);
+    wait_for_edges(&net, 4);
+    let mut v = net.viewer("prober", 7, 6.0, &viewer_args(7, &["--probe"]));
+    assert!(v.wait(Duration::from_secs(20)).expect("ends").success());
+    let log = std::fs::read_to_string(net.path("prober.log")).expect("log");
+    assert!(log.contains("probed 4 edges"), "{log}");
+    compare::assert_contiguous(&net.path("tee.ts"), &net.path("prober.ts"));
+    let st = net.stats("prober");
+    assert_eq!(st["gaps"], 0, "{st}");
+    // The control server took the timings.
+    let (_, status) = get(&format!("{}/v1/status", net.urls()[0]));
+    assert!(status["feedback_reports"].as_u64() >= Some(1), "{status}");
+}
