@@ -50,10 +50,11 @@ pub struct Config {
     /// for a slow path.
     pub nack_delay: Duration,
     /// How many times a missing packet is asked for, each time on the next healthy path
-    /// (default 3: one lost request or answer on a lossy path does not lose the packet).
+    /// (default 4, 40 ms apart, all inside the default 200 ms window: with 10% loss on the
+    /// answer's path, a packet is lost only if four answers in a row are).
     pub nack_attempts: u8,
     /// How long after an ask, still unanswered, the next one goes out (default 40 ms,
-    /// so three asks fit in the default window after the first delay).
+    /// so four asks, the last at most 150 ms after the hole, fit in the default window).
     pub nack_retry: Duration,
     /// A path is healthy while data arrived on it within this long (default 500 ms).
     pub path_timeout: Duration,
@@ -66,7 +67,7 @@ impl Default for Config {
             max_held: 4096,
             nack: true,
             nack_delay: Duration::from_millis(30),
-            nack_attempts: 3,
+            nack_attempts: 4,
             nack_retry: Duration::from_millis(40),
             path_timeout: Duration::from_millis(500),
         }
