@@ -453,3 +453,28 @@ fn a_probing_viewer_times_the_candidates_and_reports_them() {
     let (_, status) = get(&format!("{}/v1/status", net.urls()[0]));
     assert!(status["feedback_reports"].as_u64() >= Some(1), "{status}");
 }
+
+/// A viewer asks again every few seconds and moves, without loss, when its edge fills up
+/// and another is better by the margin.
+#[test]
+fn a_viewer_moves_on_re_ask_when_its_edge_fills_up() {
+    let net = ControlNet::start(1, 2, 22.0, "", |_| {
+        vec!["--max-viewers".into(), "25".into()]
+    });
+    wait_for_edges(&net, 4);
+    let mut v = net.viewer("mover", 1, 13.0, &["--reask-secs".into(), "2".into()]);
+    std::thread::sleep(Duration::from_secs(3));
+    let first = net.stats("mover")["edge"]
+        .as_str()
+        .expect("watching")
+        .to_owned();
+    let crowd = braid_tests::crowd::Crowd::start(first.parse().expect("addr"), 20);
+    assert!(v.wait(Duration::from_secs(30)).expect("ends").success());
+    drop(crowd.finish());
+    let st = net.stats("mover");
+    let sw = &st["switches"][0];
+    assert_eq!(sw["reason"], "better", "{st}");
+    assert_eq!(sw["from"], first.as_str(), "{st}");
+    assert_eq!(st["gaps"], 0, "{st}");
+    compare::assert_contiguous(&net.path("tee.ts"), &net.path("mover.ts"));
+}
