@@ -549,6 +549,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     )
     .await?;
     let mut detector_deadline: Option<Instant> = None;
+    // During a switch, the edge being left (until the new one delivers).
+    let mut leaving: Option<SocketAddr> = None;
+    let mut leave_now: Option<SocketAddr> = None;
     loop {
         let merge_deadline = buffer.next_timeout();
         let now = Instant::now();
@@ -594,8 +597,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 let now = Instant::now();
                 for (from, datagram) in rx.drain(..) {
                     let from_edge = from.is_none_or(|f| f == edge);
+                    let from_leaving = leaving.is_some_and(|o| from == Some(o));
                     match codec.decode(datagram) {
                         Ok(Message { header, body: Body::Media(m) }) => {
+                            if from_leaving && !from_edge {
+                                // The edge being left, until the new one delivers.
+                                if m.seq > acked {
+                                    acked = m.seq;
+                                }
+                                buffer.handle_input(now, merge::Input::Packet { path: PathId(1), seq: m.seq, item: m.rtp.payload() });
+                                continue;
+                            }
                             if !from_edge {
                                 stats.stray += 1;
                                 continue;
@@ -603,6 +615,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                             stats.join_ms.get_or_insert(now.duration_since(started).as_millis() as u64);
                             if !got_from_edge {
                                 got_from_edge = true;
+                                if let Some(old) = leaving.take() {
+                                    leave_now = Some(old);
+                                }
                                 if let Some((i, t, _)) = switch_marks.last() {
                                     if let Some(s) = stats.switches.get_mut(*i) {
                                         s.detect_to_first_packet_ms.get_or_insert(now.duration_since(*t).as_millis() as u64);
@@ -734,15 +749,34 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             }
             match target {
                 Some(to) if to != edge => {
-                    let _ = send(
-                        &codec,
-                        &mut link,
-                        edge,
-                        &mut buf,
-                        stream,
-                        Body::Unsubscribe { node },
-                    )
-                    .await;
+                    // Make before break (UDP): keep taking the old edge's packets, and
+                    // keep its lease and window open, until the new edge delivers; a
+                    // cold new edge then costs nothing. The buffer drops the overlap.
+                    // A dead old edge simply sends nothing.
+                    if let Some(old) = leaving.take() {
+                        let _ = send(
+                            &codec,
+                            &mut link,
+                            old,
+                            &mut buf,
+                            stream,
+                            Body::Unsubscribe { node },
+                        )
+                        .await;
+                    }
+                    if config.transport == Transport::Udp {
+                        leaving = Some(edge);
+                    } else {
+                        let _ = send(
+                            &codec,
+                            &mut link,
+                            edge,
+                            &mut buf,
+                            stream,
+                            Body::Unsubscribe { node },
+                        )
+                        .await;
+                    }
                     tracing::info!(
                         "switching {edge} -> {to} ({reason}), resuming at {}",
                         resume.0
@@ -814,8 +848,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 .await?;
             }
         }
+        if let Some(old) = leave_now.take() {
+            send(
+                &codec,
+                &mut link,
+                old,
+                &mut buf,
+                stream,
+                Body::Unsubscribe { node },
+            )
+            .await?;
+        }
         if send_ack && !stalled {
             since_ack = 0;
+            if let Some(old) = leaving {
+                send(
+                    &codec,
+                    &mut link,
+                    old,
+                    &mut buf,
+                    stream,
+                    watch(acked, start),
+                )
+                .await?;
+            }
             send(
                 &codec,
                 &mut link,
