@@ -229,8 +229,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let deadline =
         (config.duration > 0.0).then(|| started + Duration::from_secs_f64(config.duration));
     let mut publish_tick = tokio::time::interval(Duration::from_secs(1));
-    // Publish before the first packet, so no entry point sees media it cannot accept yet.
-    {
+    // The publish message never changes: encode it once. It goes out before the first
+    // packet, so no entry point sees media it cannot accept yet, then every second.
+    let publish = {
         let msg = Message {
             header: Header {
                 stream,
@@ -241,15 +242,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 key: Bytes::from(config.stream_key.clone()),
             },
         };
-        let mut first = BytesMut::new();
-        codec.encode(&msg, &mut first)?;
-        let first = first.freeze();
-        for &to in &config.entries {
-            socket.send(Instant::now(), to, first.clone(), false);
-        }
-        socket.flush();
-        publish_tick.tick().await;
+        let mut buf = BytesMut::new();
+        codec.encode(&msg, &mut buf)?;
+        buf.freeze()
+    };
+    for &to in &config.entries {
+        socket.send(Instant::now(), to, publish.clone(), false);
     }
+    socket.flush();
+    publish_tick.tick().await;
     let mut last_ack: Vec<Option<Instant>> = vec![None; config.entries.len()];
     let mut progress = Progress {
         entries: config.entries.len(),
@@ -307,12 +308,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             }
             _ = publish_tick.tick() => {
                 let now = Instant::now();
-                let msg = Message { header: Header { stream, path: PathId(0), flags: Flags::empty() }, body: Body::Publish { key: Bytes::from(config.stream_key.clone()) } };
-                out.clear();
-                codec.encode(&msg, &mut out)?;
-                let datagram = out.split().freeze();
                 for &to in &config.entries {
-                    socket.send(now, to, datagram.clone(), false);
+                    socket.send(now, to, publish.clone(), false);
                 }
                 socket.flush();
                 progress.entries_reachable = last_ack.iter().filter(|a| a.is_some_and(|t| now.duration_since(t) < Duration::from_secs(3))).count();

@@ -311,7 +311,6 @@ fn handle(
                 // The publisher repeated or went back: it was forwarded, not kept.
                 metrics::counter!("braid_entrypoint_not_kept_total").increment(1);
             }
-            stream.kept.handle_timeout(now);
         }
         Body::Nack(ranges) => {
             if !stream.config.reflectors.contains(&from) {

@@ -315,8 +315,6 @@ struct Viewer {
     expires: Instant,
     /// Highest sequence number the viewer said it has (UDP flow window).
     acked: SeqNo,
-    /// Highest sequence number sent to it.
-    sent: SeqNo,
     /// The first sequence number sent to it.
     first_sent: SeqNo,
 }
@@ -335,7 +333,6 @@ struct Stream {
     upstream: Vec<(usize, Instant)>,
     last_refresh: Option<Instant>,
     empty_since: Option<Instant>,
-    exported: merge::Stats,
 }
 
 struct Node {
@@ -504,7 +501,6 @@ impl Node {
                     upstream: Vec::new(),
                     last_refresh: None,
                     empty_since: Some(now),
-                    exported: merge::Stats::default(),
                 },
             );
         }
@@ -704,7 +700,7 @@ impl Node {
                             ErrorCode::UNKNOWN_STREAM,
                             "stream not carried here",
                         );
-                        let _ = writer.try_send(d);
+                        deliver(&mut self.socket, now, &Transport::Tcp(writer), d, false);
                     }
                     Body::Unsubscribe { .. } => self.remove_viewer(id, key),
                     _ => {
@@ -795,7 +791,6 @@ impl Node {
                 start_seq: req.watch.seq,
                 expires: now + lease,
                 acked: req.watch.acked,
-                sent: SeqNo(0),
                 first_sent: SeqNo(0),
             },
         );
@@ -850,12 +845,7 @@ impl Node {
         text: &str,
     ) {
         let d = self.error_datagram(stream, code, text);
-        match to {
-            Transport::Udp(a) => self.socket.send(now, *a, d, false),
-            Transport::Tcp(w) => {
-                let _ = w.try_send(d);
-            }
-        }
+        deliver(&mut self.socket, now, to, d, false);
     }
 
     /// Answers a NACK from a subscribed edge (set role) or a viewer (edge role) from the
@@ -961,9 +951,6 @@ impl Node {
                 Output::Timeout(_) => break,
             }
         }
-        if pushed || role == Role::Edge {
-            st.kept.handle_timeout(now);
-        }
         if role == Role::Edge && pushed {
             self.serve(now, &mut st, None);
         }
@@ -1036,15 +1023,13 @@ impl Node {
                         if v.first_sent.0 == 0 {
                             v.first_sent = e.seq;
                         }
-                        v.sent = e.seq;
-                        match &v.transport {
-                            Transport::Udp(a) => {
-                                self.socket.send(now, *a, e.item.datagram.clone(), true)
-                            }
-                            Transport::Tcp(w) => {
-                                let _ = w.try_send(e.item.datagram.clone());
-                            }
-                        }
+                        deliver(
+                            &mut self.socket,
+                            now,
+                            &v.transport,
+                            e.item.datagram.clone(),
+                            true,
+                        );
                     }
                     Read::Skipped { lost } => {
                         metrics::counter!("braid_edge_viewer_skipped_packets_total")
@@ -1059,12 +1044,7 @@ impl Node {
         for (key, kind, value) in notices {
             let d = self.control_datagram(st.id, Body::Notice { kind, value });
             if let Some(v) = st.viewers.get(&key) {
-                match &v.transport {
-                    Transport::Udp(a) => self.socket.send(now, *a, d, false),
-                    Transport::Tcp(w) => {
-                        let _ = w.try_send(d);
-                    }
-                }
+                deliver(&mut self.socket, now, &v.transport, d, false);
             }
         }
     }
@@ -1175,6 +1155,8 @@ impl Node {
             self.subscribe_upstream(now, id);
         }
         for st in self.streams.values_mut() {
+            // Pushes evict by age; a stream gone silent is aged here.
+            st.kept.handle_timeout(now);
             st.subscribers.retain(|_, exp| *exp > now);
             // A viewer that stopped reading stops its cursor; count its skip when the ring
             // overtakes it, not only when it comes back.
@@ -1307,12 +1289,7 @@ impl Node {
                 continue;
             };
             for v in st.viewers.values() {
-                match &v.transport {
-                    Transport::Udp(a) => self.socket.send(now, *a, d.clone(), false),
-                    Transport::Tcp(w) => {
-                        let _ = w.try_send(d.clone());
-                    }
-                }
+                deliver(&mut self.socket, now, &v.transport, d.clone(), false);
             }
             metrics::counter!("braid_edge_drain_signals_total").increment(st.viewers.len() as u64);
         }
@@ -1330,6 +1307,19 @@ impl Node {
             }
         }
         self.socket.flush();
+    }
+}
+
+/// Sends `d` to a viewer over its transport. A TCP viewer's queue that is full drops it,
+/// counted (media never reaches here with a full queue: `serve` checks first).
+fn deliver(socket: &mut Socket, now: Instant, to: &Transport, d: Bytes, is_data: bool) {
+    match to {
+        Transport::Udp(a) => socket.send(now, *a, d, is_data),
+        Transport::Tcp(w) => {
+            if w.try_send(d).is_err() {
+                dropped(Role::Edge, "viewer_queue_full");
+            }
+        }
     }
 }
 
@@ -1369,7 +1359,6 @@ fn export(role: Role, st: &mut Stream) {
         .set(st.viewers.len() as f64);
     metrics::gauge!("braid_stream_subscribers", "stream" => stream)
         .set(st.subscribers.len() as f64);
-    st.exported = s;
 }
 
 #[cfg(test)]

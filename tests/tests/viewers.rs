@@ -2,7 +2,7 @@
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use braid_core::wire::{Body, Codec, Header, Key, Message, Watch, WatchStart};
 use braid_core::{NodeId, SeqNo, StreamId};
@@ -311,7 +311,6 @@ fn a_viewer_joining_mid_stream_starts_on_a_keyframe() {
     // The edge serves someone already; the late viewer joins 5 s in.
     let early = client(&net, "early", &["--duration", "10"]);
     std::thread::sleep(Duration::from_secs(5));
-    let t = Instant::now();
     let mut late = client(&net, "late", &["--duration", "4"]);
     assert!(late.wait(Duration::from_secs(20)).expect("ends").success());
     let out = std::fs::read(net.path("late.ts")).expect("output");
@@ -329,7 +328,6 @@ fn a_viewer_joining_mid_stream_starts_on_a_keyframe() {
     );
     let st = last_stats(&net, "late");
     assert!(st["join_ms"].as_u64().is_some(), "{st}");
-    assert!(t.elapsed() < Duration::from_secs(20));
     drop(early);
 }
 
