@@ -10,9 +10,16 @@
 //! - [`daemon`]: what every daemon does the same way: config file plus flags, logging,
 //!   the metrics endpoint, the ready line, shutdown on SIGTERM or Ctrl-C.
 //!
-//! Planned: QUIC through quinn (the QUIC issue).
+//! - [`quic`]: QUIC links through quinn: media as datagrams, control on streams, one
+//!   connection per node pair, attached to a daemon's [`udp::Socket`] so that the
+//!   daemons send to a peer address and the socket picks the transport.
+//! - [`tls`]: certificates, trust by CA or pinned fingerprint, development certificates.
+//! - [`addr`]: peer addresses with their transport (`quic://…`, `udp://…`).
 
+pub mod addr;
 pub mod daemon;
 pub mod impair;
+pub mod quic;
 pub mod sys;
+pub mod tls;
 pub mod udp;

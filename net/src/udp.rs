@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::Interest;
 
 use crate::impair::{self, Impairer, Verdict};
+use crate::quic::Quic;
 use crate::sys::{self, Received};
 
 /// Largest datagram received; anything longer is truncated and then refused by the codec.
@@ -67,6 +68,7 @@ struct Delayed {
     order: u64,
     to: SocketAddr,
     bytes: Bytes,
+    is_data: bool,
 }
 
 /// Counters of one socket, also exported as metrics.
@@ -98,6 +100,8 @@ pub struct Socket {
     rx_meta: Vec<Received>,
     stats: Stats,
     role: &'static str,
+    quic: Option<Box<Quic>>,
+    quic_rx: Vec<(SocketAddr, Bytes)>,
 }
 
 impl Socket {
@@ -107,18 +111,7 @@ impl Socket {
         impairments: Impairments,
         role: &'static str,
     ) -> io::Result<Socket> {
-        let domain = if addr.is_ipv4() {
-            socket2::Domain::IPV4
-        } else {
-            socket2::Domain::IPV6
-        };
-        let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-        // Best effort: the kernel caps these at net.core.{r,w}mem_max.
-        let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
-        let _ = s.set_send_buffer_size(SOCKET_BUFFER);
-        s.set_nonblocking(true)?;
-        s.bind(&addr.into())?;
-        let inner = tokio::net::UdpSocket::from_std(s.into())?;
+        let inner = tokio::net::UdpSocket::from_std(bind_std(addr)?)?;
         Ok(Socket {
             inner,
             start: Instant::now(),
@@ -131,7 +124,56 @@ impl Socket {
             rx_meta: Vec::with_capacity(sys::BATCH),
             stats: Stats::default(),
             role,
+            quic: None,
+            quic_rx: Vec::new(),
         })
+    }
+
+    /// Carries messages for QUIC peers over `quic` from now on; everything else still
+    /// goes over UDP.
+    pub fn attach_quic(&mut self, quic: Quic) {
+        self.quic = Some(Box::new(quic));
+    }
+
+    /// The QUIC endpoint, if one is attached.
+    pub fn quic(&self) -> Option<&Quic> {
+        self.quic.as_deref()
+    }
+
+    /// The QUIC endpoint, if one is attached.
+    pub fn quic_mut(&mut self) -> Option<&mut Quic> {
+        self.quic.as_deref_mut()
+    }
+
+    /// Whether `peer` may act as a node: a QUIC peer must have proved it with a trusted
+    /// certificate; over UDP the network key (checked by the codec) is the credential.
+    pub fn is_node(&self, peer: SocketAddr) -> bool {
+        self.quic
+            .as_ref()
+            .and_then(|q| q.is_node(peer))
+            .unwrap_or(true)
+    }
+
+    /// QUIC connections that came up or went down since the last call.
+    pub fn take_changes(&mut self) -> Vec<crate::quic::Change> {
+        self.quic
+            .as_mut()
+            .map(|q| q.take_changes())
+            .unwrap_or_default()
+    }
+
+    /// Hands a datagram whose impairment is done to QUIC or to the UDP outbox.
+    fn release(&mut self, now: Instant, to: SocketAddr, bytes: Bytes, is_data: bool) {
+        if let Some(q) = self.quic.as_mut().filter(|q| q.owns(to)) {
+            let before = q.stats().sent_bytes;
+            q.send(now, to, bytes, is_data);
+            self.stats.sent_bytes += q.stats().sent_bytes - before;
+            return;
+        }
+        self.outbox.push((to, bytes));
+        if self.outbox.len() >= sys::BATCH {
+            self.flush();
+        }
     }
 
     /// The bound address.
@@ -166,7 +208,7 @@ impl Socket {
             }
         };
         if impairer.is_noop() {
-            self.outbox.push((to, bytes));
+            self.release(now, to, bytes, is_data);
             return;
         }
         match impairer.decide(now, bytes.len(), is_data) {
@@ -178,7 +220,7 @@ impl Socket {
             Verdict::Send { at, copies } => {
                 for _ in 0..copies {
                     if at <= now {
-                        self.outbox.push((to, bytes.clone()));
+                        self.release(now, to, bytes.clone(), is_data);
                     } else {
                         self.order += 1;
                         self.delayed.push(Reverse(Delayed {
@@ -186,13 +228,11 @@ impl Socket {
                             order: self.order,
                             to,
                             bytes: bytes.clone(),
+                            is_data,
                         }));
                     }
                 }
             }
-        }
-        if self.outbox.len() >= sys::BATCH {
-            self.flush();
         }
     }
 
@@ -205,10 +245,10 @@ impl Socket {
             let Some(Reverse(d)) = self.delayed.pop() else {
                 break;
             };
-            self.outbox.push((d.to, d.bytes));
-            if self.outbox.len() >= sys::BATCH {
-                self.flush();
-            }
+            self.release(now, d.to, d.bytes, d.is_data);
+        }
+        if let Some(q) = self.quic.as_mut() {
+            q.handle_timeout(now);
         }
         self.flush();
     }
@@ -258,29 +298,69 @@ impl Socket {
     /// Waits for datagrams and appends them to `out` (at most a batch). Each is copied
     /// into its own right-sized buffer so that a packet kept in a ring does not pin a
     /// whole receive batch.
+    /// With QUIC attached, messages from QUIC peers come the same way; a call may also
+    /// return with nothing when only a connection changed (see [`Socket::take_changes`]).
     pub async fn recv(&mut self, out: &mut Vec<(SocketAddr, Bytes)>) -> io::Result<()> {
-        loop {
-            self.inner.readable().await?;
-            let fd = self.inner.as_raw_fd();
-            let bufs = &mut self.rx_bufs;
-            let meta = &mut self.rx_meta;
-            match self
-                .inner
-                .try_io(Interest::READABLE, || sys::recv_batch(fd, bufs, meta))
-            {
-                Ok(_) => {
-                    for (i, r) in self.rx_meta.iter().enumerate() {
-                        out.push((r.from, Bytes::copy_from_slice(&self.rx_bufs[i][..r.len])));
-                    }
-                    self.stats.received += self.rx_meta.len() as u64;
-                    return Ok(());
+        let Some(quic) = self.quic.as_mut() else {
+            return recv_udp(
+                &self.inner,
+                &mut self.rx_bufs,
+                &mut self.rx_meta,
+                &mut self.stats,
+                out,
+            )
+            .await;
+        };
+        let quic_rx = &mut self.quic_rx;
+        let r = tokio::select! {
+            r = recv_udp(&self.inner, &mut self.rx_bufs, &mut self.rx_meta, &mut self.stats, out) => r,
+            () = quic.recv(quic_rx) => Ok(()),
+        };
+        out.append(&mut self.quic_rx);
+        r
+    }
+}
+
+/// Binds a non-blocking UDP socket with large buffers.
+pub(crate) fn bind_std(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+/// One batch from the UDP socket (cancel-safe: nothing is read until it returns).
+async fn recv_udp(
+    inner: &tokio::net::UdpSocket,
+    bufs: &mut [[u8; MAX_DATAGRAM]],
+    meta: &mut Vec<Received>,
+    stats: &mut Stats,
+    out: &mut Vec<(SocketAddr, Bytes)>,
+) -> io::Result<()> {
+    loop {
+        inner.readable().await?;
+        let fd = inner.as_raw_fd();
+        match inner.try_io(Interest::READABLE, || sys::recv_batch(fd, bufs, meta)) {
+            Ok(_) => {
+                for (i, r) in meta.iter().enumerate() {
+                    out.push((r.from, Bytes::copy_from_slice(&bufs[i][..r.len])));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                // ICMP port unreachable from an earlier send surfaces here on Linux; it
-                // says nothing about this socket.
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
-                Err(e) => return Err(e),
+                stats.received += meta.len() as u64;
+                return Ok(());
             }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            // ICMP port unreachable from an earlier send surfaces here on Linux; it
+            // says nothing about this socket.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+            Err(e) => return Err(e),
         }
     }
 }

@@ -1,0 +1,195 @@
+//! QUIC links between two sockets on loopback: datagrams and control messages both ways
+//! on one connection, node authentication by certificate, refusal of an untrusted one, a
+//! dead peer noticed in about a second, and oversize datagrams counted.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use braid_net::quic::{Change, Options, Quic};
+use braid_net::tls::{Tls, make_dev_certs};
+use braid_net::udp::{Impairments, Socket};
+use bytes::Bytes;
+
+fn tls(dir: &Path, name: &str, ca: &Path) -> Tls {
+    Tls {
+        cert: Some(dir.join(format!("{name}.pem"))),
+        key: Some(dir.join(format!("{name}.key"))),
+        ca: Some(ca.to_path_buf()),
+        ..Tls::default()
+    }
+}
+
+fn socket(tls: &Tls, role: &'static str) -> (Socket, SocketAddr) {
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut s = Socket::bind(any, Impairments::default(), role).unwrap();
+    let q = Quic::bind(&Options::default(), any, tls, role).unwrap();
+    let addr = q.local_addr().unwrap();
+    s.attach_quic(q);
+    (s, addr)
+}
+
+/// Receives until `want` messages arrived or `limit` passed; returns them and the changes.
+async fn gather(
+    s: &mut Socket,
+    want: usize,
+    limit: Duration,
+) -> (Vec<(SocketAddr, Bytes)>, Vec<Change>) {
+    let end = Instant::now() + limit;
+    let mut got = Vec::new();
+    let mut changes = Vec::new();
+    while got.len() < want && Instant::now() < end {
+        let mut v = Vec::new();
+        if tokio::time::timeout_at(end.into(), s.recv(&mut v))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        got.extend(v);
+        changes.extend(s.take_changes());
+    }
+    (got, changes)
+}
+
+fn dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("braid-quic-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+#[tokio::test]
+async fn one_connection_carries_datagrams_and_control_both_ways() {
+    let d = dir("both");
+    make_dev_certs(&d, &["a".into(), "b".into()], &[]).unwrap();
+    let ca = d.join("ca.pem");
+    let (mut a, a_addr) = socket(&tls(&d, "a", &ca), "a");
+    let (mut b, b_addr) = socket(&tls(&d, "b", &ca), "b");
+    a.quic_mut().unwrap().add_dial(b_addr);
+    let now = Instant::now();
+    // Control sent before the connection is up waits for it; media is dropped and counted.
+    a.send(now, b_addr, Bytes::from_static(b"hello"), false);
+    a.send(now, b_addr, Bytes::from_static(b"early media"), true);
+    // The dialer's own task takes the connection up (and sends what waited for it).
+    let ((got, changes), _) = tokio::join!(
+        gather(&mut b, 1, Duration::from_secs(5)),
+        gather(&mut a, 1, Duration::from_millis(500))
+    );
+    assert_eq!(got, vec![(a_addr, Bytes::from_static(b"hello"))]);
+    assert!(
+        changes.contains(&Change::Up {
+            peer: a_addr,
+            node: true
+        }),
+        "{changes:?}"
+    );
+    assert!(b.is_node(a_addr), "a presented a certificate the CA signed");
+    assert_eq!(a.quic().unwrap().stats().dropped, 1);
+    // Media both ways as datagrams on the same connection.
+    for i in 0..50u8 {
+        b.send(Instant::now(), a_addr, Bytes::from(vec![i; 1300]), true);
+    }
+    let (got, _) = gather(&mut a, 51, Duration::from_secs(5)).await;
+    let media: Vec<_> = got.iter().filter(|(_, m)| m.len() == 1300).collect();
+    assert_eq!(media.len(), 50, "every datagram arrives on loopback");
+    assert!(got.iter().all(|(from, _)| *from == b_addr));
+    assert_eq!(b.quic().unwrap().stats().datagrams_sent, 50);
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[tokio::test]
+async fn untrusted_certificate_is_refused_and_anonymous_peer_is_not_a_node() {
+    let d = dir("trust");
+    make_dev_certs(&d, &["a".into(), "b".into()], &[]).unwrap();
+    let other = d.join("other");
+    make_dev_certs(&other, &["mallory".into()], &[]).unwrap();
+    let ca = d.join("ca.pem");
+    let (mut server, server_addr) = socket(&tls(&d, "b", &ca), "server");
+    // A dialer whose certificate another CA signed: the server refuses the handshake.
+    let (mut mallory, _) = socket(&tls(&other, "mallory", &ca), "mallory");
+    mallory.quic_mut().unwrap().add_dial(server_addr);
+    mallory.send(
+        Instant::now(),
+        server_addr,
+        Bytes::from_static(b"let me in"),
+        false,
+    );
+    let ((got, _), _) = tokio::join!(
+        gather(&mut server, 1, Duration::from_secs(2)),
+        gather(&mut mallory, 1, Duration::from_secs(2))
+    );
+    assert!(got.is_empty(), "nothing from an untrusted peer: {got:?}");
+    // A viewer with no certificate connects, but is no node.
+    let viewer_tls = Tls {
+        ca: Some(ca.clone()),
+        ..Tls::default()
+    };
+    let (mut viewer, viewer_addr) = socket(&viewer_tls, "viewer");
+    viewer.quic_mut().unwrap().add_dial(server_addr);
+    viewer.send(
+        Instant::now(),
+        server_addr,
+        Bytes::from_static(b"watch"),
+        false,
+    );
+    let ((got, _), _) = tokio::join!(
+        gather(&mut server, 1, Duration::from_secs(5)),
+        gather(&mut viewer, 1, Duration::from_millis(500))
+    );
+    assert_eq!(got, vec![(viewer_addr, Bytes::from_static(b"watch"))]);
+    assert!(!server.is_node(viewer_addr));
+    // A dialer that does not trust the server's CA gives up on it.
+    let (mut wary, _) = socket(&tls(&other, "mallory", &other.join("ca.pem")), "wary");
+    wary.quic_mut().unwrap().add_dial(server_addr);
+    wary.send(
+        Instant::now(),
+        server_addr,
+        Bytes::from_static(b"hi"),
+        false,
+    );
+    let (got, _) = gather(&mut wary, 1, Duration::from_millis(500)).await;
+    assert!(got.is_empty());
+    assert!(!wary.quic().unwrap().is_connected(server_addr));
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[tokio::test]
+async fn a_vanished_peer_is_noticed_within_about_a_second() {
+    let d = dir("dead");
+    make_dev_certs(&d, &["a".into(), "b".into()], &[]).unwrap();
+    let ca = d.join("ca.pem");
+    let (mut a, _) = socket(&tls(&d, "a", &ca), "a");
+    // b lives in a runtime of its own, so that it can vanish without a word (as if
+    // SIGKILLed: no connection close is sent).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let guard = rt.enter();
+    let (b, b_addr) = socket(&tls(&d, "b", &ca), "b");
+    drop(guard);
+    a.quic_mut().unwrap().add_dial(b_addr);
+    a.send(Instant::now(), b_addr, Bytes::from_static(b"hello"), false);
+    let mut up = false;
+    let start = Instant::now();
+    while !up && start.elapsed() < Duration::from_secs(5) {
+        let (_, changes) = gather(&mut a, 1, Duration::from_millis(100)).await;
+        up = changes.iter().any(|c| matches!(c, Change::Up { .. }));
+    }
+    assert!(up, "connected");
+    rt.shutdown_background();
+    std::mem::forget(b);
+    let gone = Instant::now();
+    let mut seen = None;
+    while gone.elapsed() < Duration::from_secs(5) {
+        let (_, changes) = gather(&mut a, 1, Duration::from_millis(100)).await;
+        if changes.iter().any(|c| matches!(c, Change::Down { .. })) {
+            seen = Some(gone.elapsed());
+            break;
+        }
+    }
+    let seen = seen.expect("the dead peer is noticed");
+    assert!(seen < Duration::from_millis(1600), "noticed after {seen:?}");
+    let _ = std::fs::remove_dir_all(d);
+}
