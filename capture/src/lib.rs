@@ -21,6 +21,7 @@ use anyhow::Context;
 use braid_core::wire::rtp::{CLOCK_RATE_MP2T, Fields, PAYLOAD_TYPE_MP2T};
 use braid_core::wire::{Body, Codec, Flags, Header, Message, Rtp};
 use braid_core::{PathId, SeqNo, StreamId};
+use braid_net::addr::PeerAddr;
 use braid_net::daemon::DaemonConfig;
 use braid_net::udp::{Impairments, Socket};
 use bytes::{Bytes, BytesMut};
@@ -49,10 +50,11 @@ pub struct Config {
     #[arg(long)]
     #[serde(default)]
     pub check: bool,
-    /// Entry points to push to (give two, for redundancy).
+    /// Entry points to push to (give two, for redundancy): `ADDR` or `udp://ADDR` over
+    /// UDP, `quic://ADDR` over QUIC.
     #[arg(long = "entry", required = false)]
     #[serde(default)]
-    pub entries: Vec<SocketAddr>,
+    pub entries: Vec<PeerAddr>,
     /// Stream id.
     #[arg(long, default_value_t = 1)]
     #[serde(default = "default_stream")]
@@ -109,6 +111,14 @@ pub struct Config {
     #[arg(skip)]
     #[serde(default)]
     pub impair: Impairments,
+    /// QUIC options (for entry points reached over QUIC).
+    #[command(flatten)]
+    #[serde(default)]
+    pub quic: braid_net::quic::Options,
+    /// TLS for QUIC: whom to trust (and a certificate, if entry points ask for one).
+    #[command(flatten)]
+    #[serde(default)]
+    pub tls: braid_net::tls::Tls,
 }
 
 fn default_stream() -> u32 {
@@ -168,6 +178,8 @@ impl braid_net::daemon::DaemonConfig for Config {
             );
         }
         self.impair.validate().map_err(anyhow::Error::msg)?;
+        self.quic.validate().map_err(anyhow::Error::msg)?;
+        self.tls.validate().map_err(anyhow::Error::msg)?;
         Ok(())
     }
 }
@@ -246,8 +258,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         codec.encode(&msg, &mut buf)?;
         buf.freeze()
     };
-    for &to in &config.entries {
-        socket.send(Instant::now(), to, publish.clone(), false);
+    braid_net::daemon::start_quic(
+        &mut socket,
+        &config.quic,
+        &config.tls,
+        "capture",
+        &config.entries,
+    )?;
+    for to in &config.entries {
+        socket.send(Instant::now(), to.addr, publish.clone(), false);
     }
     socket.flush();
     publish_tick.tick().await;
@@ -291,8 +310,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     out.clear();
                     codec.encode_media(Header { stream, path: PathId(0), flags }, seq, &rtp, &mut out)?;
                     let datagram: Bytes = out.split().freeze();
-                    for &to in &config.entries {
-                        socket.send(now, to, datagram.clone(), true);
+                    for to in &config.entries {
+                        socket.send(now, to.addr, datagram.clone(), true);
                     }
                     if let Some(f) = tee.as_mut() {
                         f.write_all(&chunk.payload).context("writing the tee file")?;
@@ -308,8 +327,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             }
             _ = publish_tick.tick() => {
                 let now = Instant::now();
-                for &to in &config.entries {
-                    socket.send(now, to, publish.clone(), false);
+                for to in &config.entries {
+                    socket.send(now, to.addr, publish.clone(), false);
                 }
                 socket.flush();
                 progress.entries_reachable = last_ack.iter().filter(|a| a.is_some_and(|t| now.duration_since(t) < Duration::from_secs(3))).count();
@@ -323,7 +342,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 for (from, bytes) in rx.drain(..) {
                     match codec.decode(bytes) {
                         Ok(Message { body: Body::Keepalive(_), .. }) => {
-                            if let Some(i) = config.entries.iter().position(|e| *e == from) {
+                            if let Some(i) = config.entries.iter().position(|e| e.addr == from) {
                                 last_ack[i] = Some(Instant::now());
                             }
                         }

@@ -10,8 +10,11 @@ use serde::Deserialize;
 /// One edge the control server offers.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct Candidate {
-    /// Where.
+    /// Where, over UDP or TCP.
     pub addr: SocketAddr,
+    /// Where over QUIC, if the edge offers it.
+    #[serde(default)]
+    pub quic: Option<SocketAddr>,
     /// `even` or `odd`.
     pub set: String,
     /// Lower is better.

@@ -40,6 +40,9 @@ use braid_core::detect::{Config as DetectConfig, Detector, Observation, Output a
 use braid_core::merge::{self, Output};
 use braid_core::wire::{Body, Codec, Header, Message, NoticeKind, SeqRange, Watch, WatchStart};
 use braid_core::{Bitrate, DataSize, NodeId, PathId, SeqNo, StreamId};
+use std::collections::HashMap;
+
+use braid_net::addr::PeerAddr;
 use braid_net::daemon::DaemonConfig;
 use braid_net::udp::{Impairments, Socket};
 use bytes::{Bytes, BytesMut};
@@ -53,10 +56,21 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
-    /// UDP: lowest latency; the default.
+    /// QUIC when the edge offers it, else UDP; the default.
+    Auto,
+    /// QUIC: encrypted, the edge authenticated, NAT-friendly; media as datagrams.
+    Quic,
+    /// UDP: plain Braid datagrams.
     Udp,
     /// TCP: for networks that pass no UDP.
     Tcp,
+}
+
+impl Transport {
+    /// Whether media comes as datagrams (UDP or QUIC): repairs by NACK, make before break.
+    fn datagrams(self) -> bool {
+        self != Transport::Tcp
+    }
 }
 
 /// The client's configuration.
@@ -76,12 +90,12 @@ pub struct Config {
     #[arg(long)]
     #[serde(default)]
     pub check: bool,
-    /// The edge to watch from.
+    /// The edge to watch from: `ADDR` (UDP or TCP) or `quic://ADDR` (its QUIC address).
     #[arg(long)]
     #[serde(default)]
-    pub edge: Option<SocketAddr>,
-    /// UDP or TCP.
-    #[arg(long, value_enum, default_value = "udp")]
+    pub edge: Option<PeerAddr>,
+    /// auto (QUIC when the edge offers it, else UDP), quic, udp or tcp.
+    #[arg(long, value_enum, default_value = "auto")]
     #[serde(default = "default_transport")]
     pub transport: Transport,
     /// Stream id.
@@ -163,10 +177,19 @@ pub struct Config {
     #[arg(long, hide = true)]
     #[serde(default)]
     pub stall: Option<String>,
+    /// QUIC options.
+    #[command(flatten)]
+    #[serde(default)]
+    pub quic: braid_net::quic::Options,
+    /// TLS for QUIC: whom to trust (a CA or a pinned edge certificate; the system's roots
+    /// when neither is given).
+    #[command(flatten)]
+    #[serde(default)]
+    pub tls: braid_net::tls::Tls,
 }
 
 fn default_transport() -> Transport {
-    Transport::Udp
+    Transport::Auto
 }
 fn default_stream() -> u32 {
     1
@@ -221,6 +244,13 @@ impl DaemonConfig for Config {
             anyhow::bail!("--buffer-ms must be between 20 and 10000");
         }
         self.stall_at()?;
+        self.quic.validate().map_err(anyhow::Error::msg)?;
+        self.tls.validate().map_err(anyhow::Error::msg)?;
+        if self.edge.is_some_and(|e| e.is_quic())
+            && !matches!(self.transport, Transport::Auto | Transport::Quic)
+        {
+            anyhow::bail!("--edge quic://… wants --transport quic (or auto)");
+        }
         Ok(())
     }
 }
@@ -310,8 +340,11 @@ pub struct Stats {
 }
 
 enum Link {
+    /// UDP, and QUIC to edges that offer it: `quic` maps an edge (as the control server
+    /// names it, by its UDP address) to its QUIC address.
     Udp {
         socket: Box<Socket>,
+        quic: HashMap<SocketAddr, SocketAddr>,
     },
     Tcp {
         writer: tokio::net::tcp::OwnedWriteHalf,
@@ -321,11 +354,26 @@ enum Link {
 
 async fn connect(config: &Config, edge: SocketAddr) -> anyhow::Result<Link> {
     Ok(match config.transport {
-        Transport::Udp => Link::Udp {
-            socket: Box::new(
-                Socket::bind(config.bind, Impairments::default(), "client").context("binding")?,
-            ),
-        },
+        Transport::Udp | Transport::Quic | Transport::Auto => {
+            let mut socket =
+                Socket::bind(config.bind, Impairments::default(), "client").context("binding")?;
+            let mut quic = HashMap::new();
+            if config.transport != Transport::Udp {
+                let bind = SocketAddr::new(config.bind.ip(), 0);
+                let q = braid_net::quic::Quic::bind(&config.quic, bind, &config.tls, "client")
+                    .context("starting QUIC")?;
+                socket.attach_quic(q);
+                if let (Some(q), Some(e)) = (socket.quic_mut(), config.edge.filter(|e| e.is_quic()))
+                {
+                    q.add_dial(e.addr);
+                    quic.insert(e.addr, e.addr);
+                }
+            }
+            Link::Udp {
+                socket: Box::new(socket),
+                quic,
+            }
+        }
         Transport::Tcp => {
             let stream = tokio::net::TcpStream::connect(edge)
                 .await
@@ -355,6 +403,27 @@ async fn connect(config: &Config, edge: SocketAddr) -> anyhow::Result<Link> {
             Link::Tcp { writer, rx }
         }
     })
+}
+
+impl Link {
+    /// Takes note of the candidates' QUIC addresses (QUIC links only).
+    fn learn(&mut self, transport: Transport, a: &control::Assignment) {
+        let Link::Udp { socket, quic } = self else {
+            return;
+        };
+        let Some(q) = socket.quic_mut() else {
+            return;
+        };
+        if transport == Transport::Udp {
+            return;
+        }
+        for c in &a.candidates {
+            if let Some(addr) = c.quic {
+                q.add_dial(addr);
+                quic.insert(c.addr, addr);
+            }
+        }
+    }
 }
 
 /// Times a keepalive to each candidate (300 ms at most) and returns the round trips.
@@ -426,7 +495,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     let mut edge = match (&assignment, config.edge) {
         (Some(a), _) => a.primary,
-        (None, Some(e)) => e,
+        (None, Some(e)) => e.addr,
         (None, None) => anyhow::bail!("no edge to watch"),
     };
     if let (true, Some(a), Some(v)) = (config.probe, &assignment, viewer.clone()) {
@@ -456,6 +525,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     }
     let mut link = connect(&config, edge).await?;
+    if let Some(a) = &assignment {
+        link.learn(config.transport, a);
+    }
     let mut out: Box<dyn Write> = if config.out.as_os_str() == "-" {
         Box::new(std::io::BufWriter::new(std::io::stdout()))
     } else {
@@ -474,7 +546,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let window = Duration::from_millis(config.buffer_ms);
     let mut buffer: merge::Buffer<Bytes> = merge::Buffer::new(merge::Config {
         reorder_window: window,
-        nack: config.transport == Transport::Udp,
+        nack: config.transport.datagrams(),
         nack_delay: (window / 10).max(Duration::from_millis(5)),
         nack_retry: (window / 5).max(Duration::from_millis(10)),
         ..merge::Config::default()
@@ -586,6 +658,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                         (Some(cur), Some((addr, w))) => addr != edge && w > cur * (1.0 + config.better_margin),
                         _ => false,
                     };
+                    link.learn(config.transport, &a);
                     assignment = Some(a);
                     if better && pending_switch.is_none() {
                         pending_switch = Some(("better".into(), Instant::now()));
@@ -727,6 +800,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     Ok(a) => {
                         target = Some(a.primary);
                         via_control = true;
+                        link.learn(config.transport, &a);
                         assignment = Some(a);
                     }
                     Err(e) => tracing::warn!("{e:#}: going to the secondary set directly"),
@@ -764,7 +838,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                         )
                         .await;
                     }
-                    if config.transport == Transport::Udp {
+                    if config.transport.datagrams() {
                         leaving = Some(edge);
                     } else {
                         let _ = send(
@@ -905,10 +979,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
 async fn recv(link: &mut Link, out: &mut Vec<(Option<SocketAddr>, Bytes)>) -> anyhow::Result<()> {
     match link {
-        Link::Udp { socket } => {
+        Link::Udp { socket, quic } => {
             let mut v = Vec::new();
             socket.recv(&mut v).await.context("receiving")?;
-            out.extend(v.into_iter().map(|(a, b)| (Some(a), b)));
+            // Name QUIC edges by the address the control server knows them by.
+            out.extend(v.into_iter().map(|(a, b)| {
+                let edge = quic.iter().find(|(_, q)| **q == a).map_or(a, |(e, _)| *e);
+                (Some(edge), b)
+            }));
         }
         Link::Tcp { rx, .. } => match rx.recv().await {
             Some(b) => {
@@ -943,9 +1021,10 @@ async fn send(
         body,
     };
     match link {
-        Link::Udp { socket } => {
+        Link::Udp { socket, quic } => {
             codec.encode(&msg, buf)?;
-            socket.send(Instant::now(), edge, buf.split().freeze(), false);
+            let to = quic.get(&edge).copied().unwrap_or(edge);
+            socket.send(Instant::now(), to, buf.split().freeze(), false);
             socket.flush();
         }
         Link::Tcp { writer, .. } => {

@@ -18,7 +18,7 @@
 //! | POST | `/v1/switch` | [`SwitchRequest`] | [`registry::Assignment`] |
 //! | POST, DELETE | `/v1/drain/{node}` | | drain on, off |
 //! | POST | `/v1/feedback` | [`Feedback`] | |
-//! | GET | `/v1/reflectors` | | live set reflectors, for edges without a static list |
+//! | GET | `/v1/reflectors` | | live set reflectors (UDP addresses, and a map to their QUIC addresses), for edges without a static list |
 //! | GET | `/v1/status`, `/` | | JSON, HTML |
 //! | GET | `/metrics` (on `--metrics`) | | Prometheus |
 
@@ -330,7 +330,13 @@ async fn feedback(
 }
 
 async fn reflectors(State(app): State<Shared>) -> impl IntoResponse {
-    Json(serde_json::json!({ "reflectors": app.registry().reflectors(Instant::now()) }))
+    let list = app.registry().reflectors(Instant::now());
+    let udp: Vec<SocketAddr> = list.iter().map(|(u, _)| *u).collect();
+    let quic: serde_json::Map<String, serde_json::Value> = list
+        .iter()
+        .filter_map(|(u, q)| Some((u.to_string(), q.as_ref()?.to_string().into())))
+        .collect();
+    Json(serde_json::json!({ "reflectors": udp, "quic": quic }))
 }
 
 async fn status_json(State(app): State<Shared>) -> impl IntoResponse {

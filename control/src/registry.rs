@@ -75,8 +75,11 @@ pub struct Report {
     pub node: u64,
     /// Its role.
     pub role: Role,
-    /// Where viewers (or edges) reach it.
+    /// Where viewers (or edges) reach it over UDP (and TCP, for edges).
     pub addr: SocketAddr,
+    /// Its QUIC address, when it accepts QUIC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quic: Option<SocketAddr>,
     /// Its region, for preferring nearby edges.
     #[serde(default)]
     pub region: String,
@@ -120,8 +123,11 @@ struct Node {
 /// One edge offered to a viewer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Candidate {
-    /// Where to watch.
+    /// Where to watch over UDP or TCP.
     pub addr: SocketAddr,
+    /// Where to watch over QUIC, when the edge accepts QUIC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quic: Option<SocketAddr>,
     /// Its set.
     pub set: Set,
     /// Lower is better (like DNS SRV).
@@ -301,7 +307,7 @@ impl Registry {
         prefix: &str,
     ) -> Result<Assignment, AssignError> {
         let fb = self.feedback.get(prefix);
-        let mut ranked: Vec<(SocketAddr, Set, f64, String, u64)> = self
+        let mut ranked: Vec<(SocketAddr, Set, f64, String, u64, Option<SocketAddr>)> = self
             .edges(now)
             .into_iter()
             .filter(|(n, _, _)| Some(n.report.addr) != avoid)
@@ -312,6 +318,7 @@ impl Registry {
                     load,
                     n.report.region.clone(),
                     n.report.node,
+                    n.report.quic,
                 )
             })
             .collect();
@@ -338,8 +345,9 @@ impl Registry {
         let candidates = ranked
             .iter()
             .enumerate()
-            .map(|(i, (addr, s, load, region, _))| Candidate {
+            .map(|(i, (addr, s, load, region, _, quic))| Candidate {
                 addr: *addr,
+                quic: *quic,
                 set: *s,
                 priority: if i == 0 {
                     0
@@ -370,13 +378,14 @@ impl Registry {
         }
     }
 
-    /// Live set reflectors, for edges that learn them from the control server.
-    pub fn reflectors(&self, now: Instant) -> Vec<SocketAddr> {
-        let mut v: Vec<SocketAddr> = self
+    /// Live set reflectors, for edges that learn them from the control server: UDP
+    /// address and QUIC address, if any.
+    pub fn reflectors(&self, now: Instant) -> Vec<(SocketAddr, Option<SocketAddr>)> {
+        let mut v: Vec<(SocketAddr, Option<SocketAddr>)> = self
             .nodes
             .values()
             .filter(|n| n.report.role == Role::Set && self.live(now, n))
-            .map(|n| n.report.addr)
+            .map(|n| (n.report.addr, n.report.quic))
             .collect();
         v.sort();
         v
@@ -487,6 +496,7 @@ mod tests {
             node,
             role: Role::Edge,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            quic: None,
             region: String::new(),
             capacity: 100,
             cost_tier: 0,

@@ -21,6 +21,7 @@ use anyhow::Context;
 use braid_core::ring::{self, Ring};
 use braid_core::wire::{Body, Codec, ErrorCode, Flags, Header, Keepalive, Media, Message};
 use braid_core::{NodeId, StreamId};
+use braid_net::addr::PeerAddr;
 use braid_net::daemon::DaemonConfig;
 use braid_net::udp::{Impairments, Socket};
 use bytes::{Bytes, BytesMut};
@@ -73,6 +74,14 @@ pub struct Config {
     #[arg(long, default_value_t = 2000)]
     #[serde(default = "default_retransmit_ms")]
     pub retransmit_ms: u64,
+    /// QUIC: where to listen (publishers may connect over QUIC), initial MTU, limits.
+    #[command(flatten)]
+    #[serde(default)]
+    pub quic: braid_net::quic::Options,
+    /// TLS for QUIC: this node's certificate, and whom to trust.
+    #[command(flatten)]
+    #[serde(default)]
+    pub tls: braid_net::tls::Tls,
     /// Impairment of the outgoing links (TOML only).
     #[arg(skip)]
     #[serde(default)]
@@ -87,8 +96,9 @@ pub struct StreamConfig {
     pub id: u32,
     /// The key a publisher must present.
     pub key: String,
-    /// The set reflectors every packet goes to.
-    pub reflectors: Vec<SocketAddr>,
+    /// The set reflectors every packet goes to: `ADDR` or `udp://ADDR` over UDP,
+    /// `quic://ADDR` over QUIC (their QUIC address).
+    pub reflectors: Vec<PeerAddr>,
 }
 
 fn parse_stream(s: &str) -> Result<StreamConfig, String> {
@@ -155,6 +165,21 @@ impl braid_net::daemon::DaemonConfig for Config {
             anyhow::bail!("retransmit_ms must be above zero");
         }
         self.impair.validate().map_err(anyhow::Error::msg)?;
+        self.quic.validate().map_err(anyhow::Error::msg)?;
+        self.tls.validate().map_err(anyhow::Error::msg)?;
+        let quic_peers = self
+            .streams
+            .iter()
+            .flat_map(|s| &s.reflectors)
+            .any(|r| r.is_quic());
+        if quic_peers && !self.tls.has_identity() {
+            anyhow::bail!(
+                "QUIC set reflectors want this entry point's certificate: give tls.cert and tls.key"
+            );
+        }
+        if self.quic.listen.is_some() && !self.tls.has_identity() {
+            anyhow::bail!("quic.listen needs a certificate: give tls.cert and tls.key");
+        }
         Ok(())
     }
 }
@@ -182,6 +207,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let codec = Codec::new(braid_net::daemon::network_key(&config.network_key)?);
     let mut socket = Socket::bind(config.listen, config.impair.clone(), "entrypoint")
         .with_context(|| format!("binding {}", config.listen))?;
+    let quic_addr = braid_net::daemon::start_quic(
+        &mut socket,
+        &config.quic,
+        &config.tls,
+        "entrypoint",
+        config.streams.iter().flat_map(|s| &s.reflectors),
+    )?;
     let metrics_addr = braid_net::daemon::serve_metrics(config.metrics, shutdown.clone()).await?;
     let ring_config = ring::Config {
         max_age: Duration::from_millis(config.retransmit_ms),
@@ -199,13 +231,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         );
     }
     let node = NodeId(config.node_id);
-    braid_net::daemon::print_ready(
-        "entrypoint",
-        &[
-            ("udp", socket.local_addr()?.to_string()),
-            ("metrics", metrics_addr.to_string()),
-        ],
-    );
+    let mut ready = vec![
+        ("udp", socket.local_addr()?.to_string()),
+        ("metrics", metrics_addr.to_string()),
+    ];
+    if let Some(q) = quic_addr {
+        ready.push(("quic", q.to_string()));
+    }
+    braid_net::daemon::print_ready("entrypoint", &ready);
     let mut rx = Vec::new();
     let mut out = BytesMut::with_capacity(2048);
     loop {
@@ -218,6 +251,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 for (from, bytes) in rx.drain(..) {
                     handle(&codec, &mut socket, &mut streams, node, now, from, bytes, &mut out);
                 }
+                // Connections that went up or down need nothing here: a dead set
+                // reflector's copies are simply not received; the next send redials.
+                let _ = socket.take_changes();
                 socket.flush();
             }
             _ = async {
@@ -227,6 +263,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 }
             } => socket.handle_timeout(Instant::now()),
         }
+    }
+    if let Some(q) = socket.quic() {
+        q.close();
     }
     tracing::info!("entry point stopped");
     Ok(())
@@ -292,8 +331,8 @@ fn handle(
                 tracing::debug!(%from, publishers = ?stream.publishers.keys().collect::<Vec<_>>(), "media from a source that has not published");
                 return;
             }
-            for &to in &stream.config.reflectors {
-                socket.send(now, to, bytes.clone(), true);
+            for to in &stream.config.reflectors {
+                socket.send(now, to.addr, bytes.clone(), true);
             }
             metrics::counter!("braid_entrypoint_forwarded_total").increment(1);
             let size = media.rtp.len();
@@ -313,8 +352,12 @@ fn handle(
             }
         }
         Body::Nack(ranges) => {
-            if !stream.config.reflectors.contains(&from) {
+            if !stream.config.reflectors.iter().any(|r| r.addr == from) {
                 drop_count("nack_from_stranger");
+                return;
+            }
+            if !socket.is_node(from) {
+                drop_count("not_a_node");
                 return;
             }
             let mut answered = 0;

@@ -38,9 +38,26 @@ where
             matches.value_source(id),
             Some(ValueSource::CommandLine | ValueSource::EnvVariable)
         ) {
-            match flags.get(id) {
-                Some(v) => merged.insert(id.to_owned(), v.clone()),
-                None => merged.remove(id),
+            // Flags of a flattened group (`--tls-cert`, id `tls_cert`) live in a TOML
+            // table (`[tls] cert`).
+            let nested = id.split_once('_').filter(|(t, _)| {
+                !flags.contains_key(id) && flags.get(*t).is_some_and(toml::Value::is_table)
+            });
+            let (from, into, key) = match nested {
+                Some((table, key)) => {
+                    let into = merged
+                        .entry(table)
+                        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                    match (flags[table].as_table(), into.as_table_mut()) {
+                        (Some(f), Some(i)) => (f, i, key),
+                        _ => continue,
+                    }
+                }
+                None => (&flags, &mut merged, id),
+            };
+            match from.get(key) {
+                Some(v) => into.insert(key.to_owned(), v.clone()),
+                None => into.remove(key),
             };
         }
     }
@@ -183,6 +200,48 @@ where
             ExitCode::FAILURE
         }
     }
+}
+
+/// Attaches a QUIC endpoint to `socket` when this node listens on QUIC or dials any QUIC
+/// peer, and marks those peers for dialing. Returns the address it accepts connections
+/// on, if it does.
+pub fn start_quic<'a>(
+    socket: &mut crate::udp::Socket,
+    options: &crate::quic::Options,
+    tls: &crate::tls::Tls,
+    role: &'static str,
+    peers: impl IntoIterator<Item = &'a crate::addr::PeerAddr>,
+) -> anyhow::Result<Option<SocketAddr>> {
+    let dial: Vec<SocketAddr> = peers
+        .into_iter()
+        .filter(|p| p.is_quic())
+        .map(|p| p.addr)
+        .collect();
+    if options.listen.is_none() && dial.is_empty() {
+        return Ok(None);
+    }
+    if options.listen.is_some() && !tls.has_identity() {
+        anyhow::bail!(
+            "quic.listen needs a certificate: give tls.cert and tls.key (`braid-ctl dev-certs` makes development ones)"
+        );
+    }
+    let bind = options.listen.unwrap_or_else(|| {
+        let udp = socket.local_addr().ok();
+        match udp {
+            Some(a) if a.is_ipv6() => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
+            _ => SocketAddr::from(([0, 0, 0, 0], 0)),
+        }
+    });
+    let quic = crate::quic::Quic::bind(options, bind, tls, role)?;
+    let accepting = options.listen.is_some();
+    let addr = quic.local_addr()?;
+    socket.attach_quic(quic);
+    if let Some(q) = socket.quic_mut() {
+        for d in dial {
+            q.connect_now(d);
+        }
+    }
+    Ok(accepting.then_some(addr))
 }
 
 #[cfg(test)]

@@ -297,6 +297,16 @@ impl Quic {
         self.peers.entry(peer).or_default().dial = true;
     }
 
+    /// Dials `peer` now (marking it for dialing), unless it is connected or being dialed:
+    /// a node connects to its configured peers at start, before media flows.
+    pub fn connect_now(&mut self, peer: SocketAddr) {
+        let p = self.peers.entry(peer).or_default();
+        p.dial = true;
+        if p.conn.is_none() && !p.connecting {
+            self.dial(peer);
+        }
+    }
+
     /// Whether messages to `peer` go over QUIC.
     pub fn owns(&self, peer: SocketAddr) -> bool {
         self.peers.contains_key(&peer)
@@ -352,6 +362,8 @@ impl Quic {
                 Ok(()) => {
                     self.stats.datagrams_sent += 1;
                     self.stats.sent_bytes += len;
+                    metrics::counter!("braid_quic_datagrams_sent_total", "role" => role)
+                        .increment(1);
                 }
                 Err(e) => {
                     let reason = match e {
@@ -479,7 +491,7 @@ impl Quic {
                     // Both sides dialed at once: the newer connection carries on.
                     old.conn.close(0u32.into(), b"replaced");
                 }
-                self.changes.push(Change::Up { peer, node });
+                self.push_change(Change::Up { peer, node });
             }
             Event::Down { peer, id, reason } => {
                 let Some(p) = self.peers.get_mut(&peer) else {
@@ -493,7 +505,7 @@ impl Quic {
                 metrics::counter!("braid_quic_connections_lost_total", "role" => self.role)
                     .increment(1);
                 tracing::info!(%peer, %reason, "QUIC connection down");
-                self.changes.push(Change::Down { peer, reason });
+                self.push_change(Change::Down { peer, reason });
             }
             Event::DialFailed { peer, reason } => {
                 let p = self.peers.entry(peer).or_default();
@@ -503,6 +515,14 @@ impl Quic {
                 tracing::warn!(%peer, retry_ms = p.backoff.as_millis() as u64, "QUIC dial failed: {reason}");
             }
         }
+    }
+
+    fn push_change(&mut self, c: Change) {
+        // An owner that never looks at changes must not grow this without bound.
+        if self.changes.len() >= 1024 {
+            self.changes.remove(0);
+        }
+        self.changes.push(c);
     }
 
     /// Forgets peers that are gone and that this node does not dial.

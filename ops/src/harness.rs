@@ -179,6 +179,13 @@ impl Proc {
             .expect("ready line has a udp address")
     }
 
+    /// The QUIC address from the ready line.
+    pub fn quic(&self) -> SocketAddr {
+        self.ready["quic"]
+            .parse()
+            .expect("ready line has a quic address")
+    }
+
     /// The metrics address from the ready line.
     pub fn metrics(&self) -> SocketAddr {
         self.ready["metrics"]
@@ -308,6 +315,35 @@ pub struct Spec {
     pub capture_args: Vec<String>,
     /// The edge's linger after its last viewer, ms.
     pub linger_ms: u64,
+    /// Paths over QUIC, by set reflector index (entry → set → edge); the rest UDP.
+    pub quic_sets: Vec<bool>,
+    /// Viewers watch over QUIC.
+    pub quic_viewers: bool,
+    /// The capture pushes to the entry points over QUIC.
+    pub quic_capture: bool,
+}
+
+impl Spec {
+    fn any_quic(&self) -> bool {
+        self.quic_sets.iter().any(|q| *q) || self.quic_viewers || self.quic_capture
+    }
+
+    fn quic_set(&self, i: usize) -> bool {
+        self.quic_sets.get(i).copied().unwrap_or(false)
+    }
+}
+
+/// TLS flags for a node with the development certificate `name` from `dir`.
+pub fn tls_args(dir: &Path, name: &str) -> Vec<String> {
+    let f = |x: &str| dir.join(x).display().to_string();
+    vec![
+        s("--tls-cert"),
+        f(&format!("{name}.pem")),
+        s("--tls-key"),
+        f(&format!("{name}.key")),
+        s("--tls-ca"),
+        f("ca.pem"),
+    ]
 }
 
 impl Default for Spec {
@@ -327,6 +363,9 @@ impl Default for Spec {
             capture_stdin: None,
             capture_args: Vec::new(),
             linger_ms: 5000,
+            quic_sets: Vec::new(),
+            quic_viewers: false,
+            quic_capture: false,
         }
     }
 }
@@ -367,6 +406,19 @@ impl Net {
             std::fs::write(p(f), text).expect("writing a config");
             p(f).display().to_string()
         };
+        let certs = p("certs");
+        if spec.any_quic() {
+            let names: Vec<String> = ["set", "edge", "entry", "capture"]
+                .iter()
+                .map(|n| n.to_string())
+                .collect();
+            braid_net::tls::make_dev_certs(&certs, &names, &[]).expect("development certificates");
+        }
+        let quic_node = |name: &str| {
+            let mut a = vec![s("--quic-listen"), s("127.0.0.1:0")];
+            a.extend(tls_args(&certs, name));
+            a
+        };
         let mut sets = Vec::new();
         for i in 0..spec.sets {
             let impair = spec.set_impair.get(i).cloned().unwrap_or_default();
@@ -390,7 +442,14 @@ impl Net {
                     s(spec.repair),
                     s("--reorder-window-ms"),
                     s(spec.window_ms),
-                ],
+                ]
+                .into_iter()
+                .chain(if spec.quic_set(i) {
+                    quic_node("set")
+                } else {
+                    Vec::new()
+                })
+                .collect::<Vec<_>>(),
                 &p(&format!("set{i}.log")),
             ));
         }
@@ -410,12 +469,27 @@ impl Net {
             s("--reorder-window-ms"),
             s(spec.window_ms),
         ];
-        for set in &sets {
+        let reflectors: Vec<String> = sets
+            .iter()
+            .enumerate()
+            .map(|(i, x)| {
+                if spec.quic_set(i) {
+                    format!("quic://{}", x.quic())
+                } else {
+                    s(x.udp())
+                }
+            })
+            .collect();
+        for r in &reflectors {
             edge_args.push(s("--reflector"));
-            edge_args.push(s(set.udp()));
+            edge_args.push(r.clone());
+        }
+        if spec.quic_viewers {
+            edge_args.extend(quic_node("edge"));
+        } else if spec.quic_sets.iter().any(|q| *q) {
+            edge_args.extend(tls_args(&certs, "edge"));
         }
         let edge = Proc::start("edge", "braid-reflector", &edge_args, &p("edge.log"));
-        let reflectors: Vec<String> = sets.iter().map(|x| s(x.udp())).collect();
         let mut entries = Vec::new();
         for i in 0..spec.entries {
             let cfg = write(
@@ -432,7 +506,16 @@ impl Net {
                     s("127.0.0.1:0"),
                     s("--stream"),
                     format!("1:{STREAM_KEY}:{}", reflectors.join(",")),
-                ],
+                ]
+                .into_iter()
+                .chain(if spec.quic_capture {
+                    quic_node("entry")
+                } else if spec.quic_sets.iter().any(|q| *q) {
+                    tls_args(&certs, "entry")
+                } else {
+                    Vec::new()
+                })
+                .collect::<Vec<_>>(),
                 &p(&format!("entry{i}.log")),
             ));
         }
@@ -443,7 +526,13 @@ impl Net {
                 "braid-client",
                 &[
                     s("--edge"),
-                    s(edge.udp()),
+                    if spec.quic_viewers {
+                        format!("quic://{}", edge.quic())
+                    } else {
+                        s(edge.udp())
+                    },
+                    s("--transport"),
+                    s(if spec.quic_viewers { "quic" } else { "udp" }),
                     s("--stream"),
                     s(1),
                     s("--out"),
@@ -454,7 +543,14 @@ impl Net {
                     p(&format!("view{i}.json")).display().to_string(),
                     s("--start-timeout"),
                     s(10),
-                ],
+                ]
+                .into_iter()
+                .chain(if spec.quic_viewers {
+                    vec![s("--tls-ca"), certs.join("ca.pem").display().to_string()]
+                } else {
+                    Vec::new()
+                })
+                .collect::<Vec<_>>(),
                 &p(&format!("view{i}.log")),
             ));
         }
@@ -476,7 +572,15 @@ impl Net {
         ];
         for e in &entries {
             cap_args.push(s("--entry"));
-            cap_args.push(s(e.udp()));
+            cap_args.push(if spec.quic_capture {
+                format!("quic://{}", e.quic())
+            } else {
+                s(e.udp())
+            });
+        }
+        if spec.quic_capture {
+            cap_args.push(s("--tls-ca"));
+            cap_args.push(certs.join("ca.pem").display().to_string());
         }
         if let Some(source) = &spec.source {
             cap_args.push(s("--source"));

@@ -39,6 +39,7 @@ use braid_core::wire::{
     Watch, WatchStart,
 };
 use braid_core::{Bitrate, DataSize, NodeId, PathId, SeqNo, StreamId};
+use braid_net::addr::PeerAddr;
 use braid_net::daemon::DaemonConfig;
 use braid_net::udp::{Impairments, Socket};
 use bytes::{Bytes, BytesMut};
@@ -105,11 +106,12 @@ pub struct Config {
     /// the network key.
     #[arg(long = "upstream")]
     #[serde(default)]
-    pub upstreams: Vec<SocketAddr>,
-    /// Edge role: the set reflectors to subscribe to (repeatable).
+    pub upstreams: Vec<PeerAddr>,
+    /// Edge role: the set reflectors to subscribe to (repeatable), `ADDR` or
+    /// `udp://ADDR` for UDP, `quic://ADDR` for QUIC (their QUIC address).
     #[arg(long = "reflector")]
     #[serde(default)]
-    pub reflectors: Vec<SocketAddr>,
+    pub reflectors: Vec<PeerAddr>,
     /// Edge role: how many distinct set reflectors to subscribe to (at least 2).
     #[arg(long, default_value_t = 3)]
     #[serde(default = "default_k")]
@@ -165,10 +167,27 @@ pub struct Config {
     #[arg(long, env = "BRAID_TOKEN_SECRET", default_value = "")]
     #[serde(default)]
     pub token_secret: String,
+    /// New subscriptions accepted per second from one IP address (set role); more are
+    /// refused and counted.
+    #[arg(long, default_value_t = 50)]
+    #[serde(default = "default_subscribe_rate")]
+    pub subscribe_rate: u32,
+    /// QUIC: where to listen, initial MTU, connection limits.
+    #[command(flatten)]
+    #[serde(default)]
+    pub quic: braid_net::quic::Options,
+    /// TLS for QUIC: this node's certificate, and whom to trust.
+    #[command(flatten)]
+    #[serde(default)]
+    pub tls: braid_net::tls::Tls,
     /// Impairment of the outgoing links (TOML only).
     #[arg(skip)]
     #[serde(default)]
     pub impair: Impairments,
+}
+
+fn default_subscribe_rate() -> u32 {
+    50
 }
 
 fn default_role() -> Role {
@@ -249,7 +268,17 @@ impl DaemonConfig for Config {
         if self.max_per_stream == 0 || self.max_viewers == 0 || self.viewer_window == 0 {
             anyhow::bail!("max_per_stream, max_viewers and viewer_window must be above zero");
         }
+        if self.subscribe_rate == 0 {
+            anyhow::bail!("subscribe_rate must be above zero");
+        }
         self.impair.validate().map_err(anyhow::Error::msg)?;
+        self.quic.validate().map_err(anyhow::Error::msg)?;
+        self.tls.validate().map_err(anyhow::Error::msg)?;
+        if self.quic.listen.is_some() && !self.tls.has_identity() {
+            anyhow::bail!(
+                "quic.listen needs a certificate: give tls.cert and tls.key (`braid-ctl dev-certs` makes development ones)"
+            );
+        }
         Ok(())
     }
 }
@@ -348,6 +377,12 @@ struct Node {
     /// (when, bytes sent then), for the egress rate.
     egress_mark: (Instant, u64),
     last_drain_signal: Option<Instant>,
+    /// QUIC peers whose connection is down (an edge moves its subscriptions off them).
+    quic_down: std::collections::HashSet<SocketAddr>,
+    /// Set role: new subscriptions left this second, per IP address.
+    subscribe_budget: HashMap<std::net::IpAddr, (Instant, u32)>,
+    /// Peers already logged as refused (one line each, the counter counts them all).
+    warned: std::collections::HashSet<SocketAddr>,
 }
 
 /// What a viewer asked for, from whichever transport.
@@ -366,14 +401,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Role::Set => "set",
         Role::Edge => "edge",
     };
-    let socket = Socket::bind(config.listen, config.impair.clone(), role_name)
+    let mut socket = Socket::bind(config.listen, config.impair.clone(), role_name)
         .with_context(|| format!("binding {}", config.listen))?;
+    let quic_addr = braid_net::daemon::start_quic(
+        &mut socket,
+        &config.quic,
+        &config.tls,
+        role_name,
+        config.reflectors.iter().chain(&config.upstreams),
+    )?;
     let metrics_addr = braid_net::daemon::serve_metrics(config.metrics, shutdown.clone()).await?;
     let udp_addr = socket.local_addr()?;
     let mut ready = vec![
         ("udp", udp_addr.to_string()),
         ("metrics", metrics_addr.to_string()),
     ];
+    if let Some(q) = quic_addr {
+        ready.push(("quic", q.to_string()));
+    }
     let (tcp_tx, mut tcp_rx) = mpsc::channel::<tcp::Event>(1024);
     if config.role == Role::Edge {
         // TCP viewers on the same address and port number as UDP.
@@ -398,6 +443,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             node: config.node_id,
             role: role_name,
             addr: udp_addr,
+            quic: quic_addr,
+            learn_quic: config.tls.has_identity(),
             region: config.region.clone(),
             capacity: config.max_viewers as u64,
             cost_tier: config.cost_tier,
@@ -419,6 +466,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         signer,
         egress_mark: (Instant::now(), 0),
         last_drain_signal: None,
+        quic_down: std::collections::HashSet::new(),
+        subscribe_budget: HashMap::new(),
+        warned: std::collections::HashSet::new(),
     };
     let mut rx = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -432,6 +482,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 for (from, bytes) in rx.drain(..) {
                     node.handle_datagram(now, from, bytes);
                 }
+                node.handle_changes(now);
                 node.poll(now);
             }
             _ = async {
@@ -460,6 +511,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     }
     node.leave();
+    if let Some(q) = node.socket.quic() {
+        q.close();
+    }
     tracing::info!("reflector stopped");
     Ok(())
 }
@@ -528,6 +582,32 @@ impl Node {
             );
             return;
         }
+        // Node-only requests: media into a reflector, subscriptions to a set reflector,
+        // repairs asked of it. Over QUIC the peer must have shown a trusted certificate.
+        let node_only = matches!(
+            (role, &msg.body),
+            (_, Body::Media(_))
+                | (
+                    Role::Set,
+                    Body::Subscribe(_) | Body::Refresh(_) | Body::Nack(_)
+                )
+        );
+        if node_only && !self.socket.is_node(from) {
+            dropped(role, "not_a_node");
+            if self.warned.len() < 1024 && self.warned.insert(from) {
+                tracing::warn!(peer = %from, "refused: node-only request from a QUIC peer without a trusted certificate");
+            }
+            if matches!(msg.body, Body::Subscribe(_) | Body::Refresh(_)) {
+                self.reply_error(
+                    now,
+                    from,
+                    id,
+                    ErrorCode::UNAUTHORIZED,
+                    "subscribing needs a node certificate",
+                );
+            }
+            return;
+        }
         match (role, msg.body) {
             (_, Body::Media(media)) => self.handle_media(now, from, id, bytes, msg.header, media),
             (Role::Set, Body::Subscribe(s) | Body::Refresh(s)) => {
@@ -570,13 +650,13 @@ impl Node {
                 .config
                 .reflectors
                 .iter()
-                .position(|r| *r == from)
+                .position(|r| r.addr == from)
                 .map(|i| PathId(i as u8)),
             Role::Set if !self.config.upstreams.is_empty() => self
                 .config
                 .upstreams
                 .iter()
-                .position(|r| *r == from)
+                .position(|r| r.addr == from)
                 .map(|i| PathId(i as u8)),
             Role::Set => {
                 let st = self.streams.get_mut(&id)?;
@@ -595,8 +675,10 @@ impl Node {
     fn path_addr(&self, st: &Stream, path: PathId) -> Option<SocketAddr> {
         let i = usize::from(path.0);
         match self.config.role {
-            Role::Edge => self.config.reflectors.get(i).copied(),
-            Role::Set if !self.config.upstreams.is_empty() => self.config.upstreams.get(i).copied(),
+            Role::Edge => self.config.reflectors.get(i).map(|p| p.addr),
+            Role::Set if !self.config.upstreams.is_empty() => {
+                self.config.upstreams.get(i).map(|p| p.addr)
+            }
             Role::Set => st.dynamic_paths.get(i).copied(),
         }
     }
@@ -656,7 +738,22 @@ impl Node {
         let Ok(st) = self.stream(id, now) else {
             return;
         };
-        if !st.subscribers.contains_key(&from) && st.subscribers.len() >= max {
+        let new = !st.subscribers.contains_key(&from);
+        if new && !self.subscribe_allowed(now, from) {
+            dropped(Role::Set, "subscribe_rate");
+            self.reply_error(
+                now,
+                from,
+                id,
+                ErrorCode::CAPACITY,
+                "too many new subscriptions from this address: slow down",
+            );
+            return;
+        }
+        let Ok(st) = self.stream(id, now) else {
+            return;
+        };
+        if new && st.subscribers.len() >= max {
             dropped(Role::Set, "subscriber_cap");
             self.reply_error(
                 now,
@@ -670,6 +767,53 @@ impl Node {
         let lease = Duration::from_millis(u64::from(s.lease_ms)).min(MAX_LEASE);
         if st.subscribers.insert(from, now + lease).is_none() {
             tracing::info!(stream = id.0, subscriber = %from, "subscribed");
+        }
+    }
+
+    /// Spends one of `from`'s IP address's new subscriptions for this second.
+    fn subscribe_allowed(&mut self, now: Instant, from: SocketAddr) -> bool {
+        let rate = self.config.subscribe_rate;
+        if self.subscribe_budget.len() > 4096 {
+            self.subscribe_budget
+                .retain(|_, (t, _)| now.duration_since(*t) < Duration::from_secs(1));
+        }
+        let (since, left) = self
+            .subscribe_budget
+            .entry(from.ip())
+            .or_insert((now, rate));
+        if now.duration_since(*since) >= Duration::from_secs(1) {
+            *since = now;
+            *left = rate;
+        }
+        if *left == 0 {
+            return false;
+        }
+        *left -= 1;
+        true
+    }
+
+    /// Acts on QUIC connections that went down: a set reflector forgets the subscriber
+    /// at once, an edge its viewer, and moves its subscriptions off a set reflector.
+    fn handle_changes(&mut self, now: Instant) {
+        for c in self.socket.take_changes() {
+            match c {
+                braid_net::quic::Change::Up { peer, .. } => {
+                    self.quic_down.remove(&peer);
+                }
+                braid_net::quic::Change::Down { peer, .. } => {
+                    let ids: Vec<StreamId> = self.streams.keys().copied().collect();
+                    for id in ids {
+                        if let Some(st) = self.streams.get_mut(&id) {
+                            st.subscribers.remove(&peer);
+                        }
+                        self.remove_viewer(id, ViewerKey::Udp(peer));
+                    }
+                    if self.config.reflectors.iter().any(|r| r.addr == peer) {
+                        self.quic_down.insert(peer);
+                        self.housekeeping(now);
+                    }
+                }
+            }
         }
     }
 
@@ -1081,7 +1225,7 @@ impl Node {
         let targets: Vec<SocketAddr> = st
             .upstream
             .iter()
-            .map(|(i, _)| self.config.reflectors[*i])
+            .map(|(i, _)| self.config.reflectors[*i].addr)
             .collect();
         let s = Subscription {
             node: self.node,
@@ -1182,8 +1326,9 @@ impl Node {
                 let n = self.config.reflectors.len();
                 for j in 0..st.upstream.len() {
                     let (i, since) = st.upstream[j];
-                    let dead = now.duration_since(since) > PATH_DEAD
-                        && !st.merge.is_healthy(PathId(i as u8));
+                    let dead = (now.duration_since(since) > PATH_DEAD
+                        && !st.merge.is_healthy(PathId(i as u8)))
+                        || self.quic_down.contains(&self.config.reflectors[i].addr);
                     if dead && n > st.upstream.len() {
                         let used: Vec<usize> = st.upstream.iter().map(|(i, _)| *i).collect();
                         if let Some(next) = (1..n).map(|d| (i + d) % n).find(|c| !used.contains(c))
@@ -1219,7 +1364,7 @@ impl Node {
             if let Some(st) = self.streams.remove(&id) {
                 tracing::info!(stream = id.0, "last viewer gone: unsubscribing");
                 for (i, _) in st.upstream {
-                    let to = self.config.reflectors[i];
+                    let to = self.config.reflectors[i].addr;
                     self.send_control(now, to, id, Body::Unsubscribe { node: self.node });
                 }
             }
@@ -1240,8 +1385,15 @@ impl Node {
             Err(_) => return,
         };
         for r in listed {
-            if !self.config.reflectors.contains(&r) && self.config.reflectors.len() < 64 {
+            if !self.config.reflectors.iter().any(|p| p.addr == r.addr)
+                && self.config.reflectors.len() < 64
+            {
                 tracing::info!(reflector = %r, "learned a set reflector from the control server");
+                if r.is_quic() {
+                    if let Some(q) = self.socket.quic_mut() {
+                        q.add_dial(r.addr);
+                    }
+                }
                 self.config.reflectors.push(r);
             }
         }
@@ -1302,7 +1454,7 @@ impl Node {
         for id in ids {
             let upstream: Vec<usize> = self.streams[&id].upstream.iter().map(|(i, _)| *i).collect();
             for i in upstream {
-                let to = self.config.reflectors[i];
+                let to = self.config.reflectors[i].addr;
                 self.send_control(now, to, id, Body::Unsubscribe { node: self.node });
             }
         }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use braid_net::addr::PeerAddr;
 use tokio_util::sync::CancellationToken;
 
 /// What the main task and the reporter share.
@@ -19,7 +20,7 @@ pub(crate) struct Shared {
     /// Set when a control server says this node is drained.
     pub(crate) drain: AtomicBool,
     /// Live set reflectors, as a control server last listed them (edges only).
-    pub(crate) reflectors: std::sync::Mutex<Vec<SocketAddr>>,
+    pub(crate) reflectors: std::sync::Mutex<Vec<PeerAddr>>,
 }
 
 /// This process's CPU use since the last sample, in cores (from `/proc/self/stat`).
@@ -60,6 +61,10 @@ pub(crate) struct Identity {
     pub(crate) node: u64,
     pub(crate) role: &'static str,
     pub(crate) addr: SocketAddr,
+    /// Where it accepts QUIC, if it does.
+    pub(crate) quic: Option<SocketAddr>,
+    /// Edges: reach learned set reflectors over QUIC when they offer it.
+    pub(crate) learn_quic: bool,
     pub(crate) region: String,
     pub(crate) capacity: u64,
     pub(crate) cost_tier: u8,
@@ -87,6 +92,7 @@ pub(crate) fn spawn(
                 "node": id.node,
                 "role": id.role,
                 "addr": id.addr,
+                "quic": id.quic,
                 "region": id.region,
                 "capacity": id.capacity,
                 "cost_tier": id.cost_tier,
@@ -133,10 +139,20 @@ pub(crate) fn spawn(
                     let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
                         continue;
                     };
-                    let list: Vec<SocketAddr> = v["reflectors"]
+                    let udp: Vec<SocketAddr> = v["reflectors"]
                         .as_array()
                         .map(|a| a.iter().filter_map(|x| x.as_str()?.parse().ok()).collect())
                         .unwrap_or_default();
+                    let list: Vec<PeerAddr> = udp
+                        .into_iter()
+                        .map(|u| {
+                            let quic = v["quic"][u.to_string()]
+                                .as_str()
+                                .and_then(|q| q.parse().ok())
+                                .filter(|_| id.learn_quic);
+                            quic.map_or(PeerAddr::udp(u), PeerAddr::quic)
+                        })
+                        .collect();
                     if let Ok(mut r) = shared.reflectors.lock() {
                         *r = list;
                     }

@@ -9,6 +9,23 @@
 pub use braid_ops::harness::crowd;
 pub use braid_ops::harness::*;
 
+/// Asserts every viewer of `net` got the source byte for byte from where it joined, with
+/// no gap, and most of the stream's bytes.
+pub fn assert_viewers_exact(net: &Net) {
+    for i in 0..net.spec.viewers {
+        let bytes =
+            compare::assert_contiguous(&net.path("tee.ts"), &net.path(&format!("view{i}.ts")));
+        let stats = net.viewer_stats(i);
+        assert_eq!(stats["gaps"], 0, "viewer {i}: {stats}");
+        // At 4 Mbps a viewer that watched most of its time got megabytes.
+        let expected = net.spec.bitrate as f64 / 8.0 * (net.spec.seconds - 4.0);
+        assert!(
+            bytes as f64 > expected,
+            "viewer {i} got only {bytes} bytes; {stats}"
+        );
+    }
+}
+
 /// Checks viewers' output against the capture's tee.
 pub mod compare {
     use std::path::Path;

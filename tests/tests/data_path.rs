@@ -3,24 +3,9 @@
 
 use std::time::Duration;
 
-use braid_tests::{Net, Spec, compare, metrics};
+use braid_tests::{Net, Spec, assert_viewers_exact, compare, metrics};
 
 const LOSS_10: &str = "loss = 0.1\nseed = 7";
-
-fn assert_viewers_exact(net: &Net) {
-    for i in 0..net.spec.viewers {
-        let bytes =
-            compare::assert_contiguous(&net.path("tee.ts"), &net.path(&format!("view{i}.ts")));
-        let stats = net.viewer_stats(i);
-        assert_eq!(stats["gaps"], 0, "viewer {i}: {stats}");
-        // At 4 Mbps a viewer that watched most of its time got megabytes.
-        let expected = net.spec.bitrate as f64 / 8.0 * (net.spec.seconds - 4.0);
-        assert!(
-            bytes as f64 > expected,
-            "viewer {i} got only {bytes} bytes; {stats}"
-        );
-    }
-}
 
 /// Acceptance 1, repair on: 10% independent loss on every link, and every viewer still
 /// gets the source byte for byte.

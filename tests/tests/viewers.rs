@@ -23,16 +23,18 @@ fn need(tool: &str) {
 }
 
 fn client(net: &Net, name: &str, extra: &[&str]) -> Proc {
-    let mut args = vec![
-        "--edge".to_string(),
-        net.edge.udp().to_string(),
+    let mut args = Vec::new();
+    if !extra.contains(&"--edge") {
+        args.extend(["--edge".to_string(), net.edge.udp().to_string()]);
+    }
+    args.extend([
         "--out".into(),
         net.path(&format!("{name}.ts")).display().to_string(),
         "--stats-json".into(),
         net.path(&format!("{name}.json")).display().to_string(),
         "--start-timeout".into(),
         "15".into(),
-    ];
+    ]);
     args.extend(extra.iter().map(|s| s.to_string()));
     Proc::spawn(
         name,
@@ -51,13 +53,37 @@ fn last_stats(net: &Net, name: &str) -> serde_json::Value {
 /// the client's output is byte-identical to what ffmpeg made and decodes cleanly.
 #[test]
 fn real_media_from_ffmpeg_is_byte_identical_and_decodes_cleanly() {
+    real_media_round_trip(false);
+}
+
+/// Acceptance 4 of the QUIC issue: the same round trip with every hop on QUIC (capture →
+/// entry points → set reflectors → edge → client) stays byte-identical.
+#[test]
+fn real_media_over_quic_on_every_hop_is_byte_identical() {
+    real_media_round_trip(true);
+}
+
+fn real_media_round_trip(quic: bool) {
     need("ffmpeg");
     let net = Net::start(Spec {
         viewers: 0,
         capture: false,
+        quic_sets: vec![quic; 3],
+        quic_viewers: quic,
+        quic_capture: quic,
         ..Spec::default()
     });
-    let mut viewer = client(&net, "view", &["--duration", "26"]);
+    let ca = net.path("certs/ca.pem").display().to_string();
+    let mut viewer = if quic {
+        let edge = format!("quic://{}", net.edge.quic());
+        client(
+            &net,
+            "view",
+            &["--duration", "26", "--edge", &edge, "--tls-ca", &ca],
+        )
+    } else {
+        client(&net, "view", &["--duration", "26"])
+    };
     std::thread::sleep(Duration::from_millis(1000));
     let mut cap_args = vec![
         "--stream-key".to_string(),
@@ -68,7 +94,15 @@ fn real_media_from_ffmpeg_is_byte_identical_and_decodes_cleanly() {
         "127.0.0.1:0".into(),
     ];
     for e in &net.entries {
-        cap_args.extend(["--entry".to_string(), e.udp().to_string()]);
+        let to = if quic {
+            format!("quic://{}", e.quic())
+        } else {
+            e.udp().to_string()
+        };
+        cap_args.extend(["--entry".to_string(), to]);
+    }
+    if quic {
+        cap_args.extend(["--tls-ca".to_string(), ca.clone()]);
     }
     let mut capture = Command::new(bin("braid-capture"))
         .args(&cap_args)
@@ -180,6 +214,22 @@ fn real_media_from_ffmpeg_is_byte_identical_and_decodes_cleanly() {
         "{}",
         String::from_utf8_lossy(&probe.stderr)
     );
+    if quic {
+        for p in net.sets.iter().chain(&net.entries).chain([&net.edge]) {
+            let m = p.metrics();
+            assert!(
+                metrics::sum(m, "braid_quic_datagrams_sent_total", &[]) > 500.0,
+                "{} carried the media over QUIC",
+                p.name
+            );
+            assert_eq!(
+                metrics::sum(m, "braid_quic_dropped_total", &[]),
+                0.0,
+                "{}: no datagram dropped",
+                p.name
+            );
+        }
+    }
 }
 
 /// Acceptance 2: 200 viewers of one 4 Mbps stream on one edge each receive every packet.

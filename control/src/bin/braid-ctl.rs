@@ -5,6 +5,7 @@
 //! braid-ctl --control http://127.0.0.1:7100 undrain 201
 //! braid-ctl --control http://127.0.0.1:7100 status
 //! braid-ctl token --secret S --stream 1 --client 42 --ttl 3600
+//! braid-ctl dev-certs --dir certs entry1 entry2 set1 edge1   # a CA and node certificates
 //! ```
 //! Drains go to every control server given (they share no state); status asks the first.
 
@@ -59,6 +60,21 @@ enum Cmd {
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
     },
+    /// Make development TLS certificates: a CA (`ca.pem`, `ca.key`) and, for each name, a
+    /// certificate and key signed by it, for QUIC between nodes (mutual TLS) and to
+    /// viewers. Prints each certificate's SHA-256 fingerprint (what `--tls-pin` takes).
+    DevCerts {
+        /// Directory to write into (created if missing).
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// Extra names or IP addresses every certificate is valid for (repeatable);
+        /// `localhost`, 127.0.0.1 and ::1 are always included.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// Node names, one certificate each.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -68,6 +84,29 @@ fn main() -> ExitCode {
         .build()
         .into();
     match cli.cmd {
+        Cmd::DevCerts { dir, sans, names } => {
+            match braid_net::tls::make_dev_certs(&dir, &names, &sans) {
+                Ok(files) => {
+                    for f in files
+                        .iter()
+                        .filter(|f| f.extension().is_some_and(|e| e == "pem"))
+                    {
+                        match braid_net::tls::fingerprint_file(f) {
+                            Ok(fp) => println!("{}  sha256 {fp}", f.display()),
+                            Err(e) => {
+                                eprintln!("braid-ctl: {e:#}");
+                                return ExitCode::FAILURE;
+                            }
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("braid-ctl: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Token {
             secret,
             stream,

@@ -1,0 +1,304 @@
+//! The data path over QUIC, end to end with real processes on 127.0.0.1: the data-path
+//! acceptance tests with every path on QUIC and with paths mixed UDP/QUIC, refusals of
+//! untrusted and unauthenticated peers, and a SIGKILLed QUIC peer noticed in about a
+//! second.
+
+use std::time::{Duration, Instant};
+
+use braid_tests::{Net, Proc, Spec, assert_viewers_exact, metrics, tls_args};
+
+const LOSS_10: &str = "loss = 0.1\nseed = 7";
+
+/// Media really crossed QUIC as datagrams, and none was dropped for size.
+fn assert_quic_carried(p: &Proc) {
+    let m = p.metrics();
+    assert!(
+        metrics::sum(m, "braid_quic_datagrams_sent_total", &[]) > 1000.0,
+        "{} sent its media as QUIC datagrams",
+        p.name
+    );
+    assert_eq!(
+        metrics::sum(m, "braid_quic_dropped_total", &["reason=\"too_large\""]),
+        0.0,
+        "{}: no datagram too large for the path",
+        p.name
+    );
+}
+
+/// Acceptance 1 on QUIC: 10% loss on every link, every path and the viewers on QUIC;
+/// repairs make every viewer byte-exact.
+#[test]
+fn all_quic_with_ten_percent_loss_everywhere_is_byte_exact() {
+    let mut net = Net::start(Spec {
+        seconds: 20.0,
+        entry_impair: LOSS_10.into(),
+        set_impair: vec![LOSS_10.into(); 3],
+        quic_sets: vec![true; 3],
+        quic_viewers: true,
+        quic_capture: true,
+        ..Spec::default()
+    });
+    net.wait_viewers();
+    assert_viewers_exact(&net);
+    let edge = net.edge.metrics();
+    assert!(metrics::sum(edge, "braid_merge_repaired_total", &[]) > 0.0);
+    for p in net.sets.iter().chain(&net.entries).chain([&net.edge]) {
+        assert_quic_carried(p);
+    }
+    assert_eq!(net.viewer_stats(0)["transport"], "quic");
+}
+
+/// Acceptance 1 mixed: path 0 UDP, paths 1 and 2 QUIC, loss everywhere, then a QUIC set
+/// reflector and an entry point SIGKILLed mid-stream: nothing lost.
+#[test]
+fn mixed_udp_and_quic_paths_survive_loss_and_kills() {
+    let mut net = Net::start(Spec {
+        seconds: 20.0,
+        entry_impair: "loss = 0.05\nseed = 5".into(),
+        set_impair: vec!["loss = 0.05\nseed = 6".into(); 3],
+        quic_sets: vec![false, true, true],
+        ..Spec::default()
+    });
+    std::thread::sleep(Duration::from_secs(6));
+    net.sets[1].kill();
+    std::thread::sleep(Duration::from_secs(4));
+    net.entries[0].kill();
+    net.wait_viewers();
+    assert_viewers_exact(&net);
+    assert_quic_carried(&net.sets[2]);
+    // The UDP path carried media too: the merge took copies from both transports.
+    let udp_sent = metrics::sum(
+        net.sets[0].metrics(),
+        "braid_quic_datagrams_sent_total",
+        &[],
+    );
+    assert_eq!(udp_sent, 0.0, "set reflector 0 is on UDP");
+}
+
+/// Acceptance 1 on QUIC: the set reflectors and an entry point SIGKILLed, all paths QUIC.
+#[test]
+fn all_quic_killing_a_set_reflector_then_an_entry_point_loses_nothing() {
+    let mut net = Net::start(Spec {
+        seconds: 18.0,
+        quic_sets: vec![true; 3],
+        ..Spec::default()
+    });
+    std::thread::sleep(Duration::from_secs(6));
+    net.sets[0].kill();
+    std::thread::sleep(Duration::from_secs(4));
+    net.entries[0].kill();
+    net.wait_viewers();
+    assert_viewers_exact(&net);
+}
+
+/// Acceptance 1 on QUIC: a path whose media is all dropped while its control passes.
+#[test]
+fn all_quic_data_dead_path_loses_nothing() {
+    let mut net = Net::start(Spec {
+        seconds: 12.0,
+        set_impair: vec!["loss = 1.0\ndata_only = true".into()],
+        quic_sets: vec![true; 3],
+        quic_viewers: true,
+        ..Spec::default()
+    });
+    net.wait_viewers();
+    assert_viewers_exact(&net);
+    assert!(metrics::sum(net.sets[0].metrics(), "braid_udp_impaired_total", &[]) > 0.0);
+}
+
+/// Acceptance 3: a SIGKILLed QUIC set reflector is noticed by the edge within about a
+/// second (its connection times out) and its subscription moves at once.
+#[test]
+fn sigkilled_quic_peer_is_noticed_within_about_a_second() {
+    let mut net = Net::start(Spec {
+        seconds: 12.0,
+        sets: 4,
+        viewers: 1,
+        quic_sets: vec![true; 4],
+        ..Spec::default()
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    let edge = net.edge.metrics();
+    let lost_before = metrics::sum(edge, "braid_quic_connections_lost_total", &[]);
+    let moved_before = metrics::sum(edge, "braid_edge_path_replaced_total", &[]);
+    net.sets[0].kill();
+    let killed = Instant::now();
+    let mut noticed = None;
+    while killed.elapsed() < Duration::from_secs(5) {
+        if metrics::sum(edge, "braid_quic_connections_lost_total", &[]) > lost_before {
+            noticed = Some(killed.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let noticed = noticed.expect("the edge noticed the dead set reflector");
+    assert!(
+        noticed < Duration::from_millis(1700),
+        "noticed after {noticed:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        metrics::sum(edge, "braid_edge_path_replaced_total", &[]) > moved_before,
+        "the subscription moved to the spare set reflector"
+    );
+    net.wait_viewers();
+    assert_viewers_exact(&net);
+}
+
+/// A viewer of an edge that should get nothing: it gives up after 3 s.
+fn hopeful_viewer(net: &Net, name: &str, edge: std::net::SocketAddr) -> Proc {
+    Proc::spawn(
+        &format!("{name}-viewer"),
+        "braid-client",
+        &[
+            "--edge".into(),
+            edge.to_string(),
+            "--transport".into(),
+            "udp".into(),
+            "--duration".into(),
+            "8".into(),
+            "--start-timeout".into(),
+            "3".into(),
+            "--out".into(),
+            net.path(&format!("{name}.ts")).display().to_string(),
+        ],
+        &net.path(&format!("{name}-viewer.log")),
+    )
+}
+
+/// Acceptance 2: an edge whose certificate another CA signed, a subscriber without any
+/// certificate, a publisher with a wrong key and a UDP node without the network key are
+/// all refused and counted; the stream is unaffected.
+#[test]
+fn untrusted_and_unauthenticated_peers_are_refused() {
+    use braid_core::wire::{Body, Codec, Header, Key, Message, Subscription};
+    use braid_core::{NodeId, StreamId};
+
+    let mut net = Net::start(Spec {
+        seconds: 14.0,
+        viewers: 1,
+        quic_sets: vec![true; 3],
+        ..Spec::default()
+    });
+    let set = &net.sets[0];
+    let log = |n: &str| net.path(&format!("{n}.log"));
+    // An edge with a certificate from another CA.
+    let rogue_certs = net.path("rogue");
+    braid_net::tls::make_dev_certs(&rogue_certs, &["rogue".into()], &[]).expect("certs");
+    let mut rogue_args = vec![
+        "--role".to_string(),
+        "edge".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--reflector".into(),
+        format!("quic://{}", set.quic()),
+        "--reflector".into(),
+        format!("quic://{}", net.sets[1].quic()),
+    ];
+    rogue_args.extend(tls_args(&rogue_certs, "rogue"));
+    let rogue = Proc::start("rogue", "braid-reflector", &rogue_args, &log("rogue"));
+    let mut rogue_viewer = hopeful_viewer(&net, "rogue", rogue.udp());
+    // A QUIC subscriber that presents no certificate (it trusts the CA, so it connects).
+    let anon_certs = net.path("certs");
+    let mut anon_args = vec![
+        "--role".to_string(),
+        "edge".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--reflector".into(),
+        format!("quic://{}", set.quic()),
+        "--reflector".into(),
+        format!("quic://{}", net.sets[2].quic()),
+        "--tls-ca".into(),
+        anon_certs.join("ca.pem").display().to_string(),
+    ];
+    anon_args.push("--subscribe-k".into());
+    anon_args.push("2".into());
+    let anon = Proc::start("anon", "braid-reflector", &anon_args, &log("anon"));
+    let mut anon_viewer = hopeful_viewer(&net, "anon", anon.udp());
+    // A publisher with the wrong stream key.
+    let mut thief = Proc::start(
+        "thief",
+        "braid-capture",
+        &[
+            "--entry".into(),
+            net.entries[0].udp().to_string(),
+            "--stream".into(),
+            "1".into(),
+            "--stream-key".into(),
+            "not-the-key".into(),
+            "--duration".into(),
+            "3".into(),
+            "--bind".into(),
+            "127.0.0.1:0".into(),
+        ],
+        &log("thief"),
+    );
+    // A UDP subscriber without the network key.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket");
+    let forged = Codec::new(Key::derive("not the network key"));
+    let mut out = bytes::BytesMut::new();
+    forged
+        .encode(
+            &Message {
+                header: Header {
+                    stream: StreamId(1),
+                    ..Header::default()
+                },
+                body: Body::Subscribe(Subscription {
+                    node: NodeId(9),
+                    lease_ms: 3000,
+                }),
+            },
+            &mut out,
+        )
+        .expect("encodes");
+    for _ in 0..20 {
+        sock.send_to(&out, net.sets[1].udp()).expect("send");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for v in [&mut rogue_viewer, &mut anon_viewer] {
+        let st = v
+            .wait(Duration::from_secs(15))
+            .expect("the viewer gives up");
+        assert!(!st.success(), "{} got no stream", v.name);
+    }
+    for f in ["rogue.ts", "anon.ts"] {
+        let len = std::fs::metadata(net.path(f)).map_or(0, |m| m.len());
+        assert_eq!(
+            len, 0,
+            "{f}: nothing reached a viewer of an unauthenticated edge"
+        );
+    }
+    let _ = thief.wait(Duration::from_secs(10));
+    net.wait_viewers();
+    assert_viewers_exact(&net);
+    let set0 = net.sets[0].metrics();
+    assert!(
+        metrics::sum(set0, "braid_quic_handshake_failed_total", &[]) > 0.0,
+        "the untrusted certificate was refused in the handshake"
+    );
+    assert!(
+        metrics::sum(set0, "braid_dropped_total", &["reason=\"not_a_node\""]) > 0.0,
+        "the subscriber without a certificate was refused"
+    );
+    assert!(
+        metrics::sum(
+            net.entries[0].metrics(),
+            "braid_entrypoint_publish_total",
+            &["result=\"refused\""]
+        ) > 0.0,
+        "the wrong stream key was refused"
+    );
+    assert!(
+        metrics::sum(
+            net.sets[1].metrics(),
+            "braid_dropped_total",
+            &["reason=\"bad_tag\""]
+        ) >= 20.0,
+        "the UDP subscriber without the network key was refused"
+    );
+    let set_log = std::fs::read_to_string(net.path("set0.log")).expect("set0 log");
+    assert!(set_log.contains("QUIC handshake refused"), "logged");
+    assert!(set_log.contains("without a trusted certificate"), "logged");
+}
