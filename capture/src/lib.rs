@@ -271,6 +271,31 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     socket.flush();
     publish_tick.tick().await;
     let mut last_ack: Vec<Option<Instant>> = vec![None; config.entries.len()];
+    // Media waits (at most 3 s) for an entry point to accept the publish: over QUIC the
+    // publish goes on a stream and media as datagrams, which could overtake it and be
+    // refused as unpublished; the stream's first keyframe would be lost.
+    let wait_until = Instant::now() + Duration::from_secs(3);
+    while last_ack.iter().all(Option::is_none) {
+        let mut v = Vec::new();
+        match tokio::time::timeout_at(wait_until.into(), socket.recv(&mut v)).await {
+            Ok(r) => r.context("receiving")?,
+            Err(_) => {
+                tracing::warn!("no entry point accepted the stream within 3 s: sending anyway");
+                break;
+            }
+        }
+        for (from, bytes) in v {
+            if let Ok(Message {
+                body: Body::Keepalive(_),
+                ..
+            }) = codec.decode(bytes)
+            {
+                if let Some(i) = config.entries.iter().position(|e| e.addr == from) {
+                    last_ack[i] = Some(Instant::now());
+                }
+            }
+        }
+    }
     let mut progress = Progress {
         entries: config.entries.len(),
         ..Default::default()

@@ -263,6 +263,12 @@ mod tests {
         #[arg(long = "peer")]
         #[serde(default)]
         peers: Vec<SocketAddr>,
+        #[command(flatten)]
+        #[serde(default)]
+        tls: crate::tls::Tls,
+        #[command(flatten)]
+        #[serde(default)]
+        quic: crate::quic::Options,
     }
 
     fn edge() -> String {
@@ -273,8 +279,10 @@ mod tests {
     }
 
     fn load(toml: &str, flags: &[&str]) -> anyhow::Result<Example> {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!(
-            "braid-config-test-{}-{}",
+            "braid-config-test-{}-{n}-{}",
             std::process::id(),
             toml.len()
         ));
@@ -284,6 +292,27 @@ mod tests {
         let mut args: Vec<OsString> = vec!["x".into(), "--config".into(), file.into_os_string()];
         args.extend(flags.iter().map(OsString::from));
         load_config::<Example>(args, |c| c.config.as_deref())
+    }
+
+    #[test]
+    fn flags_of_a_group_override_its_table_and_leave_the_rest() {
+        let toml = "[tls]\ncert = \"a.pem\"\nkey = \"a.key\"\nca = \"ca.pem\"\n[quic]\ninitial_mtu = 1300\n";
+        let c = load(
+            toml,
+            &["--tls-ca", "other.pem", "--quic-listen", "127.0.0.1:9"],
+        )
+        .unwrap();
+        assert_eq!(c.tls.cert.as_deref(), Some(Path::new("a.pem")));
+        assert_eq!(c.tls.ca.as_deref(), Some(Path::new("other.pem")));
+        assert_eq!(
+            c.quic.initial_mtu, 1300,
+            "a default flag does not clobber the file"
+        );
+        assert_eq!(c.quic.listen, Some("127.0.0.1:9".parse().unwrap()));
+        assert!(
+            load("[tls]\nbogus = 1\n", &[]).is_err(),
+            "unknown keys in a group refused"
+        );
     }
 
     #[test]

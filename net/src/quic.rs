@@ -364,6 +364,7 @@ impl Quic {
                     self.stats.sent_bytes += len;
                     metrics::counter!("braid_quic_datagrams_sent_total", "role" => role)
                         .increment(1);
+                    metrics::counter!("braid_quic_sent_bytes_total", "role" => role).increment(len);
                 }
                 Err(e) => {
                     let reason = match e {
@@ -395,6 +396,7 @@ impl Quic {
                 Ok(()) => {
                     self.stats.messages_sent += 1;
                     self.stats.sent_bytes += len;
+                    metrics::counter!("braid_quic_sent_bytes_total", "role" => role).increment(len);
                 }
                 Err(_) => {
                     dropped(role, "control_queue_full");

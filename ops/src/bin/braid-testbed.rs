@@ -51,6 +51,32 @@ struct Topology {
     capture: CaptureSpec,
     #[serde(default)]
     impair: Option<toml::Table>,
+    #[serde(default)]
+    quic: QuicSpec,
+}
+
+/// Which hops go over QUIC (the rest over UDP).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct QuicSpec {
+    /// By set reflector: the path entry points → it → edges on QUIC.
+    #[serde(default)]
+    set_reflectors: Vec<bool>,
+    /// Clients watch over QUIC.
+    #[serde(default)]
+    viewers: bool,
+    /// The capture pushes to the entry points over QUIC.
+    #[serde(default)]
+    capture: bool,
+}
+
+impl QuicSpec {
+    fn any(&self) -> bool {
+        self.set_reflectors.iter().any(|q| *q) || self.viewers || self.capture
+    }
+    fn set(&self, i: usize) -> bool {
+        self.set_reflectors.get(i).copied().unwrap_or(false)
+    }
 }
 
 #[derive(Deserialize)]
@@ -125,6 +151,28 @@ fn main() -> anyhow::Result<()> {
     };
     let s = |v: &dyn ToString| v.to_string();
     eprintln!("braid-testbed: starting in {}", dir.display());
+    // Development certificates: a CA and one certificate per node (mutual TLS on QUIC).
+    let certs = p("certs");
+    let q = &topo.quic;
+    if q.any() {
+        let mut names: Vec<String> = (0..topo.set_reflectors)
+            .map(|i| format!("set{i}"))
+            .collect();
+        names.extend((0..topo.entry_points).map(|i| format!("entry{i}")));
+        names.extend((0..topo.edges_even).map(|i| format!("edge-even{i}")));
+        names.extend((0..topo.edges_odd).map(|i| format!("edge-odd{i}")));
+        braid_net::tls::make_dev_certs(&certs, &names, &[])?;
+        eprintln!(
+            "braid-testbed: development certificates in {}",
+            certs.display()
+        );
+    }
+    let tls = |name: &str| braid_ops::harness::tls_args(&certs, name);
+    let quic_listen = |name: &str| {
+        let mut a = vec!["--quic-listen".to_string(), "127.0.0.1:0".into()];
+        a.extend(tls(name));
+        a
+    };
     let mut nodes: Vec<Node> = Vec::new();
     let stream = topo.stream.to_string();
 
@@ -148,21 +196,25 @@ fn main() -> anyhow::Result<()> {
     for i in 0..topo.set_reflectors {
         let name = format!("set{i}");
         let c = cfg(&name, &format!("role = \"set\"\n{impair}\n"))?;
-        let proc = start(
-            &name,
-            "braid-reflector",
-            vec![
-                "--config".into(),
-                c,
-                "--listen".into(),
-                "127.0.0.1:0".into(),
-                "--stream".into(),
-                stream.clone(),
-                "--node-id".into(),
-                s(&(100 + i)),
-            ],
-        );
-        set_addrs.push(proc.udp());
+        let mut a = vec![
+            "--config".into(),
+            c,
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--stream".into(),
+            stream.clone(),
+            "--node-id".into(),
+            s(&(100 + i)),
+        ];
+        if q.set(i) {
+            a.extend(quic_listen(&name));
+        }
+        let proc = start(&name, "braid-reflector", a);
+        set_addrs.push(if q.set(i) {
+            format!("quic://{}", proc.quic())
+        } else {
+            proc.udp().to_string()
+        });
         nodes.push(Node {
             proc,
             role: "set reflector",
@@ -191,6 +243,11 @@ fn main() -> anyhow::Result<()> {
         for u in &control_urls {
             a.extend(["--control".into(), u.clone()]);
         }
+        if q.viewers {
+            a.extend(quic_listen(&name));
+        } else if q.any() {
+            a.extend(tls(&name));
+        }
         let c = cfg(&name, &format!("role = \"edge\"\n{impair}\n"))?;
         a.extend(["--config".into(), c]);
         let proc = start(&name, "braid-reflector", a);
@@ -210,21 +267,27 @@ fn main() -> anyhow::Result<()> {
     for i in 0..topo.entry_points {
         let name = format!("entry{i}");
         let c = cfg(&name, &format!("{impair}\n"))?;
-        let proc = start(
-            &name,
-            "braid-entrypoint",
-            vec![
-                "--config".into(),
-                c,
-                "--listen".into(),
-                "127.0.0.1:0".into(),
-                "--stream".into(),
-                format!("{}:{}:{refl}", topo.stream, topo.stream_key),
-                "--node-id".into(),
-                s(&(10 + i)),
-            ],
-        );
-        entry_addrs.push(proc.udp());
+        let mut a = vec![
+            "--config".into(),
+            c,
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--stream".into(),
+            format!("{}:{}:{refl}", topo.stream, topo.stream_key),
+            "--node-id".into(),
+            s(&(10 + i)),
+        ];
+        if q.capture {
+            a.extend(quic_listen(&name));
+        } else if q.any() {
+            a.extend(tls(&name));
+        }
+        let proc = start(&name, "braid-entrypoint", a);
+        entry_addrs.push(if q.capture {
+            format!("quic://{}", proc.quic())
+        } else {
+            proc.udp().to_string()
+        });
         nodes.push(Node {
             proc,
             role: "entry point",
@@ -259,6 +322,14 @@ fn main() -> anyhow::Result<()> {
         if control_urls.is_empty() {
             a.extend(["--edge".into(), edge.to_string()]);
         }
+        if q.viewers {
+            a.extend([
+                "--tls-ca".into(),
+                certs.join("ca.pem").display().to_string(),
+            ]);
+        } else {
+            a.extend(["--transport".into(), "udp".into()]);
+        }
         for u in &control_urls {
             a.extend(["--control".into(), u.clone()]);
         }
@@ -282,6 +353,12 @@ fn main() -> anyhow::Result<()> {
     ];
     for e in &entry_addrs {
         cap.extend(["--entry".into(), e.to_string()]);
+    }
+    if q.capture {
+        cap.extend([
+            "--tls-ca".into(),
+            certs.join("ca.pem").display().to_string(),
+        ]);
     }
     if duration > 0.0 {
         cap.extend(["--duration".into(), s(&(duration + 2.0))]);
@@ -507,7 +584,10 @@ fn render(
                     .sum::<f64>()
                     + 0.0
             };
-            out = rates.mbps(&n.proc.name, sum("braid_udp_sent_bytes_total"));
+            out = rates.mbps(
+                &n.proc.name,
+                sum("braid_udp_sent_bytes_total") + sum("braid_quic_sent_bytes_total"),
+            );
             viewers = sum("braid_viewers");
             impaired = sum("braid_udp_impaired_total");
             gaps = sum("braid_merge_gaps_total");
