@@ -58,7 +58,8 @@ use tokio_util::sync::CancellationToken;
 pub enum Transport {
     /// QUIC when the edge offers it, else UDP; the default.
     Auto,
-    /// QUIC: encrypted, the edge authenticated, NAT-friendly; media as datagrams.
+    /// QUIC only: encrypted, the edge authenticated, NAT-friendly; media as datagrams.
+    /// Refuses to start on an edge that offers no QUIC address.
     Quic,
     /// UDP: plain Braid datagrams.
     Udp,
@@ -406,6 +407,11 @@ async fn connect(config: &Config, edge: SocketAddr) -> anyhow::Result<Link> {
 }
 
 impl Link {
+    /// Whether `edge` is reached over QUIC.
+    fn reaches_over_quic(&self, edge: SocketAddr) -> bool {
+        matches!(self, Link::Udp { quic, .. } if quic.contains_key(&edge))
+    }
+
     /// Takes note of the candidates' QUIC addresses (QUIC links only).
     fn learn(&mut self, transport: Transport, a: &control::Assignment) {
         let Link::Udp { socket, quic } = self else {
@@ -527,6 +533,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut link = connect(&config, edge).await?;
     if let Some(a) = &assignment {
         link.learn(config.transport, a);
+    }
+    if config.transport == Transport::Quic && !link.reaches_over_quic(edge) {
+        anyhow::bail!(
+            "edge {edge} offers no QUIC address: give --edge quic://ADDR, or --transport auto or udp"
+        );
     }
     let mut out: Box<dyn Write> = if config.out.as_os_str() == "-" {
         Box::new(std::io::BufWriter::new(std::io::stdout()))

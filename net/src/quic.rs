@@ -59,8 +59,8 @@ pub struct Options {
     pub listen: Option<SocketAddr>,
     /// UDP payload size QUIC starts with, in bytes. 1452 fits any path with a 1500-byte
     /// MTU over IPv4 or IPv6 and carries a 7-TS-packet RTP packet with its envelope
-    /// (1352 bytes) as one datagram; path MTU discovery may raise it, and black-hole
-    /// detection lowers it to 1200 on a path that cannot carry it.
+    /// (1356 bytes) as one datagram; black-hole detection lowers it to 1200 on a path
+    /// that cannot carry it, where only 5 TS packets per RTP packet fit.
     #[arg(
         long = "quic-initial-mtu",
         id = "quic_initial_mtu",
@@ -377,7 +377,7 @@ impl Quic {
                                     max = ?c.conn.max_datagram_size(),
                                     "datagram larger than the QUIC path carries: dropped \
                                      (counted in braid_quic_dropped_total{{reason=\"too_large\"}}); \
-                                     send fewer TS packets per RTP packet or raise quic.initial_mtu"
+                                     the path carries less than Braid's 1356-byte packets: capture with --ts-per-rtp 5"
                                 );
                             }
                             "too_large"

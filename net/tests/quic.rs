@@ -193,3 +193,118 @@ async fn a_vanished_peer_is_noticed_within_about_a_second() {
     assert!(seen < Duration::from_millis(1600), "noticed after {seen:?}");
     let _ = std::fs::remove_dir_all(d);
 }
+
+#[tokio::test]
+async fn pinned_fingerprint_is_trusted_without_a_ca_and_a_wrong_pin_is_not() {
+    let d = dir("pin");
+    make_dev_certs(&d, &["server".into()], &[]).unwrap();
+    let server_tls = Tls {
+        cert: Some(d.join("server.pem")),
+        key: Some(d.join("server.key")),
+        ..Tls::default()
+    };
+    let (mut server, server_addr) = socket(&server_tls, "server");
+    let pin = braid_net::tls::fingerprint_file(&d.join("server.pem")).unwrap();
+    let pinned = Tls {
+        pin: vec![pin],
+        ..Tls::default()
+    };
+    let (mut viewer, viewer_addr) = socket(&pinned, "viewer");
+    viewer.quic_mut().unwrap().add_dial(server_addr);
+    viewer.send(
+        Instant::now(),
+        server_addr,
+        Bytes::from_static(b"pinned"),
+        false,
+    );
+    let ((got, _), _) = tokio::join!(
+        gather(&mut server, 1, Duration::from_secs(5)),
+        gather(&mut viewer, 1, Duration::from_millis(500))
+    );
+    assert_eq!(got, vec![(viewer_addr, Bytes::from_static(b"pinned"))]);
+    let wrong = Tls {
+        pin: vec!["00".repeat(32)],
+        ..Tls::default()
+    };
+    let (mut stranger, _) = socket(&wrong, "stranger");
+    stranger.quic_mut().unwrap().add_dial(server_addr);
+    stranger.send(Instant::now(), server_addr, Bytes::from_static(b"x"), false);
+    let ((got, _), _) = tokio::join!(
+        gather(&mut server, 1, Duration::from_secs(1)),
+        gather(&mut stranger, 1, Duration::from_secs(1))
+    );
+    assert!(got.is_empty(), "a wrong pin trusts nothing");
+    assert!(!stranger.quic().unwrap().is_connected(server_addr));
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[tokio::test]
+async fn oversize_datagrams_and_connections_over_the_limit_are_counted() {
+    let d = dir("limits");
+    make_dev_certs(&d, &["server".into()], &[]).unwrap();
+    let ca = d.join("ca.pem");
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut server = Socket::bind(any, Impairments::default(), "server").unwrap();
+    let options = Options {
+        max_conns_per_ip: 2,
+        ..Options::default()
+    };
+    let server_tls = Tls {
+        cert: Some(d.join("server.pem")),
+        key: Some(d.join("server.key")),
+        ..Tls::default()
+    };
+    let q = Quic::bind(&options, any, &server_tls, "server").unwrap();
+    let server_addr = q.local_addr().unwrap();
+    server.attach_quic(q);
+    let viewer_tls = Tls {
+        ca: Some(ca),
+        ..Tls::default()
+    };
+    let mut viewers: Vec<(Socket, SocketAddr)> =
+        (0..3).map(|_| socket(&viewer_tls, "viewer")).collect();
+    for (v, _) in &mut viewers {
+        v.quic_mut().unwrap().add_dial(server_addr);
+        v.send(
+            Instant::now(),
+            server_addr,
+            Bytes::from_static(b"hi"),
+            false,
+        );
+    }
+    let [(a, _), (b, _), (c, _)] = &mut viewers[..] else {
+        unreachable!()
+    };
+    let ((got, _), _, _, _) = tokio::join!(
+        gather(&mut server, 3, Duration::from_secs(2)),
+        gather(a, 9, Duration::from_millis(800)),
+        gather(b, 9, Duration::from_millis(800)),
+        gather(c, 9, Duration::from_millis(800)),
+    );
+    assert_eq!(
+        got.len(),
+        2,
+        "two connections from 127.0.0.1 taken, the third refused"
+    );
+    let connected = viewers
+        .iter()
+        .filter(|(v, _)| v.quic().unwrap().is_connected(server_addr))
+        .count();
+    assert_eq!(connected, 2);
+    // A datagram larger than any path carries is dropped and counted, never sent.
+    let (v, _) = viewers
+        .iter_mut()
+        .find(|(v, _)| v.quic().unwrap().is_connected(server_addr))
+        .unwrap();
+    let before = v.quic().unwrap().stats();
+    v.send(
+        Instant::now(),
+        server_addr,
+        Bytes::from(vec![0u8; 2000]),
+        true,
+    );
+    let after = v.quic().unwrap().stats();
+    assert_eq!(after.dropped, before.dropped + 1);
+    assert_eq!(after.datagrams_sent, before.datagrams_sent);
+    let _ = std::fs::remove_dir_all(d);
+}

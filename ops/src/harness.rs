@@ -321,6 +321,8 @@ pub struct Spec {
     pub quic_viewers: bool,
     /// The capture pushes to the entry points over QUIC.
     pub quic_capture: bool,
+    /// More flags for the edge.
+    pub edge_args: Vec<String>,
 }
 
 impl Spec {
@@ -366,6 +368,7 @@ impl Default for Spec {
             quic_sets: Vec::new(),
             quic_viewers: false,
             quic_capture: false,
+            edge_args: Vec::new(),
         }
     }
 }
@@ -489,6 +492,7 @@ impl Net {
         } else if spec.quic_sets.iter().any(|q| *q) {
             edge_args.extend(tls_args(&certs, "edge"));
         }
+        edge_args.extend(spec.edge_args.iter().cloned());
         let edge = Proc::start("edge", "braid-reflector", &edge_args, &p("edge.log"));
         let mut entries = Vec::new();
         for i in 0..spec.entries {
@@ -687,7 +691,65 @@ pub mod crowd {
     /// A crowd of viewers watching stream 1 on `edge`.
     pub struct Crowd {
         stop: Arc<AtomicBool>,
-        threads: Vec<JoinHandle<Seen>>,
+        threads: Vec<JoinHandle<Vec<Seen>>>,
+    }
+
+    /// One viewer over QUIC: its own endpoint (the edge tells viewers apart by address),
+    /// the watch protocol on the control stream, media as datagrams.
+    async fn quic_viewer(
+        i: usize,
+        edge: SocketAddr,
+        tls: braid_net::tls::Tls,
+        stop: Arc<AtomicBool>,
+    ) -> Seen {
+        use braid_net::quic::{Options, Quic};
+        use braid_net::udp::{Impairments, Socket};
+
+        let codec = Codec::new(Key::derive(super::NETWORK_KEY));
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("an address");
+        let mut sock = Socket::bind(any, Impairments::default(), "crowd").expect("a socket");
+        let q = Quic::bind(&Options::default(), any, &tls, "crowd").expect("a QUIC endpoint");
+        sock.attach_quic(q);
+        if let Some(q) = sock.quic_mut() {
+            q.connect_now(edge);
+        }
+        let mut seen = Seen::default();
+        let (mut acked, mut since, mut last_ack) = (0u64, 0, Instant::now());
+        let asked = Instant::now();
+        sock.send(Instant::now(), edge, watch(&codec, i as u64, 0), false);
+        let mut got = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            got.clear();
+            let _ = tokio::time::timeout(Duration::from_millis(50), sock.recv(&mut got)).await;
+            for (_, b) in got.drain(..) {
+                match codec.decode(b) {
+                    Ok(Message {
+                        body: Body::Media(m),
+                        ..
+                    }) => {
+                        seen.join.get_or_insert_with(|| asked.elapsed());
+                        seen.seqs.push(m.seq.0);
+                        acked = acked.max(m.seq.0);
+                        since += 1;
+                    }
+                    Ok(Message {
+                        body: Body::Error { text, .. },
+                        ..
+                    }) => seen.errors.push(text),
+                    _ => {}
+                }
+            }
+            if since >= 32 || last_ack.elapsed() > Duration::from_millis(250) {
+                since = 0;
+                last_ack = Instant::now();
+                sock.send(Instant::now(), edge, watch(&codec, i as u64, acked), false);
+            }
+        }
+        if let Some(q) = sock.quic() {
+            // Closing the connection is the viewer leaving: the edge drops it at once.
+            q.close();
+        }
+        seen
     }
 
     fn watch(codec: &Codec, id: u64, acked: u64) -> Bytes {
@@ -770,11 +832,43 @@ pub mod crowd {
                         if codec.encode(&bye, &mut out).is_ok() {
                             let _ = sock.send_to(&out, edge);
                         }
-                        seen
+                        vec![seen]
                     })
                 })
                 .collect();
             Crowd { stop, threads }
+        }
+
+        /// Starts `n` viewers over QUIC to the edge's QUIC address, trusting `ca`; they
+        /// run as tasks on a two-thread runtime of their own.
+        pub fn start_quic(edge: SocketAddr, n: usize, ca: std::path::PathBuf) -> Crowd {
+            let stop = Arc::new(AtomicBool::new(false));
+            let s = stop.clone();
+            let thread = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("a runtime");
+                rt.block_on(async move {
+                    let tls = braid_net::tls::Tls {
+                        ca: Some(ca),
+                        ..braid_net::tls::Tls::default()
+                    };
+                    let tasks: Vec<_> = (0..n)
+                        .map(|i| tokio::spawn(quic_viewer(i, edge, tls.clone(), s.clone())))
+                        .collect();
+                    let mut seen = Vec::new();
+                    for t in tasks {
+                        seen.push(t.await.unwrap_or_default());
+                    }
+                    seen
+                })
+            });
+            Crowd {
+                stop,
+                threads: vec![thread],
+            }
         }
 
         /// Stops every viewer and returns what each got.
@@ -782,7 +876,7 @@ pub mod crowd {
             self.stop.store(true, Ordering::Relaxed);
             self.threads
                 .into_iter()
-                .map(|t| t.join().expect("viewer thread"))
+                .flat_map(|t| t.join().expect("viewer thread"))
                 .collect()
         }
     }

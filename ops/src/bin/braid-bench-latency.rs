@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use braid_core::wire::rtp::{Fields, PAYLOAD_TYPE_MP2T};
-use braid_core::wire::{Body, Codec, Flags, Header, Key, Message, Rtp, Subscription};
+use braid_core::wire::{Body, Codec, Flags, Header, Key, Message, Rtp, Watch, WatchStart};
 use braid_core::{NodeId, PathId, SeqNo, StreamId};
 use braid_ops::harness::{NETWORK_KEY, Net, STREAM_KEY, Spec};
 use bytes::{Bytes, BytesMut};
@@ -43,6 +43,10 @@ struct Args {
     /// Reorder window on sets and edge, ms.
     #[arg(long, default_value_t = 200)]
     window_ms: u64,
+    /// Transports of the entry → set → edge hops to measure, one network each, in turn:
+    /// `udp`, `quic` (both hops of every path on QUIC).
+    #[arg(long, default_value = "udp,quic", value_delimiter = ',')]
+    transports: Vec<String>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -52,13 +56,41 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// A watch message that also acknowledges `acked` (opening the edge's flow window).
+fn watch(codec: &Codec, acked: u64) -> Bytes {
+    let mut out = BytesMut::new();
+    let msg = Message {
+        header: Header {
+            stream: StreamId(1),
+            ..Header::default()
+        },
+        body: Body::Watch(Watch {
+            node: NodeId(9),
+            lease_ms: 3000,
+            start: WatchStart::Live,
+            seq: SeqNo(0),
+            acked: SeqNo(acked),
+            token: Bytes::new(),
+        }),
+    };
+    codec
+        .encode(&msg, &mut out)
+        .expect("a watch message encodes");
+    out.freeze()
+}
+
+/// Records when each numbered packet arrived; as the edge's viewer (`codec` and `edge`
+/// given) it acknowledges every 16 packets.
 fn receiver(
     sock: UdpSocket,
     codec: Option<Codec>,
+    edge: Option<SocketAddr>,
     n: usize,
     first: u64,
     stop: Arc<AtomicBool>,
 ) -> Vec<Option<Instant>> {
+    let mut acked = 0u64;
+    let mut since = 0;
     let mut got = vec![None; n];
     let mut buf = [0u8; 2048];
     sock.set_read_timeout(Some(Duration::from_millis(100)))
@@ -73,7 +105,15 @@ fn receiver(
                 Ok(Message {
                     body: Body::Media(m),
                     ..
-                }) => m.seq.0,
+                }) => {
+                    acked = acked.max(m.seq.0);
+                    since += 1;
+                    if let (Some(edge), true) = (edge, since >= 16) {
+                        since = 0;
+                        let _ = sock.send_to(&watch(c, acked), edge);
+                    }
+                    m.seq.0
+                }
                 _ => continue,
             },
             None if len >= 8 => u64::from_be_bytes(buf[..8].try_into().expect("8 bytes")),
@@ -88,6 +128,17 @@ fn receiver(
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    for t in &args.transports {
+        match t.as_str() {
+            "udp" => run(&args, false)?,
+            "quic" => run(&args, true)?,
+            other => anyhow::bail!("unknown transport {other:?}: udp or quic"),
+        }
+    }
+    Ok(())
+}
+
+fn run(args: &Args, quic: bool) -> anyhow::Result<()> {
     let impair = format!("loss = {}\nseed = 11", args.loss);
     let entry_impair = format!("loss = {}\nseed = 12", args.entry_loss.unwrap_or(args.loss));
     let net = Net::start(Spec {
@@ -98,6 +149,7 @@ fn main() -> anyhow::Result<()> {
         window_ms: args.window_ms,
         entry_impair,
         set_impair: vec![impair; args.sets],
+        quic_sets: vec![quic; args.sets],
         ..Spec::default()
     });
     let codec = Codec::new(Key::derive(NETWORK_KEY));
@@ -110,28 +162,11 @@ fn main() -> anyhow::Result<()> {
     let viewer = UdpSocket::bind("127.0.0.1:0")?;
     let base_rx = UdpSocket::bind("127.0.0.1:0")?;
     let base_addr = base_rx.local_addr()?;
-    let subscribe = {
-        let mut out = BytesMut::new();
-        codec.encode(
-            &Message {
-                header: Header {
-                    stream: StreamId(1),
-                    ..Header::default()
-                },
-                body: Body::Subscribe(Subscription {
-                    node: NodeId(9),
-                    lease_ms: 3000,
-                }),
-            },
-            &mut out,
-        )?;
-        out.freeze()
-    };
     let viewer_tx = viewer.try_clone()?;
     let (s1, s2) = (stop.clone(), stop.clone());
     let c2 = codec.clone();
-    let v = std::thread::spawn(move || receiver(viewer, Some(c2), n, first, s1));
-    let b = std::thread::spawn(move || receiver(base_rx, None, n, first, s2));
+    let v = std::thread::spawn(move || receiver(viewer, Some(c2), Some(edge), n, first, s1));
+    let b = std::thread::spawn(move || receiver(base_rx, None, None, n, first, s2));
 
     let src = UdpSocket::bind("127.0.0.1:0")?;
     let publish = {
@@ -153,7 +188,7 @@ fn main() -> anyhow::Result<()> {
     for e in &entries {
         src.send_to(&publish, e)?;
     }
-    viewer_tx.send_to(&subscribe, edge)?;
+    viewer_tx.send_to(&watch(&codec, 0), edge)?;
     std::thread::sleep(Duration::from_millis(500));
 
     let mut sent = vec![None; n];
@@ -205,7 +240,8 @@ fn main() -> anyhow::Result<()> {
             for e in &entries {
                 src.send_to(&publish, e)?;
             }
-            viewer_tx.send_to(&subscribe, edge)?;
+            // Renews the lease (acknowledging nothing new).
+            viewer_tx.send_to(&watch(&codec, 0), edge)?;
         }
     }
     std::thread::sleep(Duration::from_millis(args.window_ms + 500));
@@ -230,7 +266,8 @@ fn main() -> anyhow::Result<()> {
     let baseline = lat(&base);
     let delivered = got[skip..].iter().filter(|r| r.is_some()).count() as f64 / (n - skip) as f64;
     println!(
-        "{} sets, {} entries, loss per link {:.0}%: braid p50 {:.3} ms p99 {:.3} ms | baseline loopback p50 {:.3} ms p99 {:.3} ms | added p50 {:.3} ms p99 {:.3} ms | delivered {:.4}%",
+        "{}: {} sets, {} entries, loss per link {:.0}%: braid p50 {:.3} ms p99 {:.3} ms | baseline loopback p50 {:.3} ms p99 {:.3} ms | added p50 {:.3} ms p99 {:.3} ms | delivered {:.4}%",
+        if quic { "QUIC hops" } else { "UDP hops" },
         args.sets,
         args.entries,
         args.loss * 100.0,

@@ -25,6 +25,9 @@ struct Args {
     /// Seconds measured per count.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Viewer transports measured at each count, in turn: `udp`, `quic`.
+    #[arg(long, default_value = "udp,quic", value_delimiter = ',')]
+    transports: Vec<String>,
 }
 
 /// utime + stime of a process, in seconds.
@@ -104,13 +107,19 @@ fn raw_baseline(n: usize, pps_per_viewer: u64, secs: u64) -> f64 {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // The join phase takes about 21 s, then each count its warm-up, measurement and pause.
-    let longest = args.viewers.len() as f64 * (args.seconds as f64 + 12.0) + 40.0;
+    let longest =
+        (args.viewers.len() * args.transports.len()) as f64 * (args.seconds as f64 + 12.0) + 40.0;
     let net = Net::start(Spec {
         viewers: 0,
         seconds: longest,
+        quic_viewers: true,
+        // Every viewer of this rig comes from 127.0.0.1.
+        edge_args: vec!["--quic-max-conns-per-ip".into(), "5000".into()],
         ..Spec::default()
     });
     let edge = net.edge.udp();
+    let edge_quic = net.edge.quic();
+    let ca = net.path("certs/ca.pem");
     let pid = net.edge.pid();
     std::thread::sleep(Duration::from_secs(3));
     let pps = 4_000_000 / (1316 * 8) as u64; // packets per second of one 4 Mbps viewer
@@ -139,9 +148,17 @@ fn main() -> anyhow::Result<()> {
         joins.len()
     );
     std::thread::sleep(Duration::from_secs(4));
-    for &n in &args.viewers {
+    for (&n, transport) in args
+        .viewers
+        .iter()
+        .flat_map(|n| args.transports.iter().map(move |t| (n, t)))
+    {
         let rss_before = rss_kib(pid);
-        let c = crowd::Crowd::start(edge, n);
+        let c = match transport.as_str() {
+            "udp" => crowd::Crowd::start(edge, n),
+            "quic" => crowd::Crowd::start_quic(edge_quic, n, ca.clone()),
+            other => anyhow::bail!("unknown transport {other:?}: udp or quic"),
+        };
         // Let everyone join and catch up, then measure.
         std::thread::sleep(Duration::from_secs(3));
         let cpu0 = cpu_seconds(pid);
@@ -174,7 +191,7 @@ fn main() -> anyhow::Result<()> {
         let gbps = n as f64 * 4.0 / 1000.0;
         let base = raw_baseline(n, pps, args.seconds.min(5));
         println!(
-            "viewers {n:>4}: lossless {lossless}/{n} (missing {missing} of {packets}) | edge CPU {:.1}% of a core, {:.1}% per Gbps | {:.0} packets/s delivered | RSS +{:.0} KiB ({:.1} MiB per 1000 viewers) | join when all join at once p50 {:.1} ms p99 {:.1} ms | raw sendmmsg at the same rate delivered {:.3}%",
+            "{transport:>4} viewers {n:>4}: lossless {lossless}/{n} (missing {missing} of {packets}) | edge CPU {:.1}% of a core, {:.1}% per Gbps | {:.0} packets/s delivered | RSS +{:.0} KiB ({:.1} MiB per 1000 viewers) | join when all join at once p50 {:.1} ms p99 {:.1} ms | raw sendmmsg at the same rate delivered {:.3}%",
             cpu * 100.0,
             cpu * 100.0 / gbps,
             n as f64 * pps as f64,
