@@ -676,6 +676,29 @@ pub mod crowd {
     }
 
     impl Seen {
+        /// Takes in one message from the edge; returns the media sequence number, if
+        /// it was media.
+        pub fn take(&mut self, codec: &Codec, bytes: Bytes, asked: Instant) -> Option<u64> {
+            match codec.decode(bytes) {
+                Ok(Message {
+                    body: Body::Media(m),
+                    ..
+                }) => {
+                    self.join.get_or_insert_with(|| asked.elapsed());
+                    self.seqs.push(m.seq.0);
+                    Some(m.seq.0)
+                }
+                Ok(Message {
+                    body: Body::Error { text, .. },
+                    ..
+                }) => {
+                    self.errors.push(text);
+                    None
+                }
+                _ => None,
+            }
+        }
+
         /// Sequence numbers missing between the first and the last received.
         pub fn missing(&self) -> u64 {
             let mut s = self.seqs.clone();
@@ -716,33 +739,31 @@ pub mod crowd {
         let mut seen = Seen::default();
         let (mut acked, mut since, mut last_ack) = (0u64, 0, Instant::now());
         let asked = Instant::now();
-        sock.send(Instant::now(), edge, watch(&codec, i as u64, 0), false);
+        sock.send(
+            Instant::now(),
+            edge,
+            watch(&codec, i as u64, 0, WatchStart::Keyframe),
+            false,
+        );
         let mut got = Vec::new();
         while !stop.load(Ordering::Relaxed) {
             got.clear();
             let _ = tokio::time::timeout(Duration::from_millis(50), sock.recv(&mut got)).await;
             for (_, b) in got.drain(..) {
-                match codec.decode(b) {
-                    Ok(Message {
-                        body: Body::Media(m),
-                        ..
-                    }) => {
-                        seen.join.get_or_insert_with(|| asked.elapsed());
-                        seen.seqs.push(m.seq.0);
-                        acked = acked.max(m.seq.0);
-                        since += 1;
-                    }
-                    Ok(Message {
-                        body: Body::Error { text, .. },
-                        ..
-                    }) => seen.errors.push(text),
-                    _ => {}
+                if let Some(seq) = seen.take(&codec, b, asked) {
+                    acked = acked.max(seq);
+                    since += 1;
                 }
             }
             if since >= 32 || last_ack.elapsed() > Duration::from_millis(250) {
                 since = 0;
                 last_ack = Instant::now();
-                sock.send(Instant::now(), edge, watch(&codec, i as u64, acked), false);
+                sock.send(
+                    Instant::now(),
+                    edge,
+                    watch(&codec, i as u64, acked, WatchStart::Keyframe),
+                    false,
+                );
             }
         }
         if let Some(q) = sock.quic() {
@@ -752,7 +773,8 @@ pub mod crowd {
         seen
     }
 
-    fn watch(codec: &Codec, id: u64, acked: u64) -> Bytes {
+    /// A watch message from viewer `id` starting at `start`, acknowledging `acked`.
+    pub fn watch(codec: &Codec, id: u64, acked: u64, start: WatchStart) -> Bytes {
         let mut out = BytesMut::new();
         let msg = Message {
             header: Header {
@@ -762,7 +784,7 @@ pub mod crowd {
             body: Body::Watch(Watch {
                 node: NodeId(id),
                 lease_ms: 3000,
-                start: WatchStart::Keyframe,
+                start,
                 seq: SeqNo(0),
                 acked: SeqNo(acked),
                 token: Bytes::new(),
@@ -792,30 +814,23 @@ pub mod crowd {
                         let mut since = 0;
                         let mut last_ack = Instant::now();
                         let asked = Instant::now();
-                        let _ = sock.send_to(&watch(&codec, i as u64, 0), edge);
+                        let _ =
+                            sock.send_to(&watch(&codec, i as u64, 0, WatchStart::Keyframe), edge);
                         while !stop.load(Ordering::Relaxed) {
                             if let Ok(n) = sock.recv(&mut buf) {
-                                match codec.decode(Bytes::copy_from_slice(&buf[..n])) {
-                                    Ok(Message {
-                                        body: Body::Media(m),
-                                        ..
-                                    }) => {
-                                        seen.join.get_or_insert_with(|| asked.elapsed());
-                                        seen.seqs.push(m.seq.0);
-                                        acked = acked.max(m.seq.0);
-                                        since += 1;
-                                    }
-                                    Ok(Message {
-                                        body: Body::Error { text, .. },
-                                        ..
-                                    }) => seen.errors.push(text),
-                                    _ => {}
+                                let b = Bytes::copy_from_slice(&buf[..n]);
+                                if let Some(seq) = seen.take(&codec, b, asked) {
+                                    acked = acked.max(seq);
+                                    since += 1;
                                 }
                             }
                             if since >= 32 || last_ack.elapsed() > Duration::from_millis(250) {
                                 since = 0;
                                 last_ack = Instant::now();
-                                let _ = sock.send_to(&watch(&codec, i as u64, acked), edge);
+                                let _ = sock.send_to(
+                                    &watch(&codec, i as u64, acked, WatchStart::Keyframe),
+                                    edge,
+                                );
                             }
                         }
                         // Leave at once, so the edge stops sending to this port.

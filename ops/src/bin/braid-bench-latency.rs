@@ -14,8 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use braid_core::wire::rtp::{Fields, PAYLOAD_TYPE_MP2T};
-use braid_core::wire::{Body, Codec, Flags, Header, Key, Message, Rtp, Watch, WatchStart};
-use braid_core::{NodeId, PathId, SeqNo, StreamId};
+use braid_core::wire::{Body, Codec, Flags, Header, Key, Message, Rtp, WatchStart};
+use braid_core::{PathId, SeqNo, StreamId};
+use braid_ops::harness::crowd::watch;
 use braid_ops::harness::{NETWORK_KEY, Net, STREAM_KEY, Spec};
 use bytes::{Bytes, BytesMut};
 use clap::Parser;
@@ -56,29 +57,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// A watch message that also acknowledges `acked` (opening the edge's flow window).
-fn watch(codec: &Codec, acked: u64) -> Bytes {
-    let mut out = BytesMut::new();
-    let msg = Message {
-        header: Header {
-            stream: StreamId(1),
-            ..Header::default()
-        },
-        body: Body::Watch(Watch {
-            node: NodeId(9),
-            lease_ms: 3000,
-            start: WatchStart::Live,
-            seq: SeqNo(0),
-            acked: SeqNo(acked),
-            token: Bytes::new(),
-        }),
-    };
-    codec
-        .encode(&msg, &mut out)
-        .expect("a watch message encodes");
-    out.freeze()
-}
-
 /// Records when each numbered packet arrived; as the edge's viewer (`codec` and `edge`
 /// given) it acknowledges every 16 packets.
 fn receiver(
@@ -110,7 +88,7 @@ fn receiver(
                     since += 1;
                     if let (Some(edge), true) = (edge, since >= 16) {
                         since = 0;
-                        let _ = sock.send_to(&watch(c, acked), edge);
+                        let _ = sock.send_to(&watch(c, 9, acked, WatchStart::Live), edge);
                     }
                     m.seq.0
                 }
@@ -188,7 +166,7 @@ fn run(args: &Args, quic: bool) -> anyhow::Result<()> {
     for e in &entries {
         src.send_to(&publish, e)?;
     }
-    viewer_tx.send_to(&watch(&codec, 0), edge)?;
+    viewer_tx.send_to(&watch(&codec, 9, 0, WatchStart::Live), edge)?;
     std::thread::sleep(Duration::from_millis(500));
 
     let mut sent = vec![None; n];
@@ -241,7 +219,7 @@ fn run(args: &Args, quic: bool) -> anyhow::Result<()> {
                 src.send_to(&publish, e)?;
             }
             // Renews the lease (acknowledging nothing new).
-            viewer_tx.send_to(&watch(&codec, 0), edge)?;
+            viewer_tx.send_to(&watch(&codec, 9, 0, WatchStart::Live), edge)?;
         }
     }
     std::thread::sleep(Duration::from_millis(args.window_ms + 500));
