@@ -389,14 +389,18 @@ async fn connect(config: &Config, edge: SocketAddr) -> anyhow::Result<Link> {
                         Ok(0) | Err(_) => return,
                         Ok(_) => {}
                     }
-                    while buf.len() >= 2 {
-                        let len = usize::from(u16::from_be_bytes([buf[0], buf[1]]));
-                        if buf.len() < 2 + len {
-                            break;
-                        }
-                        let _ = buf.split_to(2);
-                        if tx.send(buf.split_to(len).freeze()).await.is_err() {
-                            return;
+                    loop {
+                        match braid_core::wire::split_frame(&mut buf) {
+                            Ok(Some(m)) => {
+                                if tx.send(m).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::warn!("the edge's TCP stream is broken ({e}): closing");
+                                return;
+                            }
                         }
                     }
                 }

@@ -33,9 +33,6 @@ use tokio::sync::mpsc;
 
 use crate::tls::Tls;
 
-/// Largest control message on a stream.
-pub const MAX_MESSAGE: usize = crate::udp::MAX_DATAGRAM;
-
 /// The idle timeout: a peer silent this long is gone.
 pub const IDLE_TIMEOUT: Duration = Duration::from_millis(1000);
 /// Keep-alive interval: several fit in the idle timeout, so one lost packet is no outage.
@@ -697,25 +694,28 @@ async fn read_control(
     role: &'static str,
 ) {
     let peer = conn.remote_address();
+    let mut buf = BytesMut::with_capacity(16 * 1024);
     loop {
-        let mut len = [0u8; 2];
-        if stream.read_exact(&mut len).await.is_err() {
-            return;
+        loop {
+            match braid_core::wire::split_frame(&mut buf) {
+                Ok(Some(m)) => {
+                    if tx.send(Event::Message(peer, m)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    metrics::counter!("braid_dropped_total", "role" => role, "reason" => "quic_bad_frame")
+                        .increment(1);
+                    tracing::warn!(%peer, "QUIC control stream broken ({e}): closing");
+                    conn.close(1u32.into(), b"bad frame");
+                    return;
+                }
+            }
         }
-        let len = usize::from(u16::from_be_bytes(len));
-        if len == 0 || len > MAX_MESSAGE {
-            metrics::counter!("braid_dropped_total", "role" => role, "reason" => "quic_bad_frame")
-                .increment(1);
-            tracing::warn!(%peer, len, "QUIC control frame out of bounds: closing");
-            conn.close(1u32.into(), b"bad frame");
-            return;
-        }
-        let mut body = BytesMut::zeroed(len);
-        if stream.read_exact(&mut body).await.is_err() {
-            return;
-        }
-        if tx.send(Event::Message(peer, body.freeze())).await.is_err() {
-            return;
+        match stream.read_chunk(16 * 1024, true).await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+            Ok(None) | Err(_) => return,
         }
     }
 }

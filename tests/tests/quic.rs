@@ -302,3 +302,83 @@ fn untrusted_and_unauthenticated_peers_are_refused() {
     assert!(set_log.contains("QUIC handshake refused"), "logged");
     assert!(set_log.contains("without a trusted certificate"), "logged");
 }
+
+/// Security limits: a set reflector takes at most `--subscribe-rate` new subscribers per
+/// second from one address and refuses the rest with a clear error, counted.
+#[test]
+fn new_subscriptions_beyond_the_rate_are_refused_and_counted() {
+    use braid_core::wire::{Body, Codec, ErrorCode, Header, Key, Message, Subscription};
+    use braid_core::{NodeId, StreamId};
+
+    let dir = tempfile_dir("rate");
+    let set = Proc::start(
+        "set",
+        "braid-reflector",
+        &[
+            "--role".into(),
+            "set".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--subscribe-rate".into(),
+            "5".into(),
+        ],
+        &dir.join("set.log"),
+    );
+    let codec = Codec::new(Key::derive(braid_tests::NETWORK_KEY));
+    let mut out = bytes::BytesMut::new();
+    codec
+        .encode(
+            &Message {
+                header: Header {
+                    stream: StreamId(1),
+                    ..Header::default()
+                },
+                body: Body::Subscribe(Subscription {
+                    node: NodeId(7),
+                    lease_ms: 3000,
+                }),
+            },
+            &mut out,
+        )
+        .expect("encodes");
+    // Twenty subscribers from one IP address within a fraction of a second.
+    let socks: Vec<std::net::UdpSocket> = (0..20)
+        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket"))
+        .collect();
+    for s in &socks {
+        s.send_to(&out, set.udp()).expect("send");
+    }
+    let mut refused = 0;
+    let mut buf = [0u8; 2048];
+    for s in &socks {
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("timeout");
+        if let Ok(n) = s.recv(&mut buf) {
+            if let Ok(Message {
+                body: Body::Error { code, text },
+                ..
+            }) = codec.decode(bytes::Bytes::copy_from_slice(&buf[..n]))
+            {
+                assert_eq!(code, ErrorCode::CAPACITY);
+                assert!(text.contains("too many new subscriptions"), "{text}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(refused, 15, "five taken, fifteen refused");
+    assert_eq!(
+        metrics::sum(
+            set.metrics(),
+            "braid_dropped_total",
+            &["reason=\"subscribe_rate\""]
+        ),
+        15.0
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn tempfile_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("braid-test-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("a directory");
+    d
+}

@@ -535,20 +535,33 @@ impl Codec {
     /// Takes one framed message off the front of `buf`. `Ok(None)` means more bytes are
     /// needed; an error means the stream is broken and should be closed.
     pub fn decode_frame(&self, buf: &mut BytesMut) -> Result<Option<Message>, DecodeError> {
-        if buf.len() < 2 {
-            return Ok(None);
+        match split_frame(buf)? {
+            Some(frame) => self.decode(frame).map(Some),
+            None => Ok(None),
         }
-        let len = usize::from(u16::from_be_bytes([buf[0], buf[1]]));
-        if len > MAX_MESSAGE {
-            return Err(DecodeError::TooLarge(len));
-        }
-        if buf.len() < 2 + len {
-            return Ok(None);
-        }
-        buf.advance(2);
-        let frame = buf.split_to(len).freeze();
-        self.decode(frame).map(Some)
     }
+}
+
+/// Takes one frame (16-bit big-endian length, then that many bytes) off the front of
+/// `buf`, undecoded: how stream transports (TCP viewers, QUIC control streams) carry
+/// messages. `Ok(None)` means more bytes are needed; an error (a length of zero or above
+/// [`MAX_MESSAGE`]) means the stream is broken and should be closed.
+pub fn split_frame(buf: &mut BytesMut) -> Result<Option<Bytes>, DecodeError> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let len = usize::from(u16::from_be_bytes([buf[0], buf[1]]));
+    if len > MAX_MESSAGE {
+        return Err(DecodeError::TooLarge(len));
+    }
+    if len == 0 {
+        return Err(DecodeError::Malformed("empty frame"));
+    }
+    if buf.len() < 2 + len {
+        return Ok(None);
+    }
+    buf.advance(2);
+    Ok(Some(buf.split_to(len).freeze()))
 }
 
 fn rollovers_u32(seq: SeqNo) -> Result<u32, EncodeError> {

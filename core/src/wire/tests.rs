@@ -499,6 +499,32 @@ proptest! {
     }
 
     #[test]
+    fn split_frame_returns_what_was_framed(
+        msgs in prop::collection::vec(prop::collection::vec(any::<u8>(), 1..600), 0..8),
+        cut in 0usize..5000,
+    ) {
+        let mut all = BytesMut::new();
+        for m in &msgs {
+            all.extend_from_slice(&(m.len() as u16).to_be_bytes());
+            all.extend_from_slice(m);
+        }
+        // Bytes arrive in two pieces at any point: the frames come out the same.
+        let cut = cut.min(all.len());
+        let rest = all.split_off(cut);
+        let mut buf = all;
+        let mut out = Vec::new();
+        while let Some(f) = split_frame(&mut buf).unwrap() {
+            out.push(f.to_vec());
+        }
+        buf.extend_from_slice(&rest);
+        while let Some(f) = split_frame(&mut buf).unwrap() {
+            out.push(f.to_vec());
+        }
+        prop_assert_eq!(out, msgs);
+        prop_assert!(buf.is_empty());
+    }
+
+    #[test]
     fn arbitrary_frames_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
         let c = codec();
         let mut buf = BytesMut::from(&bytes[..]);
