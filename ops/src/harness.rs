@@ -335,6 +335,23 @@ impl Spec {
     }
 }
 
+/// A control message for stream 1, encoded with `codec` (tests and benchmarks that
+/// speak to daemons directly).
+pub fn message(codec: &braid_core::wire::Codec, body: braid_core::wire::Body) -> bytes::Bytes {
+    let mut out = bytes::BytesMut::new();
+    let msg = braid_core::wire::Message {
+        header: braid_core::wire::Header {
+            stream: braid_core::StreamId(1),
+            ..braid_core::wire::Header::default()
+        },
+        body,
+    };
+    codec
+        .encode(&msg, &mut out)
+        .expect("a control message encodes");
+    out.freeze()
+}
+
 /// TLS flags for a node with the development certificate `name` from `dir`.
 pub fn tls_args(dir: &Path, name: &str) -> Vec<String> {
     let f = |x: &str| dir.join(x).display().to_string();

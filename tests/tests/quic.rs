@@ -171,8 +171,8 @@ fn hopeful_viewer(net: &Net, name: &str, edge: std::net::SocketAddr) -> Proc {
 /// all refused and counted; the stream is unaffected.
 #[test]
 fn untrusted_and_unauthenticated_peers_are_refused() {
-    use braid_core::wire::{Body, Codec, Header, Key, Message, Subscription};
-    use braid_core::{NodeId, StreamId};
+    use braid_core::NodeId;
+    use braid_core::wire::{Body, Codec, Key, Subscription};
 
     let mut net = Net::start(Spec {
         seconds: 14.0,
@@ -237,22 +237,13 @@ fn untrusted_and_unauthenticated_peers_are_refused() {
     // A UDP subscriber without the network key.
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket");
     let forged = Codec::new(Key::derive("not the network key"));
-    let mut out = bytes::BytesMut::new();
-    forged
-        .encode(
-            &Message {
-                header: Header {
-                    stream: StreamId(1),
-                    ..Header::default()
-                },
-                body: Body::Subscribe(Subscription {
-                    node: NodeId(9),
-                    lease_ms: 3000,
-                }),
-            },
-            &mut out,
-        )
-        .expect("encodes");
+    let out = braid_tests::message(
+        &forged,
+        Body::Subscribe(Subscription {
+            node: NodeId(9),
+            lease_ms: 3000,
+        }),
+    );
     for _ in 0..20 {
         sock.send_to(&out, net.sets[1].udp()).expect("send");
         std::thread::sleep(Duration::from_millis(50));
@@ -307,8 +298,8 @@ fn untrusted_and_unauthenticated_peers_are_refused() {
 /// second from one address and refuses the rest with a clear error, counted.
 #[test]
 fn new_subscriptions_beyond_the_rate_are_refused_and_counted() {
-    use braid_core::wire::{Body, Codec, ErrorCode, Header, Key, Message, Subscription};
-    use braid_core::{NodeId, StreamId};
+    use braid_core::NodeId;
+    use braid_core::wire::{Body, Codec, ErrorCode, Key, Message, Subscription};
 
     let dir = tempfile_dir("rate");
     let set = Proc::start(
@@ -325,22 +316,13 @@ fn new_subscriptions_beyond_the_rate_are_refused_and_counted() {
         &dir.join("set.log"),
     );
     let codec = Codec::new(Key::derive(braid_tests::NETWORK_KEY));
-    let mut out = bytes::BytesMut::new();
-    codec
-        .encode(
-            &Message {
-                header: Header {
-                    stream: StreamId(1),
-                    ..Header::default()
-                },
-                body: Body::Subscribe(Subscription {
-                    node: NodeId(7),
-                    lease_ms: 3000,
-                }),
-            },
-            &mut out,
-        )
-        .expect("encodes");
+    let out = braid_tests::message(
+        &codec,
+        Body::Subscribe(Subscription {
+            node: NodeId(7),
+            lease_ms: 3000,
+        }),
+    );
     // Twenty subscribers from one IP address within a fraction of a second.
     let socks: Vec<std::net::UdpSocket> = (0..20)
         .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket"))

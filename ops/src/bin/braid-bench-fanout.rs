@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use braid_core::wire::rtp::{Fields, PAYLOAD_TYPE_MP2T};
-use braid_core::wire::{Body, Codec, Flags, Header, Key, Message, Rtp, Subscription};
+use braid_core::wire::{Body, Codec, Flags, Header, Key, Rtp, Subscription};
 use braid_core::{NodeId, PathId, SeqNo, StreamId};
 use braid_ops::harness::{NETWORK_KEY, Proc};
 use bytes::{Bytes, BytesMut};
@@ -152,20 +152,13 @@ fn main() -> anyhow::Result<()> {
         // Braid: N edges subscribe; the source sends each packet once to the set
         // reflector, which forwards it to all N.
         let edges = sinks(n)?;
-        let mut out = BytesMut::new();
-        codec.encode(
-            &Message {
-                header: Header {
-                    stream: StreamId(1),
-                    ..Header::default()
-                },
-                body: Body::Subscribe(Subscription {
-                    node: NodeId(1),
-                    lease_ms: 10_000,
-                }),
-            },
-            &mut out,
-        )?;
+        let out = braid_ops::harness::message(
+            &codec,
+            Body::Subscribe(Subscription {
+                node: NodeId(1),
+                lease_ms: 10_000,
+            }),
+        );
         for s in &edges.sockets {
             s.send_to(&out, set_addr)?;
         }
@@ -183,17 +176,7 @@ fn main() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(300));
         let braid_rx =
             (edges.count.load(Ordering::Relaxed) - before) as f64 / t.elapsed().as_secs_f64();
-        out.clear();
-        codec.encode(
-            &Message {
-                header: Header {
-                    stream: StreamId(1),
-                    ..Header::default()
-                },
-                body: Body::Unsubscribe { node: NodeId(1) },
-            },
-            &mut out,
-        )?;
+        let out = braid_ops::harness::message(&codec, Body::Unsubscribe { node: NodeId(1) });
         for s in &edges.sockets {
             s.send_to(&out, set_addr)?;
         }
