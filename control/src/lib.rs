@@ -244,8 +244,18 @@ impl App {
     }
 }
 
-async fn report(State(app): State<Shared>, Json(r): Json<Report>) -> impl IntoResponse {
-    Json(app.registry().handle_report(Instant::now(), r))
+async fn report(
+    State(app): State<Shared>,
+    Json(r): Json<Report>,
+) -> Result<Json<registry::ReportReply>, ApiError> {
+    let reply = app.registry().handle_report(Instant::now(), r);
+    match reply {
+        Ok(reply) => Ok(Json(reply)),
+        Err(text) => {
+            tracing::warn!("report refused: {text}");
+            Err(ApiError(StatusCode::CONFLICT, text))
+        }
+    }
 }
 
 async fn assign(

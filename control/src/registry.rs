@@ -200,8 +200,18 @@ impl Registry {
         }
     }
 
-    /// A node's report.
-    pub fn handle_report(&mut self, now: Instant, report: Report) -> ReportReply {
+    /// A node's report. A node id that another live node (another address or role)
+    /// already reports under is refused with a sentence saying so: otherwise the two
+    /// would overwrite each other, one second each.
+    pub fn handle_report(&mut self, now: Instant, report: Report) -> Result<ReportReply, String> {
+        if let Some(n) = self.nodes.get(&report.node) {
+            if self.live(now, n) && (n.report.addr != report.addr || n.report.role != report.role) {
+                return Err(format!(
+                    "node id {} is already reported by the {:?} node at {}; give each node its own --node-id",
+                    report.node, n.report.role, n.report.addr
+                ));
+            }
+        }
         let node = self.nodes.entry(report.node).or_insert(Node {
             report: report.clone(),
             last: now,
@@ -211,9 +221,9 @@ impl Registry {
         node.report = report;
         node.last = now;
         node.pending = 0;
-        ReportReply {
+        Ok(ReportReply {
             drain: node.drained,
-        }
+        })
     }
 
     /// Marks an edge drained (or not); returns whether it is known.
@@ -508,8 +518,21 @@ mod tests {
 
     fn four_edges(r: &mut Registry, t: Instant) {
         for (i, port) in [9000u16, 9002, 9001, 9003].into_iter().enumerate() {
-            r.handle_report(t, edge(i as u64, port, 0));
+            r.handle_report(t, edge(i as u64, port, 0)).unwrap();
         }
+    }
+
+    #[test]
+    fn a_node_id_taken_by_another_live_node_is_refused() {
+        let mut r = Registry::new(SetRule::Parity, Duration::from_secs(3));
+        let t = Instant::now();
+        r.handle_report(t, edge(1, 9000, 0)).unwrap();
+        let e = r.handle_report(t, edge(1, 9002, 0)).unwrap_err();
+        assert!(e.contains("node id 1") && e.contains("--node-id"), "{e}");
+        // The same node reporting again is fine; after it died, the id is free.
+        r.handle_report(t, edge(1, 9000, 0)).unwrap();
+        r.handle_report(t + Duration::from_secs(60), edge(1, 9002, 0))
+            .unwrap();
     }
 
     #[test]
@@ -558,8 +581,8 @@ mod tests {
         four_edges(&mut r, t);
         // Only node 0 (9000) and 2 (9001) keep reporting.
         let later = t + Duration::from_secs(4);
-        r.handle_report(later, edge(0, 9000, 0));
-        r.handle_report(later, edge(2, 9001, 0));
+        r.handle_report(later, edge(0, 9000, 0)).unwrap();
+        r.handle_report(later, edge(2, 9001, 0)).unwrap();
         assert!(r.drain(0, true));
         for _ in 0..10 {
             assert_eq!(r.assign(later, "", "").unwrap().primary.port(), 9001);
@@ -585,13 +608,13 @@ mod tests {
         let mut r = Registry::new(SetRule::Parity, Duration::from_secs(3));
         let mut a = edge(0, 9000, 0);
         a.region = "eu".into();
-        r.handle_report(t, a);
-        r.handle_report(t, edge(1, 9002, 0));
+        r.handle_report(t, a).unwrap();
+        r.handle_report(t, edge(1, 9002, 0)).unwrap();
         assert_eq!(r.assign(t, "eu", "").unwrap().primary.port(), 9000);
         // Without a region, the viewer's network measured 9002 faster.
         let mut r = Registry::new(SetRule::Parity, Duration::from_secs(3));
-        r.handle_report(t, edge(0, 9000, 0));
-        r.handle_report(t, edge(1, 9002, 0));
+        r.handle_report(t, edge(0, 9000, 0)).unwrap();
+        r.handle_report(t, edge(1, 9002, 0)).unwrap();
         r.handle_feedback(
             "10.1.2",
             &[
@@ -609,7 +632,7 @@ mod tests {
         assert_eq!(r.assign(t, "", ""), Err(AssignError::NoEdge));
         let mut full = edge(0, 9000, 100);
         full.capacity = 100;
-        r.handle_report(t, full);
+        r.handle_report(t, full).unwrap();
         assert_eq!(r.assign(t, "", ""), Err(AssignError::NoEdge));
     }
 }

@@ -87,6 +87,8 @@ pub(crate) fn spawn(
             .build()
             .into();
         let mut cpu = CpuMeter::default();
+        // Control servers that refused the last report (logged once, until they accept).
+        let mut refused = std::collections::HashSet::new();
         while !shutdown.is_cancelled() {
             let body = serde_json::json!({
                 "node": id.node,
@@ -112,6 +114,16 @@ pub(crate) fn spawn(
                 match res {
                     Ok(text) => match serde_json::from_str::<serde_json::Value>(&text) {
                         Ok(v) => {
+                            if let Some(err) = v["error"].as_str() {
+                                metrics::counter!("braid_control_report_failed_total").increment(1);
+                                if refused.insert(url.clone()) {
+                                    tracing::error!(
+                                        "control server {url} refused this node's report: {err}"
+                                    );
+                                }
+                                continue;
+                            }
+                            refused.remove(url);
                             answered += 1;
                             drain |= v["drain"].as_bool().unwrap_or(false);
                         }

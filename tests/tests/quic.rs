@@ -364,3 +364,148 @@ fn tempfile_dir(tag: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&d).expect("a directory");
     d
 }
+
+/// Set reflectors that accept QUIC tell the control server so; edges that learn the set
+/// reflectors there reach them over QUIC, report their own QUIC address, and a client that
+/// asks the control server watches over QUIC by default, byte for byte.
+#[test]
+fn learned_reflectors_and_assigned_edges_are_reached_over_quic() {
+    let dir = tempfile_dir("learned");
+    let p = |f: &str| dir.join(f);
+    let certs = p("certs");
+    braid_net::tls::make_dev_certs(&certs, &["node".into()], &[]).expect("certs");
+    let ca = certs.join("ca.pem").display().to_string();
+    let control = Proc::start(
+        "control",
+        "braid-control",
+        &["--listen".into(), "127.0.0.1:0".into()],
+        &p("control.log"),
+    );
+    let url = format!("http://{}", control.ready["http"]);
+    let node = |listen: String, extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        a.extend(["--listen".into(), listen]);
+        a.extend(["--control".into(), url.clone()]);
+        a.extend(tls_args(&certs, "node"));
+        a
+    };
+    let sets: Vec<Proc> = (0..2)
+        .map(|i| {
+            let id = (100 + i).to_string();
+            Proc::start(
+                &format!("set{i}"),
+                "braid-reflector",
+                &node(
+                    "127.0.0.1:0".into(),
+                    &[
+                        "--role",
+                        "set",
+                        "--quic-listen",
+                        "127.0.0.1:0",
+                        "--node-id",
+                        &id,
+                    ],
+                ),
+                &p(&format!("set{i}.log")),
+            )
+        })
+        .collect();
+    let edges: Vec<Proc> = [true, false]
+        .iter()
+        .map(|even| {
+            // The edge's UDP port sets its parity set.
+            let id = if *even { "200" } else { "201" };
+            let a = node(
+                format!("127.0.0.1:{}", braid_tests::port_of_parity(*even)),
+                &[
+                    "--role",
+                    "edge",
+                    "--quic-listen",
+                    "127.0.0.1:0",
+                    "--node-id",
+                    id,
+                ],
+            );
+            Proc::start(
+                if *even { "edge-even" } else { "edge-odd" },
+                "braid-reflector",
+                &a,
+                &p(&format!("edge{even}.log")),
+            )
+        })
+        .collect();
+    let refl: Vec<String> = sets
+        .iter()
+        .map(|s| format!("quic://{}", s.quic()))
+        .collect();
+    let mut entry_args = vec![
+        "--stream".to_string(),
+        format!("1:{}:{}", braid_tests::STREAM_KEY, refl.join(",")),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+    ];
+    entry_args.extend(tls_args(&certs, "node"));
+    let entry = Proc::start("entry", "braid-entrypoint", &entry_args, &p("entry.log"));
+    // Edges report, and learn the set reflectors, once a second.
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut viewer = Proc::spawn(
+        "viewer",
+        "braid-client",
+        &[
+            "--control".into(),
+            url.clone(),
+            "--tls-ca".into(),
+            ca,
+            "--duration".into(),
+            "8".into(),
+            "--start-timeout".into(),
+            "10".into(),
+            "--out".into(),
+            p("view.ts").display().to_string(),
+            "--stats-json".into(),
+            p("view.json").display().to_string(),
+        ],
+        &p("viewer.log"),
+    );
+    let _capture = Proc::start(
+        "capture",
+        "braid-capture",
+        &[
+            "--entry".into(),
+            entry.udp().to_string(),
+            "--stream-key".into(),
+            braid_tests::STREAM_KEY.into(),
+            "--tee".into(),
+            p("tee.ts").display().to_string(),
+            "--duration".into(),
+            "12".into(),
+            "--bind".into(),
+            "127.0.0.1:0".into(),
+        ],
+        &p("capture.log"),
+    );
+    let st = viewer
+        .wait(Duration::from_secs(30))
+        .expect("the viewer ends");
+    assert!(st.success(), "viewer failed; see {}", dir.display());
+    braid_tests::compare::assert_contiguous(&p("tee.ts"), &p("view.ts"));
+    let stats = std::fs::read_to_string(p("view.json")).expect("stats");
+    let last: serde_json::Value =
+        serde_json::from_str(stats.lines().last().expect("a line")).expect("json");
+    assert_eq!(last["gaps"], 0, "{last}");
+    let viewer_log = std::fs::read_to_string(p("viewer.log")).expect("log");
+    assert!(
+        viewer_log.contains("QUIC connection up"),
+        "the viewer used QUIC"
+    );
+    for s in &sets {
+        assert_quic_carried(s);
+    }
+    assert!(
+        edges
+            .iter()
+            .any(|e| metrics::sum(e.metrics(), "braid_quic_datagrams_sent_total", &[]) > 500.0),
+        "an edge served the viewer over QUIC"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
