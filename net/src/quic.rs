@@ -43,6 +43,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const PENDING_MAX: usize = 64;
 /// Control messages queued per connection.
 const CONTROL_QUEUE: usize = 1024;
+/// Bytes of datagrams quinn keeps for one connection before the daemon's task reads them;
+/// the connection's reader drains it at once into the daemon's queue.
+const DATAGRAM_RECEIVE_BUFFER: usize = 1 << 20;
+/// Bytes of datagrams waiting for a connection's congestion window.
+const DATAGRAM_SEND_BUFFER: usize = 256 << 10;
 /// A connection gone and not dialed by us is forgotten after this long.
 const FORGET_AFTER: Duration = Duration::from_secs(10);
 
@@ -202,8 +207,11 @@ fn transport(initial_mtu: u16) -> Arc<quinn::TransportConfig> {
     ));
     t.keep_alive_interval(Some(KEEP_ALIVE));
     t.initial_mtu(initial_mtu);
-    t.datagram_receive_buffer_size(Some(8 << 20));
-    t.datagram_send_buffer_size(4 << 20);
+    t.datagram_receive_buffer_size(Some(DATAGRAM_RECEIVE_BUFFER));
+    // Live media is worthless once late: a connection whose congestion window holds its
+    // datagrams back queues at most this much (about half a second at 4 Mbps), and
+    // beyond it new datagrams are dropped and counted, for the merge to repair.
+    t.datagram_send_buffer_size(DATAGRAM_SEND_BUFFER);
     t.max_concurrent_uni_streams(4u32.into());
     t.max_concurrent_bidi_streams(0u32.into());
     Arc::new(t)
@@ -642,11 +650,14 @@ async fn established(
     let reason = loop {
         tokio::select! {
             d = conn.read_datagram() => match d {
-                Ok(d) => {
-                    if tx.send(Event::Message(peer, d)).await.is_err() {
-                        return;
-                    }
-                }
+                // Media never waits here: quinn would drop the oldest datagrams of a
+                // full receive buffer without a word; a full queue to the daemon's task
+                // drops this one, counted.
+                Ok(d) => match tx.try_send(Event::Message(peer, d)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => dropped(role, "receive_queue_full"),
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+                },
                 Err(e) => break e.to_string(),
             },
             s = conn.accept_uni() => match s {
