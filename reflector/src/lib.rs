@@ -403,9 +403,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     let mut socket = Socket::bind(config.listen, config.impair.clone(), role_name)
         .with_context(|| format!("binding {}", config.listen))?;
+    // An edge with a certificate serves viewers over QUIC whether or not a QUIC port is
+    // given: on an ephemeral port of its UDP address's IP, reported to the control server.
+    let mut quic_options = config.quic.clone();
+    if config.role == Role::Edge && config.tls.has_identity() && quic_options.listen.is_none() {
+        quic_options.listen = Some(SocketAddr::new(config.listen.ip(), 0));
+    }
     let quic_addr = braid_net::daemon::start_quic(
         &mut socket,
-        &config.quic,
+        &quic_options,
         &config.tls,
         role_name,
         config.reflectors.iter().chain(&config.upstreams),
