@@ -232,7 +232,8 @@ pub fn start_quic<'a>(
             _ => SocketAddr::from(([0, 0, 0, 0], 0)),
         }
     });
-    let quic = crate::quic::Quic::bind(options, bind, tls, role)?;
+    let (impairments, start) = socket.impairments();
+    let quic = crate::quic::Quic::bind_impaired(options, bind, tls, role, impairments, start)?;
     let accepting = options.listen.is_some();
     let addr = quic.local_addr()?;
     socket.attach_quic(quic);

@@ -169,6 +169,11 @@ impl Impairer {
         }
     }
 
+    /// Whether it impairs media only.
+    pub fn data_only(&self) -> bool {
+        self.config.data_only
+    }
+
     /// Whether the impairer changes anything at all (the socket layer skips it if not).
     pub fn is_noop(&self) -> bool {
         self.config.is_noop()

@@ -13,12 +13,14 @@
 //! - [`quic`]: QUIC links through quinn: media as datagrams, control on streams, one
 //!   connection per node pair, attached to a daemon's [`udp::Socket`] so that the
 //!   daemons send to a peer address and the socket picks the transport.
+//! - `impaired_socket`: the impairment layer under QUIC, on QUIC's own packets.
 //! - [`tls`]: certificates, trust by CA or pinned fingerprint, development certificates.
 //! - [`addr`]: peer addresses with their transport (`quic://…`, `udp://…`).
 
 pub mod addr;
 pub mod daemon;
 pub mod impair;
+mod impaired_socket;
 pub mod quic;
 pub mod sys;
 pub mod tls;

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::tls::Tls;
+use crate::udp::Impairments;
 
 /// The idle timeout: a peer silent this long is gone.
 pub const IDLE_TIMEOUT: Duration = Duration::from_millis(1000);
@@ -59,10 +60,10 @@ pub struct Options {
     /// certificate to accept connections.
     #[arg(long = "quic-listen", id = "quic_listen")]
     pub listen: Option<SocketAddr>,
-    /// UDP payload size QUIC starts with, in bytes. 1452 fits any path with a 1500-byte
-    /// MTU over IPv4 or IPv6 and carries a 7-TS-packet RTP packet with its envelope
-    /// (1356 bytes) as one datagram; black-hole detection lowers it to 1200 on a path
-    /// that cannot carry it, where only 5 TS packets per RTP packet fit.
+    /// UDP payload size of QUIC packets, in bytes: the path MTU Braid relies on (no
+    /// discovery, no fallback). 1452 fits any path with a 1500-byte MTU over IPv4 or
+    /// IPv6 and carries a 7-TS-packet RTP packet with its envelope (1356 bytes) as one
+    /// datagram; at 1200 only 5 TS packets per RTP packet fit.
     #[arg(
         long = "quic-initial-mtu",
         id = "quic_initial_mtu",
@@ -206,7 +207,13 @@ fn transport(initial_mtu: u16) -> Arc<quinn::TransportConfig> {
         quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("1 s is a valid idle timeout"),
     ));
     t.keep_alive_interval(Some(KEEP_ALIVE));
+    // The configured MTU is the one Braid relies on: a 1356-byte media datagram must fit.
+    // quinn would fall back to 1200 bytes when it takes random loss for a black hole
+    // (it does at 10% loss), and every media datagram would be too large from then on;
+    // there is nothing to gain above it either.
     t.initial_mtu(initial_mtu);
+    t.min_mtu(initial_mtu);
+    t.mtu_discovery_config(None);
     t.datagram_receive_buffer_size(Some(DATAGRAM_RECEIVE_BUFFER));
     // Live media is worthless once late: a connection whose congestion window holds its
     // datagrams back queues at most this much (about half a second at 4 Mbps), and
@@ -230,6 +237,25 @@ impl Quic {
         tls: &Tls,
         role: &'static str,
     ) -> anyhow::Result<Quic> {
+        Self::bind_impaired(
+            options,
+            bind,
+            tls,
+            role,
+            &Impairments::default(),
+            Instant::now(),
+        )
+    }
+
+    /// [`Quic::bind`], with `impairments` on QUIC's packets (outages counted from `start`).
+    pub fn bind_impaired(
+        options: &Options,
+        bind: SocketAddr,
+        tls: &Tls,
+        role: &'static str,
+        impairments: &Impairments,
+        start: Instant,
+    ) -> anyhow::Result<Quic> {
         options.validate().map_err(anyhow::Error::msg)?;
         tls.validate().map_err(anyhow::Error::msg)?;
         let transport = transport(options.initial_mtu);
@@ -252,11 +278,15 @@ impl Quic {
         client.transport_config(transport);
         let socket = crate::udp::bind_std(bind).with_context(|| format!("binding QUIC {bind}"))?;
         let accepting = server.is_some();
-        let endpoint = quinn::Endpoint::new(
+        let runtime = Arc::new(quinn::TokioRuntime);
+        let socket = quinn::Runtime::wrap_udp_socket(&*runtime, socket)
+            .with_context(|| format!("starting QUIC on {bind}"))?;
+        let socket = crate::impaired_socket::ImpairedSocket::wrap(socket, impairments, start, role);
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
             quinn::EndpointConfig::default(),
             server,
             socket,
-            Arc::new(quinn::TokioRuntime),
+            runtime,
         )
         .with_context(|| format!("starting QUIC on {bind}"))?;
         let (events_tx, events) = mpsc::channel(16 * 1024);

@@ -50,6 +50,15 @@ pub struct Link {
 }
 
 impl Impairments {
+    /// The impairment of the link to `to`.
+    pub fn for_link(&self, to: SocketAddr) -> impair::Config {
+        self.links
+            .iter()
+            .find(|l| l.to == to)
+            .map(|l| l.impair.clone())
+            .unwrap_or_else(|| self.default.clone())
+    }
+
     /// Checks every link's settings.
     pub fn validate(&self) -> Result<(), String> {
         self.default.validate()?;
@@ -135,6 +144,12 @@ impl Socket {
         self.quic = Some(Box::new(quic));
     }
 
+    /// The impairments of this socket's links, and the instant their outages count from
+    /// (for a QUIC endpoint attached to it).
+    pub fn impairments(&self) -> (&Impairments, Instant) {
+        (&self.impairments, self.start)
+    }
+
     /// The QUIC endpoint, if one is attached.
     pub fn quic(&self) -> Option<&Quic> {
         self.quic.as_deref()
@@ -192,13 +207,7 @@ impl Socket {
         let impairer = match self.links.get_mut(&to) {
             Some(i) => i,
             None => {
-                let config = self
-                    .impairments
-                    .links
-                    .iter()
-                    .find(|l| l.to == to)
-                    .map(|l| l.impair.clone())
-                    .unwrap_or_else(|| self.impairments.default.clone());
+                let config = self.impairments.for_link(to);
                 // Salted with both ends: two senders with one config to one receiver must
                 // not lose the same packets.
                 let salt = salt(self.inner.local_addr().ok(), to);
@@ -207,7 +216,10 @@ impl Socket {
                     .or_insert(Impairer::new(config, self.start, salt))
             }
         };
-        if impairer.is_noop() {
+        // QUIC links are impaired packet by packet under QUIC (`impaired_socket`), except
+        // `data_only`, which only the sender can tell and is applied here.
+        let quic = self.quic.as_ref().is_some_and(|q| q.owns(to));
+        if impairer.is_noop() || (quic && !impairer.data_only()) {
             self.release(now, to, bytes, is_data);
             return;
         }
@@ -365,7 +377,7 @@ async fn recv_udp(
     }
 }
 
-fn salt(local: Option<SocketAddr>, to: SocketAddr) -> u64 {
+pub(crate) fn salt(local: Option<SocketAddr>, to: SocketAddr) -> u64 {
     use std::hash::{Hash, Hasher};
     // SipHasher with fixed keys is deterministic across runs.
     #[allow(deprecated)]
