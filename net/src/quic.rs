@@ -77,6 +77,27 @@ pub struct Options {
         default_value_t = 64
     )]
     pub max_conns_per_ip: usize,
+    /// Congestion controller of QUIC links: `cubic` (quinn's default) or `bbr` (quinn marks
+    /// it experimental; it kept the latency tail far lower under heavy random loss, see
+    /// BENCHMARKS.md).
+    #[arg(
+        long = "quic-congestion",
+        id = "quic_congestion",
+        value_enum,
+        default_value = "cubic"
+    )]
+    pub congestion: Congestion,
+}
+
+/// A QUIC congestion controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Congestion {
+    /// CUBIC, quinn's default.
+    #[default]
+    Cubic,
+    /// BBR (experimental in quinn).
+    Bbr,
 }
 
 impl Default for Options {
@@ -85,6 +106,7 @@ impl Default for Options {
             listen: None,
             initial_mtu: 1452,
             max_conns_per_ip: 64,
+            congestion: Congestion::Cubic,
         }
     }
 }
@@ -201,7 +223,7 @@ impl std::fmt::Debug for Quic {
     }
 }
 
-fn transport(initial_mtu: u16) -> Arc<quinn::TransportConfig> {
+fn transport(initial_mtu: u16, congestion: Congestion) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("1 s is a valid idle timeout"),
@@ -214,6 +236,14 @@ fn transport(initial_mtu: u16) -> Arc<quinn::TransportConfig> {
     t.initial_mtu(initial_mtu);
     t.min_mtu(initial_mtu);
     t.mtu_discovery_config(None);
+    match congestion {
+        Congestion::Cubic => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+        }
+        Congestion::Bbr => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+        }
+    };
     t.datagram_receive_buffer_size(Some(DATAGRAM_RECEIVE_BUFFER));
     // Live media is worthless once late: a connection whose congestion window holds its
     // datagrams back queues at most this much (about half a second at 4 Mbps), and
@@ -258,7 +288,7 @@ impl Quic {
     ) -> anyhow::Result<Quic> {
         options.validate().map_err(anyhow::Error::msg)?;
         tls.validate().map_err(anyhow::Error::msg)?;
-        let transport = transport(options.initial_mtu);
+        let transport = transport(options.initial_mtu, options.congestion);
         let server = match tls.server_config()? {
             Some(rustls) => {
                 let crypto =

@@ -323,6 +323,8 @@ pub struct Spec {
     pub quic_capture: bool,
     /// More flags for the edge.
     pub edge_args: Vec<String>,
+    /// More flags for every entry point, set reflector and edge.
+    pub node_args: Vec<String>,
 }
 
 impl Spec {
@@ -386,6 +388,7 @@ impl Default for Spec {
             quic_viewers: false,
             quic_capture: false,
             edge_args: Vec::new(),
+            node_args: Vec::new(),
         }
     }
 }
@@ -469,6 +472,7 @@ impl Net {
                 } else {
                     Vec::new()
                 })
+                .chain(spec.node_args.iter().cloned())
                 .collect::<Vec<_>>(),
                 &p(&format!("set{i}.log")),
             ));
@@ -510,6 +514,7 @@ impl Net {
             edge_args.extend(tls_args(&certs, "edge"));
         }
         edge_args.extend(spec.edge_args.iter().cloned());
+        edge_args.extend(spec.node_args.iter().cloned());
         let edge = Proc::start("edge", "braid-reflector", &edge_args, &p("edge.log"));
         let mut entries = Vec::new();
         for i in 0..spec.entries {
@@ -536,6 +541,7 @@ impl Net {
                 } else {
                     Vec::new()
                 })
+                .chain(spec.node_args.iter().cloned())
                 .collect::<Vec<_>>(),
                 &p(&format!("entry{i}.log")),
             ));

@@ -48,6 +48,9 @@ struct Args {
     /// `udp`, `quic` (both hops of every path on QUIC).
     #[arg(long, default_value = "udp,quic", value_delimiter = ',')]
     transports: Vec<String>,
+    /// QUIC congestion controller of the nodes (`cubic` or `bbr`).
+    #[arg(long, default_value = "cubic")]
+    quic_congestion: String,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -128,6 +131,7 @@ fn run(args: &Args, quic: bool) -> anyhow::Result<()> {
         entry_impair,
         set_impair: vec![impair; args.sets],
         quic_sets: vec![quic; args.sets],
+        node_args: vec!["--quic-congestion".into(), args.quic_congestion.clone()],
         ..Spec::default()
     });
     let codec = Codec::new(Key::derive(NETWORK_KEY));
@@ -245,7 +249,11 @@ fn run(args: &Args, quic: bool) -> anyhow::Result<()> {
     let delivered = got[skip..].iter().filter(|r| r.is_some()).count() as f64 / (n - skip) as f64;
     println!(
         "{}: {} sets, {} entries, loss per link {:.0}%: braid p50 {:.3} ms p99 {:.3} ms | baseline loopback p50 {:.3} ms p99 {:.3} ms | added p50 {:.3} ms p99 {:.3} ms | delivered {:.4}%",
-        if quic { "QUIC hops" } else { "UDP hops" },
+        if quic {
+            format!("QUIC hops ({})", args.quic_congestion)
+        } else {
+            "UDP hops".to_string()
+        },
         args.sets,
         args.entries,
         args.loss * 100.0,
