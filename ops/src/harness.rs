@@ -129,7 +129,17 @@ impl Proc {
         };
         let line = rx
             .recv_timeout(Duration::from_secs(10))
-            .unwrap_or_else(|_| panic!("{name} did not say it was ready; see {}", log.display()));
+            .unwrap_or_else(|_| {
+                let status = proc.child.try_wait().ok().flatten();
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(12).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "{name} did not say it was ready (exit status {status:?}); {}:\n{}",
+                    log.display(),
+                    tail.join("\n")
+                )
+            });
         let v: serde_json::Value = serde_json::from_str(&line)
             .unwrap_or_else(|e| panic!("{name}: ready line {line:?}: {e}"));
         for (k, v) in v.as_object().expect("the ready line is an object") {

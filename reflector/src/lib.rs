@@ -393,6 +393,34 @@ struct WatchRequest {
     watch: Watch,
 }
 
+/// Binds the UDP socket and, for an edge, the TCP listener for viewers on the same
+/// address and port number. With port 0 the kernel picks the UDP port, which TCP may
+/// already use: then another UDP port is tried (at most 20).
+async fn bind(
+    config: &Config,
+    role_name: &'static str,
+) -> anyhow::Result<(Socket, Option<tokio::net::TcpListener>)> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let socket = Socket::bind(config.listen, config.impair.clone(), role_name)
+            .with_context(|| format!("binding {}", config.listen))?;
+        if config.role != Role::Edge {
+            return Ok((socket, None));
+        }
+        let udp_addr = socket.local_addr()?;
+        match tokio::net::TcpListener::bind(udp_addr).await {
+            Ok(l) => return Ok((socket, Some(l))),
+            Err(e) if config.listen.port() == 0 && attempt < 20 => {
+                tracing::debug!("TCP port {udp_addr} taken ({e}); trying another");
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("binding TCP {udp_addr} for viewers"));
+            }
+        }
+    }
+}
+
 /// Runs the reflector until `shutdown` fires.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.validate()?;
@@ -401,8 +429,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Role::Set => "set",
         Role::Edge => "edge",
     };
-    let mut socket = Socket::bind(config.listen, config.impair.clone(), role_name)
-        .with_context(|| format!("binding {}", config.listen))?;
+    let (mut socket, tcp_listener) = bind(&config, role_name).await?;
     // An edge with a certificate serves viewers over QUIC whether or not a QUIC port is
     // given: on an ephemeral port of its UDP address's IP, reported to the control server.
     let mut quic_options = config.quic.clone();
@@ -427,10 +454,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     let (tcp_tx, mut tcp_rx) = mpsc::channel::<tcp::Event>(1024);
     if config.role == Role::Edge {
-        // TCP viewers on the same address and port number as UDP.
-        let listener = tokio::net::TcpListener::bind(udp_addr)
-            .await
-            .with_context(|| format!("binding TCP {udp_addr} for viewers"))?;
+        let listener = tcp_listener.context("an edge has a TCP listener")?;
         ready.push(("tcp", listener.local_addr()?.to_string()));
         tokio::spawn(tcp::accept(
             listener,
