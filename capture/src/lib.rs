@@ -275,14 +275,29 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // publish goes on a stream and media as datagrams, which could overtake it and be
     // refused as unpublished; the stream's first keyframe would be lost.
     let wait_until = Instant::now() + Duration::from_secs(3);
+    let mut resend = tokio::time::interval(Duration::from_millis(250));
     while last_ack.iter().all(Option::is_none) {
         let mut v = Vec::new();
-        match tokio::time::timeout_at(wait_until.into(), socket.recv(&mut v)).await {
-            Ok(r) => r.context("receiving")?,
-            Err(_) => {
+        let next_timeout = socket.next_timeout();
+        tokio::select! {
+            r = socket.recv(&mut v) => r.context("receiving")?,
+            _ = tokio::time::sleep_until(wait_until.into()) => {
                 tracing::warn!("no entry point accepted the stream within 3 s: sending anyway");
                 break;
             }
+            // An entry point not up yet, or a lost publish: ask again.
+            _ = resend.tick() => {
+                for to in &config.entries {
+                    socket.send(Instant::now(), to.addr, publish.clone(), false);
+                }
+                socket.flush();
+            }
+            _ = async {
+                match next_timeout {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => socket.handle_timeout(Instant::now()),
         }
         for (from, bytes) in v {
             if let Ok(Message {

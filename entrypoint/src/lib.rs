@@ -241,10 +241,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     braid_net::daemon::print_ready("entrypoint", &ready);
     let mut rx = Vec::new();
     let mut out = BytesMut::with_capacity(2048);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         let next_timeout = socket.next_timeout();
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            // Forgets QUIC peers (publishers) gone long enough.
+            _ = tick.tick() => socket.handle_timeout(Instant::now()),
             res = socket.recv(&mut rx) => {
                 res.context("receiving")?;
                 let now = Instant::now();

@@ -362,6 +362,12 @@ impl Quic {
         self.peers.entry(peer).or_default().dial = true;
     }
 
+    /// Marks `peer` as a QUIC peer that dials this node (messages to it go over QUIC once
+    /// it has connected); it is not dialed from here, so two nodes never dial each other.
+    pub fn add_known(&mut self, peer: SocketAddr) {
+        self.peers.entry(peer).or_default();
+    }
+
     /// Dials `peer` now (marking it for dialing), unless it is connected or being dialed:
     /// a node connects to its configured peers at start, before media flows.
     pub fn connect_now(&mut self, peer: SocketAddr) {
@@ -480,8 +486,11 @@ impl Quic {
         let connecting = match self.endpoint.connect_with(self.client.clone(), peer, &name) {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(%peer, "cannot dial over QUIC: {e}");
-                p.retry_at = Some(Instant::now() + p.backoff.max(BACKOFF_MIN));
+                p.backoff = (p.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
+                p.retry_at = Some(Instant::now() + p.backoff);
+                if p.backoff == BACKOFF_MIN {
+                    tracing::warn!(%peer, "cannot dial over QUIC: {e}");
+                }
                 return;
             }
         };
@@ -569,6 +578,15 @@ impl Quic {
                 }
                 p.conn = None;
                 p.down_since = Some(now);
+                if !p.dial && !p.pending.is_empty() {
+                    // Meant for that connection, not for whoever connects from the same
+                    // address next.
+                    let n = p.pending.len() as u64;
+                    p.pending.clear();
+                    metrics::counter!("braid_quic_dropped_total", "role" => self.role, "reason" => "connection_lost")
+                        .increment(n);
+                    self.stats.dropped += n;
+                }
                 metrics::counter!("braid_quic_connections_lost_total", "role" => self.role)
                     .increment(1);
                 tracing::info!(%peer, %reason, "QUIC connection down");
@@ -594,13 +612,23 @@ impl Quic {
 
     /// Forgets peers that are gone and that this node does not dial.
     pub fn handle_timeout(&mut self, now: Instant) {
+        let mut lost = 0;
         self.peers.retain(|_, p| {
-            p.dial
+            let keep = p.dial
                 || p.conn.is_some()
                 || p.connecting
                 || p.down_since
-                    .is_none_or(|t| now.duration_since(t) < FORGET_AFTER)
+                    .is_none_or(|t| now.duration_since(t) < FORGET_AFTER);
+            if !keep {
+                lost += p.pending.len() as u64;
+            }
+            keep
         });
+        if lost > 0 {
+            metrics::counter!("braid_quic_dropped_total", "role" => self.role, "reason" => "not_connected")
+                .increment(lost);
+            self.stats.dropped += lost;
+        }
     }
 
     /// Closes every connection at once, so peers notice now rather than at their idle
@@ -620,6 +648,12 @@ async fn accept(
     let per_ip: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     while let Some(incoming) = endpoint.accept().await {
         let peer = incoming.remote_address();
+        // A slot is only taken by an address that proved it receives our packets: a
+        // Retry first, so spoofed Initials cannot hold a victim's slots.
+        if !incoming.remote_address_validated() && incoming.may_retry() {
+            let _ = incoming.retry();
+            continue;
+        }
         let slot = {
             let mut m = per_ip.lock().unwrap_or_else(|e| e.into_inner());
             let n = m.entry(peer.ip()).or_insert(0);
@@ -738,7 +772,17 @@ async fn established(
 }
 
 async fn write_control(conn: Connection, mut rx: mpsc::Receiver<Bytes>, role: &'static str) {
+    let lost = |n: u64| {
+        metrics::counter!("braid_quic_dropped_total", "role" => role, "reason" => "connection_lost")
+            .increment(n);
+    };
     let Ok(mut stream) = conn.open_uni().await else {
+        rx.close();
+        let mut n = 0;
+        while rx.try_recv().is_ok() {
+            n += 1;
+        }
+        lost(n);
         return;
     };
     let mut buf = BytesMut::with_capacity(4096);
@@ -746,13 +790,20 @@ async fn write_control(conn: Connection, mut rx: mpsc::Receiver<Bytes>, role: &'
         buf.clear();
         buf.extend_from_slice(&(m.len() as u16).to_be_bytes());
         buf.extend_from_slice(&m);
+        let mut batch = 1;
         // Batch whatever else is queued into one write.
         while let Ok(m) = rx.try_recv() {
             buf.extend_from_slice(&(m.len() as u16).to_be_bytes());
             buf.extend_from_slice(&m);
+            batch += 1;
         }
         if stream.write_all(&buf).await.is_err() {
-            dropped(role, "connection_lost");
+            // This batch, and whatever is queued behind it, never reaches the peer.
+            rx.close();
+            while rx.try_recv().is_ok() {
+                batch += 1;
+            }
+            lost(batch);
             return;
         }
     }

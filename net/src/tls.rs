@@ -214,7 +214,7 @@ pub fn fingerprint_file(path: &Path) -> anyhow::Result<String> {
 fn parse_pin(p: &str) -> Result<[u8; 32], String> {
     let hex: String = p.chars().filter(|c| *c != ':').collect();
     let bad = || format!("tls pin {p:?} is not a SHA-256 fingerprint (64 hex digits)");
-    if hex.len() != 64 {
+    if hex.len() != 64 || !hex.is_ascii() {
         return Err(bad());
     }
     let mut out = [0u8; 32];
@@ -424,6 +424,10 @@ mod tests {
         assert_eq!(parse_pin(&colons.join(":")).unwrap(), [0xab; 32]);
         assert!(parse_pin("abcd").is_err());
         assert!(parse_pin(&"zz".repeat(32)).is_err());
+        assert!(
+            parse_pin(&format!("a{}b", "é".repeat(31))).is_err(),
+            "no panic"
+        );
     }
 
     #[test]

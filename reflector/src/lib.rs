@@ -441,8 +441,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         &quic_options,
         &config.tls,
         role_name,
-        config.reflectors.iter().chain(&config.upstreams),
+        &config.reflectors,
     )?;
+    // Entry points dial their set reflectors; a set reflector only knows them as QUIC
+    // peers, so the two never dial each other at once.
+    if let Some(q) = socket.quic_mut() {
+        for u in config.upstreams.iter().filter(|u| u.is_quic()) {
+            q.add_known(u.addr);
+        }
+    }
     let metrics_addr = braid_net::daemon::serve_metrics(config.metrics, shutdown.clone()).await?;
     let udp_addr = socket.local_addr()?;
     let mut ready = vec![
@@ -1307,6 +1314,8 @@ impl Node {
     /// Expiries, refreshes, path replacement, linger, metrics export.
     fn housekeeping(&mut self, now: Instant) {
         let role = self.config.role;
+        // Due delayed datagrams, and QUIC peers gone long enough to forget.
+        self.socket.handle_timeout(now);
         self.report_load(now);
         self.learn_reflectors();
         self.signal_drain(now);
@@ -1361,7 +1370,11 @@ impl Node {
                         || self.quic_down.contains(&self.config.reflectors[i].addr);
                     if dead && n > st.upstream.len() {
                         let used: Vec<usize> = st.upstream.iter().map(|(i, _)| *i).collect();
-                        if let Some(next) = (1..n).map(|d| (i + d) % n).find(|c| !used.contains(c))
+                        let down =
+                            |c: &usize| self.quic_down.contains(&self.config.reflectors[*c].addr);
+                        if let Some(next) = (1..n)
+                            .map(|d| (i + d) % n)
+                            .find(|c| !used.contains(c) && !down(c))
                         {
                             tracing::warn!(stream = st.id.0, from = %self.config.reflectors[i], to = %self.config.reflectors[next], "set reflector delivers no data: moving the subscription");
                             metrics::counter!("braid_edge_path_replaced_total").increment(1);
