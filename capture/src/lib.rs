@@ -292,12 +292,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 }
                 socket.flush();
             }
-            _ = async {
-                match next_timeout {
-                    Some(t) => tokio::time::sleep_until(t.into()).await,
-                    None => std::future::pending().await,
-                }
-            } => socket.handle_timeout(Instant::now()),
+            _ = braid_net::daemon::sleep_until(next_timeout) => socket.handle_timeout(Instant::now()),
         }
         for (from, bytes) in v {
             if let Ok(Message {
@@ -323,12 +318,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     braid_net::daemon::print_ready("capture", &[("udp", socket.local_addr()?.to_string())]);
     loop {
-        let until_deadline = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d.into()).await,
-                None => std::future::pending().await,
-            }
-        };
+        let until_deadline = braid_net::daemon::sleep_until(deadline);
         let next_timeout = socket.next_timeout();
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -397,12 +387,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     }
                 }
             }
-            _ = async {
-                match next_timeout {
-                    Some(t) => tokio::time::sleep_until(t.into()).await,
-                    None => std::future::pending().await,
-                }
-            } => {
+            _ = braid_net::daemon::sleep_until(next_timeout) => {
                 socket.handle_timeout(Instant::now());
             }
         }

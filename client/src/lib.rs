@@ -646,7 +646,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         let mut send_ack = false;
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d.into()).await, None => std::future::pending().await } } => break,
+            _ = braid_net::daemon::sleep_until(deadline) => break,
             _ = tokio::time::sleep_until(start_deadline.into()), if stats.join_ms.is_none() => {
                 result = Err(anyhow::anyhow!("no stream from edge {edge} within {} s (is stream {} published, and the edge reachable over {:?}?)", config.start_timeout, config.stream, config.transport));
                 break;
@@ -655,11 +655,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 send_ack = true;
                 detector.handle_timeout(Instant::now());
             }
-            _ = async { match detector_deadline { Some(t) => tokio::time::sleep_until(t.into()).await, None => std::future::pending().await } } => {
+            _ = braid_net::daemon::sleep_until(detector_deadline) => {
                 // Wake exactly when a window closes or a stall would begin.
                 detector.handle_timeout(Instant::now());
             }
-            _ = async { match merge_deadline { Some(t) => tokio::time::sleep_until(t.into()).await, None => std::future::pending().await } } => {
+            _ = braid_net::daemon::sleep_until(merge_deadline) => {
                 buffer.handle_timeout(Instant::now());
             }
             _ = tokio::time::sleep(Duration::from_millis(50)), if stalled => {}

@@ -259,12 +259,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 let _ = socket.take_changes();
                 socket.flush();
             }
-            _ = async {
-                match next_timeout {
-                    Some(t) => tokio::time::sleep_until(t.into()).await,
-                    None => std::future::pending().await,
-                }
-            } => socket.handle_timeout(Instant::now()),
+            _ = braid_net::daemon::sleep_until(next_timeout) => socket.handle_timeout(Instant::now()),
         }
     }
     if let Some(q) = socket.quic() {

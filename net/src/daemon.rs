@@ -202,6 +202,14 @@ where
     }
 }
 
+/// Sleeps until `deadline`, or forever when there is none (for a `select!` branch).
+pub async fn sleep_until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Attaches a QUIC endpoint to `socket` when this node listens on QUIC or dials any QUIC
 /// peer, and marks those peers for dialing. Returns the address it accepts connections
 /// on, if it does.

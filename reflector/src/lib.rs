@@ -522,12 +522,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 node.handle_changes(now);
                 node.poll(now);
             }
-            _ = async {
-                match deadline {
-                    Some(t) => tokio::time::sleep_until(t.into()).await,
-                    None => std::future::pending().await,
-                }
-            } => {
+            _ = braid_net::daemon::sleep_until(deadline) => {
                 let now = Instant::now();
                 node.socket.handle_timeout(now);
                 node.poll(now);
