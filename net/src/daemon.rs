@@ -202,6 +202,27 @@ where
     }
 }
 
+/// CPU time a process has used, user and system, in seconds (from `/proc/PID/stat`;
+/// 0 where that cannot be read).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name (which may hold spaces, so split after its ')'): the state is
+    // field 0, utime 11, stime 12, in clock ticks of 1/100 s (the Linux default).
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// Sleeps until `deadline`, or forever when there is none (for a `select!` branch).
 pub async fn sleep_until(deadline: Option<std::time::Instant>) {
     match deadline {

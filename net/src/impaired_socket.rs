@@ -90,6 +90,7 @@ impl AsyncUdpSocket for ImpairedSocket {
             Some(Verdict::Send { at, copies }) => {
                 // Held back: sent later from a timer; the packet is copied out.
                 let inner = self.inner.clone();
+                let role = self.role;
                 let (destination, ecn, src_ip) =
                     (transmit.destination, transmit.ecn, transmit.src_ip);
                 let contents = transmit.contents.to_vec();
@@ -104,7 +105,12 @@ impl AsyncUdpSocket for ImpairedSocket {
                         src_ip,
                     };
                     for _ in 0..copies {
-                        let _ = inner.try_send(&t);
+                        // quinn is not there to see this one fail: count it as the UDP
+                        // socket counts its own.
+                        if inner.try_send(&t).is_err() {
+                            metrics::counter!("braid_udp_send_failed_total", "role" => role)
+                                .increment(1);
+                        }
                     }
                 });
                 Ok(())

@@ -209,8 +209,25 @@ pub struct Quic {
     events_tx: mpsc::Sender<Event>,
     changes: Vec<Change>,
     stats: Stats,
+    /// Per-packet counters, looked up once (on first use: after the daemon installed
+    /// its metrics recorder) instead of by name for every datagram.
+    counters: Option<Counters>,
     role: &'static str,
     accepting: bool,
+}
+
+struct Counters {
+    datagrams: metrics::Counter,
+    bytes: metrics::Counter,
+}
+
+impl Counters {
+    fn new(role: &'static str) -> Counters {
+        Counters {
+            datagrams: metrics::counter!("braid_quic_datagrams_sent_total", "role" => role),
+            bytes: metrics::counter!("braid_quic_sent_bytes_total", "role" => role),
+        }
+    }
 }
 
 impl std::fmt::Debug for Quic {
@@ -337,6 +354,7 @@ impl Quic {
             events_tx,
             changes: Vec::new(),
             stats: Stats::default(),
+            counters: None,
             role,
             accepting,
         })
@@ -433,9 +451,9 @@ impl Quic {
                 Ok(()) => {
                     self.stats.datagrams_sent += 1;
                     self.stats.sent_bytes += len;
-                    metrics::counter!("braid_quic_datagrams_sent_total", "role" => role)
-                        .increment(1);
-                    metrics::counter!("braid_quic_sent_bytes_total", "role" => role).increment(len);
+                    let m = self.counters.get_or_insert_with(|| Counters::new(role));
+                    m.datagrams.increment(1);
+                    m.bytes.increment(len);
                 }
                 Err(e) => {
                     let reason = match e {
@@ -467,7 +485,8 @@ impl Quic {
                 Ok(()) => {
                     self.stats.messages_sent += 1;
                     self.stats.sent_bytes += len;
-                    metrics::counter!("braid_quic_sent_bytes_total", "role" => role).increment(len);
+                    let m = self.counters.get_or_insert_with(|| Counters::new(role));
+                    m.bytes.increment(len);
                 }
                 Err(_) => {
                     dropped(role, "control_queue_full");

@@ -91,7 +91,7 @@ pub struct Stats {
     pub send_failed: u64,
     /// Datagrams the impairment layer dropped.
     pub impaired: u64,
-    /// Bytes handed to the kernel.
+    /// Bytes handed to the kernel, and to QUIC when it is attached.
     pub sent_bytes: u64,
 }
 
@@ -180,9 +180,7 @@ impl Socket {
     /// Hands a datagram whose impairment is done to QUIC or to the UDP outbox.
     fn release(&mut self, now: Instant, to: SocketAddr, bytes: Bytes, is_data: bool) {
         if let Some(q) = self.quic.as_mut().filter(|q| q.owns(to)) {
-            let before = q.stats().sent_bytes;
             q.send(now, to, bytes, is_data);
-            self.stats.sent_bytes += q.stats().sent_bytes - before;
             return;
         }
         self.outbox.push((to, bytes));
@@ -196,9 +194,13 @@ impl Socket {
         self.inner.local_addr()
     }
 
-    /// Counters.
+    /// Counters (with the bytes sent over QUIC, when attached).
     pub fn stats(&self) -> Stats {
-        self.stats
+        let mut s = self.stats;
+        if let Some(q) = &self.quic {
+            s.sent_bytes += q.stats().sent_bytes;
+        }
+        s
     }
 
     /// Queues `bytes` for `to` through that link's impairment. `is_data` says whether it is
@@ -218,8 +220,9 @@ impl Socket {
         };
         // QUIC links are impaired packet by packet under QUIC (`impaired_socket`), except
         // `data_only`, which only the sender can tell and is applied here.
-        let quic = self.quic.as_ref().is_some_and(|q| q.owns(to));
-        if impairer.is_noop() || (quic && !impairer.data_only()) {
+        if impairer.is_noop()
+            || (!impairer.data_only() && self.quic.as_ref().is_some_and(|q| q.owns(to)))
+        {
             self.release(now, to, bytes, is_data);
             return;
         }

@@ -347,6 +347,16 @@ impl Spec {
     }
 }
 
+/// A directory for a test's logs, configs and outputs, removed when dropped unless
+/// `BRAID_TEST_KEEP=1` asks to keep it for a look afterwards.
+pub fn test_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("braid-test-")
+        .disable_cleanup(std::env::var_os("BRAID_TEST_KEEP").is_some())
+        .tempdir()
+        .expect("a temporary directory")
+}
+
 /// A control message for stream 1, encoded with `codec` (tests and benchmarks that
 /// speak to daemons directly).
 pub fn message(codec: &braid_core::wire::Codec, body: braid_core::wire::Body) -> bytes::Bytes {
@@ -429,11 +439,7 @@ impl Net {
     /// Starts everything and the viewers; returns once the viewers are started.
     pub fn start(spec: Spec) -> Net {
         // BRAID_TEST_KEEP=1 keeps logs, configs and outputs for a look after the test.
-        let dir = tempfile::Builder::new()
-            .prefix("braid-test-")
-            .disable_cleanup(std::env::var_os("BRAID_TEST_KEEP").is_some())
-            .tempdir()
-            .expect("a temporary directory");
+        let dir = test_dir();
         let p = |f: &str| dir.path().join(f);
         let write = |f: &str, text: &str| {
             std::fs::write(p(f), text).expect("writing a config");
@@ -706,11 +712,16 @@ pub mod crowd {
         pub errors: Vec<String>,
         /// From the first watch message to the first media packet.
         pub join: Option<Duration>,
+        /// Highest sequence number received, packets since the last acknowledgement,
+        /// and when that was.
+        acked: u64,
+        since: u32,
+        last_ack: Option<Instant>,
     }
 
     impl Seen {
         /// Takes in one message from the edge; returns the media sequence number, if
-        /// it was media.
+        /// it was media (and counts it towards the next acknowledgement).
         pub fn take(&mut self, codec: &Codec, bytes: Bytes, asked: Instant) -> Option<u64> {
             match codec.decode(bytes) {
                 Ok(Message {
@@ -719,6 +730,8 @@ pub mod crowd {
                 }) => {
                     self.join.get_or_insert_with(|| asked.elapsed());
                     self.seqs.push(m.seq.0);
+                    self.acked = self.acked.max(m.seq.0);
+                    self.since += 1;
                     Some(m.seq.0)
                 }
                 Ok(Message {
@@ -730,6 +743,19 @@ pub mod crowd {
                 }
                 _ => None,
             }
+        }
+
+        /// The sequence number to acknowledge, when an acknowledgement is due (every 32
+        /// packets or 250 ms, like the client).
+        pub fn ack_due(&mut self) -> Option<u64> {
+            let now = Instant::now();
+            let last = *self.last_ack.get_or_insert(now);
+            if self.since < 32 && now.duration_since(last) <= Duration::from_millis(250) {
+                return None;
+            }
+            self.since = 0;
+            self.last_ack = Some(now);
+            Some(self.acked)
         }
 
         /// Sequence numbers missing between the first and the last received.
@@ -770,7 +796,6 @@ pub mod crowd {
             q.connect_now(edge);
         }
         let mut seen = Seen::default();
-        let (mut acked, mut since, mut last_ack) = (0u64, 0, Instant::now());
         let asked = Instant::now();
         sock.send(
             Instant::now(),
@@ -783,14 +808,9 @@ pub mod crowd {
             got.clear();
             let _ = tokio::time::timeout(Duration::from_millis(50), sock.recv(&mut got)).await;
             for (_, b) in got.drain(..) {
-                if let Some(seq) = seen.take(&codec, b, asked) {
-                    acked = acked.max(seq);
-                    since += 1;
-                }
+                seen.take(&codec, b, asked);
             }
-            if since >= 32 || last_ack.elapsed() > Duration::from_millis(250) {
-                since = 0;
-                last_ack = Instant::now();
+            if let Some(acked) = seen.ack_due() {
                 sock.send(
                     Instant::now(),
                     edge,
@@ -843,23 +863,14 @@ pub mod crowd {
                             .expect("timeout");
                         let mut seen = Seen::default();
                         let mut buf = [0u8; 2048];
-                        let mut acked = 0u64;
-                        let mut since = 0;
-                        let mut last_ack = Instant::now();
                         let asked = Instant::now();
                         let _ =
                             sock.send_to(&watch(&codec, i as u64, 0, WatchStart::Keyframe), edge);
                         while !stop.load(Ordering::Relaxed) {
                             if let Ok(n) = sock.recv(&mut buf) {
-                                let b = Bytes::copy_from_slice(&buf[..n]);
-                                if let Some(seq) = seen.take(&codec, b, asked) {
-                                    acked = acked.max(seq);
-                                    since += 1;
-                                }
+                                seen.take(&codec, Bytes::copy_from_slice(&buf[..n]), asked);
                             }
-                            if since >= 32 || last_ack.elapsed() > Duration::from_millis(250) {
-                                since = 0;
-                                last_ack = Instant::now();
+                            if let Some(acked) = seen.ack_due() {
                                 let _ = sock.send_to(
                                     &watch(&codec, i as u64, acked, WatchStart::Keyframe),
                                     edge,
@@ -972,11 +983,7 @@ impl ControlNet {
         token_secret: &str,
         edge_args: impl Fn(usize) -> Vec<String>,
     ) -> ControlNet {
-        let dir = tempfile::Builder::new()
-            .prefix("braid-test-")
-            .disable_cleanup(std::env::var_os("BRAID_TEST_KEEP").is_some())
-            .tempdir()
-            .expect("a temporary directory");
+        let dir = test_dir();
         let p = |f: &str| dir.path().join(f);
         let s = |v: &dyn ToString| v.to_string();
         let mut ctl = Vec::new();

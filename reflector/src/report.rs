@@ -23,7 +23,7 @@ pub(crate) struct Shared {
     pub(crate) reflectors: std::sync::Mutex<Vec<PeerAddr>>,
 }
 
-/// This process's CPU use since the last sample, in cores (from `/proc/self/stat`).
+/// This process's CPU use since the last sample, in cores (from `/proc`).
 #[derive(Default)]
 struct CpuMeter {
     last: Option<(std::time::Instant, f64)>,
@@ -31,21 +31,7 @@ struct CpuMeter {
 
 impl CpuMeter {
     fn sample(&mut self) -> f64 {
-        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-        let fields: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        // utime and stime, in clock ticks of 1/100 s (the Linux default).
-        let secs = (ticks(11) + ticks(12)) / 100.0;
+        let secs = braid_net::daemon::cpu_seconds(std::process::id());
         let now = std::time::Instant::now();
         let used = match self.last {
             Some((t, s)) if now > t => (secs - s) / now.duration_since(t).as_secs_f64(),

@@ -9,6 +9,21 @@
 pub use braid_ops::harness::crowd;
 pub use braid_ops::harness::*;
 
+/// SIGKILLs set reflector `set` 6 s into the stream and entry point 0 `then` later,
+/// waits for the viewers, and asserts each got the source byte for byte.
+pub fn kill_a_set_reflector_then_an_entry_point(
+    net: &mut Net,
+    set: usize,
+    then: std::time::Duration,
+) {
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    net.sets[set].kill();
+    std::thread::sleep(then);
+    net.entries[0].kill();
+    net.wait_viewers();
+    assert_viewers_exact(net);
+}
+
 /// Asserts every viewer of `net` got the source byte for byte from where it joined, with
 /// no gap, and most of the stream's bytes.
 pub fn assert_viewers_exact(net: &Net) {

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use braid_tests::{Net, Spec, assert_viewers_exact, compare, metrics};
+use braid_tests::{
+    Net, Spec, assert_viewers_exact, compare, kill_a_set_reflector_then_an_entry_point, metrics,
+};
 
 const LOSS_10: &str = "loss = 0.1\nseed = 7";
 
@@ -67,12 +69,7 @@ fn killing_a_set_reflector_then_an_entry_point_loses_nothing() {
         seconds: 20.0,
         ..Spec::default()
     });
-    std::thread::sleep(Duration::from_secs(6));
-    net.sets[0].kill();
-    std::thread::sleep(Duration::from_secs(5));
-    net.entries[0].kill();
-    net.wait_viewers();
-    assert_viewers_exact(&net);
+    kill_a_set_reflector_then_an_entry_point(&mut net, 0, Duration::from_secs(5));
 }
 
 /// Acceptance 3: a path whose media is all dropped while its control messages still pass

@@ -30,25 +30,6 @@ struct Args {
     transports: Vec<String>,
 }
 
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // After the command name: state is field 0; utime 11, stime 12.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 fn rss_kib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -161,10 +142,10 @@ fn main() -> anyhow::Result<()> {
         };
         // Let everyone join and catch up, then measure.
         std::thread::sleep(Duration::from_secs(3));
-        let cpu0 = cpu_seconds(pid);
+        let cpu0 = braid_net::daemon::cpu_seconds(pid);
         let t0 = Instant::now();
         std::thread::sleep(Duration::from_secs(args.seconds));
-        let cpu = (cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64();
+        let cpu = (braid_net::daemon::cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64();
         let rss_with = rss_kib(pid);
         let seen = c.finish();
         // Lossless: nothing missing, and at least 95% of what the stream carried while it
