@@ -14,12 +14,17 @@
 //! - [`ring`]: the edge's ring of recent packets and the per-viewer cursors into it.
 //! - [`detect`]: windowed reception measures and the switch detector.
 //! - [`token`]: signed viewer tokens.
+//! - [`impair`]: the seeded impairment model the daemons and the simulator put on links.
+//! - [`node`]: what every role's state machine says to its daemon: transmits, events,
+//!   timeouts, and the counters of what it dropped.
 //! - [`id`]: identifiers and units.
 
 pub mod detect;
 pub mod error;
 pub mod id;
+pub mod impair;
 pub mod merge;
+pub mod node;
 pub mod ring;
 pub mod seq;
 pub mod token;

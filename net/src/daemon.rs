@@ -223,6 +223,20 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Wall time now, in milliseconds since the Unix epoch (0 on a clock before it).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Exports a machine's drop counters as `braid_dropped_total{role, reason}`.
+pub fn export_drops(role: &'static str, drops: &braid_core::node::Drops) {
+    for (reason, n) in drops.iter() {
+        metrics::counter!("braid_dropped_total", "role" => role, "reason" => reason).absolute(n);
+    }
+}
+
 /// Sleeps until `deadline`, or forever when there is none (for a `select!` branch).
 pub async fn sleep_until(deadline: Option<std::time::Instant>) {
     match deadline {

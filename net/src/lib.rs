@@ -5,7 +5,7 @@
 //! - [`udp`]: a daemon's UDP socket: batched receive (`recvmmsg`) and send (`sendmmsg`),
 //!   with the impairment layer on every outgoing link.
 //! - [`impair`]: the seeded impairment model (loss, bursts, delay, jitter, reordering,
-//!   duplication, rate cap, outages).
+//!   duplication, rate cap, outages), from braid-core, where the simulator shares it.
 //! - [`sys`]: the `sendmmsg`/`recvmmsg` system calls (the one `unsafe` module).
 //! - [`daemon`]: what every daemon does the same way: config file plus flags, logging,
 //!   the metrics endpoint, the ready line, shutdown on SIGTERM or Ctrl-C.
@@ -18,8 +18,8 @@
 //! - [`addr`]: peer addresses with their transport (`quic://…`, `udp://…`).
 
 pub mod addr;
+pub use braid_core::impair;
 pub mod daemon;
-pub mod impair;
 mod impaired_socket;
 pub mod quic;
 pub mod sys;

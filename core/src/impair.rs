@@ -237,8 +237,13 @@ impl Impairer {
 mod tests {
     use super::*;
 
+    #[allow(clippy::disallowed_methods)] // Tests need one real instant to count from.
+    fn t0() -> Instant {
+        Instant::now()
+    }
+
     fn run(config: Config, n: usize) -> Vec<Verdict> {
-        let t = Instant::now();
+        let t = t0();
         let mut imp = Impairer::new(config, t, 1);
         (0..n)
             .map(|i| imp.decide(t + Duration::from_micros(i as u64 * 2600), 1356, true))
@@ -281,7 +286,7 @@ mod tests {
 
     #[test]
     fn links_with_one_config_lose_different_packets() {
-        let t = Instant::now();
+        let t = t0();
         let c = Config {
             loss: 0.5,
             ..Config::default()
@@ -319,7 +324,7 @@ mod tests {
 
     #[test]
     fn outage_drops_only_inside_its_period() {
-        let t = Instant::now();
+        let t = t0();
         let mut imp = Impairer::new(
             Config {
                 outages: vec![Outage {
@@ -346,7 +351,7 @@ mod tests {
 
     #[test]
     fn data_only_spares_control() {
-        let t = Instant::now();
+        let t = t0();
         let mut imp = Impairer::new(
             Config {
                 loss: 1.0,
@@ -362,7 +367,7 @@ mod tests {
 
     #[test]
     fn rate_cap_paces_then_drops() {
-        let t = Instant::now();
+        let t = t0();
         // 1 Mbps: a 1250-byte packet takes 10 ms; the queue holds 100 ms.
         let mut imp = Impairer::new(
             Config {
@@ -388,7 +393,7 @@ mod tests {
 
     #[test]
     fn delay_and_jitter_bound_the_send_time() {
-        let t = Instant::now();
+        let t = t0();
         let mut imp = Impairer::new(
             Config {
                 delay_ms: 150,

@@ -1,0 +1,356 @@
+//! What every role's state machine says to its daemon, and what the roles share.
+//!
+//! Each role (capture, entry point, set reflector, edge, the client's session) is a
+//! sans-IO machine of one shape: the owner feeds it with `handle_input(now, input)` or
+//! `handle_timeout(now)`, then calls `poll_output()` until it returns
+//! [`Output::Timeout`], and calls `handle_timeout` again at that instant at the latest.
+//! Between two calls the machine changes only through its own methods: no clock, no
+//! socket, no task, no lock. The owner is a daemon (real sockets, real time) or the
+//! simulator (virtual links, virtual time); both run the same decisions.
+//!
+//! - [`Peer`]: where a message comes from or goes to.
+//! - [`Transmit`], [`Output`]: what a machine asks of its owner.
+//! - [`Outbox`]: a machine's queue of outputs, with the codec that signs what it builds.
+//! - [`Drops`]: every message not taken, counted by reason.
+//! - [`answer_nack`]: repairs answered from a ring of kept packets (entry point, set
+//!   reflector, edge).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::StreamId;
+use crate::ring::Ring;
+use crate::wire::{Body, Codec, Flags, Header, Media, Message, SeqRange};
+
+/// Where a message comes from or goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Peer {
+    /// A datagram peer, UDP or QUIC: the owner's socket picks the transport by address.
+    Addr(SocketAddr),
+    /// A stream connection (a TCP viewer), numbered by the owner.
+    Conn(u64),
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Addr(a) => write!(f, "{a}"),
+            Peer::Conn(c) => write!(f, "tcp#{c}"),
+        }
+    }
+}
+
+/// One message to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where to.
+    pub to: Peer,
+    /// The whole message, tag included.
+    pub datagram: Bytes,
+    /// Media rather than control: a QUIC datagram rather than the control stream, and
+    /// what a `data_only` impairment acts on.
+    pub data: bool,
+}
+
+/// What a machine asks of its owner.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Output<E> {
+    /// Send a message.
+    Transmit(Transmit),
+    /// Something for the owner to act on (a request to a control server, bytes to write).
+    Event(E),
+    /// Nothing more for now: call `handle_timeout` at this instant at the latest (never,
+    /// when `None`, unless new input comes).
+    Timeout(Option<Instant>),
+}
+
+/// Messages not taken, counted by reason (the `reason` label of `braid_dropped_total`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Drops(BTreeMap<&'static str, u64>);
+
+impl Drops {
+    /// Counts one message dropped for `reason`.
+    pub fn add(&mut self, reason: &'static str) {
+        *self.0.entry(reason).or_insert(0) += 1;
+    }
+
+    /// How many were dropped for `reason`.
+    pub fn get(&self, reason: &str) -> u64 {
+        self.0.get(reason).copied().unwrap_or(0)
+    }
+
+    /// Every reason with its count.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        self.0.iter().map(|(r, n)| (*r, *n))
+    }
+
+    /// All drops, whatever the reason.
+    pub fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+}
+
+/// A machine's queue of outputs, with the codec that signs the messages it builds.
+#[derive(Debug)]
+pub struct Outbox<E> {
+    codec: Codec,
+    buf: BytesMut,
+    queue: VecDeque<Output<E>>,
+}
+
+impl<E> Outbox<E> {
+    /// An empty queue signing with `codec`.
+    pub fn new(codec: Codec) -> Outbox<E> {
+        Outbox {
+            codec,
+            buf: BytesMut::with_capacity(2048),
+            queue: VecDeque::new(),
+        }
+    }
+
+    /// The codec messages are read and signed with.
+    pub fn codec(&self) -> &Codec {
+        &self.codec
+    }
+
+    /// Queues a message that is already encoded (a datagram forwarded unchanged).
+    pub fn send(&mut self, to: Peer, datagram: Bytes, data: bool) {
+        self.queue
+            .push_back(Output::Transmit(Transmit { to, datagram, data }));
+    }
+
+    /// Encodes a control message about `stream`.
+    pub fn encode(&mut self, stream: StreamId, body: Body) -> Option<Bytes> {
+        self.buf.clear();
+        let msg = Message {
+            header: Header {
+                stream,
+                ..Header::default()
+            },
+            body,
+        };
+        // Bodies built by the machines are within the protocol's bounds; one that is not
+        // is a bug, and is not sent.
+        self.codec.encode(&msg, &mut self.buf).ok()?;
+        Some(self.buf.split().freeze())
+    }
+
+    /// Encodes and queues a control message about `stream` to `to`.
+    pub fn control(&mut self, to: Peer, stream: StreamId, body: Body) {
+        if let Some(d) = self.encode(stream, body) {
+            self.send(to, d, false);
+        }
+    }
+
+    /// Re-encodes a kept media message with the retransmission flag and queues it.
+    pub fn retransmit(&mut self, to: Peer, header: Header, media: &Media) -> bool {
+        self.buf.clear();
+        let header = Header {
+            flags: header.flags | Flags::RETRANSMIT,
+            ..header
+        };
+        if self
+            .codec
+            .encode_media(header, media.seq, &media.rtp, &mut self.buf)
+            .is_err()
+        {
+            return false;
+        }
+        let d = self.buf.split().freeze();
+        self.send(to, d, true);
+        true
+    }
+
+    /// Queues an event for the owner.
+    pub fn event(&mut self, e: E) {
+        self.queue.push_back(Output::Event(e));
+    }
+
+    /// The next output queued, if any.
+    pub fn pop(&mut self) -> Option<Output<E>> {
+        self.queue.pop_front()
+    }
+
+    /// Outputs queued.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+}
+
+/// A packet kept to answer repairs.
+pub trait Kept {
+    /// The header it came with.
+    fn header(&self) -> Header;
+    /// Its sequence number and RTP packet.
+    fn media(&self) -> &Media;
+}
+
+/// What answering one NACK did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NackAnswer {
+    /// Packets sent again.
+    pub sent: u64,
+    /// Numbers asked for that were no longer (or never) held.
+    pub missing: u64,
+    /// The NACK asked for more than the limit; the rest was ignored.
+    pub over_limit: bool,
+}
+
+/// Answers a NACK for `ranges` from `kept`: every packet held goes to `to` again with the
+/// retransmission flag. At most `limit` numbers are looked at, which bounds the work and
+/// the bytes one message can cause.
+pub fn answer_nack<T: Kept, E>(
+    out: &mut Outbox<E>,
+    kept: &Ring<T>,
+    to: Peer,
+    ranges: &[SeqRange],
+    limit: u64,
+) -> NackAnswer {
+    let mut answer = NackAnswer::default();
+    let mut looked = 0u64;
+    for r in ranges {
+        for i in 0..u64::from(r.count) {
+            if looked >= limit {
+                answer.over_limit = true;
+                return answer;
+            }
+            looked += 1;
+            match kept.get(r.first.plus(i)) {
+                Some(e) if out.retransmit(to, e.item.header(), e.item.media()) => answer.sent += 1,
+                Some(_) => {}
+                None => answer.missing += 1,
+            }
+        }
+    }
+    answer
+}
+
+/// A node's clock for things that need wall time (token expiry): the wall time that
+/// went with one instant, given by the owner, so the machine never reads a clock.
+#[derive(Debug, Clone, Copy)]
+pub struct WallClock {
+    at: Instant,
+    unix_ms: u64,
+}
+
+impl WallClock {
+    /// `unix_ms` (milliseconds since the Unix epoch) was the wall time at `at`.
+    pub fn new(at: Instant, unix_ms: u64) -> WallClock {
+        WallClock { at, unix_ms }
+    }
+
+    /// Milliseconds since the Unix epoch at `now`.
+    pub fn unix_ms(&self, now: Instant) -> u64 {
+        match now.checked_duration_since(self.at) {
+            Some(d) => self.unix_ms + d.as_millis() as u64,
+            None => self
+                .unix_ms
+                .saturating_sub(self.at.duration_since(now).as_millis() as u64),
+        }
+    }
+
+    /// Seconds since the Unix epoch at `now`.
+    pub fn unix_secs(&self, now: Instant) -> u64 {
+        self.unix_ms(now) / 1000
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SeqNo;
+    use crate::ring;
+    use crate::wire::{Key, Rtp};
+    use std::time::Duration;
+
+    #[allow(clippy::disallowed_methods)] // Tests need one real instant to count from.
+    fn t0() -> Instant {
+        Instant::now()
+    }
+
+    struct K(Header, Media);
+    impl Kept for K {
+        fn header(&self) -> Header {
+            self.0
+        }
+        fn media(&self) -> &Media {
+            &self.1
+        }
+    }
+
+    fn media(seq: u64) -> Media {
+        let rtp = Rtp::build(
+            crate::wire::rtp::Fields {
+                marker: false,
+                payload_type: 33,
+                seq: SeqNo(seq).low(),
+                timestamp: 0,
+                ssrc: 1,
+            },
+            &[0x47; 188],
+        );
+        Media {
+            seq: SeqNo(seq),
+            rtp,
+        }
+    }
+
+    #[test]
+    fn nack_answers_what_is_held_with_the_retransmit_flag_and_stops_at_the_limit() {
+        let codec = Codec::new(Key::derive("a network key"));
+        let mut out: Outbox<()> = Outbox::new(codec.clone());
+        let now = t0();
+        let mut kept = Ring::new(ring::Config::default()).unwrap();
+        for s in 10..20 {
+            kept.push(now, SeqNo(s), false, 200, K(Header::default(), media(s)));
+        }
+        let to = Peer::Conn(1);
+        let ranges = [SeqRange {
+            first: SeqNo(8),
+            count: 5,
+        }];
+        let a = answer_nack(&mut out, &kept, to, &ranges, 256);
+        assert_eq!((a.sent, a.missing, a.over_limit), (3, 2, false));
+        let mut seqs = Vec::new();
+        while let Some(Output::Transmit(t)) = out.pop() {
+            let m = codec.decode(t.datagram).unwrap();
+            assert!(m.header.flags.contains(Flags::RETRANSMIT));
+            match m.body {
+                Body::Media(m) => seqs.push(m.seq.0),
+                b => panic!("not media: {b:?}"),
+            }
+        }
+        assert_eq!(seqs, [10, 11, 12]);
+        let a = answer_nack(&mut out, &kept, to, &ranges, 2);
+        assert_eq!((a.sent, a.missing, a.over_limit), (0, 2, true));
+    }
+
+    #[test]
+    fn wall_clock_follows_the_instant_both_ways() {
+        let t = t0() + Duration::from_secs(10);
+        let c = WallClock::new(t, 1_000_000);
+        assert_eq!(c.unix_ms(t + Duration::from_millis(1500)), 1_001_500);
+        assert_eq!(c.unix_ms(t - Duration::from_millis(500)), 999_500);
+        assert_eq!(c.unix_secs(t + Duration::from_millis(1500)), 1001);
+    }
+
+    #[test]
+    fn drops_count_by_reason() {
+        let mut d = Drops::default();
+        d.add("a");
+        d.add("a");
+        d.add("b");
+        assert_eq!(
+            (d.get("a"), d.get("b"), d.get("c"), d.total()),
+            (2, 1, 0, 3)
+        );
+    }
+}
