@@ -4,7 +4,9 @@
 //! # Layout
 //!
 //! - [`Config`]: flags and TOML.
-//! - [`run`]: the daemon's one task: receive, check, fan out, answer NACKs.
+//! - [`machine`]: every decision, sans-IO: [`EntryPoint`].
+//! - [`run`]: the daemon's one task: owns the socket, feeds the machine, sends what it
+//!   says.
 //!
 //! A publisher proves it may publish a stream with the stream's key in a publish message
 //! (repeated every second); media for a stream is accepted only from a source address
@@ -12,29 +14,24 @@
 //! unchanged, to every set reflector of the stream in one `sendmmsg` batch, and kept for
 //! `retransmit_ms` to answer NACKs. Every packet not forwarded is counted by reason.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use braid_core::ring::{self, Ring};
-use braid_core::wire::{Body, Codec, ErrorCode, Flags, Header, Keepalive, Media, Message};
+use braid_core::node::{Output, Peer};
+use braid_core::wire::Codec;
 use braid_core::{NodeId, StreamId};
 use braid_net::addr::PeerAddr;
 use braid_net::daemon::DaemonConfig;
 use braid_net::udp::{Impairments, Socket};
-use bytes::{Bytes, BytesMut};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
-use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
-/// How long a publisher stays authorized after its last publish message.
-pub const PUBLISHER_TIMEOUT: Duration = Duration::from_secs(5);
+pub mod machine;
 
-/// Most sequence numbers answered per NACK message (bounds the work one message causes).
-const MAX_NACK_ANSWER: u64 = 256;
+pub use machine::{EntryPoint, Input, PUBLISHER_TIMEOUT};
 
 /// The entry point's configuration.
 #[derive(Debug, Clone, Parser, Deserialize, Serialize)]
@@ -184,21 +181,23 @@ impl braid_net::daemon::DaemonConfig for Config {
     }
 }
 
-/// A packet kept for retransmission: its header and media, re-encoded on request.
-struct Kept {
-    header: Header,
-    media: Media,
-}
-
-struct Stream {
-    config: StreamConfig,
-    publishers: HashMap<SocketAddr, Instant>,
-    kept: Ring<Kept>,
-}
-
-fn drop_count(reason: &'static str) {
-    metrics::counter!("braid_dropped_total", "role" => "entrypoint", "reason" => reason)
-        .increment(1);
+impl Config {
+    /// What the state machine decides with.
+    pub fn machine(&self) -> machine::Config {
+        machine::Config {
+            node: NodeId(self.node_id),
+            streams: self
+                .streams
+                .iter()
+                .map(|s| machine::StreamConfig {
+                    id: StreamId(s.id),
+                    key: s.key.clone(),
+                    reflectors: s.reflectors.iter().map(|r| r.addr).collect(),
+                })
+                .collect(),
+            retransmit: Duration::from_millis(self.retransmit_ms),
+        }
+    }
 }
 
 /// Runs the entry point until `shutdown` fires.
@@ -215,22 +214,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config.streams.iter().flat_map(|s| &s.reflectors),
     )?;
     let metrics_addr = braid_net::daemon::serve_metrics(config.metrics, shutdown.clone()).await?;
-    let ring_config = ring::Config {
-        max_age: Duration::from_millis(config.retransmit_ms),
-        ..ring::Config::default()
-    };
-    let mut streams: HashMap<StreamId, Stream> = HashMap::new();
-    for s in &config.streams {
-        streams.insert(
-            StreamId(s.id),
-            Stream {
-                config: s.clone(),
-                publishers: HashMap::new(),
-                kept: Ring::new(ring_config.clone())?,
-            },
-        );
-    }
-    let node = NodeId(config.node_id);
+    let mut machine = EntryPoint::new(config.machine(), codec)?;
     let mut ready = vec![
         ("udp", socket.local_addr()?.to_string()),
         ("metrics", metrics_addr.to_string()),
@@ -240,28 +224,38 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     braid_net::daemon::print_ready("entrypoint", &ready);
     let mut rx = Vec::new();
-    let mut out = BytesMut::with_capacity(2048);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut exported_drops = 0;
     loop {
         let next_timeout = socket.next_timeout();
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            // Forgets QUIC peers (publishers) gone long enough.
-            _ = tick.tick() => socket.handle_timeout(Instant::now()),
+            // Forgets QUIC peers (publishers) gone long enough; exports the counters.
+            _ = tick.tick() => {
+                socket.handle_timeout(Instant::now());
+                export(machine.counters());
+            }
             res = socket.recv(&mut rx) => {
                 res.context("receiving")?;
                 let now = Instant::now();
-                for (from, bytes) in rx.drain(..) {
-                    handle(&codec, &mut socket, &mut streams, node, now, from, bytes, &mut out);
+                for (from, datagram) in rx.drain(..) {
+                    let node = socket.is_node(from);
+                    machine.handle_input(now, Input::Received { from, datagram, node });
                 }
                 // Connections that went up or down need nothing here: a dead set
                 // reflector's copies are simply not received; the next send redials.
                 let _ = socket.take_changes();
-                socket.flush();
+                drive(&mut machine, &mut socket, now);
+                // Drops are told at once; the rest every tick.
+                if machine.counters().drops.total() != exported_drops {
+                    exported_drops = machine.counters().drops.total();
+                    braid_net::daemon::export_drops("entrypoint", &machine.counters().drops);
+                }
             }
             _ = braid_net::daemon::sleep_until(next_timeout) => socket.handle_timeout(Instant::now()),
         }
     }
+    export(machine.counters());
     if let Some(q) = socket.quic() {
         q.close();
     }
@@ -269,150 +263,33 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn handle(
-    codec: &Codec,
-    socket: &mut Socket,
-    streams: &mut HashMap<StreamId, Stream>,
-    node: NodeId,
-    now: Instant,
-    from: SocketAddr,
-    bytes: Bytes,
-    out: &mut BytesMut,
-) {
-    let msg = match codec.decode(bytes.clone()) {
-        Ok(m) => m,
-        Err(e) => {
-            drop_count(e.reason());
-            tracing::debug!("dropping a datagram from {from}: {e}");
-            return;
+/// Sends what the machine queued, in one batch.
+fn drive(machine: &mut EntryPoint, socket: &mut Socket, now: Instant) {
+    loop {
+        match machine.poll_output() {
+            Output::Transmit(t) => match t.to {
+                Peer::Addr(to) => socket.send(now, to, t.datagram, t.data),
+                Peer::Conn(_) => {}
+            },
+            Output::Event(e) => match e {},
+            Output::Timeout(_) => break,
         }
-    };
-    let Some(stream) = streams.get_mut(&msg.header.stream) else {
-        drop_count("unknown_stream");
-        return;
-    };
-    match msg.body {
-        Body::Publish { key } => {
-            let ok: bool = key.as_ref().ct_eq(stream.config.key.as_bytes()).into();
-            let reply = if ok {
-                stream.publishers.insert(from, now);
-
-                metrics::counter!("braid_entrypoint_publish_total", "result" => "accepted")
-                    .increment(1);
-                Body::Keepalive(Keepalive {
-                    node,
-                    sent_us: 0,
-                    echo_us: 0,
-                })
-            } else {
-                metrics::counter!("braid_entrypoint_publish_total", "result" => "refused")
-                    .increment(1);
-                tracing::warn!(
-                    "{from} tried to publish stream {} with a wrong key",
-                    msg.header.stream
-                );
-                Body::Error {
-                    code: ErrorCode::UNAUTHORIZED,
-                    text: "wrong stream key".into(),
-                }
-            };
-            send(codec, socket, now, from, msg.header.stream, reply, out);
-        }
-        Body::Media(media) => {
-            let authorized = stream
-                .publishers
-                .get(&from)
-                .is_some_and(|t| now.duration_since(*t) < PUBLISHER_TIMEOUT);
-            if !authorized {
-                drop_count("unpublished");
-                tracing::debug!(%from, publishers = ?stream.publishers.keys().collect::<Vec<_>>(), "media from a source that has not published");
-                return;
-            }
-            for to in &stream.config.reflectors {
-                socket.send(now, to.addr, bytes.clone(), true);
-            }
-            metrics::counter!("braid_entrypoint_forwarded_total").increment(1);
-            let size = media.rtp.len();
-            let seq = media.seq;
-            if !stream.kept.push(
-                now,
-                seq,
-                msg.header.flags.contains(Flags::KEYFRAME),
-                size,
-                Kept {
-                    header: msg.header,
-                    media,
-                },
-            ) {
-                // The publisher repeated or went back: it was forwarded, not kept.
-                metrics::counter!("braid_entrypoint_not_kept_total").increment(1);
-            }
-        }
-        Body::Nack(ranges) => {
-            if !stream.config.reflectors.iter().any(|r| r.addr == from) {
-                drop_count("nack_from_stranger");
-                return;
-            }
-            if !socket.is_node(from) {
-                drop_count("not_a_node");
-                return;
-            }
-            let mut answered = 0;
-            for r in ranges {
-                for i in 0..u64::from(r.count) {
-                    if answered >= MAX_NACK_ANSWER {
-                        drop_count("nack_over_limit");
-                        return;
-                    }
-                    answered += 1;
-                    let seq = r.first.plus(i);
-                    let Some(entry) = stream.kept.get(seq) else {
-                        metrics::counter!("braid_retransmit_missing_total", "role" => "entrypoint")
-                            .increment(1);
-                        continue;
-                    };
-                    out.clear();
-                    let header = Header {
-                        flags: entry.item.header.flags | Flags::RETRANSMIT,
-                        ..entry.item.header
-                    };
-                    if codec
-                        .encode_media(header, seq, &entry.item.media.rtp, out)
-                        .is_ok()
-                    {
-                        socket.send(now, from, out.split().freeze(), true);
-                        metrics::counter!("braid_retransmit_sent_total", "role" => "entrypoint")
-                            .increment(1);
-                    }
-                }
-            }
-        }
-        Body::Keepalive(_) => {}
-        _ => drop_count("unexpected_kind"),
     }
+    socket.flush();
 }
 
-fn send(
-    codec: &Codec,
-    socket: &mut Socket,
-    now: Instant,
-    to: SocketAddr,
-    stream: StreamId,
-    body: Body,
-    out: &mut BytesMut,
-) {
-    out.clear();
-    let msg = Message {
-        header: Header {
-            stream,
-            ..Header::default()
-        },
-        body,
-    };
-    if codec.encode(&msg, out).is_ok() {
-        socket.send(now, to, out.split().freeze(), false);
-    }
+fn export(c: &machine::Counters) {
+    braid_net::daemon::export_drops("entrypoint", &c.drops);
+    metrics::counter!("braid_entrypoint_forwarded_total").absolute(c.forwarded);
+    metrics::counter!("braid_entrypoint_not_kept_total").absolute(c.not_kept);
+    metrics::counter!("braid_entrypoint_publish_total", "result" => "accepted")
+        .absolute(c.publish_accepted);
+    metrics::counter!("braid_entrypoint_publish_total", "result" => "refused")
+        .absolute(c.publish_refused);
+    metrics::counter!("braid_retransmit_sent_total", "role" => "entrypoint")
+        .absolute(c.retransmit_sent);
+    metrics::counter!("braid_retransmit_missing_total", "role" => "entrypoint")
+        .absolute(c.retransmit_missing);
 }
 
 #[cfg(test)]

@@ -1,0 +1,430 @@
+//! The entry point's decisions, sans-IO: who may publish, where each packet goes, which
+//! repairs are answered.
+//!
+//! [`EntryPoint`] has the shape of every Braid machine (`braid_core::node`): feed it
+//! [`Input`]s and timeouts, then drain [`EntryPoint::poll_output`] until it returns a
+//! timeout. The daemon (`crate::run`) and the simulator own the sockets and the clock.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use braid_core::node::{self, Drops, Kept, Outbox, Output, Peer};
+use braid_core::ring::{self, Ring};
+use braid_core::wire::{Body, Codec, ErrorCode, Flags, Header, Keepalive, Media};
+use braid_core::{NodeId, StreamId};
+use bytes::Bytes;
+
+/// How long a publisher stays authorized after its last publish message.
+pub const PUBLISHER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most sequence numbers answered per NACK message (bounds the work one message causes).
+const MAX_NACK_ANSWER: u64 = 256;
+
+/// What the machine decides with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This node.
+    pub node: NodeId,
+    /// The streams accepted.
+    pub streams: Vec<StreamConfig>,
+    /// How long packets are kept to answer NACKs.
+    pub retransmit: Duration,
+}
+
+/// One stream accepted.
+#[derive(Debug, Clone)]
+pub struct StreamConfig {
+    /// Its id.
+    pub id: StreamId,
+    /// The key a publisher must present.
+    pub key: String,
+    /// The set reflectors every packet goes to.
+    pub reflectors: Vec<SocketAddr>,
+}
+
+/// What the owner feeds in.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// A message from `from`; `node` when the transport authenticated the peer as a node
+    /// (a QUIC peer with a trusted certificate; every UDP peer).
+    Received {
+        /// Who sent it.
+        from: SocketAddr,
+        /// The message as received.
+        datagram: Bytes,
+        /// Whether the peer proved itself a node.
+        node: bool,
+    },
+}
+
+/// What happened, for the metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Messages not taken, by reason.
+    pub drops: Drops,
+    /// Media packets sent on to the set reflectors.
+    pub forwarded: u64,
+    /// Media forwarded but not kept for repairs (the publisher repeated or went back).
+    pub not_kept: u64,
+    /// Publish messages accepted.
+    pub publish_accepted: u64,
+    /// Publish messages refused (wrong key).
+    pub publish_refused: u64,
+    /// Packets sent again in answer to NACKs.
+    pub retransmit_sent: u64,
+    /// Packets asked for that were no longer kept.
+    pub retransmit_missing: u64,
+}
+
+/// A packet kept for retransmission: its header and media, re-encoded on request.
+#[derive(Debug)]
+struct KeptPacket {
+    header: Header,
+    media: Media,
+}
+
+impl Kept for KeptPacket {
+    fn header(&self) -> Header {
+        self.header
+    }
+    fn media(&self) -> &Media {
+        &self.media
+    }
+}
+
+#[derive(Debug)]
+struct Stream {
+    config: StreamConfig,
+    publishers: HashMap<SocketAddr, Instant>,
+    kept: Ring<KeptPacket>,
+}
+
+/// The entry point's state machine.
+#[derive(Debug)]
+pub struct EntryPoint {
+    node: NodeId,
+    streams: BTreeMap<StreamId, Stream>,
+    out: Outbox<Infallible>,
+    counters: Counters,
+}
+
+impl EntryPoint {
+    /// An entry point for `config`'s streams, reading and signing with `codec`.
+    pub fn new(config: Config, codec: Codec) -> Result<EntryPoint, braid_core::Error> {
+        let ring_config = ring::Config {
+            max_age: config.retransmit,
+            ..ring::Config::default()
+        };
+        let mut streams = BTreeMap::new();
+        for s in config.streams {
+            streams.insert(
+                s.id,
+                Stream {
+                    config: s,
+                    publishers: HashMap::new(),
+                    kept: Ring::new(ring_config.clone())?,
+                },
+            );
+        }
+        Ok(EntryPoint {
+            node: config.node,
+            streams,
+            out: Outbox::new(codec),
+            counters: Counters::default(),
+        })
+    }
+
+    /// What happened so far.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Publishers authorized now, over every stream (for the simulator's bounds).
+    pub fn publishers(&self) -> usize {
+        self.streams.values().map(|s| s.publishers.len()).sum()
+    }
+
+    /// Takes one input.
+    pub fn handle_input(&mut self, now: Instant, input: Input) {
+        match input {
+            Input::Received {
+                from,
+                datagram,
+                node,
+            } => self.handle_message(now, from, datagram, node),
+        }
+    }
+
+    /// The entry point keeps no timers: publishers expire when their media is checked,
+    /// kept packets when new ones are pushed.
+    pub fn handle_timeout(&mut self, _now: Instant) {}
+
+    /// The next thing to do; [`Output::Timeout`] when there is nothing.
+    pub fn poll_output(&mut self) -> Output<Infallible> {
+        self.out.pop().unwrap_or(Output::Timeout(None))
+    }
+
+    fn handle_message(&mut self, now: Instant, from: SocketAddr, bytes: Bytes, node: bool) {
+        let msg = match self.out.codec().decode(bytes.clone()) {
+            Ok(m) => m,
+            Err(e) => {
+                self.counters.drops.add(e.reason());
+                tracing::debug!("dropping a datagram from {from}: {e}");
+                return;
+            }
+        };
+        let id = msg.header.stream;
+        let Some(stream) = self.streams.get_mut(&id) else {
+            self.counters.drops.add("unknown_stream");
+            return;
+        };
+        match msg.body {
+            Body::Publish { key } => {
+                let ok: bool =
+                    subtle::ConstantTimeEq::ct_eq(key.as_ref(), stream.config.key.as_bytes())
+                        .into();
+                let reply = if ok {
+                    stream.publishers.insert(from, now);
+                    // Forget publishers long gone, so the map stays as small as the set
+                    // of live sources.
+                    if stream.publishers.len() > 16 {
+                        stream
+                            .publishers
+                            .retain(|_, t| now.duration_since(*t) < PUBLISHER_TIMEOUT);
+                    }
+                    self.counters.publish_accepted += 1;
+                    Body::Keepalive(Keepalive {
+                        node: self.node,
+                        sent_us: 0,
+                        echo_us: 0,
+                    })
+                } else {
+                    self.counters.publish_refused += 1;
+                    tracing::warn!("{from} tried to publish stream {id} with a wrong key");
+                    Body::Error {
+                        code: ErrorCode::UNAUTHORIZED,
+                        text: "wrong stream key".into(),
+                    }
+                };
+                self.out.control(Peer::Addr(from), id, reply);
+            }
+            Body::Media(media) => {
+                let authorized = stream
+                    .publishers
+                    .get(&from)
+                    .is_some_and(|t| now.duration_since(*t) < PUBLISHER_TIMEOUT);
+                if !authorized {
+                    self.counters.drops.add("unpublished");
+                    tracing::debug!(%from, "media from a source that has not published");
+                    return;
+                }
+                for to in &stream.config.reflectors {
+                    self.out.send(Peer::Addr(*to), bytes.clone(), true);
+                }
+                self.counters.forwarded += 1;
+                let size = media.rtp.len();
+                let seq = media.seq;
+                let keyframe = msg.header.flags.contains(Flags::KEYFRAME);
+                let kept = KeptPacket {
+                    header: msg.header,
+                    media,
+                };
+                if !stream.kept.push(now, seq, keyframe, size, kept) {
+                    self.counters.not_kept += 1;
+                }
+            }
+            Body::Nack(ranges) => {
+                if !stream.config.reflectors.contains(&from) {
+                    self.counters.drops.add("nack_from_stranger");
+                    return;
+                }
+                if !node {
+                    self.counters.drops.add("not_a_node");
+                    return;
+                }
+                let a = node::answer_nack(
+                    &mut self.out,
+                    &stream.kept,
+                    Peer::Addr(from),
+                    &ranges,
+                    MAX_NACK_ANSWER,
+                );
+                self.counters.retransmit_sent += a.sent;
+                self.counters.retransmit_missing += a.missing;
+                if a.over_limit {
+                    self.counters.drops.add("nack_over_limit");
+                }
+            }
+            Body::Keepalive(_) => {}
+            _ => self.counters.drops.add("unexpected_kind"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use braid_core::SeqNo;
+    use braid_core::wire::rtp::Fields;
+    use braid_core::wire::{Key, Message, Rtp, SeqRange};
+    use bytes::BytesMut;
+
+    #[allow(clippy::disallowed_methods)] // Tests need one real instant to count from.
+    fn t0() -> Instant {
+        Instant::now()
+    }
+
+    fn addr(p: u16) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], p))
+    }
+
+    fn setup() -> (EntryPoint, Codec) {
+        let codec = Codec::new(Key::derive("a network key"));
+        let e = EntryPoint::new(
+            Config {
+                node: NodeId(1),
+                streams: vec![StreamConfig {
+                    id: StreamId(1),
+                    key: "k".into(),
+                    reflectors: vec![addr(1), addr(2)],
+                }],
+                retransmit: Duration::from_secs(2),
+            },
+            codec.clone(),
+        )
+        .unwrap();
+        (e, codec)
+    }
+
+    fn msg(codec: &Codec, body: Body) -> Bytes {
+        let mut b = BytesMut::new();
+        let m = Message {
+            header: Header {
+                stream: StreamId(1),
+                ..Header::default()
+            },
+            body,
+        };
+        codec.encode(&m, &mut b).unwrap();
+        b.freeze()
+    }
+
+    fn media(codec: &Codec, seq: u64) -> Bytes {
+        let rtp = Rtp::build(
+            Fields {
+                marker: false,
+                payload_type: 33,
+                seq: SeqNo(seq).low(),
+                timestamp: 0,
+                ssrc: 1,
+            },
+            &[0x47; 188],
+        );
+        let mut b = BytesMut::new();
+        codec
+            .encode_media(
+                Header {
+                    stream: StreamId(1),
+                    ..Header::default()
+                },
+                SeqNo(seq),
+                &rtp,
+                &mut b,
+            )
+            .unwrap();
+        b.freeze()
+    }
+
+    fn drain(e: &mut EntryPoint) -> Vec<node::Transmit> {
+        let mut v = Vec::new();
+        while let Output::Transmit(t) = e.poll_output() {
+            v.push(t);
+        }
+        v
+    }
+
+    fn input(from: SocketAddr, datagram: Bytes) -> Input {
+        Input::Received {
+            from,
+            datagram,
+            node: true,
+        }
+    }
+
+    #[test]
+    fn media_flows_only_after_a_publish_with_the_right_key() {
+        let (mut e, codec) = setup();
+        let now = t0();
+        let src = addr(100);
+        e.handle_input(now, input(src, media(&codec, 5)));
+        assert!(drain(&mut e).is_empty());
+        assert_eq!(e.counters().drops.get("unpublished"), 1);
+        e.handle_input(
+            now,
+            input(src, msg(&codec, Body::Publish { key: "bad".into() })),
+        );
+        assert_eq!(drain(&mut e).len(), 1, "an error goes back");
+        e.handle_input(now, input(src, media(&codec, 5)));
+        assert!(drain(&mut e).is_empty());
+        e.handle_input(
+            now,
+            input(src, msg(&codec, Body::Publish { key: "k".into() })),
+        );
+        assert_eq!(drain(&mut e).len(), 1, "a keepalive goes back");
+        let m = media(&codec, 6);
+        e.handle_input(now, input(src, m.clone()));
+        let out = drain(&mut e);
+        let to: Vec<Peer> = out.iter().map(|t| t.to).collect();
+        assert_eq!(to, [Peer::Addr(addr(1)), Peer::Addr(addr(2))]);
+        assert!(out.iter().all(|t| t.datagram == m && t.data));
+        // The authorization lapses.
+        e.handle_input(now + PUBLISHER_TIMEOUT, input(src, media(&codec, 7)));
+        assert!(drain(&mut e).is_empty());
+    }
+
+    #[test]
+    fn nacks_are_answered_only_for_set_reflectors_that_are_nodes() {
+        let (mut e, codec) = setup();
+        let now = t0();
+        let src = addr(100);
+        e.handle_input(
+            now,
+            input(src, msg(&codec, Body::Publish { key: "k".into() })),
+        );
+        for s in 10..15 {
+            e.handle_input(now, input(src, media(&codec, s)));
+        }
+        drain(&mut e);
+        let nack = msg(
+            &codec,
+            Body::Nack(vec![SeqRange {
+                first: SeqNo(11),
+                count: 2,
+            }]),
+        );
+        e.handle_input(now, input(addr(9), nack.clone()));
+        assert!(drain(&mut e).is_empty());
+        e.handle_input(
+            now,
+            Input::Received {
+                from: addr(1),
+                datagram: nack.clone(),
+                node: false,
+            },
+        );
+        assert!(drain(&mut e).is_empty());
+        e.handle_input(now, input(addr(1), nack));
+        assert_eq!(drain(&mut e).len(), 2);
+        let c = e.counters();
+        assert_eq!(
+            (
+                c.drops.get("nack_from_stranger"),
+                c.drops.get("not_a_node"),
+                c.retransmit_sent
+            ),
+            (1, 1, 2)
+        );
+    }
+}
