@@ -1,46 +1,49 @@
 //! TCP viewers, for viewers behind firewalls that pass no UDP (seed 002).
 //!
-//! Each connection gets a reader task, which decodes the viewer's framed messages and
-//! hands them to the edge's main task, and a writer task, which writes the media datagrams
-//! the main task queues for it, framed. The queue is bounded: when a viewer reads too
-//! slowly it fills, the main task stops advancing that viewer's cursor, and the ring
+//! Each connection gets a reader task, which splits the viewer's framed messages and
+//! hands them to the edge's main task, and a writer task, which writes the datagrams the
+//! main task queues for it, framed, and says how many it wrote. The edge machine counts
+//! the media queued per connection (`edge::TCP_QUEUE` at most): when a viewer reads too
+//! slowly its queue fills, the machine stops advancing that viewer's cursor, and the ring
 //! eventually overtakes it (counted, and the viewer moved to the latest keyframe). One
-//! slow viewer never holds up another.
+//! slow viewer never holds up another. Notices are not counted against the queue; the
+//! channel has room for them beyond the media.
 
 use std::net::SocketAddr;
 
-use braid_core::wire::{Codec, Message};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Datagrams queued per TCP viewer before it counts as slow.
-pub(crate) const QUEUE: usize = 256;
+/// Room in a connection's channel: the media the machine allows, and notices beyond it.
+const QUEUE: usize = crate::edge::TCP_QUEUE + 64;
 
 /// Kernel send buffer per TCP viewer: about half a second of a 4 Mbps stream.
 const SEND_BUFFER: usize = 256 * 1024;
 
 /// What the connection tasks tell the main task.
 pub(crate) enum Event {
-    /// A viewer's message, with the queue that reaches it.
-    Message {
+    /// A new connection, with the queue that reaches it.
+    Open {
         conn: u64,
-        peer: SocketAddr,
-        msg: Message,
         writer: mpsc::Sender<Bytes>,
     },
-    /// The connection closed.
-    Gone { conn: u64 },
-    /// Something undecodable arrived; the connection was closed.
-    Malformed { reason: &'static str },
+    /// A viewer's message, as framed.
+    Message { conn: u64, message: Bytes },
+    /// The writer wrote `count` media datagrams.
+    Drained { conn: u64, count: usize },
+    /// The connection closed; `reason` when it was broken by a bad frame.
+    Gone {
+        conn: u64,
+        reason: Option<&'static str>,
+    },
 }
 
 /// Accepts viewers until shutdown.
 pub(crate) async fn accept(
     listener: TcpListener,
-    codec: Codec,
     events: mpsc::Sender<Event>,
     shutdown: CancellationToken,
 ) {
@@ -65,7 +68,6 @@ pub(crate) async fn accept(
             stream,
             peer,
             next_conn,
-            codec.clone(),
             events.clone(),
             shutdown.clone(),
         ));
@@ -76,13 +78,17 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     conn: u64,
-    codec: Codec,
     events: mpsc::Sender<Event>,
     shutdown: CancellationToken,
 ) {
     let (mut rd, wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUE);
+    if events.send(Event::Open { conn, writer: tx }).await.is_err() {
+        return;
+    }
+    tracing::debug!(%peer, conn, "TCP viewer connected");
     let writer_shutdown = shutdown.clone();
+    let drained = events.clone();
     let writer = tokio::spawn(async move {
         let mut w = BufWriter::new(wr);
         loop {
@@ -91,6 +97,7 @@ async fn connection(
                 d = rx.recv() => match d { Some(d) => d, None => return },
             };
             let mut next = Some(first);
+            let mut written = 0;
             while let Some(d) = next {
                 let len = u16::try_from(d.len()).unwrap_or(u16::MAX);
                 if w.write_all(&len.to_be_bytes()).await.is_err()
@@ -98,9 +105,24 @@ async fn connection(
                 {
                     return;
                 }
+                // Media is what the machine counts against the queue.
+                if d.get(1) == Some(&(braid_core::wire::Kind::Media as u8)) {
+                    written += 1;
+                }
                 next = rx.try_recv().ok();
             }
             if w.flush().await.is_err() {
+                return;
+            }
+            if written > 0
+                && drained
+                    .send(Event::Drained {
+                        conn,
+                        count: written,
+                    })
+                    .await
+                    .is_err()
+            {
                 return;
             }
         }
@@ -116,23 +138,17 @@ async fn connection(
             Ok(_) => {}
         }
         loop {
-            match codec.decode_frame(&mut buf) {
-                Ok(Some(msg)) => {
-                    let ev = Event::Message {
-                        conn,
-                        peer,
-                        msg,
-                        writer: tx.clone(),
-                    };
-                    if events.send(ev).await.is_err() {
+            match braid_core::wire::split_frame(&mut buf) {
+                Ok(Some(message)) => {
+                    if events.send(Event::Message { conn, message }).await.is_err() {
                         return;
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = events.send(Event::Malformed { reason: e.reason() }).await;
                     writer.abort();
-                    let _ = events.send(Event::Gone { conn }).await;
+                    let reason = Some(e.reason());
+                    let _ = events.send(Event::Gone { conn, reason }).await;
                     return;
                 }
             }
@@ -143,5 +159,5 @@ async fn connection(
         }
     }
     writer.abort();
-    let _ = events.send(Event::Gone { conn }).await;
+    let _ = events.send(Event::Gone { conn, reason: None }).await;
 }

@@ -1,0 +1,194 @@
+//! What the set reflector and the edge share: a merged packet, the merge of a stream's
+//! copies with its repairs, and the counters both export.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use braid_core::merge::{self, Output as MergeOutput};
+use braid_core::node::{Drops, Kept, Outbox, Peer};
+use braid_core::ring::Ring;
+use braid_core::wire::{Body, Flags, Header, Media};
+use braid_core::{NodeId, PathId, StreamId};
+use bytes::Bytes;
+
+/// Longest lease a subscriber or viewer may ask for.
+pub(crate) const MAX_LEASE: Duration = Duration::from_secs(10);
+/// Most sequence numbers answered per NACK message.
+pub(crate) const MAX_NACK_ANSWER: u64 = 256;
+/// How often the machines expire leases, age rings and refresh subscriptions.
+pub(crate) const HOUSEKEEPING: Duration = Duration::from_millis(100);
+
+/// What both roles decide with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// This node.
+    pub node: NodeId,
+    /// Streams carried; empty means any.
+    pub streams: Vec<StreamId>,
+    /// The merge of a stream's copies.
+    pub merge: merge::Config,
+    /// Most subscribers (set reflector) or viewers (edge) per stream.
+    pub max_per_stream: usize,
+}
+
+impl Settings {
+    pub(crate) fn carries(&self, id: StreamId) -> bool {
+        self.streams.is_empty() || self.streams.contains(&id)
+    }
+}
+
+/// A merged packet: the datagram as it arrived, and what a retransmission needs.
+#[derive(Debug, Clone)]
+pub(crate) struct Packet {
+    pub(crate) datagram: Bytes,
+    pub(crate) header: Header,
+    pub(crate) media: Media,
+}
+
+impl Kept for Packet {
+    fn header(&self) -> Header {
+        self.header
+    }
+    fn media(&self) -> &Media {
+        &self.media
+    }
+}
+
+/// What happened, for the metrics; a field a role never uses stays 0.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Messages not taken, by reason (`braid_dropped_total`).
+    pub drops: Drops,
+    /// Packets sent again in answer to NACKs.
+    pub retransmit_sent: u64,
+    /// Packets asked for that were no longer kept.
+    pub retransmit_missing: u64,
+    /// NACKs sent upstream.
+    pub nack_sent: u64,
+    /// Packets given up by the merge (every path lost them, repairs failed).
+    pub gap_packets: u64,
+    /// Viewers that joined (edge).
+    pub viewer_joins: u64,
+    /// Viewers that left with an unsubscribe or a closed connection (edge).
+    pub viewer_leaves: u64,
+    /// Viewers moved to the latest keyframe because the ring overtook them (edge).
+    pub viewer_skips: u64,
+    /// Packets those viewers never got (edge).
+    pub viewer_skipped_packets: u64,
+    /// Packets a resuming viewer asked for that the ring no longer held (edge).
+    pub resume_missed_packets: u64,
+    /// Subscriptions moved off a set reflector that delivered nothing (edge).
+    pub path_replaced: u64,
+    /// Switch messages sent to viewers of a drained edge (edge).
+    pub drain_signals: u64,
+}
+
+/// One stream's figures, for the metrics.
+#[derive(Debug, Clone)]
+pub struct StreamReport {
+    /// The stream.
+    pub id: StreamId,
+    /// Its merge's counters.
+    pub merge: merge::Stats,
+    /// Per path: its counters.
+    pub paths: Vec<(PathId, merge::PathStats)>,
+    /// Viewers (edge).
+    pub viewers: usize,
+    /// Subscribed edges (set reflector).
+    pub subscribers: usize,
+}
+
+/// Takes a copy into a stream's merge. A copy flagged as a discontinuity (the capture
+/// restarted) far from what the merge expects starts the merge afresh.
+pub(crate) fn accept_media(
+    now: Instant,
+    merge: &mut merge::Buffer<Packet>,
+    path: PathId,
+    datagram: Bytes,
+    header: Header,
+    media: Media,
+) {
+    if header.flags.contains(Flags::DISCONTINUITY)
+        && merge
+            .next_seq()
+            .is_some_and(|n| media.seq.0.abs_diff(n.0) > 1 << 16)
+    {
+        merge.reset();
+    }
+    let seq = media.seq;
+    merge.handle_input(
+        now,
+        merge::Input::Packet {
+            path,
+            seq,
+            item: Packet {
+                datagram,
+                header,
+                media,
+            },
+        },
+    );
+}
+
+/// Drains a stream's merge: each packet released is handed to `release` then kept in
+/// `kept` (for repairs and viewers), each hole is asked for on the path the merge chose
+/// (`path_addr` names it), each gap is counted. Returns whether anything was kept.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn drain_merge<E>(
+    now: Instant,
+    stream: StreamId,
+    merge: &mut merge::Buffer<Packet>,
+    kept: &mut Ring<Packet>,
+    out: &mut Outbox<E>,
+    counters: &mut Counters,
+    path_addr: impl Fn(PathId) -> Option<SocketAddr>,
+    mut release: impl FnMut(&mut Outbox<E>, &Packet),
+) -> bool {
+    merge.handle_timeout(now);
+    let mut pushed = false;
+    loop {
+        match merge.poll_output() {
+            MergeOutput::Packet { seq, item } => {
+                release(out, &item);
+                let keyframe = item.header.flags.contains(Flags::KEYFRAME);
+                let size = item.datagram.len();
+                kept.push(now, seq, keyframe, size, item);
+                pushed = true;
+            }
+            MergeOutput::Gap { count, .. } => counters.gap_packets += count,
+            MergeOutput::Nack { range, path } => {
+                if let Some(to) = path_addr(path) {
+                    out.control(Peer::Addr(to), stream, Body::Nack(vec![range]));
+                    counters.nack_sent += 1;
+                }
+            }
+            MergeOutput::Timeout(_) => break,
+        }
+    }
+    pushed
+}
+
+/// The merge's figures for a [`StreamReport`].
+pub(crate) fn report(
+    id: StreamId,
+    merge: &merge::Buffer<Packet>,
+    viewers: usize,
+    subscribers: usize,
+) -> StreamReport {
+    StreamReport {
+        id,
+        merge: merge.stats(),
+        paths: merge.paths().collect(),
+        viewers,
+        subscribers,
+    }
+}
+
+/// The earliest of two optional deadlines.
+pub(crate) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}

@@ -1,0 +1,427 @@
+//! The reflector daemon: one task that owns the UDP socket (with QUIC attached), the TCP
+//! viewers' queues and the clock, feeds the role's machine ([`SetReflector`] or
+//! [`Edge`]) and sends what it says. It decides nothing about the stream.
+#![allow(clippy::disallowed_methods)] // The daemon owns the clock.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use braid_core::node::{Output, Peer, WallClock};
+use braid_core::wire::Codec;
+use braid_core::{Bitrate, DataSize};
+use braid_net::addr::PeerAddr;
+use braid_net::udp::Socket;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::common::{Counters, StreamReport};
+use crate::edge::{self, Edge};
+use crate::set::{self, SetReflector};
+use crate::{Config, Role, report, tcp};
+
+enum Machine {
+    Set(SetReflector),
+    Edge(Edge),
+}
+
+impl Machine {
+    fn received(&mut self, now: Instant, from: Peer, datagram: Bytes, node: bool) {
+        match (self, from) {
+            (Machine::Set(m), Peer::Addr(from)) => m.handle_input(
+                now,
+                set::Input::Received {
+                    from,
+                    datagram,
+                    node,
+                },
+            ),
+            (Machine::Set(_), Peer::Conn(_)) => {}
+            (Machine::Edge(m), from) => m.handle_input(
+                now,
+                edge::Input::Received {
+                    from,
+                    datagram,
+                    node,
+                },
+            ),
+        }
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        match self {
+            Machine::Set(m) => m.handle_timeout(now),
+            Machine::Edge(m) => m.handle_timeout(now),
+        }
+    }
+
+    fn poll_output(&mut self) -> Output<Infallible> {
+        match self {
+            Machine::Set(m) => m.poll_output(),
+            Machine::Edge(m) => m.poll_output(),
+        }
+    }
+
+    fn counters(&self) -> &Counters {
+        match self {
+            Machine::Set(m) => m.counters(),
+            Machine::Edge(m) => m.counters(),
+        }
+    }
+
+    fn reports(&self) -> Vec<StreamReport> {
+        match self {
+            Machine::Set(m) => m.reports(),
+            Machine::Edge(m) => m.reports(),
+        }
+    }
+}
+
+/// Binds the UDP socket and, for an edge, the TCP listener for viewers on the same
+/// address and port number. With port 0 the kernel picks the UDP port, which TCP may
+/// already use: then another UDP port is tried (at most 20).
+async fn bind(
+    config: &Config,
+    role_name: &'static str,
+) -> anyhow::Result<(Socket, Option<tokio::net::TcpListener>)> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let socket = Socket::bind(config.listen, config.impair.clone(), role_name)
+            .with_context(|| format!("binding {}", config.listen))?;
+        if config.role != Role::Edge {
+            return Ok((socket, None));
+        }
+        let udp_addr = socket.local_addr()?;
+        match tokio::net::TcpListener::bind(udp_addr).await {
+            Ok(l) => return Ok((socket, Some(l))),
+            Err(e) if config.listen.port() == 0 && attempt < 20 => {
+                tracing::debug!("TCP port {udp_addr} taken ({e}); trying another");
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("binding TCP {udp_addr} for viewers"));
+            }
+        }
+    }
+}
+
+/// Runs the reflector until `shutdown` fires.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    use crate::DaemonConfig;
+    config.validate()?;
+    let codec = Codec::new(braid_net::daemon::network_key(&config.network_key)?);
+    let role_name = config.role.name();
+    let (mut socket, tcp_listener) = bind(&config, role_name).await?;
+    // An edge with a certificate serves viewers over QUIC whether or not a QUIC port is
+    // given: on an ephemeral port of its UDP address's IP, reported to the control server.
+    let mut quic_options = config.quic.clone();
+    if config.role == Role::Edge && config.tls.has_identity() && quic_options.listen.is_none() {
+        quic_options.listen = Some(SocketAddr::new(config.listen.ip(), 0));
+    }
+    let quic_addr = braid_net::daemon::start_quic(
+        &mut socket,
+        &quic_options,
+        &config.tls,
+        role_name,
+        &config.reflectors,
+    )?;
+    // Entry points dial their set reflectors; a set reflector only knows them as QUIC
+    // peers, so the two never dial each other at once.
+    if let Some(q) = socket.quic_mut() {
+        for u in config.upstreams.iter().filter(|u| u.is_quic()) {
+            q.add_known(u.addr);
+        }
+    }
+    let metrics_addr = braid_net::daemon::serve_metrics(config.metrics, shutdown.clone()).await?;
+    let udp_addr = socket.local_addr()?;
+    let mut ready = vec![
+        ("udp", udp_addr.to_string()),
+        ("metrics", metrics_addr.to_string()),
+    ];
+    if let Some(q) = quic_addr {
+        ready.push(("quic", q.to_string()));
+    }
+    let (tcp_tx, mut tcp_rx) = mpsc::channel::<tcp::Event>(1024);
+    if config.role == Role::Edge {
+        let listener = tcp_listener.context("an edge has a TCP listener")?;
+        ready.push(("tcp", listener.local_addr()?.to_string()));
+        tokio::spawn(tcp::accept(listener, tcp_tx, shutdown.clone()));
+    } else {
+        drop(tcp_tx);
+    }
+    braid_net::daemon::print_ready(role_name, &ready);
+    let shared = Arc::new(report::Shared::default());
+    report::spawn(
+        config.controls.clone(),
+        report::Identity {
+            node: config.node_id,
+            role: role_name,
+            addr: udp_addr,
+            quic: quic_addr,
+            learn_quic: config.tls.has_identity(),
+            region: config.region.clone(),
+            capacity: config.max_viewers as u64,
+            cost_tier: config.cost_tier,
+        },
+        shared.clone(),
+        shutdown.clone(),
+    );
+    let now = Instant::now();
+    let mut machine = match config.role {
+        Role::Set => Machine::Set(SetReflector::new(config.set_config()?, codec)?),
+        Role::Edge => {
+            let clock = WallClock::new(now, braid_net::daemon::unix_ms());
+            Machine::Edge(Edge::new(config.edge_config()?, codec, clock)?)
+        }
+    };
+    let mut d = Daemon {
+        socket,
+        writers: HashMap::new(),
+        shared,
+        egress_mark: (now, 0),
+        learned: Vec::new(),
+        role: role_name,
+        exported_drops: 0,
+    };
+    let mut rx = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut deadline = None;
+    loop {
+        let wake = earliest(deadline, d.socket.next_timeout());
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            res = d.socket.recv(&mut rx) => {
+                res.context("receiving")?;
+                let now = Instant::now();
+                for (from, datagram) in rx.drain(..) {
+                    let node = d.socket.is_node(from);
+                    machine.received(now, Peer::Addr(from), datagram, node);
+                }
+                d.handle_changes(now, &mut machine);
+            }
+            _ = braid_net::daemon::sleep_until(wake) => {
+                let now = Instant::now();
+                d.socket.handle_timeout(now);
+                machine.handle_timeout(now);
+            }
+            Some(ev) = tcp_rx.recv() => {
+                let now = Instant::now();
+                d.handle_tcp(now, &mut machine, ev);
+                while let Ok(ev) = tcp_rx.try_recv() {
+                    d.handle_tcp(now, &mut machine, ev);
+                }
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                d.socket.handle_timeout(now);
+                d.control_plane(now, &mut machine);
+                export(d.role, &machine);
+            }
+        }
+        deadline = d.drive(&mut machine);
+    }
+    if let Machine::Edge(m) = &mut machine {
+        m.leave();
+    }
+    d.drive(&mut machine);
+    export(d.role, &machine);
+    if let Some(q) = d.socket.quic() {
+        q.close();
+    }
+    tracing::info!("reflector stopped");
+    Ok(())
+}
+
+/// What the loop owns besides the machine.
+struct Daemon {
+    socket: Socket,
+    /// TCP viewers' queues, by connection.
+    writers: HashMap<u64, mpsc::Sender<Bytes>>,
+    shared: Arc<report::Shared>,
+    /// (when, bytes sent then), for the egress rate.
+    egress_mark: (Instant, u64),
+    /// The set reflectors last given to the machine from the control server.
+    learned: Vec<PeerAddr>,
+    role: &'static str,
+    exported_drops: u64,
+}
+
+impl Daemon {
+    /// Sends everything the machine queued; returns when to wake it next.
+    fn drive(&mut self, machine: &mut Machine) -> Option<Instant> {
+        let now = Instant::now();
+        let deadline = loop {
+            match machine.poll_output() {
+                Output::Transmit(t) => match t.to {
+                    Peer::Addr(to) => self.socket.send(now, to, t.datagram, t.data),
+                    Peer::Conn(c) => {
+                        let sent = self
+                            .writers
+                            .get(&c)
+                            .is_some_and(|w| w.try_send(t.datagram).is_ok());
+                        if !sent {
+                            metrics::counter!("braid_dropped_total", "role" => self.role, "reason" => "tcp_queue_full").increment(1);
+                        }
+                    }
+                },
+                Output::Event(e) => match e {},
+                Output::Timeout(t) => break t,
+            }
+        };
+        self.socket.flush();
+        // Drops are told at once (hostile input shows in the metrics as it happens); the
+        // rest every tick.
+        let drops = machine.counters().drops.total();
+        if drops != self.exported_drops {
+            self.exported_drops = drops;
+            braid_net::daemon::export_drops(self.role, &machine.counters().drops);
+        }
+        deadline
+    }
+
+    /// Tells the machine about QUIC connections that went up or down.
+    fn handle_changes(&mut self, now: Instant, machine: &mut Machine) {
+        for c in self.socket.take_changes() {
+            match (c, &mut *machine) {
+                (braid_net::quic::Change::Up { peer, .. }, Machine::Edge(m)) => {
+                    m.handle_input(now, edge::Input::PeerUp(peer));
+                }
+                (braid_net::quic::Change::Down { peer, .. }, Machine::Edge(m)) => {
+                    m.handle_input(now, edge::Input::PeerDown(peer));
+                }
+                (braid_net::quic::Change::Down { peer, .. }, Machine::Set(m)) => {
+                    m.handle_input(now, set::Input::PeerDown(peer));
+                }
+                (braid_net::quic::Change::Up { .. }, Machine::Set(_)) => {}
+            }
+        }
+    }
+
+    fn handle_tcp(&mut self, now: Instant, machine: &mut Machine, ev: tcp::Event) {
+        let Machine::Edge(m) = machine else {
+            return;
+        };
+        match ev {
+            tcp::Event::Open { conn, writer } => {
+                self.writers.insert(conn, writer);
+            }
+            tcp::Event::Message { conn, message } => m.handle_input(
+                now,
+                edge::Input::Received {
+                    from: Peer::Conn(conn),
+                    datagram: message,
+                    node: false,
+                },
+            ),
+            tcp::Event::Drained { conn, count } => {
+                m.handle_input(now, edge::Input::ConnDrained { conn, count });
+            }
+            tcp::Event::Gone { conn, reason } => {
+                self.writers.remove(&conn);
+                m.handle_input(now, edge::Input::ConnGone { conn, reason });
+            }
+        }
+    }
+
+    /// Shares load with the reporter thread, and passes on what the control servers
+    /// said: drained or not, the live set reflectors.
+    fn control_plane(&mut self, now: Instant, machine: &mut Machine) {
+        let viewers = match machine {
+            Machine::Edge(m) => m.viewers(),
+            Machine::Set(_) => 0,
+        };
+        self.shared.viewers.store(viewers as u64, Ordering::Relaxed);
+        let (t0, b0) = self.egress_mark;
+        let elapsed = now.saturating_duration_since(t0);
+        if elapsed >= Duration::from_secs(1) {
+            let bytes = self.socket.stats().sent_bytes;
+            let bps = Bitrate::from_size_over(DataSize(bytes.saturating_sub(b0)), elapsed);
+            self.shared.egress_bps.store(bps.0, Ordering::Relaxed);
+            self.egress_mark = (now, bytes);
+        }
+        let Machine::Edge(m) = machine else {
+            return;
+        };
+        let drain = self.shared.drain.load(Ordering::Relaxed);
+        if drain != m.draining() {
+            m.handle_input(now, edge::Input::Drain(drain));
+        }
+        let listed = match self.shared.reflectors.lock() {
+            Ok(r) if *r != self.learned => r.clone(),
+            _ => return,
+        };
+        if let Some(q) = self.socket.quic_mut() {
+            for r in listed.iter().filter(|r| r.is_quic()) {
+                if !m.reflectors().contains(&r.addr) {
+                    q.add_dial(r.addr);
+                }
+            }
+        }
+        m.handle_input(
+            now,
+            edge::Input::Reflectors(listed.iter().map(|r| r.addr).collect()),
+        );
+        self.learned = listed;
+    }
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    crate::common::earliest(a, b)
+}
+
+/// Exports the machine's counters and every stream's merge and path counters.
+fn export(role: &'static str, machine: &Machine) {
+    let c = machine.counters();
+    braid_net::daemon::export_drops(role, &c.drops);
+    let by_role = |name: &'static str, v: u64| {
+        metrics::counter!(name, "role" => role).absolute(v);
+    };
+    by_role("braid_retransmit_sent_total", c.retransmit_sent);
+    by_role("braid_retransmit_missing_total", c.retransmit_missing);
+    by_role("braid_nack_sent_total", c.nack_sent);
+    by_role("braid_merge_gap_packets_total", c.gap_packets);
+    if let Machine::Edge(m) = machine {
+        metrics::counter!("braid_edge_viewer_joins_total").absolute(c.viewer_joins);
+        metrics::counter!("braid_edge_viewer_leaves_total").absolute(c.viewer_leaves);
+        metrics::counter!("braid_edge_viewer_skips_total").absolute(c.viewer_skips);
+        metrics::counter!("braid_edge_viewer_skipped_packets_total")
+            .absolute(c.viewer_skipped_packets);
+        metrics::counter!("braid_edge_resume_missed_packets_total")
+            .absolute(c.resume_missed_packets);
+        metrics::counter!("braid_edge_path_replaced_total").absolute(c.path_replaced);
+        metrics::counter!("braid_edge_drain_signals_total").absolute(c.drain_signals);
+        metrics::gauge!("braid_viewers").set(m.viewers() as f64);
+    }
+    for st in machine.reports() {
+        let stream = st.id.0.to_string();
+        let set = |name: &'static str, v: u64| {
+            metrics::counter!(name, "role" => role, "stream" => stream.clone()).absolute(v);
+        };
+        let s = st.merge;
+        set("braid_merge_released_total", s.released);
+        set("braid_merge_gaps_total", s.gaps);
+        set("braid_merge_duplicates_total", s.duplicates);
+        set("braid_merge_late_total", s.late);
+        set("braid_merge_nacked_total", s.nacked);
+        set("braid_merge_repaired_total", s.repaired);
+        set("braid_merge_jumps_total", s.jumps);
+        for (path, p) in &st.paths {
+            let path = path.0.to_string();
+            let set = |name: &'static str, v: u64| {
+                metrics::counter!(name, "role" => role, "stream" => stream.clone(), "path" => path.clone())
+                    .absolute(v);
+            };
+            set("braid_path_received_total", p.received);
+            set("braid_path_first_total", p.first);
+            set("braid_path_duplicates_total", p.duplicates);
+            set("braid_path_late_total", p.late);
+        }
+        metrics::gauge!("braid_stream_viewers", "stream" => stream.clone()).set(st.viewers as f64);
+        metrics::gauge!("braid_stream_subscribers", "stream" => stream).set(st.subscribers as f64);
+    }
+}

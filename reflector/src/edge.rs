@@ -1,0 +1,786 @@
+//! The edge's decisions, sans-IO.
+//!
+//! When the first viewer of a stream arrives the edge subscribes to `subscribe_k`
+//! distinct set reflectors, merges their copies, asks them for what every path lost, keeps
+//! the last seconds of the stream in a ring and serves every viewer from its own cursor,
+//! starting at the latest keyframe. After the last viewer leaves it lingers, then
+//! unsubscribes.
+//!
+//! Viewers speak the watch protocol (`docs/PROTOCOL.md`): a watch message starts, renews
+//! and acknowledges; the edge serves each viewer from its own cursor and, over UDP and
+//! QUIC, keeps at most `viewer_window` packets beyond what the viewer acknowledged in
+//! flight, so a viewer that stops reading stops its cursor instead of losing packets in
+//! its socket buffer; over TCP its queue plays that part. The ring then overtakes it, and
+//! the skip is counted and told to it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use braid_core::merge;
+use braid_core::node::{self, Outbox, Output, Peer, WallClock};
+use braid_core::ring::{self, Cursor, Read, Ring, Start};
+use braid_core::token::Signer;
+use braid_core::wire::{
+    Body, Codec, ErrorCode, Keepalive, NoticeKind, SwitchReason, Watch, WatchStart,
+};
+use braid_core::{PathId, SeqNo, StreamId};
+use bytes::Bytes;
+
+use crate::common::{self, Counters, HOUSEKEEPING, MAX_LEASE, MAX_NACK_ANSWER, Packet, Settings};
+
+/// How often an edge refreshes its subscriptions, and the lease it asks for.
+const REFRESH: Duration = Duration::from_secs(1);
+const LEASE_MS: u32 = 3000;
+/// An edge replaces a subscribed set reflector that delivered no data for this long.
+const PATH_DEAD: Duration = Duration::from_millis(1500);
+/// How often a drained edge tells its viewers to move.
+const DRAIN_SIGNAL: Duration = Duration::from_secs(1);
+/// Media datagrams queued per TCP viewer before it counts as slow.
+pub const TCP_QUEUE: usize = 256;
+
+/// What the edge decides with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// What both roles share.
+    pub settings: Settings,
+    /// The set reflectors to subscribe to; learned ones are added by
+    /// [`Input::Reflectors`]. Paths are numbered by position.
+    pub reflectors: Vec<SocketAddr>,
+    /// How many distinct set reflectors to subscribe to.
+    pub subscribe_k: usize,
+    /// The ring's bounds.
+    pub ring: ring::Config,
+    /// How long to stay subscribed after the last viewer left.
+    pub linger: Duration,
+    /// Most viewers on this node.
+    pub max_viewers: usize,
+    /// Most packets in flight to a UDP or QUIC viewer beyond what it acknowledged.
+    pub viewer_window: u64,
+    /// Viewers must present a token signed with this secret.
+    pub tokens: Option<Signer>,
+}
+
+/// What the owner feeds in.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// A message from `from`; `node` when the transport authenticated the peer as a node
+    /// (a QUIC peer with a trusted certificate; every UDP peer). TCP viewers are
+    /// [`Peer::Conn`] and never nodes.
+    Received {
+        /// Who sent it.
+        from: Peer,
+        /// The message as received.
+        datagram: Bytes,
+        /// Whether the peer proved itself a node.
+        node: bool,
+    },
+    /// A QUIC connection went down: a viewer on it is gone, and a set reflector on it is
+    /// replaced at once.
+    PeerDown(SocketAddr),
+    /// A QUIC connection came up.
+    PeerUp(SocketAddr),
+    /// A TCP viewer's connection closed (`reason`: why it was broken, counted as a drop).
+    ConnGone {
+        /// The connection.
+        conn: u64,
+        /// A framing error that closed it, if that is why.
+        reason: Option<&'static str>,
+    },
+    /// A TCP viewer's connection wrote `count` media datagrams from its queue.
+    ConnDrained {
+        /// The connection.
+        conn: u64,
+        /// How many.
+        count: usize,
+    },
+    /// A control server said whether this edge is drained.
+    Drain(bool),
+    /// Set reflectors a control server lists: unknown ones are added (the list only
+    /// grows, so path numbers stay stable).
+    Reflectors(Vec<SocketAddr>),
+}
+
+#[derive(Debug)]
+struct Viewer {
+    /// Placed once the ring can serve the requested start.
+    cursor: Option<Cursor>,
+    start: WatchStart,
+    start_seq: SeqNo,
+    expires: Instant,
+    /// Highest sequence number the viewer said it has (flow window).
+    acked: SeqNo,
+    /// The first sequence number sent to it.
+    first_sent: SeqNo,
+}
+
+struct Stream {
+    merge: merge::Buffer<Packet>,
+    ring: Ring<Packet>,
+    viewers: BTreeMap<Peer, Viewer>,
+    /// Indexes into `reflectors` subscribed to, and since when.
+    upstream: Vec<(usize, Instant)>,
+    last_refresh: Option<Instant>,
+    empty_since: Option<Instant>,
+    /// Input arrived since the merge was last drained.
+    dirty: bool,
+}
+
+/// The edge's state machine.
+pub struct Edge {
+    config: Config,
+    clock: WallClock,
+    streams: BTreeMap<StreamId, Stream>,
+    out: Outbox<std::convert::Infallible>,
+    counters: Counters,
+    viewers: usize,
+    now: Option<Instant>,
+    next_housekeeping: Option<Instant>,
+    draining: bool,
+    last_drain_signal: Option<Instant>,
+    /// QUIC peers whose connection is down (subscriptions move off them).
+    quic_down: HashSet<SocketAddr>,
+    /// Media datagrams queued per TCP connection, not yet written.
+    tcp_queued: HashMap<u64, usize>,
+    /// Peers already logged as refused (one line each; the counter counts them all).
+    warned: HashSet<Peer>,
+}
+
+impl Edge {
+    /// An edge reading and signing with `codec`; `clock` gives wall time for tokens.
+    pub fn new(config: Config, codec: Codec, clock: WallClock) -> Result<Edge, braid_core::Error> {
+        config.settings.merge.validate()?;
+        config.ring.validate()?;
+        Ok(Edge {
+            config,
+            clock,
+            streams: BTreeMap::new(),
+            out: Outbox::new(codec),
+            counters: Counters::default(),
+            viewers: 0,
+            now: None,
+            next_housekeeping: None,
+            draining: false,
+            last_drain_signal: None,
+            quic_down: HashSet::new(),
+            tcp_queued: HashMap::new(),
+            warned: HashSet::new(),
+        })
+    }
+
+    /// What happened so far.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Viewers now, over every stream.
+    pub fn viewers(&self) -> usize {
+        self.viewers
+    }
+
+    /// Whether a control server drained this edge.
+    pub fn draining(&self) -> bool {
+        self.draining
+    }
+
+    /// Every stream's figures.
+    pub fn reports(&self) -> Vec<common::StreamReport> {
+        self.streams
+            .iter()
+            .map(|(id, st)| common::report(*id, &st.merge, st.viewers.len(), 0))
+            .collect()
+    }
+
+    /// Streams open, viewers, and packets held (merge and ring), for the simulator's
+    /// bounds.
+    pub fn footprint(&self) -> (usize, usize, usize) {
+        let held = self
+            .streams
+            .values()
+            .map(|s| s.merge.held() + s.ring.len())
+            .sum();
+        (self.streams.len(), self.viewers, held)
+    }
+
+    /// The set reflectors known, by path number.
+    pub fn reflectors(&self) -> &[SocketAddr] {
+        &self.config.reflectors
+    }
+
+    /// Takes one input.
+    pub fn handle_input(&mut self, now: Instant, input: Input) {
+        self.now = Some(now);
+        // Housekeeping starts with the first input.
+        self.next_housekeeping.get_or_insert(now + HOUSEKEEPING);
+        match input {
+            Input::Received {
+                from,
+                datagram,
+                node,
+            } => self.handle_message(now, from, datagram, node),
+            Input::PeerDown(peer) => {
+                let ids: Vec<StreamId> = self.streams.keys().copied().collect();
+                for id in ids {
+                    self.remove_viewer(id, Peer::Addr(peer));
+                }
+                if self.config.reflectors.contains(&peer) {
+                    self.quic_down.insert(peer);
+                    self.housekeeping(now);
+                }
+            }
+            Input::PeerUp(peer) => {
+                self.quic_down.remove(&peer);
+            }
+            Input::ConnGone { conn, reason } => {
+                if let Some(r) = reason {
+                    self.counters.drops.add(r);
+                }
+                let ids: Vec<StreamId> = self.streams.keys().copied().collect();
+                for id in ids {
+                    self.remove_viewer(id, Peer::Conn(conn));
+                }
+                self.tcp_queued.remove(&conn);
+            }
+            Input::ConnDrained { conn, count } => {
+                if let Some(q) = self.tcp_queued.get_mut(&conn) {
+                    *q = q.saturating_sub(count);
+                }
+                // The queue has room again: serve whoever was waiting for it.
+                self.serve_all(now, Some(Peer::Conn(conn)));
+            }
+            Input::Drain(on) => self.draining = on,
+            Input::Reflectors(list) => self.learn_reflectors(list),
+        }
+    }
+
+    /// Runs what is due at `now`: merge deadlines and, every 100 ms, lease expiry,
+    /// refreshes, path replacement, linger and drain signals.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = Some(now);
+        for st in self.streams.values_mut() {
+            st.dirty = true;
+        }
+        if self.next_housekeeping.is_none_or(|t| now >= t) {
+            self.housekeeping(now);
+        }
+    }
+
+    /// The next thing to do; [`Output::Timeout`] when there is nothing.
+    pub fn poll_output(&mut self) -> Output<std::convert::Infallible> {
+        if let Some(now) = self.now {
+            self.drain_dirty(now);
+        }
+        if let Some(o) = self.out.pop() {
+            return o;
+        }
+        let mut deadline = self.next_housekeeping;
+        for st in self.streams.values() {
+            deadline = common::earliest(deadline, st.merge.next_timeout());
+        }
+        Output::Timeout(deadline)
+    }
+
+    /// On shutdown: unsubscribe from every set reflector, so they stop at once.
+    pub fn leave(&mut self) {
+        let node = self.config.settings.node;
+        for (id, st) in &self.streams {
+            for (i, _) in &st.upstream {
+                let to = Peer::Addr(self.config.reflectors[*i]);
+                self.out.control(to, *id, Body::Unsubscribe { node });
+            }
+        }
+    }
+
+    fn drain_dirty(&mut self, now: Instant) {
+        let ids: Vec<StreamId> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.dirty)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let Some(st) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            st.dirty = false;
+            let reflectors = &self.config.reflectors;
+            let pushed = common::drain_merge(
+                now,
+                id,
+                &mut st.merge,
+                &mut st.ring,
+                &mut self.out,
+                &mut self.counters,
+                |path| reflectors.get(usize::from(path.0)).copied(),
+                |_, _| {},
+            );
+            if pushed {
+                self.serve(now, id, None);
+            }
+        }
+    }
+
+    fn handle_message(&mut self, now: Instant, from: Peer, bytes: Bytes, node: bool) {
+        let msg = match self.out.codec().decode(bytes.clone()) {
+            Ok(m) => m,
+            Err(e) => {
+                self.counters.drops.add(e.reason());
+                return;
+            }
+        };
+        let id = msg.header.stream;
+        if !self.config.settings.carries(id) {
+            self.counters.drops.add("unknown_stream");
+            self.reply_error(
+                from,
+                id,
+                ErrorCode::UNKNOWN_STREAM,
+                "stream not carried here",
+            );
+            return;
+        }
+        if matches!(msg.body, Body::Media(_)) && !node {
+            self.counters.drops.add("not_a_node");
+            if self.warned.len() < 1024 && self.warned.insert(from) {
+                tracing::warn!(peer = %from, "refused: media from a peer without a trusted certificate");
+            }
+            return;
+        }
+        match (from, msg.body) {
+            (Peer::Addr(from), Body::Media(media)) => {
+                let Some(st) = self.streams.get_mut(&id) else {
+                    // Nobody watches it here (any more): the subscription will lapse.
+                    self.counters.drops.add("not_subscribed");
+                    return;
+                };
+                let Some(i) = self.config.reflectors.iter().position(|r| *r == from) else {
+                    self.counters.drops.add("unknown_peer");
+                    return;
+                };
+                common::accept_media(
+                    now,
+                    &mut st.merge,
+                    PathId(i as u8),
+                    bytes,
+                    msg.header,
+                    media,
+                );
+                st.dirty = true;
+            }
+            (_, Body::Watch(watch)) => self.handle_watch(now, from, id, watch),
+            (_, Body::Unsubscribe { .. }) => self.remove_viewer(id, from),
+            (Peer::Addr(_), Body::Nack(ranges)) => {
+                let Some(st) = self.streams.get(&id) else {
+                    self.counters.drops.add("nack_unknown_stream");
+                    return;
+                };
+                if !st.viewers.contains_key(&from) {
+                    self.counters.drops.add("nack_from_stranger");
+                    return;
+                }
+                let a = node::answer_nack(&mut self.out, &st.ring, from, &ranges, MAX_NACK_ANSWER);
+                self.counters.retransmit_sent += a.sent;
+                self.counters.retransmit_missing += a.missing;
+                if a.over_limit {
+                    self.counters.drops.add("nack_over_limit");
+                }
+            }
+            (Peer::Addr(_), Body::Keepalive(k)) => {
+                // A viewer probing this edge: echo its time so it can measure the round trip.
+                let reply = Body::Keepalive(Keepalive {
+                    node: self.config.settings.node,
+                    sent_us: 0,
+                    echo_us: k.sent_us,
+                });
+                self.out.control(from, id, reply);
+            }
+            _ => self.counters.drops.add("unexpected_kind"),
+        }
+    }
+
+    fn stream(&mut self, id: StreamId, now: Instant) -> Result<&mut Stream, braid_core::Error> {
+        if !self.streams.contains_key(&id) {
+            tracing::info!(stream = id.0, "stream opened");
+            self.streams.insert(
+                id,
+                Stream {
+                    merge: merge::Buffer::new(self.config.settings.merge.clone())?,
+                    ring: Ring::new(self.config.ring.clone())?,
+                    viewers: BTreeMap::new(),
+                    upstream: Vec::new(),
+                    last_refresh: None,
+                    empty_since: Some(now),
+                    dirty: false,
+                },
+            );
+        }
+        Ok(self.streams.get_mut(&id).expect("inserted above"))
+    }
+
+    fn remove_viewer(&mut self, id: StreamId, key: Peer) {
+        if let Some(st) = self.streams.get_mut(&id) {
+            if st.viewers.remove(&key).is_some() {
+                self.viewers -= 1;
+                self.counters.viewer_leaves += 1;
+            }
+        }
+    }
+
+    fn handle_watch(&mut self, now: Instant, from: Peer, id: StreamId, watch: Watch) {
+        let (max_stream, max_node) = (self.config.settings.max_per_stream, self.config.max_viewers);
+        let node_full = self.viewers >= max_node;
+        let lease = Duration::from_millis(u64::from(watch.lease_ms)).min(MAX_LEASE);
+        let Ok(st) = self.stream(id, now) else {
+            return;
+        };
+        if let Some(v) = st.viewers.get_mut(&from) {
+            v.expires = now + lease;
+            if watch.acked > v.acked {
+                v.acked = watch.acked;
+            }
+            // The window may have opened: serve this viewer now.
+            self.serve(now, id, Some(from));
+            return;
+        }
+        if self.draining {
+            self.counters.drops.add("draining");
+            self.reply_error(
+                from,
+                id,
+                ErrorCode::DRAINING,
+                "this edge is draining: ask the control server for another",
+            );
+            return;
+        }
+        if let Some(signer) = &self.config.tokens {
+            let token = std::str::from_utf8(&watch.token).unwrap_or("");
+            if let Err(e) = signer.verify_for(id, token, self.clock.unix_secs(now)) {
+                self.counters.drops.add("bad_token");
+                let text = format!("viewer token refused: {e}");
+                self.reply_error(from, id, ErrorCode::UNAUTHORIZED, &text);
+                return;
+            }
+        }
+        let Some(st) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if st.viewers.len() >= max_stream || node_full {
+            self.counters.drops.add("viewer_cap");
+            let text = if node_full {
+                "this edge is full: too many viewers on this node"
+            } else {
+                "too many viewers for this stream on this edge"
+            };
+            self.reply_error(from, id, ErrorCode::CAPACITY, text);
+            return;
+        }
+        st.viewers.insert(
+            from,
+            Viewer {
+                cursor: None,
+                start: watch.start,
+                start_seq: watch.seq,
+                expires: now + lease,
+                acked: watch.acked,
+                first_sent: SeqNo(0),
+            },
+        );
+        st.empty_since = None;
+        let needs_upstream = st.upstream.is_empty();
+        self.viewers += 1;
+        self.counters.viewer_joins += 1;
+        if let Peer::Conn(c) = from {
+            self.tcp_queued.entry(c).or_insert(0);
+        }
+        tracing::info!(stream = id.0, viewer = %from, "viewer joined");
+        if needs_upstream {
+            self.subscribe_upstream(now, id);
+        }
+        self.serve(now, id, Some(from));
+    }
+
+    /// Serves `only` (or every viewer) on every stream.
+    fn serve_all(&mut self, now: Instant, only: Option<Peer>) {
+        let ids: Vec<StreamId> = self.streams.keys().copied().collect();
+        for id in ids {
+            self.serve(now, id, only);
+        }
+    }
+
+    /// Sends each viewer of `id` (or only `only`) what its cursor has to read, within its
+    /// flow window (UDP, QUIC) or queue (TCP), and places the cursors of viewers still
+    /// waiting for their start.
+    fn serve(&mut self, _now: Instant, id: StreamId, only: Option<Peer>) {
+        let window = self.config.viewer_window;
+        let Some(st) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let mut notices: Vec<(Peer, NoticeKind, u64)> = Vec::new();
+        let mut serve_one = |key: Peer, v: &mut Viewer| {
+            if v.cursor.is_none() {
+                let start = match v.start {
+                    WatchStart::Keyframe => Start::Keyframe,
+                    WatchStart::Seq => Start::Seq(v.start_seq),
+                    WatchStart::Live => Start::Live,
+                };
+                // A resume waits for packets to arrive; a keyframe start for a keyframe.
+                if v.start != WatchStart::Keyframe && st.ring.is_empty() {
+                    return;
+                }
+                if let Ok((c, missed)) = st.ring.cursor(start) {
+                    v.cursor = Some(c);
+                    let first = st.ring.peek(&c).map_or(SeqNo(0), |e| e.seq);
+                    notices.push((key, NoticeKind::Joined, first.0));
+                    if missed > 0 {
+                        self.counters.resume_missed_packets += missed;
+                        notices.push((key, NoticeKind::Missed, missed));
+                    }
+                }
+            }
+            let Some(cursor) = v.cursor.as_mut() else {
+                return;
+            };
+            loop {
+                // An overtaken cursor is moved on (and counted) whatever its window says.
+                if !st.ring.overtaken(cursor) {
+                    match key {
+                        Peer::Addr(_) => {
+                            // Until the viewer acknowledges anything, the window counts
+                            // from the first packet sent to it.
+                            if let Some(e) = st.ring.peek(cursor) {
+                                let base = if v.acked.0 > 0 {
+                                    v.acked.0
+                                } else if v.first_sent.0 > 0 {
+                                    v.first_sent.0
+                                } else {
+                                    e.seq.0
+                                };
+                                if e.seq.0 >= base + window {
+                                    break;
+                                }
+                            }
+                        }
+                        Peer::Conn(c) => {
+                            if self.tcp_queued.get(&c).is_some_and(|q| *q >= TCP_QUEUE) {
+                                break;
+                            }
+                        }
+                    }
+                }
+                match st.ring.read(cursor) {
+                    Read::Packet(e) => {
+                        if v.first_sent.0 == 0 {
+                            v.first_sent = e.seq;
+                        }
+                        if let Peer::Conn(c) = key {
+                            *self.tcp_queued.entry(c).or_insert(0) += 1;
+                        }
+                        self.out.send(key, e.item.datagram.clone(), true);
+                    }
+                    Read::Skipped { lost } => {
+                        self.counters.viewer_skipped_packets += lost;
+                        self.counters.viewer_skips += 1;
+                        notices.push((key, NoticeKind::Skipped, lost));
+                    }
+                    Read::Pending => break,
+                }
+            }
+        };
+        match only {
+            Some(key) => {
+                if let Some(v) = st.viewers.get_mut(&key) {
+                    serve_one(key, v);
+                }
+            }
+            None => {
+                for (key, v) in st.viewers.iter_mut() {
+                    serve_one(*key, v);
+                }
+            }
+        }
+        for (key, kind, value) in notices {
+            self.out.control(key, id, Body::Notice { kind, value });
+        }
+    }
+
+    fn subscribe_upstream(&mut self, now: Instant, id: StreamId) {
+        let k = self.subscribe_k();
+        let n = self.config.reflectors.len();
+        let Some(st) = self.streams.get_mut(&id) else {
+            return;
+        };
+        // Keep the reflectors already subscribed; add unused ones up to k (an edge that
+        // learns its reflectors from the control server tops up as it learns them).
+        let before = st.upstream.len();
+        let mut next = 0;
+        while st.upstream.len() < k && next < n {
+            if !st.upstream.iter().any(|(i, _)| *i == next) {
+                st.upstream.push((next, now));
+            }
+            next += 1;
+        }
+        if st.upstream.len() > before {
+            self.refresh_upstream(now, id, true);
+        }
+    }
+
+    fn subscribe_k(&self) -> usize {
+        self.config
+            .subscribe_k
+            .max(2)
+            .min(self.config.reflectors.len())
+    }
+
+    fn refresh_upstream(&mut self, now: Instant, id: StreamId, first: bool) {
+        let Some(st) = self.streams.get_mut(&id) else {
+            return;
+        };
+        st.last_refresh = Some(now);
+        let s = braid_core::wire::Subscription {
+            node: self.config.settings.node,
+            lease_ms: LEASE_MS,
+        };
+        let body = if first {
+            Body::Subscribe(s)
+        } else {
+            Body::Refresh(s)
+        };
+        for (i, _) in &st.upstream {
+            let to = Peer::Addr(self.config.reflectors[*i]);
+            self.out.control(to, id, body.clone());
+        }
+    }
+
+    fn reply_error(&mut self, to: Peer, stream: StreamId, code: ErrorCode, text: &str) {
+        self.out.control(
+            to,
+            stream,
+            Body::Error {
+                code,
+                text: text.into(),
+            },
+        );
+    }
+
+    /// Expiries, refreshes, path replacement, linger, drain signals.
+    fn housekeeping(&mut self, now: Instant) {
+        self.next_housekeeping = Some(now + HOUSEKEEPING);
+        self.signal_drain(now);
+        let k = self.subscribe_k();
+        let top_up: Vec<StreamId> = self
+            .streams
+            .iter()
+            .filter(|(_, st)| !st.viewers.is_empty() && st.upstream.len() < k)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in top_up {
+            self.subscribe_upstream(now, id);
+        }
+        let mut close = Vec::new();
+        let mut refresh = Vec::new();
+        let mut overtaken = Vec::new();
+        let mut gone_viewers = 0;
+        let n = self.config.reflectors.len();
+        for (&id, st) in self.streams.iter_mut() {
+            // Pushes evict by age; a stream gone silent is aged here.
+            st.ring.handle_timeout(now);
+            // A viewer that stopped reading stops its cursor; count its skip when the ring
+            // overtakes it, not only when it comes back.
+            if st
+                .viewers
+                .values()
+                .any(|v| v.cursor.is_some_and(|c| st.ring.overtaken(&c)))
+            {
+                overtaken.push(id);
+            }
+            let before = st.viewers.len();
+            st.viewers.retain(|_, v| v.expires > now);
+            gone_viewers += before - st.viewers.len();
+            if st.viewers.is_empty() {
+                let since = *st.empty_since.get_or_insert(now);
+                if now.duration_since(since) >= self.config.linger {
+                    close.push(id);
+                    continue;
+                }
+            }
+            // Replace a subscribed set reflector that stopped delivering data.
+            for j in 0..st.upstream.len() {
+                let (i, since) = st.upstream[j];
+                let down = |c: usize| self.quic_down.contains(&self.config.reflectors[c]);
+                let dead = (now.duration_since(since) > PATH_DEAD
+                    && !st.merge.is_healthy(PathId(i as u8)))
+                    || down(i);
+                if dead && n > st.upstream.len() {
+                    let used: Vec<usize> = st.upstream.iter().map(|(i, _)| *i).collect();
+                    if let Some(next) = (1..n)
+                        .map(|d| (i + d) % n)
+                        .find(|c| !used.contains(c) && !down(*c))
+                    {
+                        tracing::warn!(stream = id.0, from = %self.config.reflectors[i], to = %self.config.reflectors[next], "set reflector delivers no data: moving the subscription");
+                        self.counters.path_replaced += 1;
+                        st.upstream[j] = (next, now);
+                        st.last_refresh = None;
+                    }
+                }
+            }
+            if !st.upstream.is_empty()
+                && st
+                    .last_refresh
+                    .is_none_or(|t| now.duration_since(t) >= REFRESH)
+            {
+                refresh.push((id, st.last_refresh.is_none()));
+            }
+        }
+        self.viewers -= gone_viewers;
+        for id in overtaken {
+            self.serve(now, id, None);
+        }
+        for (id, first) in refresh {
+            self.refresh_upstream(now, id, first);
+        }
+        let node = self.config.settings.node;
+        for id in close {
+            if let Some(st) = self.streams.remove(&id) {
+                tracing::info!(stream = id.0, "last viewer gone: unsubscribing");
+                for (i, _) in st.upstream {
+                    let to = Peer::Addr(self.config.reflectors[i]);
+                    self.out.control(to, id, Body::Unsubscribe { node });
+                }
+            }
+        }
+    }
+
+    /// Adds set reflectors a control server lists that this edge does not know yet. The
+    /// list only grows (paths are numbered by position); one that dies delivers nothing
+    /// and is replaced by the dead-path rule.
+    fn learn_reflectors(&mut self, listed: Vec<SocketAddr>) {
+        for r in listed {
+            if !self.config.reflectors.contains(&r) && self.config.reflectors.len() < 64 {
+                tracing::info!(reflector = %r, "learned a set reflector from the control server");
+                self.config.reflectors.push(r);
+            }
+        }
+    }
+
+    /// A drained edge tells its viewers to switch, every second while any remain.
+    fn signal_drain(&mut self, now: Instant) {
+        if !self.draining
+            || self
+                .last_drain_signal
+                .is_some_and(|t| now.duration_since(t) < DRAIN_SIGNAL)
+        {
+            return;
+        }
+        self.last_drain_signal = Some(now);
+        let reason = SwitchReason::Drain;
+        for (id, st) in &self.streams {
+            let Some(d) = self.out.encode(*id, Body::Switch { reason }) else {
+                continue;
+            };
+            for key in st.viewers.keys() {
+                self.out.send(*key, d.clone(), false);
+            }
+            self.counters.drain_signals += st.viewers.len() as u64;
+        }
+    }
+}
