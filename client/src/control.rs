@@ -1,11 +1,17 @@
-//! Talking to the control servers: assignment, switch requests, feedback. Each call tries
-//! the servers in order and takes the first answer, so any one of them is enough; the
-//! HTTP runs on a blocking thread so the viewer's task never waits on it.
+//! Talking to the control servers: assignment, switch requests, feedback. Each call asks
+//! every server at once and takes the first good answer, so any one of them is enough
+//! and a hung one costs nothing; the HTTP runs on blocking threads so the viewer's task
+//! never waits on it.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::session::Refusal;
+
+/// How long one server is waited for.
+pub const TIMEOUT: Duration = Duration::from_millis(700);
 
 /// One edge the control server offers.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -53,44 +59,70 @@ pub struct Viewer {
 
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_millis(700)))
+        .timeout_global(Some(TIMEOUT))
         .http_status_as_error(false)
         .build()
         .into()
 }
 
-/// The first answer from any control server, or every server's error.
+/// Asks every control server at once; the first answer with status 200 wins, a 403
+/// (the viewer refused) ends the call, and with neither every server's error is said.
 fn first_answer(
     v: &Viewer,
-    call: impl Fn(&ureq::Agent, &str) -> Result<(u16, String), ureq::Error>,
-) -> anyhow::Result<String> {
-    let agent = agent();
-    let mut errors = Vec::new();
+    call: impl Fn(&ureq::Agent, &str) -> Result<(u16, String), ureq::Error> + Send + Sync + 'static,
+) -> Result<String, Refusal> {
+    let call = std::sync::Arc::new(call);
+    let (tx, rx) = std::sync::mpsc::channel();
     for url in &v.controls {
-        let base = url.trim_end_matches('/');
-        match call(&agent, base) {
+        let base = url.trim_end_matches('/').to_owned();
+        let (tx, call) = (tx.clone(), call.clone());
+        std::thread::spawn(move || {
+            let r = call(&agent(), &base);
+            let _ = tx.send((base, r));
+        });
+    }
+    drop(tx);
+    let mut errors = Vec::new();
+    for (base, r) in rx {
+        match r {
             Ok((200, body)) => return Ok(body),
-            Ok((403, body)) => anyhow::bail!("control server {base} refused: {body}"),
+            Ok((403, body)) => {
+                return Err(Refusal::Refused(format!(
+                    "control server {base} refused: {body}"
+                )));
+            }
             Ok((status, body)) => errors.push(format!("{base}: {status} {body}")),
             Err(e) => errors.push(format!("{base}: {e}")),
         }
     }
-    anyhow::bail!("no control server answered: {}", errors.join("; "))
+    Err(Refusal::Failed(format!(
+        "no control server answered: {}",
+        errors.join("; ")
+    )))
+}
+
+fn parse(body: &str) -> Result<Assignment, Refusal> {
+    serde_json::from_str(body).map_err(|e| {
+        Refusal::Failed(format!(
+            "a control server's answer is not an assignment: {e}"
+        ))
+    })
 }
 
 /// Asks for an assignment.
-pub fn assign(v: &Viewer) -> anyhow::Result<Assignment> {
-    let body = first_answer(v, |agent, base| {
+pub fn assign(v: &Viewer) -> Result<Assignment, Refusal> {
+    let q = v.clone();
+    let body = first_answer(v, move |agent, base| {
         let mut r = agent
             .get(&format!("{base}/v1/assign"))
-            .query("stream", v.stream.to_string())
-            .query("client", v.client.to_string())
-            .query("token", &v.token)
-            .query("region", &v.region)
+            .query("stream", q.stream.to_string())
+            .query("client", q.client.to_string())
+            .query("token", &q.token)
+            .query("region", &q.region)
             .call()?;
         Ok((r.status().as_u16(), r.body_mut().read_to_string()?))
     })?;
-    Ok(serde_json::from_str(&body)?)
+    parse(&body)
 }
 
 /// Reports a failed primary and asks for an edge of the other set.
@@ -99,20 +131,20 @@ pub fn switch(
     failed: SocketAddr,
     reason: &str,
     last_seq: u64,
-) -> anyhow::Result<Assignment> {
+) -> Result<Assignment, Refusal> {
     let req = serde_json::json!({
         "client": v.client, "stream": v.stream, "failed": failed, "reason": reason,
         "last_seq": last_seq, "token": v.token, "region": v.region,
     })
     .to_string();
-    let body = first_answer(v, |agent, base| {
+    let body = first_answer(v, move |agent, base| {
         let mut r = agent
             .post(&format!("{base}/v1/switch"))
             .header("content-type", "application/json")
             .send(&req)?;
         Ok((r.status().as_u16(), r.body_mut().read_to_string()?))
     })?;
-    Ok(serde_json::from_str(&body)?)
+    parse(&body)
 }
 
 /// Reports probe timings (best effort).
@@ -123,7 +155,7 @@ pub fn feedback(v: &Viewer, probes: &[(SocketAddr, f64)], throughput_bps: u64) {
         "throughput_bps": throughput_bps,
     })
     .to_string();
-    let _ = first_answer(v, |agent, base| {
+    let _ = first_answer(v, move |agent, base| {
         let mut r = agent
             .post(&format!("{base}/v1/feedback"))
             .header("content-type", "application/json")

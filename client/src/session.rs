@@ -1,0 +1,1011 @@
+//! The viewer's session, sans-IO: which edge to watch, the watch protocol, the playout
+//! buffer with its repairs, the detectors, and switching without loss.
+//!
+//! [`Session`] has the shape of every Braid machine (`braid_core::node`): feed it
+//! [`Input`]s and timeouts, then drain [`Session::poll_output`] until it returns a
+//! timeout. It asks its owner to talk to the control servers ([`Request`], answered
+//! with [`Input::Answer`]), to write the stream ([`Event::Write`]) and to send to edges;
+//! the owner (the `braid-client` daemon, or the simulator) never decides anything.
+//!
+//! - **Watch**: a watch message starts the stream (at the latest keyframe, or at a
+//!   sequence number to resume) and is repeated every 250 ms or 32 packets as the lease
+//!   refresh and the acknowledgement that opens the edge's flow window.
+//! - **Buffer**: packets pass through a single-path [`merge::Buffer`]: reordered packets
+//!   are put back in order, a missing one is asked for again (over datagrams), and given
+//!   up as a gap after the buffer's length. The first packet waits that long too, which
+//!   fills the buffer before anything is written.
+//! - **Switching**: the detectors' verdict (after the new edge's catch-up), a drain
+//!   signal or a refusal asks a control server for an edge of the other set (or, with
+//!   none answering in time, takes the best candidate of the other set from the last
+//!   assignment); the new edge is watched from the first sequence number not yet written,
+//!   and over datagrams the old edge is kept until the new one delivers (make before
+//!   break). The output goes on byte for byte, and the buffer keeps writing while the
+//!   control server thinks.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use braid_core::detect::{self, Detector, Observation, Output as DetectOutput};
+use braid_core::merge::{self, Output as MergeOutput};
+use braid_core::node::{Outbox, Output, Peer, WallClock};
+use braid_core::wire::{
+    Body, Codec, Flags, Keepalive, Message, NoticeKind, SeqRange, Watch, WatchStart,
+};
+use braid_core::{Bitrate, DataSize, NodeId, PathId, SeqNo, StreamId};
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::control::Assignment;
+
+/// Acknowledge at least this often.
+const ACK_EVERY: Duration = Duration::from_millis(250);
+/// ... or after this many packets.
+const ACK_PACKETS: u32 = 32;
+/// Stats once a second.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// Measures are judged from this long after a start or switch (the catch-up burst).
+const SETTLE: Duration = Duration::from_secs(1);
+/// How long probes wait for their answers.
+const PROBE_WAIT: Duration = Duration::from_millis(300);
+/// The lease asked for in every watch.
+const LEASE_MS: u32 = 3000;
+
+/// What the session decides with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The stream watched.
+    pub stream: StreamId,
+    /// This viewer's id.
+    pub id: NodeId,
+    /// The viewer's token, as given.
+    pub token: Bytes,
+    /// Media comes as datagrams (UDP, QUIC: repairs by NACK, make before break) rather
+    /// than over a TCP stream.
+    pub datagrams: bool,
+    /// The playout buffer: how long a missing packet is waited for.
+    pub buffer: Duration,
+    /// Start at this sequence number instead of the latest keyframe.
+    pub resume_seq: Option<SeqNo>,
+    /// End after this long (`None`: never).
+    pub duration: Option<Duration>,
+    /// Give up if no packet arrived within this long.
+    pub start_timeout: Duration,
+    /// Whether control servers are configured (else `edge` is watched).
+    pub control: bool,
+    /// The edge given on the command line.
+    pub edge: Option<SocketAddr>,
+    /// Time the candidates and watch the fastest of the primary's set.
+    pub probe: bool,
+    /// Ask again this often.
+    pub reask: Option<Duration>,
+    /// Move on a re-ask when a candidate's weight beats the current edge's by this share.
+    pub better_margin: f64,
+    /// The detectors' thresholds.
+    pub detect: detect::Config,
+    /// How long an answer from the control servers is waited for.
+    pub control_timeout: Duration,
+}
+
+/// A request for the control servers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    /// An assignment (at start, and every re-ask).
+    Assign,
+    /// An edge of the other set.
+    Switch {
+        /// The edge left.
+        failed: SocketAddr,
+        /// Why.
+        reason: String,
+        /// The last sequence number the viewer has.
+        last_seq: u64,
+    },
+    /// Probe timings (no answer expected).
+    Feedback {
+        /// Round trips measured, in milliseconds.
+        probes: Vec<(SocketAddr, f64)>,
+    },
+}
+
+/// Why a request got no assignment.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    /// A control server refused the viewer (its token): no point asking again.
+    Refused(String),
+    /// No control server answered, or none had an edge.
+    Failed(String),
+}
+
+/// What the owner feeds in.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// A message from an edge: `from` names it by its UDP address (`None` over TCP: the
+    /// edge watched).
+    Received {
+        /// Which edge.
+        from: Option<SocketAddr>,
+        /// The message.
+        datagram: Bytes,
+    },
+    /// The control servers' answer to request `id`.
+    Answer {
+        /// The request answered.
+        id: u64,
+        /// The assignment, or why there is none.
+        result: Result<Assignment, Refusal>,
+    },
+}
+
+/// What the session asks of its owner.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Ask the control servers; answer with [`Input::Answer`] and this `id` (none is
+    /// expected for feedback).
+    Request {
+        /// Names the answer.
+        id: u64,
+        /// What to ask.
+        request: Request,
+    },
+    /// Send a probe to a candidate edge, as plain UDP to its UDP address.
+    Probe {
+        /// The candidate.
+        to: SocketAddr,
+        /// The probe.
+        datagram: Bytes,
+    },
+    /// Write these bytes of the stream (sequence number `seq`).
+    Write {
+        /// The packet's sequence number.
+        seq: SeqNo,
+        /// Its payload (MPEG-TS).
+        payload: Bytes,
+    },
+    /// A second passed: the stats are fresh.
+    Stats,
+    /// The session is over: `Ok` at the end of its duration, `Err` with a sentence.
+    Done(Result<(), String>),
+}
+
+/// One switch, as the JSON stats record it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct SwitchStat {
+    /// Why: a detector's reason, `drain`, `refused`, or `better`.
+    pub reason: String,
+    /// The edge left.
+    pub from: String,
+    /// The edge taken.
+    pub to: String,
+    /// Whether a control server chose it (else the client took a secondary candidate).
+    pub via_control: bool,
+    /// Milliseconds from detection to the first packet from the new edge.
+    pub detect_to_first_packet_ms: Option<u64>,
+    /// Sequence number resumed at.
+    pub resumed_at: u64,
+    /// Packets given up between detection and two seconds after the switch.
+    pub lost: Option<u64>,
+    /// Wall clock at detection, ms since the Unix epoch (to line up with other logs).
+    pub detected_unix_ms: u64,
+    /// Wall clock at the first packet from the new edge, ms since the Unix epoch.
+    pub first_packet_unix_ms: Option<u64>,
+}
+
+/// What the viewer received; written as JSON.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Stats {
+    /// The edge now.
+    pub edge: String,
+    /// UDP or TCP.
+    pub transport: String,
+    /// Packets written out.
+    pub packets: u64,
+    /// Payload bytes written out.
+    pub bytes: u64,
+    /// First sequence number written.
+    pub first_seq: Option<u64>,
+    /// Last sequence number written.
+    pub last_seq: Option<u64>,
+    /// Sequence numbers given up after the buffer (gaps in the output).
+    pub gaps: u64,
+    /// Of those, packets the edge said it skipped (this viewer fell behind).
+    pub skipped: u64,
+    /// Skip events.
+    pub skips: u64,
+    /// Copies dropped as duplicates or too late.
+    pub late_or_duplicate: u64,
+    /// Asks for a missing packet sent to the edge.
+    pub nacks: u64,
+    /// Missing packets that the edge sent again in time.
+    pub repaired: u64,
+    /// Packets that failed to decode.
+    pub malformed: u64,
+    /// Media from an edge this viewer no longer watches (dropped).
+    pub stray: u64,
+    /// Milliseconds from the first watch message to the first packet received.
+    pub join_ms: Option<u64>,
+    /// Milliseconds from the first watch message to the first packet written.
+    pub first_output_ms: Option<u64>,
+    /// Bit rate written out over the last second.
+    pub bitrate_bps: u64,
+    /// Packets held in the buffer.
+    pub buffered: usize,
+    /// Every switch.
+    pub switches: Vec<SwitchStat>,
+    /// Whether this is the last line.
+    pub done: bool,
+}
+
+/// A switch decided and not yet carried out: waiting for the control servers.
+#[derive(Debug, Clone)]
+struct PendingSwitch {
+    reason: String,
+    detected: Instant,
+    /// The request asked, and until when its answer is waited for.
+    asked: Option<(u64, Instant)>,
+}
+
+/// Where the session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the first assignment (request id, until when).
+    Assigning(u64, Instant),
+    /// Probing the candidates until then.
+    Probing(Instant),
+    /// Watching an edge.
+    Watching,
+    /// Over.
+    Done,
+}
+
+/// The viewer's state machine.
+pub struct Session {
+    config: Config,
+    clock: WallClock,
+    out: Outbox<Event>,
+    phase: Phase,
+    now: Instant,
+    started: Instant,
+    next_id: u64,
+    assignment: Option<Assignment>,
+    /// The edge watched (its UDP address).
+    edge: Option<SocketAddr>,
+    /// During a switch over datagrams, the edge being left (until the new one delivers).
+    leaving: Option<SocketAddr>,
+    start: (WatchStart, SeqNo),
+    buffer: merge::Buffer<Bytes>,
+    detector: Detector,
+    stats: Stats,
+    got_from_edge: bool,
+    acked: SeqNo,
+    since_ack: u32,
+    next_ack: Instant,
+    next_report: Instant,
+    last_report: (Instant, u64),
+    grace_until: Instant,
+    judge_from: Instant,
+    next_reask: Option<Instant>,
+    reask_id: Option<(u64, Instant)>,
+    pending: Option<PendingSwitch>,
+    /// (switch index, detected at, gaps then), to fill in `lost` later.
+    switch_marks: Vec<(usize, Instant, u64)>,
+    /// Probes sent: candidate and when.
+    probes: Vec<(SocketAddr, Option<f64>)>,
+    probe_started: Instant,
+}
+
+impl Session {
+    /// A session starting at `now`: it asks for an assignment, or watches the configured
+    /// edge at once.
+    pub fn new(
+        config: Config,
+        codec: Codec,
+        clock: WallClock,
+        transport: &str,
+        now: Instant,
+    ) -> Result<Session, braid_core::Error> {
+        let window = config.buffer;
+        let buffer = merge::Buffer::new(merge::Config {
+            reorder_window: window,
+            nack: config.datagrams,
+            nack_delay: (window / 10).max(Duration::from_millis(5)),
+            nack_retry: (window / 5).max(Duration::from_millis(10)),
+            ..merge::Config::default()
+        })?;
+        let mut detector = Detector::new(config.detect.clone())?;
+        detector.reset(now);
+        let grace = config.start_timeout.min(Duration::from_secs(3));
+        let start = match config.resume_seq {
+            Some(s) => (WatchStart::Seq, s),
+            None => (WatchStart::Keyframe, SeqNo(0)),
+        };
+        let mut s = Session {
+            clock,
+            out: Outbox::new(codec),
+            phase: Phase::Done,
+            now,
+            started: now,
+            next_id: 1,
+            assignment: None,
+            edge: None,
+            leaving: None,
+            start,
+            buffer,
+            detector,
+            stats: Stats {
+                transport: transport.to_owned(),
+                ..Stats::default()
+            },
+            got_from_edge: false,
+            acked: SeqNo(0),
+            since_ack: 0,
+            next_ack: now + ACK_EVERY,
+            next_report: now + REPORT_EVERY,
+            last_report: (now, 0),
+            grace_until: now + grace,
+            judge_from: now + SETTLE,
+            next_reask: None,
+            reask_id: None,
+            pending: None,
+            switch_marks: Vec::new(),
+            probes: Vec::new(),
+            probe_started: now,
+            config,
+        };
+        if s.config.control {
+            let id = s.request(Request::Assign);
+            s.phase = Phase::Assigning(id, now + s.config.control_timeout);
+        } else if let Some(e) = s.config.edge {
+            s.watch_first(e);
+        } else {
+            s.finish(Err("no edge to watch".into()));
+        }
+        Ok(s)
+    }
+
+    /// What the viewer received so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The edge watched, if any yet.
+    pub fn edge(&self) -> Option<SocketAddr> {
+        self.edge
+    }
+
+    /// The last assignment from a control server.
+    pub fn assignment(&self) -> Option<&Assignment> {
+        self.assignment.as_ref()
+    }
+
+    /// Ends the session: leaves the edge at once rather than let its lease lapse, and
+    /// marks the stats final.
+    pub fn close(&mut self) {
+        if let Some(e) = self.edge {
+            self.send(
+                e,
+                Body::Unsubscribe {
+                    node: self.config.id,
+                },
+            );
+        }
+        self.stats.buffered = self.buffer.held();
+        self.stats.done = true;
+        self.phase = Phase::Done;
+    }
+
+    /// Takes one input.
+    pub fn handle_input(&mut self, now: Instant, input: Input) {
+        self.now = now;
+        if self.phase == Phase::Done {
+            return;
+        }
+        match input {
+            Input::Received { from, datagram } => self.handle_message(now, from, datagram),
+            Input::Answer { id, result } => self.handle_answer(now, id, result),
+        }
+        self.step(now);
+    }
+
+    /// Runs what is due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
+        if self.phase == Phase::Done {
+            return;
+        }
+        if let Some(d) = self.config.duration {
+            if now >= self.started + d {
+                self.finish(Ok(()));
+                return;
+            }
+        }
+        match self.phase {
+            Phase::Assigning(_, until) if now >= until => {
+                self.assigned(
+                    now,
+                    Err(Refusal::Failed("no control server answered in time".into())),
+                );
+            }
+            Phase::Probing(until) if now >= until => self.probed(now),
+            _ => {}
+        }
+        if self.stats.join_ms.is_none() && now >= self.started + self.config.start_timeout {
+            let edge = self.edge.map_or("none".into(), |e| e.to_string());
+            self.finish(Err(format!(
+                "no stream from edge {edge} within {:.1} s (is stream {} published, and the edge reachable over {}?)",
+                self.config.start_timeout.as_secs_f64(),
+                self.config.stream.0,
+                self.stats.transport
+            )));
+            return;
+        }
+        if now >= self.next_ack {
+            self.next_ack = now + ACK_EVERY;
+            self.send_ack();
+        }
+        if now >= self.next_report {
+            self.next_report = now + REPORT_EVERY;
+            self.report(now);
+        }
+        if self.reask_id.is_some_and(|(_, until)| now >= until) {
+            self.reask_id = None;
+        }
+        if let Some(p) = &self.pending {
+            if p.asked.is_some_and(|(_, until)| now >= until) {
+                tracing::warn!(
+                    "no control server answered the switch in time: going to the secondary set directly"
+                );
+                self.carry_out_switch(now, None);
+            }
+        }
+        self.detector.handle_timeout(now);
+        self.buffer.handle_timeout(now);
+        self.step(now);
+    }
+
+    /// The next thing to do; [`Output::Timeout`] when there is nothing.
+    pub fn poll_output(&mut self) -> Output<Event> {
+        if let Some(o) = self.out.pop() {
+            return o;
+        }
+        if self.phase == Phase::Done {
+            return Output::Timeout(None);
+        }
+        let mut t = self.next_ack.min(self.next_report);
+        let mut at = |d: Option<Instant>| {
+            if let Some(d) = d {
+                t = t.min(d);
+            }
+        };
+        at(self.config.duration.map(|d| self.started + d));
+        at(self
+            .stats
+            .join_ms
+            .is_none()
+            .then(|| self.started + self.config.start_timeout));
+        at(self.buffer.next_timeout());
+        at(self.next_reask);
+        at(self.reask_id.map(|(_, u)| u));
+        at(self.pending.as_ref().and_then(|p| p.asked.map(|(_, u)| u)));
+        match self.phase {
+            Phase::Assigning(_, u) | Phase::Probing(u) => at(Some(u)),
+            _ => {}
+        }
+        if let DetectOutput::Timeout(d) = self.detector.poll_output() {
+            at(d);
+        }
+        Output::Timeout(Some(t))
+    }
+
+    fn request(&mut self, request: Request) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.out.event(Event::Request { id, request });
+        id
+    }
+
+    fn finish(&mut self, result: Result<(), String>) {
+        if self.phase == Phase::Done {
+            return;
+        }
+        self.stats.buffered = self.buffer.held();
+        self.out.event(Event::Done(result));
+        self.phase = Phase::Done;
+    }
+
+    fn send(&mut self, to: SocketAddr, body: Body) {
+        self.out.control(Peer::Addr(to), self.config.stream, body);
+    }
+
+    fn watch(&self) -> Body {
+        Body::Watch(Watch {
+            node: self.config.id,
+            lease_ms: LEASE_MS,
+            start: self.start.0,
+            seq: self.start.1,
+            acked: self.acked,
+            token: self.config.token.clone(),
+        })
+    }
+
+    /// Starts watching the first edge.
+    fn watch_first(&mut self, edge: SocketAddr) {
+        self.edge = Some(edge);
+        self.stats.edge = edge.to_string();
+        self.phase = Phase::Watching;
+        self.next_reask = self
+            .config
+            .reask
+            .filter(|_| self.config.control)
+            .map(|d| self.started + d);
+        self.send(edge, self.watch());
+    }
+
+    fn send_ack(&mut self) {
+        self.since_ack = 0;
+        let w = self.watch();
+        if let Some(old) = self.leaving {
+            self.send(old, w.clone());
+        }
+        if let Some(e) = self.edge {
+            self.send(e, w);
+        }
+    }
+
+    fn handle_answer(&mut self, now: Instant, id: u64, result: Result<Assignment, Refusal>) {
+        match self.phase {
+            Phase::Assigning(asked, _) if asked == id => {
+                self.assigned(now, result);
+                return;
+            }
+            _ => {}
+        }
+        if self.reask_id.is_some_and(|(r, _)| r == id) {
+            self.reask_id = None;
+            if let Ok(a) = result {
+                let edge = self.edge;
+                let current = a
+                    .candidates
+                    .iter()
+                    .find(|c| Some(c.addr) == edge)
+                    .map(|c| f64::from(c.weight));
+                let best = a.candidates.first().map(|c| (c.addr, f64::from(c.weight)));
+                let better = match (current, best) {
+                    (None, Some(_)) => true,
+                    (Some(cur), Some((addr, w))) => {
+                        Some(addr) != edge && w > cur * (1.0 + self.config.better_margin)
+                    }
+                    _ => false,
+                };
+                self.assignment = Some(a);
+                if better && self.pending.is_none() {
+                    self.decide_switch(now, "better".into());
+                }
+            }
+            return;
+        }
+        let answers_switch = self
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.asked.is_some_and(|(r, _)| r == id));
+        if answers_switch {
+            match result {
+                Ok(a) => {
+                    let to = a.primary;
+                    self.assignment = Some(a);
+                    self.carry_out_switch(now, Some(to));
+                }
+                Err(e) => {
+                    let e = match e {
+                        Refusal::Refused(t) | Refusal::Failed(t) => t,
+                    };
+                    tracing::warn!("{e}: going to the secondary set directly");
+                    self.carry_out_switch(now, None);
+                }
+            }
+        }
+    }
+
+    /// The first assignment came (or none will).
+    fn assigned(&mut self, now: Instant, result: Result<Assignment, Refusal>) {
+        match result {
+            Ok(a) => {
+                let primary = a.primary;
+                let probe = self.config.probe;
+                self.assignment = Some(a);
+                if probe {
+                    self.start_probes(now);
+                } else {
+                    self.watch_first(primary);
+                }
+            }
+            Err(Refusal::Refused(t)) => self.finish(Err(t)),
+            Err(Refusal::Failed(t)) => match self.config.edge {
+                Some(e) => {
+                    tracing::warn!("{t}; watching --edge instead");
+                    self.watch_first(e);
+                }
+                None => self.finish(Err(t)),
+            },
+        }
+    }
+
+    /// Times a keepalive to each candidate ([`PROBE_WAIT`] at most).
+    fn start_probes(&mut self, now: Instant) {
+        let Some(a) = &self.assignment else {
+            return;
+        };
+        let candidates: Vec<SocketAddr> = a.candidates.iter().map(|c| c.addr).collect();
+        self.probe_started = now;
+        self.probes = candidates.iter().map(|c| (*c, None)).collect();
+        for (i, c) in candidates.iter().enumerate() {
+            let body = Body::Keepalive(Keepalive {
+                node: NodeId(0),
+                sent_us: (i as u64 + 1) << 32,
+                echo_us: 0,
+            });
+            if let Some(d) = self.out.encode(self.config.stream, body) {
+                self.out.event(Event::Probe {
+                    to: *c,
+                    datagram: d,
+                });
+            }
+        }
+        self.phase = Phase::Probing(now + PROBE_WAIT);
+    }
+
+    /// The probes are in (or their time is up): watch the fastest of the primary's set.
+    fn probed(&mut self, _now: Instant) {
+        let Some(a) = self.assignment.clone() else {
+            return;
+        };
+        let rtts: Vec<(SocketAddr, f64)> = self
+            .probes
+            .iter()
+            .filter_map(|(a, r)| r.map(|r| (*a, r)))
+            .collect();
+        self.request(Request::Feedback {
+            probes: rtts.clone(),
+        });
+        let fastest = rtts
+            .iter()
+            .filter(|(addr, _)| {
+                a.candidates
+                    .iter()
+                    .any(|c| c.addr == *addr && c.set == a.primary_set)
+            })
+            .min_by(|x, y| x.1.total_cmp(&y.1));
+        let edge = match fastest {
+            Some((f, rtt)) => {
+                tracing::info!(
+                    "probed {} edges; fastest of the {} set: {f} ({rtt:.2} ms)",
+                    rtts.len(),
+                    a.primary_set
+                );
+                *f
+            }
+            None => a.primary,
+        };
+        self.watch_first(edge);
+    }
+
+    fn handle_message(&mut self, now: Instant, from: Option<SocketAddr>, datagram: Bytes) {
+        let Ok(msg) = self.out.codec().decode(datagram) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        if let Phase::Probing(_) = self.phase {
+            if let (Body::Keepalive(k), Some(f)) = (&msg.body, from) {
+                let i = (k.echo_us >> 32) as usize;
+                if let Some((addr, rtt)) = self.probes.get_mut(i.wrapping_sub(1)) {
+                    if *addr == f && rtt.is_none() {
+                        *rtt = Some(now.duration_since(self.probe_started).as_secs_f64() * 1000.0);
+                    }
+                }
+                if self.probes.iter().all(|(_, r)| r.is_some()) {
+                    self.probed(now);
+                }
+            }
+            return;
+        }
+        let from_edge = from.is_none() || from == self.edge;
+        let from_leaving = self.leaving.is_some() && from == self.leaving;
+        match msg {
+            Message {
+                header,
+                body: Body::Media(m),
+            } => {
+                if from_leaving && !from_edge {
+                    // The edge being left, until the new one delivers.
+                    if m.seq > self.acked {
+                        self.acked = m.seq;
+                    }
+                    self.buffer.handle_input(
+                        now,
+                        merge::Input::Packet {
+                            path: PathId(1),
+                            seq: m.seq,
+                            item: m.rtp.payload(),
+                        },
+                    );
+                    return;
+                }
+                if !from_edge {
+                    self.stats.stray += 1;
+                    return;
+                }
+                self.stats
+                    .join_ms
+                    .get_or_insert(now.duration_since(self.started).as_millis() as u64);
+                if !self.got_from_edge {
+                    self.got_from_edge = true;
+                    if let Some(old) = self.leaving.take() {
+                        self.send(
+                            old,
+                            Body::Unsubscribe {
+                                node: self.config.id,
+                            },
+                        );
+                    }
+                    if let Some((i, t, _)) = self.switch_marks.last() {
+                        let unix = self.clock.unix_ms(now);
+                        if let Some(s) = self.stats.switches.get_mut(*i) {
+                            s.detect_to_first_packet_ms
+                                .get_or_insert(now.duration_since(*t).as_millis() as u64);
+                            s.first_packet_unix_ms.get_or_insert(unix);
+                        }
+                    }
+                }
+                if m.seq > self.acked {
+                    self.acked = m.seq;
+                }
+                self.since_ack += 1;
+                self.detector.handle_input(
+                    now,
+                    Observation {
+                        seq: m.seq,
+                        size: m.rtp.len(),
+                        frame_start: header.flags.contains(Flags::KEYFRAME),
+                    },
+                );
+                self.buffer.handle_input(
+                    now,
+                    merge::Input::Packet {
+                        path: PathId(0),
+                        seq: m.seq,
+                        item: m.rtp.payload(),
+                    },
+                );
+            }
+            Message {
+                body: Body::Notice { kind, value },
+                ..
+            } if from_edge => match kind {
+                NoticeKind::Skipped => {
+                    self.stats.skipped += value;
+                    self.stats.skips += 1;
+                    tracing::warn!(
+                        "this viewer fell behind: the edge skipped {value} packets to the latest keyframe"
+                    );
+                }
+                NoticeKind::Missed => {
+                    tracing::warn!("the edge no longer had {value} of the packets asked for")
+                }
+                NoticeKind::Joined => tracing::debug!("joined at {value}"),
+            },
+            Message {
+                body: Body::Switch { reason },
+                ..
+            } if from_edge => {
+                tracing::warn!("edge {:?} asks its viewers to move ({reason:?})", self.edge);
+                if self.pending.is_none() {
+                    self.decide_switch(now, "drain".into());
+                }
+            }
+            Message {
+                body: Body::Error { text, .. },
+                ..
+            } if from_edge => {
+                if self.config.control || self.assignment.is_some() {
+                    tracing::warn!("edge {:?} refused: {text}", self.edge);
+                    if self.pending.is_none() {
+                        self.decide_switch(now, "refused".into());
+                    }
+                } else {
+                    let edge = self.edge.map_or("?".into(), |e| e.to_string());
+                    self.finish(Err(format!("edge {edge} refused: {text}")));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// After every input: the detectors' verdict, re-asks, the buffer's output and
+    /// repairs, acknowledgements.
+    fn step(&mut self, now: Instant) {
+        if self.phase != Phase::Watching {
+            return;
+        }
+        // The detectors' verdict, once the edge had its chance.
+        while let DetectOutput::Switch(reason) = self.detector.poll_output() {
+            // Judge an edge only once it delivered and its catch-up is over, or, if it
+            // delivers nothing, after the grace.
+            let judged = if self.got_from_edge {
+                now >= self.judge_from
+            } else {
+                now >= self.grace_until
+            };
+            if judged && self.pending.is_none() && self.stats.join_ms.is_some() {
+                tracing::warn!("leaving {:?}: {reason:?}", self.edge);
+                self.decide_switch(now, reason.name().to_owned());
+            } else if !judged {
+                // Too early to judge: re-arm, so a problem that lasts is said again.
+                self.detector.reset(now);
+            }
+        }
+        if self.reask_id.is_none() && self.next_reask.is_some_and(|t| now >= t) {
+            self.next_reask = self.config.reask.map(|d| now + d);
+            let id = self.request(Request::Assign);
+            self.reask_id = Some((id, now + self.config.control_timeout));
+        }
+        // Drain the buffer: write in-order packets, count gaps, ask for what is missing.
+        let mut nacks: Vec<SeqRange> = Vec::new();
+        loop {
+            match self.buffer.poll_output() {
+                MergeOutput::Packet { seq, item } => {
+                    self.stats.first_seq.get_or_insert(seq.0);
+                    self.stats
+                        .first_output_ms
+                        .get_or_insert(now.duration_since(self.started).as_millis() as u64);
+                    self.stats.last_seq = Some(seq.0);
+                    self.stats.packets += 1;
+                    self.stats.bytes += item.len() as u64;
+                    self.out.event(Event::Write { seq, payload: item });
+                }
+                MergeOutput::Gap { count, .. } => self.stats.gaps += count,
+                MergeOutput::Nack { range, .. } => nacks.push(range),
+                MergeOutput::Timeout(_) => break,
+            }
+        }
+        let s = self.buffer.stats();
+        self.stats.late_or_duplicate = s.duplicates + s.late;
+        self.stats.repaired = s.repaired;
+        if let (false, Some(edge)) = (nacks.is_empty(), self.edge) {
+            self.stats.nacks += nacks.len() as u64;
+            for chunk in nacks.chunks(braid_core::wire::MAX_NACK_RANGES) {
+                self.send(edge, Body::Nack(chunk.to_vec()));
+            }
+        }
+        if self.since_ack >= ACK_PACKETS {
+            self.next_ack = now + ACK_EVERY;
+            self.send_ack();
+        }
+    }
+
+    /// A reason to leave the edge: ask the control servers for another (the output goes
+    /// on meanwhile), or go to the secondary set at once without them.
+    fn decide_switch(&mut self, now: Instant, reason: String) {
+        let Some(failed) = self.edge else {
+            return;
+        };
+        let mut p = PendingSwitch {
+            reason: reason.clone(),
+            detected: now,
+            asked: None,
+        };
+        if self.config.control {
+            let last_seq = self.buffer.next_seq().unwrap_or(self.acked.next()).0;
+            let id = self.request(Request::Switch {
+                failed,
+                reason,
+                last_seq,
+            });
+            p.asked = Some((id, now + self.config.control_timeout));
+            self.pending = Some(p);
+        } else {
+            self.pending = Some(p);
+            self.carry_out_switch(now, None);
+        }
+    }
+
+    /// Moves to `target` (a control server's choice), or to the best candidate of the
+    /// other set from the last assignment.
+    fn carry_out_switch(&mut self, now: Instant, target: Option<SocketAddr>) {
+        let Some(p) = self.pending.take() else {
+            return;
+        };
+        let Some(edge) = self.edge else {
+            return;
+        };
+        let via_control = target.is_some();
+        let target = target.or_else(|| {
+            let a = self.assignment.as_ref()?;
+            let current_set = a
+                .candidates
+                .iter()
+                .find(|c| c.addr == edge)
+                .map(|c| c.set.clone());
+            a.candidates
+                .iter()
+                .filter(|c| c.addr != edge)
+                .min_by_key(|c| (Some(&c.set) == current_set.as_ref(), c.priority))
+                .map(|c| c.addr)
+        });
+        let Some(to) = target.filter(|t| *t != edge) else {
+            tracing::warn!("nowhere to switch to ({}); staying on {edge}", p.reason);
+            self.detector.reset(now);
+            return;
+        };
+        // The first sequence number not yet written: the new edge starts there; what the
+        // buffer already holds is dropped as duplicate, what it lacks is filled.
+        let resume = self.buffer.next_seq().unwrap_or(self.acked.next());
+        // Make before break (datagrams): keep taking the old edge's packets, and keep its
+        // lease and window open, until the new edge delivers; a cold new edge then costs
+        // nothing. The buffer drops the overlap. A dead old edge simply sends nothing.
+        if let Some(old) = self.leaving.take() {
+            self.send(
+                old,
+                Body::Unsubscribe {
+                    node: self.config.id,
+                },
+            );
+        }
+        if self.config.datagrams {
+            self.leaving = Some(edge);
+        } else {
+            self.send(
+                edge,
+                Body::Unsubscribe {
+                    node: self.config.id,
+                },
+            );
+        }
+        tracing::info!(
+            "switching {edge} -> {to} ({}), resuming at {}",
+            p.reason,
+            resume.0
+        );
+        let detected_unix_ms = self
+            .clock
+            .unix_ms(now)
+            .saturating_sub(now.duration_since(p.detected).as_millis() as u64);
+        self.stats.switches.push(SwitchStat {
+            reason: p.reason,
+            from: edge.to_string(),
+            to: to.to_string(),
+            via_control,
+            detect_to_first_packet_ms: None,
+            resumed_at: resume.0,
+            lost: None,
+            detected_unix_ms,
+            first_packet_unix_ms: None,
+        });
+        self.switch_marks
+            .push((self.stats.switches.len() - 1, p.detected, self.stats.gaps));
+        self.edge = Some(to);
+        self.stats.edge = to.to_string();
+        self.start = (WatchStart::Seq, resume);
+        self.got_from_edge = false;
+        self.grace_until = now + self.config.start_timeout.min(Duration::from_secs(3));
+        self.judge_from = now + SETTLE;
+        self.detector.reset(now);
+        self.next_ack = now + ACK_EVERY;
+        self.send_ack();
+    }
+
+    /// The stats line: bit rate over the last second, switches' losses once known.
+    fn report(&mut self, now: Instant) {
+        let (t0, b0) = self.last_report;
+        self.stats.bitrate_bps =
+            Bitrate::from_size_over(DataSize(self.stats.bytes - b0), now.duration_since(t0)).0;
+        self.last_report = (now, self.stats.bytes);
+        self.stats.buffered = self.buffer.held();
+        for (i, t, gaps) in &self.switch_marks {
+            if now.duration_since(*t) > Duration::from_secs(2) + self.config.buffer {
+                if let Some(s) = self.stats.switches.get_mut(*i) {
+                    s.lost.get_or_insert(self.stats.gaps - gaps);
+                }
+            }
+        }
+        self.out.event(Event::Stats);
+    }
+}
