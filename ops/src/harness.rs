@@ -282,6 +282,26 @@ pub mod metrics {
             .collect()
     }
 
+    /// The sum of [`sum`] once it satisfies `ok`, or as it is after `within` (counters
+    /// are exported within a tenth of a second of the event; a test waits for the event,
+    /// not a fixed time).
+    pub fn sum_when(
+        addr: SocketAddr,
+        name: &str,
+        labels: &[&str],
+        within: std::time::Duration,
+        ok: impl Fn(f64) -> bool,
+    ) -> f64 {
+        let until = std::time::Instant::now() + within;
+        loop {
+            let v = sum(addr, name, labels);
+            if ok(v) || std::time::Instant::now() >= until {
+                return v;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// The sum of samples of metric `name` whose labels contain every `label="value"`
     /// in `labels`.
     pub fn sum(addr: SocketAddr, name: &str, labels: &[&str]) -> f64 {
