@@ -6,8 +6,11 @@
 //! - [`ts`]: what the capture reads of MPEG-TS, and the synthetic test stream.
 //! - [`packetize`]: TS packets into RTP payloads, keyframes flagged (sans-IO).
 //! - [`source`]: synthetic, file (paced by PCR), stdin and UDP sources.
-//! - [`run`]: the daemon: publish with the stream key, number and send, report.
+//! - [`machine`]: the decisions, sans-IO ([`Capture`]): publish with the stream key,
+//!   when media may flow, numbering, the same datagram to every entry point.
+//! - [`run`]: the daemon: owns the source, the socket, the clock and the tee.
 
+pub mod machine;
 pub mod packetize;
 pub mod source;
 pub mod ts;
@@ -15,21 +18,20 @@ pub mod ts;
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use braid_core::wire::rtp::{CLOCK_RATE_MP2T, Fields, PAYLOAD_TYPE_MP2T};
-use braid_core::wire::{Body, Codec, Flags, Header, Message, Rtp};
-use braid_core::{PathId, SeqNo, StreamId};
+use braid_core::StreamId;
+use braid_core::node::{Output, Peer, WallClock};
+use braid_core::wire::Codec;
 use braid_net::addr::PeerAddr;
 use braid_net::daemon::DaemonConfig;
 use braid_net::udp::{Impairments, Socket};
-use bytes::{Bytes, BytesMut};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::packetize::Packetizer;
+pub use crate::machine::{Capture, Event, Input, Progress};
 use crate::source::{Source, Spec};
 use crate::ts::SynthConfig;
 
@@ -143,6 +145,18 @@ fn default_bind() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 0))
 }
 
+impl Config {
+    /// What the capture's machine decides with.
+    pub fn machine(&self) -> machine::Config {
+        machine::Config {
+            stream: StreamId(self.stream),
+            key: self.stream_key.clone(),
+            entries: self.entries.iter().map(|e| e.addr).collect(),
+            ts_per_rtp: self.ts_per_rtp,
+        }
+    }
+}
+
 impl braid_net::daemon::DaemonConfig for Config {
     const NAME: &'static str = "braid-capture";
 
@@ -184,19 +198,8 @@ impl braid_net::daemon::DaemonConfig for Config {
     }
 }
 
-/// Counters reported on the terminal and in JSON.
-#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
-struct Progress {
-    packets: u64,
-    bytes: u64,
-    keyframes: u64,
-    skipped_bytes: u64,
-    entries_reachable: usize,
-    entries: usize,
-    bitrate_bps: u64,
-}
-
 /// Runs the capture until the source ends, `--duration` passes or `shutdown` fires.
+#[allow(clippy::disallowed_methods)] // The daemon owns the clock.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.validate()?;
     let codec = Codec::new(braid_net::daemon::network_key(&config.network_key)?);
@@ -226,38 +229,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         )),
         None => None,
     };
-    let stream = StreamId(config.stream);
-    let mut packetizer = Packetizer::new(config.ts_per_rtp);
-    // Sequence numbers start from the wall clock (10,000 per second), so a restarted
-    // capture continues above where it stopped instead of going back.
-    let start_seq = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| (d.as_micros() / 100) as u64)
-        .unwrap_or(0)
-        & ((1 << 47) - 1);
-    let mut seq = SeqNo(start_seq);
-    let ssrc = config.stream.wrapping_mul(0x9e37_79b9) ^ (start_seq as u32);
-    let started = Instant::now();
-    let deadline =
-        (config.duration > 0.0).then(|| started + Duration::from_secs_f64(config.duration));
-    let mut publish_tick = tokio::time::interval(Duration::from_secs(1));
-    // The publish message never changes: encode it once. It goes out before the first
-    // packet, so no entry point sees media it cannot accept yet, then every second.
-    let publish = {
-        let msg = Message {
-            header: Header {
-                stream,
-                path: PathId(0),
-                flags: Flags::empty(),
-            },
-            body: Body::Publish {
-                key: Bytes::from(config.stream_key.clone()),
-            },
-        };
-        let mut buf = BytesMut::new();
-        codec.encode(&msg, &mut buf)?;
-        buf.freeze()
-    };
     braid_net::daemon::start_quic(
         &mut socket,
         &config.quic,
@@ -265,138 +236,82 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         "capture",
         &config.entries,
     )?;
-    for to in &config.entries {
-        socket.send(Instant::now(), to.addr, publish.clone(), false);
-    }
-    socket.flush();
-    publish_tick.tick().await;
-    let mut last_ack: Vec<Option<Instant>> = vec![None; config.entries.len()];
-    // Media waits (at most 3 s) for an entry point to accept the publish: over QUIC the
-    // publish goes on a stream and media as datagrams, which could overtake it and be
-    // refused as unpublished; the stream's first keyframe would be lost.
-    let wait_until = Instant::now() + Duration::from_secs(3);
-    let mut resend = tokio::time::interval(Duration::from_millis(250));
-    while last_ack.iter().all(Option::is_none) {
-        let mut v = Vec::new();
-        let next_timeout = socket.next_timeout();
-        tokio::select! {
-            r = socket.recv(&mut v) => r.context("receiving")?,
-            _ = tokio::time::sleep_until(wait_until.into()) => {
-                tracing::warn!("no entry point accepted the stream within 3 s: sending anyway");
-                break;
-            }
-            // An entry point not up yet, or a lost publish: ask again.
-            _ = resend.tick() => {
-                for to in &config.entries {
-                    socket.send(Instant::now(), to.addr, publish.clone(), false);
-                }
-                socket.flush();
-            }
-            _ = braid_net::daemon::sleep_until(next_timeout) => socket.handle_timeout(Instant::now()),
-        }
-        for (from, bytes) in v {
-            if let Ok(Message {
-                body: Body::Keepalive(_),
-                ..
-            }) = codec.decode(bytes)
-            {
-                if let Some(i) = config.entries.iter().position(|e| e.addr == from) {
-                    last_ack[i] = Some(Instant::now());
-                }
-            }
-        }
-    }
-    let mut progress = Progress {
-        entries: config.entries.len(),
-        ..Default::default()
-    };
-    let mut last_report = (Instant::now(), 0u64);
-    let mut rx = Vec::new();
-    let mut out = BytesMut::with_capacity(2048);
-    let mut discontinuity = true;
+    let started = Instant::now();
+    let deadline =
+        (config.duration > 0.0).then(|| started + Duration::from_secs_f64(config.duration));
+    let clock = WallClock::new(started, braid_net::daemon::unix_ms());
+    let mut capture = Capture::new(config.machine(), codec, clock, started)?;
     let tty = std::io::stderr().is_terminal();
-
-    braid_net::daemon::print_ready("capture", &[("udp", socket.local_addr()?.to_string())]);
+    let mut ready = false;
+    let mut rx = Vec::new();
     loop {
-        let until_deadline = braid_net::daemon::sleep_until(deadline);
-        let next_timeout = socket.next_timeout();
+        // Send what the capture queued; announce readiness once media may flow.
+        let wake = loop {
+            match capture.poll_output() {
+                Output::Transmit(t) => {
+                    if let Peer::Addr(to) = t.to {
+                        socket.send(Instant::now(), to, t.datagram, t.data);
+                    }
+                }
+                Output::Event(Event::Sent { payload, .. }) => {
+                    if let Some(f) = tee.as_mut() {
+                        f.write_all(&payload).context("writing the tee file")?;
+                    }
+                }
+                Output::Event(Event::Refused { from, text }) => {
+                    tracing::error!("entry point {from} refused the stream: {text}");
+                    metrics::counter!("braid_capture_refused_total").increment(1);
+                }
+                Output::Event(Event::Progress) => {
+                    report(&capture.progress(), tty, stats_out.as_mut())?
+                }
+                Output::Timeout(t) => break t,
+            }
+        };
+        socket.flush();
+        if !ready && capture.wants_media() {
+            ready = true;
+            if !capture.accepted() {
+                tracing::warn!("no entry point accepted the stream within 3 s: sending anyway");
+            }
+            braid_net::daemon::print_ready("capture", &[("udp", socket.local_addr()?.to_string())]);
+        }
+        let wake = match (wake, socket.next_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let wants_media = capture.wants_media();
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = until_deadline => break,
-            piece = source.next() => {
+            // The run ends at its deadline once it is under way (at most 3 s of waiting
+            // for the entry points come first, as a supervisor waits for the ready line).
+            _ = braid_net::daemon::sleep_until(deadline), if ready => break,
+            piece = source.next(), if wants_media => {
                 let Some(piece) = piece? else {
                     tracing::info!("source ended");
                     break;
                 };
-                discontinuity |= piece.discontinuity;
-                packetizer.handle_input(&piece.bytes);
-                packetizer.flush();
-                let now = Instant::now();
-                while let Some(chunk) = packetizer.poll_output() {
-                    let ts = (now.duration_since(started).as_micros() as u64 * u64::from(CLOCK_RATE_MP2T) / 1_000_000) as u32;
-                    let rtp = Rtp::build(Fields { marker: chunk.keyframe, payload_type: PAYLOAD_TYPE_MP2T, seq: seq.low(), timestamp: ts, ssrc }, &chunk.payload);
-                    let flags = Flags::empty().with(Flags::KEYFRAME, chunk.keyframe).with(Flags::DISCONTINUITY, discontinuity);
-                    discontinuity = false;
-                    out.clear();
-                    codec.encode_media(Header { stream, path: PathId(0), flags }, seq, &rtp, &mut out)?;
-                    let datagram: Bytes = out.split().freeze();
-                    for to in &config.entries {
-                        socket.send(now, to.addr, datagram.clone(), true);
-                    }
-                    if let Some(f) = tee.as_mut() {
-                        f.write_all(&chunk.payload).context("writing the tee file")?;
-                    }
-                    progress.packets += 1;
-                    progress.bytes += chunk.payload.len() as u64;
-                    seq = seq.next();
-                }
-                socket.flush();
-                let s = packetizer.stats();
-                progress.keyframes = s.keyframes;
-                progress.skipped_bytes = s.skipped_bytes;
+                capture.handle_input(Instant::now(), Input::Source { bytes: piece.bytes, discontinuity: piece.discontinuity });
             }
-            _ = publish_tick.tick() => {
+            _ = braid_net::daemon::sleep_until(wake) => {
                 let now = Instant::now();
-                for to in &config.entries {
-                    socket.send(now, to.addr, publish.clone(), false);
-                }
-                socket.flush();
-                progress.entries_reachable = last_ack.iter().filter(|a| a.is_some_and(|t| now.duration_since(t) < Duration::from_secs(3))).count();
-                let (t0, b0) = last_report;
-                progress.bitrate_bps = ((progress.bytes - b0) as f64 * 8.0 / now.duration_since(t0).as_secs_f64().max(1e-3)) as u64;
-                last_report = (now, progress.bytes);
-                report(&progress, tty, stats_out.as_mut())?;
+                socket.handle_timeout(now);
+                capture.handle_timeout(now);
             }
             res = socket.recv(&mut rx) => {
                 res.context("receiving")?;
-                for (from, bytes) in rx.drain(..) {
-                    match codec.decode(bytes) {
-                        Ok(Message { body: Body::Keepalive(_), .. }) => {
-                            if let Some(i) = config.entries.iter().position(|e| e.addr == from) {
-                                last_ack[i] = Some(Instant::now());
-                            }
-                        }
-                        Ok(Message { body: Body::Error { code, text }, .. }) => {
-                            tracing::error!("entry point {from} refused the stream (code {}): {text}", code.0);
-                            metrics::counter!("braid_capture_refused_total").increment(1);
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            metrics::counter!("braid_dropped_total", "role" => "capture", "reason" => e.reason()).increment(1);
-                        }
-                    }
+                let now = Instant::now();
+                for (from, datagram) in rx.drain(..) {
+                    capture.handle_input(now, Input::Received { from, datagram });
                 }
-            }
-            _ = braid_net::daemon::sleep_until(next_timeout) => {
-                socket.handle_timeout(Instant::now());
             }
         }
     }
-    packetizer.flush();
     socket.flush();
     if tty {
         eprintln!();
     }
+    let progress = capture.progress();
     report(&progress, false, stats_out.as_mut())?;
     tracing::info!(
         packets = progress.packets,

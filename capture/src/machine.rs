@@ -1,0 +1,365 @@
+//! The capture's decisions, sans-IO: publishing with the stream key, when media may
+//! flow, numbering, and the same datagram to every entry point.
+//!
+//! [`Capture`] has the shape of every Braid machine (`braid_core::node`): feed it
+//! [`Input`]s (what the entry points said, pieces of the source) and timeouts, then drain
+//! [`Capture::poll_output`] until it returns a timeout. The daemon reads the source only
+//! while [`Capture::wants_media`] says so.
+//!
+//! Sequence numbers start from the wall clock (10,000 per second), so a capture started
+//! again goes on above where it stopped instead of going back; its first packet is
+//! flagged as a discontinuity.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use braid_core::node::{Outbox, Output, Peer, WallClock};
+use braid_core::wire::rtp::{CLOCK_RATE_MP2T, Fields, PAYLOAD_TYPE_MP2T};
+use braid_core::wire::{Body, Codec, ErrorCode, Flags, Header, Message, Rtp};
+use braid_core::{PathId, SeqNo, StreamId};
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::packetize::Packetizer;
+
+/// How often the publish message is repeated to every entry point.
+const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+/// How often it is repeated to an entry point that has not accepted it lately.
+const PUBLISH_RETRY: Duration = Duration::from_millis(250);
+/// An entry point whose last acceptance is older than this is asked again every
+/// [`PUBLISH_RETRY`] (its acknowledgement of a publish comes within a round trip).
+const ACCEPT_STALE: Duration = Duration::from_millis(1500);
+/// How long media waits for every entry point to accept the publish…
+const ACCEPT_WAIT: Duration = Duration::from_secs(3);
+/// … or, once one has, for the others (a lost publish is repeated within this).
+const ACCEPT_OTHERS: Duration = Duration::from_millis(600);
+/// An entry point that acknowledged within this long counts as reachable.
+const REACHABLE: Duration = Duration::from_secs(3);
+
+/// What the capture decides with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The stream.
+    pub stream: StreamId,
+    /// The key the entry points expect.
+    pub key: String,
+    /// The entry points, each sent every packet.
+    pub entries: Vec<SocketAddr>,
+    /// TS packets per RTP packet (1 to 7).
+    pub ts_per_rtp: usize,
+}
+
+/// What the owner feeds in.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// A message from an entry point.
+    Received {
+        /// Who sent it.
+        from: SocketAddr,
+        /// The message.
+        datagram: Bytes,
+    },
+    /// Bytes of the source's MPEG-TS, in any chunking.
+    Source {
+        /// The bytes.
+        bytes: Bytes,
+        /// The source does not continue from the previous piece (a looped file).
+        discontinuity: bool,
+    },
+}
+
+/// What the capture asks of its owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// This packet went to every entry point (its payload, for the tee).
+    Sent {
+        /// Its sequence number.
+        seq: SeqNo,
+        /// The TS bytes it carries.
+        payload: Bytes,
+        /// Whether a decoder can start there.
+        keyframe: bool,
+    },
+    /// An entry point refused the stream.
+    Refused {
+        /// Which.
+        from: SocketAddr,
+        /// Why, in its words.
+        text: String,
+    },
+    /// A second passed: the progress is fresh.
+    Progress,
+}
+
+/// Counters reported on the terminal and in JSON.
+#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Progress {
+    /// Packets sent.
+    pub packets: u64,
+    /// TS bytes sent.
+    pub bytes: u64,
+    /// Keyframes seen.
+    pub keyframes: u64,
+    /// Source bytes that were not TS packets.
+    pub skipped_bytes: u64,
+    /// Entry points that acknowledged within the last 3 s.
+    pub entries_reachable: usize,
+    /// Entry points configured.
+    pub entries: usize,
+    /// Bit rate sent over the last second.
+    pub bitrate_bps: u64,
+    /// Entry points' refusals.
+    pub refused: u64,
+    /// Messages from entry points that did not decode.
+    pub malformed: u64,
+}
+
+/// The capture's state machine.
+pub struct Capture {
+    config: Config,
+    out: Outbox<Event>,
+    packetizer: Packetizer,
+    publish: Bytes,
+    started: Instant,
+    seq: SeqNo,
+    ssrc: u32,
+    discontinuity: bool,
+    /// Last acknowledgement from each entry point.
+    last_ack: Vec<Option<Instant>>,
+    next_publish: Instant,
+    /// When the publish next goes to every entry point (else only to those that have
+    /// not accepted it lately).
+    next_full_publish: Instant,
+    accept_until: Instant,
+    /// When the first entry point accepted.
+    first_accept: Option<Instant>,
+    progress: Progress,
+    last_report: (Instant, u64),
+    now: Instant,
+}
+
+impl Capture {
+    /// A capture starting at `now`, numbering from the wall time `clock` gives; it sends
+    /// its publish message at once.
+    pub fn new(
+        config: Config,
+        codec: Codec,
+        clock: WallClock,
+        now: Instant,
+    ) -> Result<Capture, braid_core::wire::EncodeError> {
+        let msg = Message {
+            header: Header {
+                stream: config.stream,
+                path: PathId(0),
+                flags: Flags::empty(),
+            },
+            body: Body::Publish {
+                key: Bytes::from(config.key.clone()),
+            },
+        };
+        let mut buf = bytes::BytesMut::new();
+        codec.encode(&msg, &mut buf)?;
+        let start_seq = (clock.unix_ms(now) * 10) & ((1 << 47) - 1);
+        let mut c = Capture {
+            packetizer: Packetizer::new(config.ts_per_rtp),
+            publish: buf.freeze(),
+            started: now,
+            seq: SeqNo(start_seq),
+            ssrc: config.stream.0.wrapping_mul(0x9e37_79b9) ^ (start_seq as u32),
+            discontinuity: true,
+            last_ack: vec![None; config.entries.len()],
+            next_publish: now + PUBLISH_RETRY,
+            next_full_publish: now + PUBLISH_EVERY,
+            accept_until: now + ACCEPT_WAIT,
+            first_accept: None,
+            progress: Progress {
+                entries: config.entries.len(),
+                ..Progress::default()
+            },
+            last_report: (now, 0),
+            now,
+            out: Outbox::new(codec),
+            config,
+        };
+        c.send_publish(|_| true);
+        Ok(c)
+    }
+
+    /// Whether media may flow: every entry point accepted the publish, or one did a
+    /// moment ago and the others' repeated publish had its chance, or the wait is over.
+    /// Media an entry point gets before it accepted the publish is refused, so starting
+    /// early would start with one path where there are two (and over QUIC the publish
+    /// travels on a stream, media as datagrams, which could overtake it).
+    pub fn wants_media(&self) -> bool {
+        self.last_ack.iter().all(Option::is_some)
+            || self
+                .first_accept
+                .is_some_and(|t| self.now >= t + ACCEPT_OTHERS)
+            || self.now >= self.accept_until
+    }
+
+    /// What was sent so far.
+    pub fn progress(&self) -> Progress {
+        let mut p = self.progress;
+        let s = self.packetizer.stats();
+        p.keyframes = s.keyframes;
+        p.skipped_bytes = s.skipped_bytes;
+        p
+    }
+
+    /// The next sequence number to be sent.
+    pub fn next_seq(&self) -> SeqNo {
+        self.seq
+    }
+
+    /// Whether an entry point accepted the publish.
+    pub fn accepted(&self) -> bool {
+        self.last_ack.iter().any(Option::is_some)
+    }
+
+    /// Takes one input.
+    pub fn handle_input(&mut self, now: Instant, input: Input) {
+        self.now = now;
+        match input {
+            Input::Received { from, datagram } => match self.out.codec().decode(datagram) {
+                Ok(Message {
+                    body: Body::Keepalive(_),
+                    ..
+                }) => {
+                    if let Some(i) = self.config.entries.iter().position(|e| *e == from) {
+                        self.last_ack[i] = Some(now);
+                        self.first_accept.get_or_insert(now);
+                    }
+                }
+                Ok(Message {
+                    body: Body::Error { code, .. },
+                    ..
+                }) if code == ErrorCode::NOT_PUBLISHED => {
+                    // The entry point forgot this publisher (it restarted): publish to it
+                    // again at once, not at the next round.
+                    if let Some(i) = self.config.entries.iter().position(|e| *e == from) {
+                        self.last_ack[i] = None;
+                        self.out.send(Peer::Addr(from), self.publish.clone(), false);
+                    }
+                }
+                Ok(Message {
+                    body: Body::Error { text, .. },
+                    ..
+                }) => {
+                    self.progress.refused += 1;
+                    self.out.event(Event::Refused { from, text });
+                }
+                Ok(_) => {}
+                Err(_) => self.progress.malformed += 1,
+            },
+            Input::Source {
+                bytes,
+                discontinuity,
+            } => {
+                self.discontinuity |= discontinuity;
+                self.packetizer.handle_input(&bytes);
+                self.packetizer.flush();
+                self.send_media(now);
+            }
+        }
+    }
+
+    /// Repeats the publish: every second to every entry point, and every 250 ms to an
+    /// entry point that has not accepted it lately; reports every second.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
+        if now < self.next_publish {
+            return;
+        }
+        self.next_publish = now + PUBLISH_RETRY;
+        if now >= self.next_full_publish {
+            self.next_full_publish = now + PUBLISH_EVERY;
+            self.send_publish(|_| true);
+            if self.accepted() || now >= self.accept_until {
+                self.report(now);
+            }
+        } else {
+            let last_ack = self.last_ack.clone();
+            self.send_publish(|i| last_ack[i].is_none_or(|t| now.duration_since(t) > ACCEPT_STALE));
+        }
+    }
+
+    /// The next thing to do; [`Output::Timeout`] when there is nothing.
+    pub fn poll_output(&mut self) -> Output<Event> {
+        match self.out.pop() {
+            Some(o) => o,
+            None => Output::Timeout(Some(self.next_publish)),
+        }
+    }
+
+    fn send_publish(&mut self, to_entry: impl Fn(usize) -> bool) {
+        for (i, to) in self.config.entries.iter().enumerate() {
+            if to_entry(i) {
+                self.out.send(Peer::Addr(*to), self.publish.clone(), false);
+            }
+        }
+    }
+
+    fn send_media(&mut self, now: Instant) {
+        let stream = self.config.stream;
+        while let Some(chunk) = self.packetizer.poll_output() {
+            let ts = (now.duration_since(self.started).as_micros() as u64
+                * u64::from(CLOCK_RATE_MP2T)
+                / 1_000_000) as u32;
+            let rtp = Rtp::build(
+                Fields {
+                    marker: chunk.keyframe,
+                    payload_type: PAYLOAD_TYPE_MP2T,
+                    seq: self.seq.low(),
+                    timestamp: ts,
+                    ssrc: self.ssrc,
+                },
+                &chunk.payload,
+            );
+            let flags = Flags::empty()
+                .with(Flags::KEYFRAME, chunk.keyframe)
+                .with(Flags::DISCONTINUITY, self.discontinuity);
+            self.discontinuity = false;
+            let header = Header {
+                stream,
+                path: PathId(0),
+                flags,
+            };
+            let mut buf = bytes::BytesMut::with_capacity(chunk.payload.len() + 64);
+            if self
+                .out
+                .codec()
+                .encode_media(header, self.seq, &rtp, &mut buf)
+                .is_err()
+            {
+                continue;
+            }
+            let datagram = buf.freeze();
+            for to in &self.config.entries {
+                self.out.send(Peer::Addr(*to), datagram.clone(), true);
+            }
+            self.progress.packets += 1;
+            self.progress.bytes += chunk.payload.len() as u64;
+            self.out.event(Event::Sent {
+                seq: self.seq,
+                payload: chunk.payload,
+                keyframe: chunk.keyframe,
+            });
+            self.seq = self.seq.next();
+        }
+    }
+
+    fn report(&mut self, now: Instant) {
+        self.progress.entries_reachable = self
+            .last_ack
+            .iter()
+            .filter(|a| a.is_some_and(|t| now.duration_since(t) < REACHABLE))
+            .count();
+        let (t0, b0) = self.last_report;
+        self.progress.bitrate_bps = ((self.progress.bytes - b0) as f64 * 8.0
+            / now.duration_since(t0).as_secs_f64().max(1e-3))
+            as u64;
+        self.last_report = (now, self.progress.bytes);
+        self.out.event(Event::Progress);
+    }
+}
