@@ -9,6 +9,7 @@
 //! # Layout
 //!
 //! - [`registry`]: the state and every decision (sans-IO).
+//! - [`api`]: each request's answer without HTTP (sans-IO), shared with the simulator.
 //! - [`Config`], [`run`]: the HTTP API (axum) around it.
 //!
 //! | method | path | body / query | answer |
@@ -22,9 +23,10 @@
 //! | GET | `/v1/status`, `/` | | JSON, HTML |
 //! | GET | `/metrics` (on `--metrics`) | | Prometheus |
 
+pub mod api;
 pub mod registry;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -35,14 +37,14 @@ use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use braid_core::StreamId;
 use braid_core::token::Signer;
 use braid_net::daemon::DaemonConfig;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::registry::{Registry, Report, SetRule};
+use crate::api::{Api, ApiError};
+use crate::registry::{Report, SetRule};
 
 /// The control server's configuration.
 #[derive(Debug, Clone, Parser, Deserialize, Serialize)]
@@ -192,84 +194,56 @@ struct AssignQuery {
     region: String,
 }
 
-struct App {
-    registry: Mutex<Registry>,
-    signer: Option<Signer>,
-}
-
-type Shared = Arc<App>;
+type Shared = Arc<Mutex<Api>>;
 
 /// An error answer: status and a sentence.
-struct ApiError(StatusCode, String);
+struct HttpError(ApiError);
 
-impl IntoResponse for ApiError {
+impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+        let status = StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::BAD_REQUEST);
+        (status, Json(serde_json::json!({ "error": self.0.text }))).into_response()
     }
 }
 
-fn prefix(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            format!("{}.{}.{}", o[0], o[1], o[2])
-        }
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            format!("{:x}:{:x}:{:x}", s[0], s[1], s[2])
-        }
+impl From<ApiError> for HttpError {
+    fn from(e: ApiError) -> HttpError {
+        HttpError(e)
     }
 }
 
-impl App {
-    fn check_token(&self, stream: u32, token: &str) -> Result<(), ApiError> {
-        let Some(signer) = &self.signer else {
-            return Ok(());
-        };
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        signer
-            .verify_for(StreamId(stream), token, now)
-            .map(|_| ())
-            .map_err(|e| {
-                metrics::counter!("braid_control_refused_total", "reason" => "token").increment(1);
-                ApiError(StatusCode::FORBIDDEN, format!("viewer token refused: {e}"))
-            })
-    }
+fn lock(app: &Shared) -> std::sync::MutexGuard<'_, Api> {
+    // A panic while holding the lock would be a bug in the registry; keep serving.
+    app.lock().unwrap_or_else(|p| p.into_inner())
+}
 
-    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
-        // A panic while holding the lock would be a bug in the registry; keep serving.
-        self.registry.lock().unwrap_or_else(|p| p.into_inner())
-    }
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 async fn report(
     State(app): State<Shared>,
     Json(r): Json<Report>,
-) -> Result<Json<registry::ReportReply>, ApiError> {
-    let reply = app.registry().handle_report(Instant::now(), r);
-    match reply {
-        Ok(reply) => Ok(Json(reply)),
-        Err(text) => {
-            tracing::warn!("report refused: {text}");
-            Err(ApiError(StatusCode::CONFLICT, text))
-        }
-    }
+) -> Result<Json<registry::ReportReply>, HttpError> {
+    Ok(Json(lock(&app).report(Instant::now(), r)?))
 }
 
 async fn assign(
     State(app): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(q): Query<AssignQuery>,
-) -> Result<Json<registry::Assignment>, ApiError> {
-    app.check_token(q.stream, &q.token)?;
+) -> Result<Json<registry::Assignment>, HttpError> {
     let _ = q.client;
-    let a = app
-        .registry()
-        .assign(Instant::now(), &q.region, &prefix(peer.ip()))
-        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    metrics::counter!("braid_control_assignments_total").increment(1);
+    let a = lock(&app).assign(
+        Instant::now(),
+        unix_secs(),
+        q.stream,
+        &q.token,
+        &q.region,
+        peer.ip(),
+    )?;
     Ok(Json(a))
 }
 
@@ -277,50 +251,29 @@ async fn switch(
     State(app): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Json(s): Json<SwitchRequest>,
-) -> Result<Json<registry::Assignment>, ApiError> {
-    app.check_token(s.stream, &s.token)?;
-    let a = app
-        .registry()
-        .switch(
-            Instant::now(),
-            s.failed,
-            &s.reason,
-            &s.region,
-            &prefix(peer.ip()),
-        )
-        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    metrics::counter!("braid_control_switches_total", "reason" => s.reason.clone()).increment(1);
-    tracing::info!(client = s.client, failed = %s.failed, to = %a.primary, reason = %s.reason, "switch");
-    Ok(Json(a))
+) -> Result<Json<registry::Assignment>, HttpError> {
+    Ok(Json(lock(&app).switch(
+        Instant::now(),
+        unix_secs(),
+        &s,
+        peer.ip(),
+    )?))
 }
 
 async fn drain(
     State(app): State<Shared>,
     UrlPath(node): UrlPath<u64>,
-) -> Result<&'static str, ApiError> {
-    if app.registry().drain(node, true) {
-        tracing::warn!(node, "draining");
-        Ok("draining\n")
-    } else {
-        Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("no node {node} has reported"),
-        ))
-    }
+) -> Result<&'static str, HttpError> {
+    lock(&app).drain(node, true)?;
+    Ok("draining\n")
 }
 
 async fn undrain(
     State(app): State<Shared>,
     UrlPath(node): UrlPath<u64>,
-) -> Result<&'static str, ApiError> {
-    if app.registry().drain(node, false) {
-        Ok("serving\n")
-    } else {
-        Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("no node {node} has reported"),
-        ))
-    }
+) -> Result<&'static str, HttpError> {
+    lock(&app).drain(node, false)?;
+    Ok("serving\n")
 }
 
 async fn feedback(
@@ -328,19 +281,12 @@ async fn feedback(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Json(f): Json<Feedback>,
 ) -> StatusCode {
-    let probes: Vec<(SocketAddr, f64)> = f
-        .probes
-        .iter()
-        .filter(|p| p.rtt_ms.is_finite() && p.rtt_ms >= 0.0)
-        .take(64)
-        .map(|p| (p.edge, p.rtt_ms))
-        .collect();
-    app.registry().handle_feedback(&prefix(peer.ip()), &probes);
+    lock(&app).feedback(&f, peer.ip());
     StatusCode::NO_CONTENT
 }
 
 async fn reflectors(State(app): State<Shared>) -> impl IntoResponse {
-    let list = app.registry().reflectors(Instant::now());
+    let list = lock(&app).reflectors(Instant::now());
     let udp: Vec<SocketAddr> = list.iter().map(|(u, _)| *u).collect();
     let quic: serde_json::Map<String, serde_json::Value> = list
         .iter()
@@ -350,12 +296,12 @@ async fn reflectors(State(app): State<Shared>) -> impl IntoResponse {
 }
 
 async fn status_json(State(app): State<Shared>) -> impl IntoResponse {
-    Json(app.registry().status(Instant::now()))
+    Json(lock(&app).registry().status(Instant::now()))
 }
 
 async fn status_html(State(app): State<Shared>) -> Html<String> {
     use std::fmt::Write;
-    let s = app.registry().status(Instant::now());
+    let s = lock(&app).registry().status(Instant::now());
     let mut h = String::from(
         "<!doctype html><meta charset=utf-8><meta http-equiv=refresh content=2><title>Braid control</title>\
          <style>body{font:14px system-ui;margin:2em}td,th{padding:2px 10px;text-align:left}.down{color:#b00}.warn{color:#b00;font-weight:bold}</style>\
@@ -405,13 +351,11 @@ fn html_escape(s: &str) -> String {
 
 /// The API router, for tests and for [`run`].
 pub fn router(config: &Config) -> anyhow::Result<Router> {
-    let app = Arc::new(App {
-        registry: Mutex::new(Registry::new(
-            config.set_rule()?,
-            Duration::from_millis(config.down_ms),
-        )),
-        signer: (!config.token_secret.is_empty()).then(|| Signer::new(&config.token_secret)),
-    });
+    let app: Shared = Arc::new(Mutex::new(Api::new(
+        config.set_rule()?,
+        Duration::from_millis(config.down_ms),
+        (!config.token_secret.is_empty()).then(|| Signer::new(&config.token_secret)),
+    )));
     Ok(Router::new()
         .route("/", get(status_html))
         .route("/v1/status", get(status_json))

@@ -7,7 +7,7 @@
 //! it is rebuilt from the nodes' reports (every second) within seconds, so several
 //! control servers can run side by side with no shared database.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -179,7 +179,8 @@ pub struct Switches(pub HashMap<String, u64>);
 pub struct Registry {
     rule: SetRule,
     down_after: Duration,
-    nodes: HashMap<u64, Node>,
+    /// Ordered, so that ties in assignment break the same way in every run.
+    nodes: BTreeMap<u64, Node>,
     feedback: HashMap<String, Feedback>,
     switches: Switches,
     assignments: u64,
@@ -192,7 +193,7 @@ impl Registry {
         Registry {
             rule,
             down_after,
-            nodes: HashMap::new(),
+            nodes: BTreeMap::new(),
             feedback: HashMap::new(),
             switches: Switches::default(),
             assignments: 0,

@@ -1,0 +1,155 @@
+//! The control server's API without HTTP: every request's decision, sans-IO, so that the
+//! HTTP layer (axum, in [`crate::run`]) and the simulator answer the same way.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use braid_core::StreamId;
+use braid_core::token::Signer;
+
+use crate::registry::{self, Registry, Report, SetRule};
+use crate::{Feedback, SwitchRequest};
+
+/// A refusal: an HTTP status and a sentence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: u16,
+    /// What went wrong, for people.
+    pub text: String,
+}
+
+impl ApiError {
+    fn new(status: u16, text: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            text: text.into(),
+        }
+    }
+}
+
+/// The control server's state and its answers.
+#[derive(Debug)]
+pub struct Api {
+    registry: Registry,
+    signer: Option<Signer>,
+}
+
+/// The network a viewer's address belongs to (/24, or /48 over IPv6): probe timings are
+/// kept per network.
+pub fn prefix(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            format!("{}.{}.{}", o[0], o[1], o[2])
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}", s[0], s[1], s[2])
+        }
+    }
+}
+
+impl Api {
+    /// An API over an empty registry; viewers need tokens signed by `signer`, if given.
+    pub fn new(rule: SetRule, down_after: Duration, signer: Option<Signer>) -> Api {
+        Api {
+            registry: Registry::new(rule, down_after),
+            signer,
+        }
+    }
+
+    /// The registry, for the status page.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    fn check_token(&self, stream: u32, token: &str, unix_secs: u64) -> Result<(), ApiError> {
+        let Some(signer) = &self.signer else {
+            return Ok(());
+        };
+        signer
+            .verify_for(StreamId(stream), token, unix_secs)
+            .map(|_| ())
+            .map_err(|e| {
+                metrics::counter!("braid_control_refused_total", "reason" => "token").increment(1);
+                ApiError::new(403, format!("viewer token refused: {e}"))
+            })
+    }
+
+    /// `POST /v1/report`.
+    pub fn report(&mut self, now: Instant, r: Report) -> Result<registry::ReportReply, ApiError> {
+        self.registry.handle_report(now, r).map_err(|text| {
+            tracing::warn!("report refused: {text}");
+            ApiError::new(409, text)
+        })
+    }
+
+    /// `GET /v1/assign`, from a viewer at `peer`.
+    pub fn assign(
+        &mut self,
+        now: Instant,
+        unix_secs: u64,
+        stream: u32,
+        token: &str,
+        region: &str,
+        peer: IpAddr,
+    ) -> Result<registry::Assignment, ApiError> {
+        self.check_token(stream, token, unix_secs)?;
+        let a = self
+            .registry
+            .assign(now, region, &prefix(peer))
+            .map_err(|e| ApiError::new(503, e.to_string()))?;
+        metrics::counter!("braid_control_assignments_total").increment(1);
+        Ok(a)
+    }
+
+    /// `POST /v1/switch`, from a viewer at `peer`.
+    pub fn switch(
+        &mut self,
+        now: Instant,
+        unix_secs: u64,
+        s: &SwitchRequest,
+        peer: IpAddr,
+    ) -> Result<registry::Assignment, ApiError> {
+        self.check_token(s.stream, &s.token, unix_secs)?;
+        let a = self
+            .registry
+            .switch(now, s.failed, &s.reason, &s.region, &prefix(peer))
+            .map_err(|e| ApiError::new(503, e.to_string()))?;
+        metrics::counter!("braid_control_switches_total", "reason" => s.reason.clone())
+            .increment(1);
+        tracing::info!(client = s.client, failed = %s.failed, to = %a.primary, reason = %s.reason, "switch");
+        Ok(a)
+    }
+
+    /// `POST` (on) or `DELETE` (off) `/v1/drain/{node}`.
+    pub fn drain(&mut self, node: u64, on: bool) -> Result<(), ApiError> {
+        if self.registry.drain(node, on) {
+            if on {
+                tracing::warn!(node, "draining");
+            }
+            Ok(())
+        } else {
+            Err(ApiError::new(404, format!("no node {node} has reported")))
+        }
+    }
+
+    /// `POST /v1/feedback`, from a viewer at `peer`: at most 64 finite, non-negative
+    /// timings are kept.
+    pub fn feedback(&mut self, f: &Feedback, peer: IpAddr) {
+        let probes: Vec<(SocketAddr, f64)> = f
+            .probes
+            .iter()
+            .filter(|p| p.rtt_ms.is_finite() && p.rtt_ms >= 0.0)
+            .take(64)
+            .map(|p| (p.edge, p.rtt_ms))
+            .collect();
+        self.registry.handle_feedback(&prefix(peer), &probes);
+    }
+
+    /// `GET /v1/reflectors`: live set reflectors, UDP address and QUIC address if any.
+    pub fn reflectors(&self, now: Instant) -> Vec<(SocketAddr, Option<SocketAddr>)> {
+        self.registry.reflectors(now)
+    }
+}
