@@ -100,6 +100,9 @@ pub struct Observation {
     pub size: usize,
     /// Whether it starts a video frame.
     pub frame_start: bool,
+    /// Whether it answers a repair request: it fills a gap that was counted, and says
+    /// nothing about the path reordering (a repair always arrives late).
+    pub repair: bool,
 }
 
 /// Why the source should be left.
@@ -261,7 +264,9 @@ impl Detector {
             }
             Some(_) => {
                 // Most likely fills a gap counted when a higher number arrived.
-                c.out_of_order += 1;
+                if !obs.repair {
+                    c.out_of_order += 1;
+                }
                 c.gaps = c.gaps.saturating_sub(1);
             }
         }
@@ -469,6 +474,7 @@ mod tests {
                     seq: SeqNo(*seq),
                     size: 1000,
                     frame_start: i % 10 == 0,
+                    repair: false,
                 },
             );
             out.extend(switches(d));
@@ -521,6 +527,7 @@ mod tests {
                     seq: SeqNo(seq),
                     size: 1000,
                     frame_start: false,
+                    repair: false,
                 },
             );
         }
@@ -574,6 +581,7 @@ mod tests {
                     seq: SeqNo(seq),
                     size: 1000,
                     frame_start: false,
+                    repair: false,
                 },
             );
         }
@@ -582,6 +590,36 @@ mod tests {
             matches!(said.as_slice(), [Reason::OutOfOrder { .. }]),
             "{said:?}"
         );
+    }
+
+    #[test]
+    fn repairs_arriving_late_are_not_disorder() {
+        let t = t0();
+        let mut d = Detector::new(Config::default()).unwrap();
+        // One packet in five lost and repaired two packets later: 20% late arrivals,
+        // every one a repair.
+        let mut order = Vec::new();
+        for i in 0..1000u64 {
+            if i % 5 != 0 {
+                order.push((i, false));
+            }
+            if i % 5 == 2 {
+                order.push((i - 2, true));
+            }
+        }
+        for (k, (seq, repair)) in order.into_iter().enumerate() {
+            d.handle_input(
+                t + ms(2 * k as u64),
+                Observation {
+                    seq: SeqNo(seq),
+                    size: 1000,
+                    frame_start: false,
+                    repair,
+                },
+            );
+        }
+        let said = switches(&mut d);
+        assert!(said.is_empty(), "{said:?}");
     }
 
     #[test]

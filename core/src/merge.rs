@@ -202,6 +202,9 @@ struct NackRun {
     count: u64,
     due: Instant,
     asks: u8,
+    /// The path the last ask went to: a repeat goes to the next one, so every path that
+    /// may hold the packet is asked in turn.
+    last_path: Option<PathId>,
 }
 
 #[derive(Default)]
@@ -371,6 +374,42 @@ impl<T> Buffer<T> {
         self.hold_until = None;
     }
 
+    /// The sender says the stream starts at `first` (an edge's *joined* notice): before
+    /// anything was released, whatever is missing between `first` and the first packet
+    /// held becomes holes to ask for, instead of a start after them. Does nothing once
+    /// packets were released, or when `first` is too far behind to hold.
+    pub fn expect_from(&mut self, now: Instant, first: SeqNo) {
+        self.advance(now);
+        if self.released_any {
+            return;
+        }
+        let Some(next) = self.next else {
+            self.next = Some(first);
+            self.hold_until = Some(now + self.config.reorder_window);
+            return;
+        };
+        if first >= next || (next.0 - first.0) as usize >= self.config.max_held - self.slots.len() {
+            return;
+        }
+        let holes = next.0 - first.0;
+        for _ in 0..holes {
+            self.slots.push_front(Slot::Hole {
+                since: now,
+                asks: 0,
+            });
+        }
+        if self.config.nack {
+            self.nack_queue.push_back(NackRun {
+                first,
+                count: holes,
+                due: now + self.config.nack_delay,
+                asks: 0,
+                last_path: None,
+            });
+        }
+        self.next = Some(first);
+    }
+
     /// Counters for the whole buffer.
     pub fn stats(&self) -> Stats {
         self.stats
@@ -472,6 +511,7 @@ impl<T> Buffer<T> {
                         count: holes,
                         due: now + self.config.nack_delay,
                         asks: 0,
+                        last_path: None,
                     });
                 }
                 self.next = Some(seq);
@@ -533,6 +573,7 @@ impl<T> Buffer<T> {
                 count: holes,
                 due: now + self.config.nack_delay,
                 asks: 0,
+                last_path: None,
             });
         }
         self.slots.push_back(Slot::Full(item));
@@ -653,12 +694,12 @@ impl<T> Buffer<T> {
                 break;
             }
             let range = self.take_range(next, &mut run, |_| true);
-            let asks = run.asks;
+            let (asks, last_path) = (run.asks, run.last_path);
             if run.count > 0 {
                 self.retry_queue.push_front(run);
             }
             if let Some(range) = range {
-                return Some(self.ask(now, range, asks));
+                return Some(self.ask(now, range, asks, last_path));
             }
         }
         if self.nack_queue.is_empty() {
@@ -678,7 +719,7 @@ impl<T> Buffer<T> {
                 self.nack_queue.push_front(run);
             }
             if let Some(range) = range {
-                return Some(self.ask(now, range, asks));
+                return Some(self.ask(now, range, asks, None));
             }
         }
         None
@@ -719,26 +760,42 @@ impl<T> Buffer<T> {
 
     /// Says `Output::Nack` for `range`, asked `asks` times before, and schedules the
     /// next ask if attempts remain.
-    fn ask(&mut self, now: Instant, range: SeqRange, asks: u8) -> Output<T> {
+    fn ask(
+        &mut self,
+        now: Instant,
+        range: SeqRange,
+        asks: u8,
+        last_path: Option<PathId>,
+    ) -> Output<T> {
         self.stats.nacked += u64::from(range.count);
         if asks > 0 {
             self.stats.nack_retries += u64::from(range.count);
         }
+        let path = self.nack_path(now, last_path);
         if asks + 1 < self.config.nack_attempts {
             self.retry_queue.push_back(NackRun {
                 first: range.first,
                 count: u64::from(range.count),
                 due: now + self.config.nack_retry,
                 asks: asks + 1,
+                last_path: Some(path),
             });
         }
-        let path = self.nack_path(now);
         Output::Nack { range, path }
     }
 
-    /// Round-robin over healthy paths; the most recently heard path when none is healthy.
-    fn nack_path(&mut self, now: Instant) -> PathId {
+    /// The next healthy path after `after` (a repeat), or round-robin over healthy paths
+    /// (a first ask); the most recently heard path when none is healthy.
+    fn nack_path(&mut self, now: Instant, after: Option<PathId>) -> PathId {
         let n = self.paths.len();
+        if let Some(after) = after {
+            for k in 1..=n {
+                let i = (usize::from(after.0) + k) % n;
+                if self.healthy(&self.paths[i], now) {
+                    return PathId(i as u8);
+                }
+            }
+        }
         for k in 0..n {
             let i = (self.nack_turn + k) % n;
             if self.healthy(&self.paths[i], now) {

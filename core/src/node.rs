@@ -21,9 +21,9 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::StreamId;
 use crate::ring::Ring;
 use crate::wire::{Body, Codec, Flags, Header, Media, Message, SeqRange};
+use crate::{SeqNo, StreamId};
 
 /// Where a message comes from or goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -193,6 +193,76 @@ pub trait Kept {
     fn media(&self) -> &Media;
 }
 
+/// Where repairs are looked up: a ring of merged packets, or a [`RepairStore`].
+pub trait Held<T> {
+    /// The packet with sequence number `seq`, if held.
+    fn held(&self, seq: SeqNo) -> Option<&T>;
+}
+
+impl<T> Held<T> for Ring<T> {
+    fn held(&self, seq: SeqNo) -> Option<&T> {
+        self.get(seq).map(|e| &e.item)
+    }
+}
+
+/// Packets kept to answer repairs when they may arrive in any order (an entry point
+/// takes the source's packets as the network delivers them): bounded by age and count,
+/// and a packet that arrives behind newer ones is kept all the same.
+#[derive(Debug)]
+pub struct RepairStore<T> {
+    max_age: std::time::Duration,
+    max_packets: usize,
+    packets: BTreeMap<SeqNo, (Instant, T)>,
+}
+
+impl<T> RepairStore<T> {
+    /// Keeps packets for `max_age`, at most `max_packets` of them.
+    pub fn new(max_age: std::time::Duration, max_packets: usize) -> RepairStore<T> {
+        RepairStore {
+            max_age,
+            max_packets: max_packets.max(1),
+            packets: BTreeMap::new(),
+        }
+    }
+
+    /// Keeps `item` as `seq`; returns `false` if that number is already held (a
+    /// duplicate: the first copy stays). The oldest packets go when the store is full or
+    /// older than its age.
+    pub fn insert(&mut self, now: Instant, seq: SeqNo, item: T) -> bool {
+        if self.packets.contains_key(&seq) {
+            return false;
+        }
+        self.packets.insert(seq, (now, item));
+        while self.packets.len() > self.max_packets {
+            self.packets.pop_first();
+        }
+        // Age by the oldest number: numbers and arrival times both grow with the stream.
+        while let Some((_, (t, _))) = self.packets.first_key_value() {
+            if now.saturating_duration_since(*t) <= self.max_age {
+                break;
+            }
+            self.packets.pop_first();
+        }
+        true
+    }
+
+    /// Packets held.
+    pub fn len(&self) -> usize {
+        self.packets.len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.packets.is_empty()
+    }
+}
+
+impl<T> Held<T> for RepairStore<T> {
+    fn held(&self, seq: SeqNo) -> Option<&T> {
+        self.packets.get(&seq).map(|(_, t)| t)
+    }
+}
+
 /// What answering one NACK did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NackAnswer {
@@ -209,7 +279,7 @@ pub struct NackAnswer {
 /// the bytes one message can cause.
 pub fn answer_nack<T: Kept, E>(
     out: &mut Outbox<E>,
-    kept: &Ring<T>,
+    kept: &impl Held<T>,
     to: Peer,
     ranges: &[SeqRange],
     limit: u64,
@@ -223,8 +293,8 @@ pub fn answer_nack<T: Kept, E>(
                 return answer;
             }
             looked += 1;
-            match kept.get(r.first.plus(i)) {
-                Some(e) if out.retransmit(to, e.item.header(), e.item.media()) => answer.sent += 1,
+            match kept.held(r.first.plus(i)) {
+                Some(p) if out.retransmit(to, p.header(), p.media()) => answer.sent += 1,
                 Some(_) => {}
                 None => answer.missing += 1,
             }
@@ -331,6 +401,22 @@ mod tests {
         assert_eq!(seqs, [10, 11, 12]);
         let a = answer_nack(&mut out, &kept, to, &ranges, 2);
         assert_eq!((a.sent, a.missing, a.over_limit), (0, 2, true));
+    }
+
+    #[test]
+    fn the_repair_store_keeps_late_arrivals_and_forgets_by_age_and_count() {
+        let now = t0();
+        let mut s = RepairStore::new(Duration::from_millis(100), 4);
+        assert!(s.insert(now, SeqNo(10), 10));
+        assert!(s.insert(now, SeqNo(12), 12));
+        assert!(s.insert(now, SeqNo(11), 11), "a late arrival is kept");
+        assert!(!s.insert(now, SeqNo(11), 99), "a duplicate is not");
+        assert_eq!(s.held(SeqNo(11)), Some(&11));
+        assert!(s.insert(now, SeqNo(13), 13));
+        assert!(s.insert(now, SeqNo(14), 14));
+        assert_eq!((s.len(), s.held(SeqNo(10))), (4, None), "the oldest went");
+        assert!(s.insert(now + Duration::from_millis(150), SeqNo(15), 15));
+        assert_eq!(s.len(), 1, "the rest aged out");
     }
 
     #[test]

@@ -58,6 +58,71 @@ fn packet(path: u8, seq: u64) -> Input<u64> {
 }
 
 #[test]
+fn a_repeated_ask_goes_to_the_next_path_whatever_else_is_asked_between() {
+    let t = t0();
+    let mut b = Buffer::new(Config {
+        nack_attempts: 4,
+        reorder_window: ms(400),
+        ..config()
+    })
+    .unwrap();
+    // Two paths, both delivering; 10 lost on both.
+    for s in 0..10 {
+        b.handle_input(t + ms(s), packet(0, s));
+        b.handle_input(t + ms(s), packet(1, s));
+    }
+    b.handle_input(t + ms(11), packet(0, 11));
+    b.handle_input(t + ms(11), packet(1, 11));
+    let mut paths = Vec::new();
+    let mut other = 20;
+    for step in 0..12 {
+        let now = t + ms(12 + 10 * step);
+        // Other holes keep appearing, so the global turn keeps moving.
+        other += 2;
+        b.handle_input(now, packet(0, other));
+        b.handle_input(now, packet(1, other));
+        b.handle_timeout(now);
+        for o in drain(&mut b) {
+            if let Output::Nack { range, path } = o {
+                if range.first == SeqNo(10) {
+                    paths.push(path.0);
+                }
+            }
+        }
+    }
+    assert!(paths.len() >= 3, "{paths:?}");
+    assert!(
+        paths.windows(2).all(|w| w[0] != w[1]),
+        "each repeat on the other path: {paths:?}"
+    );
+}
+
+#[test]
+fn a_start_told_before_the_first_release_makes_the_lost_first_packets_holes() {
+    let t = t0();
+    let mut b = Buffer::new(config()).unwrap();
+    // The first two packets (the keyframe the sender started at) are lost.
+    b.handle_input(t, packet(0, 12));
+    b.handle_input(t + ms(1), packet(0, 13));
+    b.expect_from(t + ms(2), SeqNo(10));
+    let out = drain(&mut b);
+    assert!(
+        out.iter().any(|o| matches!(o, Output::Nack { range, .. } if range.first == SeqNo(10) && range.count == 2)),
+        "{out:?}"
+    );
+    b.handle_input(t + ms(30), packet(0, 10));
+    b.handle_input(t + ms(31), packet(0, 11));
+    b.handle_timeout(t + ms(200));
+    assert_eq!(released(&drain(&mut b)), [10, 11, 12, 13]);
+    // Once released, a later start changes nothing.
+    b.expect_from(t + ms(300), SeqNo(5));
+    b.handle_input(t + ms(301), packet(0, 14));
+    b.handle_timeout(t + ms(500));
+    assert_eq!(released(&drain(&mut b)), [14]);
+    assert_eq!(b.stats().gaps, 0);
+}
+
+#[test]
 fn in_order_passes_through_at_once() {
     let t = t0();
     let mut b = Buffer::starting_at(config(), SeqNo(10)).unwrap();

@@ -343,6 +343,9 @@ impl ErrorCode {
     pub const BAD_REQUEST: ErrorCode = ErrorCode(4);
     /// The node is draining and takes nothing new.
     pub const DRAINING: ErrorCode = ErrorCode(5);
+    /// Media from a sender this node does not know as a publisher (it restarted, or the
+    /// publish was lost): publish again.
+    pub const NOT_PUBLISHED: ErrorCode = ErrorCode(6);
 }
 
 /// A message body.
