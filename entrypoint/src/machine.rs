@@ -10,9 +10,8 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use braid_core::node::{self, Drops, Kept, Outbox, Output, Peer};
-use braid_core::ring::{self, Ring};
-use braid_core::wire::{Body, Codec, ErrorCode, Flags, Header, Keepalive, Media};
+use braid_core::node::{self, Drops, Kept, Outbox, Output, Peer, RepairStore};
+use braid_core::wire::{Body, Codec, ErrorCode, Header, Keepalive, Media};
 use braid_core::{NodeId, StreamId};
 use bytes::Bytes;
 
@@ -21,6 +20,12 @@ pub const PUBLISHER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Most sequence numbers answered per NACK message (bounds the work one message causes).
 const MAX_NACK_ANSWER: u64 = 256;
+/// A sender of unpublished media is told to publish at most this often.
+const NOT_PUBLISHED_EVERY: Duration = Duration::from_millis(100);
+/// Most senders remembered for that.
+const MAX_TOLD: usize = 1024;
+/// Most packets kept for repairs per stream (2 s at about 80 Mbps of full packets).
+const MAX_KEPT: usize = 16_384;
 
 /// What the machine decides with.
 #[derive(Debug, Clone)]
@@ -66,7 +71,7 @@ pub struct Counters {
     pub drops: Drops,
     /// Media packets sent on to the set reflectors.
     pub forwarded: u64,
-    /// Media forwarded but not kept for repairs (the publisher repeated or went back).
+    /// Media forwarded but not kept for repairs (the publisher repeated a number).
     pub not_kept: u64,
     /// Publish messages accepted.
     pub publish_accepted: u64,
@@ -98,13 +103,16 @@ impl Kept for KeptPacket {
 struct Stream {
     config: StreamConfig,
     publishers: HashMap<SocketAddr, Instant>,
-    kept: Ring<KeptPacket>,
+    /// Packets kept for repairs, whatever order they came in.
+    kept: RepairStore<KeptPacket>,
 }
 
 /// The entry point's state machine.
 #[derive(Debug)]
 pub struct EntryPoint {
     node: NodeId,
+    /// Senders of unpublished media told to publish, and when.
+    told: HashMap<SocketAddr, Instant>,
     streams: BTreeMap<StreamId, Stream>,
     out: Outbox<Infallible>,
     counters: Counters,
@@ -113,10 +121,11 @@ pub struct EntryPoint {
 impl EntryPoint {
     /// An entry point for `config`'s streams, reading and signing with `codec`.
     pub fn new(config: Config, codec: Codec) -> Result<EntryPoint, braid_core::Error> {
-        let ring_config = ring::Config {
-            max_age: config.retransmit,
-            ..ring::Config::default()
-        };
+        if config.retransmit.is_zero() {
+            return Err(braid_core::Error::InvalidConfig(
+                "the retransmit buffer must keep packets for some time".into(),
+            ));
+        }
         let mut streams = BTreeMap::new();
         for s in config.streams {
             streams.insert(
@@ -124,12 +133,13 @@ impl EntryPoint {
                 Stream {
                     config: s,
                     publishers: HashMap::new(),
-                    kept: Ring::new(ring_config.clone())?,
+                    kept: RepairStore::new(config.retransmit, MAX_KEPT),
                 },
             );
         }
         Ok(EntryPoint {
             node: config.node,
+            told: HashMap::new(),
             streams,
             out: Outbox::new(codec),
             counters: Counters::default(),
@@ -218,20 +228,37 @@ impl EntryPoint {
                 if !authorized {
                     self.counters.drops.add("unpublished");
                     tracing::debug!(%from, "media from a source that has not published");
+                    // A publisher this node forgot (it restarted) or whose publish was
+                    // lost publishes again at once when told; told rarely, since anyone
+                    // can send media.
+                    let due = self
+                        .told
+                        .get(&from)
+                        .is_none_or(|t| now.duration_since(*t) >= NOT_PUBLISHED_EVERY);
+                    if due {
+                        if self.told.len() >= MAX_TOLD {
+                            self.told.clear();
+                        }
+                        self.told.insert(from, now);
+                        let body = Body::Error {
+                            code: ErrorCode::NOT_PUBLISHED,
+                            text: "publish first".into(),
+                        };
+                        self.out.control(Peer::Addr(from), id, body);
+                    }
                     return;
                 }
                 for to in &stream.config.reflectors {
                     self.out.send(Peer::Addr(*to), bytes.clone(), true);
                 }
                 self.counters.forwarded += 1;
-                let size = media.rtp.len();
                 let seq = media.seq;
-                let keyframe = msg.header.flags.contains(Flags::KEYFRAME);
                 let kept = KeptPacket {
                     header: msg.header,
                     media,
                 };
-                if !stream.kept.push(now, seq, keyframe, size, kept) {
+                if !stream.kept.insert(now, seq, kept) {
+                    // The publisher sent this number twice: forwarded, not kept again.
                     self.counters.not_kept += 1;
                 }
             }
@@ -359,13 +386,20 @@ mod tests {
         let now = t0();
         let src = addr(100);
         e.handle_input(now, input(src, media(&codec, 5)));
-        assert!(drain(&mut e).is_empty());
+        let told = drain(&mut e);
+        assert_eq!(told.len(), 1, "only the sender is told");
+        assert_eq!(told[0].to, Peer::Addr(src));
+        assert!(matches!(
+            codec.decode(told[0].datagram.clone()).unwrap().body,
+            Body::Error { code, .. } if code == ErrorCode::NOT_PUBLISHED
+        ));
         assert_eq!(e.counters().drops.get("unpublished"), 1);
         e.handle_input(
             now,
             input(src, msg(&codec, Body::Publish { key: "bad".into() })),
         );
         assert_eq!(drain(&mut e).len(), 1, "an error goes back");
+        // Media is still refused, and the sender told at most every 100 ms.
         e.handle_input(now, input(src, media(&codec, 5)));
         assert!(drain(&mut e).is_empty());
         e.handle_input(
@@ -379,9 +413,37 @@ mod tests {
         let to: Vec<Peer> = out.iter().map(|t| t.to).collect();
         assert_eq!(to, [Peer::Addr(addr(1)), Peer::Addr(addr(2))]);
         assert!(out.iter().all(|t| t.datagram == m && t.data));
-        // The authorization lapses.
+        // The authorization lapses: nothing is forwarded, the sender is told.
         e.handle_input(now + PUBLISHER_TIMEOUT, input(src, media(&codec, 7)));
-        assert!(drain(&mut e).is_empty());
+        let out = drain(&mut e);
+        assert_eq!(
+            out.iter().map(|t| t.to).collect::<Vec<_>>(),
+            [Peer::Addr(src)]
+        );
+    }
+
+    #[test]
+    fn a_packet_the_source_delivered_late_is_still_repaired() {
+        let (mut e, codec) = setup();
+        let now = t0();
+        let src = addr(100);
+        e.handle_input(
+            now,
+            input(src, msg(&codec, Body::Publish { key: "k".into() })),
+        );
+        for s in [10, 12, 11] {
+            e.handle_input(now, input(src, media(&codec, s)));
+        }
+        drain(&mut e);
+        let nack = msg(
+            &codec,
+            Body::Nack(vec![SeqRange {
+                first: SeqNo(11),
+                count: 1,
+            }]),
+        );
+        e.handle_input(now, input(addr(1), nack));
+        assert_eq!(drain(&mut e).len(), 1, "the late packet is answered");
     }
 
     #[test]
