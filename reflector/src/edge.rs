@@ -36,6 +36,8 @@ const LEASE_MS: u32 = 3000;
 const PATH_DEAD: Duration = Duration::from_millis(1500);
 /// How often a drained edge tells its viewers to move.
 const DRAIN_SIGNAL: Duration = Duration::from_secs(1);
+/// How many of a new viewer's refreshes repeat its *joined* notice.
+const JOINED_REPEATS: u8 = 3;
 /// Media datagrams queued per TCP viewer before it counts as slow.
 pub const TCP_QUEUE: usize = 256;
 
@@ -112,6 +114,10 @@ struct Viewer {
     acked: SeqNo,
     /// The first sequence number sent to it.
     first_sent: SeqNo,
+    /// Where its cursor was placed (the *joined* notice), and how many more of its
+    /// refreshes repeat the notice: the start packet and the notice can both be lost,
+    /// and a viewer that misses them starts after its keyframe.
+    joined: Option<(SeqNo, u8)>,
 }
 
 struct Stream {
@@ -438,6 +444,14 @@ impl Edge {
             if watch.acked > v.acked {
                 v.acked = watch.acked;
             }
+            if let Some((first, left @ 1..)) = v.joined {
+                v.joined = Some((first, left - 1));
+                let notice = Body::Notice {
+                    kind: NoticeKind::Joined,
+                    value: first.0,
+                };
+                self.out.control(from, id, notice);
+            }
             // The window may have opened: serve this viewer now.
             self.serve(now, id, Some(from));
             return;
@@ -483,6 +497,7 @@ impl Edge {
                 expires: now + lease,
                 acked: watch.acked,
                 first_sent: SeqNo(0),
+                joined: None,
             },
         );
         st.empty_since = None;
@@ -530,6 +545,7 @@ impl Edge {
                 if let Ok((c, missed)) = st.ring.cursor(start) {
                     v.cursor = Some(c);
                     let first = st.ring.peek(&c).map_or(SeqNo(0), |e| e.seq);
+                    v.joined = Some((first, JOINED_REPEATS));
                     notices.push((key, NoticeKind::Joined, first.0));
                     if missed > 0 {
                         self.counters.resume_missed_packets += missed;
