@@ -122,8 +122,10 @@ pub struct Config {
     #[arg(long, default_value_t = 0.0)]
     #[serde(default)]
     pub duration: f64,
-    /// Give up with an error if no packet arrives within this many seconds.
-    #[arg(long, default_value_t = 5.0)]
+    /// Give up with an error if no packet arrives within this many seconds (default 8: a
+    /// first edge that says nothing is left after 3 s, and the next one may have to wait
+    /// for a keyframe).
+    #[arg(long, default_value_t = 8.0)]
     #[serde(default = "default_start_timeout")]
     pub start_timeout: f64,
     /// Write stats as JSON lines to this file (`-` for stderr): one a second and a final one.
@@ -200,7 +202,7 @@ fn default_buffer_ms() -> u64 {
     300
 }
 fn default_start_timeout() -> f64 {
-    5.0
+    8.0
 }
 fn default_bind() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 0))

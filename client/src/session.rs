@@ -47,6 +47,17 @@ const REPORT_EVERY: Duration = Duration::from_secs(1);
 const SETTLE: Duration = Duration::from_secs(1);
 /// How long probes wait for their answers.
 const PROBE_WAIT: Duration = Duration::from_millis(300);
+/// After a switch for the quality of reception (rate, gaps, disorder), the next one waits
+/// at least this long, doubled for each such switch in the last [`DAMPING_MEMORY`]: when
+/// every edge looks the same, the trouble is the viewer's own network and moving again
+/// does not help.
+const QUALITY_DWELL: Duration = Duration::from_secs(2);
+/// How long quality switches are remembered for damping.
+const DAMPING_MEMORY: Duration = Duration::from_secs(60);
+/// Longest wait between two quality switches.
+const MAX_DWELL: Duration = Duration::from_secs(60);
+/// How long after a failed assignment it is asked for again.
+const RETRY_ASSIGN: Duration = Duration::from_millis(250);
 /// The lease asked for in every watch.
 const LEASE_MS: u32 = 3000;
 
@@ -249,6 +260,8 @@ struct PendingSwitch {
 enum Phase {
     /// Waiting for the first assignment (request id, until when).
     Assigning(u64, Instant),
+    /// No control server answered: asking again then.
+    Retrying(Instant),
     /// Probing the candidates until then.
     Probing(Instant),
     /// Watching an edge.
@@ -288,6 +301,8 @@ pub struct Session {
     pending: Option<PendingSwitch>,
     /// (switch index, detected at, gaps then), to fill in `lost` later.
     switch_marks: Vec<(usize, Instant, u64)>,
+    /// Recent switches for the quality of reception, for damping.
+    quality_switches: Vec<Instant>,
     /// Probes sent: candidate and when.
     probes: Vec<(SocketAddr, Option<f64>)>,
     probe_started: Instant,
@@ -347,6 +362,7 @@ impl Session {
             reask_id: None,
             pending: None,
             switch_marks: Vec::new(),
+            quality_switches: Vec::new(),
             probes: Vec::new(),
             probe_started: now,
             config,
@@ -426,6 +442,10 @@ impl Session {
                 );
             }
             Phase::Probing(until) if now >= until => self.probed(now),
+            Phase::Retrying(at) if now >= at => {
+                let id = self.request(Request::Assign);
+                self.phase = Phase::Assigning(id, now + self.config.control_timeout);
+            }
             _ => {}
         }
         if self.stats.join_ms.is_none() && now >= self.started + self.config.start_timeout {
@@ -487,7 +507,7 @@ impl Session {
         at(self.reask_id.map(|(_, u)| u));
         at(self.pending.as_ref().and_then(|p| p.asked.map(|(_, u)| u)));
         match self.phase {
-            Phase::Assigning(_, u) | Phase::Probing(u) => at(Some(u)),
+            Phase::Assigning(_, u) | Phase::Probing(u) | Phase::Retrying(u) => at(Some(u)),
             _ => {}
         }
         if let DetectOutput::Timeout(d) = self.detector.poll_output() {
@@ -623,6 +643,14 @@ impl Session {
                 Some(e) => {
                     tracing::warn!("{t}; watching --edge instead");
                     self.watch_first(e);
+                }
+                // Ask again while the start timeout allows: a control server restarting
+                // or a hung one behind a live one should not turn a viewer away.
+                None if now + RETRY_ASSIGN + self.config.control_timeout
+                    < self.started + self.config.start_timeout =>
+                {
+                    tracing::warn!("{t}; asking again");
+                    self.phase = Phase::Retrying(now + RETRY_ASSIGN);
                 }
                 None => self.finish(Err(t)),
             },
@@ -765,6 +793,7 @@ impl Session {
                         seq: m.seq,
                         size: m.rtp.len(),
                         frame_start: header.flags.contains(Flags::KEYFRAME),
+                        repair: header.flags.contains(Flags::RETRANSMIT),
                     },
                 );
                 self.buffer.handle_input(
@@ -790,7 +819,12 @@ impl Session {
                 NoticeKind::Missed => {
                     tracing::warn!("the edge no longer had {value} of the packets asked for")
                 }
-                NoticeKind::Joined => tracing::debug!("joined at {value}"),
+                NoticeKind::Joined => {
+                    // Where the edge started us: a lost first packet (the keyframe) is
+                    // then asked for, not silently started after.
+                    self.buffer.expect_from(now, SeqNo(value));
+                    tracing::debug!("joined at {value}");
+                }
             },
             Message {
                 body: Body::Switch { reason },
@@ -834,8 +868,17 @@ impl Session {
             } else {
                 now >= self.grace_until
             };
-            if judged && self.pending.is_none() && self.stats.join_ms.is_some() {
+            let quality = !matches!(reason, detect::Reason::Stall { .. });
+            if judged && quality && !self.quality_switch_allowed(now) {
+                // Damped: say it again later if it lasts.
+                self.detector.reset(now);
+            } else if judged && self.pending.is_none() {
+                // A first edge that sent nothing at all within the grace is left too:
+                // it is dead or cannot serve, and another may.
                 tracing::warn!("leaving {:?}: {reason:?}", self.edge);
+                if quality {
+                    self.quality_switches.push(now);
+                }
                 self.decide_switch(now, reason.name().to_owned());
             } else if !judged {
                 // Too early to judge: re-arm, so a problem that lasts is said again.
@@ -873,12 +916,30 @@ impl Session {
             self.stats.nacks += nacks.len() as u64;
             for chunk in nacks.chunks(braid_core::wire::MAX_NACK_RANGES) {
                 self.send(edge, Body::Nack(chunk.to_vec()));
+                // During a switch the edge being left still holds what it sent, while a
+                // cold new edge may not have it yet: ask both.
+                if let Some(old) = self.leaving {
+                    self.send(old, Body::Nack(chunk.to_vec()));
+                }
             }
         }
         if self.since_ack >= ACK_PACKETS {
             self.next_ack = now + ACK_EVERY;
             self.send_ack();
         }
+    }
+
+    /// Whether a switch for the quality of reception may happen now (see
+    /// [`QUALITY_DWELL`]).
+    fn quality_switch_allowed(&mut self, now: Instant) -> bool {
+        self.quality_switches
+            .retain(|t| now.saturating_duration_since(*t) < DAMPING_MEMORY);
+        let Some(last) = self.quality_switches.last() else {
+            return true;
+        };
+        let n = self.quality_switches.len().min(6) as u32;
+        let dwell = (QUALITY_DWELL * 2u32.pow(n - 1)).min(MAX_DWELL);
+        now >= *last + dwell
     }
 
     /// A reason to leave the edge: ask the control servers for another (the output goes
@@ -983,7 +1044,11 @@ impl Session {
             .push((self.stats.switches.len() - 1, p.detected, self.stats.gaps));
         self.edge = Some(to);
         self.stats.edge = to.to_string();
-        self.start = (WatchStart::Seq, resume);
+        // Resume where the output stands; a viewer that got nothing yet starts afresh
+        // (at the latest keyframe, or where it was told to).
+        if self.buffer.next_seq().is_some() || self.acked.0 > 0 {
+            self.start = (WatchStart::Seq, resume);
+        }
         self.got_from_edge = false;
         self.grace_until = now + self.config.start_timeout.min(Duration::from_secs(3));
         self.judge_from = now + SETTLE;
