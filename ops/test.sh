@@ -39,6 +39,9 @@ else
     cargo test --workspace --no-fail-fast
 fi
 
+log "simulator: 2000 random fault schedules of 30 s, whole networks in virtual time"
+cargo run --quiet -p braid-sim --bin braid-sim -- --seeds 2000
+
 log "doc tests"
 cargo test --workspace --doc
 

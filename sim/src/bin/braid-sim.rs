@@ -1,0 +1,202 @@
+//! `braid-sim`: runs whole Braid networks in virtual time.
+//!
+//! - `braid-sim --seeds 2000`: random schedules of seeds 0..2000 (or `--first S`), on
+//!   every core, with the fault classes CI runs (`--faults passing`, or `all`, or a list).
+//! - `braid-sim --seed 42`: replays one seed and prints its schedule and verdict.
+//! - `braid-sim --schedule FILE.toml`: replays a saved schedule.
+//!
+//! A failing schedule is printed as TOML, ready for `sim/regressions/`. Exits 1 when any
+//! run broke an invariant.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use braid_sim::{Classes, Outcome, Schedule};
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "braid-sim",
+    version,
+    about = "Whole Braid networks in virtual time"
+)]
+struct Args {
+    /// Run this many random schedules.
+    #[arg(long)]
+    seeds: Option<u64>,
+    /// The first seed of `--seeds`.
+    #[arg(long, default_value_t = 0)]
+    first: u64,
+    /// Replay this seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Replay this schedule (TOML).
+    #[arg(long)]
+    schedule: Option<PathBuf>,
+    /// Simulated seconds per run.
+    #[arg(long, default_value_t = 30.0)]
+    seconds: f64,
+    /// Fault classes: `passing` (what CI runs), `all`, or a comma-separated list.
+    #[arg(long, default_value = "passing")]
+    faults: String,
+    /// Worker threads (default: the number of cores).
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// Print every run's outcome as a JSON line.
+    #[arg(long)]
+    json: bool,
+    /// With `--seed`: write the schedule to this file as a regression, expecting the
+    /// outcome it had (`pass`, or its first violation's kind).
+    #[arg(long)]
+    save: Option<PathBuf>,
+    /// Print every move of the media packet with this sequence number (or its last six
+    /// digits), for replaying one run.
+    #[arg(long)]
+    trace: Option<u64>,
+    /// Log what the machines say (RUST_LOG syntax), for replaying one run.
+    #[arg(long)]
+    log: Option<String>,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    if let Some(filter) = &args.log {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+    let classes = match Classes::parse(&args.faults) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("braid-sim: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let duration_ms = (args.seconds * 1000.0) as u64;
+    let one = match (&args.schedule, args.seed) {
+        (Some(path), _) => {
+            let text = match std::fs::read_to_string(path) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("braid-sim: reading {}: {e}", path.display());
+                    return std::process::ExitCode::from(2);
+                }
+            };
+            match braid_sim::check::parse_regression(&text) {
+                Ok(r) => Some(r.schedule),
+                Err(e) => {
+                    eprintln!("braid-sim: {}: {e}", path.display());
+                    return std::process::ExitCode::from(2);
+                }
+            }
+        }
+        (None, Some(seed)) => Some(Schedule::random(seed, duration_ms, classes)),
+        (None, None) => None,
+    };
+    if let Some(schedule) = one {
+        let t = Instant::now();
+        let outcome = braid_sim::check::run_traced(schedule.clone(), args.trace);
+        print_outcome(&outcome, t.elapsed().as_secs_f64(), args.json);
+        if let Some(path) = &args.save {
+            let r = braid_sim::check::Regression {
+                about: format!(
+                    "braid-sim --seed {} --faults {}",
+                    schedule.seed, args.faults
+                ),
+                expect: outcome
+                    .violations
+                    .first()
+                    .map_or("pass", |v| v.kind)
+                    .to_owned(),
+                schedule: schedule.clone(),
+            };
+            if let Err(e) = std::fs::write(path, r.to_toml()) {
+                eprintln!("braid-sim: writing {}: {e}", path.display());
+                return std::process::ExitCode::from(2);
+            }
+        }
+        if !outcome.passed() {
+            println!(
+                "\n# the schedule (`--save FILE` writes it as a regression for sim/regressions/):\n{}",
+                schedule.to_toml()
+            );
+            return std::process::ExitCode::FAILURE;
+        }
+        return std::process::ExitCode::SUCCESS;
+    }
+    let n = args.seeds.unwrap_or(100);
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let next = AtomicU64::new(args.first);
+    let end = args.first + n;
+    let failed = AtomicU64::new(0);
+    let events = AtomicU64::new(0);
+    let t = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            scope.spawn(|| loop {
+                let seed = next.fetch_add(1, Ordering::Relaxed);
+                if seed >= end {
+                    return;
+                }
+                let schedule = Schedule::random(seed, duration_ms, classes);
+                let outcome = braid_sim::run(schedule.clone());
+                events.fetch_add(outcome.events, Ordering::Relaxed);
+                if args.json {
+                    println!("{}", serde_json::to_string(&outcome).unwrap_or_default());
+                }
+                if !outcome.passed() {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    eprintln!(
+                        "seed {seed} FAILED ({} violations); first: {}\n  replay: braid-sim --seed {seed} --seconds {} --faults {}",
+                        outcome.violations.len(),
+                        outcome.violations[0],
+                        args.seconds,
+                        args.faults
+                    );
+                }
+            });
+        }
+    });
+    let secs = t.elapsed().as_secs_f64();
+    let failed = failed.load(Ordering::Relaxed);
+    println!(
+        "{n} schedules of {} s, {failed} failed, in {secs:.1} s wall ({:.0} schedules/min, {:.0} simulated s per wall s, {:.1} M events)",
+        args.seconds,
+        n as f64 / secs * 60.0,
+        n as f64 * args.seconds / secs,
+        events.load(Ordering::Relaxed) as f64 / 1e6
+    );
+    if failed > 0 {
+        std::process::ExitCode::FAILURE
+    } else {
+        std::process::ExitCode::SUCCESS
+    }
+}
+
+fn print_outcome(o: &Outcome, secs: f64, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(o).unwrap_or_default());
+        return;
+    }
+    println!(
+        "seed {}: {} ({} events in {secs:.2} s; sent {}, written {}, gaps {}, switches {}, repaired {})",
+        o.seed,
+        if o.passed() { "passed" } else { "FAILED" },
+        o.events,
+        o.sent,
+        o.written,
+        o.gaps,
+        o.switches,
+        o.repaired
+    );
+    for v in &o.viewers {
+        println!("  {v}");
+    }
+    for v in &o.violations {
+        println!("  {v}");
+    }
+}
