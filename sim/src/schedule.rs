@@ -93,6 +93,8 @@ pub struct Tuning {
     pub buffer_ms: Option<u64>,
     /// Edges' subscriptions.
     pub subscribe_k: Option<usize>,
+    /// Reflectors ask for what every path lost.
+    pub repair: Option<bool>,
 }
 
 /// Which links an impairment applies to: `from` and `to` are node names or patterns
@@ -523,6 +525,50 @@ impl Schedule {
             links,
             faults,
             viewers,
+        }
+    }
+
+    /// The benchmark network: 20 nodes (a capture, 2 entry points, 6 set reflectors, 10
+    /// edges, a control server) and 50 viewers, a 4 Mbit/s stream of full packets (7 TS
+    /// packets each, a keyframe every 2 s), 2% loss on every link, no fault.
+    pub fn bench(duration_ms: u64) -> Schedule {
+        let mut rng = SmallRng::seed_from_u64(20);
+        Schedule {
+            seed: 20,
+            duration_ms,
+            topology: Topology {
+                entries: 2,
+                sets: 6,
+                edges: 10,
+                controls: 1,
+                base_delay_ms: 5,
+            },
+            stream: Stream {
+                fps: 25,
+                // 4,000,000 / 8 / 25 / 188
+                ts_per_frame: 106,
+                gop: 50,
+                ts_per_rtp: 7,
+            },
+            tuning: Tuning::default(),
+            links: vec![LinkRule {
+                from: "*".into(),
+                to: "*".into(),
+                impair: impair::Config {
+                    loss: 0.02,
+                    seed: 20,
+                    ..impair::Config::default()
+                },
+            }],
+            faults: Vec::new(),
+            viewers: (0..50)
+                .map(|_| Viewer {
+                    join_ms: rng.random_range(200..2_000),
+                    leave_ms: None,
+                    pause_at_ms: None,
+                    pause_ms: 0,
+                })
+                .collect(),
         }
     }
 

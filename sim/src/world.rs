@@ -432,6 +432,9 @@ impl World {
                 if let Some(k) = tuning.subscribe_k {
                     args.extend(["--subscribe-k".into(), k.to_string()]);
                 }
+                if let Some(r) = tuning.repair {
+                    args.extend(["--repair".into(), r.to_string()]);
+                }
                 if node.kind == Kind::Set {
                     for e in self.addrs(Kind::Entry) {
                         args.extend(["--upstream".into(), e.to_string()]);
@@ -627,6 +630,39 @@ impl World {
                 }
             }
         }
+    }
+
+    /// The counters of every live set reflector or edge, by name.
+    pub fn reflector_counters(&self) -> Vec<(String, braid_reflector::Counters)> {
+        self.nodes
+            .iter()
+            .filter_map(|n| match &n.machine {
+                Some(Machine::Set(m)) => Some((n.name.clone(), m.counters().clone())),
+                Some(Machine::Edge(m)) => Some((n.name.clone(), m.counters().clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The merge counters of every live node of `kind` (set reflectors or edges), summed.
+    pub fn merge_totals(&self, kind: Kind) -> braid_core::merge::Stats {
+        let mut t = braid_core::merge::Stats::default();
+        for n in self.nodes.iter().filter(|n| n.kind == kind) {
+            let reports = match &n.machine {
+                Some(Machine::Set(m)) => m.reports(),
+                Some(Machine::Edge(m)) => m.reports(),
+                _ => continue,
+            };
+            for r in reports {
+                t.released += r.merge.released;
+                t.gaps += r.merge.gaps;
+                t.nacked += r.merge.nacked;
+                t.repaired += r.merge.repaired;
+                t.duplicates += r.merge.duplicates;
+                t.late += r.merge.late;
+            }
+        }
+        t
     }
 
     fn hang(&mut self, i: usize, d: Duration) {
