@@ -45,6 +45,12 @@ pub struct Packetizer {
     pending_only_psi: bool,
     program: ts::Program,
     out: Vec<Chunk>,
+    /// Chunks handed out so far (`out[0]` is chunk number `polled`).
+    polled: usize,
+    /// The first of the run of table-only chunks just emitted, by number: a keyframe
+    /// right after them is flagged there, so a decoder starting at the flag gets the
+    /// tables (with fewer than three TS packets per RTP packet they do not share one).
+    psi_run: Option<usize>,
     stats: Stats,
 }
 
@@ -59,6 +65,8 @@ impl Packetizer {
             pending_only_psi: true,
             program: ts::Program::default(),
             out: Vec::new(),
+            polled: 0,
+            psi_run: None,
             stats: Stats::default(),
         }
     }
@@ -122,10 +130,29 @@ impl Packetizer {
         if self.pending.is_empty() {
             return;
         }
+        let mut keyframe = self.pending_keyframe;
+        let only_psi = self.pending_only_psi;
+        if keyframe {
+            // Flag the tables leading the keyframe instead, if they are still here.
+            let run = self
+                .psi_run
+                .and_then(|n| n.checked_sub(self.polled))
+                .filter(|i| *i < self.out.len());
+            if let Some(i) = run {
+                self.out[i].keyframe = true;
+                keyframe = false;
+            }
+        }
         self.out.push(Chunk {
             payload: self.pending.split().freeze(),
-            keyframe: self.pending_keyframe,
+            keyframe,
         });
+        let number = self.polled + self.out.len() - 1;
+        self.psi_run = if only_psi {
+            Some(self.psi_run.unwrap_or(number))
+        } else {
+            None
+        };
         self.pending_keyframe = false;
         self.pending_only_psi = true;
     }
@@ -135,6 +162,7 @@ impl Packetizer {
         if self.out.is_empty() {
             None
         } else {
+            self.polled += 1;
             Some(self.out.remove(0))
         }
     }
@@ -194,6 +222,37 @@ mod tests {
                     .unwrap()
                     .random_access
             );
+        }
+    }
+
+    #[test]
+    fn with_few_packets_per_rtp_packet_the_flag_is_on_the_tables_leading_the_keyframe() {
+        for per in [1, 2] {
+            let input = synth_bytes(12);
+            let mut p = Packetizer::new(per);
+            p.handle_input(&input);
+            p.flush();
+            let chunks = drain(&mut p);
+            let keys: Vec<usize> = (0..chunks.len()).filter(|i| chunks[*i].keyframe).collect();
+            assert_eq!(keys.len(), 3, "{per} per packet: frames 0, 5, 10");
+            for k in keys {
+                // A decoder starting at the flag reads PAT, PMT, then the keyframe.
+                let from: Vec<u8> = chunks[k..]
+                    .iter()
+                    .flat_map(|c| c.payload.to_vec())
+                    .collect();
+                assert_eq!(
+                    ts::parse(&from[..PACKET]).unwrap().pid,
+                    0,
+                    "{per}: PAT first"
+                );
+                assert!(
+                    ts::parse(&from[2 * PACKET..3 * PACKET])
+                        .unwrap()
+                        .random_access,
+                    "{per}: the keyframe after PAT and PMT"
+                );
+            }
         }
     }
 

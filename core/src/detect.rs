@@ -244,6 +244,13 @@ impl Detector {
         // The sequence position carries over: the new source resumes where the old left.
     }
 
+    /// The source started a new session, numbered afresh: like [`Detector::reset`], and
+    /// the sequence position is forgotten, so the jump is not counted as missing packets.
+    pub fn new_session(&mut self, now: Instant) {
+        self.reset(now);
+        self.highest = None;
+    }
+
     /// One packet received at `now`.
     pub fn handle_input(&mut self, now: Instant, obs: Observation) {
         self.handle_timeout(now);

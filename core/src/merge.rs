@@ -258,6 +258,9 @@ impl History {
     }
 }
 
+/// A packet of a new session held aside: its path, number and item.
+type Aside<T> = (PathId, SeqNo, T);
+
 /// The merge buffer for one stream. See the module documentation for the contract.
 pub struct Buffer<T> {
     config: Config,
@@ -279,6 +282,11 @@ pub struct Buffer<T> {
     paths: Vec<PathState>,
     stats: Stats,
     nack_turn: usize,
+    /// Where the sender said the stream starts, before the first packet came.
+    expected: Option<SeqNo>,
+    /// A change of source session waiting for the old one's holes: until when, and the
+    /// new session's packets held aside meanwhile.
+    next_session: Option<(Instant, Vec<Aside<T>>)>,
 }
 
 impl<T> Buffer<T> {
@@ -300,6 +308,8 @@ impl<T> Buffer<T> {
             paths: Vec::new(),
             stats: Stats::default(),
             nack_turn: 0,
+            expected: None,
+            next_session: None,
         })
     }
 
@@ -334,6 +344,11 @@ impl<T> Buffer<T> {
         let Some(now) = self.now else {
             return Output::Timeout(None);
         };
+        if self.finish_session_change(now) {
+            if let Some(out) = self.ready.pop_front() {
+                return out;
+            }
+        }
         if let Some(out) = self.poll_nack(now) {
             return out;
         }
@@ -350,6 +365,82 @@ impl<T> Buffer<T> {
             return self.now;
         }
         self.next_deadline()
+    }
+
+    /// The source started a new session: its packets go to
+    /// [`Buffer::handle_next_session`] and wait aside while the old session's holes are
+    /// filled (its packets still come, reordered) or given up, at most one window; then
+    /// the old session is released ([`Buffer::flush`]) and the new one starts with what
+    /// waited. With nothing held, the change is immediate.
+    pub fn start_next_session(&mut self, now: Instant) {
+        self.advance(now);
+        if self.next.is_none() || self.slots.is_empty() {
+            self.flush();
+            return;
+        }
+        let deadline = now + self.config.reorder_window;
+        self.next_session.get_or_insert((deadline, Vec::new()));
+    }
+
+    /// Whether a change of session is waiting for the old session's holes.
+    pub fn changing_session(&self) -> bool {
+        self.next_session.is_some()
+    }
+
+    /// A packet of the new session (see [`Buffer::start_next_session`]): held aside while
+    /// the change waits (at most `max_held` of them; more are counted as late), taken at
+    /// once otherwise.
+    pub fn handle_next_session(&mut self, now: Instant, path: PathId, seq: SeqNo, item: T) {
+        self.advance(now);
+        match &mut self.next_session {
+            Some((_, waiting)) if waiting.len() < self.config.max_held => {
+                waiting.push((path, seq, item));
+            }
+            Some(_) => {
+                self.stats.late += 1;
+                self.path_mut(path).stats.late += 1;
+            }
+            None => self.handle_packet(now, path, seq, item),
+        }
+    }
+
+    /// Ends a change of session once the old session has no hole left or its time is up.
+    fn finish_session_change(&mut self, now: Instant) -> bool {
+        let Some((deadline, _)) = &self.next_session else {
+            return false;
+        };
+        let holes = self.slots.iter().any(|s| matches!(s, Slot::Hole { .. }));
+        if holes && now < *deadline {
+            return false;
+        }
+        let Some((_, waiting)) = self.next_session.take() else {
+            return false;
+        };
+        self.flush();
+        for (path, seq, item) in waiting {
+            self.handle_packet(now, path, seq, item);
+        }
+        true
+    }
+
+    /// The source started a new session: releases at once everything held of the old
+    /// one, in order (packets as packets, holes as gaps), without waiting for anything,
+    /// and starts over at the next packet. Numbers between the two sessions never
+    /// existed and are not counted.
+    pub fn flush(&mut self) {
+        if let Some(next) = self.next {
+            let end = next.plus(self.slots.len() as u64);
+            if end > next {
+                self.jump(next, end);
+            }
+        }
+        self.slots.clear();
+        self.nack_queue.clear();
+        self.retry_queue.clear();
+        self.next = None;
+        self.released_any = false;
+        self.hold_until = None;
+        self.expected = None;
     }
 
     /// Drops everything held and starts over at the next packet (the stream restarted).
@@ -384,8 +475,9 @@ impl<T> Buffer<T> {
             return;
         }
         let Some(next) = self.next else {
-            self.next = Some(first);
-            self.hold_until = Some(now + self.config.reorder_window);
+            // Nothing yet: the first packet decides whether `first` is near enough to
+            // believe (a stream may have moved on, to another session, meanwhile).
+            self.expected = Some(first);
             return;
         };
         if first >= next || (next.0 - first.0) as usize >= self.config.max_held - self.slots.len() {
@@ -485,9 +577,31 @@ impl<T> Buffer<T> {
         }
 
         let Some(next) = self.next else {
-            self.next = Some(seq);
-            self.slots.push_back(Slot::Full(item));
             self.hold_until = Some(now + self.config.reorder_window);
+            // A start told before the first packet, and near it: what lies between is
+            // holes to ask for.
+            let behind = self
+                .expected
+                .take()
+                .filter(|e| *e < seq && seq.0 - e.0 < self.config.max_held as u64 / 2);
+            let holes = behind.map_or(0, |e| seq.0 - e.0);
+            for _ in 0..holes {
+                self.slots.push_back(Slot::Hole {
+                    since: now,
+                    asks: 0,
+                });
+            }
+            if let (Some(e), true) = (behind, self.config.nack) {
+                self.nack_queue.push_back(NackRun {
+                    first: e,
+                    count: holes,
+                    due: now + self.config.nack_delay,
+                    asks: 0,
+                    last_path: None,
+                });
+            }
+            self.next = Some(behind.unwrap_or(seq));
+            self.slots.push_back(Slot::Full(item));
             self.path_mut(path).stats.first += 1;
             return;
         };
@@ -580,11 +694,39 @@ impl<T> Buffer<T> {
         self.path_mut(path).stats.first += 1;
     }
 
+    /// The sender gave up `count` packets from `first` (every path of an edge lost them
+    /// and its repairs failed): the holes among them are given up now, not after the
+    /// window, and asked for no more. Packets held there are kept.
+    pub fn give_up(&mut self, now: Instant, first: SeqNo, count: u64) {
+        self.advance(now);
+        let Some(next) = self.next else {
+            return;
+        };
+        // Due at once: counted from a window ago (or from whenever time began).
+        let expired = now.checked_sub(self.config.reorder_window).unwrap_or(now);
+        let from = first.0.max(next.0) - next.0;
+        let to = (first.0 + count)
+            .saturating_sub(next.0)
+            .min(self.slots.len() as u64);
+        for i in from..to {
+            if let Some(Slot::Hole { since, asks }) = self.slots.get_mut(i as usize) {
+                *since = expired;
+                *asks = u8::MAX;
+            }
+        }
+    }
+
     /// The sender jumped too far ahead to hold: release everything below `base` now, in
     /// order, packets as packets and holes as gaps, so that the packet that jumped fits
     /// with the window behind it still open for copies reordered around the jump.
     fn jump(&mut self, next: SeqNo, base: SeqNo) {
         self.stats.jumps += 1;
+        self.release_before(next, base);
+    }
+
+    /// Releases everything below `base` now, in order, packets as packets and holes (and
+    /// numbers past the last slot) as gaps.
+    fn release_before(&mut self, next: SeqNo, base: SeqNo) {
         let mut cursor = next;
         let mut gap: Option<(SeqNo, u64)> = None;
         while cursor < base {
@@ -816,6 +958,9 @@ impl<T> Buffer<T> {
         let mut consider = |t: Instant| {
             deadline = Some(deadline.map_or(t, |d| d.min(t)));
         };
+        if let Some((t, _)) = &self.next_session {
+            consider(*t);
+        }
         if let Some(until) = self.hold_until {
             consider(until);
         } else if let Some(Slot::Hole { since, .. }) = self.slots.front() {

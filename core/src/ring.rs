@@ -213,6 +213,21 @@ impl<T> Ring<T> {
         }
     }
 
+    /// The source started a new session whose numbers do not follow the ring's: every
+    /// packet held is dropped (cursors in it are overtaken, counted as skipped, and move
+    /// to the new session's first keyframe). Positions go on counting.
+    pub fn restart(&mut self) {
+        self.first_pos = self.end();
+        self.entries.clear();
+        self.keyframes.clear();
+        self.bytes = 0;
+    }
+
+    /// Whether `seq` would be refused by [`Ring::push`] (it does not follow the newest).
+    pub fn behind(&self, seq: SeqNo) -> bool {
+        self.entries.back().is_some_and(|e| e.seq >= seq)
+    }
+
     /// Evicts by age without pushing (call when the stream is silent).
     pub fn handle_timeout(&mut self, now: Instant) {
         self.evict(now);
@@ -224,8 +239,9 @@ impl<T> Ring<T> {
     }
 
     /// A new cursor. [`Start::Seq`] returns how many of the asked-for packets are no longer
-    /// in the ring (the cursor then starts at the oldest one); a sequence number newer than
-    /// the ring waits for it.
+    /// in the ring: the cursor then starts at the first keyframe held (a decoder can
+    /// start nowhere else after a gap), or fails with [`StartError::NoKeyframe`] until one
+    /// is; a sequence number newer than the ring waits for it.
     pub fn cursor(&self, start: Start) -> Result<(Cursor, u64), StartError> {
         match start {
             Start::Live => Ok((
@@ -247,17 +263,20 @@ impl<T> Ring<T> {
             }
             Start::Seq(seq) => {
                 let i = self.entries.partition_point(|e| e.seq < seq);
-                let missed = match self.entries.front() {
-                    Some(front) if i == 0 => front.seq.distance_from(seq),
-                    _ => 0,
-                };
-                Ok((
-                    Cursor {
-                        pos: self.first_pos + i as u64,
-                        min_seq: seq,
-                    },
-                    missed,
-                ))
+                match self.entries.front() {
+                    Some(front) if i == 0 && front.seq > seq => {
+                        let pos = *self.keyframes.front().ok_or(StartError::NoKeyframe)?;
+                        let at = self.entries[(pos - self.first_pos) as usize].seq;
+                        Ok((Cursor { pos, min_seq: seq }, at.distance_from(seq)))
+                    }
+                    _ => Ok((
+                        Cursor {
+                            pos: self.first_pos + i as u64,
+                            min_seq: seq,
+                        },
+                        0,
+                    )),
+                }
             }
         }
     }
@@ -418,10 +437,15 @@ mod tests {
         let (mut c, missed) = r.cursor(Start::Seq(SeqNo(13))).unwrap();
         assert_eq!(missed, 0);
         assert_eq!(read_all(&r, &mut c), (13..18).collect::<Vec<_>>());
-        // Older than the ring: starts at the oldest, says what is missing.
+        // Older than the ring: starts at the first keyframe held (12), says what is
+        // missing up to it.
         let (mut c, missed) = r.cursor(Start::Seq(SeqNo(7))).unwrap();
-        assert_eq!(missed, 3);
-        assert_eq!(read_all(&r, &mut c)[0], 10);
+        assert_eq!(missed, 5);
+        assert_eq!(read_all(&r, &mut c)[0], 12);
+        // With no keyframe held, it waits for one.
+        let mut r2 = Ring::new(small()).unwrap();
+        fill(&mut r2, t, 10..12, 100);
+        assert_eq!(r2.cursor(Start::Seq(SeqNo(7))), Err(StartError::NoKeyframe));
         // Newer than the ring (this edge is behind the old one): waits for it, and passes
         // over what the viewer already has.
         let (mut c, missed) = r.cursor(Start::Seq(SeqNo(20))).unwrap();
@@ -463,6 +487,23 @@ mod tests {
         fill(&mut r, t, 5..30, 5); // ring keeps 20..30, keyframes at 20, 25
         assert_eq!(r.read(&mut c), Read::Skipped { lost: 20 });
         assert_eq!(read_all(&r, &mut c), vec![25, 26, 27, 28, 29]);
+    }
+
+    #[test]
+    fn a_restart_for_a_new_session_overtakes_every_cursor_to_its_first_keyframe() {
+        let t = t0();
+        let mut r = Ring::new(small()).unwrap();
+        fill(&mut r, t, 100..105, 5);
+        let (mut c, _) = r.cursor(Start::Keyframe).unwrap();
+        assert_eq!(read_all(&r, &mut c), vec![100, 101, 102, 103, 104]);
+        fill(&mut r, t, 105..107, 5);
+        // The new session numbers lower (another clock): it cannot follow.
+        assert!(r.behind(SeqNo(50)));
+        r.restart();
+        assert!(r.is_empty() && !r.behind(SeqNo(50)));
+        fill(&mut r, t, 50..53, 50);
+        assert_eq!(r.read(&mut c), Read::Skipped { lost: 2 });
+        assert_eq!(read_all(&r, &mut c), vec![50, 51, 52]);
     }
 
     #[test]

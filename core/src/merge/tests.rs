@@ -58,6 +58,124 @@ fn packet(path: u8, seq: u64) -> Input<u64> {
 }
 
 #[test]
+fn a_flush_releases_what_is_held_and_starts_the_next_session_afresh() {
+    let t = t0();
+    let mut b = Buffer::new(config()).unwrap();
+    for s in [10, 11, 13] {
+        b.handle_input(t + ms(s), packet(0, s));
+    }
+    // The first packet waits one window (until 110 ms); the hole at 12 waits until 113.
+    b.handle_timeout(t + ms(111));
+    assert_eq!(released(&drain(&mut b)), [10, 11]);
+    // 12 is missing, 13 held; the source restarts 50,000 numbers higher.
+    b.flush();
+    b.handle_input(t + ms(112), packet(0, 50_013));
+    b.handle_input(t + ms(113), packet(0, 50_014));
+    b.handle_timeout(t + ms(400));
+    let out = drain(&mut b);
+    assert_eq!(released(&out), [13, 50_013, 50_014]);
+    assert_eq!(
+        b.stats().gaps,
+        1,
+        "only the real hole, 12, is a gap: {out:?}"
+    );
+}
+
+#[test]
+fn a_start_told_before_any_packet_is_believed_only_near_the_first_packet() {
+    let t = t0();
+    // Near: the numbers between become holes to ask for.
+    let mut b = Buffer::new(config()).unwrap();
+    b.expect_from(t, SeqNo(100));
+    b.handle_input(t + ms(1), packet(0, 103));
+    let out = drain(&mut b);
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Nack { range, .. } if range.first == SeqNo(100) && range.count == 3)),
+        "{out:?}"
+    );
+    // Far (the stream moved on, to another session): ignored.
+    let mut b = Buffer::new(config()).unwrap();
+    b.expect_from(t, SeqNo(100));
+    b.handle_input(t + ms(1), packet(0, 90_000));
+    b.handle_timeout(t + ms(200));
+    assert_eq!(released(&drain(&mut b)), [90_000]);
+    assert_eq!(b.stats().gaps, 0);
+}
+
+#[test]
+fn a_new_session_waits_for_the_old_ones_reordered_packets_at_most_a_window() {
+    let t = t0();
+    let mut b = Buffer::new(config()).unwrap();
+    b.handle_input(t + ms(10), packet(0, 10));
+    b.handle_input(t + ms(11), packet(0, 11));
+    // 12 is missing from 60 ms on: waited for until 160 ms.
+    b.handle_input(t + ms(60), packet(0, 13));
+    b.handle_timeout(t + ms(111));
+    assert_eq!(released(&drain(&mut b)), [10, 11]);
+    // The new session's first packet arrives before the old one's 12.
+    b.start_next_session(t + ms(112));
+    b.handle_next_session(t + ms(112), PathId(0), SeqNo(50_000), 50_000);
+    assert!(b.changing_session());
+    b.handle_timeout(t + ms(113));
+    assert!(
+        released(&drain(&mut b)).is_empty(),
+        "the old hole is still waited for"
+    );
+    b.handle_input(t + ms(114), packet(0, 12));
+    assert_eq!(released(&drain(&mut b)), [12, 13]);
+    assert!(!b.changing_session(), "no hole left: the new session began");
+    b.handle_next_session(t + ms(115), PathId(0), SeqNo(50_001), 50_001);
+    b.handle_timeout(t + ms(400));
+    assert_eq!(released(&drain(&mut b)), [50_000, 50_001]);
+    assert_eq!(b.stats().gaps, 0);
+    // A hole that never fills is given up when its window ends (never later than a
+    // window after the change began), then the new session follows.
+    let mut b = Buffer::new(config()).unwrap();
+    b.handle_input(t + ms(10), packet(0, 10));
+    b.handle_input(t + ms(50), packet(0, 12));
+    b.start_next_session(t + ms(60));
+    b.handle_next_session(t + ms(60), PathId(0), SeqNo(50_000), 50_000);
+    b.handle_timeout(t + ms(149));
+    assert_eq!(
+        released(&drain(&mut b)),
+        [10],
+        "11 is waited for until 150 ms"
+    );
+    assert!(b.changing_session());
+    b.handle_timeout(t + ms(151));
+    let out = drain(&mut b);
+    assert_eq!(released(&out), [12], "{out:?}");
+    b.handle_timeout(t + ms(400));
+    assert_eq!(released(&drain(&mut b)), [50_000]);
+    assert_eq!(b.stats().gaps, 1);
+}
+
+#[test]
+fn holes_the_sender_gave_up_are_released_at_once_and_no_others() {
+    let t = t0();
+    let mut b = Buffer::new(config()).unwrap();
+    for s in [10, 11, 14, 15, 17] {
+        b.handle_input(t + ms(s), packet(0, s));
+    }
+    b.handle_timeout(t + ms(111));
+    assert_eq!(released(&drain(&mut b)), [10, 11]);
+    // 12, 13 and 16 missing; the sender gave up 12 and 13 only.
+    b.give_up(t + ms(112), SeqNo(12), 2);
+    b.handle_timeout(t + ms(113));
+    let out = drain(&mut b);
+    assert_eq!(
+        released(&out),
+        [14, 15],
+        "released without waiting the window"
+    );
+    assert_eq!(b.stats().gaps, 2, "16 still waits: {out:?}");
+    b.handle_input(t + ms(120), packet(0, 16));
+    b.handle_timeout(t + ms(121));
+    assert_eq!(released(&drain(&mut b)), [16, 17]);
+}
+
+#[test]
 fn a_repeated_ask_goes_to_the_next_path_whatever_else_is_asked_between() {
     let t = t0();
     let mut b = Buffer::new(Config {

@@ -326,6 +326,14 @@ pub enum NoticeKind {
     Skipped = 2,
     /// A resumed viewer asked for packets the edge no longer has; the value is how many.
     Missed = 3,
+    /// The source started a new session (a capture started again); the value is its
+    /// first sequence number as the edge knows it. Everything held of the old session is
+    /// done with; a viewer that lost the new session's first packets asks for them.
+    Session = 4,
+    /// The edge gave up packets every path lost; the value is the first sequence number
+    /// in its upper 48 bits (numbers stay below 2^48) and how many in its lower 16. A
+    /// viewer stops waiting for those it lacks.
+    Gap = 5,
 }
 
 /// Error codes.
@@ -773,6 +781,8 @@ fn decode_body(kind: Kind, buf: &mut impl Buf) -> Result<Body, DecodeError> {
                 1 => NoticeKind::Joined,
                 2 => NoticeKind::Skipped,
                 3 => NoticeKind::Missed,
+                4 => NoticeKind::Session,
+                5 => NoticeKind::Gap,
                 _ => return Err(DecodeError::Malformed("notice kind")),
             },
             value: get_u64(buf)?,
