@@ -8,7 +8,7 @@ use braid_core::merge::{self, Output as MergeOutput};
 use braid_core::node::{Drops, Kept, Outbox, Peer};
 use braid_core::ring::Ring;
 use braid_core::wire::{Body, Flags, Header, Media};
-use braid_core::{NodeId, PathId, StreamId};
+use braid_core::{NodeId, PathId, SeqNo, StreamId};
 use bytes::Bytes;
 
 /// Longest lease a subscriber or viewer may ask for.
@@ -81,6 +81,8 @@ pub struct Counters {
     pub path_replaced: u64,
     /// Switch messages sent to viewers of a drained edge (edge).
     pub drain_signals: u64,
+    /// New source sessions started (a capture started again).
+    pub sessions: u64,
 }
 
 /// One stream's figures, for the metrics.
@@ -98,41 +100,95 @@ pub struct StreamReport {
     pub subscribers: usize,
 }
 
-/// Takes a copy into a stream's merge. A copy flagged as a discontinuity (the capture
-/// restarted) far from what the merge expects starts the merge afresh.
+/// Which source session a stream is in: the RTP SSRC of the capture that sends it (a
+/// capture started again has another), the one it is leaving, and those it left.
+#[derive(Debug, Default)]
+pub(crate) struct Session {
+    current: Option<u32>,
+    /// The session being left while the merge waits for its last reordered packets.
+    leaving: Option<u32>,
+    /// Sessions left behind, newest last (late copies of theirs are dropped).
+    retired: Vec<u32>,
+}
+
+/// Sessions remembered as left behind.
+const RETIRED: usize = 4;
+
+/// What became of a copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Accepted {
+    /// Into the merge.
+    Taken,
+    /// Into the merge, starting a new source session at this number.
+    NewSession(SeqNo),
+    /// Dropped (a session left behind), counted.
+    Dropped,
+}
+
+/// Takes a copy into a stream's merge. A copy of another source session than the
+/// stream's (another SSRC; its first packet is also flagged as a discontinuity, but that
+/// one may be lost) starts that session: its packets wait aside while the merge takes
+/// the old session's last reordered packets (a window at most), then the old session is
+/// released and the new one starts. Late copies of a session left behind are dropped.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn accept_media(
     now: Instant,
     merge: &mut merge::Buffer<Packet>,
+    session: &mut Session,
+    counters: &mut Counters,
     path: PathId,
     datagram: Bytes,
     header: Header,
     media: Media,
-) {
-    if header.flags.contains(Flags::DISCONTINUITY)
-        && merge
-            .next_seq()
-            .is_some_and(|n| media.seq.0.abs_diff(n.0) > 1 << 16)
-    {
-        merge.reset();
+) -> Accepted {
+    let ssrc = media.rtp.fields().ssrc;
+    if let Some(old) = session.leaving.filter(|_| !merge.changing_session()) {
+        // The change is over: the old session's copies are late from now on.
+        session.leaving = None;
+        session.retired.push(old);
+        if session.retired.len() > RETIRED {
+            session.retired.remove(0);
+        }
     }
     let seq = media.seq;
-    merge.handle_input(
-        now,
-        merge::Input::Packet {
-            path,
-            seq,
-            item: Packet {
-                datagram,
-                header,
-                media,
-            },
-        },
-    );
+    let item = Packet {
+        datagram,
+        header,
+        media,
+    };
+    match session.current {
+        None => session.current = Some(ssrc),
+        Some(cur) if cur == ssrc => {
+            if merge.changing_session() {
+                merge.handle_next_session(now, path, seq, item);
+                return Accepted::Taken;
+            }
+        }
+        Some(_) if session.leaving == Some(ssrc) => {}
+        Some(_) if session.retired.contains(&ssrc) => {
+            counters.drops.add("old_session");
+            return Accepted::Dropped;
+        }
+        Some(cur) => {
+            tracing::info!(old = cur, new = ssrc, seq = seq.0, "a new source session");
+            counters.sessions += 1;
+            if let Some(older) = session.leaving.replace(cur) {
+                session.retired.push(older);
+            }
+            session.current = Some(ssrc);
+            merge.start_next_session(now);
+            merge.handle_next_session(now, path, seq, item);
+            return Accepted::NewSession(seq);
+        }
+    }
+    merge.handle_input(now, merge::Input::Packet { path, seq, item });
+    Accepted::Taken
 }
 
 /// Drains a stream's merge: each packet released is handed to `release` then kept in
 /// `kept` (for repairs and viewers), each hole is asked for on the path the merge chose
-/// (`path_addr` names it), each gap is counted. Returns whether anything was kept.
+/// (`path_addr` names it), each gap is counted and handed to `gap` (its first number
+/// and count). Returns whether anything was kept.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn drain_merge<E>(
     now: Instant,
@@ -143,6 +199,7 @@ pub(crate) fn drain_merge<E>(
     counters: &mut Counters,
     path_addr: impl Fn(PathId) -> Option<SocketAddr>,
     mut release: impl FnMut(&mut Outbox<E>, &Packet),
+    mut gap: impl FnMut(&mut Outbox<E>, SeqNo, u64),
 ) -> bool {
     merge.handle_timeout(now);
     let mut pushed = false;
@@ -152,10 +209,18 @@ pub(crate) fn drain_merge<E>(
                 release(out, &item);
                 let keyframe = item.header.flags.contains(Flags::KEYFRAME);
                 let size = item.datagram.len();
+                if kept.behind(seq) {
+                    // A new session numbered below the old one (another clock): the ring
+                    // starts over; cursors in it move to the new session's keyframe.
+                    kept.restart();
+                }
                 kept.push(now, seq, keyframe, size, item);
                 pushed = true;
             }
-            MergeOutput::Gap { count, .. } => counters.gap_packets += count,
+            MergeOutput::Gap { first, count } => {
+                counters.gap_packets += count;
+                gap(out, first, count);
+            }
             MergeOutput::Nack { range, path } => {
                 if let Some(to) = path_addr(path) {
                     out.control(Peer::Addr(to), stream, Body::Nack(vec![range]));

@@ -13,7 +13,7 @@
 //! its socket buffer; over TCP its queue plays that part. The ring then overtakes it, and
 //! the skip is counted and told to it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -36,8 +36,11 @@ const LEASE_MS: u32 = 3000;
 const PATH_DEAD: Duration = Duration::from_millis(1500);
 /// How often a drained edge tells its viewers to move.
 const DRAIN_SIGNAL: Duration = Duration::from_secs(1);
-/// How many of a new viewer's refreshes repeat its *joined* notice.
-const JOINED_REPEATS: u8 = 3;
+/// A packet sent to a viewer and not acknowledged within this long stops counting
+/// against its window (the viewer acknowledges every 250 ms at least).
+const IN_FLIGHT_TTL: Duration = Duration::from_secs(1);
+/// How many of a viewer's refreshes repeat a *joined* or *session* notice.
+const NOTICE_REPEATS: u8 = 3;
 /// Media datagrams queued per TCP viewer before it counts as slow.
 pub const TCP_QUEUE: usize = 256;
 
@@ -110,14 +113,20 @@ struct Viewer {
     start: WatchStart,
     start_seq: SeqNo,
     expires: Instant,
-    /// Highest sequence number the viewer said it has (flow window).
+    /// Highest sequence number the viewer said it has.
     acked: SeqNo,
+    /// Media sent and not yet acknowledged, oldest first, with when it was sent: the flow
+    /// window counts these, not sequence distance, so a skip, a new source session or a
+    /// restarted edge never strands a viewer behind an old acknowledgement.
+    in_flight: VecDeque<(SeqNo, Instant)>,
     /// The first sequence number sent to it.
     first_sent: SeqNo,
     /// Where its cursor was placed (the *joined* notice), and how many more of its
     /// refreshes repeat the notice: the start packet and the notice can both be lost,
     /// and a viewer that misses them starts after its keyframe.
     joined: Option<(SeqNo, u8)>,
+    /// A new source session's start, and how many more refreshes repeat its notice.
+    session: Option<(SeqNo, u8)>,
 }
 
 struct Stream {
@@ -126,6 +135,8 @@ struct Stream {
     viewers: BTreeMap<Peer, Viewer>,
     /// Indexes into `reflectors` subscribed to, and since when.
     upstream: Vec<(usize, Instant)>,
+    /// Which source session it is in.
+    session: common::Session,
     last_refresh: Option<Instant>,
     empty_since: Option<Instant>,
     /// Input arrived since the merge was last drained.
@@ -310,6 +321,7 @@ impl Edge {
             };
             st.dirty = false;
             let reflectors = &self.config.reflectors;
+            let viewers = &st.viewers;
             let pushed = common::drain_merge(
                 now,
                 id,
@@ -319,6 +331,24 @@ impl Edge {
                 &mut self.counters,
                 |path| reflectors.get(usize::from(path.0)).copied(),
                 |_, _| {},
+                // Every path lost it and the repairs failed: the viewers stop waiting
+                // for it now rather than for the whole of their buffer.
+                |out, first, count| {
+                    // The first number in the upper 48 bits (numbers stay below 2^48),
+                    // how many in the lower 16.
+                    let value = first.0 << 16 | count.min(u64::from(u16::MAX));
+                    if let Some(d) = out.encode(
+                        id,
+                        Body::Notice {
+                            kind: NoticeKind::Gap,
+                            value,
+                        },
+                    ) {
+                        for key in viewers.keys() {
+                            out.send(*key, d.clone(), false);
+                        }
+                    }
+                },
             );
             if pushed {
                 self.serve(now, id, None);
@@ -363,14 +393,34 @@ impl Edge {
                     self.counters.drops.add("unknown_peer");
                     return;
                 };
-                common::accept_media(
+                let accepted = common::accept_media(
                     now,
                     &mut st.merge,
+                    &mut st.session,
+                    &mut self.counters,
                     PathId(i as u8),
                     bytes,
                     msg.header,
                     media,
                 );
+                if let common::Accepted::NewSession(first) = accepted {
+                    // Viewers learn where it starts, so one that loses the first packets
+                    // asks for them; repeated on their next refreshes.
+                    for v in st.viewers.values_mut() {
+                        v.session = Some((first, NOTICE_REPEATS));
+                    }
+                    if let Some(d) = self.out.encode(
+                        id,
+                        Body::Notice {
+                            kind: NoticeKind::Session,
+                            value: first.0,
+                        },
+                    ) {
+                        for key in st.viewers.keys() {
+                            self.out.send(*key, d.clone(), false);
+                        }
+                    }
+                }
                 st.dirty = true;
             }
             (_, Body::Watch(watch)) => self.handle_watch(now, from, id, watch),
@@ -414,6 +464,7 @@ impl Edge {
                     ring: Ring::new(self.config.ring.clone())?,
                     viewers: BTreeMap::new(),
                     upstream: Vec::new(),
+                    session: common::Session::default(),
                     last_refresh: None,
                     empty_since: Some(now),
                     dirty: false,
@@ -444,12 +495,24 @@ impl Edge {
             if watch.acked > v.acked {
                 v.acked = watch.acked;
             }
-            if let Some((first, left @ 1..)) = v.joined {
-                v.joined = Some((first, left - 1));
-                let notice = Body::Notice {
-                    kind: NoticeKind::Joined,
-                    value: first.0,
-                };
+            // What it has is no longer in flight.
+            while v.in_flight.front().is_some_and(|(s, _)| *s <= watch.acked) {
+                v.in_flight.pop_front();
+            }
+            let mut repeat = Vec::new();
+            for (slot, kind) in [
+                (&mut v.joined, NoticeKind::Joined),
+                (&mut v.session, NoticeKind::Session),
+            ] {
+                if let Some((first, left @ 1..)) = *slot {
+                    *slot = Some((first, left - 1));
+                    repeat.push(Body::Notice {
+                        kind,
+                        value: first.0,
+                    });
+                }
+            }
+            for notice in repeat {
                 self.out.control(from, id, notice);
             }
             // The window may have opened: serve this viewer now.
@@ -496,12 +559,20 @@ impl Edge {
                 start_seq: watch.seq,
                 expires: now + lease,
                 acked: watch.acked,
+                in_flight: VecDeque::new(),
                 first_sent: SeqNo(0),
                 joined: None,
+                session: None,
             },
         );
         st.empty_since = None;
         let needs_upstream = st.upstream.is_empty();
+        if needs_upstream && watch.start == WatchStart::Seq && st.ring.is_empty() {
+            // A cold stream for a viewer resuming (a switch, or its edge restarted): the
+            // merge starts where the viewer is, so what it lacks is asked of the set
+            // reflectors, which keep the last seconds.
+            st.merge.expect_from(now, watch.seq);
+        }
         self.viewers += 1;
         self.counters.viewer_joins += 1;
         if let Peer::Conn(c) = from {
@@ -525,7 +596,7 @@ impl Edge {
     /// Sends each viewer of `id` (or only `only`) what its cursor has to read, within its
     /// flow window (UDP, QUIC) or queue (TCP), and places the cursors of viewers still
     /// waiting for their start.
-    fn serve(&mut self, _now: Instant, id: StreamId, only: Option<Peer>) {
+    fn serve(&mut self, now: Instant, id: StreamId, only: Option<Peer>) {
         let window = self.config.viewer_window;
         let Some(st) = self.streams.get_mut(&id) else {
             return;
@@ -545,7 +616,7 @@ impl Edge {
                 if let Ok((c, missed)) = st.ring.cursor(start) {
                     v.cursor = Some(c);
                     let first = st.ring.peek(&c).map_or(SeqNo(0), |e| e.seq);
-                    v.joined = Some((first, JOINED_REPEATS));
+                    v.joined = Some((first, NOTICE_REPEATS));
                     notices.push((key, NoticeKind::Joined, first.0));
                     if missed > 0 {
                         self.counters.resume_missed_packets += missed;
@@ -561,19 +632,15 @@ impl Edge {
                 if !st.ring.overtaken(cursor) {
                     match key {
                         Peer::Addr(_) => {
-                            // Until the viewer acknowledges anything, the window counts
-                            // from the first packet sent to it.
-                            if let Some(e) = st.ring.peek(cursor) {
-                                let base = if v.acked.0 > 0 {
-                                    v.acked.0
-                                } else if v.first_sent.0 > 0 {
-                                    v.first_sent.0
-                                } else {
-                                    e.seq.0
-                                };
-                                if e.seq.0 >= base + window {
-                                    break;
-                                }
+                            // Packets unacknowledged for long were lost or the viewer
+                            // stalled: they stop counting, so the window reopens.
+                            while v.in_flight.front().is_some_and(|(_, t)| {
+                                now.saturating_duration_since(*t) > IN_FLIGHT_TTL
+                            }) {
+                                v.in_flight.pop_front();
+                            }
+                            if v.in_flight.len() as u64 >= window {
+                                break;
                             }
                         }
                         Peer::Conn(c) => {
@@ -588,8 +655,9 @@ impl Edge {
                         if v.first_sent.0 == 0 {
                             v.first_sent = e.seq;
                         }
-                        if let Peer::Conn(c) = key {
-                            *self.tcp_queued.entry(c).or_insert(0) += 1;
+                        match key {
+                            Peer::Conn(c) => *self.tcp_queued.entry(c).or_insert(0) += 1,
+                            Peer::Addr(_) => v.in_flight.push_back((e.seq, now)),
                         }
                         self.out.send(key, e.item.datagram.clone(), true);
                     }

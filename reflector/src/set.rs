@@ -56,6 +56,8 @@ struct Stream {
     subscribers: BTreeMap<SocketAddr, Instant>,
     /// Without configured upstreams: paths numbered as senders appear.
     dynamic_paths: Vec<SocketAddr>,
+    /// Which source session it is in.
+    session: common::Session,
     /// Input arrived since the merge was last drained.
     dirty: bool,
 }
@@ -192,6 +194,9 @@ impl SetReflector {
                         }
                     }
                 },
+                // Edges merge several set reflectors: one that gave up a packet says
+                // nothing, another may still have it.
+                |_, _, _| {},
             );
         }
     }
@@ -210,6 +215,7 @@ impl SetReflector {
                     kept: Ring::new(kept)?,
                     subscribers: BTreeMap::new(),
                     dynamic_paths: Vec::new(),
+                    session: common::Session::default(),
                     dirty: false,
                 },
             );
@@ -259,10 +265,23 @@ impl SetReflector {
                     self.counters.drops.add("unknown_peer");
                     return;
                 };
-                let Ok(st) = self.stream(id) else {
+                if self.stream(id).is_err() {
+                    return;
+                }
+                let counters = &mut self.counters;
+                let Some(st) = self.streams.get_mut(&id) else {
                     return;
                 };
-                common::accept_media(now, &mut st.merge, path, bytes, msg.header, media);
+                common::accept_media(
+                    now,
+                    &mut st.merge,
+                    &mut st.session,
+                    counters,
+                    path,
+                    bytes,
+                    msg.header,
+                    media,
+                );
                 st.dirty = true;
             }
             Body::Subscribe(s) | Body::Refresh(s) => self.handle_subscriber(now, from, id, s),
