@@ -29,7 +29,7 @@ use braid_core::detect::{self, Detector, Observation, Output as DetectOutput};
 use braid_core::merge::{self, Output as MergeOutput};
 use braid_core::node::{Outbox, Output, Peer, WallClock};
 use braid_core::wire::{
-    Body, Codec, Flags, Keepalive, Message, NoticeKind, SeqRange, Watch, WatchStart,
+    Body, Codec, Flags, Keepalive, Media, Message, NoticeKind, SeqRange, Watch, WatchStart,
 };
 use braid_core::{Bitrate, DataSize, NodeId, PathId, SeqNo, StreamId};
 use bytes::Bytes;
@@ -56,6 +56,8 @@ const QUALITY_DWELL: Duration = Duration::from_secs(2);
 const DAMPING_MEMORY: Duration = Duration::from_secs(60);
 /// Longest wait between two quality switches.
 const MAX_DWELL: Duration = Duration::from_secs(60);
+/// Packets from an edge just left are taken this long after (they were in flight).
+const LEFT_GRACE: Duration = Duration::from_secs(1);
 /// How long after a failed assignment it is asked for again.
 const RETRY_ASSIGN: Duration = Duration::from_millis(250);
 /// The lease asked for in every watch.
@@ -224,6 +226,10 @@ pub struct Stats {
     pub skips: u64,
     /// Copies dropped as duplicates or too late.
     pub late_or_duplicate: u64,
+    /// Copies of a source session left behind (dropped).
+    pub stale: u64,
+    /// New source sessions followed (the capture started again).
+    pub sessions: u64,
     /// Asks for a missing packet sent to the edge.
     pub nacks: u64,
     /// Missing packets that the edge sent again in time.
@@ -284,6 +290,8 @@ pub struct Session {
     edge: Option<SocketAddr>,
     /// During a switch over datagrams, the edge being left (until the new one delivers).
     leaving: Option<SocketAddr>,
+    /// The edge just left, and when: its packets in flight are still taken.
+    left: Option<(SocketAddr, Instant)>,
     start: (WatchStart, SeqNo),
     buffer: merge::Buffer<Bytes>,
     detector: Detector,
@@ -301,6 +309,15 @@ pub struct Session {
     pending: Option<PendingSwitch>,
     /// (switch index, detected at, gaps then), to fill in `lost` later.
     switch_marks: Vec<(usize, Instant, u64)>,
+    /// The source session (RTP SSRC) being played, the one being left, and sessions left
+    /// behind.
+    ssrc: Option<u32>,
+    leaving_session: Option<u32>,
+    retired: Vec<u32>,
+    /// When the buffer last moved to a new session.
+    ssrc_changed_at: Option<Instant>,
+    /// Where the edge said a new session starts.
+    session_start: Option<SeqNo>,
     /// Recent switches for the quality of reception, for damping.
     quality_switches: Vec<Instant>,
     /// Probes sent: candidate and when.
@@ -343,6 +360,7 @@ impl Session {
             assignment: None,
             edge: None,
             leaving: None,
+            left: None,
             start,
             buffer,
             detector,
@@ -363,6 +381,11 @@ impl Session {
             pending: None,
             switch_marks: Vec::new(),
             quality_switches: Vec::new(),
+            ssrc: None,
+            leaving_session: None,
+            retired: Vec::new(),
+            ssrc_changed_at: None,
+            session_start: None,
             probes: Vec::new(),
             probe_started: now,
             config,
@@ -537,14 +560,81 @@ impl Session {
     }
 
     fn watch(&self) -> Body {
+        // Once the stream flows, an edge that does not know this viewer (it restarted, or
+        // it is new after a switch) resumes it where the output stands.
+        let start = match self.buffer.next_seq() {
+            Some(next) if self.stats.first_seq.is_some() => (WatchStart::Seq, next),
+            _ => self.start,
+        };
         Body::Watch(Watch {
             node: self.config.id,
             lease_ms: LEASE_MS,
-            start: self.start.0,
-            seq: self.start.1,
+            start: start.0,
+            seq: start.1,
             acked: self.acked,
             token: self.config.token.clone(),
         })
+    }
+
+    /// Takes a media packet into the buffer on `path`, following the source's sessions
+    /// (a capture started again has another SSRC; its first packet is also flagged, but
+    /// may be lost): a new session's packets wait aside while the old session's last
+    /// reordered packets come (a window at most), then the new one starts; late copies
+    /// of a session left behind are dropped. Returns whether it was taken.
+    fn take_media(&mut self, now: Instant, path: PathId, m: Media) -> bool {
+        let ssrc = m.rtp.fields().ssrc;
+        if let Some(old) = self
+            .leaving_session
+            .filter(|_| !self.buffer.changing_session())
+        {
+            self.leaving_session = None;
+            self.retired.push(old);
+            if self.retired.len() > 4 {
+                self.retired.remove(0);
+            }
+        }
+        let next_session = match self.ssrc {
+            None => {
+                self.ssrc = Some(ssrc);
+                false
+            }
+            Some(cur) if cur == ssrc => self.buffer.changing_session(),
+            Some(_) if self.leaving_session == Some(ssrc) => false,
+            Some(_) if self.retired.contains(&ssrc) => {
+                self.stats.stale += 1;
+                return false;
+            }
+            Some(cur) => {
+                tracing::info!("the source started a new session at {}", m.seq.0);
+                if let Some(older) = self.leaving_session.replace(cur) {
+                    self.retired.push(older);
+                }
+                self.ssrc = Some(ssrc);
+                self.stats.sessions += 1;
+                self.buffer.start_next_session(now);
+                self.detector.new_session(now);
+                self.acked = m.seq;
+                self.ssrc_changed_at = Some(now);
+                if let Some(first) = self.session_start.take() {
+                    self.buffer.expect_from(now, first);
+                }
+                true
+            }
+        };
+        if next_session {
+            self.buffer
+                .handle_next_session(now, path, m.seq, m.rtp.payload());
+        } else {
+            self.buffer.handle_input(
+                now,
+                merge::Input::Packet {
+                    path,
+                    seq: m.seq,
+                    item: m.rtp.payload(),
+                },
+            );
+        }
+        true
     }
 
     /// Starts watching the first edge.
@@ -736,7 +826,11 @@ impl Session {
             return;
         }
         let from_edge = from.is_none() || from == self.edge;
-        let from_leaving = self.leaving.is_some() && from == self.leaving;
+        // The edge being left, or just left: its last packets are still on their way.
+        let from_leaving = (self.leaving.is_some() && from == self.leaving)
+            || self
+                .left
+                .is_some_and(|(e, t)| from == Some(e) && now < t + LEFT_GRACE);
         match msg {
             Message {
                 header,
@@ -747,14 +841,7 @@ impl Session {
                     if m.seq > self.acked {
                         self.acked = m.seq;
                     }
-                    self.buffer.handle_input(
-                        now,
-                        merge::Input::Packet {
-                            path: PathId(1),
-                            seq: m.seq,
-                            item: m.rtp.payload(),
-                        },
-                    );
+                    self.take_media(now, PathId(1), m);
                     return;
                 }
                 if !from_edge {
@@ -767,6 +854,7 @@ impl Session {
                 if !self.got_from_edge {
                     self.got_from_edge = true;
                     if let Some(old) = self.leaving.take() {
+                        self.left = Some((old, now));
                         self.send(
                             old,
                             Body::Unsubscribe {
@@ -796,14 +884,7 @@ impl Session {
                         repair: header.flags.contains(Flags::RETRANSMIT),
                     },
                 );
-                self.buffer.handle_input(
-                    now,
-                    merge::Input::Packet {
-                        path: PathId(0),
-                        seq: m.seq,
-                        item: m.rtp.payload(),
-                    },
-                );
+                self.take_media(now, PathId(0), m);
             }
             Message {
                 body: Body::Notice { kind, value },
@@ -818,6 +899,18 @@ impl Session {
                 }
                 NoticeKind::Missed => {
                     tracing::warn!("the edge no longer had {value} of the packets asked for")
+                }
+                NoticeKind::Session => {
+                    // Where the new session starts: applied when the buffer moves to it
+                    // (now, if it already has).
+                    self.session_start = Some(SeqNo(value));
+                    if self.ssrc_changed_at.is_some() {
+                        self.buffer.expect_from(now, SeqNo(value));
+                    }
+                }
+                NoticeKind::Gap => {
+                    self.buffer
+                        .give_up(now, SeqNo(value >> 16), value & u64::from(u16::MAX))
                 }
                 NoticeKind::Joined => {
                     // Where the edge started us: a lost first packet (the keyframe) is
