@@ -321,7 +321,11 @@ pub fn check(w: &World) -> Outcome {
                     .filter(|(_, t)| t.entered)
                     .map(|(k, t)| (*k, t.at, t.session))
                     .collect();
-                missing_total += lost.len() as u64;
+                // Within a session, every missing packet must be counted; across a
+                // change of session the viewer cannot know what the old one had left.
+                if sa == sb {
+                    missing_total += lost.len() as u64;
+                }
                 // Moving to a new session, a viewer may leave the old one's tail and the
                 // new one's head before the keyframe it starts at (each session's output
                 // is one contiguous run); liveness bounds how long that takes.

@@ -222,8 +222,6 @@ impl Classes {
     pub fn passing() -> Classes {
         Classes {
             edges: false,
-            capture_restart: false,
-            pauses: false,
             skew: false,
             aligned_outages: false,
             ..Classes::all()
