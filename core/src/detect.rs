@@ -43,8 +43,14 @@ pub struct Config {
     pub max_out_of_order_ratio: f64,
     /// Consecutive bad windows before a switch (default 3).
     pub bad_windows: u32,
-    /// Silence that causes a switch by itself (default 500 ms).
+    /// Silence that causes a switch by itself, at most (default 500 ms); less on a stream
+    /// whose packets come often: twelve of its usual gaps between packets, never under
+    /// [`Config::min_stall`].
     pub stall: Duration,
+    /// The shortest silence that counts as a stall (default 250 ms: an edge sends a
+    /// heartbeat after 60 ms without media, checked every 100 ms, so silence that long
+    /// means the edge, or the way to it, is gone).
+    pub min_stall: Duration,
     /// Consecutive good windows after which the detector speaks again (default 8).
     pub rearm_windows: u32,
 }
@@ -60,6 +66,7 @@ impl Default for Config {
             max_out_of_order_ratio: 0.10,
             bad_windows: 3,
             stall: Duration::from_millis(500),
+            min_stall: Duration::from_millis(250),
             rearm_windows: 8,
         }
     }
@@ -193,6 +200,8 @@ pub struct Detector {
     last: Option<WindowStats>,
     highest: Option<SeqNo>,
     last_packet: Option<Instant>,
+    /// The usual gap between two packets, smoothed.
+    usual_gap: Option<Duration>,
     learned_nominal: Option<f64>,
     bad_streak: u32,
     good_streak: u32,
@@ -217,6 +226,7 @@ impl Detector {
             last: None,
             highest: None,
             last_packet: None,
+            usual_gap: None,
             learned_nominal: None,
             bad_streak: 0,
             good_streak: 0,
@@ -251,10 +261,26 @@ impl Detector {
         self.highest = None;
     }
 
+    /// The source said it is alive without sending media (a heartbeat while the stream
+    /// pauses upstream): no stall is counted from before `now`; the windows see nothing.
+    pub fn handle_alive(&mut self, now: Instant) {
+        self.handle_timeout(now);
+        self.window_start.get_or_insert(now);
+        self.last_packet = Some(now);
+        self.stall_reported = false;
+    }
+
     /// One packet received at `now`.
     pub fn handle_input(&mut self, now: Instant, obs: Observation) {
         self.handle_timeout(now);
         self.window_start.get_or_insert(now);
+        if let Some(last) = self.last_packet {
+            let gap = now.saturating_duration_since(last);
+            self.usual_gap = Some(match self.usual_gap {
+                None => gap,
+                Some(g) => (g * 7 + gap) / 8,
+            });
+        }
         self.last_packet = Some(now);
         self.stall_reported = false;
         let c = &mut self.current;
@@ -308,7 +334,7 @@ impl Detector {
 
         if let Some(last) = self.last_packet {
             let silent_for = now.saturating_duration_since(last);
-            if silent_for >= self.config.stall && !self.stall_reported {
+            if silent_for >= self.stall() && !self.stall_reported {
                 self.stall_reported = true;
                 if self.armed {
                     self.armed = false;
@@ -401,6 +427,16 @@ impl Detector {
         None
     }
 
+    /// The silence that counts as a stall now: twelve usual gaps between packets, between
+    /// [`Config::min_stall`] and [`Config::stall`].
+    pub fn stall(&self) -> Duration {
+        let adaptive = self.usual_gap.map_or(self.config.stall, |g| g * 12);
+        adaptive.clamp(
+            self.config.min_stall.min(self.config.stall),
+            self.config.stall,
+        )
+    }
+
     /// The nominal bit rate in use: configured, or learned once four good windows were
     /// seen after the first second.
     pub fn nominal(&self) -> Option<Bitrate> {
@@ -428,7 +464,7 @@ impl Detector {
         };
         let mut t = start + self.config.window;
         if let (Some(last), false) = (self.last_packet, self.stall_reported) {
-            t = t.min(last + self.config.stall);
+            t = t.min(last + self.stall());
         }
         Output::Timeout(Some(t))
     }
@@ -552,10 +588,11 @@ mod tests {
         let Output::Timeout(Some(deadline)) = d.poll_output() else {
             panic!("expected a deadline")
         };
-        assert!(deadline <= last + ms(500));
-        d.handle_timeout(last + ms(499));
+        // 500 packets a second: twelve usual gaps is under the floor of 250 ms.
+        assert!(deadline <= last + ms(250));
+        d.handle_timeout(last + ms(249));
         assert!(switches(&mut d).is_empty());
-        d.handle_timeout(last + ms(510));
+        d.handle_timeout(last + ms(251));
         let said = switches(&mut d);
         assert!(
             matches!(said.as_slice(), [Reason::Stall { .. }]),
@@ -564,6 +601,47 @@ mod tests {
         // A long silence says it once, not once per window.
         d.handle_timeout(last + ms(60_000));
         assert!(switches(&mut d).is_empty());
+    }
+
+    #[test]
+    fn a_sparse_stream_waits_longer_for_a_stall_up_to_the_limit() {
+        let t = t0();
+        let mut d = Detector::new(Config::default()).unwrap();
+        // 30 packets a second (33 ms apart): twelve gaps is about 400 ms.
+        for i in 0..60u64 {
+            d.handle_input(
+                t + ms(i * 33),
+                Observation {
+                    seq: SeqNo(i),
+                    size: 500,
+                    frame_start: false,
+                    repair: false,
+                },
+            );
+        }
+        let last = t + ms(59 * 33);
+        assert_eq!(d.stall(), ms(396));
+        d.handle_timeout(last + ms(390));
+        assert!(switches(&mut d).is_empty());
+        d.handle_timeout(last + ms(400));
+        assert!(matches!(
+            switches(&mut d).as_slice(),
+            [Reason::Stall { .. }]
+        ));
+        // 5 a second: capped at the configured 500 ms.
+        let mut d = Detector::new(Config::default()).unwrap();
+        for i in 0..20u64 {
+            d.handle_input(
+                t + ms(i * 200),
+                Observation {
+                    seq: SeqNo(i),
+                    size: 500,
+                    frame_start: false,
+                    repair: false,
+                },
+            );
+        }
+        assert_eq!(d.stall(), ms(500));
     }
 
     #[test]

@@ -258,8 +258,15 @@ impl History {
     }
 }
 
-/// A packet of a new session held aside: its path, number and item.
-type Aside<T> = (PathId, SeqNo, T);
+/// A change of session waiting for the old one's holes.
+struct NextSession<T> {
+    /// When it happens at the latest.
+    deadline: Instant,
+    /// The new session's packets held aside meanwhile: path, number, item.
+    waiting: Vec<(PathId, SeqNo, T)>,
+    /// Where the new session starts, if the sender said.
+    start: Option<SeqNo>,
+}
 
 /// The merge buffer for one stream. See the module documentation for the contract.
 pub struct Buffer<T> {
@@ -286,7 +293,7 @@ pub struct Buffer<T> {
     expected: Option<SeqNo>,
     /// A change of source session waiting for the old one's holes: until when, and the
     /// new session's packets held aside meanwhile.
-    next_session: Option<(Instant, Vec<Aside<T>>)>,
+    next_session: Option<NextSession<T>>,
 }
 
 impl<T> Buffer<T> {
@@ -379,7 +386,20 @@ impl<T> Buffer<T> {
             return;
         }
         let deadline = now + self.config.reorder_window;
-        self.next_session.get_or_insert((deadline, Vec::new()));
+        self.next_session.get_or_insert(NextSession {
+            deadline,
+            waiting: Vec::new(),
+            start: None,
+        });
+    }
+
+    /// Where the new session starts (see [`Buffer::expect_from`]): kept for when the
+    /// change of session happens, or applied now if it already did.
+    pub fn expect_session_from(&mut self, now: Instant, first: SeqNo) {
+        match &mut self.next_session {
+            Some(n) => n.start = Some(first),
+            None => self.expect_from(now, first),
+        }
     }
 
     /// Whether a change of session is waiting for the old session's holes.
@@ -393,8 +413,8 @@ impl<T> Buffer<T> {
     pub fn handle_next_session(&mut self, now: Instant, path: PathId, seq: SeqNo, item: T) {
         self.advance(now);
         match &mut self.next_session {
-            Some((_, waiting)) if waiting.len() < self.config.max_held => {
-                waiting.push((path, seq, item));
+            Some(n) if n.waiting.len() < self.config.max_held => {
+                n.waiting.push((path, seq, item));
             }
             Some(_) => {
                 self.stats.late += 1;
@@ -406,18 +426,19 @@ impl<T> Buffer<T> {
 
     /// Ends a change of session once the old session has no hole left or its time is up.
     fn finish_session_change(&mut self, now: Instant) -> bool {
-        let Some((deadline, _)) = &self.next_session else {
+        let Some(n) = &self.next_session else {
             return false;
         };
         let holes = self.slots.iter().any(|s| matches!(s, Slot::Hole { .. }));
-        if holes && now < *deadline {
+        if holes && now < n.deadline {
             return false;
         }
-        let Some((_, waiting)) = self.next_session.take() else {
+        let Some(n) = self.next_session.take() else {
             return false;
         };
         self.flush();
-        for (path, seq, item) in waiting {
+        self.expected = n.start;
+        for (path, seq, item) in n.waiting {
             self.handle_packet(now, path, seq, item);
         }
         true
@@ -958,8 +979,8 @@ impl<T> Buffer<T> {
         let mut consider = |t: Instant| {
             deadline = Some(deadline.map_or(t, |d| d.min(t)));
         };
-        if let Some((t, _)) = &self.next_session {
-            consider(*t);
+        if let Some(n) = &self.next_session {
+            consider(n.deadline);
         }
         if let Some(until) = self.hold_until {
             consider(until);
