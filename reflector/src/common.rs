@@ -111,6 +111,13 @@ pub(crate) struct Session {
     retired: Vec<u32>,
 }
 
+impl Session {
+    /// The session the stream is in (its SSRC).
+    pub(crate) fn current(&self) -> Option<u32> {
+        self.current
+    }
+}
+
 /// Sessions remembered as left behind.
 const RETIRED: usize = 4;
 

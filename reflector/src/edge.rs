@@ -37,8 +37,12 @@ const PATH_DEAD: Duration = Duration::from_millis(1500);
 /// How often a drained edge tells its viewers to move.
 const DRAIN_SIGNAL: Duration = Duration::from_secs(1);
 /// A packet sent to a viewer and not acknowledged within this long stops counting
-/// against its window (the viewer acknowledges every 250 ms at least).
-const IN_FLIGHT_TTL: Duration = Duration::from_secs(1);
+/// against its window. Viewers acknowledge every 250 ms; one silent for its lease (3 s)
+/// is forgotten anyway, so this only frees a window that acknowledgements can no longer
+/// reach (packets the viewer will never have), never a merely paused viewer's.
+const IN_FLIGHT_TTL: Duration = Duration::from_secs(3);
+/// A viewer that got nothing for this long is sent a heartbeat (checked every 100 ms).
+const HEARTBEAT: Duration = Duration::from_millis(60);
 /// How many of a viewer's refreshes repeat a *joined* or *session* notice.
 const NOTICE_REPEATS: u8 = 3;
 /// Media datagrams queued per TCP viewer before it counts as slow.
@@ -127,6 +131,8 @@ struct Viewer {
     joined: Option<(SeqNo, u8)>,
     /// A new source session's start, and how many more refreshes repeat its notice.
     session: Option<(SeqNo, u8)>,
+    /// When anything was last sent to it (media or a heartbeat).
+    last_sent: Instant,
 }
 
 struct Stream {
@@ -137,6 +143,8 @@ struct Stream {
     upstream: Vec<(usize, Instant)>,
     /// Which source session it is in.
     session: common::Session,
+    /// A new session began: tell the viewers where, at its first packet released.
+    announce: bool,
     last_refresh: Option<Instant>,
     empty_since: Option<Instant>,
     /// Input arrived since the merge was last drained.
@@ -321,7 +329,10 @@ impl Edge {
             };
             st.dirty = false;
             let reflectors = &self.config.reflectors;
-            let viewers = &st.viewers;
+            let viewers = &mut st.viewers;
+            let announce = &mut st.announce;
+            let session = st.session.current();
+            let mut gaps = Vec::new();
             let pushed = common::drain_merge(
                 now,
                 id,
@@ -330,26 +341,45 @@ impl Edge {
                 &mut self.out,
                 &mut self.counters,
                 |path| reflectors.get(usize::from(path.0)).copied(),
-                |_, _| {},
-                // Every path lost it and the repairs failed: the viewers stop waiting
-                // for it now rather than for the whole of their buffer.
-                |out, first, count| {
-                    // The first number in the upper 48 bits (numbers stay below 2^48),
-                    // how many in the lower 16.
-                    let value = first.0 << 16 | count.min(u64::from(u16::MAX));
-                    if let Some(d) = out.encode(
-                        id,
-                        Body::Notice {
-                            kind: NoticeKind::Gap,
-                            value,
-                        },
-                    ) {
-                        for key in viewers.keys() {
+                // The new session's first packet: viewers learn where it starts, so one
+                // that loses it asks for it; repeated on their next refreshes.
+                |out, p| {
+                    if !*announce || Some(p.media.rtp.fields().ssrc) != session {
+                        return;
+                    }
+                    *announce = false;
+                    let first = p.media.seq;
+                    let notice = Body::Notice {
+                        kind: NoticeKind::Session,
+                        value: first.0,
+                    };
+                    if let Some(d) = out.encode(id, notice) {
+                        for (key, v) in viewers.iter_mut() {
+                            v.session = Some((first, NOTICE_REPEATS));
                             out.send(*key, d.clone(), false);
                         }
                     }
                 },
+                // Every path lost it and the repairs failed: the viewers stop waiting
+                // for it now rather than for the whole of their buffer.
+                |_, first, count| gaps.push((first, count)),
             );
+            // Every path lost these and the repairs failed: the viewers stop waiting for
+            // them now rather than for the whole of their buffer.
+            for (first, count) in gaps {
+                // The first number in the upper 48 bits (numbers stay below 2^48), how
+                // many in the lower 16.
+                let value = first.0 << 16 | count.min(u64::from(u16::MAX));
+                let notice = Body::Notice {
+                    kind: NoticeKind::Gap,
+                    value,
+                };
+                if let Some(d) = self.out.encode(id, notice) {
+                    for key in st.viewers.keys() {
+                        self.out.send(*key, d.clone(), false);
+                    }
+                }
+            }
             if pushed {
                 self.serve(now, id, None);
             }
@@ -403,23 +433,10 @@ impl Edge {
                     msg.header,
                     media,
                 );
-                if let common::Accepted::NewSession(first) = accepted {
-                    // Viewers learn where it starts, so one that loses the first packets
-                    // asks for them; repeated on their next refreshes.
-                    for v in st.viewers.values_mut() {
-                        v.session = Some((first, NOTICE_REPEATS));
-                    }
-                    if let Some(d) = self.out.encode(
-                        id,
-                        Body::Notice {
-                            kind: NoticeKind::Session,
-                            value: first.0,
-                        },
-                    ) {
-                        for key in st.viewers.keys() {
-                            self.out.send(*key, d.clone(), false);
-                        }
-                    }
+                if let common::Accepted::NewSession(_) = accepted {
+                    // Viewers learn where it starts once the merge has settled on its
+                    // first packet (the one that showed it may not be the first).
+                    st.announce = true;
                 }
                 st.dirty = true;
             }
@@ -465,6 +482,7 @@ impl Edge {
                     viewers: BTreeMap::new(),
                     upstream: Vec::new(),
                     session: common::Session::default(),
+                    announce: false,
                     last_refresh: None,
                     empty_since: Some(now),
                     dirty: false,
@@ -563,6 +581,7 @@ impl Edge {
                 first_sent: SeqNo(0),
                 joined: None,
                 session: None,
+                last_sent: now,
             },
         );
         st.empty_since = None;
@@ -659,6 +678,7 @@ impl Edge {
                             Peer::Conn(c) => *self.tcp_queued.entry(c).or_insert(0) += 1,
                             Peer::Addr(_) => v.in_flight.push_back((e.seq, now)),
                         }
+                        v.last_sent = now;
                         self.out.send(key, e.item.datagram.clone(), true);
                     }
                     Read::Skipped { lost } => {
@@ -750,6 +770,7 @@ impl Edge {
     fn housekeeping(&mut self, now: Instant) {
         self.next_housekeeping = Some(now + HOUSEKEEPING);
         self.signal_drain(now);
+        self.heartbeat(now);
         let k = self.subscribe_k();
         let top_up: Vec<StreamId> = self
             .streams
@@ -829,6 +850,35 @@ impl Edge {
                 for (i, _) in st.upstream {
                     let to = Peer::Addr(self.config.reflectors[i]);
                     self.out.control(to, id, Body::Unsubscribe { node });
+                }
+            }
+        }
+    }
+
+    /// Tells every viewer that got nothing for [`HEARTBEAT`] that this edge is alive (a
+    /// keepalive): the stream pauses while a hole upstream is waited for, and a viewer
+    /// must not take that for a dead edge, nor a dead edge for a pause.
+    fn heartbeat(&mut self, now: Instant) {
+        let node = self.config.settings.node;
+        for (id, st) in self.streams.iter_mut() {
+            let mut body = None;
+            for (key, v) in st.viewers.iter_mut() {
+                if v.cursor.is_none() || now.saturating_duration_since(v.last_sent) < HEARTBEAT {
+                    continue;
+                }
+                v.last_sent = now;
+                let d = body.get_or_insert_with(|| {
+                    self.out.encode(
+                        *id,
+                        Body::Keepalive(Keepalive {
+                            node,
+                            sent_us: 0,
+                            echo_us: 0,
+                        }),
+                    )
+                });
+                if let Some(d) = d {
+                    self.out.send(*key, d.clone(), false);
                 }
             }
         }
