@@ -110,8 +110,11 @@ pub struct Config {
     #[serde(default = "default_out")]
     pub out: PathBuf,
     /// How long a missing packet is waited for (and asked again for) before it is given
-    /// up, ms; the first packet waits this long too, filling the buffer.
-    #[arg(long, default_value_t = 300)]
+    /// up, ms; the first packet waits this long too, filling the buffer. The default
+    /// holds a switch away from a failing edge: a stall is noticed after 150 ms (12
+    /// packet gaps on a sparse stream, 500 ms at most), the viewer moves at once to a
+    /// candidate it knows, and a warm edge answers within a round trip or two.
+    #[arg(long, default_value_t = 500)]
     #[serde(default = "default_buffer_ms")]
     pub buffer_ms: u64,
     /// Start at this sequence number instead of the latest keyframe.
@@ -199,7 +202,7 @@ fn default_out() -> PathBuf {
     PathBuf::from("-")
 }
 fn default_buffer_ms() -> u64 {
-    300
+    500
 }
 fn default_start_timeout() -> f64 {
     8.0

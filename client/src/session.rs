@@ -56,6 +56,10 @@ const QUALITY_DWELL: Duration = Duration::from_secs(2);
 const DAMPING_MEMORY: Duration = Duration::from_secs(60);
 /// Longest wait between two quality switches.
 const MAX_DWELL: Duration = Duration::from_secs(60);
+/// Make before break lasts at most this long after the new edge's first packet.
+const LEAVE_AT_MOST: Duration = Duration::from_secs(2);
+/// Watches go at most this often while the *joined* notice is awaited.
+const EARLY_WATCH: Duration = Duration::from_millis(50);
 /// Packets from an edge just left are taken this long after (they were in flight).
 const LEFT_GRACE: Duration = Duration::from_secs(1);
 /// How long after a failed assignment it is asked for again.
@@ -220,7 +224,8 @@ pub struct Stats {
     pub last_seq: Option<u64>,
     /// Sequence numbers given up after the buffer (gaps in the output).
     pub gaps: u64,
-    /// Of those, packets the edge said it skipped (this viewer fell behind).
+    /// Of those, packets the edge said this viewer will not get (it fell behind the
+    /// ring, or resumed past what the edge held).
     pub skipped: u64,
     /// Skip events.
     pub skips: u64,
@@ -290,6 +295,8 @@ pub struct Session {
     edge: Option<SocketAddr>,
     /// During a switch over datagrams, the edge being left (until the new one delivers).
     leaving: Option<SocketAddr>,
+    /// The new edge's first packet during make before break, and when it came.
+    new_edge_from: Option<(SeqNo, Instant)>,
     /// The edge just left, and when: its packets in flight are still taken.
     left: Option<(SocketAddr, Instant)>,
     start: (WatchStart, SeqNo),
@@ -318,6 +325,12 @@ pub struct Session {
     ssrc_changed_at: Option<Instant>,
     /// Where the edge said a new session starts.
     session_start: Option<SeqNo>,
+    /// Switch requests whose answer is not waited for (the viewer already moved).
+    told: Vec<u64>,
+    /// Whether the edge said where it started this viewer (its *joined* notice).
+    joined_told: bool,
+    /// When a watch last went early to ask for the *joined* notice again.
+    early_watch: Option<Instant>,
     /// Recent switches for the quality of reception, for damping.
     quality_switches: Vec<Instant>,
     /// Probes sent: candidate and when.
@@ -360,6 +373,7 @@ impl Session {
             assignment: None,
             edge: None,
             leaving: None,
+            new_edge_from: None,
             left: None,
             start,
             buffer,
@@ -381,6 +395,9 @@ impl Session {
             pending: None,
             switch_marks: Vec::new(),
             quality_switches: Vec::new(),
+            told: Vec::new(),
+            joined_told: false,
+            early_watch: None,
             ssrc: None,
             leaving_session: None,
             retired: Vec::new(),
@@ -616,7 +633,7 @@ impl Session {
                 self.acked = m.seq;
                 self.ssrc_changed_at = Some(now);
                 if let Some(first) = self.session_start.take() {
-                    self.buffer.expect_from(now, first);
+                    self.buffer.expect_session_from(now, first);
                 }
                 true
             }
@@ -690,6 +707,14 @@ impl Session {
                 if better && self.pending.is_none() {
                     self.decide_switch(now, "better".into());
                 }
+            }
+            return;
+        }
+        if let Some(i) = self.told.iter().position(|t| *t == id) {
+            // A switch the viewer already made: the answer only refreshes the candidates.
+            self.told.swap_remove(i);
+            if let Ok(a) = result {
+                self.assignment = Some(a);
             }
             return;
         }
@@ -851,16 +876,22 @@ impl Session {
                 self.stats
                     .join_ms
                     .get_or_insert(now.duration_since(self.started).as_millis() as u64);
+                if !self.joined_told
+                    && self.stats.first_seq.is_none()
+                    && self.early_watch.is_none_or(|t| now >= t + EARLY_WATCH)
+                {
+                    // Media, but no word yet of where the edge started us (the notice
+                    // may be lost with the first packet): a watch now brings it again,
+                    // well within the buffer.
+                    self.early_watch = Some(now);
+                    self.send_ack();
+                }
                 if !self.got_from_edge {
                     self.got_from_edge = true;
-                    if let Some(old) = self.leaving.take() {
-                        self.left = Some((old, now));
-                        self.send(
-                            old,
-                            Body::Unsubscribe {
-                                node: self.config.id,
-                            },
-                        );
+                    // The edge being left is kept until the output reaches what the new
+                    // one sends (it may start later than the resume point).
+                    if self.leaving.is_some() {
+                        self.new_edge_from = Some((m.seq, now));
                     }
                     if let Some((i, t, _)) = self.switch_marks.last() {
                         let unix = self.clock.unix_ms(now);
@@ -898,6 +929,15 @@ impl Session {
                     );
                 }
                 NoticeKind::Missed => {
+                    // Resumed past what the edge still held (a pause longer than the
+                    // lease, a restarted edge): moved forward, like a skip.
+                    self.stats.skipped += value;
+                    self.stats.skips += 1;
+                    // They start at the resume point: stop waiting for them, unless the
+                    // edge being left may still send them.
+                    if let (Some(next), None) = (self.buffer.next_seq(), self.leaving) {
+                        self.buffer.give_up(now, next, value);
+                    }
                     tracing::warn!("the edge no longer had {value} of the packets asked for")
                 }
                 NoticeKind::Session => {
@@ -905,7 +945,7 @@ impl Session {
                     // (now, if it already has).
                     self.session_start = Some(SeqNo(value));
                     if self.ssrc_changed_at.is_some() {
-                        self.buffer.expect_from(now, SeqNo(value));
+                        self.buffer.expect_session_from(now, SeqNo(value));
                     }
                 }
                 NoticeKind::Gap => {
@@ -915,10 +955,18 @@ impl Session {
                 NoticeKind::Joined => {
                     // Where the edge started us: a lost first packet (the keyframe) is
                     // then asked for, not silently started after.
+                    self.joined_told = true;
                     self.buffer.expect_from(now, SeqNo(value));
                     tracing::debug!("joined at {value}");
                 }
             },
+            Message {
+                body: Body::Keepalive(_),
+                ..
+            } if from_edge && self.got_from_edge => {
+                // The edge is alive; the stream pauses upstream.
+                self.detector.handle_alive(now);
+            }
             Message {
                 body: Body::Switch { reason },
                 ..
@@ -951,6 +999,22 @@ impl Session {
     fn step(&mut self, now: Instant) {
         if self.phase != Phase::Watching {
             return;
+        }
+        if let (Some(old), Some((first, since))) = (self.leaving, self.new_edge_from) {
+            // Make before break ends once the output has caught up with the new edge's
+            // first packet, or after a while in any case.
+            let caught_up = self.buffer.next_seq().is_none_or(|n| n >= first);
+            if caught_up || now >= since + LEAVE_AT_MOST {
+                self.leaving = None;
+                self.new_edge_from = None;
+                self.left = Some((old, now));
+                self.send(
+                    old,
+                    Body::Unsubscribe {
+                        node: self.config.id,
+                    },
+                );
+            }
         }
         // The detectors' verdict, once the edge had its chance.
         while let DetectOutput::Switch(reason) = self.detector.poll_output() {
@@ -1046,6 +1110,14 @@ impl Session {
             detected: now,
             asked: None,
         };
+        // An edge that fails now (silence, poor reception) is left at once for the best
+        // candidate of the other set from the last assignment: the detection already
+        // took part of the buffer, a control server's round trip must not take the rest.
+        // The control server is told all the same (it counts the switch, and its answer
+        // refreshes the candidates); planned moves (drain, refusal, a better edge) and a
+        // viewer with no candidate wait for its choice.
+        let urgent = !matches!(reason.as_str(), "drain" | "refused" | "better");
+        let candidate = urgent && self.secondary_candidate(failed).is_some();
         if self.config.control {
             let last_seq = self.buffer.next_seq().unwrap_or(self.acked.next()).0;
             let id = self.request(Request::Switch {
@@ -1053,12 +1125,31 @@ impl Session {
                 reason,
                 last_seq,
             });
-            p.asked = Some((id, now + self.config.control_timeout));
-            self.pending = Some(p);
-        } else {
-            self.pending = Some(p);
-            self.carry_out_switch(now, None);
+            if candidate {
+                self.told.push(id);
+            } else {
+                p.asked = Some((id, now + self.config.control_timeout));
+                self.pending = Some(p);
+                return;
+            }
         }
+        self.pending = Some(p);
+        self.carry_out_switch(now, None);
+    }
+
+    /// The best candidate of the other set than `failed`'s, from the last assignment.
+    fn secondary_candidate(&self, failed: SocketAddr) -> Option<SocketAddr> {
+        let a = self.assignment.as_ref()?;
+        let current_set = a
+            .candidates
+            .iter()
+            .find(|c| c.addr == failed)
+            .map(|c| c.set.clone());
+        a.candidates
+            .iter()
+            .filter(|c| c.addr != failed)
+            .min_by_key(|c| (Some(&c.set) == current_set.as_ref(), c.priority))
+            .map(|c| c.addr)
     }
 
     /// Moves to `target` (a control server's choice), or to the best candidate of the
@@ -1071,19 +1162,7 @@ impl Session {
             return;
         };
         let via_control = target.is_some();
-        let target = target.or_else(|| {
-            let a = self.assignment.as_ref()?;
-            let current_set = a
-                .candidates
-                .iter()
-                .find(|c| c.addr == edge)
-                .map(|c| c.set.clone());
-            a.candidates
-                .iter()
-                .filter(|c| c.addr != edge)
-                .min_by_key(|c| (Some(&c.set) == current_set.as_ref(), c.priority))
-                .map(|c| c.addr)
-        });
+        let target = target.or_else(|| self.secondary_candidate(edge));
         let Some(to) = target.filter(|t| *t != edge) else {
             tracing::warn!("nowhere to switch to ({}); staying on {edge}", p.reason);
             self.detector.reset(now);
@@ -1095,6 +1174,7 @@ impl Session {
         // Make before break (datagrams): keep taking the old edge's packets, and keep its
         // lease and window open, until the new edge delivers; a cold new edge then costs
         // nothing. The buffer drops the overlap. A dead old edge simply sends nothing.
+        self.new_edge_from = None;
         if let Some(old) = self.leaving.take() {
             self.send(
                 old,
