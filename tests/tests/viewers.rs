@@ -319,12 +319,18 @@ fn a_viewer_that_stops_reading_is_skipped_and_the_others_lose_nothing() {
         );
     }
     let edge = net.edge.metrics();
+    // The TCP viewer's queue filled and the ring overtook it; the UDP one went silent
+    // longer than its lease, was forgotten, and resumed past what the edge still held.
     let skips = metrics::sum(edge, "braid_edge_viewer_skips_total", &[]);
     assert!(
-        skips >= 2.0,
-        "both stalled viewers were skipped forward ({skips} skips)"
+        skips >= 1.0,
+        "the stalled TCP viewer was skipped forward ({skips} skips)"
     );
     assert!(metrics::sum(edge, "braid_edge_viewer_skipped_packets_total", &[]) > 0.0);
+    assert!(
+        metrics::sum(edge, "braid_edge_resume_missed_packets_total", &[]) > 0.0,
+        "the stalled UDP viewer resumed past the ring, counted"
+    );
     let stalled = last_stats(&net, "stalled-udp");
     assert!(
         stalled["skips"].as_u64() >= Some(1),
