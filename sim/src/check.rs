@@ -173,6 +173,30 @@ fn control_outages(s: &Schedule, start: Instant) -> Vec<(Instant, Instant)> {
     all
 }
 
+/// Whether a viewer may start at `seq`: a keyframe, or the first packet the network had
+/// after one: the keyframe and everything after it up to `seq` never got past the entry
+/// points (or `seq` is the first its session got in).
+fn start_ok(rec: &crate::world::Record, seq: u64) -> bool {
+    let Some(t) = rec.truth.get(&seq) else {
+        return true;
+    };
+    if t.keyframe {
+        return true;
+    }
+    for (_, before) in rec.truth.range(..seq).rev() {
+        if before.session != t.session {
+            return true;
+        }
+        if before.entered {
+            return false;
+        }
+        if before.keyframe {
+            return true;
+        }
+    }
+    true
+}
+
 /// The longest stretch of `from..to` outside every window.
 fn longest_uncovered(from: Instant, to: Instant, windows: &[(Instant, Instant)]) -> Duration {
     let mut ws: Vec<(Instant, Instant)> = windows
@@ -281,7 +305,7 @@ pub fn check(w: &World) -> Outcome {
                         ),
                     );
                 }
-                if rec.truth.get(&seq.0).is_some_and(|t| !t.keyframe) {
+                if !start_ok(rec, seq.0) {
                     violate(
                         "start",
                         &who,
@@ -303,7 +327,7 @@ pub fn check(w: &World) -> Outcome {
                 rec.truth.get(&a.0).map(|t| t.session),
                 rec.truth.get(&b.0).map(|t| t.session),
             );
-            if sa != sb && rec.truth.get(&b.0).is_some_and(|t| !t.keyframe) {
+            if sa != sb && !start_ok(rec, b.0) {
                 violate(
                     "start",
                     &who,

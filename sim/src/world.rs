@@ -952,9 +952,13 @@ impl World {
             }
         }
         let random = matches!(verdict, Verdict::Drop(DropReason::Loss | DropReason::Burst));
-        self.record
-            .ledger
-            .note(i, j, &data, matches!(verdict, Verdict::Send { .. }), random);
+        // A copy that arrives a second or more after the source sent it (a hung node
+        // that resumed) cannot help anyone's buffer: it does not count as delivered.
+        let fresh = crate::ledger::media_seq(&data)
+            .and_then(|q| self.record.truth.get(&q))
+            .is_none_or(|t| now.saturating_duration_since(t.at) < Duration::from_secs(1));
+        let delivered = matches!(verdict, Verdict::Send { .. }) && fresh;
+        self.record.ledger.note(i, j, &data, delivered, random);
         if let Verdict::Send { at, copies } = verdict {
             if copies > 1 {
                 let copy = data.clone();
