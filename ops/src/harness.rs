@@ -403,6 +403,9 @@ pub struct Spec {
     pub quic_viewers: bool,
     /// The capture pushes to the entry points over QUIC.
     pub quic_capture: bool,
+    /// TOML impairment of the edge's links to the set reflectors (its subscriptions and
+    /// NACKs; empty: none), one `[[impair.links]]` per set reflector.
+    pub edge_to_sets_impair: String,
     /// More flags for the edge.
     pub edge_args: Vec<String>,
     /// More flags for every entry point, set reflector and edge.
@@ -479,6 +482,7 @@ impl Default for Spec {
             quic_sets: Vec::new(),
             quic_viewers: false,
             quic_capture: false,
+            edge_to_sets_impair: String::new(),
             edge_args: Vec::new(),
             node_args: Vec::new(),
         }
@@ -597,6 +601,20 @@ impl Net {
         for r in &reflectors {
             edge_args.push(s("--reflector"));
             edge_args.push(r.clone());
+        }
+        if !spec.edge_to_sets_impair.is_empty() {
+            let links: String = reflectors
+                .iter()
+                .map(|r| {
+                    let to = r.trim_start_matches("quic://");
+                    format!(
+                        "[[impair.links]]\nto = \"{to}\"\n{}\n",
+                        spec.edge_to_sets_impair
+                    )
+                })
+                .collect();
+            edge_args.push(s("--config"));
+            edge_args.push(write("edge.toml", &links));
         }
         if spec.quic_viewers {
             edge_args.extend(quic_node("edge"));
