@@ -161,6 +161,9 @@ pub struct Measured {
     pub braid: Vec<f64>,
     /// One-way times of the loopback baseline, ms, sorted; the same packets.
     pub baseline: Vec<f64>,
+    /// The baseline as it was measured before its own stamp: from the measured packet's
+    /// stamp, so including the sends to the entry points (to show what that changed).
+    pub baseline_shared_stamp: Vec<f64>,
     /// Packets after the first second.
     pub counted: usize,
     /// Packets the edge asked for again.
@@ -289,6 +292,7 @@ pub fn latency(c: &Latency) -> anyhow::Result<Measured> {
     Ok(Measured {
         braid: one_way_ms(&sent, &got, skip),
         baseline: one_way_ms(&base_sent, &base_got, skip),
+        baseline_shared_stamp: one_way_ms(&sent, &base_got, skip),
         counted: n - skip,
         asked: metrics::sum(edge_m, "braid_merge_nacked_total", &[]),
         sets_retransmitted: sum(&net.sets, "braid_retransmit_sent_total"),

@@ -85,6 +85,11 @@ fn main() -> anyhow::Result<()> {
             m.delivered() * 100.0
         );
         println!(
+            "baseline stamped with the measured packet, before its sends to the entry points (as before): p50 {:.3} ms p99 {:.3} ms",
+            percentile(&m.baseline_shared_stamp, 0.5),
+            percentile(&m.baseline_shared_stamp, 0.99)
+        );
+        println!(
             "edge asked for {:.0} packets; set reflectors retransmitted {:.0}, entry points {:.0}; the edge's impairment dropped {:.0} of its datagrams to the set reflectors",
             m.asked, m.sets_retransmitted, m.entries_retransmitted, m.edge_impaired
         );
