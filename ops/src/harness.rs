@@ -362,7 +362,9 @@ pub mod metrics {
             .filter(|(k, _)| k == name || k.starts_with(&format!("{name}{{")))
             .filter(|(k, _)| labels.iter().all(|l| k.contains(l)))
             .map(|(_, v)| v)
-            .sum()
+            .sum::<f64>()
+            // An empty float sum is -0.0, which prints as "-0".
+            + 0.0
     }
 }
 
