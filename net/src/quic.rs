@@ -17,7 +17,7 @@
 //!   by reason.
 //! - **Limits**: at most `max_conns_per_ip` connections from one IP address; more are
 //!   refused and counted. Handshakes that fail (an untrusted certificate on either side)
-//!   are logged and counted in `braid_quic_handshake_failed_total`.
+//!   are logged and counted in `braid_quic_handshake_failed_total` (by `side` and `reason`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -520,7 +520,7 @@ impl Quic {
             match connecting.await {
                 Ok(conn) => established(conn, true, tx, role, None).await,
                 Err(e) => {
-                    metrics::counter!("braid_quic_handshake_failed_total", "role" => role, "side" => "dial")
+                    metrics::counter!("braid_quic_handshake_failed_total", "role" => role, "side" => "dial", "reason" => handshake_failure(&e))
                         .increment(1);
                     let _ = tx
                         .send(Event::DialFailed {
@@ -699,12 +699,31 @@ async fn accept(
             match conn {
                 Ok(conn) => established(conn, false, tx, role, Some(slot)).await,
                 Err(e) => {
-                    metrics::counter!("braid_quic_handshake_failed_total", "role" => role, "side" => "accept")
+                    metrics::counter!("braid_quic_handshake_failed_total", "role" => role, "side" => "accept", "reason" => handshake_failure(&e))
                         .increment(1);
                     tracing::warn!(%peer, "QUIC handshake refused: {e}");
                 }
             }
         });
+    }
+}
+
+/// Why a handshake failed, for the `reason` label: `tls` (a certificate one side does not
+/// trust, or another TLS failure, on either side), `refused` (the peer takes no more
+/// connections), `timed_out` (too little came back in time), or `other`.
+fn handshake_failure(e: &quinn::ConnectionError) -> &'static str {
+    use quinn::ConnectionError as E;
+    let code = match e {
+        E::TransportError(t) => u64::from(t.code),
+        E::ConnectionClosed(c) => u64::from(c.error_code),
+        E::TimedOut => return "timed_out",
+        _ => return "other",
+    };
+    // RFC 9000 section 20.1: 0x02 is CONNECTION_REFUSED, 0x0100-0x01ff carry TLS alerts.
+    match code {
+        0x02 => "refused",
+        0x100..=0x1ff => "tls",
+        _ => "other",
     }
 }
 

@@ -5,8 +5,10 @@
 //!   nothing behind; its ready line (JSON on stdout) says where it listens.
 //! - [`Net`]: starts set reflectors, edges, entry points, a capture and viewers with the
 //!   settings a test asks for, each on a free port.
+//! - [`wait_all`]: waits for viewers to exit, noting how much the capture had sent at
+//!   each exit (so a test can check a viewer's output reached the end of the stream).
 //! - [`metrics`]: scrapes a daemon's Prometheus endpoint.
-//! - [`compare`]: checks a viewer's output against what the capture sent.
+//! - [`crowd`]: many viewers in one process, speaking the watch protocol.
 //!
 //! The daemons are found next to the test binary (`target/<profile>/`); if they are not
 //! built yet, the first test builds them with `cargo build --bins`.
@@ -214,6 +216,11 @@ impl Proc {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Its exit status, if it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Waits up to `timeout` for it to exit by itself; its exit status, or `None`.
     pub fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let end = Instant::now() + timeout;
@@ -239,6 +246,51 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// How a process ended, and how long the capture's tee was when it did.
+#[derive(Debug, Clone, Copy)]
+pub struct Exit {
+    /// Its exit status.
+    pub status: std::process::ExitStatus,
+    /// The length of the tee (every byte the capture had sent) when the exit was seen,
+    /// at most 20 ms after it: a viewer's output that continues the stream to its exit
+    /// ends within the viewer's playout buffer of this.
+    pub tee_len: u64,
+}
+
+/// Waits up to `within` for every one of `procs` to exit, watching them all at once, and
+/// notes `tee`'s length (what the capture had sent) at each exit; panics naming the first
+/// still running at the deadline. The exits are in the order of `procs`.
+pub fn wait_all<'a>(
+    procs: impl IntoIterator<Item = &'a mut Proc>,
+    tee: &Path,
+    within: Duration,
+) -> Vec<Exit> {
+    let mut procs: Vec<&mut Proc> = procs.into_iter().collect();
+    let mut exits: Vec<Option<Exit>> = vec![None; procs.len()];
+    let until = Instant::now() + within;
+    loop {
+        let tee_len = std::fs::metadata(tee).map_or(0, |m| m.len());
+        for (p, e) in procs.iter_mut().zip(exits.iter_mut()) {
+            if e.is_none() {
+                *e = p.exited().map(|status| Exit { status, tee_len });
+            }
+        }
+        if exits.iter().all(Option::is_some) {
+            return exits.into_iter().flatten().collect();
+        }
+        if Instant::now() >= until {
+            let late = procs
+                .iter()
+                .zip(&exits)
+                .find(|(_, e)| e.is_none())
+                .map(|(p, _)| p.name.clone())
+                .unwrap_or_default();
+            panic!("{late} did not finish within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -310,7 +362,9 @@ pub mod metrics {
             .filter(|(k, _)| k == name || k.starts_with(&format!("{name}{{")))
             .filter(|(k, _)| labels.iter().all(|l| k.contains(l)))
             .map(|(_, v)| v)
-            .sum()
+            .sum::<f64>()
+            // An empty float sum is -0.0, which prints as "-0".
+            + 0.0
     }
 }
 
@@ -351,6 +405,9 @@ pub struct Spec {
     pub quic_viewers: bool,
     /// The capture pushes to the entry points over QUIC.
     pub quic_capture: bool,
+    /// TOML impairment of the edge's links to the set reflectors (its subscriptions and
+    /// NACKs; empty: none), one `[[impair.links]]` per set reflector.
+    pub edge_to_sets_impair: String,
     /// More flags for the edge.
     pub edge_args: Vec<String>,
     /// More flags for every entry point, set reflector and edge.
@@ -427,6 +484,7 @@ impl Default for Spec {
             quic_sets: Vec::new(),
             quic_viewers: false,
             quic_capture: false,
+            edge_to_sets_impair: String::new(),
             edge_args: Vec::new(),
             node_args: Vec::new(),
         }
@@ -447,6 +505,8 @@ pub struct Net {
     pub capture: Option<Proc>,
     /// Viewers.
     pub viewers: Vec<Proc>,
+    /// How each viewer ended, once [`Net::wait_viewers`] saw it.
+    pub exits: Vec<Exit>,
     /// The spec it was started with.
     pub spec: Spec,
 }
@@ -543,6 +603,20 @@ impl Net {
         for r in &reflectors {
             edge_args.push(s("--reflector"));
             edge_args.push(r.clone());
+        }
+        if !spec.edge_to_sets_impair.is_empty() {
+            let links: String = reflectors
+                .iter()
+                .map(|r| {
+                    let to = r.trim_start_matches("quic://");
+                    format!(
+                        "[[impair.links]]\nto = \"{to}\"\n{}\n",
+                        spec.edge_to_sets_impair
+                    )
+                })
+                .collect();
+            edge_args.push(s("--config"));
+            edge_args.push(write("edge.toml", &links));
         }
         if spec.quic_viewers {
             edge_args.extend(quic_node("edge"));
@@ -672,6 +746,7 @@ impl Net {
             entries,
             capture,
             viewers,
+            exits: Vec::new(),
             spec,
         }
     }
@@ -681,15 +756,15 @@ impl Net {
         self.dir.path().join(f)
     }
 
-    /// Waits for every viewer to finish and asserts each exited cleanly.
+    /// Waits for every viewer to finish, asserts each exited cleanly, and keeps how
+    /// each ended in [`Net::exits`].
     pub fn wait_viewers(&mut self) {
         let limit = Duration::from_secs_f64(self.spec.seconds + 20.0);
-        for v in &mut self.viewers {
-            let status = v
-                .wait(limit)
-                .unwrap_or_else(|| panic!("{} did not finish", v.name));
+        let tee = self.path("tee.ts");
+        self.exits = wait_all(&mut self.viewers, &tee, limit);
+        for (v, e) in self.viewers.iter().zip(&self.exits) {
             assert!(
-                status.success(),
+                e.status.success(),
                 "{} failed: see {}",
                 v.name,
                 self.dir.path().display()
@@ -715,11 +790,11 @@ impl Net {
 pub mod crowd {
     use std::net::{SocketAddr, UdpSocket};
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::thread::JoinHandle;
     use std::time::{Duration, Instant};
 
-    use braid_core::wire::{Body, Codec, Header, Key, Message, Watch, WatchStart};
+    use braid_core::wire::{Body, Codec, Flags, Header, Key, Message, Watch, WatchStart};
     use braid_core::{NodeId, SeqNo, StreamId};
     use bytes::{Bytes, BytesMut};
 
@@ -732,6 +807,13 @@ pub mod crowd {
         pub errors: Vec<String>,
         /// From the first watch message to the first media packet.
         pub join: Option<Duration>,
+        /// Whether the first media packet was flagged as a keyframe (a new viewer starts
+        /// at the latest keyframe; one that starts anywhere else missed its beginning).
+        pub starts_on_keyframe: bool,
+        /// When the last media packet arrived.
+        pub last_at: Option<Instant>,
+        /// When the viewer stopped watching.
+        pub stopped: Option<Instant>,
         /// Highest sequence number received, packets since the last acknowledgement,
         /// and when that was.
         acked: u64,
@@ -745,10 +827,14 @@ pub mod crowd {
         pub fn take(&mut self, codec: &Codec, bytes: Bytes, asked: Instant) -> Option<u64> {
             match codec.decode(bytes) {
                 Ok(Message {
+                    header,
                     body: Body::Media(m),
-                    ..
                 }) => {
-                    self.join.get_or_insert_with(|| asked.elapsed());
+                    if self.join.is_none() {
+                        self.join = Some(asked.elapsed());
+                        self.starts_on_keyframe = header.flags.contains(Flags::KEYFRAME);
+                    }
+                    self.last_at = Some(Instant::now());
                     self.seqs.push(m.seq.0);
                     self.acked = self.acked.max(m.seq.0);
                     self.since += 1;
@@ -778,7 +864,9 @@ pub mod crowd {
             Some(self.acked)
         }
 
-        /// Sequence numbers missing between the first and the last received.
+        /// Sequence numbers missing between the first and the last received (a viewer
+        /// that started late or stopped early misses more: see
+        /// [`Seen::starts_on_keyframe`], [`Seen::last_at`]).
         pub fn missing(&self) -> u64 {
             let mut s = self.seqs.clone();
             s.sort_unstable();
@@ -794,6 +882,21 @@ pub mod crowd {
     pub struct Crowd {
         stop: Arc<AtomicBool>,
         threads: Vec<JoinHandle<Vec<Seen>>>,
+        tally: Arc<Tally>,
+    }
+
+    /// Media every viewer of a crowd received so far, counted as it arrives.
+    #[derive(Debug, Default)]
+    struct Tally {
+        packets: AtomicU64,
+        bytes: AtomicU64,
+    }
+
+    impl Tally {
+        fn add(&self, bytes: usize) {
+            self.packets.fetch_add(1, Ordering::Relaxed);
+            self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        }
     }
 
     /// One viewer over QUIC: its own endpoint (the edge tells viewers apart by address),
@@ -803,6 +906,7 @@ pub mod crowd {
         edge: SocketAddr,
         tls: braid_net::tls::Tls,
         stop: Arc<AtomicBool>,
+        tally: Arc<Tally>,
     ) -> Seen {
         use braid_net::quic::{Options, Quic};
         use braid_net::udp::{Impairments, Socket};
@@ -828,7 +932,10 @@ pub mod crowd {
             got.clear();
             let _ = tokio::time::timeout(Duration::from_millis(50), sock.recv(&mut got)).await;
             for (_, b) in got.drain(..) {
-                seen.take(&codec, b, asked);
+                let len = b.len();
+                if seen.take(&codec, b, asked).is_some() {
+                    tally.add(len);
+                }
             }
             if let Some(acked) = seen.ack_due() {
                 sock.send(
@@ -839,6 +946,7 @@ pub mod crowd {
                 );
             }
         }
+        seen.stopped = Some(Instant::now());
         if let Some(q) = sock.quic() {
             // Closing the connection is the viewer leaving: the edge drops it at once.
             q.close();
@@ -873,9 +981,11 @@ pub mod crowd {
         /// Starts `n` viewers.
         pub fn start(edge: SocketAddr, n: usize) -> Crowd {
             let stop = Arc::new(AtomicBool::new(false));
+            let tally = Arc::new(Tally::default());
             let threads = (0..n)
                 .map(|i| {
                     let stop = stop.clone();
+                    let tally = tally.clone();
                     std::thread::spawn(move || {
                         let codec = Codec::new(Key::derive(super::NETWORK_KEY));
                         let sock = UdpSocket::bind("127.0.0.1:0").expect("a socket");
@@ -888,7 +998,10 @@ pub mod crowd {
                             sock.send_to(&watch(&codec, i as u64, 0, WatchStart::Keyframe), edge);
                         while !stop.load(Ordering::Relaxed) {
                             if let Ok(n) = sock.recv(&mut buf) {
-                                seen.take(&codec, Bytes::copy_from_slice(&buf[..n]), asked);
+                                let b = Bytes::copy_from_slice(&buf[..n]);
+                                if seen.take(&codec, b, asked).is_some() {
+                                    tally.add(n);
+                                }
                             }
                             if let Some(acked) = seen.ack_due() {
                                 let _ = sock.send_to(
@@ -897,6 +1010,7 @@ pub mod crowd {
                                 );
                             }
                         }
+                        seen.stopped = Some(Instant::now());
                         // Leave at once, so the edge stops sending to this port.
                         let mut out = BytesMut::new();
                         let bye = Message {
@@ -915,14 +1029,19 @@ pub mod crowd {
                     })
                 })
                 .collect();
-            Crowd { stop, threads }
+            Crowd {
+                stop,
+                threads,
+                tally,
+            }
         }
 
         /// Starts `n` viewers over QUIC to the edge's QUIC address, trusting `ca`; they
         /// run as tasks on a two-thread runtime of their own.
         pub fn start_quic(edge: SocketAddr, n: usize, ca: std::path::PathBuf) -> Crowd {
             let stop = Arc::new(AtomicBool::new(false));
-            let s = stop.clone();
+            let tally = Arc::new(Tally::default());
+            let (s, t) = (stop.clone(), tally.clone());
             let thread = std::thread::spawn(move || {
                 let rt = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
@@ -935,7 +1054,9 @@ pub mod crowd {
                         ..braid_net::tls::Tls::default()
                     };
                     let tasks: Vec<_> = (0..n)
-                        .map(|i| tokio::spawn(quic_viewer(i, edge, tls.clone(), s.clone())))
+                        .map(|i| {
+                            tokio::spawn(quic_viewer(i, edge, tls.clone(), s.clone(), t.clone()))
+                        })
                         .collect();
                     let mut seen = Vec::new();
                     for t in tasks {
@@ -947,7 +1068,17 @@ pub mod crowd {
             Crowd {
                 stop,
                 threads: vec![thread],
+                tally,
             }
+        }
+
+        /// Media packets and bytes (Braid messages as they came off the wire) every
+        /// viewer received so far, all together.
+        pub fn received(&self) -> (u64, u64) {
+            (
+                self.tally.packets.load(Ordering::Relaxed),
+                self.tally.bytes.load(Ordering::Relaxed),
+            )
         }
 
         /// Stops every viewer and returns what each got.

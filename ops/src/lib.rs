@@ -4,7 +4,10 @@
 //!
 //! - [`harness`]: the daemons as child processes (killed when dropped), a test network
 //!   builder, and a Prometheus scraper; used by `tests/`, the benchmarks and the testbed.
-//! - `src/bin/`: the benchmark drivers (`braid-bench-latency`, `braid-bench-fanout`,
-//!   `braid-impair-proxy`).
+//! - [`bench`]: what the benchmark drivers share (a paced source with its loopback
+//!   baseline, the latency measurement through a whole network).
+//! - `src/bin/`: the benchmark drivers (`braid-bench-*`), the impairment proxy
+//!   (`braid-impair-proxy`) and the testbed (`braid-testbed`).
 
+pub mod bench;
 pub mod harness;

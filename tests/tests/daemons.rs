@@ -7,12 +7,15 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use braid_capture::ts::{Synth, SynthConfig};
-use braid_tests::{Net, Proc, Spec, bin, compare, metrics};
+use braid_tests::{Net, Proc, Spec, assert_viewers_exact, bin, compare, metrics, wait_all};
+
+/// The bit rate of the test files.
+const FILE_BITRATE: u64 = 2_000_000;
 
 /// `seconds` of the synthetic stream as a TS file.
 fn ts_file(path: &Path, seconds: u32) {
     let mut s = Synth::new(SynthConfig {
-        bitrate: 2_000_000,
+        bitrate: FILE_BITRATE,
         fps: 25,
         gop: 25,
     });
@@ -30,18 +33,33 @@ fn capture_paces_a_file_by_pcr_and_viewers_get_it_exactly() {
     let mut net = Net::start(Spec {
         seconds: 10.0,
         viewers: 1,
+        bitrate: FILE_BITRATE,
         source: Some(file.display().to_string()),
         ..Spec::default()
     });
     net.wait_viewers();
-    // The file itself is the reference; the tee must equal it too.
-    compare::assert_contiguous(&file, &net.path("view0.ts"));
+    // What the capture sent (its tee) is the file from its start, unchanged, as much as
+    // its 13 s run paced by PCR allows; the viewer got that from its start to its end.
+    let status = net
+        .capture
+        .as_mut()
+        .expect("a capture")
+        .wait(Duration::from_secs(15))
+        .expect("the capture ends after its --duration");
+    assert!(status.success(), "the capture failed");
     let tee = std::fs::read(net.path("tee.ts")).expect("tee");
     let src = std::fs::read(&file).expect("file");
     assert!(
         src.starts_with(&tee),
         "the capture sent the file's bytes unchanged"
     );
+    let sent_s = tee.len() as f64 / (FILE_BITRATE as f64 / 8.0);
+    assert!(
+        sent_s >= 12.0,
+        "the capture sent {sent_s:.2} s of the file in its 13 s run"
+    );
+    assert_viewers_exact(&net);
+    compare::assert_contiguous(&file, &net.path("view0.ts"));
 }
 
 #[test]
@@ -49,15 +67,15 @@ fn capture_reads_standard_input() {
     let dir = tempfile_dir();
     let file = dir.join("in.ts");
     ts_file(&file, 30);
-    // stdin is not paced: the capture forwards what the pipe gives; the edge's ring and
-    // the viewer see a burst. What matters is that the bytes arrive unchanged.
+    // stdin is not paced: the capture forwards what the pipe gives, as it comes. What
+    // matters is that the bytes arrive unchanged.
     let net = Net::start(Spec {
         seconds: 6.0,
         viewers: 0,
         capture: false,
         ..Spec::default()
     });
-    let viewer = Proc::spawn(
+    let mut viewer = Proc::spawn(
         "viewer",
         "braid-client",
         &[
@@ -65,12 +83,22 @@ fn capture_reads_standard_input() {
             net.edge.udp().to_string(),
             "--out".into(),
             net.path("view.ts").display().to_string(),
+            "--stats-json".into(),
+            net.path("view.json").display().to_string(),
             "--duration".into(),
             "6".into(),
         ],
         &net.path("viewer.log"),
     );
-    std::thread::sleep(Duration::from_millis(1500));
+    // The stream starts once the edge has its viewer.
+    let joined = metrics::sum_when(
+        net.edge.metrics(),
+        "braid_edge_viewer_joins_total",
+        &[],
+        Duration::from_secs(10),
+        |v| v >= 1.0,
+    );
+    assert!(joined >= 1.0, "the viewer reached the edge");
     let mut args = vec![
         "--stream-key".to_string(),
         braid_tests::STREAM_KEY.into(),
@@ -81,7 +109,6 @@ fn capture_reads_standard_input() {
     for e in &net.entries {
         args.extend(["--entry".to_string(), e.udp().to_string()]);
     }
-    // Feed at about the stream's rate so nothing overflows a socket buffer.
     let mut child = Command::new(bin("braid-capture"))
         .args(&args)
         .env("BRAID_NETWORK_KEY", braid_tests::NETWORK_KEY)
@@ -92,21 +119,49 @@ fn capture_reads_standard_input() {
         .expect("capture");
     let mut stdin = child.stdin.take().expect("piped");
     let data = std::fs::read(&file).expect("file");
-    let start = Instant::now();
-    for (i, chunk) in data.chunks(250_000).enumerate() {
+    // Feed at about the stream's rate (so nothing overflows a socket buffer), in tenths
+    // of a second, for 8 s, from a thread of its own, while this one sees the viewer end.
+    let feeder = std::thread::spawn(move || {
         use std::io::Write;
-        let due = start + Duration::from_millis(1000 * i as u64);
-        std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        if stdin.write_all(chunk).is_err() || start.elapsed() > Duration::from_secs(8) {
-            break;
+        let start = Instant::now();
+        let mut written = 0;
+        for (i, chunk) in data.chunks(25_000).enumerate() {
+            let due = start + Duration::from_millis(100 * i as u64);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            if start.elapsed() > Duration::from_secs(8) || stdin.write_all(chunk).is_err() {
+                break;
+            }
+            written += chunk.len();
         }
-    }
-    drop(stdin);
+        written
+    });
+    let exit = wait_all([&mut viewer], &net.path("tee.ts"), Duration::from_secs(20))[0];
+    let written = feeder.join().expect("feeder");
     let status = child.wait().expect("capture exits at end of input");
     assert!(status.success(), "capture ends cleanly when stdin closes");
-    let mut viewer = viewer;
-    viewer.wait(Duration::from_secs(10));
-    compare::assert_contiguous(&file, &net.path("view.ts"));
+    assert!(exit.status.success(), "the viewer failed; see viewer.log");
+    // Everything it read, but for the last TS packet, which the input cut short.
+    let whole = written - written % 188;
+    let tee = std::fs::read(net.path("tee.ts")).expect("tee");
+    let data = std::fs::read(&file).expect("file");
+    assert!(
+        tee == data[..whole],
+        "the capture sent {} bytes of the {whole} whole TS packets it read, or other bytes",
+        tee.len()
+    );
+    compare::assert_whole(
+        &net.path("tee.ts"),
+        &net.path("view.ts"),
+        &compare::Whole {
+            bytes_per_sec: FILE_BITRATE as f64 / 8.0,
+            seconds: 6.0,
+            tee_at_exit: exit.tee_len,
+        },
+    );
+    let stats = std::fs::read_to_string(net.path("view.json")).expect("stats");
+    let last: serde_json::Value =
+        serde_json::from_str(stats.lines().last().expect("a line")).expect("json");
+    assert_eq!(last["gaps"], 0, "{last}");
     drop(net);
 }
 
@@ -124,29 +179,35 @@ fn capture_takes_mpegts_and_rtp_over_udp() {
         let mut net = Net::start(Spec {
             seconds: 6.0,
             viewers: 1,
+            bitrate: FILE_BITRATE,
             source: Some(format!("udp://127.0.0.1:{port}")),
             ..Spec::default()
         });
-        std::thread::sleep(Duration::from_millis(500));
-        let sock = UdpSocket::bind("127.0.0.1:0").expect("a socket");
+        // The capture's ready line says its UDP input is open: send from a thread of
+        // its own, at 2 Mbps (1316 bytes every 5.3 ms), while this one sees the viewer end.
         let data = std::fs::read(&file).expect("file");
-        // 2 Mbps: 1316 bytes every 5.3 ms.
-        let start = Instant::now();
-        for (i, chunk) in data.chunks(1316).enumerate() {
-            let due = start + Duration::from_micros(5264 * i as u64);
-            std::thread::sleep(due.saturating_duration_since(Instant::now()));
-            if rtp {
-                let mut p = vec![0x80, 33, (i >> 8) as u8, i as u8, 0, 0, 0, 0, 0, 0, 0, 1];
-                p.extend_from_slice(chunk);
-                sock.send_to(&p, ("127.0.0.1", port)).expect("send");
-            } else {
-                sock.send_to(chunk, ("127.0.0.1", port)).expect("send");
+        let sender = std::thread::spawn(move || {
+            let sock = UdpSocket::bind("127.0.0.1:0").expect("a socket");
+            let start = Instant::now();
+            for (i, chunk) in data.chunks(1316).enumerate() {
+                let due = start + Duration::from_micros(5264 * i as u64);
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                if rtp {
+                    let mut p = vec![0x80, 33, (i >> 8) as u8, i as u8, 0, 0, 0, 0, 0, 0, 0, 1];
+                    p.extend_from_slice(chunk);
+                    sock.send_to(&p, ("127.0.0.1", port)).expect("send");
+                } else {
+                    sock.send_to(chunk, ("127.0.0.1", port)).expect("send");
+                }
+                if start.elapsed() > Duration::from_secs(9) {
+                    break;
+                }
             }
-            if start.elapsed() > Duration::from_secs(9) {
-                break;
-            }
-        }
+        });
         net.wait_viewers();
+        sender.join().expect("sender");
+        assert_viewers_exact(&net);
+        // And what the capture sent is the file's bytes, unchanged.
         compare::assert_contiguous(&file, &net.path("view0.ts"));
     }
 }
@@ -265,31 +326,43 @@ fn sigterm_stops_every_daemon_cleanly() {
 
 #[test]
 fn edge_unsubscribes_after_its_last_viewer_and_the_linger() {
+    const LINGER: Duration = Duration::from_millis(4000);
     let mut net = Net::start(Spec {
         seconds: 3.0,
         viewers: 1,
-        linger_ms: 1000,
+        linger_ms: LINGER.as_millis() as u64,
         ..Spec::default()
     });
-    std::thread::sleep(Duration::from_secs(2));
     let subscribed = |net: &Net| -> f64 {
         net.sets
             .iter()
             .map(|s| metrics::sum(s.metrics(), "braid_stream_subscribers", &[]))
             .sum()
     };
+    let end = Instant::now() + Duration::from_secs(10);
+    while subscribed(&net) < 3.0 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(
         subscribed(&net),
         3.0,
         "the edge subscribed to all three set reflectors"
     );
     net.wait_viewers();
-    // The viewer unsubscribed on exit; the edge lingers 1 s, then leaves.
-    let end = Instant::now() + Duration::from_secs(5);
+    // The viewer unsubscribed on exit (seen within 20 ms); the edge stays for its linger,
+    // then leaves.
+    let left = Instant::now();
+    let end = left + LINGER + Duration::from_secs(5);
     while subscribed(&net) > 0.0 && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(50));
     }
+    let gone = left.elapsed();
     assert_eq!(subscribed(&net), 0.0, "the set reflectors forgot the edge");
+    // A lower bound only: a slow machine makes the edge leave later, never sooner.
+    assert!(
+        gone + Duration::from_millis(500) >= LINGER,
+        "the edge left {gone:?} after its last viewer, before its {LINGER:?} linger"
+    );
 }
 
 fn tempfile_dir() -> std::path::PathBuf {

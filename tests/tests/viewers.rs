@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use braid_core::wire::{Body, Codec, Header, Key, Message, Watch, WatchStart};
 use braid_core::{NodeId, SeqNo, StreamId};
-use braid_tests::{Net, Proc, Spec, bin, compare, crowd, metrics};
+use braid_tests::{Net, Proc, Spec, bin, compare, crowd, metrics, wait_all};
 use bytes::{Bytes, BytesMut};
 
 fn need(tool: &str) {
@@ -84,7 +84,15 @@ fn real_media_round_trip(quic: bool) {
     } else {
         client(&net, "view", &["--duration", "26"])
     };
-    std::thread::sleep(Duration::from_millis(1000));
+    // The output must be all of ffmpeg's: the viewer is at the edge before the first byte.
+    let joined = metrics::sum_when(
+        net.edge.metrics(),
+        "braid_edge_viewer_joins_total",
+        &[],
+        Duration::from_secs(10),
+        |v| v >= 1.0,
+    );
+    assert_eq!(joined, 1.0, "the viewer reached the edge");
     let mut cap_args = vec![
         "--stream-key".to_string(),
         braid_tests::STREAM_KEY.into(),
@@ -232,26 +240,50 @@ fn real_media_round_trip(quic: bool) {
     }
 }
 
-/// Acceptance 2: 200 viewers of one 4 Mbps stream on one edge each receive every packet.
+/// Acceptance 2: 200 viewers of one 4 Mbps stream on one edge each receive every packet,
+/// from the keyframe they start on to the moment they leave.
 #[test]
 fn two_hundred_viewers_each_receive_every_packet() {
+    // Packets per second of the 4 Mbps stream (1316-byte RTP payloads), at least.
+    const PACKETS_PER_SEC: f64 = 370.0;
+    const WATCH: Duration = Duration::from_secs(10);
+    // A viewer's first packet comes within this of its watch request (the edge starts it
+    // at the latest keyframe, up to a second of stream back, and bursts it)...
+    const START_ALLOWANCE_S: f64 = 1.5;
+    // ...and its last within this of when it leaves.
+    const END_ALLOWANCE: Duration = Duration::from_secs(1);
     let net = Net::start(Spec {
         viewers: 0,
         seconds: 14.0,
         ..Spec::default()
     });
+    // The viewers join a stream that is already flowing.
     std::thread::sleep(Duration::from_secs(2));
     let crowd = crowd::Crowd::start(net.edge.udp(), 200);
-    std::thread::sleep(Duration::from_secs(10));
+    std::thread::sleep(WATCH);
     let seen = crowd.finish();
+    assert_eq!(seen.len(), 200);
+    let floor = PACKETS_PER_SEC * (WATCH.as_secs_f64() - START_ALLOWANCE_S);
     for (i, s) in seen.iter().enumerate() {
         assert!(s.errors.is_empty(), "viewer {i} refused: {:?}", s.errors);
         assert!(
-            s.seqs.len() > 3000,
-            "viewer {i} got only {} packets",
-            s.seqs.len()
+            s.starts_on_keyframe,
+            "viewer {i} did not start on a keyframe: it missed the start of its stream"
         );
         assert_eq!(s.missing(), 0, "viewer {i} missed packets");
+        assert!(
+            s.seqs.len() as f64 >= floor,
+            "viewer {i} got only {} packets in {WATCH:?} (at least {floor:.0} expected)",
+            s.seqs.len()
+        );
+        let (Some(last), Some(stopped)) = (s.last_at, s.stopped) else {
+            panic!("viewer {i} got nothing");
+        };
+        assert!(
+            stopped.duration_since(last) <= END_ALLOWANCE,
+            "viewer {i}'s stream stopped {:?} before it left: it missed the end",
+            stopped.duration_since(last)
+        );
     }
     let edge = net.edge.metrics();
     assert_eq!(
@@ -309,14 +341,13 @@ fn a_viewer_that_stops_reading_is_skipped_and_the_others_lose_nothing() {
         s.write_all(&out).expect("send watch");
         s
     };
-    for v in [&mut good_udp, &mut good_tcp, &mut stalled_udp] {
-        assert!(
-            v.wait(Duration::from_secs(30))
-                .expect("viewer ends")
-                .success(),
-            "{} failed",
-            v.name
-        );
+    let exits = wait_all(
+        [&mut good_udp, &mut good_tcp, &mut stalled_udp],
+        &net.path("tee.ts"),
+        Duration::from_secs(30),
+    );
+    for (v, exit) in [&good_udp, &good_tcp, &stalled_udp].iter().zip(&exits) {
+        assert!(exit.status.success(), "{} failed", v.name);
     }
     let edge = net.edge.metrics();
     // The TCP viewer's queue filled and the ring overtook it; the UDP one went silent
@@ -336,11 +367,19 @@ fn a_viewer_that_stops_reading_is_skipped_and_the_others_lose_nothing() {
         stalled["skips"].as_u64() >= Some(1),
         "the stalled UDP viewer was told: {stalled}"
     );
-    for name in ["good-udp", "good-tcp"] {
+    for (name, exit) in ["good-udp", "good-tcp"].iter().zip(&exits) {
         let st = last_stats(&net, name);
         assert_eq!(st["gaps"], 0, "{name}: {st}");
         assert_eq!(st["skips"], 0, "{name}: {st}");
-        compare::assert_contiguous(&net.path("tee.ts"), &net.path(&format!("{name}.ts")));
+        compare::assert_whole(
+            &net.path("tee.ts"),
+            &net.path(&format!("{name}.ts")),
+            &compare::Whole {
+                bytes_per_sec: net.spec.bitrate as f64 / 8.0,
+                seconds: 18.0,
+                tee_at_exit: exit.tee_len,
+            },
+        );
     }
     drop(stalled_tcp);
     net.viewers.clear();
@@ -428,7 +467,14 @@ fn refusals_are_clear() {
             .expect("client")
     };
     let first = viewer("first", capped.udp().to_string());
-    std::thread::sleep(Duration::from_millis(1500));
+    let joined = metrics::sum_when(
+        capped.metrics(),
+        "braid_edge_viewer_joins_total",
+        &[],
+        Duration::from_secs(10),
+        |v| v >= 1.0,
+    );
+    assert_eq!(joined, 1.0, "the first viewer was taken");
     let second = viewer("second", capped.udp().to_string())
         .wait_with_output()
         .expect("second");
@@ -440,10 +486,12 @@ fn refusals_are_clear() {
         "the first viewer was served"
     );
     assert!(
-        metrics::sum(
+        metrics::sum_when(
             capped.metrics(),
             "braid_dropped_total",
-            &["reason=\"viewer_cap\""]
+            &["reason=\"viewer_cap\""],
+            Duration::from_secs(5),
+            |v| v >= 1.0,
         ) >= 1.0
     );
 

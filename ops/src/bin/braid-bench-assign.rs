@@ -2,7 +2,12 @@
 //! server answering a request it routes nowhere (a 404) in the same run.
 //!
 //! `cargo build --release --bins && target/release/braid-bench-assign --concurrency 1000 --seconds 5`
+//!
+//! Only answers with the expected status count (200 for an assignment, 404 for the
+//! baseline): their rate and latency are the figures; every other answer is reported by
+//! its status, and requests that got no answer as errors.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -18,7 +23,31 @@ struct Args {
     seconds: u64,
 }
 
-fn load(url: String, concurrency: usize, seconds: u64) -> (f64, f64, f64, usize) {
+/// What a load run measured.
+struct Load {
+    /// Answers with the expected status per second.
+    rps: f64,
+    /// Their latency, ms.
+    p50: f64,
+    p99: f64,
+    /// Every other answer, by status; requests with no answer under "error".
+    other: BTreeMap<String, usize>,
+}
+
+impl Load {
+    fn others(&self) -> String {
+        if self.other.is_empty() {
+            return "none".into();
+        }
+        self.other
+            .iter()
+            .map(|(k, v)| format!("{v} {k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+fn load(url: String, expect: u16, concurrency: usize, seconds: u64) -> Load {
     let stop = Arc::new(AtomicBool::new(false));
     let threads: Vec<_> = (0..concurrency)
         .map(|i| {
@@ -32,18 +61,23 @@ fn load(url: String, concurrency: usize, seconds: u64) -> (f64, f64, f64, usize)
                         .build()
                         .into();
                     let mut lat = Vec::new();
-                    let mut errors = 0;
+                    let mut other: BTreeMap<String, usize> = BTreeMap::new();
                     while !stop.load(Ordering::Relaxed) {
                         let t = Instant::now();
                         match agent.get(&url.replace("CLIENT", &i.to_string())).call() {
                             Ok(mut r) => {
                                 let _ = r.body_mut().read_to_string();
-                                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                                let status = r.status().as_u16();
+                                if status == expect {
+                                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                                } else {
+                                    *other.entry(format!("HTTP {status}")).or_default() += 1;
+                                }
                             }
-                            Err(_) => errors += 1,
+                            Err(_) => *other.entry("error".into()).or_default() += 1,
                         }
                     }
-                    (lat, errors)
+                    (lat, other)
                 })
                 .expect("thread")
         })
@@ -52,11 +86,13 @@ fn load(url: String, concurrency: usize, seconds: u64) -> (f64, f64, f64, usize)
     std::thread::sleep(Duration::from_secs(seconds));
     stop.store(true, Ordering::Relaxed);
     let mut all = Vec::new();
-    let mut errors = 0;
+    let mut other: BTreeMap<String, usize> = BTreeMap::new();
     for t in threads {
-        let (l, e) = t.join().expect("thread");
+        let (l, o) = t.join().expect("thread");
         all.extend(l);
-        errors += e;
+        for (k, v) in o {
+            *other.entry(k).or_default() += v;
+        }
     }
     let elapsed = start.elapsed().as_secs_f64();
     all.sort_by(f64::total_cmp);
@@ -65,7 +101,12 @@ fn load(url: String, concurrency: usize, seconds: u64) -> (f64, f64, f64, usize)
             .copied()
             .unwrap_or(f64::NAN)
     };
-    (all.len() as f64 / elapsed, pct(0.5), pct(0.99), errors)
+    Load {
+        rps: all.len() as f64 / elapsed,
+        p50: pct(0.5),
+        p99: pct(0.99),
+        other,
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -102,19 +143,32 @@ fn main() -> anyhow::Result<()> {
         })
     };
     std::thread::sleep(Duration::from_millis(700));
-    let (rps, p50, p99, errors) = load(
+    let a = load(
         format!("{base}/v1/assign?stream=1&client=CLIENT"),
+        200,
         args.concurrency,
         args.seconds,
     );
-    let (brps, bp50, bp99, berrors) =
-        load(format!("{base}/v1/nowhere"), args.concurrency, args.seconds);
+    let b = load(
+        format!("{base}/v1/nowhere"),
+        404,
+        args.concurrency,
+        args.seconds,
+    );
     stop.store(true, Ordering::Relaxed);
     let _ = reporter.join();
     println!(
-        "{} concurrent: assign {rps:.0} req/s p50 {p50:.2} ms p99 {p99:.2} ms ({errors} errors) | baseline 404 {brps:.0} req/s p50 {bp50:.2} ms p99 {bp99:.2} ms ({berrors} errors) | ratio {:.2}",
+        "{} concurrent: assign {:.0} answers 200/s p50 {:.2} ms p99 {:.2} ms (other answers: {}) | baseline {:.0} answers 404/s p50 {:.2} ms p99 {:.2} ms (other answers: {}) | ratio {:.2}",
         args.concurrency,
-        rps / brps
+        a.rps,
+        a.p50,
+        a.p99,
+        a.others(),
+        b.rps,
+        b.p50,
+        b.p99,
+        b.others(),
+        a.rps / b.rps
     );
     Ok(())
 }

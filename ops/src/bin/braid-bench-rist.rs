@@ -1,20 +1,27 @@
-//! The two-path loss case through rist-tools (ristsender/ristreceiver, two paths with
-//! weight=0, i.e. every packet on both) and the very same impairment (braid-impair-proxy),
-//! for comparison with `braid-bench-latency --sets 2 --entries 1`.
+//! Two paths with loss, through rist-tools (ristsender/ristreceiver, two paths with
+//! weight=0, i.e. every packet on both) and through Braid (1 entry point → 2 set
+//! reflectors → edge), in one invocation, with the same impairment on both sides.
 //!
 //! `cargo build --release --bins && target/release/braid-bench-rist --seconds 20 --loss 0.1`
 //!
-//! A 4 Mbps stream of numbered 1316-byte datagrams goes in as UDP; the receiver's UDP
-//! output is timed against the send times. Retransmissions are read from ristsender's
-//! stats.
+//! RIST: a 4 Mbps stream of numbered 1316-byte datagrams goes into ristsender as UDP;
+//! each of its two paths runs through `braid-impair-proxy`, which drops `--loss` of the
+//! datagrams each way (media and retransmissions one way, RTCP and NACKs the other);
+//! ristreceiver's UDP output is timed against the send times. Retransmissions are read
+//! from ristsender's stats. Braid: the same stream into the entry point; each set
+//! reflector's link to the edge loses `--loss` (media and retransmissions), and so does
+//! each of the edge's links to the set reflectors (its NACKs and subscriptions); the
+//! entry point's links are clean, as RIST has no such hop. Each side's source also sends
+//! every packet over one loopback hop, stamped the same way: its baseline.
 
 use std::io::{BufRead, BufReader};
 use std::net::UdpSocket;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use braid_ops::bench::{Latency, latency, one_way_ms, pace, percentile, receive};
 use braid_ops::harness::bin;
 use clap::Parser;
 
@@ -28,7 +35,7 @@ struct Args {
     /// Packets per second.
     #[arg(long, default_value_t = 380)]
     rate: u64,
-    /// RIST recovery buffer, ms (the counterpart of Braid's reorder window).
+    /// RIST recovery buffer, and Braid's reorder window, ms.
     #[arg(long, default_value_t = 200)]
     buffer_ms: u64,
 }
@@ -52,8 +59,36 @@ fn free_port() -> u16 {
     }
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+/// What one side measured.
+struct Side {
+    /// One-way times, ms, sorted.
+    lat: Vec<f64>,
+    /// The loopback baseline's, ms, sorted.
+    base: Vec<f64>,
+    /// Packets counted (after the first second).
+    counted: usize,
+    /// Retransmissions sent.
+    retransmitted: f64,
+}
+
+impl Side {
+    fn print(&self, name: &str, extra: &str) {
+        let lost = self.counted - self.lat.len();
+        println!(
+            "{name:>5}: delivered {:.4}% ({lost} of {} lost) | retransmitted {:.0}{extra} | p50 {:.3} ms p99 {:.3} ms | loopback baseline p50 {:.3} ms p99 {:.3} ms | p50 / baseline p50 {:.1}",
+            self.lat.len() as f64 / self.counted as f64 * 100.0,
+            self.counted,
+            self.retransmitted,
+            percentile(&self.lat, 0.5),
+            percentile(&self.lat, 0.99),
+            percentile(&self.base, 0.5),
+            percentile(&self.base, 0.99),
+            percentile(&self.lat, 0.5) / percentile(&self.base, 0.5),
+        );
+    }
+}
+
+fn rist(args: &Args) -> anyhow::Result<Side> {
     let out_sock = UdpSocket::bind("127.0.0.1:0")?;
     let out_port = out_sock.local_addr()?.port();
     let in_port = free_port();
@@ -128,57 +163,28 @@ fn main() -> anyhow::Result<()> {
 
     let n = (args.seconds * args.rate) as usize;
     let stop = Arc::new(AtomicBool::new(false));
-    let s2 = stop.clone();
-    out_sock.set_read_timeout(Some(Duration::from_millis(100)))?;
-    let rx = std::thread::spawn(move || {
-        let mut got = vec![None; n];
-        let mut buf = [0u8; 2048];
-        while !s2.load(Ordering::Relaxed) {
-            if let Ok(len) = out_sock.recv(&mut buf) {
-                let now = Instant::now();
-                if len >= 8 {
-                    let i = u64::from_be_bytes(buf[..8].try_into().expect("8")) as usize;
-                    if let Some(slot) = got.get_mut(i) {
-                        slot.get_or_insert(now);
-                    }
-                }
-            }
-        }
-        got
-    });
+    let base_rx = UdpSocket::bind("127.0.0.1:0")?;
+    let base_addr = base_rx.local_addr()?;
+    let (s1, s2) = (stop.clone(), stop.clone());
+    let rx = std::thread::spawn(move || receive(out_sock, None, None, n, 0, s1));
+    let brx = std::thread::spawn(move || receive(base_rx, None, None, n, 0, s2));
     let src = UdpSocket::bind("127.0.0.1:0")?;
-    let mut sent = vec![None; n];
-    let start = Instant::now();
-    let gap = Duration::from_nanos(1_000_000_000 / args.rate);
-    for (i, slot) in sent.iter_mut().enumerate() {
-        let due = start + gap * i as u32;
-        while Instant::now() < due {
-            std::thread::sleep(
-                due.saturating_duration_since(Instant::now())
-                    .min(Duration::from_micros(500)),
-            );
-        }
-        let mut p = vec![0x47u8; 1316];
-        p[..8].copy_from_slice(&(i as u64).to_be_bytes());
-        *slot = Some(Instant::now());
-        src.send_to(&p, ("127.0.0.1", in_port))?;
-    }
+    let (sent, base_sent) = pace(
+        n,
+        args.rate,
+        &src,
+        base_addr,
+        |_, payload| {
+            src.send_to(payload, ("127.0.0.1", in_port))?;
+            Ok(())
+        },
+        || Ok(()),
+    )?;
     std::thread::sleep(Duration::from_millis(args.buffer_ms + 1000));
     stop.store(true, Ordering::Relaxed);
     let got = rx.join().expect("receiver");
+    let base_got = brx.join().expect("baseline receiver");
     let skip = args.rate as usize;
-    let mut lat: Vec<f64> = sent[skip..]
-        .iter()
-        .zip(&got[skip..])
-        .filter_map(|(s, r)| Some(r.as_ref()?.duration_since(*s.as_ref()?).as_secs_f64() * 1000.0))
-        .collect();
-    lat.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        lat.get(((lat.len().max(1) - 1) as f64 * p).round() as usize)
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
-    let delivered = lat.len() as f64 / (n - skip) as f64 * 100.0;
     // librist prints one stats line per peer per interval, counting that interval.
     let retrans: u64 = retransmitted
         .lock()
@@ -192,13 +198,59 @@ fn main() -> anyhow::Result<()> {
                 .ok()
         })
         .sum();
+    Ok(Side {
+        lat: one_way_ms(&sent, &got, skip),
+        base: one_way_ms(&base_sent, &base_got, skip),
+        counted: n - skip,
+        retransmitted: retrans as f64,
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
     println!(
-        "rist two paths, loss {:.0}% each way: p50 {:.3} ms p99 {:.3} ms | delivered {:.4}% | retransmitted (sum of ristsender's per-interval stats) {}",
+        "two paths, {:.0}% loss each way on each, {} packets/s of 1316 bytes for {} s, {} ms buffer",
         args.loss * 100.0,
-        pct(0.5),
-        pct(0.99),
-        delivered,
-        retrans
+        args.rate,
+        args.seconds,
+        args.buffer_ms
+    );
+    let r = rist(&args)?;
+    let m = latency(&Latency {
+        seconds: args.seconds,
+        rate: args.rate,
+        sets: 2,
+        entries: 1,
+        window_ms: args.buffer_ms,
+        loss: args.loss,
+        entry_loss: 0.0,
+        edge_loss: args.loss,
+        quic: false,
+        quic_congestion: "cubic".into(),
+    })?;
+    let b = Side {
+        lat: m.braid.clone(),
+        base: m.baseline.clone(),
+        counted: m.counted,
+        retransmitted: m.sets_retransmitted + m.entries_retransmitted,
+    };
+    r.print("RIST", " (sum of ristsender's per-interval stats)");
+    b.print(
+        "Braid",
+        &format!(
+            " (asked {:.0}; {:.0} of the edge's datagrams to the set reflectors dropped by the impairment)",
+            m.asked, m.edge_impaired
+        ),
+    );
+    let lost = |s: &Side| (s.counted - s.lat.len()) as f64;
+    println!(
+        "Braid / RIST: delivered {:.4} | lost {:.0} vs {:.0} | retransmissions {:.2} | p50 {:.4} | p99 {:.4}",
+        b.lat.len() as f64 / r.lat.len() as f64,
+        lost(&b),
+        lost(&r),
+        b.retransmitted / r.retransmitted,
+        percentile(&b.lat, 0.5) / percentile(&r.lat, 0.5),
+        percentile(&b.lat, 0.99) / percentile(&r.lat, 0.99),
     );
     Ok(())
 }

@@ -6,7 +6,10 @@
 //! `cargo build --release --bins && target/release/braid-bench-viewers --viewers 100,200,400`
 //!
 //! Viewers are threads of this process speaking the watch protocol (they compete with the
-//! edge for the machine's two cores, as the baseline's receivers do).
+//! edge for the machine's two cores, as the baseline's receivers do). What is delivered
+//! is what they counted: the media datagrams (Braid messages, as they came off the
+//! wire) all viewers received over the measured interval; CPU per Gbps divides the edge's
+//! CPU by that.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -143,9 +146,14 @@ fn main() -> anyhow::Result<()> {
         // Let everyone join and catch up, then measure.
         std::thread::sleep(Duration::from_secs(3));
         let cpu0 = braid_net::daemon::cpu_seconds(pid);
+        let (p0, b0) = c.received();
         let t0 = Instant::now();
         std::thread::sleep(Duration::from_secs(args.seconds));
-        let cpu = (braid_net::daemon::cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64();
+        let (p1, b1) = c.received();
+        let elapsed = t0.elapsed().as_secs_f64();
+        let cpu = (braid_net::daemon::cpu_seconds(pid) - cpu0) / elapsed;
+        let delivered_pps = (p1 - p0) as f64 / elapsed;
+        let gbps = (b1 - b0) as f64 * 8.0 / elapsed / 1e9;
         let rss_with = rss_kib(pid);
         let seen = c.finish();
         // Lossless: nothing missing, and at least 95% of what the stream carried while it
@@ -169,13 +177,13 @@ fn main() -> anyhow::Result<()> {
                 .copied()
                 .unwrap_or(f64::NAN)
         };
-        let gbps = n as f64 * 4.0 / 1000.0;
         let base = raw_baseline(n, pps, args.seconds.min(5));
         println!(
-            "{transport:>4} viewers {n:>4}: lossless {lossless}/{n} (missing {missing} of {packets}) | edge CPU {:.1}% of a core, {:.1}% per Gbps | {:.0} packets/s delivered | RSS +{:.0} KiB ({:.1} MiB per 1000 viewers) | join when all join at once p50 {:.1} ms p99 {:.1} ms | raw sendmmsg at the same rate delivered {:.3}%",
+            "{transport:>4} viewers {n:>4}: lossless {lossless}/{n} (missing {missing} of {packets}) | edge CPU {:.1}% of a core, {:.1}% per Gbps delivered | delivered {delivered_pps:.0} packets/s, {gbps:.3} Gbps, measured ({:.0} packets/s nominal, {:.1}%) | RSS +{:.0} KiB ({:.1} MiB per 1000 viewers) | join when all join at once p50 {:.1} ms p99 {:.1} ms | raw sendmmsg at the same rate delivered {:.3}%",
             cpu * 100.0,
             cpu * 100.0 / gbps,
             n as f64 * pps as f64,
+            delivered_pps / (n as f64 * pps as f64) * 100.0,
             rss_with - rss_before,
             (rss_with - rss_before) / 1024.0 / n as f64 * 1000.0,
             pct(0.5),
