@@ -525,6 +525,16 @@ impl World {
     }
 
     fn handle(&mut self, ev: Ev) {
+        // Logs say which node spoke, and when (for replaying one run with `--log`).
+        let node = match &ev {
+            Ev::Deliver { to, .. } => Some(*to as usize),
+            Ev::Wake { node } => Some(*node),
+            _ => None,
+        };
+        let _span = node.map(|i| {
+            let at = self.now.saturating_duration_since(self.start).as_millis() as u64;
+            tracing::error_span!("sim", node = %self.nodes[i].name, ms = at).entered()
+        });
         match ev {
             Ev::Deliver { to, from, data } => {
                 let from = self.nodes[from as usize].addr;

@@ -58,6 +58,10 @@ struct Args {
     /// digits), for replaying one run.
     #[arg(long)]
     trace: Option<u64>,
+    /// Print what this viewer wrote (time, sequence number, session, keyframe) where its
+    /// output jumps, for replaying one run.
+    #[arg(long)]
+    dump_viewer: Option<usize>,
     /// Log what the machines say (RUST_LOG syntax), for replaying one run.
     #[arg(long)]
     log: Option<String>,
@@ -67,8 +71,12 @@ fn main() -> std::process::ExitCode {
     let args = Args::parse();
     if let Some(filter) = &args.log {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            // The world's span names the node and the time of each line.
+            .with_env_filter(tracing_subscriber::EnvFilter::new(format!(
+                "{filter},braid_sim=error"
+            )))
             .with_writer(std::io::stderr)
+            .without_time()
             .try_init();
     }
     let classes = match Classes::parse(&args.faults) {
@@ -123,7 +131,13 @@ fn main() -> std::process::ExitCode {
     };
     if let Some(schedule) = one {
         let t = Instant::now();
-        let outcome = braid_sim::check::run_traced(schedule.clone(), args.trace);
+        let mut world = braid_sim::World::new(schedule.clone());
+        world.trace = args.trace;
+        world.run();
+        if let Some(v) = args.dump_viewer {
+            dump_viewer(&world, v);
+        }
+        let outcome = braid_sim::check::check(&world);
         print_outcome(&outcome, t.elapsed().as_secs_f64(), args.json);
         if let Some(path) = &args.save {
             let r = braid_sim::check::Regression {
@@ -200,6 +214,48 @@ fn main() -> std::process::ExitCode {
         std::process::ExitCode::FAILURE
     } else {
         std::process::ExitCode::SUCCESS
+    }
+}
+
+/// Prints where viewer `v`'s output jumps: each write whose number does not follow the
+/// one before, with the two around it.
+fn dump_viewer(world: &braid_sim::World, v: usize) {
+    let rec = &world.record;
+    let Some(writes) = rec.writes.get(v) else {
+        return;
+    };
+    let at = |t: Instant| t.saturating_duration_since(world.start()).as_millis();
+    let describe = |seq: u64| match rec.truth.get(&seq) {
+        Some(t) => format!(
+            "session {}{}{}",
+            t.session,
+            if t.keyframe { " keyframe" } else { "" },
+            if t.entered { "" } else { " (never entered)" }
+        ),
+        None => "not the source's".into(),
+    };
+    for (i, w) in writes.iter().enumerate() {
+        let jump = i == 0 || writes[i - 1].1.0 + 1 != w.1.0;
+        if jump {
+            if i > 0 {
+                let p = writes[i - 1];
+                println!(
+                    "  {:>6} ms  {}  {}  edge {}",
+                    at(p.0),
+                    p.1.0,
+                    describe(p.1.0),
+                    p.2
+                );
+            }
+            println!(
+                "  {:>6} ms  {}  {}  edge {}",
+                at(w.0),
+                w.1.0,
+                describe(w.1.0),
+                w.2
+            );
+            println!("  ...");
+        }
     }
 }
 
