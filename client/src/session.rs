@@ -281,6 +281,16 @@ enum Phase {
     Done,
 }
 
+/// A packet in the playout buffer, with what starting the output needs to know.
+#[derive(Debug, Clone)]
+struct Held {
+    payload: Bytes,
+    /// It starts a keyframe.
+    keyframe: bool,
+    /// Its source session.
+    ssrc: u32,
+}
+
 /// The viewer's state machine.
 pub struct Session {
     config: Config,
@@ -300,7 +310,7 @@ pub struct Session {
     /// The edge just left, and when: its packets in flight are still taken.
     left: Option<(SocketAddr, Instant)>,
     start: (WatchStart, SeqNo),
-    buffer: merge::Buffer<Bytes>,
+    buffer: merge::Buffer<Held>,
     detector: Detector,
     stats: Stats,
     got_from_edge: bool,
@@ -325,10 +335,20 @@ pub struct Session {
     ssrc_changed_at: Option<Instant>,
     /// Where the edge said a new session starts.
     session_start: Option<SeqNo>,
+    /// The source session of the last packet written.
+    written_ssrc: Option<u32>,
+    /// Starting past the first keyframe, packets are skipped up to the next one.
+    to_keyframe: bool,
+    /// Whether the stream flags keyframes at all (without, nothing is skipped for one).
+    keyframes_seen: bool,
     /// Switch requests whose answer is not waited for (the viewer already moved).
     told: Vec<u64>,
     /// Whether the edge said where it started this viewer (its *joined* notice).
     joined_told: bool,
+    /// Where the edge said the source's last session ended (the *ended* notice).
+    ended_at: Option<SeqNo>,
+    /// Where the edge watched said it started this viewer.
+    joined_at: Option<SeqNo>,
     /// When a watch last went early to ask for the *joined* notice again.
     early_watch: Option<Instant>,
     /// Recent switches for the quality of reception, for damping.
@@ -397,12 +417,17 @@ impl Session {
             quality_switches: Vec::new(),
             told: Vec::new(),
             joined_told: false,
+            ended_at: None,
+            joined_at: None,
             early_watch: None,
             ssrc: None,
             leaving_session: None,
             retired: Vec::new(),
             ssrc_changed_at: None,
             session_start: None,
+            written_ssrc: None,
+            to_keyframe: false,
+            keyframes_seen: false,
             probes: Vec::new(),
             probe_started: now,
             config,
@@ -593,13 +618,21 @@ impl Session {
         })
     }
 
-    /// Takes a media packet into the buffer on `path`, following the source's sessions
-    /// (a capture started again has another SSRC; its first packet is also flagged, but
-    /// may be lost): a new session's packets wait aside while the old session's last
-    /// reordered packets come (a window at most), then the new one starts; late copies
-    /// of a session left behind are dropped. Returns whether it was taken.
-    fn take_media(&mut self, now: Instant, path: PathId, m: Media) -> bool {
+    /// Takes a media packet (with its header's `flags`) into the buffer on `path`,
+    /// following the source's sessions (a capture started again has another SSRC; its
+    /// first packet is also flagged, but may be lost): a new session's packets wait
+    /// aside while the old session's last reordered packets come (a window at most),
+    /// then the new one starts; late copies of a session left behind are dropped.
+    /// Returns whether it was taken.
+    fn take_media(&mut self, now: Instant, path: PathId, flags: Flags, m: Media) -> bool {
         let ssrc = m.rtp.fields().ssrc;
+        let keyframe = flags.contains(Flags::KEYFRAME);
+        self.keyframes_seen |= keyframe;
+        let item = Held {
+            payload: m.rtp.payload(),
+            keyframe,
+            ssrc,
+        };
         if let Some(old) = self
             .leaving_session
             .filter(|_| !self.buffer.changing_session())
@@ -628,7 +661,12 @@ impl Session {
                 }
                 self.ssrc = Some(ssrc);
                 self.stats.sessions += 1;
-                self.buffer.start_next_session(now);
+                // Unless the edge already said where the old session ended, that word
+                // is waited for: it may come just behind this packet.
+                let told = self
+                    .ended_at
+                    .is_some_and(|e| self.buffer.next_seq().is_none_or(|n| e.0 + 1 >= n.0));
+                self.buffer.start_next_session(now, !told);
                 self.detector.new_session(now);
                 self.acked = m.seq;
                 self.ssrc_changed_at = Some(now);
@@ -639,15 +677,14 @@ impl Session {
             }
         };
         if next_session {
-            self.buffer
-                .handle_next_session(now, path, m.seq, m.rtp.payload());
+            self.buffer.handle_next_session(now, path, m.seq, item);
         } else {
             self.buffer.handle_input(
                 now,
                 merge::Input::Packet {
                     path,
                     seq: m.seq,
-                    item: m.rtp.payload(),
+                    item,
                 },
             );
         }
@@ -866,7 +903,9 @@ impl Session {
                     if m.seq > self.acked {
                         self.acked = m.seq;
                     }
-                    self.take_media(now, PathId(1), m);
+                    // Acknowledged like the edge's: its flow window must stay open.
+                    self.since_ack += 1;
+                    self.take_media(now, PathId(1), header.flags, m);
                     return;
                 }
                 if !from_edge {
@@ -886,7 +925,10 @@ impl Session {
                     self.early_watch = Some(now);
                     self.send_ack();
                 }
-                if !self.got_from_edge {
+                // A repair says nothing of where the new edge streams from (a cold edge
+                // may answer one for a packet it holds before it can serve the resume
+                // point): the first packet it streams does.
+                if !self.got_from_edge && !header.flags.contains(Flags::RETRANSMIT) {
                     self.got_from_edge = true;
                     // The edge being left is kept until the output reaches what the new
                     // one sends (it may start later than the resume point).
@@ -915,51 +957,71 @@ impl Session {
                         repair: header.flags.contains(Flags::RETRANSMIT),
                     },
                 );
-                self.take_media(now, PathId(0), m);
+                self.take_media(now, PathId(0), header.flags, m);
             }
+            // Where a session ends and the next starts holds for every edge: the edge
+            // being left may be the only one to have seen them.
             Message {
                 body: Body::Notice { kind, value },
                 ..
-            } if from_edge => match kind {
-                NoticeKind::Skipped => {
-                    self.stats.skipped += value;
-                    self.stats.skips += 1;
-                    tracing::warn!(
-                        "this viewer fell behind: the edge skipped {value} packets to the latest keyframe"
-                    );
-                }
-                NoticeKind::Missed => {
-                    // Resumed past what the edge still held (a pause longer than the
-                    // lease, a restarted edge): moved forward, like a skip.
-                    self.stats.skipped += value;
-                    self.stats.skips += 1;
-                    // They start at the resume point: stop waiting for them, unless the
-                    // edge being left may still send them.
-                    if let (Some(next), None) = (self.buffer.next_seq(), self.leaving) {
-                        self.buffer.give_up(now, next, value);
+            } if from_edge
+                || (from_leaving && matches!(kind, NoticeKind::Session | NoticeKind::Ended)) =>
+            {
+                match kind {
+                    NoticeKind::Skipped => {
+                        self.stats.skipped += value;
+                        self.stats.skips += 1;
+                        tracing::warn!(
+                            "this viewer fell behind: the edge skipped {value} packets to the latest keyframe"
+                        );
                     }
-                    tracing::warn!("the edge no longer had {value} of the packets asked for")
-                }
-                NoticeKind::Session => {
-                    // Where the new session starts: applied when the buffer moves to it
-                    // (now, if it already has).
-                    self.session_start = Some(SeqNo(value));
-                    if self.ssrc_changed_at.is_some() {
-                        self.buffer.expect_session_from(now, SeqNo(value));
+                    NoticeKind::Missed => {
+                        // Resumed past what the edge still held (a pause longer than the
+                        // lease, a restarted edge): moved forward, like a skip.
+                        self.stats.skipped += value;
+                        self.stats.skips += 1;
+                        // They run from the resume point to where the edge started this
+                        // viewer (its joined notice; the count may span a change of source
+                        // session): stop waiting for them, unless the edge being left may
+                        // still send them.
+                        if let (Some(next), Some(joined), None) =
+                            (self.buffer.next_seq(), self.joined_at, self.leaving)
+                        {
+                            if joined > next {
+                                self.buffer.give_up(now, next, joined.0 - next.0);
+                            }
+                        }
+                        tracing::warn!("the edge no longer had {value} of the packets asked for")
+                    }
+                    NoticeKind::Session => {
+                        // Where the new session starts: applied when the buffer moves to it
+                        // (now, if it already has).
+                        self.session_start = Some(SeqNo(value));
+                        if self.ssrc_changed_at.is_some() {
+                            self.buffer.expect_session_from(now, SeqNo(value));
+                        }
+                    }
+                    NoticeKind::Gap => {
+                        self.buffer
+                            .give_up(now, SeqNo(value >> 16), value & u64::from(u16::MAX))
+                    }
+                    NoticeKind::Joined => {
+                        // Where the edge started us: a lost first packet (the keyframe) is
+                        // then asked for, not silently started after.
+                        self.joined_told = true;
+                        self.joined_at = Some(SeqNo(value));
+                        self.buffer.expect_from(now, SeqNo(value));
+                        tracing::debug!("joined at {value}");
+                    }
+                    NoticeKind::Ended => {
+                        // Where the old session ended: a lost tail is asked for, and the
+                        // change of session waits for it (the buffer ignores a number it
+                        // holds or released already: a repeat, or one from the new session).
+                        self.ended_at = Some(SeqNo(value));
+                        self.buffer.expect_through(now, SeqNo(value));
                     }
                 }
-                NoticeKind::Gap => {
-                    self.buffer
-                        .give_up(now, SeqNo(value >> 16), value & u64::from(u16::MAX))
-                }
-                NoticeKind::Joined => {
-                    // Where the edge started us: a lost first packet (the keyframe) is
-                    // then asked for, not silently started after.
-                    self.joined_told = true;
-                    self.buffer.expect_from(now, SeqNo(value));
-                    tracing::debug!("joined at {value}");
-                }
-            },
+            }
             Message {
                 body: Body::Keepalive(_),
                 ..
@@ -1018,14 +1080,15 @@ impl Session {
         }
         // The detectors' verdict, once the edge had its chance.
         while let DetectOutput::Switch(reason) = self.detector.poll_output() {
-            // Judge an edge only once it delivered and its catch-up is over, or, if it
-            // delivers nothing, after the grace.
+            // Judge an edge's reception only once it delivered and its catch-up is over;
+            // an edge that delivered and went silent at once; one that delivers nothing
+            // after the grace.
+            let quality = !matches!(reason, detect::Reason::Stall { .. });
             let judged = if self.got_from_edge {
-                now >= self.judge_from
+                !quality || now >= self.judge_from
             } else {
                 now >= self.grace_until
             };
-            let quality = !matches!(reason, detect::Reason::Stall { .. });
             if judged && quality && !self.quality_switch_allowed(now) {
                 // Damped: say it again later if it lasts.
                 self.detector.reset(now);
@@ -1052,6 +1115,28 @@ impl Session {
         loop {
             match self.buffer.poll_output() {
                 MergeOutput::Packet { seq, item } => {
+                    if self.written_ssrc != Some(item.ssrc) {
+                        // Starting cold, a decoder can begin only at a keyframe (the edge
+                        // starts a viewer at one): if that packet was lost for good, what
+                        // comes before the next keyframe is skipped, counted. Entering the
+                        // source's next session everything is written: the player is
+                        // running, and its audio plays on.
+                        let cold = self.written_ssrc.is_none();
+                        self.written_ssrc = Some(item.ssrc);
+                        self.to_keyframe = cold && self.keyframes_seen && !item.keyframe;
+                        if self.to_keyframe {
+                            self.stats.skips += 1;
+                            tracing::warn!("the first keyframe was lost: starting at the next one");
+                        }
+                    }
+                    if self.to_keyframe {
+                        if !item.keyframe {
+                            self.stats.skipped += 1;
+                            continue;
+                        }
+                        self.to_keyframe = false;
+                    }
+                    let item = item.payload;
                     self.stats.first_seq.get_or_insert(seq.0);
                     self.stats
                         .first_output_ms
@@ -1223,6 +1308,7 @@ impl Session {
             self.start = (WatchStart::Seq, resume);
         }
         self.got_from_edge = false;
+        self.joined_at = None;
         self.grace_until = now + self.config.start_timeout.min(Duration::from_secs(3));
         self.judge_from = now + SETTLE;
         self.detector.reset(now);

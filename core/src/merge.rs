@@ -185,6 +185,12 @@ pub struct Stats {
     pub repaired: u64,
     /// Times the sender jumped more than `max_held` ahead and the buffer was flushed.
     pub jumps: u64,
+    /// Times a new session's start was sought before its first packet to arrive (see
+    /// [`Buffer::seek_before`]).
+    pub seeks: u64,
+    /// Numbers at the end of a session found missing by the sender's word of where it
+    /// ended (see [`Buffer::expect_through`]), to be asked for.
+    pub tail_holes: u64,
 }
 
 enum Slot<T> {
@@ -266,6 +272,9 @@ struct NextSession<T> {
     waiting: Vec<(PathId, SeqNo, T)>,
     /// Where the new session starts, if the sender said.
     start: Option<SeqNo>,
+    /// Whether the sender's word of where the old session ended is awaited (see
+    /// [`Buffer::start_next_session`]).
+    awaiting_end: bool,
 }
 
 /// The merge buffer for one stream. See the module documentation for the contract.
@@ -378,19 +387,24 @@ impl<T> Buffer<T> {
     /// [`Buffer::handle_next_session`] and wait aside while the old session's holes are
     /// filled (its packets still come, reordered) or given up, at most one window; then
     /// the old session is released ([`Buffer::flush`]) and the new one starts with what
-    /// waited. With nothing held, the change is immediate.
-    pub fn start_next_session(&mut self, now: Instant) {
+    /// waited. With nothing held, the change is immediate, unless `awaiting_end`: then
+    /// it also waits (at most its window) for the sender's word of where the old session
+    /// ended ([`Buffer::expect_through`]), which the new session's first packet may
+    /// overtake; without it a lost tail is never missed.
+    pub fn start_next_session(&mut self, now: Instant, awaiting_end: bool) {
         self.advance(now);
-        if self.next.is_none() || self.slots.is_empty() {
+        if self.next.is_none() || (self.slots.is_empty() && !awaiting_end) {
             self.flush();
             return;
         }
         let deadline = now + self.config.reorder_window;
-        self.next_session.get_or_insert(NextSession {
+        let n = self.next_session.get_or_insert(NextSession {
             deadline,
             waiting: Vec::new(),
             start: None,
+            awaiting_end: false,
         });
+        n.awaiting_end |= awaiting_end;
     }
 
     /// Where the new session starts (see [`Buffer::expect_from`]): kept for when the
@@ -399,6 +413,36 @@ impl<T> Buffer<T> {
         match &mut self.next_session {
             Some(n) => n.start = Some(first),
             None => self.expect_from(now, first),
+        }
+    }
+
+    /// The first packet of a new session to arrive is not the one the sender flagged as
+    /// its start: those before it were lost on every path, and nothing says how many.
+    /// Asks every healthy path for the `count` numbers before `seen` (a path that never
+    /// held a number does not answer it); what comes while the new session's start is
+    /// still settling (the change of session, then one window) is taken, so the session
+    /// starts where the sender started it.
+    pub fn seek_before(&mut self, now: Instant, seen: SeqNo, count: u16) {
+        self.advance(now);
+        let count = u64::from(count).min(seen.0);
+        if !self.config.nack || count == 0 {
+            return;
+        }
+        let range = SeqRange {
+            first: SeqNo(seen.0 - count),
+            count: count as u16,
+        };
+        let healthy: Vec<PathId> = (0..self.paths.len())
+            .filter(|&i| self.healthy(&self.paths[i], now))
+            .map(|i| PathId(i as u8))
+            .collect();
+        if healthy.is_empty() {
+            return;
+        }
+        self.stats.seeks += 1;
+        for path in healthy {
+            self.stats.nacked += count;
+            self.ready.push_back(Output::Nack { range, path });
         }
     }
 
@@ -430,7 +474,7 @@ impl<T> Buffer<T> {
             return false;
         };
         let holes = self.slots.iter().any(|s| matches!(s, Slot::Hole { .. }));
-        if holes && now < n.deadline {
+        if (holes || n.awaiting_end) && now < n.deadline {
             return false;
         }
         let Some(n) = self.next_session.take() else {
@@ -521,6 +565,44 @@ impl<T> Buffer<T> {
             });
         }
         self.next = Some(first);
+    }
+
+    /// The sender says the session held now ends at `last` (an edge's *ended* notice):
+    /// whatever is missing up to it becomes holes to ask for, so the old session's tail
+    /// is repaired like any hole and a change of session waits for it. Does nothing when
+    /// `last` is held or released already, or too far ahead to belong to what is held.
+    pub fn expect_through(&mut self, now: Instant, last: SeqNo) {
+        if let Some(n) = &mut self.next_session {
+            n.awaiting_end = false;
+        }
+        self.advance(now);
+        let Some(next) = self.next else {
+            return;
+        };
+        let end = next.0 + self.slots.len() as u64;
+        if last.0 < end {
+            return;
+        }
+        let holes = last.0 - end + 1;
+        if holes as usize > (self.config.max_held / 2).saturating_sub(self.slots.len()) {
+            return;
+        }
+        for _ in 0..holes {
+            self.slots.push_back(Slot::Hole {
+                since: now,
+                asks: 0,
+            });
+        }
+        self.stats.tail_holes += holes;
+        if self.config.nack {
+            self.nack_queue.push_back(NackRun {
+                first: SeqNo(end),
+                count: holes,
+                due: now + self.config.nack_delay,
+                asks: 0,
+                last_path: None,
+            });
+        }
     }
 
     /// Counters for the whole buffer.

@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
@@ -205,6 +205,54 @@ impl<T> Held<T> for Ring<T> {
     }
 }
 
+/// How long a stream to a receiver may be quiet before its newest packet is sent again
+/// ([`TailProbe`]): longer than the gaps of a steady stream, short against a viewer's
+/// buffer.
+pub const TAIL_QUIET: Duration = Duration::from_millis(60);
+
+/// A tail-loss probe. A receiver learns a packet is missing from the packets after it,
+/// so the last ones before a stream goes quiet (a capture that stops or restarts) can be
+/// lost without anyone knowing. Once a stream to a receiver has been quiet for a while,
+/// the sender sends its newest packet again, once: a receiver that lost it gets it back,
+/// and one that lost some before it now sees the hole and asks for them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TailProbe {
+    newest: Option<SeqNo>,
+    last_sent: Option<Instant>,
+    probed: bool,
+}
+
+impl TailProbe {
+    /// Packet `seq` was sent at `now`.
+    pub fn sent(&mut self, now: Instant, seq: SeqNo) {
+        // The highest number since the last probe (a sender that forwards in arrival
+        // order may send an older one last); after a probe, whatever comes next (a new
+        // session may be numbered lower).
+        self.newest = match self.newest {
+            Some(n) if !self.probed && n > seq => Some(n),
+            _ => Some(seq),
+        };
+        self.last_sent = Some(now);
+        self.probed = false;
+    }
+
+    /// The packet to send again if the stream has been quiet for `quiet` at `now`; once
+    /// per quiet spell.
+    pub fn due(&mut self, now: Instant, quiet: Duration) -> Option<SeqNo> {
+        let at = self.last_sent?;
+        if self.probed || now < at + quiet {
+            return None;
+        }
+        self.probed = true;
+        self.newest
+    }
+
+    /// When the next probe is due, if one is.
+    pub fn deadline(&self, quiet: Duration) -> Option<Instant> {
+        self.last_sent.filter(|_| !self.probed).map(|t| t + quiet)
+    }
+}
+
 /// Packets kept to answer repairs when they may arrive in any order (an entry point
 /// takes the source's packets as the network delivers them): bounded by age and count,
 /// and a packet that arrives behind newer ones is kept all the same.
@@ -336,6 +384,30 @@ impl WallClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // One real instant to count from.
+    fn a_tail_probe_sends_the_newest_packet_again_once_per_quiet_spell() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        let mut p = TailProbe::default();
+        assert_eq!(p.due(t + ms(500), TAIL_QUIET), None, "nothing sent yet");
+        p.sent(t, SeqNo(10));
+        p.sent(t + ms(5), SeqNo(12));
+        p.sent(t + ms(6), SeqNo(11));
+        assert_eq!(p.deadline(TAIL_QUIET), Some(t + ms(6) + TAIL_QUIET));
+        assert_eq!(p.due(t + ms(30), TAIL_QUIET), None, "not quiet long enough");
+        assert_eq!(
+            p.due(t + ms(70), TAIL_QUIET),
+            Some(SeqNo(12)),
+            "the highest"
+        );
+        assert_eq!(p.due(t + ms(200), TAIL_QUIET), None, "once");
+        assert_eq!(p.deadline(TAIL_QUIET), None);
+        // A new session numbered lower: its packets are the newest.
+        p.sent(t + ms(300), SeqNo(3));
+        assert_eq!(p.due(t + ms(400), TAIL_QUIET), Some(SeqNo(3)));
+    }
     use crate::SeqNo;
     use crate::ring;
     use crate::wire::{Key, Rtp};

@@ -226,6 +226,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut rx = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut exported_drops = 0;
+    let mut machine_timeout = None;
     loop {
         let next_timeout = socket.next_timeout();
         tokio::select! {
@@ -245,7 +246,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 // Connections that went up or down need nothing here: a dead set
                 // reflector's copies are simply not received; the next send redials.
                 let _ = socket.take_changes();
-                drive(&mut machine, &mut socket, now);
+                machine_timeout = drive(&mut machine, &mut socket, now);
                 // Drops are told at once; the rest every tick.
                 if machine.counters().drops.total() != exported_drops {
                     exported_drops = machine.counters().drops.total();
@@ -253,6 +254,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 }
             }
             _ = braid_net::daemon::sleep_until(next_timeout) => socket.handle_timeout(Instant::now()),
+            // Tail-loss probes.
+            _ = braid_net::daemon::sleep_until(machine_timeout) => {
+                let now = Instant::now();
+                machine.handle_timeout(now);
+                machine_timeout = drive(&mut machine, &mut socket, now);
+            }
         }
     }
     export(machine.counters());
@@ -263,19 +270,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
-/// Sends what the machine queued, in one batch.
-fn drive(machine: &mut EntryPoint, socket: &mut Socket, now: Instant) {
-    loop {
+/// Sends what the machine queued, in one batch; returns when the machine next wants
+/// its timeout.
+fn drive(machine: &mut EntryPoint, socket: &mut Socket, now: Instant) -> Option<Instant> {
+    let next = loop {
         match machine.poll_output() {
             Output::Transmit(t) => match t.to {
                 Peer::Addr(to) => socket.send(now, to, t.datagram, t.data),
                 Peer::Conn(_) => {}
             },
             Output::Event(e) => match e {},
-            Output::Timeout(_) => break,
+            Output::Timeout(t) => break t,
         }
-    }
+    };
     socket.flush();
+    next
 }
 
 fn export(c: &machine::Counters) {
@@ -290,6 +299,7 @@ fn export(c: &machine::Counters) {
         .absolute(c.retransmit_sent);
     metrics::counter!("braid_retransmit_missing_total", "role" => "entrypoint")
         .absolute(c.retransmit_missing);
+    metrics::counter!("braid_tail_probes_total", "role" => "entrypoint").absolute(c.tail_probes);
 }
 
 #[cfg(test)]

@@ -10,7 +10,9 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use braid_core::node::{self, Drops, Kept, Outbox, Output, Peer, RepairStore};
+use braid_core::node::{
+    self, Drops, Held, Kept, Outbox, Output, Peer, RepairStore, TAIL_QUIET, TailProbe,
+};
 use braid_core::wire::{Body, Codec, ErrorCode, Header, Keepalive, Media};
 use braid_core::{NodeId, StreamId};
 use bytes::Bytes;
@@ -81,6 +83,9 @@ pub struct Counters {
     pub retransmit_sent: u64,
     /// Packets asked for that were no longer kept.
     pub retransmit_missing: u64,
+    /// Last packets sent again to the set reflectors once the stream went quiet
+    /// (tail-loss probes).
+    pub tail_probes: u64,
 }
 
 /// A packet kept for retransmission: its header and media, re-encoded on request.
@@ -105,6 +110,8 @@ struct Stream {
     publishers: HashMap<SocketAddr, Instant>,
     /// Packets kept for repairs, whatever order they came in.
     kept: RepairStore<KeptPacket>,
+    /// The last packet forwarded, sent again once the stream goes quiet.
+    tail: TailProbe,
 }
 
 /// The entry point's state machine.
@@ -134,6 +141,7 @@ impl EntryPoint {
                     config: s,
                     publishers: HashMap::new(),
                     kept: RepairStore::new(config.retransmit, MAX_KEPT),
+                    tail: TailProbe::default(),
                 },
             );
         }
@@ -167,13 +175,37 @@ impl EntryPoint {
         }
     }
 
-    /// The entry point keeps no timers: publishers expire when their media is checked,
-    /// kept packets when new ones are pushed.
-    pub fn handle_timeout(&mut self, _now: Instant) {}
+    /// Sends a quiet stream's last packet again to its set reflectors (a tail-loss
+    /// probe: the source may have stopped with its last packets lost on the way).
+    /// Publishers expire when their media is checked, kept packets when new ones are
+    /// pushed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for stream in self.streams.values_mut() {
+            let Some(p) = stream
+                .tail
+                .due(now, TAIL_QUIET)
+                .and_then(|s| stream.kept.held(s))
+            else {
+                continue;
+            };
+            for to in &stream.config.reflectors {
+                if self.out.retransmit(Peer::Addr(*to), p.header, &p.media) {
+                    self.counters.tail_probes += 1;
+                }
+            }
+        }
+    }
 
     /// The next thing to do; [`Output::Timeout`] when there is nothing.
     pub fn poll_output(&mut self) -> Output<Infallible> {
-        self.out.pop().unwrap_or(Output::Timeout(None))
+        self.out.pop().unwrap_or_else(|| {
+            let next = self
+                .streams
+                .values()
+                .filter_map(|s| s.tail.deadline(TAIL_QUIET))
+                .min();
+            Output::Timeout(next)
+        })
     }
 
     fn handle_message(&mut self, now: Instant, from: SocketAddr, bytes: Bytes, node: bool) {
@@ -253,6 +285,7 @@ impl EntryPoint {
                 }
                 self.counters.forwarded += 1;
                 let seq = media.seq;
+                stream.tail.sent(now, seq);
                 let kept = KeptPacket {
                     header: msg.header,
                     media,

@@ -83,6 +83,9 @@ pub struct Counters {
     pub drain_signals: u64,
     /// New source sessions started (a capture started again).
     pub sessions: u64,
+    /// Last packets sent again to a receiver once its stream went quiet (tail-loss
+    /// probes).
+    pub tail_probes: u64,
 }
 
 /// One stream's figures, for the metrics.
@@ -111,26 +114,13 @@ pub(crate) struct Session {
     retired: Vec<u32>,
 }
 
-impl Session {
-    /// The session the stream is in (its SSRC).
-    pub(crate) fn current(&self) -> Option<u32> {
-        self.current
-    }
-}
-
 /// Sessions remembered as left behind.
 const RETIRED: usize = 4;
-
-/// What became of a copy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Accepted {
-    /// Into the merge.
-    Taken,
-    /// Into the merge, starting a new source session at this number.
-    NewSession(SeqNo),
-    /// Dropped (a session left behind), counted.
-    Dropped,
-}
+/// How many numbers before a new session's first packet to arrive are asked for when it
+/// is not the session's flagged start: the start is lost on every path only with the few
+/// packets around it, and every number asked for that never existed costs the upstream a
+/// look.
+const SEEK_BACK: u16 = 8;
 
 /// Takes a copy into a stream's merge. A copy of another source session than the
 /// stream's (another SSRC; its first packet is also flagged as a discontinuity, but that
@@ -147,7 +137,7 @@ pub(crate) fn accept_media(
     datagram: Bytes,
     header: Header,
     media: Media,
-) -> Accepted {
+) {
     let ssrc = media.rtp.fields().ssrc;
     if let Some(old) = session.leaving.filter(|_| !merge.changing_session()) {
         // The change is over: the old session's copies are late from now on.
@@ -168,13 +158,13 @@ pub(crate) fn accept_media(
         Some(cur) if cur == ssrc => {
             if merge.changing_session() {
                 merge.handle_next_session(now, path, seq, item);
-                return Accepted::Taken;
+                return;
             }
         }
         Some(_) if session.leaving == Some(ssrc) => {}
         Some(_) if session.retired.contains(&ssrc) => {
             counters.drops.add("old_session");
-            return Accepted::Dropped;
+            return;
         }
         Some(cur) => {
             tracing::info!(old = cur, new = ssrc, seq = seq.0, "a new source session");
@@ -183,13 +173,18 @@ pub(crate) fn accept_media(
                 session.retired.push(older);
             }
             session.current = Some(ssrc);
-            merge.start_next_session(now);
+            let head = item.header.flags.contains(Flags::DISCONTINUITY);
+            merge.start_next_session(now, false);
             merge.handle_next_session(now, path, seq, item);
-            return Accepted::NewSession(seq);
+            if !head {
+                // The packet that starts the session (flagged) was lost on every path:
+                // ask for the numbers before this one, so the session starts with it.
+                merge.seek_before(now, seq, SEEK_BACK);
+            }
+            return;
         }
     }
     merge.handle_input(now, merge::Input::Packet { path, seq, item });
-    Accepted::Taken
 }
 
 /// Drains a stream's merge: each packet released is handed to `release` then kept in

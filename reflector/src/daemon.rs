@@ -385,6 +385,7 @@ fn export(role: &'static str, machine: &Machine) {
     by_role("braid_retransmit_missing_total", c.retransmit_missing);
     by_role("braid_nack_sent_total", c.nack_sent);
     by_role("braid_merge_gap_packets_total", c.gap_packets);
+    by_role("braid_tail_probes_total", c.tail_probes);
     if let Machine::Edge(m) = machine {
         metrics::counter!("braid_edge_viewer_joins_total").absolute(c.viewer_joins);
         metrics::counter!("braid_edge_viewer_leaves_total").absolute(c.viewer_leaves);
@@ -410,6 +411,7 @@ fn export(role: &'static str, machine: &Machine) {
         set("braid_merge_nacked_total", s.nacked);
         set("braid_merge_repaired_total", s.repaired);
         set("braid_merge_jumps_total", s.jumps);
+        set("braid_merge_seeks_total", s.seeks);
         for (path, p) in &st.paths {
             let path = path.0.to_string();
             let set = |name: &'static str, v: u64| {

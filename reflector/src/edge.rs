@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use braid_core::merge;
-use braid_core::node::{self, Outbox, Output, Peer, WallClock};
+use braid_core::node::{self, Outbox, Output, Peer, TailProbe, WallClock};
 use braid_core::ring::{self, Cursor, Read, Ring, Start};
 use braid_core::token::Signer;
 use braid_core::wire::{
@@ -131,6 +131,17 @@ struct Viewer {
     joined: Option<(SeqNo, u8)>,
     /// A new source session's start, and how many more refreshes repeat its notice.
     session: Option<(SeqNo, u8)>,
+    /// Where the session before it ended (the last packet sent to it of that session),
+    /// and how many more refreshes repeat the *ended* notice.
+    ended: Option<(SeqNo, u8)>,
+    /// The last packet sent to it.
+    last_seq: Option<SeqNo>,
+    /// The source session (SSRC) of the last packet sent to it: its cursor entering
+    /// another one is told where (the *session* notice), so a viewer that loses the
+    /// session's first packet asks for it instead of starting after it.
+    sent_ssrc: Option<u32>,
+    /// The last packet sent to it, sent again once its stream goes quiet (UDP, QUIC).
+    tail: TailProbe,
     /// When anything was last sent to it (media or a heartbeat).
     last_sent: Instant,
 }
@@ -143,8 +154,6 @@ struct Stream {
     upstream: Vec<(usize, Instant)>,
     /// Which source session it is in.
     session: common::Session,
-    /// A new session began: tell the viewers where, at its first packet released.
-    announce: bool,
     last_refresh: Option<Instant>,
     empty_since: Option<Instant>,
     /// Input arrived since the merge was last drained.
@@ -329,9 +338,6 @@ impl Edge {
             };
             st.dirty = false;
             let reflectors = &self.config.reflectors;
-            let viewers = &mut st.viewers;
-            let announce = &mut st.announce;
-            let session = st.session.current();
             let mut gaps = Vec::new();
             let pushed = common::drain_merge(
                 now,
@@ -341,25 +347,7 @@ impl Edge {
                 &mut self.out,
                 &mut self.counters,
                 |path| reflectors.get(usize::from(path.0)).copied(),
-                // The new session's first packet: viewers learn where it starts, so one
-                // that loses it asks for it; repeated on their next refreshes.
-                |out, p| {
-                    if !*announce || Some(p.media.rtp.fields().ssrc) != session {
-                        return;
-                    }
-                    *announce = false;
-                    let first = p.media.seq;
-                    let notice = Body::Notice {
-                        kind: NoticeKind::Session,
-                        value: first.0,
-                    };
-                    if let Some(d) = out.encode(id, notice) {
-                        for (key, v) in viewers.iter_mut() {
-                            v.session = Some((first, NOTICE_REPEATS));
-                            out.send(*key, d.clone(), false);
-                        }
-                    }
-                },
+                |_, _| {},
                 // Every path lost it and the repairs failed: the viewers stop waiting
                 // for it now rather than for the whole of their buffer.
                 |_, first, count| gaps.push((first, count)),
@@ -423,7 +411,7 @@ impl Edge {
                     self.counters.drops.add("unknown_peer");
                     return;
                 };
-                let accepted = common::accept_media(
+                common::accept_media(
                     now,
                     &mut st.merge,
                     &mut st.session,
@@ -433,11 +421,6 @@ impl Edge {
                     msg.header,
                     media,
                 );
-                if let common::Accepted::NewSession(_) = accepted {
-                    // Viewers learn where it starts once the merge has settled on its
-                    // first packet (the one that showed it may not be the first).
-                    st.announce = true;
-                }
                 st.dirty = true;
             }
             (_, Body::Watch(watch)) => self.handle_watch(now, from, id, watch),
@@ -482,7 +465,6 @@ impl Edge {
                     viewers: BTreeMap::new(),
                     upstream: Vec::new(),
                     session: common::Session::default(),
-                    announce: false,
                     last_refresh: None,
                     empty_since: Some(now),
                     dirty: false,
@@ -520,6 +502,7 @@ impl Edge {
             let mut repeat = Vec::new();
             for (slot, kind) in [
                 (&mut v.joined, NoticeKind::Joined),
+                (&mut v.ended, NoticeKind::Ended),
                 (&mut v.session, NoticeKind::Session),
             ] {
                 if let Some((first, left @ 1..)) = *slot {
@@ -581,6 +564,10 @@ impl Edge {
                 first_sent: SeqNo(0),
                 joined: None,
                 session: None,
+                sent_ssrc: None,
+                ended: None,
+                last_seq: None,
+                tail: TailProbe::default(),
                 last_sent: now,
             },
         );
@@ -674,9 +661,32 @@ impl Edge {
                         if v.first_sent.0 == 0 {
                             v.first_sent = e.seq;
                         }
+                        let ssrc = e.item.media.rtp.fields().ssrc;
+                        if v.sent_ssrc.replace(ssrc).is_some_and(|s| s != ssrc) {
+                            // Where the old session ended, then where the new one
+                            // starts: a lost tail is otherwise never missed.
+                            if let Some(last) = v.last_seq {
+                                v.ended = Some((last, NOTICE_REPEATS));
+                                let notice = Body::Notice {
+                                    kind: NoticeKind::Ended,
+                                    value: last.0,
+                                };
+                                self.out.control(key, id, notice);
+                            }
+                            v.session = Some((e.seq, NOTICE_REPEATS));
+                            let notice = Body::Notice {
+                                kind: NoticeKind::Session,
+                                value: e.seq.0,
+                            };
+                            self.out.control(key, id, notice);
+                        }
+                        v.last_seq = Some(e.seq);
                         match key {
                             Peer::Conn(c) => *self.tcp_queued.entry(c).or_insert(0) += 1,
-                            Peer::Addr(_) => v.in_flight.push_back((e.seq, now)),
+                            Peer::Addr(_) => {
+                                v.in_flight.push_back((e.seq, now));
+                                v.tail.sent(now, e.seq);
+                            }
                         }
                         v.last_sent = now;
                         self.out.send(key, e.item.datagram.clone(), true);
@@ -855,9 +865,11 @@ impl Edge {
         }
     }
 
-    /// Tells every viewer that got nothing for [`HEARTBEAT`] that this edge is alive (a
-    /// keepalive): the stream pauses while a hole upstream is waited for, and a viewer
-    /// must not take that for a dead edge, nor a dead edge for a pause.
+    /// Tells every viewer that got nothing for [`HEARTBEAT`] that this edge is alive: the
+    /// stream pauses while a hole upstream is waited for, and a viewer must not take that
+    /// for a dead edge, nor a dead edge for a pause. The first time, over datagrams, with
+    /// the last packet sent to it again (a tail-loss probe: the stream may have stopped
+    /// with its last packets lost); then with keepalives.
     fn heartbeat(&mut self, now: Instant) {
         let node = self.config.settings.node;
         for (id, st) in self.streams.iter_mut() {
@@ -867,6 +879,12 @@ impl Edge {
                     continue;
                 }
                 v.last_sent = now;
+                if let Some(e) = v.tail.due(now, HEARTBEAT).and_then(|s| st.ring.get(s)) {
+                    if self.out.retransmit(*key, e.item.header, &e.item.media) {
+                        self.counters.tail_probes += 1;
+                        continue;
+                    }
+                }
                 let d = body.get_or_insert_with(|| {
                     self.out.encode(
                         *id,
@@ -916,5 +934,239 @@ impl Edge {
             }
             self.counters.drain_signals += st.viewers.len() as u64;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use braid_core::NodeId;
+    use braid_core::wire::rtp::Fields;
+    use braid_core::wire::{Flags, Header, Key, Message, Rtp, SeqRange};
+    use bytes::BytesMut;
+
+    const STREAM: StreamId = StreamId(1);
+
+    fn set() -> SocketAddr {
+        "127.0.0.1:9100".parse().unwrap()
+    }
+
+    fn viewer(port: u16) -> Peer {
+        Peer::Addr(SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    fn codec() -> Codec {
+        Codec::new(Key::derive("edge tests"))
+    }
+
+    fn edge(now: Instant) -> Edge {
+        let config = Config {
+            settings: Settings {
+                node: NodeId(7),
+                streams: Vec::new(),
+                merge: merge::Config::default(),
+                max_per_stream: 100,
+            },
+            reflectors: vec![set()],
+            subscribe_k: 2,
+            ring: ring::Config::default(),
+            linger: Duration::from_secs(5),
+            max_viewers: 100,
+            viewer_window: 1000,
+            tokens: None,
+        };
+        Edge::new(config, codec(), WallClock::new(now, 1_800_000_000_000)).unwrap()
+    }
+
+    /// A media message of source session `ssrc`, as a set reflector forwards it.
+    fn media(ssrc: u32, seq: u64, flags: Flags) -> Input {
+        let rtp = Rtp::build(
+            Fields {
+                marker: false,
+                payload_type: 33,
+                seq: SeqNo(seq).low(),
+                timestamp: 0,
+                ssrc,
+            },
+            &[0x47; 188],
+        );
+        let mut b = BytesMut::new();
+        let header = Header {
+            stream: STREAM,
+            flags,
+            ..Header::default()
+        };
+        codec()
+            .encode_media(header, SeqNo(seq), &rtp, &mut b)
+            .unwrap();
+        Input::Received {
+            from: Peer::Addr(set()),
+            datagram: b.freeze(),
+            node: true,
+        }
+    }
+
+    fn watch(from: Peer, start: WatchStart, seq: u64) -> Input {
+        let m = Message {
+            header: Header {
+                stream: STREAM,
+                ..Header::default()
+            },
+            body: Body::Watch(Watch {
+                node: NodeId(100),
+                lease_ms: 3000,
+                start,
+                seq: SeqNo(seq),
+                acked: SeqNo(0),
+                token: Bytes::new(),
+            }),
+        };
+        let mut b = BytesMut::new();
+        codec().encode(&m, &mut b).unwrap();
+        Input::Received {
+            from,
+            datagram: b.freeze(),
+            node: false,
+        }
+    }
+
+    /// Everything the edge sends, decoded, in order.
+    fn sent(e: &mut Edge) -> Vec<(Peer, Body)> {
+        let mut out = Vec::new();
+        while let Output::Transmit(t) = e.poll_output() {
+            let m = codec().decode(t.datagram).unwrap();
+            out.push((t.to, m.body));
+        }
+        out
+    }
+
+    /// A session of `n` packets from `first`, its first flagged as the session's start
+    /// and a keyframe, all released into the ring by `now` + 1 s; what was sent.
+    fn session(
+        e: &mut Edge,
+        now: &mut Instant,
+        ssrc: u32,
+        first: u64,
+        n: u64,
+    ) -> Vec<(Peer, Body)> {
+        let mut out = Vec::new();
+        for seq in first..first + n {
+            let flags = if seq == first {
+                Flags::KEYFRAME | Flags::DISCONTINUITY
+            } else {
+                Flags::empty()
+            };
+            e.handle_input(*now, media(ssrc, seq, flags));
+            out.extend(sent(e));
+        }
+        for _ in 0..10 {
+            *now += Duration::from_millis(100);
+            e.handle_timeout(*now);
+            out.extend(sent(e));
+        }
+        out
+    }
+
+    /// What `to` was sent: notices as (kind, value), media as (None, seq).
+    fn seen(out: &[(Peer, Body)], to: Peer) -> Vec<(Option<NoticeKind>, u64)> {
+        out.iter()
+            .filter(|(p, _)| *p == to)
+            .filter_map(|(_, b)| match b {
+                Body::Notice { kind, value } => Some((Some(*kind), *value)),
+                Body::Media(m) => Some((None, m.seq.0)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_viewer_entering_a_new_session_later_is_told_where_it_starts() {
+        let mut now = Instant::now();
+        let mut e = edge(now);
+        let early = viewer(5000);
+        e.handle_input(now, watch(early, WatchStart::Keyframe, 0));
+        session(&mut e, &mut now, 1, 1000, 10);
+        let out = session(&mut e, &mut now, 2, 5000, 10);
+        assert!(
+            seen(&out, early).contains(&(None, 5009)),
+            "{:?}",
+            seen(&out, early)
+        );
+        // Resumes in the old session after the new one was released to the others: its
+        // cursor crosses into the new session, and it must learn where that starts.
+        let late = viewer(5001);
+        e.handle_input(now, watch(late, WatchStart::Seq, 1005));
+        let got = seen(&sent(&mut e), late);
+        let told = got
+            .iter()
+            .position(|s| *s == (Some(NoticeKind::Session), 5000))
+            .unwrap_or_else(|| panic!("a session notice naming 5000: {got:?}"));
+        let first_new = got.iter().position(|s| *s == (None, 5000)).unwrap();
+        assert!(told < first_new, "told before the packet: {got:?}");
+        // And where the old session ended, first: a lost tail is asked for.
+        let ended = got
+            .iter()
+            .position(|s| *s == (Some(NoticeKind::Ended), 1009))
+            .unwrap_or_else(|| panic!("an ended notice naming 1009: {got:?}"));
+        assert!(ended < told, "{got:?}");
+        assert!(got.contains(&(None, 1009)), "{got:?}");
+    }
+
+    #[test]
+    fn a_new_session_whose_first_packet_was_lost_is_sought_and_starts_with_it() {
+        let mut now = Instant::now();
+        let mut e = edge(now);
+        let v = viewer(5000);
+        e.handle_input(now, watch(v, WatchStart::Keyframe, 0));
+        session(&mut e, &mut now, 1, 1000, 10);
+        // The new session's flagged first packet lost on every path.
+        for seq in 5001..5010 {
+            e.handle_input(now, media(2, seq, Flags::empty()));
+        }
+        let out = sent(&mut e);
+        let asked: Vec<SeqRange> = out
+            .iter()
+            .filter(|(p, _)| *p == Peer::Addr(set()))
+            .filter_map(|(_, b)| match b {
+                Body::Nack(r) => Some(r.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert!(
+            asked
+                .iter()
+                .any(|r| r.first.0 <= 5000 && r.first.0 + u64::from(r.count) > 5000),
+            "the numbers before 5001 asked for: {asked:?}"
+        );
+        // The answer comes within the window.
+        now += Duration::from_millis(20);
+        e.handle_input(
+            now,
+            media(
+                2,
+                5000,
+                Flags::KEYFRAME | Flags::DISCONTINUITY | Flags::RETRANSMIT,
+            ),
+        );
+        let mut out = sent(&mut e);
+        for _ in 0..10 {
+            now += Duration::from_millis(100);
+            e.handle_timeout(now);
+            out.extend(sent(&mut e));
+        }
+        let got = seen(&out, v);
+        assert!(
+            got.contains(&(Some(NoticeKind::Session), 5000)),
+            "the session starts at its first packet: {got:?}"
+        );
+        let media: Vec<u64> = got.iter().filter(|s| s.0.is_none()).map(|s| s.1).collect();
+        assert_eq!(media.first(), Some(&5000), "{media:?}");
+        // In order; the newest may come twice (the tail-loss probe once the stream
+        // went quiet), nothing else does.
+        let mut once = media.clone();
+        once.dedup();
+        assert!(once.windows(2).all(|w| w[1] > w[0]), "{media:?}");
+        assert!(media.len() - once.len() <= 1, "{media:?}");
     }
 }

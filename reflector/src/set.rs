@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use braid_core::merge;
-use braid_core::node::{self, Outbox, Output, Peer};
+use braid_core::node::{self, Held, Outbox, Output, Peer, TAIL_QUIET, TailProbe};
 use braid_core::ring::{self, Ring};
 use braid_core::wire::{Body, Codec, ErrorCode, Subscription};
 use braid_core::{PathId, StreamId};
@@ -60,6 +60,8 @@ struct Stream {
     session: common::Session,
     /// Input arrived since the merge was last drained.
     dirty: bool,
+    /// The last packet sent to the subscribers, sent again once the stream goes quiet.
+    tail: TailProbe,
 }
 
 /// The set reflector's state machine.
@@ -147,6 +149,14 @@ impl SetReflector {
             for st in self.streams.values_mut() {
                 st.kept.handle_timeout(now);
                 st.subscribers.retain(|_, exp| *exp > now);
+                // The stream went quiet: its last packets may be lost with nothing
+                // after them to show it.
+                if let Some(p) = st.tail.due(now, TAIL_QUIET).and_then(|s| st.kept.held(s)) {
+                    for &to in st.subscribers.keys() {
+                        self.out.retransmit(Peer::Addr(to), p.header, &p.media);
+                        self.counters.tail_probes += 1;
+                    }
+                }
             }
         }
     }
@@ -172,6 +182,7 @@ impl SetReflector {
             st.dirty = false;
             let dynamic = &st.dynamic_paths;
             let subscribers = &st.subscribers;
+            let tail = &mut st.tail;
             common::drain_merge(
                 now,
                 *id,
@@ -188,6 +199,7 @@ impl SetReflector {
                     }
                 },
                 |out, p| {
+                    tail.sent(now, p.media.seq);
                     for (&to, &expires) in subscribers {
                         if expires > now {
                             out.send(Peer::Addr(to), p.datagram.clone(), true);
@@ -217,6 +229,7 @@ impl SetReflector {
                     dynamic_paths: Vec::new(),
                     session: common::Session::default(),
                     dirty: false,
+                    tail: TailProbe::default(),
                 },
             );
         }

@@ -49,6 +49,17 @@ fn released(outputs: &[Output<u64>]) -> Vec<u64> {
         .collect()
 }
 
+/// The ranges the buffer asks for until it waits.
+fn nacks(b: &mut Buffer<u64>) -> Vec<SeqRange> {
+    drain(b)
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Nack { range, .. } => Some(range),
+            _ => None,
+        })
+        .collect()
+}
+
 fn packet(path: u8, seq: u64) -> Input<u64> {
     Input::Packet {
         path: PathId(path),
@@ -104,6 +115,98 @@ fn a_start_told_before_any_packet_is_believed_only_near_the_first_packet() {
 }
 
 #[test]
+fn a_new_sessions_lost_start_is_asked_of_every_path_and_starts_it() {
+    let t = t0();
+    let mut b = Buffer::new(config()).unwrap();
+    for (path, s) in [(0, 10), (1, 10), (0, 11), (1, 11)] {
+        b.handle_input(t + ms(s), packet(path, s));
+    }
+    b.handle_timeout(t + ms(200));
+    assert_eq!(released(&drain(&mut b)), [10, 11]);
+    // The new session's first packet, 50_000, was lost on both paths.
+    b.start_next_session(t + ms(201), false);
+    b.handle_next_session(t + ms(201), PathId(0), SeqNo(50_002), 50_002);
+    b.seek_before(t + ms(201), SeqNo(50_002), 8);
+    let asked: Vec<(PathId, SeqRange)> = drain(&mut b)
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Nack { range, path } => Some((path, range)),
+            _ => None,
+        })
+        .collect();
+    let range = SeqRange {
+        first: SeqNo(49_994),
+        count: 8,
+    };
+    assert_eq!(asked, [(PathId(0), range), (PathId(1), range)]);
+    assert_eq!(b.stats().seeks, 1);
+    // The answers come within the window: the session starts where it started.
+    b.handle_input(t + ms(230), packet(1, 50_001));
+    b.handle_input(t + ms(231), packet(0, 50_000));
+    b.handle_timeout(t + ms(500));
+    assert_eq!(released(&drain(&mut b)), [50_000, 50_001, 50_002]);
+    assert_eq!(b.stats().gaps, 0, "numbers before the start are no gap");
+    // Without repairs nothing is asked for.
+    let mut b = Buffer::new(Config {
+        nack: false,
+        ..config()
+    })
+    .unwrap();
+    b.handle_input(t, packet(0, 5));
+    b.seek_before(t, SeqNo(5), 8);
+    assert!(
+        drain(&mut b)
+            .iter()
+            .all(|o| !matches!(o, Output::Nack { .. }))
+    );
+}
+
+#[test]
+fn an_old_sessions_lost_tail_is_asked_for_and_waited_for_by_the_change() {
+    let t = t0();
+    let mut b = Buffer::new(config()).unwrap();
+    for s in [10, 11] {
+        b.handle_input(t + ms(s), packet(0, s));
+    }
+    b.handle_timeout(t + ms(200));
+    assert_eq!(released(&drain(&mut b)), [10, 11]);
+    // 12 and 13 ended the session and were lost: nothing after them in this session
+    // says so, but the sender's word of where it ended does.
+    b.expect_through(t + ms(201), SeqNo(13));
+    assert_eq!(b.stats().tail_holes, 2);
+    b.start_next_session(t + ms(202), false);
+    b.handle_next_session(t + ms(202), PathId(0), SeqNo(90_000), 90_000);
+    let asked: Vec<SeqRange> = nacks(&mut b);
+    assert!(
+        asked.is_empty(),
+        "asked only after the repair delay: {asked:?}"
+    );
+    b.handle_timeout(t + ms(222));
+    let asked: Vec<SeqRange> = nacks(&mut b);
+    assert_eq!(
+        asked,
+        [SeqRange {
+            first: SeqNo(12),
+            count: 2
+        }]
+    );
+    // The repairs come within the window: the old session ends whole, then the new one.
+    b.handle_input(t + ms(240), packet(0, 13));
+    b.handle_input(t + ms(241), packet(0, 12));
+    b.handle_timeout(t + ms(242));
+    assert_eq!(released(&drain(&mut b)), [12, 13]);
+    b.handle_timeout(t + ms(400));
+    assert_eq!(released(&drain(&mut b)), [90_000]);
+    assert_eq!(b.stats().gaps, 0);
+    // What is held or released already, or far beyond what is held, changes nothing.
+    b.expect_through(t + ms(401), SeqNo(13));
+    b.expect_through(t + ms(401), SeqNo(90_000));
+    b.expect_through(t + ms(401), SeqNo(190_000));
+    assert!(released(&drain(&mut b)).is_empty());
+    assert_eq!(b.stats().tail_holes, 2);
+}
+
+#[test]
 fn a_new_session_waits_for_the_old_ones_reordered_packets_at_most_a_window() {
     let t = t0();
     let mut b = Buffer::new(config()).unwrap();
@@ -114,7 +217,7 @@ fn a_new_session_waits_for_the_old_ones_reordered_packets_at_most_a_window() {
     b.handle_timeout(t + ms(111));
     assert_eq!(released(&drain(&mut b)), [10, 11]);
     // The new session's first packet arrives before the old one's 12.
-    b.start_next_session(t + ms(112));
+    b.start_next_session(t + ms(112), false);
     b.handle_next_session(t + ms(112), PathId(0), SeqNo(50_000), 50_000);
     assert!(b.changing_session());
     b.handle_timeout(t + ms(113));
@@ -134,7 +237,7 @@ fn a_new_session_waits_for_the_old_ones_reordered_packets_at_most_a_window() {
     let mut b = Buffer::new(config()).unwrap();
     b.handle_input(t + ms(10), packet(0, 10));
     b.handle_input(t + ms(50), packet(0, 12));
-    b.start_next_session(t + ms(60));
+    b.start_next_session(t + ms(60), false);
     b.handle_next_session(t + ms(60), PathId(0), SeqNo(50_000), 50_000);
     b.handle_timeout(t + ms(149));
     assert_eq!(
@@ -456,13 +559,7 @@ fn nack_when_every_healthy_path_went_past() {
     );
     b.handle_input(t + ms(2), packet(1, 2));
     b.handle_input(t + ms(3), packet(2, 3));
-    let nacks: Vec<_> = drain(&mut b)
-        .into_iter()
-        .filter_map(|o| match o {
-            Output::Nack { range, .. } => Some(range),
-            _ => None,
-        })
-        .collect();
+    let nacks: Vec<_> = nacks(&mut b);
     assert_eq!(
         nacks,
         vec![SeqRange {

@@ -334,6 +334,11 @@ pub enum NoticeKind {
     /// in its upper 48 bits (numbers stay below 2^48) and how many in its lower 16. A
     /// viewer stops waiting for those it lacks.
     Gap = 5,
+    /// The source's previous session ended; the value is its last sequence number as
+    /// the edge knows it. Sent just before a *session* notice: a viewer that lacks
+    /// packets up to it (the old session's tail, which nothing after it would reveal as
+    /// lost) asks for them before moving on.
+    Ended = 6,
 }
 
 /// Error codes.
@@ -783,6 +788,7 @@ fn decode_body(kind: Kind, buf: &mut impl Buf) -> Result<Body, DecodeError> {
                 3 => NoticeKind::Missed,
                 4 => NoticeKind::Session,
                 5 => NoticeKind::Gap,
+                6 => NoticeKind::Ended,
                 _ => return Err(DecodeError::Malformed("notice kind")),
             },
             value: get_u64(buf)?,

@@ -461,13 +461,14 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 acked: SeqNo(a),
                 token: t.into(),
             })),
-        (1u8..6, any::<u64>()).prop_map(|(k, value)| Body::Notice {
+        (1u8..7, any::<u64>()).prop_map(|(k, value)| Body::Notice {
             kind: [
                 NoticeKind::Joined,
                 NoticeKind::Skipped,
                 NoticeKind::Missed,
                 NoticeKind::Session,
-                NoticeKind::Gap
+                NoticeKind::Gap,
+                NoticeKind::Ended
             ][usize::from(k - 1)],
             value
         }),
