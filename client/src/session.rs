@@ -495,7 +495,18 @@ impl Session {
         }
         if let Some(d) = self.config.duration {
             if now >= self.started + d {
-                self.finish(Ok(()));
+                // A run that ends before any stream came did not do its job, whichever
+                // of its limits came first.
+                let r = match self.stats.join_ms {
+                    Some(_) => Ok(()),
+                    None => Err(format!(
+                        "no stream came within the {:.1} s run (from edge {}): is stream {} published?",
+                        d.as_secs_f64(),
+                        self.edge.map_or("none".into(), |e| e.to_string()),
+                        self.config.stream.0
+                    )),
+                };
+                self.finish(r);
                 return;
             }
         }

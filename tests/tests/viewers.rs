@@ -509,4 +509,22 @@ fn refusals_are_clear() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A run shorter than the start timeout that got nothing failed all the same.
+    let out = Command::new(bin("braid-client"))
+        .args([
+            "--edge",
+            &dead.to_string(),
+            "--duration",
+            "1",
+            "--start-timeout",
+            "5",
+        ])
+        .arg("--out")
+        .arg(net.path("short.ts"))
+        .env("BRAID_NETWORK_KEY", braid_tests::NETWORK_KEY)
+        .output()
+        .expect("short");
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{msg}");
+    assert!(msg.contains("no stream came within the 1.0 s run"), "{msg}");
 }
