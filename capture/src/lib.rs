@@ -105,6 +105,10 @@ pub struct Config {
     #[arg(long)]
     #[serde(default)]
     pub stats_json: Option<PathBuf>,
+    /// Prometheus metrics endpoint (what the source lost before the capture, refusals).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    #[serde(default = "default_metrics")]
+    pub metrics: SocketAddr,
     /// Local address to send from.
     #[arg(long, default_value = "0.0.0.0:0")]
     #[serde(default = "default_bind")]
@@ -141,6 +145,10 @@ fn default_gop() -> u32 {
 fn default_ts_per_rtp() -> usize {
     7
 }
+fn default_metrics() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
 fn default_bind() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 0))
 }
@@ -236,6 +244,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         "capture",
         &config.entries,
     )?;
+    let metrics_addr = braid_net::daemon::serve_metrics(config.metrics, shutdown.clone()).await?;
     let started = Instant::now();
     let deadline =
         (config.duration > 0.0).then(|| started + Duration::from_secs_f64(config.duration));
@@ -244,6 +253,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let tty = std::io::stderr().is_terminal();
     let mut ready = false;
     let mut rx = Vec::new();
+    // What the source had lost at the last report.
+    let mut input_lost = (0, 0);
     loop {
         // Send what the capture queued; announce readiness once media may flow.
         let wake = loop {
@@ -263,7 +274,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     metrics::counter!("braid_capture_refused_total").increment(1);
                 }
                 Output::Event(Event::Progress) => {
-                    report(&capture.progress(), tty, stats_out.as_mut())?
+                    let p = capture.progress();
+                    let lost = (p.input_rtp_lost, p.input_ts_missing);
+                    if lost.0 > input_lost.0 || lost.1 > input_lost.1 {
+                        tracing::warn!(
+                            "the source lost {} RTP datagrams and {} TS packets before reaching \
+                             the capture in the last second (its link, or the capture's receive \
+                             buffer): viewers get the stream as damaged",
+                            lost.0.saturating_sub(input_lost.0),
+                            lost.1.saturating_sub(input_lost.1)
+                        );
+                    }
+                    input_lost = lost;
+                    report(&p, tty, stats_out.as_mut())?
                 }
                 Output::Timeout(t) => break t,
             }
@@ -274,7 +297,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             if !capture.accepted() {
                 tracing::warn!("no entry point accepted the stream within 3 s: sending anyway");
             }
-            braid_net::daemon::print_ready("capture", &[("udp", socket.local_addr()?.to_string())]);
+            braid_net::daemon::print_ready(
+                "capture",
+                &[
+                    ("udp", socket.local_addr()?.to_string()),
+                    ("metrics", metrics_addr.to_string()),
+                ],
+            );
         }
         let wake = match (wake, socket.next_timeout()) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -291,7 +320,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     tracing::info!("source ended");
                     break;
                 };
-                capture.handle_input(Instant::now(), Input::Source { bytes: piece.bytes, discontinuity: piece.discontinuity });
+                capture.handle_input(Instant::now(), Input::Source { bytes: piece.bytes, discontinuity: piece.discontinuity, rtp_lost: piece.rtp_lost });
             }
             _ = braid_net::daemon::sleep_until(wake) => {
                 let now = Instant::now();
@@ -322,6 +351,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 }
 
 fn report(p: &Progress, tty: bool, json: Option<&mut Box<dyn Write + Send>>) -> anyhow::Result<()> {
+    // What the source lost before the capture, counted where an operator looks.
+    metrics::counter!("braid_capture_input_lost_total", "kind" => "rtp_datagrams")
+        .absolute(p.input_rtp_lost);
+    metrics::counter!("braid_capture_input_lost_total", "kind" => "ts_packets")
+        .absolute(p.input_ts_missing);
+    metrics::counter!("braid_capture_input_continuity_errors_total")
+        .absolute(p.input_continuity_errors);
     if tty {
         eprint!(
             "\rcapture: {:>8.2} Mbps  {:>9} packets  {:>5} keyframes  entry points reachable {}/{}   ",

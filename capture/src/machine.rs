@@ -65,6 +65,9 @@ pub enum Input {
         bytes: Bytes,
         /// The source does not continue from the previous piece (a looped file).
         discontinuity: bool,
+        /// RTP datagrams of the source found missing before these bytes (their
+        /// sequence numbers skipped): lost before the capture, beyond repair.
+        rtp_lost: u64,
     },
 }
 
@@ -112,6 +115,13 @@ pub struct Progress {
     pub refused: u64,
     /// Messages from entry points that did not decode.
     pub malformed: u64,
+    /// The source's RTP datagrams that never arrived (sequence numbers skipped).
+    pub input_rtp_lost: u64,
+    /// TS continuity errors in the source: TS packets lost (or reordered) before the
+    /// capture.
+    pub input_continuity_errors: u64,
+    /// TS packets those continuity errors say are missing.
+    pub input_ts_missing: u64,
 }
 
 /// The capture's state machine.
@@ -204,6 +214,8 @@ impl Capture {
         let s = self.packetizer.stats();
         p.keyframes = s.keyframes;
         p.skipped_bytes = s.skipped_bytes;
+        p.input_continuity_errors = s.continuity_errors;
+        p.input_ts_missing = s.continuity_missing;
         p
     }
 
@@ -255,8 +267,13 @@ impl Capture {
             Input::Source {
                 bytes,
                 discontinuity,
+                rtp_lost,
             } => {
                 self.discontinuity |= discontinuity;
+                self.progress.input_rtp_lost += rtp_lost;
+                if discontinuity {
+                    self.packetizer.restart_input();
+                }
                 self.packetizer.handle_input(&bytes);
                 self.packetizer.flush();
                 self.send_media(now);

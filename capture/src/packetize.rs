@@ -32,6 +32,10 @@ pub struct Stats {
     pub skipped_bytes: u64,
     /// Keyframes seen.
     pub keyframes: u64,
+    /// TS continuity errors in the input (see [`ts::Continuity`]).
+    pub continuity_errors: u64,
+    /// TS packets those errors say went missing before the capture.
+    pub continuity_missing: u64,
 }
 
 /// Gathers TS packets into RTP payloads.
@@ -51,6 +55,7 @@ pub struct Packetizer {
     /// right after them is flagged there, so a decoder starting at the flag gets the
     /// tables (with fewer than three TS packets per RTP packet they do not share one).
     psi_run: Option<usize>,
+    continuity: ts::Continuity,
     stats: Stats,
 }
 
@@ -67,6 +72,7 @@ impl Packetizer {
             out: Vec::new(),
             polled: 0,
             psi_run: None,
+            continuity: ts::Continuity::default(),
             stats: Stats::default(),
         }
     }
@@ -106,6 +112,7 @@ impl Packetizer {
             return;
         };
         self.stats.ts_packets += 1;
+        self.continuity.observe(p);
         let key = self.program.observe(p, &h);
         // PIDs below 0x20 carry PSI and SI tables (PAT, CAT, NIT, SDT, EIT, ...).
         let psi = h.pid < 0x20 || self.program.is_psi(h.pid);
@@ -123,6 +130,11 @@ impl Packetizer {
         if self.pending.len() >= self.per_packet * PACKET {
             self.flush();
         }
+    }
+
+    /// The input starts over (a looped file): its continuity counters may jump once.
+    pub fn restart_input(&mut self) {
+        self.continuity.reset();
     }
 
     /// Ends the current RTP packet even if not full (end of an input burst).
@@ -174,7 +186,11 @@ impl Packetizer {
 
     /// Counters.
     pub fn stats(&self) -> Stats {
-        self.stats
+        Stats {
+            continuity_errors: self.continuity.errors,
+            continuity_missing: self.continuity.missing,
+            ..self.stats
+        }
     }
 }
 

@@ -50,6 +50,46 @@ pub struct Piece {
     pub bytes: Bytes,
     /// The stream does not continue from the previous piece (a looped file).
     pub discontinuity: bool,
+    /// RTP datagrams of the source found missing just before this piece.
+    pub rtp_lost: u64,
+}
+
+/// The receive buffer the UDP source asks for: an encoder sends a keyframe's datagrams
+/// in a burst (hundreds of them at 720p), far beyond the kernel's default.
+pub const UDP_RECEIVE_BUFFER: usize = 8 << 20;
+
+/// Follows the RTP sequence numbers of a source's datagrams: numbers skipped are
+/// datagrams lost before the capture. A datagram behind the newest (reordered) was
+/// counted lost when it was skipped, and is taken back.
+#[derive(Debug, Default)]
+pub struct RtpSeq {
+    newest: Option<u16>,
+    /// Datagrams missing so far.
+    pub lost: u64,
+}
+
+impl RtpSeq {
+    /// Takes sequence number `seq`; returns how many more are now counted lost (a late
+    /// one may take one back: then 0).
+    pub fn observe(&mut self, seq: u16) -> u64 {
+        let Some(newest) = self.newest else {
+            self.newest = Some(seq);
+            return 0;
+        };
+        let step = seq.wrapping_sub(newest);
+        if step == 0 {
+            return 0;
+        }
+        if step < 0x8000 {
+            self.newest = Some(seq);
+            let lost = u64::from(step - 1);
+            self.lost += lost;
+            lost
+        } else {
+            self.lost = self.lost.saturating_sub(1);
+            0
+        }
+    }
 }
 
 /// A running source.
@@ -70,7 +110,7 @@ pub enum Source {
     /// Standard input.
     Stdin(tokio::io::Stdin),
     /// UDP datagrams.
-    Udp(tokio::net::UdpSocket),
+    Udp(tokio::net::UdpSocket, RtpSeq),
 }
 
 impl Source {
@@ -93,11 +133,22 @@ impl Source {
                 Source::File(FileSource::new(Bytes::from(data), looped))
             }
             Spec::Stdin => Source::Stdin(tokio::io::stdin()),
-            Spec::Udp(addr) => Source::Udp(
-                tokio::net::UdpSocket::bind(addr)
-                    .await
-                    .with_context(|| format!("binding UDP source {addr}"))?,
-            ),
+            Spec::Udp(addr) => {
+                let (sock, got) = braid_net::udp::bind_source(*addr, UDP_RECEIVE_BUFFER)
+                    .with_context(|| format!("binding UDP source {addr}"))?;
+                if got < UDP_RECEIVE_BUFFER {
+                    tracing::warn!(
+                        "the UDP source's receive buffer is {} KiB, not the {} KiB asked for: \
+                         an encoder's keyframe bursts may overflow it (raise \
+                         net.core.rmem_max, or run with CAP_NET_ADMIN)",
+                        got / 1024,
+                        UDP_RECEIVE_BUFFER / 1024
+                    );
+                }
+                let sock = tokio::net::UdpSocket::from_std(sock)
+                    .with_context(|| format!("registering UDP source {addr}"))?;
+                Source::Udp(sock, RtpSeq::default())
+            }
         })
     }
 
@@ -116,6 +167,7 @@ impl Source {
                 Ok(Some(Piece {
                     bytes: synth.next_frame(),
                     discontinuity: false,
+                    rtp_lost: 0,
                 }))
             }
             Source::File(f) => f.next().await,
@@ -129,9 +181,10 @@ impl Source {
                 Ok(Some(Piece {
                     bytes: Bytes::from(buf),
                     discontinuity: false,
+                    rtp_lost: 0,
                 }))
             }
-            Source::Udp(sock) => {
+            Source::Udp(sock, rtp_seq) => {
                 let mut buf = vec![0u8; 65_536];
                 let n = sock
                     .recv(&mut buf)
@@ -141,9 +194,13 @@ impl Source {
                 let bytes = Bytes::from(buf);
                 // RTP (version 2 in the top bits) carries TS in its payload; raw TS starts
                 // with the sync byte.
+                let mut rtp_lost = 0;
                 let bytes = if bytes.first().is_some_and(|b| b >> 6 == 2) {
                     match braid_core::wire::Rtp::parse(bytes) {
-                        Ok(rtp) => rtp.payload(),
+                        Ok(rtp) => {
+                            rtp_lost = rtp_seq.observe(rtp.fields().seq);
+                            rtp.payload()
+                        }
                         Err(e) => {
                             metrics::counter!("braid_capture_input_dropped_total", "reason" => "bad_rtp").increment(1);
                             tracing::debug!("dropping a bad RTP datagram: {e}");
@@ -156,6 +213,7 @@ impl Source {
                 Ok(Some(Piece {
                     bytes,
                     discontinuity: false,
+                    rtp_lost,
                 }))
             }
         }
@@ -241,6 +299,7 @@ impl FileSource {
             Piece {
                 bytes: self.data.slice(start..self.pos),
                 discontinuity,
+                rtp_lost: 0,
             },
             due,
         ))
@@ -265,6 +324,46 @@ mod tests {
         );
         assert!("udp://nonsense".parse::<Spec>().is_err());
         assert_eq!("a.ts".parse::<Spec>(), Ok(Spec::File("a.ts".into())));
+    }
+
+    #[test]
+    fn rtp_numbers_skipped_are_lost_and_late_ones_taken_back() {
+        let mut r = RtpSeq::default();
+        assert_eq!(r.observe(65_533), 0);
+        assert_eq!(r.observe(65_534), 0);
+        // Wraps, two lost (65535 and 0).
+        assert_eq!(r.observe(1), 2);
+        // A repeat changes nothing; a late one was counted lost and is taken back.
+        assert_eq!(r.observe(1), 0);
+        assert_eq!(r.observe(0), 0);
+        assert_eq!(r.lost, 1);
+        assert_eq!(r.observe(2), 0);
+        assert_eq!(r.lost, 1);
+    }
+
+    #[tokio::test]
+    async fn the_udp_source_gets_a_large_receive_buffer_or_says_so() {
+        let (sock, got) =
+            braid_net::udp::bind_source("127.0.0.1:0".parse().unwrap(), UDP_RECEIVE_BUFFER)
+                .expect("bind");
+        assert!(sock.local_addr().is_ok());
+        // With CAP_NET_ADMIN it may go beyond net.core.rmem_max; otherwise the kernel's
+        // cap holds.
+        let cap = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok());
+        let net_admin = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                let l = s.lines().find(|l| l.starts_with("CapEff:"))?;
+                u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok()
+            })
+            .is_some_and(|caps| caps & (1 << 12) != 0);
+        if net_admin {
+            assert!(got >= UDP_RECEIVE_BUFFER, "{got}");
+        } else if let Some(cap) = cap {
+            assert_eq!(got, cap.min(UDP_RECEIVE_BUFFER), "{got}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -148,6 +148,27 @@ fn socket_addr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
+/// Asks for a receive buffer of `bytes` beyond the kernel's `net.core.rmem_max`
+/// (`SO_RCVBUFFORCE`, allowed with `CAP_NET_ADMIN`); an error otherwise.
+pub fn force_recv_buffer(fd: RawFd, bytes: usize) -> io::Result<()> {
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `v` outlives the call and its size is passed along.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::UdpSocket;

@@ -336,6 +336,30 @@ impl Socket {
     }
 }
 
+/// Binds a non-blocking UDP socket to receive a source's bursts (a live encoder sends a
+/// keyframe's datagrams at line rate): asks for a receive buffer of `want` bytes, beyond
+/// `net.core.rmem_max` if the process may. Returns the socket and the buffer the kernel
+/// granted.
+pub fn bind_source(addr: SocketAddr, want: usize) -> io::Result<(std::net::UdpSocket, usize)> {
+    // Linux reports twice what was set (the rest is its bookkeeping).
+    let granted = |s: &socket2::Socket| s.recv_buffer_size().map(|n| n / 2);
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    let _ = s.set_recv_buffer_size(want);
+    if granted(&s).unwrap_or(0) < want {
+        use std::os::fd::AsRawFd;
+        let _ = crate::sys::force_recv_buffer(s.as_raw_fd(), want);
+    }
+    let got = granted(&s)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    Ok((s.into(), got))
+}
+
 /// Binds a non-blocking UDP socket with large buffers.
 pub(crate) fn bind_std(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let domain = if addr.is_ipv4() {

@@ -585,6 +585,7 @@ impl World {
                             capture::Input::Source {
                                 bytes,
                                 discontinuity: false,
+                                rtp_lost: 0,
                             },
                         );
                         self.drive(0);

@@ -374,3 +374,95 @@ fn tempfile_dir() -> std::path::PathBuf {
     std::fs::create_dir_all(&d).expect("temp dir");
     d
 }
+
+/// A live encoder sends a keyframe's datagrams in a burst: the capture's UDP source takes
+/// a burst of 400 whole (its receive buffer), and what its source lost before it (an RTP
+/// number skipped) it counts, in RTP datagrams and in TS packets (continuity counters).
+#[test]
+fn a_bursty_udp_source_is_taken_whole_and_its_losses_counted() {
+    let dir = tempfile_dir();
+    let file = dir.join("in.ts");
+    ts_file(&file, 4);
+    let data = std::fs::read(&file).expect("file");
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .expect("a port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    // Nobody listens at the entry point: the capture sends anyway after 3 s, and tees.
+    let dead = UdpSocket::bind("127.0.0.1:0").expect("a port");
+    let (tee, stats) = (dir.join("tee.ts"), dir.join("stats.json"));
+    let args: Vec<String> = [
+        "--entry",
+        &dead.local_addr().expect("addr").to_string(),
+        "--source",
+        &format!("udp://127.0.0.1:{port}"),
+        "--tee",
+        tee.to_str().expect("utf-8"),
+        "--stats-json",
+        stats.to_str().expect("utf-8"),
+        "--stream-key",
+        "a stream key",
+        "--duration",
+        "5",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut capture = Proc::start("capture", "braid-capture", &args, &dir.join("capture.log"));
+    let chunks: Vec<&[u8]> = data.chunks(1316).take(400).collect();
+    assert_eq!(chunks.len(), 400, "the file holds 400 datagrams");
+    const SKIPPED: usize = 200;
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("a socket");
+    for (i, chunk) in chunks.iter().enumerate() {
+        if i == SKIPPED {
+            continue;
+        }
+        let mut p = vec![0x80, 33, (i >> 8) as u8, i as u8, 0, 0, 0, 0, 0, 0, 0, 1];
+        p.extend_from_slice(chunk);
+        sock.send_to(&p, ("127.0.0.1", port)).expect("send");
+    }
+    // Counted where an operator looks, while it runs.
+    let lost = metrics::sum_when(
+        capture.metrics(),
+        "braid_capture_input_lost_total",
+        &["kind=\"rtp_datagrams\""],
+        Duration::from_secs(5),
+        |v| v >= 1.0,
+    );
+    assert_eq!(lost, 1.0);
+    let status = capture
+        .wait(Duration::from_secs(20))
+        .expect("the capture ends");
+    assert!(status.success(), "{status:?}");
+    let sent: Vec<u8> = chunks
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != SKIPPED)
+        .flat_map(|(_, c)| c.to_vec())
+        .collect();
+    let got = std::fs::read(&tee).expect("tee");
+    assert!(
+        got == sent,
+        "the tee is not what was sent: {} bytes of {}",
+        got.len(),
+        sent.len()
+    );
+    // What the skipped datagram held: TS packets with a payload count in continuity.
+    let with_payload = chunks[SKIPPED]
+        .chunks(188)
+        .filter(|p| {
+            let pid = (u16::from(p[1] & 0x1f) << 8) | u16::from(p[2]);
+            pid != 0x1fff && p[3] & 0x10 != 0
+        })
+        .count() as u64;
+    let text = std::fs::read_to_string(&stats).expect("stats");
+    let last: serde_json::Value =
+        serde_json::from_str(text.lines().last().expect("a stats line")).expect("JSON");
+    assert_eq!(last["input_rtp_lost"], 1, "{last}");
+    assert_eq!(last["input_ts_missing"], with_payload, "{last}");
+    assert!(
+        last["input_continuity_errors"].as_u64() >= Some(1),
+        "{last}"
+    );
+}
