@@ -291,6 +291,33 @@ struct Held {
     ssrc: u32,
 }
 
+/// The last few ranges of packets the edge said a viewer will not get.
+#[derive(Debug, Default)]
+struct ToldSkipped(Vec<(SeqNo, u64)>);
+
+impl ToldSkipped {
+    fn add(&mut self, first: SeqNo, count: u64) {
+        if self.0.len() >= 8 {
+            self.0.remove(0);
+        }
+        self.0.push((first, count));
+    }
+
+    /// How many of `count` numbers from `first` lie in the ranges told.
+    fn overlap(&self, first: SeqNo, count: u64) -> u64 {
+        let end = first.0.saturating_add(count);
+        let n: u64 = self
+            .0
+            .iter()
+            .map(|(f, c)| {
+                end.min(f.0.saturating_add(*c))
+                    .saturating_sub(first.0.max(f.0))
+            })
+            .sum();
+        n.min(count)
+    }
+}
+
 /// The viewer's state machine.
 pub struct Session {
     config: Config,
@@ -347,6 +374,8 @@ pub struct Session {
     joined_told: bool,
     /// Where the edge said the source's last session ended (the *ended* notice).
     ended_at: Option<SeqNo>,
+    /// Packets the edge said this viewer will not get (skipped, missed).
+    told_skipped: ToldSkipped,
     /// Where the edge watched said it started this viewer.
     joined_at: Option<SeqNo>,
     /// When a watch last went early to ask for the *joined* notice again.
@@ -418,6 +447,7 @@ impl Session {
             told: Vec::new(),
             joined_told: false,
             ended_at: None,
+            told_skipped: ToldSkipped::default(),
             joined_at: None,
             early_watch: None,
             ssrc: None,
@@ -715,6 +745,13 @@ impl Session {
         self.send(edge, self.watch());
     }
 
+    /// The edge said this viewer will not get `count` packets from `first`: the buffer
+    /// stops waiting for them, and they are counted as skipped, not as gaps.
+    fn skip_told(&mut self, now: Instant, first: SeqNo, count: u64) {
+        self.told_skipped.add(first, count);
+        self.buffer.give_up(now, first, count);
+    }
+
     fn send_ack(&mut self) {
         self.since_ack = 0;
         let w = self.watch();
@@ -982,25 +1019,32 @@ impl Session {
                     NoticeKind::Skipped => {
                         self.stats.skipped += value;
                         self.stats.skips += 1;
+                        // The edge moved this viewer on from right after the last packet
+                        // it sent (the notice comes between the two): stop waiting for what
+                        // it passed over, counted as skipped, not as gaps.
+                        if let (Some(next), true) = (self.buffer.next_seq(), from_edge) {
+                            self.skip_told(now, next, value);
+                        }
                         tracing::warn!(
                             "this viewer fell behind: the edge skipped {value} packets to the latest keyframe"
                         );
                     }
                     NoticeKind::Missed => {
                         // Resumed past what the edge still held (a pause longer than the
-                        // lease, a restarted edge): moved forward, like a skip.
-                        self.stats.skipped += value;
+                        // lease, a restarted edge): moved forward, like a skip. What is
+                        // missed runs from the first packet this viewer lacks (it may have
+                        // asked from further back: packets in flight reached it since) to
+                        // where the edge started it (its joined notice, just before; the
+                        // count may span a change of source session): stop waiting for
+                        // those, unless the edge being left may still send them.
                         self.stats.skips += 1;
-                        // They run from the resume point to where the edge started this
-                        // viewer (its joined notice; the count may span a change of source
-                        // session): stop waiting for them, unless the edge being left may
-                        // still send them.
-                        if let (Some(next), Some(joined), None) =
-                            (self.buffer.next_seq(), self.joined_at, self.leaving)
-                        {
-                            if joined > next {
-                                self.buffer.give_up(now, next, joined.0 - next.0);
+                        match (self.buffer.next_seq(), self.joined_at, self.leaving) {
+                            (Some(next), Some(joined), None) if joined > next => {
+                                self.stats.skipped += joined.0 - next.0;
+                                self.skip_told(now, next, joined.0 - next.0);
                             }
+                            (Some(next), Some(joined), None) if joined <= next => {}
+                            _ => self.stats.skipped += value,
                         }
                         tracing::warn!("the edge no longer had {value} of the packets asked for")
                     }
@@ -1157,7 +1201,12 @@ impl Session {
                     self.stats.bytes += item.len() as u64;
                     self.out.event(Event::Write { seq, payload: item });
                 }
-                MergeOutput::Gap { count, .. } => self.stats.gaps += count,
+                MergeOutput::Gap { first, count } => {
+                    // What the edge said this viewer would not get was counted as
+                    // skipped when it said so.
+                    let told = self.told_skipped.overlap(first, count);
+                    self.stats.gaps += count - told;
+                }
                 MergeOutput::Nack { range, .. } => nacks.push(range),
                 MergeOutput::Timeout(_) => break,
             }

@@ -607,7 +607,6 @@ impl Edge {
         let Some(st) = self.streams.get_mut(&id) else {
             return;
         };
-        let mut notices: Vec<(Peer, NoticeKind, u64)> = Vec::new();
         let mut serve_one = |key: Peer, v: &mut Viewer| {
             if v.cursor.is_none() {
                 let start = match v.start {
@@ -623,10 +622,21 @@ impl Edge {
                     v.cursor = Some(c);
                     let first = st.ring.peek(&c).map_or(SeqNo(0), |e| e.seq);
                     v.joined = Some((first, NOTICE_REPEATS));
-                    notices.push((key, NoticeKind::Joined, first.0));
+                    // Told before the first packet: a viewer resuming past what this
+                    // edge holds stops waiting for the packets missed before they
+                    // arrive as a hole wider than its buffer.
+                    let notice = Body::Notice {
+                        kind: NoticeKind::Joined,
+                        value: first.0,
+                    };
+                    self.out.control(key, id, notice);
                     if missed > 0 {
                         self.counters.resume_missed_packets += missed;
-                        notices.push((key, NoticeKind::Missed, missed));
+                        let notice = Body::Notice {
+                            kind: NoticeKind::Missed,
+                            value: missed,
+                        };
+                        self.out.control(key, id, notice);
                     }
                 }
             }
@@ -694,7 +704,13 @@ impl Edge {
                     Read::Skipped { lost } => {
                         self.counters.viewer_skipped_packets += lost;
                         self.counters.viewer_skips += 1;
-                        notices.push((key, NoticeKind::Skipped, lost));
+                        // Told between the last packet before the skip and the first
+                        // after it: the viewer knows which packets it will not get.
+                        let notice = Body::Notice {
+                            kind: NoticeKind::Skipped,
+                            value: lost,
+                        };
+                        self.out.control(key, id, notice);
                     }
                     Read::Pending => break,
                 }
@@ -711,9 +727,6 @@ impl Edge {
                     serve_one(*key, v);
                 }
             }
-        }
-        for (key, kind, value) in notices {
-            self.out.control(key, id, Body::Notice { kind, value });
         }
     }
 
@@ -877,6 +890,14 @@ impl Edge {
             for (key, v) in st.viewers.iter_mut() {
                 if v.cursor.is_none() || now.saturating_duration_since(v.last_sent) < HEARTBEAT {
                     continue;
+                }
+                // A TCP viewer with media still queued to it is not reading: what is
+                // queued will reach it first, and keepalives would only fill its queue's
+                // room for notices.
+                if let Peer::Conn(c) = key {
+                    if self.tcp_queued.get(c).is_some_and(|q| *q > 0) {
+                        continue;
+                    }
                 }
                 v.last_sent = now;
                 if let Some(e) = v.tail.due(now, HEARTBEAT).and_then(|s| st.ring.get(s)) {

@@ -311,8 +311,13 @@ fn a_viewer_that_stops_reading_is_skipped_and_the_others_lose_nothing() {
         "good-tcp",
         &["--duration", "18", "--transport", "tcp"],
     );
-    // A UDP viewer that stops reading from 3 s to 12 s.
+    // A UDP viewer that stops reading from 3 s to 12 s, and a TCP one.
     let mut stalled_udp = client(&net, "stalled-udp", &["--duration", "18", "--stall", "3:9"]);
+    let mut stalled_tcp_client = client(
+        &net,
+        "stalled-tcp",
+        &["--duration", "18", "--stall", "3:9", "--transport", "tcp"],
+    );
     // A TCP viewer that asks for the stream and never reads, with a small receive buffer.
     let stalled_tcp = {
         let sock = socket2_connect(&tcp_addr);
@@ -342,11 +347,19 @@ fn a_viewer_that_stops_reading_is_skipped_and_the_others_lose_nothing() {
         s
     };
     let exits = wait_all(
-        [&mut good_udp, &mut good_tcp, &mut stalled_udp],
+        [
+            &mut good_udp,
+            &mut good_tcp,
+            &mut stalled_udp,
+            &mut stalled_tcp_client,
+        ],
         &net.path("tee.ts"),
         Duration::from_secs(30),
     );
-    for (v, exit) in [&good_udp, &good_tcp, &stalled_udp].iter().zip(&exits) {
+    for (v, exit) in [&good_udp, &good_tcp, &stalled_udp, &stalled_tcp_client]
+        .iter()
+        .zip(&exits)
+    {
         assert!(exit.status.success(), "{} failed", v.name);
     }
     let edge = net.edge.metrics();
@@ -366,6 +379,21 @@ fn a_viewer_that_stops_reading_is_skipped_and_the_others_lose_nothing() {
     assert!(
         stalled["skips"].as_u64() >= Some(1),
         "the stalled UDP viewer was told: {stalled}"
+    );
+    // Over TCP every packet it missed was a skip it was told of, none a gap, and its
+    // output is whole on both sides of each skip.
+    let stalled = last_stats(&net, "stalled-tcp");
+    assert!(
+        stalled["skips"].as_u64() >= Some(1),
+        "the stalled TCP viewer was told: {stalled}"
+    );
+    assert_eq!(stalled["gaps"], 0, "{stalled}");
+    let (missing, spanned) =
+        compare::missing_ts_packets(&net.path("tee.ts"), &net.path("stalled-tcp.ts"));
+    let skipped_ts = stalled["skipped"].as_u64().expect("skipped") as usize;
+    assert!(
+        missing <= skipped_ts * 7 && missing > 0,
+        "{missing} TS packets of {spanned} missing; {skipped_ts} RTP packets skipped"
     );
     for (name, exit) in ["good-udp", "good-tcp"].iter().zip(&exits) {
         let st = last_stats(&net, name);
