@@ -202,6 +202,11 @@ impl braid_net::daemon::DaemonConfig for Config {
         self.impair.validate().map_err(anyhow::Error::msg)?;
         self.quic.validate().map_err(anyhow::Error::msg)?;
         self.tls.validate().map_err(anyhow::Error::msg)?;
+        if self.quic.listen.is_some() && !self.tls.has_identity() {
+            anyhow::bail!(
+                "quic.listen needs a certificate: give tls.cert and tls.key (--tls-cert, --tls-key)"
+            );
+        }
         Ok(())
     }
 }

@@ -250,6 +250,11 @@ impl DaemonConfig for Config {
         self.stall_at()?;
         self.quic.validate().map_err(anyhow::Error::msg)?;
         self.tls.validate().map_err(anyhow::Error::msg)?;
+        if self.quic.listen.is_some() {
+            anyhow::bail!(
+                "--quic-listen is for daemons that take connections: a client dials its edge"
+            );
+        }
         if self.edge.is_some_and(|e| e.is_quic())
             && !matches!(self.transport, Transport::Auto | Transport::Quic)
         {

@@ -86,6 +86,9 @@ pub struct Counters {
     /// Last packets sent again to a receiver once its stream went quiet (tail-loss
     /// probes).
     pub tail_probes: u64,
+    /// Refusals received from peers (a set reflector that does not trust this edge's
+    /// certificate, a stream it does not carry, a full node).
+    pub refusals: u64,
 }
 
 /// One stream's figures, for the metrics.

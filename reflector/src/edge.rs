@@ -450,6 +450,14 @@ impl Edge {
                 });
                 self.out.control(from, id, reply);
             }
+            (Peer::Addr(a), Body::Error { code, text }) => {
+                // A set reflector refusing this edge: counted, and said once per peer
+                // with its reason (an operator's configuration error, as a rule).
+                self.counters.refusals += 1;
+                if self.warned.len() < 1024 && self.warned.insert(from) {
+                    tracing::warn!(peer = %a, code = code.0, "refused by a set reflector: {text}");
+                }
+            }
             _ => self.counters.drops.add("unexpected_kind"),
         }
     }
@@ -1189,5 +1197,43 @@ mod tests {
         once.dedup();
         assert!(once.windows(2).all(|w| w[1] > w[0]), "{media:?}");
         assert!(media.len() - once.len() <= 1, "{media:?}");
+    }
+
+    #[test]
+    fn a_set_reflectors_refusal_is_counted_and_not_answered() {
+        let now = Instant::now();
+        let mut e = edge(now);
+        let m = Message {
+            header: Header {
+                stream: STREAM,
+                ..Header::default()
+            },
+            body: Body::Error {
+                code: ErrorCode::UNAUTHORIZED,
+                text: "no trusted certificate".into(),
+            },
+        };
+        let mut b = BytesMut::new();
+        codec().encode(&m, &mut b).unwrap();
+        for _ in 0..3 {
+            e.handle_input(
+                now,
+                Input::Received {
+                    from: Peer::Addr(set()),
+                    datagram: b.clone().freeze(),
+                    node: true,
+                },
+            );
+        }
+        assert_eq!(e.counters().refusals, 3);
+        assert_eq!(
+            e.counters().drops.total(),
+            0,
+            "a refusal is not a bad message"
+        );
+        assert!(
+            sent(&mut e).iter().all(|(to, _)| *to != Peer::Addr(set())),
+            "an error is never answered"
+        );
     }
 }

@@ -255,6 +255,20 @@ impl DaemonConfig for Config {
             if self.subscribe_k < 2 && self.reflectors.len() >= 2 {
                 anyhow::bail!("subscribe_k must be at least 2: one path is no redundancy");
             }
+            if self.reflectors.iter().any(|r| r.is_quic()) && !self.tls.has_identity() {
+                anyhow::bail!(
+                    "set reflectors over QUIC (quic://…) take subscriptions only from a certificate they trust: give this edge tls.cert and tls.key (--tls-cert, --tls-key)"
+                );
+            }
+            if !self.upstreams.is_empty() {
+                anyhow::bail!(
+                    "--upstream is for set reflectors: an edge takes media from its --reflector list"
+                );
+            }
+        } else if !self.reflectors.is_empty() {
+            anyhow::bail!(
+                "--reflector is for edges: a set reflector takes media from entry points (--upstream)"
+            );
         }
         if self.reflectors.len() > 64 || self.upstreams.len() > 64 {
             anyhow::bail!("at most 64 reflectors or upstreams");

@@ -279,6 +279,63 @@ fn check_accepts_good_config_and_refuses_bad_with_a_message() {
             &["--config", "/nonexistent/braid.toml"],
             "nonexistent",
         ),
+        // Configurations that would start and then never work.
+        (
+            "braid-reflector",
+            &[
+                "--check",
+                "--role",
+                "edge",
+                "--network-key",
+                "a network key",
+                "--reflector",
+                "quic://127.0.0.1:9441",
+                "--reflector",
+                "127.0.0.1:9102",
+            ],
+            "take subscriptions only from a certificate they trust",
+        ),
+        (
+            "braid-reflector",
+            &[
+                "--check",
+                "--role",
+                "set",
+                "--network-key",
+                "a network key",
+                "--reflector",
+                "127.0.0.1:9102",
+            ],
+            "--reflector is for edges",
+        ),
+        (
+            "braid-capture",
+            &[
+                "--check",
+                "--network-key",
+                "a network key",
+                "--stream-key",
+                "k",
+                "--entry",
+                "127.0.0.1:9001",
+                "--quic-listen",
+                "127.0.0.1:0",
+            ],
+            "needs a certificate",
+        ),
+        (
+            "braid-client",
+            &[
+                "--check",
+                "--network-key",
+                "a network key",
+                "--edge",
+                "127.0.0.1:9200",
+                "--quic-listen",
+                "127.0.0.1:0",
+            ],
+            "a client dials its edge",
+        ),
     ];
     for (binary, args, expected) in cases {
         let out = Command::new(bin(binary))
