@@ -7,9 +7,12 @@
 //! as a gap and counted. Nothing is ever released out of order.
 //!
 //! The buffer also keeps the loss register used for repair: a sequence number that every
-//! healthy path has gone past without delivering (or that stays missing for
-//! [`Config::nack_delay`]) is asked for once, on a path that delivers data, so the ask and
-//! the answer do not travel the path that lost it.
+//! responsive path has gone past without delivering (or that stays missing for
+//! [`Config::nack_delay`]) is asked for on the path expected to answer soonest, and again,
+//! at that path's measured round trip, while an answer can still come in time. Per path
+//! it measures the usual longest gap between arrivals, the lag behind the first copy and
+//! the repair round trip; a path silent beyond its usual gaps, or behind the others
+//! beyond its usual lag, is asked for nothing until it delivers again.
 //!
 //! # Contract
 //!
@@ -49,14 +52,21 @@ pub struct Config {
     /// is asked for anyway. The default, 30 ms, spends a retransmission rather than wait
     /// for a slow path.
     pub nack_delay: Duration,
-    /// How many times a missing packet is asked for, each time on the next healthy path
-    /// (default 4, 40 ms apart, all inside the default 200 ms window: with 10% loss on the
-    /// answer's path, a packet is lost only if four answers in a row are).
+    /// How many times a missing packet is asked for at least, each time on the path
+    /// expected to answer soonest other than the last asked (default 4: with 10% loss
+    /// on the answer's path, a packet is lost only if four answers in a row are). Once
+    /// a path's repair round trip is measured, asks go on, at most 12, while one more
+    /// answer can still come within the window.
     pub nack_attempts: u8,
-    /// How long after an ask, still unanswered, the next one goes out (default 40 ms,
-    /// so four asks, the last at most 150 ms after the hole, fit in the default window).
+    /// How long after an ask, still unanswered, the next one goes out before the path's
+    /// round trip is measured, and at most after (default 40 ms, so four asks, the last
+    /// at most 150 ms after the hole, fit in the default window); then the round trip
+    /// plus four times its variation, 10 ms at least.
     pub nack_retry: Duration,
     /// A path is healthy while data arrived on it within this long (default 500 ms).
+    /// A path silent for twice its usual longest gap between arrivals (20 ms at least)
+    /// is asked for nothing in the meantime, and does not hold back the asks of holes
+    /// every other path went past.
     pub path_timeout: Duration,
 }
 
@@ -194,12 +204,23 @@ pub struct Stats {
 }
 
 enum Slot<T> {
-    /// `asks`: how many times it was asked for.
+    /// `asks`: how many times it was asked for; `asked`: on which path and when, last.
     Hole {
         since: Instant,
         asks: u8,
+        asked: Option<(PathId, Instant)>,
     },
     Full(T),
+}
+
+impl<T> Slot<T> {
+    fn hole(since: Instant) -> Slot<T> {
+        Slot::Hole {
+            since,
+            asks: 0,
+            asked: None,
+        }
+    }
 }
 
 /// Consecutive holes due to be asked for (again) at `due`, having been asked `asks` times.
@@ -218,6 +239,82 @@ struct PathState {
     stats: PathStats,
     last_data: Option<Instant>,
     highest: Option<SeqNo>,
+    /// Its usual longest gap between arrivals (a maximum that decays with each arrival:
+    /// a stream comes in bursts, a frame at a time, and the pause between frames is
+    /// what silence is measured against).
+    gap: Option<Duration>,
+    /// How far behind the first copy its copies usually arrive (a moving average; zero
+    /// for a path that is first).
+    lag: Option<Duration>,
+    /// Its repair round trip, smoothed, and how much that varies (as TCP's RTO).
+    srtt: Option<Duration>,
+    rttvar: Duration,
+}
+
+/// A path silent for this many of its usual longest gaps between arrivals is suspect:
+/// asks go elsewhere at once, not after [`Config::path_timeout`].
+const SUSPECT_GAPS: u32 = 2;
+/// ... but never before this much silence (a stream's own pauses, timer jitter).
+const SUSPECT_FLOOR: Duration = Duration::from_millis(20);
+/// Retries never go faster than this, whatever the round trip.
+const RETRY_FLOOR: Duration = Duration::from_millis(10);
+/// At most this many asks per hole, however short the round trip.
+const MAX_ASKS: u8 = 12;
+
+impl PathState {
+    /// Takes an arrival at `now`, `lag` behind the first copy of its number.
+    fn arrived(&mut self, now: Instant, lag: Duration) {
+        if let Some(last) = self.last_data {
+            // An outage is not a gap between packets.
+            let d = now
+                .saturating_duration_since(last)
+                .min(Duration::from_secs(1));
+            self.gap = Some(self.gap.map_or(d, |g| (g * 63 / 64).max(d)));
+        }
+        self.lag = Some(self.lag.map_or(lag, |l| (l * 15 + lag) / 16));
+    }
+
+    /// A repair asked on this path came back after `rtt`.
+    fn answered(&mut self, rtt: Duration) {
+        match self.srtt {
+            None => {
+                self.srtt = Some(rtt);
+                self.rttvar = rtt / 2;
+            }
+            Some(s) => {
+                let dev = rtt.abs_diff(s);
+                self.rttvar = (self.rttvar * 3 + dev) / 4;
+                self.srtt = Some((s * 7 + rtt) / 8);
+            }
+        }
+    }
+
+    /// How long an answer from this path is expected to take: its round trip (or
+    /// `default` before one was measured), and never less than its lag behind the first
+    /// copy (it may not hold the packet yet).
+    fn expected_answer(&self, default: Duration) -> Duration {
+        self.srtt
+            .unwrap_or(default)
+            .max(self.lag.unwrap_or_default())
+    }
+
+    /// How long to wait for its answer before asking again.
+    fn retry_after(&self, default: Duration) -> Duration {
+        match self.srtt {
+            Some(s) => (s + self.rttvar * 4).clamp(RETRY_FLOOR, default),
+            None => default,
+        }
+    }
+
+    /// Silent for longer than a few of its usual longest gaps.
+    fn suspect(&self, now: Instant) -> bool {
+        match (self.last_data, self.gap) {
+            (Some(last), Some(gap)) => {
+                now.saturating_duration_since(last) > (gap * SUSPECT_GAPS).max(SUSPECT_FLOOR)
+            }
+            _ => false,
+        }
+    }
 }
 
 /// For recently released sequence numbers, whether each was delivered or given up; tells
@@ -295,6 +392,9 @@ pub struct Buffer<T> {
     /// Repeated asks, in order of `due`.
     retry_queue: VecDeque<NackRun>,
     history: History,
+    /// When the first copy of each recent number arrived (indexed like `history`): a
+    /// later copy's delay behind it is its path's lag.
+    first_seen: Vec<Option<(SeqNo, Instant)>>,
     paths: Vec<PathState>,
     stats: Stats,
     nack_turn: usize,
@@ -310,8 +410,10 @@ impl<T> Buffer<T> {
     /// in case earlier packets arrive reordered behind it).
     pub fn new(config: Config) -> Result<Self, Error> {
         config.validate()?;
+        let history = History::new(config.max_held);
         Ok(Buffer {
-            history: History::new(config.max_held),
+            first_seen: vec![None; history.len() as usize],
+            history,
             config,
             now: None,
             next: None,
@@ -550,10 +652,7 @@ impl<T> Buffer<T> {
         }
         let holes = next.0 - first.0;
         for _ in 0..holes {
-            self.slots.push_front(Slot::Hole {
-                since: now,
-                asks: 0,
-            });
+            self.slots.push_front(Slot::hole(now));
         }
         if self.config.nack {
             self.nack_queue.push_back(NackRun {
@@ -588,10 +687,7 @@ impl<T> Buffer<T> {
             return;
         }
         for _ in 0..holes {
-            self.slots.push_back(Slot::Hole {
-                since: now,
-                asks: 0,
-            });
+            self.slots.push_back(Slot::hole(now));
         }
         self.stats.tail_holes += holes;
         if self.config.nack {
@@ -674,10 +770,21 @@ impl<T> Buffer<T> {
             p.stats.malformed += 1;
             return;
         }
-        p.last_data = Some(now);
         if p.highest.is_none_or(|h| seq > h) {
             p.highest = Some(seq);
         }
+        // How far behind the first copy this one comes (zero if it is the first).
+        let i = (seq.0 & self.history.mask) as usize;
+        let lag = match self.first_seen[i] {
+            Some((s, t)) if s == seq => now.saturating_duration_since(t),
+            _ => {
+                self.first_seen[i] = Some((seq, now));
+                Duration::ZERO
+            }
+        };
+        let p = self.path_mut(path);
+        p.arrived(now, lag);
+        p.last_data = Some(now);
 
         let Some(next) = self.next else {
             self.hold_until = Some(now + self.config.reorder_window);
@@ -689,10 +796,7 @@ impl<T> Buffer<T> {
                 .filter(|e| *e < seq && seq.0 - e.0 < self.config.max_held as u64 / 2);
             let holes = behind.map_or(0, |e| seq.0 - e.0);
             for _ in 0..holes {
-                self.slots.push_back(Slot::Hole {
-                    since: now,
-                    asks: 0,
-                });
+                self.slots.push_back(Slot::hole(now));
             }
             if let (Some(e), true) = (behind, self.config.nack) {
                 self.nack_queue.push_back(NackRun {
@@ -716,10 +820,7 @@ impl<T> Buffer<T> {
                 // Still settling at start: grow the front.
                 let holes = next.0 - seq.0 - 1;
                 for _ in 0..holes {
-                    self.slots.push_front(Slot::Hole {
-                        since: now,
-                        asks: 0,
-                    });
+                    self.slots.push_front(Slot::hole(now));
                 }
                 self.slots.push_front(Slot::Full(item));
                 if holes > 0 && self.config.nack {
@@ -756,12 +857,20 @@ impl<T> Buffer<T> {
                     self.stats.duplicates += 1;
                     self.path_mut(path).stats.duplicates += 1;
                 }
-                Slot::Hole { asks, .. } => {
+                Slot::Hole { asks, asked, .. } => {
                     if *asks > 0 {
                         self.stats.repaired += 1;
                     }
+                    // An answer from the path asked last: its round trip.
+                    let rtt = asked
+                        .filter(|(p, _)| *p == path)
+                        .map(|(_, at)| now.saturating_duration_since(at));
                     *slot = Slot::Full(item);
-                    self.path_mut(path).stats.first += 1;
+                    let p = self.path_mut(path);
+                    p.stats.first += 1;
+                    if let Some(rtt) = rtt {
+                        p.answered(rtt);
+                    }
                 }
             }
             return;
@@ -779,10 +888,7 @@ impl<T> Buffer<T> {
         let end = next.plus(self.slots.len() as u64);
         let holes = seq.0 - end.0;
         for _ in 0..holes {
-            self.slots.push_back(Slot::Hole {
-                since: now,
-                asks: 0,
-            });
+            self.slots.push_back(Slot::hole(now));
         }
         if holes > 0 && self.config.nack {
             self.nack_queue.push_back(NackRun {
@@ -812,7 +918,7 @@ impl<T> Buffer<T> {
             .saturating_sub(next.0)
             .min(self.slots.len() as u64);
         for i in from..to {
-            if let Some(Slot::Hole { since, asks }) = self.slots.get_mut(i as usize) {
+            if let Some(Slot::Hole { since, asks, .. }) = self.slots.get_mut(i as usize) {
                 *since = expired;
                 *asks = u8::MAX;
             }
@@ -919,12 +1025,39 @@ impl<T> Buffer<T> {
 
     /// The lowest sequence number that every healthy path has gone past, if any path is
     /// healthy.
+    /// The lowest number every responsive path has gone past: below it, a hole is lost
+    /// on every path that delivers, and asked for at once.
     fn healthy_floor(&self, now: Instant) -> Option<SeqNo> {
         self.paths
             .iter()
-            .filter(|p| self.healthy(p, now))
+            .filter(|p| self.responsive(p, now))
             .filter_map(|p| p.highest)
             .min()
+    }
+
+    /// Healthy and not suspect: neither silent beyond its usual gaps, nor behind the
+    /// others by more than its usual lag (what another path delivered, it has not,
+    /// for longer than it usually takes).
+    fn responsive(&self, p: &PathState, now: Instant) -> bool {
+        self.healthy(p, now) && !p.suspect(now) && !self.behind(p, now)
+    }
+
+    fn behind(&self, p: &PathState, now: Instant) -> bool {
+        let Some(highest) = p.highest else {
+            return false;
+        };
+        // The first of the next few numbers that another path delivered (the very next
+        // one may be lost everywhere else too).
+        let first = (1..=16).find_map(|k| {
+            let n = highest.plus(k);
+            match self.first_seen[(n.0 & self.history.mask) as usize] {
+                Some((s, t)) if s == n => Some(t),
+                _ => None,
+            }
+        });
+        first.is_some_and(|t| {
+            now.saturating_duration_since(t) > p.lag.unwrap_or_default() + SUSPECT_FLOOR
+        })
     }
 
     fn poll_nack(&mut self, now: Instant) -> Option<Output<T>> {
@@ -1016,37 +1149,101 @@ impl<T> Buffer<T> {
         if asks > 0 {
             self.stats.nack_retries += u64::from(range.count);
         }
-        let path = self.nack_path(now, last_path);
-        if asks + 1 < self.config.nack_attempts {
-            self.retry_queue.push_back(NackRun {
+        // The oldest hole says until when an answer is of use.
+        let slot_at = |next: SeqNo, k: u64| {
+            range
+                .first
+                .plus(k)
+                .0
+                .checked_sub(next.0)
+                .and_then(|i| usize::try_from(i).ok())
+        };
+        let mut since: Option<Instant> = None;
+        if let Some(next) = self.next {
+            for k in 0..u64::from(range.count) {
+                if let Some(Slot::Hole { since: t, .. }) =
+                    slot_at(next, k).and_then(|i| self.slots.get(i))
+                {
+                    since = Some(since.map_or(*t, |s| s.min(*t)));
+                }
+            }
+        }
+        let deadline = since.map(|t| t + self.config.reorder_window);
+        let path = self.nack_path(now, last_path, deadline);
+        // Asked on `path` now: an answer from it gives its round trip.
+        if let Some(next) = self.next {
+            for k in 0..u64::from(range.count) {
+                if let Some(Slot::Hole { asked, .. }) =
+                    slot_at(next, k).and_then(|i| self.slots.get_mut(i))
+                {
+                    *asked = Some((path, now));
+                }
+            }
+        }
+        let (retry, expected, measured) = self.paths.get(usize::from(path.0)).map_or(
+            (self.config.nack_retry, self.config.nack_retry, false),
+            |p| {
+                (
+                    p.retry_after(self.config.nack_retry),
+                    p.expected_answer(self.config.nack_retry),
+                    p.srtt.is_some(),
+                )
+            },
+        );
+        let due = now + retry;
+        // Ask again while attempts remain, and beyond them, on a path whose round trip
+        // was measured, while the answer to one more ask can still come within the
+        // window (a short round trip allows more).
+        let in_time =
+            measured && since.is_some_and(|t| due + expected < t + self.config.reorder_window);
+        if asks + 1 < self.config.nack_attempts || (asks + 1 < MAX_ASKS && in_time) {
+            let run = NackRun {
                 first: range.first,
                 count: u64::from(range.count),
-                due: now + self.config.nack_retry,
+                due,
                 asks: asks + 1,
                 last_path: Some(path),
-            });
+            };
+            let at = self.retry_queue.partition_point(|r| r.due <= due);
+            self.retry_queue.insert(at, run);
         }
         Output::Nack { range, path }
     }
 
-    /// The next healthy path after `after` (a repeat), or round-robin over healthy paths
-    /// (a first ask); the most recently heard path when none is healthy.
-    fn nack_path(&mut self, now: Instant, after: Option<PathId>) -> PathId {
+    /// The path to ask: of the paths that deliver (healthy, and not silent beyond their
+    /// usual gaps), the one whose answer is expected soonest (its repair round trip, and
+    /// never less than its lag behind the first copy), in turn among equals; a repeat
+    /// avoids the path asked last when another can answer. Then any healthy path; the
+    /// most recently heard one when none is. A path whose answer would come after
+    /// `deadline` is asked only when no other can answer sooner.
+    fn nack_path(
+        &mut self,
+        now: Instant,
+        after: Option<PathId>,
+        deadline: Option<Instant>,
+    ) -> PathId {
         let n = self.paths.len();
-        if let Some(after) = after {
-            for k in 1..=n {
-                let i = (usize::from(after.0) + k) % n;
-                if self.healthy(&self.paths[i], now) {
-                    return PathId(i as u8);
-                }
-            }
-        }
-        for k in 0..n {
-            let i = (self.nack_turn + k) % n;
-            if self.healthy(&self.paths[i], now) {
-                self.nack_turn = i + 1;
-                return PathId(i as u8);
-            }
+        let default = self.config.nack_retry;
+        let turn = self.nack_turn;
+        let timely = |p: &PathState| deadline.is_none_or(|d| now + p.expected_answer(default) < d);
+        let best = |ok: &dyn Fn(usize, &PathState) -> bool| -> Option<usize> {
+            self.paths
+                .iter()
+                .enumerate()
+                .filter(|(i, p)| ok(*i, p))
+                .min_by_key(|(i, p)| (p.expected_answer(default), (i + n - turn % n) % n))
+                .map(|(i, _)| i)
+        };
+        let other = |i: usize| after != Some(PathId(i as u8));
+        let pick = best(&|i, p| other(i) && timely(p) && self.responsive(p, now))
+            .or_else(|| best(&|_, p| timely(p) && self.responsive(p, now)))
+            .or_else(|| best(&|i, p| other(i) && self.responsive(p, now)))
+            .or_else(|| best(&|_, p| self.responsive(p, now)))
+            .or_else(|| best(&|i, p| other(i) && self.healthy(p, now)))
+            .or_else(|| best(&|_, p| self.healthy(p, now)));
+        if let Some(i) = pick {
+            self.nack_turn = i + 1;
+            return PathId(i as u8);
         }
         self.paths
             .iter()

@@ -879,3 +879,145 @@ proptest! {
         prop_assert_eq!(gaps, n - expected.len() as u64);
     }
 }
+
+/// Every path delivers `seq` at its own delay after `t`: path 0 `lag0` late, the others
+/// at once; `skip` is lost on paths 1 and 2.
+fn feed(b: &mut Buffer<u64>, t: Instant, upto: u64, lag0: u64, skip: Option<u64>) {
+    for s in 1..=upto {
+        let at = t + ms(s * 2);
+        for p in [1u8, 2] {
+            if Some(s) != skip {
+                b.handle_input(at, packet(p, s));
+            }
+        }
+        b.handle_timeout(at);
+        drain(b);
+    }
+    for s in 1..=upto {
+        b.handle_input(t + ms(s * 2 + lag0), packet(0, s));
+    }
+}
+
+#[test]
+fn a_path_far_behind_the_others_is_not_asked_while_a_prompt_one_can_answer() {
+    let t = t0();
+    let mut b = Buffer::starting_at(
+        Config {
+            nack_attempts: 4,
+            reorder_window: ms(200),
+            ..config()
+        },
+        SeqNo(1),
+    )
+    .unwrap();
+    // Path 0's copies come 150 ms behind the others'.
+    feed(&mut b, t, 40, 150, None);
+    b.handle_timeout(t + ms(300));
+    drain(&mut b);
+    // 41 is lost on the two prompt paths; every ask goes to one of them.
+    let t1 = t + ms(300);
+    for s in 41..=60 {
+        let at = t1 + ms((s - 40) * 2);
+        if s != 41 {
+            b.handle_input(at, packet(1, s));
+            b.handle_input(at, packet(2, s));
+        }
+        b.handle_timeout(at);
+        for o in drain(&mut b) {
+            if let Output::Nack { path, .. } = o {
+                assert_ne!(path, PathId(0), "the late path was asked");
+            }
+        }
+    }
+    let mut asked = Vec::new();
+    for k in 0..10 {
+        b.handle_timeout(t1 + ms(40 + k * 20));
+        for o in drain(&mut b) {
+            if let Output::Nack { path, .. } = o {
+                asked.push(path.0);
+            }
+        }
+    }
+    assert!(!asked.is_empty());
+    assert!(
+        asked.iter().all(|p| *p != 0),
+        "the late path was asked: {asked:?}"
+    );
+}
+
+#[test]
+fn a_path_silent_beyond_its_usual_gaps_is_not_asked_and_does_not_hold_asks_back() {
+    let t = t0();
+    let mut b = Buffer::starting_at(config(), SeqNo(1)).unwrap();
+    // Three paths deliver every 2 ms.
+    for s in 1..=30 {
+        for p in 0..3 {
+            b.handle_input(t + ms(s * 2), packet(p, s));
+        }
+    }
+    drain(&mut b);
+    // Paths 0 and 1 go silent at 60 ms (an outage); path 2 goes on and loses 31.
+    for s in 32..=50 {
+        b.handle_input(t + ms(s * 2), packet(2, s));
+    }
+    // Silence on 0 and 1 is well beyond their usual gap: 31 is asked of path 2 at once,
+    // without waiting out the repair delay for paths that may still deliver it.
+    let out = drain(&mut b);
+    let asks: Vec<(PathId, SeqRange)> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Nack { range, path } => Some((*path, *range)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        asks,
+        [(
+            PathId(2),
+            SeqRange {
+                first: SeqNo(31),
+                count: 1
+            }
+        )]
+    );
+}
+
+#[test]
+fn with_a_measured_round_trip_asks_go_on_while_an_answer_can_come_in_time() {
+    let t = t0();
+    let mut b = Buffer::starting_at(
+        Config {
+            reorder_window: ms(200),
+            nack_attempts: 2,
+            nack_retry: ms(40),
+            ..config()
+        },
+        SeqNo(1),
+    )
+    .unwrap();
+    for s in 1..=10 {
+        b.handle_input(t + ms(s), packet(0, s));
+    }
+    // 12 is lost, asked, and answered 10 ms later: the round trip is measured.
+    b.handle_input(t + ms(11), packet(0, 11));
+    b.handle_input(t + ms(13), packet(0, 13));
+    b.handle_timeout(t + ms(40));
+    assert_eq!(nacks(&mut b).len(), 1);
+    b.handle_input(t + ms(50), packet(0, 12));
+    // 15 is lost and never answered.
+    b.handle_input(t + ms(60), packet(0, 14));
+    b.handle_input(t + ms(61), packet(0, 16));
+    let mut times = Vec::new();
+    for k in 0..300 {
+        let now = t + ms(61 + k);
+        b.handle_timeout(now);
+        for _ in nacks(&mut b) {
+            times.push(k + 61);
+        }
+    }
+    // More than the two attempts configured, at the round trip's pace (10 ms plus its
+    // variation, not 40 ms), and none whose answer could not come within the window.
+    assert!(times.len() > 2, "{times:?}");
+    assert!(times.windows(2).all(|w| w[1] - w[0] < 40), "{times:?}");
+    assert!(times.iter().all(|t| *t < 61 + 200), "{times:?}");
+}
