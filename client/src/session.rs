@@ -1022,7 +1022,7 @@ impl Session {
                         // The edge moved this viewer on from right after the last packet
                         // it sent (the notice comes between the two): stop waiting for what
                         // it passed over, counted as skipped, not as gaps.
-                        if let (Some(next), true) = (self.buffer.next_seq(), from_edge) {
+                        if let Some(next) = self.buffer.next_seq() {
                             self.skip_told(now, next, value);
                         }
                         tracing::warn!(

@@ -343,34 +343,36 @@ impl Socket {
 pub fn bind_source(addr: SocketAddr, want: usize) -> io::Result<(std::net::UdpSocket, usize)> {
     // Linux reports twice what was set (the rest is its bookkeeping).
     let granted = |s: &socket2::Socket| s.recv_buffer_size().map(|n| n / 2);
-    let domain = if addr.is_ipv4() {
-        socket2::Domain::IPV4
-    } else {
-        socket2::Domain::IPV6
-    };
-    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    let s = new_udp(addr)?;
     let _ = s.set_recv_buffer_size(want);
     if granted(&s).unwrap_or(0) < want {
         use std::os::fd::AsRawFd;
         let _ = crate::sys::force_recv_buffer(s.as_raw_fd(), want);
     }
     let got = granted(&s)?;
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    Ok((s.into(), got))
+    Ok((bind_nonblocking(s, addr)?, got))
 }
 
 /// Binds a non-blocking UDP socket with large buffers.
 pub(crate) fn bind_std(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let s = new_udp(addr)?;
+    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    bind_nonblocking(s, addr)
+}
+
+/// An unbound UDP socket of `addr`'s family, for its options to be set before binding.
+fn new_udp(addr: SocketAddr) -> io::Result<socket2::Socket> {
     let domain = if addr.is_ipv4() {
         socket2::Domain::IPV4
     } else {
         socket2::Domain::IPV6
     };
-    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
-    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
+}
+
+fn bind_nonblocking(s: socket2::Socket, addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     Ok(s.into())
