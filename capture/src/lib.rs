@@ -320,7 +320,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             // The run ends at its deadline once it is under way (at most 3 s of waiting
             // for the entry points come first, as a supervisor waits for the ready line).
             _ = braid_net::daemon::sleep_until(deadline), if ready => break,
-            piece = source.next(), if wants_media => {
+            piece = source.next(), if wants_media || source.is_live() => {
                 let Some(piece) = piece? else {
                     tracing::info!("source ended");
                     break;
@@ -361,6 +361,8 @@ fn report(p: &Progress, tty: bool, json: Option<&mut Box<dyn Write + Send>>) -> 
         .absolute(p.input_rtp_lost);
     metrics::counter!("braid_capture_input_lost_total", "kind" => "ts_packets")
         .absolute(p.input_ts_missing);
+    metrics::counter!("braid_capture_input_dropped_bytes_total", "reason" => "before_start")
+        .absolute(p.input_before_start);
     metrics::counter!("braid_capture_input_continuity_errors_total")
         .absolute(p.input_continuity_errors);
     if tty {

@@ -122,6 +122,9 @@ pub struct Progress {
     pub input_continuity_errors: u64,
     /// TS packets those continuity errors say are missing.
     pub input_ts_missing: u64,
+    /// Bytes of a live source dropped because they came before the stream could flow
+    /// (before the entry points accepted it, at most 3 s).
+    pub input_before_start: u64,
 }
 
 /// The capture's state machine.
@@ -269,8 +272,16 @@ impl Capture {
                 discontinuity,
                 rtp_lost,
             } => {
-                self.discontinuity |= discontinuity;
                 self.progress.input_rtp_lost += rtp_lost;
+                if !self.wants_media() {
+                    // A live source's output from before the stream may flow is not sent
+                    // later in a burst (it would arrive seconds old, all at once, more than
+                    // a fresh QUIC connection's window takes): counted and dropped.
+                    self.progress.input_before_start += bytes.len() as u64;
+                    self.packetizer.restart_input();
+                    return;
+                }
+                self.discontinuity |= discontinuity;
                 if discontinuity {
                     self.packetizer.restart_input();
                 }
@@ -378,5 +389,108 @@ impl Capture {
             as u64;
         self.last_report = (now, self.progress.bytes);
         self.out.event(Event::Progress);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ts::{Synth, SynthConfig};
+    use braid_core::NodeId;
+    use braid_core::wire::{Keepalive, Key};
+
+    fn codec() -> Codec {
+        Codec::new(Key::derive("test network"))
+    }
+
+    fn entry() -> SocketAddr {
+        "127.0.0.1:7000".parse().unwrap()
+    }
+
+    fn capture(now: Instant) -> Capture {
+        let config = Config {
+            stream: StreamId(1),
+            key: "k".into(),
+            entries: vec![entry()],
+            ts_per_rtp: 7,
+        };
+        Capture::new(config, codec(), WallClock::new(now, 1_000_000), now).unwrap()
+    }
+
+    fn accept(c: &mut Capture, now: Instant) {
+        let mut buf = bytes::BytesMut::new();
+        let ack = Message {
+            header: Header {
+                stream: StreamId(1),
+                path: PathId(0),
+                flags: Flags::empty(),
+            },
+            body: Body::Keepalive(Keepalive {
+                node: NodeId(2),
+                sent_us: 1,
+                echo_us: 0,
+            }),
+        };
+        codec().encode(&ack, &mut buf).unwrap();
+        c.handle_input(
+            now,
+            Input::Received {
+                from: entry(),
+                datagram: buf.freeze(),
+            },
+        );
+    }
+
+    /// Packets sent so far (publish messages aside).
+    fn sent(c: &mut Capture) -> usize {
+        let mut n = 0;
+        loop {
+            match c.poll_output() {
+                Output::Event(Event::Sent { .. }) => n += 1,
+                Output::Timeout(_) => return n,
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn a_live_source_before_the_stream_may_flow_is_counted_and_not_sent_later() {
+        let t0 = Instant::now();
+        let mut c = capture(t0);
+        let mut synth = Synth::new(SynthConfig {
+            bitrate: 4_000_000,
+            fps: 25,
+            gop: 25,
+        });
+        let frame = |s: &mut Synth| Input::Source {
+            bytes: s.next_frame(),
+            discontinuity: false,
+            rtp_lost: 0,
+        };
+        // Half a second of frames while no entry point has accepted the stream.
+        let mut before = 0;
+        for i in 0..12 {
+            let f = frame(&mut synth);
+            if let Input::Source { bytes, .. } = &f {
+                before += bytes.len() as u64;
+            }
+            c.handle_input(t0 + Duration::from_millis(40 * i), f);
+        }
+        assert_eq!(
+            sent(&mut c),
+            0,
+            "nothing goes before an entry point accepted"
+        );
+        assert_eq!(c.progress().input_before_start, before);
+        let t1 = t0 + Duration::from_millis(500);
+        accept(&mut c, t1);
+        assert!(c.wants_media());
+        c.handle_input(t1, frame(&mut synth));
+        let one_frame = sent(&mut c);
+        assert!(
+            (1..=20).contains(&one_frame),
+            "one frame's packets go, not the half second before it: {one_frame}"
+        );
+        assert_eq!(c.progress().input_before_start, before);
     }
 }

@@ -152,6 +152,13 @@ impl Source {
         })
     }
 
+    /// Whether the source runs whether or not it is read (synthetic frames, UDP), so
+    /// that what it makes before the stream may flow is read and dropped rather than
+    /// sent late in a burst. A file or standard input waits for its reader instead.
+    pub fn is_live(&self) -> bool {
+        matches!(self, Source::Synth { .. } | Source::Udp(..))
+    }
+
     /// The next piece, when it is due; `None` at the end of the stream.
     pub async fn next(&mut self) -> anyhow::Result<Option<Piece>> {
         match self {

@@ -49,8 +49,13 @@ const CONTROL_QUEUE: usize = 1024;
 const DATAGRAM_RECEIVE_BUFFER: usize = 1 << 20;
 /// Bytes of datagrams waiting for a connection's congestion window.
 const DATAGRAM_SEND_BUFFER: usize = 256 << 10;
+/// The round trip assumed before one is measured (quinn's default is RFC 9002's 333 ms).
+const INITIAL_RTT: Duration = Duration::from_millis(100);
 /// A connection gone and not dialed by us is forgotten after this long.
 const FORGET_AFTER: Duration = Duration::from_secs(10);
+/// At most one warning per connection this often about datagrams dropped for a full send
+/// buffer (each is counted).
+const FULL_WARN_EVERY: Duration = Duration::from_secs(5);
 
 /// QUIC settings of a daemon (`[quic]` in TOML, `--quic-*` flags).
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args, Deserialize, Serialize)]
@@ -185,6 +190,10 @@ struct Conn {
     control: mpsc::Sender<Bytes>,
     node: bool,
     warned_size: bool,
+    /// Datagrams dropped for a full send buffer since the last warning about it.
+    full_since_warned: u64,
+    /// When that warning was.
+    warned_full: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -246,6 +255,9 @@ fn transport(initial_mtu: u16, congestion: Congestion) -> Arc<quinn::TransportCo
         quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("1 s is a valid idle timeout"),
     ));
     t.keep_alive_interval(Some(KEEP_ALIVE));
+    // A lost handshake packet is sent again after three of these: a node whose first
+    // Initial was lost joins the stream 0.3 s late rather than a second.
+    t.initial_rtt(INITIAL_RTT);
     // The configured MTU is the one Braid relies on: a 1356-byte media datagram must fit.
     // quinn would fall back to 1200 bytes when it takes random loss for a black hole
     // (it does at 10% loss), and every media datagram would be too large from then on;
@@ -445,6 +457,18 @@ impl Quic {
             if c.conn.datagram_send_buffer_space() < bytes.len() {
                 dropped(role, "send_buffer_full");
                 self.stats.dropped += 1;
+                c.full_since_warned += 1;
+                if c.warned_full
+                    .is_none_or(|t| now.duration_since(t) >= FULL_WARN_EVERY)
+                {
+                    let path = c.conn.stats().path;
+                    tracing::warn!(%peer, dropped = c.full_since_warned,
+                        rtt_ms = path.rtt.as_secs_f64() * 1e3, cwnd = path.cwnd,
+                        "QUIC datagrams dropped: the connection's send buffer is full \
+                         (counted in braid_quic_dropped_total{{reason=\"send_buffer_full\"}})");
+                    c.warned_full = Some(now);
+                    c.full_since_warned = 0;
+                }
                 return;
             }
             match c.conn.send_datagram(bytes) {
@@ -582,6 +606,8 @@ impl Quic {
                     control,
                     node,
                     warned_size: false,
+                    full_since_warned: 0,
+                    warned_full: None,
                 }) {
                     // Both sides dialed at once: the newer connection carries on.
                     old.conn.close(0u32.into(), b"replaced");

@@ -108,7 +108,7 @@ impl Proc {
         let mut child = die_with_parent(Command::new(bin(bin_name)))
             .args(args)
             .env("BRAID_NETWORK_KEY", NETWORK_KEY)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", log_filter())
             .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -157,7 +157,7 @@ impl Proc {
         let child = die_with_parent(Command::new(bin(bin_name)))
             .args(args)
             .env("BRAID_NETWORK_KEY", NETWORK_KEY)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", log_filter())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -292,6 +292,12 @@ pub fn wait_all<'a>(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The daemons' log filter: `info`, or `BRAID_TEST_LOG` when set (for a closer look at a
+/// failing test).
+fn log_filter() -> String {
+    std::env::var("BRAID_TEST_LOG").unwrap_or_else(|_| "info".into())
 }
 
 /// Scrapes a Prometheus endpoint.
@@ -762,6 +768,7 @@ impl Net {
         let limit = Duration::from_secs_f64(self.spec.seconds + 20.0);
         let tee = self.path("tee.ts");
         self.exits = wait_all(&mut self.viewers, &tee, limit);
+        self.save_metrics();
         for (v, e) in self.viewers.iter().zip(&self.exits) {
             assert!(
                 e.status.success(),
@@ -769,6 +776,22 @@ impl Net {
                 v.name,
                 self.dir.path().display()
             );
+        }
+    }
+
+    /// Writes every running node's metrics beside its log (`<name>.prom`), for a look at
+    /// a failed run kept with `BRAID_TEST_KEEP=1`.
+    pub fn save_metrics(&self) {
+        let nodes = self.sets.iter().chain(&self.entries).chain([&self.edge]);
+        for p in nodes.chain(self.capture.as_ref()) {
+            let Some(addr) = p.ready.get("metrics").and_then(|a| a.parse().ok()) else {
+                continue;
+            };
+            let text: String = metrics::try_scrape(addr)
+                .into_iter()
+                .map(|(k, v)| format!("{k} {v}\n"))
+                .collect();
+            let _ = std::fs::write(self.path(&format!("{}.prom", p.name)), text);
         }
     }
 
