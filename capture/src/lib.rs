@@ -223,6 +223,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             bitrate: config.bitrate,
             fps: config.fps,
             gop: config.gop,
+            // Milliseconds of the wall clock: another run makes other bytes.
+            run: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u32),
         },
         config.looped,
     )

@@ -461,6 +461,7 @@ mod tests {
             bitrate: 4_000_000,
             fps: 25,
             gop: 25,
+            run: 0,
         });
         let frame = |s: &mut Synth| Input::Source {
             bytes: s.next_frame(),

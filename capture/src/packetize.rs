@@ -206,6 +206,7 @@ mod tests {
             bitrate: 2_000_000,
             fps: 25,
             gop: 5,
+            run: 0,
         });
         (0..frames).flat_map(|_| s.next_frame().to_vec()).collect()
     }

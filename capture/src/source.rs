@@ -379,6 +379,7 @@ mod tests {
             bitrate: 1_000_000,
             fps: 25,
             gop: 25,
+            run: 0,
         });
         let data: Vec<u8> = (0..20).flat_map(|_| s.next_frame().to_vec()).collect();
         let mut f = FileSource::new(Bytes::from(data.clone()), false);
@@ -402,6 +403,7 @@ mod tests {
             bitrate: 1_000_000,
             fps: 25,
             gop: 25,
+            run: 0,
         });
         let data: Vec<u8> = (0..50).flat_map(|_| s.next_frame().to_vec()).collect();
         let mut f = FileSource::new(Bytes::from(data.clone()), false);

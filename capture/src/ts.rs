@@ -210,6 +210,9 @@ pub struct SynthConfig {
     pub fps: u32,
     /// Frames per group of pictures (a keyframe every `gop` frames).
     pub gop: u32,
+    /// Written into every packet, so two runs of the source (a capture started again)
+    /// never make the same bytes: the daemon takes it from the wall clock.
+    pub run: u32,
 }
 
 /// PIDs of the synthetic stream.
@@ -219,8 +222,8 @@ const DATA_PID: u16 = 0x0100;
 /// A synthetic live stream that any receiver can check packet by packet: valid MPEG-TS
 /// (PAT, PMT, one private-data elementary stream in PES packets with PTS, PCR,
 /// continuity counters), one PES per frame, a random-access point every `gop` frames,
-/// and payload bytes that encode the frame number and position, so no two TS packets of
-/// a run are alike.
+/// and payload bytes that encode the run, the frame number and position, so no two TS
+/// packets of a run, or of two runs, are alike.
 #[derive(Debug)]
 pub struct Synth {
     config: SynthConfig,
@@ -316,6 +319,10 @@ impl Synth {
                 self.frame as u8,
                 (i >> 8) as u8,
                 i as u8,
+                (self.config.run >> 24) as u8,
+                (self.config.run >> 16) as u8,
+                (self.config.run >> 8) as u8,
+                self.config.run as u8,
             ];
             let k = tag.len().min(body.len());
             body[..k].copy_from_slice(&tag[..k]);
@@ -407,6 +414,7 @@ mod tests {
             bitrate: 4_000_000,
             fps: 25,
             gop: 10,
+            run: 0,
         });
         let mut program = Program::default();
         let mut keys = Vec::new();
@@ -466,6 +474,7 @@ mod tests {
             bitrate: 1_000_000,
             fps: 25,
             gop: 25,
+            run: 0,
         });
         let frame = s.next_frame();
         for p in frame.chunks(PACKET).take(2) {

@@ -222,10 +222,12 @@ pub struct Stats {
     pub first_seq: Option<u64>,
     /// Last sequence number written.
     pub last_seq: Option<u64>,
-    /// Sequence numbers given up after the buffer (gaps in the output).
+    /// Sequence numbers given up after the buffer that no edge said it would skip:
+    /// losses.
     pub gaps: u64,
-    /// Of those, packets the edge said this viewer will not get (it fell behind the
-    /// ring, or resumed past what the edge held).
+    /// Packets not written because the edge said this viewer will not get them (it fell
+    /// behind the ring, or resumed past what the edge held, or the start was lost), not
+    /// counted in `gaps`. Every packet not written is in one or the other.
     pub skipped: u64,
     /// Skip events.
     pub skips: u64,

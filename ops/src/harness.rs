@@ -515,6 +515,10 @@ pub struct Net {
     pub exits: Vec<Exit>,
     /// The spec it was started with.
     pub spec: Spec,
+    /// The edge's arguments, to start it again.
+    edge_args: Vec<String>,
+    /// The capture's arguments, to start it again.
+    cap_args: Vec<String>,
 }
 
 fn s(v: impl ToString) -> String {
@@ -754,7 +758,62 @@ impl Net {
             viewers,
             exits: Vec::new(),
             spec,
+            edge_args,
+            cap_args,
         }
+    }
+
+    /// SIGKILLs the edge and, `down` later, starts it again on the same UDP, TCP and
+    /// QUIC addresses, as a supervisor restarts a crashed daemon. Returns once the new
+    /// one is ready.
+    pub fn restart_edge(&mut self, down: Duration) {
+        let udp = self.edge.udp().to_string();
+        let quic = self.edge.ready.get("quic").cloned().unwrap_or_default();
+        self.edge.kill();
+        std::thread::sleep(down);
+        let mut args = self.edge_args.clone();
+        for (i, a) in args.clone().iter().enumerate() {
+            match a.as_str() {
+                "--listen" => args[i + 1] = udp.clone(),
+                "--quic-listen" if !quic.is_empty() => args[i + 1] = quic.clone(),
+                _ => {}
+            }
+        }
+        // The kernel may hold the old sockets for a moment.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = self.path("edge-restarted.log");
+            let p =
+                std::panic::catch_unwind(|| Proc::start("edge", "braid-reflector", &args, &log));
+            match p {
+                Ok(p) => {
+                    self.edge = p;
+                    return;
+                }
+                Err(e) if Instant::now() >= deadline => std::panic::resume_unwind(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// SIGKILLs the capture and starts it again with its tee in `tee` (a file in the
+    /// test's directory), as an encoder restarted mid-event: it numbers from the wall
+    /// clock, so its stream continues far above where the old one stopped. Returns once
+    /// the new one is ready.
+    pub fn restart_capture(&mut self, tee: &str) {
+        if let Some(c) = self.capture.as_mut() {
+            c.kill();
+        }
+        let mut args = self.cap_args.clone();
+        if let Some(i) = args.iter().position(|a| a == "--tee") {
+            args[i + 1] = self.path(tee).display().to_string();
+        }
+        self.capture = Some(Proc::start(
+            "capture",
+            "braid-capture",
+            &args,
+            &self.path(&format!("capture-{tee}.log")),
+        ));
     }
 
     /// A file in the test's directory.

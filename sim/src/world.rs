@@ -384,6 +384,7 @@ impl World {
                     bitrate: u64::from(s.ts_per_frame) * 188 * 8 * u64::from(s.fps),
                     fps: s.fps,
                     gop: s.gop,
+                    run: 0,
                 });
                 let c = Capture::new(config, codec, clock, now).expect("the publish encodes");
                 Machine::Capture(Box::new(c), synth)

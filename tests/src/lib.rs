@@ -155,6 +155,84 @@ pub mod compare {
         (start, v.len())
     }
 
+    /// A run of a viewer's output that is one source's bytes, unbroken.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Piece {
+        /// Which of the sources it comes from.
+        pub source: usize,
+        /// Where in that source it starts, bytes.
+        pub at: usize,
+        /// Its length, bytes.
+        pub len: usize,
+    }
+
+    /// Cuts `view` into the runs it is made of, each found byte for byte in one of
+    /// `sources` (the tees of successive captures, say), in order. Panics with a useful
+    /// message where a run is in none of them, or where the output goes backwards.
+    pub fn pieces(sources: &[&Path], view: &Path) -> Vec<Piece> {
+        let srcs: Vec<Vec<u8>> = sources
+            .iter()
+            .map(|p| std::fs::read(p).expect("reading a source"))
+            .collect();
+        let v = std::fs::read(view).expect("reading the viewer's output");
+        assert!(
+            !v.is_empty() && v.len() % 188 == 0,
+            "{}: {} bytes, not whole TS packets",
+            view.display(),
+            v.len()
+        );
+        let mut out: Vec<Piece> = Vec::new();
+        let mut pos = 0;
+        while pos < v.len() {
+            let head = &v[pos..pos + 188];
+            // The next run starts where the previous one left off or later, in the same
+            // source or a later one; tees hold whole TS packets.
+            // Of the places it could continue (tables repeat), the longest run wins.
+            let from = out.last().map_or((0, 0), |p| (p.source, p.at + p.len));
+            let run = |i: usize, at: usize| {
+                srcs[i][at..]
+                    .iter()
+                    .zip(&v[pos..])
+                    .take_while(|(a, b)| a == b)
+                    .count()
+                    / 188
+                    * 188
+            };
+            let srcs = &srcs;
+            let found = (from.0..srcs.len())
+                .flat_map(|i| {
+                    let start = if i == from.0 { from.1 } else { 0 };
+                    (start..srcs[i].len().saturating_sub(187))
+                        .step_by(188)
+                        .filter(move |&at| &srcs[i][at..at + 188] == head)
+                        .map(move |at| (i, at))
+                })
+                .map(|(i, at)| (run(i, at), i, at))
+                .max_by_key(|&(len, i, at)| (len, std::cmp::Reverse((i, at))));
+            let Some((len, source, at)) = found else {
+                panic!(
+                    "{}: TS packet {} (byte {pos}) is in no source after the previous run {:?}",
+                    view.display(),
+                    pos / 188,
+                    out.last()
+                );
+            };
+            out.push(Piece { source, at, len });
+            pos += len;
+        }
+        out
+    }
+
+    /// Whether a viewer can start decoding at `at` in `ts`: a random-access point (the
+    /// adaptation field's flag) within the first few TS packets, after the tables a
+    /// keyframe's packet carries first.
+    pub fn starts_at_keyframe(ts: &[u8], at: usize) -> bool {
+        ts[at..]
+            .chunks(188)
+            .take(4)
+            .any(|p| p.len() > 5 && p[3] & 0x20 != 0 && p[4] > 0 && p[5] & 0x40 != 0)
+    }
+
     /// How many TS packets of the part of `tee` that `view` spans are missing from
     /// `view`, checking that everything `view` holds was sent, in order.
     pub fn missing_ts_packets(tee: &Path, view: &Path) -> (usize, usize) {

@@ -18,6 +18,7 @@ fn ts_file(path: &Path, seconds: u32) {
         bitrate: FILE_BITRATE,
         fps: 25,
         gop: 25,
+        run: 0,
     });
     let bytes: Vec<u8> = (0..seconds * 25)
         .flat_map(|_| s.next_frame().to_vec())
@@ -522,4 +523,88 @@ fn a_bursty_udp_source_is_taken_whole_and_its_losses_counted() {
         last["input_continuity_errors"].as_u64() >= Some(1),
         "{last}"
     );
+}
+
+/// Acceptance 3 of the robustness issue: ffmpeg encoding 720p with x264 sends its
+/// MPEG-TS to the capture over UDP, keyframe bursts and all, and writes its own copy of
+/// the same stream (the tee muxer: one encode, two identical outputs). The capture's tee
+/// is that copy TS packet for TS packet, and the capture counted no input lost.
+#[test]
+fn ffmpeg_x264_720p_over_udp_reaches_the_capture_whole() {
+    let ok = Command::new("ffmpeg")
+        .arg("-version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(ok, "ffmpeg is not installed: ops/test.sh installs it");
+    let dir = tempfile_dir();
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .expect("a port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    // Nobody listens at the entry point: the capture sends anyway after 3 s, and tees.
+    let dead = UdpSocket::bind("127.0.0.1:0").expect("a port");
+    let (tee, stats, own) = (
+        dir.join("tee.ts"),
+        dir.join("stats.json"),
+        dir.join("ffmpeg.ts"),
+    );
+    let path = |p: &Path| p.to_str().expect("utf-8").to_string();
+    let args: Vec<String> = vec![
+        "--entry".into(),
+        dead.local_addr().expect("addr").to_string(),
+        "--source".into(),
+        format!("udp://127.0.0.1:{port}"),
+        "--tee".into(),
+        path(&tee),
+        "--stats-json".into(),
+        path(&stats),
+        "--stream-key".into(),
+        "a stream key".into(),
+        "--duration".into(),
+        "14".into(),
+    ];
+    let mut capture = Proc::start("capture", "braid-capture", &args, &dir.join("capture.log"));
+    // The capture is ready (its source open and media flowing): the encoder starts.
+    let status = Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-re"])
+        .args(["-f", "lavfi", "-i", "testsrc2=size=1280x720:rate=25"])
+        .args(["-t", "6", "-c:v", "libx264", "-preset", "veryfast"])
+        .args(["-b:v", "4M", "-g", "50", "-pix_fmt", "yuv420p"])
+        .args(["-map", "0:v", "-f", "tee"])
+        .arg(format!(
+            "[f=mpegts]{}|[f=mpegts]udp://127.0.0.1:{port}?pkt_size=1316",
+            path(&own)
+        ))
+        .status()
+        .expect("running ffmpeg");
+    assert!(status.success(), "ffmpeg failed");
+    // What is in flight arrives; then the capture stops.
+    std::thread::sleep(Duration::from_millis(500));
+    capture.terminate();
+    assert!(
+        capture
+            .wait(Duration::from_secs(5))
+            .is_some_and(|s| s.success()),
+        "the capture stops cleanly on SIGTERM"
+    );
+    let sent = std::fs::read(&own).expect("ffmpeg's copy");
+    let got = std::fs::read(&tee).expect("the capture's tee");
+    assert!(sent.len() > 1_000_000, "ffmpeg made {} bytes", sent.len());
+    let first_diff = sent
+        .chunks(188)
+        .zip(got.chunks(188))
+        .position(|(a, b)| a != b);
+    assert_eq!(
+        (first_diff, got.len()),
+        (None, sent.len()),
+        "the tee is ffmpeg's stream TS packet for TS packet ({} and {} TS packets)",
+        got.len() / 188,
+        sent.len() / 188
+    );
+    let text = std::fs::read_to_string(&stats).expect("stats");
+    let last: serde_json::Value =
+        serde_json::from_str(text.lines().last().expect("a line")).expect("json");
+    assert_eq!(last["input_ts_missing"], 0, "{last}");
+    assert_eq!(last["input_continuity_errors"], 0, "{last}");
 }
