@@ -12,8 +12,9 @@
 //!   refresh and the acknowledgement that opens the edge's flow window.
 //! - **Buffer**: packets pass through a single-path [`merge::Buffer`]: reordered packets
 //!   are put back in order, a missing one is asked for again (over datagrams), and given
-//!   up as a gap after the buffer's length. The first packet waits that long too, which
-//!   fills the buffer before anything is written.
+//!   up as a gap after the buffer's length. Writing starts once the buffer holds its
+//!   length of stream (by RTP timestamp): at once when the edge's burst from its latest
+//!   keyframe spans it, else when the first packet has waited that long.
 //! - **Switching**: the detectors' verdict (after the new edge's catch-up), a drain
 //!   signal or a refusal asks a control server for an edge of the other set (or, with
 //!   none answering in time, takes the best candidate of the other set from the last
@@ -374,6 +375,10 @@ pub struct Session {
     told: Vec<u64>,
     /// Whether the edge said where it started this viewer (its *joined* notice).
     joined_told: bool,
+    /// Before the first write: the RTP timestamp of the first packet received and the
+    /// most stream time received after it (90 kHz). Writing starts once the buffer holds
+    /// the configured duration of stream, not after waiting that long.
+    prefill: Option<(u32, u32)>,
     /// Where the edge said the source's last session ended (the *ended* notice).
     ended_at: Option<SeqNo>,
     /// Packets the edge said this viewer will not get (skipped, missed).
@@ -448,6 +453,7 @@ impl Session {
             quality_switches: Vec::new(),
             told: Vec::new(),
             joined_told: false,
+            prefill: None,
             ended_at: None,
             told_skipped: ToldSkipped::default(),
             joined_at: None,
@@ -731,7 +737,26 @@ impl Session {
                 },
             );
         }
+        if self.stats.first_seq.is_none() {
+            self.fast_start(m.rtp.fields().timestamp);
+        }
         true
+    }
+
+    /// At a join the edge sends from the latest keyframe at once: once the buffer holds
+    /// the configured duration of stream from where the edge said it started us, writing
+    /// starts, rather than after waiting that long.
+    fn fast_start(&mut self, ts: u32) {
+        let (first, span) = self.prefill.get_or_insert((ts, 0));
+        let d = ts.wrapping_sub(*first);
+        if d < u32::MAX / 2 {
+            *span = (*span).max(d);
+        }
+        let want = (self.config.buffer.as_micros() as u64 * 90 / 1000) as u32;
+        let settled = self.joined_at.is_some() && self.buffer.next_seq() == self.joined_at;
+        if *span >= want && settled {
+            self.buffer.start_now();
+        }
     }
 
     /// Starts watching the first edge.
@@ -1371,6 +1396,10 @@ impl Session {
         }
         self.got_from_edge = false;
         self.joined_at = None;
+        if self.stats.first_seq.is_none() {
+            // Nothing written yet: the new edge's burst is measured afresh.
+            self.prefill = None;
+        }
         self.grace_until = now + self.config.start_timeout.min(Duration::from_secs(3));
         self.judge_from = now + SETTLE;
         self.detector.reset(now);

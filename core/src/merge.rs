@@ -666,6 +666,15 @@ impl<T> Buffer<T> {
         self.next = Some(first);
     }
 
+    /// Ends the first packet's wait now: the owner knows the buffer already holds as much
+    /// of the stream as the wait would gather (a burst of the stream's last moments, at
+    /// a join). Holes still wait their window. Does nothing once packets were released.
+    pub fn start_now(&mut self) {
+        if !self.released_any {
+            self.hold_until = None;
+        }
+    }
+
     /// The sender says the session held now ends at `last` (an edge's *ended* notice):
     /// whatever is missing up to it becomes holes to ask for, so the old session's tail
     /// is repaired like any hole and a change of session waits for it. Does nothing when

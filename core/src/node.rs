@@ -140,7 +140,23 @@ impl<E> Outbox<E> {
 
     /// Encodes and queues a control message about `stream` to `to`.
     pub fn control(&mut self, to: Peer, stream: StreamId, body: Body) {
-        if let Some(d) = self.encode(stream, body) {
+        self.control_flagged(to, stream, Flags::empty(), body);
+    }
+
+    /// Like [`Outbox::control`], with header `flags` (a subscription asking for the
+    /// latest group of pictures, say).
+    pub fn control_flagged(&mut self, to: Peer, stream: StreamId, flags: Flags, body: Body) {
+        self.buf.clear();
+        let msg = Message {
+            header: Header {
+                stream,
+                flags,
+                ..Header::default()
+            },
+            body,
+        };
+        if self.codec.encode(&msg, &mut self.buf).is_ok() {
+            let d = self.buf.split().freeze();
             self.send(to, d, false);
         }
     }

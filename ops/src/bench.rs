@@ -152,6 +152,8 @@ pub struct Latency {
     pub quic: bool,
     /// QUIC congestion controller of the nodes (`cubic` or `bbr`).
     pub quic_congestion: String,
+    /// Each set reflector's impairment (TOML lines) instead of `loss`, when not empty.
+    pub set_impair: Vec<String>,
 }
 
 /// What [`latency`] measured.
@@ -192,7 +194,11 @@ pub fn latency(c: &Latency) -> anyhow::Result<Measured> {
         entries: c.entries,
         window_ms: c.window_ms,
         entry_impair: format!("loss = {}\nseed = 12", c.entry_loss),
-        set_impair: vec![format!("loss = {}\nseed = 11", c.loss); c.sets],
+        set_impair: if c.set_impair.is_empty() {
+            vec![format!("loss = {}\nseed = 11", c.loss); c.sets]
+        } else {
+            c.set_impair.clone()
+        },
         edge_to_sets_impair: if c.edge_loss > 0.0 {
             format!("loss = {}\nseed = 13", c.edge_loss)
         } else {

@@ -405,6 +405,8 @@ pub struct Spec {
     pub capture_args: Vec<String>,
     /// The edge's linger after its last viewer, ms.
     pub linger_ms: u64,
+    /// The synthetic source's frames per group of pictures (25 frames a second).
+    pub gop: u32,
     /// Paths over QUIC, by set reflector index (entry → set → edge); the rest UDP.
     pub quic_sets: Vec<bool>,
     /// Viewers watch over QUIC.
@@ -487,6 +489,7 @@ impl Default for Spec {
             capture_stdin: None,
             capture_args: Vec::new(),
             linger_ms: 5000,
+            gop: 25,
             quic_sets: Vec::new(),
             quic_viewers: false,
             quic_capture: false,
@@ -709,7 +712,7 @@ impl Net {
             s("--bitrate"),
             s(spec.bitrate),
             s("--gop"),
-            s(25),
+            s(spec.gop),
             s("--tee"),
             p("tee.ts").display().to_string(),
             s("--duration"),

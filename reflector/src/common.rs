@@ -86,6 +86,10 @@ pub struct Counters {
     /// Last packets sent again to a receiver once its stream went quiet (tail-loss
     /// probes).
     pub tail_probes: u64,
+    /// New subscribers sent the latest group of pictures at once (set reflector).
+    pub prebursts: u64,
+    /// Packets those prebursts carried (set reflector).
+    pub preburst_packets: u64,
     /// Refusals received from peers (a set reflector that does not trust this edge's
     /// certificate, a stream it does not carry, a full node).
     pub refusals: u64,

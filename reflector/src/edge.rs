@@ -22,7 +22,7 @@ use braid_core::node::{self, Outbox, Output, Peer, TailProbe, WallClock};
 use braid_core::ring::{self, Cursor, Read, Ring, Start};
 use braid_core::token::Signer;
 use braid_core::wire::{
-    Body, Codec, ErrorCode, Keepalive, NoticeKind, SwitchReason, Watch, WatchStart,
+    Body, Codec, ErrorCode, Flags, Keepalive, NoticeKind, SwitchReason, Watch, WatchStart,
 };
 use braid_core::{PathId, SeqNo, StreamId};
 use bytes::Bytes;
@@ -411,6 +411,7 @@ impl Edge {
                     self.counters.drops.add("unknown_peer");
                     return;
                 };
+                let (seq, keyframe) = (media.seq, msg.header.flags.contains(Flags::KEYFRAME));
                 common::accept_media(
                     now,
                     &mut st.merge,
@@ -421,6 +422,13 @@ impl Edge {
                     msg.header,
                     media,
                 );
+                // A cold stream whose first packet is a keyframe (a set reflector's
+                // preburst of its latest group of pictures starts with one) starts there
+                // at once: new viewers start at a keyframe anyway, and the packets
+                // before it are of no use to them.
+                if keyframe && st.ring.is_empty() && st.merge.next_seq() == Some(seq) {
+                    st.merge.start_now();
+                }
                 st.dirty = true;
             }
             (_, Body::Watch(watch)) => self.handle_watch(now, from, id, watch),
@@ -780,9 +788,13 @@ impl Edge {
         } else {
             Body::Refresh(s)
         };
+        // With nothing of the stream yet, a subscription asks for the latest group of
+        // pictures at once (the keyframe flag): viewers start without waiting for the
+        // next keyframe to come through the tree.
+        let flags = Flags::empty().with(Flags::KEYFRAME, first && st.ring.is_empty());
         for (i, _) in &st.upstream {
             let to = Peer::Addr(self.config.reflectors[*i]);
-            self.out.control(to, id, body.clone());
+            self.out.control_flagged(to, id, flags, body.clone());
         }
     }
 

@@ -13,11 +13,28 @@ use std::time::{Duration, Instant};
 use braid_core::merge;
 use braid_core::node::{self, Held, Outbox, Output, Peer, TAIL_QUIET, TailProbe};
 use braid_core::ring::{self, Ring};
-use braid_core::wire::{Body, Codec, ErrorCode, Subscription};
+use braid_core::wire::{Body, Codec, ErrorCode, Flags, Subscription};
 use braid_core::{PathId, StreamId};
 use bytes::Bytes;
 
 use crate::common::{self, Counters, HOUSEKEEPING, MAX_LEASE, MAX_NACK_ANSWER, Packet, Settings};
+
+/// A new subscriber that asked for the latest group of pictures gets at most this many
+/// packets of it (2 s at about 8 Mbps)…
+const PREBURST_MAX: u64 = 1536;
+/// … this many at a time…
+const PREBURST_STEP: usize = 32;
+/// … this often: a 2 s group at 4 Mbps arrives in about 50 ms, without a burst that
+/// overflows a receive buffer or a QUIC connection's send buffer.
+const PREBURST_EVERY: Duration = Duration::from_millis(2);
+
+/// A new subscriber being sent the latest group of pictures.
+struct Preburst {
+    to: SocketAddr,
+    cursor: ring::Cursor,
+    /// The newest packet when it subscribed: later ones reach it as live.
+    until: braid_core::SeqNo,
+}
 
 /// What the set reflector decides with.
 #[derive(Debug, Clone)]
@@ -62,6 +79,8 @@ struct Stream {
     dirty: bool,
     /// The last packet sent to the subscribers, sent again once the stream goes quiet.
     tail: TailProbe,
+    /// New subscribers still being sent the latest group of pictures.
+    prebursts: Vec<Preburst>,
 }
 
 /// The set reflector's state machine.
@@ -76,6 +95,8 @@ pub struct SetReflector {
     subscribe_budget: HashMap<IpAddr, (Instant, u32)>,
     /// Peers already logged as refused (one line each; the counter counts them all).
     warned: HashSet<SocketAddr>,
+    /// When the prebursts under way send their next packets.
+    next_preburst: Option<Instant>,
 }
 
 impl SetReflector {
@@ -91,6 +112,7 @@ impl SetReflector {
             next_housekeeping: None,
             subscribe_budget: HashMap::new(),
             warned: HashSet::new(),
+            next_preburst: None,
         })
     }
 
@@ -133,6 +155,7 @@ impl SetReflector {
             Input::PeerDown(peer) => {
                 for st in self.streams.values_mut() {
                     st.subscribers.remove(&peer);
+                    st.prebursts.retain(|p| p.to != peer);
                 }
             }
         }
@@ -143,6 +166,9 @@ impl SetReflector {
         self.now = Some(now);
         for st in self.streams.values_mut() {
             st.dirty = true;
+        }
+        if self.next_preburst.is_some_and(|t| now >= t) {
+            self.preburst(now);
         }
         if self.next_housekeeping.is_none_or(|t| now >= t) {
             self.next_housekeeping = Some(now + HOUSEKEEPING);
@@ -169,7 +195,7 @@ impl SetReflector {
         if let Some(o) = self.out.pop() {
             return o;
         }
-        let mut deadline = self.next_housekeeping;
+        let mut deadline = common::earliest(self.next_housekeeping, self.next_preburst);
         for st in self.streams.values() {
             deadline = common::earliest(deadline, st.merge.next_timeout());
         }
@@ -230,6 +256,7 @@ impl SetReflector {
                     session: common::Session::default(),
                     dirty: false,
                     tail: TailProbe::default(),
+                    prebursts: Vec::new(),
                 },
             );
         }
@@ -297,7 +324,10 @@ impl SetReflector {
                 );
                 st.dirty = true;
             }
-            Body::Subscribe(s) | Body::Refresh(s) => self.handle_subscriber(now, from, id, s),
+            Body::Subscribe(s) | Body::Refresh(s) => {
+                let wants_gop = msg.header.flags.contains(Flags::KEYFRAME);
+                self.handle_subscriber(now, from, id, s, wants_gop)
+            }
             Body::Unsubscribe { .. } => {
                 if let Some(st) = self.streams.get_mut(&id) {
                     st.subscribers.remove(&from);
@@ -342,7 +372,18 @@ impl SetReflector {
         Some(PathId((st.dynamic_paths.len() - 1) as u8))
     }
 
-    fn handle_subscriber(&mut self, now: Instant, from: SocketAddr, id: StreamId, s: Subscription) {
+    /// Takes a subscription or its refresh. A new subscriber that asks for it
+    /// (`wants_gop`, the keyframe flag on its subscribe) is sent the latest group of
+    /// pictures held, so that an edge with no stream yet can start its viewers at once
+    /// rather than at the next keyframe.
+    fn handle_subscriber(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        id: StreamId,
+        s: Subscription,
+        wants_gop: bool,
+    ) {
         let max = self.config.settings.max_per_stream;
         let Ok(st) = self.stream(id) else {
             return;
@@ -374,7 +415,52 @@ impl SetReflector {
         let lease = Duration::from_millis(u64::from(s.lease_ms)).min(MAX_LEASE);
         if st.subscribers.insert(from, now + lease).is_none() {
             tracing::info!(stream = id.0, subscriber = %from, "subscribed");
+            if wants_gop {
+                self.start_preburst(now, id, from);
+            }
         }
+    }
+
+    fn start_preburst(&mut self, now: Instant, id: StreamId, to: SocketAddr) {
+        let Some(st) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let (Ok((cursor, _)), Some(newest)) =
+            (st.kept.cursor(ring::Start::Keyframe), st.kept.newest())
+        else {
+            return;
+        };
+        let until = newest.seq;
+        let first = st.kept.peek(&cursor).map_or(until, |e| e.seq);
+        if until.0 - first.0 >= PREBURST_MAX {
+            return;
+        }
+        st.prebursts.retain(|p| p.to != to);
+        st.prebursts.push(Preburst { to, cursor, until });
+        self.counters.prebursts += 1;
+        self.preburst(now);
+    }
+
+    /// Sends the next packets of every preburst under way.
+    fn preburst(&mut self, now: Instant) {
+        let mut more = false;
+        for st in self.streams.values_mut() {
+            let (kept, out, counters) = (&st.kept, &mut self.out, &mut self.counters);
+            st.prebursts.retain_mut(|p| {
+                for _ in 0..PREBURST_STEP {
+                    match kept.read(&mut p.cursor) {
+                        ring::Read::Packet(e) if e.seq <= p.until => {
+                            out.send(Peer::Addr(p.to), e.item.datagram.clone(), true);
+                            counters.preburst_packets += 1;
+                        }
+                        _ => return false,
+                    }
+                }
+                true
+            });
+            more |= !st.prebursts.is_empty();
+        }
+        self.next_preburst = more.then_some(now + PREBURST_EVERY);
     }
 
     /// Spends one of `from`'s IP address's new subscriptions for this second.

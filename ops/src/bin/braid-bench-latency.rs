@@ -45,6 +45,33 @@ struct Args {
     /// QUIC congestion controller of the nodes (`cubic` or `bbr`).
     #[arg(long, default_value = "cubic")]
     quic_congestion: String,
+    /// A case of the robustness issue's acceptance 4 instead of `--loss` on the set
+    /// reflectors' paths (three of them): `skew` (one 300 ms behind, no loss; the others
+    /// 15% loss), `skew-lossy` (the late one 15% loss too), `outages` (300 ms outages
+    /// every 2 s on two paths at the same moments, 10% loss on the third).
+    #[arg(long)]
+    case: Option<String>,
+}
+
+/// The set reflectors' impairments of an acceptance case.
+fn case(name: &str, seconds: u64) -> anyhow::Result<Vec<String>> {
+    let lossy = |p: f64, seed: u64| format!("loss = {p}\nseed = {seed}");
+    Ok(match name {
+        "skew" => vec!["delay_ms = 300".into(), lossy(0.15, 11), lossy(0.15, 12)],
+        "skew-lossy" => vec![
+            format!("delay_ms = 300\n{}", lossy(0.15, 10)),
+            lossy(0.15, 11),
+            lossy(0.15, 12),
+        ],
+        "outages" => {
+            let outages: Vec<String> = (0..seconds / 2 + 2)
+                .map(|k| format!("{{ start_ms = {}, duration_ms = 300 }}", 3000 + 2000 * k))
+                .collect();
+            let outage = format!("outages = [{}]", outages.join(", "));
+            vec![outage.clone(), outage, lossy(0.10, 13)]
+        }
+        other => anyhow::bail!("unknown case {other:?}: skew, skew-lossy or outages"),
+    })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,9 +93,16 @@ fn main() -> anyhow::Result<()> {
             edge_loss: args.edge_loss,
             quic,
             quic_congestion: args.quic_congestion.clone(),
+            set_impair: match &args.case {
+                Some(c) => case(c, args.seconds)?,
+                None => Vec::new(),
+            },
         })?;
         let (b50, b99) = (percentile(&m.braid, 0.5), percentile(&m.braid, 0.99));
         let (l50, l99) = (percentile(&m.baseline, 0.5), percentile(&m.baseline, 0.99));
+        if let Some(c) = &args.case {
+            println!("case {c}: {:?}", case(c, args.seconds)?);
+        }
         println!(
             "{}: {} sets, {} entries, loss per link {:.0}%: braid p50 {b50:.3} ms p99 {b99:.3} ms | baseline loopback p50 {l50:.3} ms p99 {l99:.3} ms | added p50 {:.3} ms p99 {:.3} ms | braid/baseline p50 {:.1} | delivered {:.4}%",
             if quic {

@@ -227,6 +227,7 @@ fn main() -> anyhow::Result<()> {
         edge_loss: args.loss,
         quic: false,
         quic_congestion: "cubic".into(),
+        set_impair: Vec::new(),
     })?;
     let b = Side {
         lat: m.braid.clone(),
