@@ -250,6 +250,9 @@ pub struct Stats {
     pub join_ms: Option<u64>,
     /// Milliseconds from the first watch message to the first packet written.
     pub first_output_ms: Option<u64>,
+    /// The longest time between two writes once output started, ms: what a player's own
+    /// buffer must cover not to stall (a switch, a repair, a pause of the stream).
+    pub max_output_gap_ms: u64,
     /// Bit rate written out over the last second.
     pub bitrate_bps: u64,
     /// Packets held in the buffer.
@@ -379,6 +382,8 @@ pub struct Session {
     /// most stream time received after it (90 kHz). Writing starts once the buffer holds
     /// the configured duration of stream, not after waiting that long.
     prefill: Option<(u32, u32)>,
+    /// When the last packet was written.
+    last_write: Option<Instant>,
     /// Where the edge said the source's last session ended (the *ended* notice).
     ended_at: Option<SeqNo>,
     /// Packets the edge said this viewer will not get (skipped, missed).
@@ -454,6 +459,7 @@ impl Session {
             told: Vec::new(),
             joined_told: false,
             prefill: None,
+            last_write: None,
             ended_at: None,
             told_skipped: ToldSkipped::default(),
             joined_at: None,
@@ -1226,6 +1232,11 @@ impl Session {
                     self.stats.last_seq = Some(seq.0);
                     self.stats.packets += 1;
                     self.stats.bytes += item.len() as u64;
+                    if let Some(last) = self.last_write {
+                        let gap = now.duration_since(last).as_millis() as u64;
+                        self.stats.max_output_gap_ms = self.stats.max_output_gap_ms.max(gap);
+                    }
+                    self.last_write = Some(now);
                     self.out.event(Event::Write { seq, payload: item });
                 }
                 MergeOutput::Gap { first, count } => {

@@ -537,3 +537,54 @@ fn a_viewer_moves_on_re_ask_when_its_edge_fills_up() {
     assert_eq!(sw["from"], first.as_str(), "{st}");
     assert_ne!(st["edge"], first.as_str(), "{st}");
 }
+
+/// Sends `sig` (`-STOP`, `-CONT`) to `p`.
+fn signal(p: &Proc, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &p.pid().to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {}", p.name);
+}
+
+/// Robustness acceptance 5: an edge hangs (SIGSTOP: it holds its sockets and says
+/// nothing) while the first control server hangs too. Its viewers notice the stall, move
+/// to the other set at once (the control servers are asked in parallel, off the path
+/// that writes), and their output never stops longer than their 500 ms buffer covers: a
+/// player fed by the client would not stall. Measured by each real client: the longest
+/// time between two writes.
+#[test]
+fn a_hung_edge_with_the_first_control_server_hung_never_stalls_the_output() {
+    let net = ControlNet::start(2, 1, 20.0, SECRET, |_| vec![]);
+    wait_for_edges(&net, 2);
+    let names: Vec<String> = (0..10u64).map(|i| format!("v{i}")).collect();
+    let mut viewers: Vec<_> = (0..10u64)
+        .map(|i| net.viewer(&names[i as usize], i, 14.0, &viewer_args(i, &[])))
+        .collect();
+    let edges = wait_watching(&net, &names, 2);
+    let even = net.edges[0].udp().to_string();
+    let on_even: Vec<bool> = edges.iter().map(|e| *e == even).collect();
+    assert!(on_even.iter().any(|e| *e), "no viewer on the even edge");
+    signal(&net.controls[0], "-STOP");
+    signal(&net.edges[0], "-STOP");
+    let stats = assert_viewers_whole(&net, &mut viewers, 14.0);
+    for ((name, st), was_even) in names.iter().zip(&stats).zip(on_even) {
+        let gap = st["max_output_gap_ms"].as_u64().expect("max_output_gap_ms");
+        eprintln!(
+            "{name}: longest time without output {gap} ms; {}",
+            st["switches"]
+        );
+        if was_even {
+            let sw = &st["switches"][0];
+            assert_eq!(
+                sw["from"],
+                even.as_str(),
+                "{name} stayed on the hung edge: {st}"
+            );
+            assert!(
+                gap < 500,
+                "{name}: output stopped for {gap} ms, more than its 500 ms buffer: {st}"
+            );
+        }
+    }
+}
