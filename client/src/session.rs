@@ -415,6 +415,8 @@ impl Session {
             nack: config.datagrams,
             nack_delay: (window / 10).max(Duration::from_millis(5)),
             nack_retry: (window / 5).max(Duration::from_millis(10)),
+            // The playout buffer is the viewer's to size: a hole waits all of it.
+            adaptive_window: false,
             ..merge::Config::default()
         })?;
         let mut detector = Detector::new(config.detect.clone())?;

@@ -63,6 +63,12 @@ pub struct Config {
     /// at most 150 ms after the hole, fit in the default window); then the round trip
     /// plus four times its variation, 10 ms at least.
     pub nack_retry: Duration,
+    /// Whether a hole waits only as long as the measured paths need, within
+    /// `reorder_window` (the default): the lag of the slowest healthy path behind the
+    /// first copy, the NACK delay and 12 asks at the quickest measured repair round trip.
+    /// Off, every hole waits the whole window. Until a round trip is measured, the whole
+    /// window.
+    pub adaptive_window: bool,
     /// A path is healthy while data arrived on it within this long (default 500 ms).
     /// A path silent for twice its usual longest gap between arrivals (20 ms at least)
     /// is asked for nothing in the meantime, and does not hold back the asks of holes
@@ -79,6 +85,7 @@ impl Default for Config {
             nack_delay: Duration::from_millis(30),
             nack_attempts: 4,
             nack_retry: Duration::from_millis(40),
+            adaptive_window: true,
             path_timeout: Duration::from_millis(500),
         }
     }
@@ -377,6 +384,9 @@ struct NextSession<T> {
 /// The merge buffer for one stream. See the module documentation for the contract.
 pub struct Buffer<T> {
     config: Config,
+    /// How long a hole waits now (the configured window, or less: see
+    /// [`Config::adaptive_window`]).
+    window: Duration,
     now: Option<Instant>,
     /// The next sequence number to release; `None` until the first packet.
     next: Option<SeqNo>,
@@ -414,6 +424,7 @@ impl<T> Buffer<T> {
         Ok(Buffer {
             first_seen: vec![None; history.len() as usize],
             history,
+            window: config.reorder_window,
             config,
             now: None,
             next: None,
@@ -754,6 +765,35 @@ impl<T> Buffer<T> {
         if self.now.is_none_or(|t| now > t) {
             self.now = Some(now);
         }
+        self.window = self.measured_window(now);
+    }
+
+    /// How long a hole waits now: the configured window, or with
+    /// [`Config::adaptive_window`] what the measured paths need within it.
+    fn measured_window(&self, now: Instant) -> Duration {
+        let cap = self.config.reorder_window;
+        if !self.config.adaptive_window || !self.config.nack {
+            return cap;
+        }
+        let mut skew = Duration::ZERO;
+        let mut retry: Option<Duration> = None;
+        for p in self.paths.iter().filter(|p| self.healthy(p, now)) {
+            skew = skew.max(p.lag.unwrap_or_default());
+            if p.srtt.is_some() {
+                let r = p.retry_after(self.config.nack_retry);
+                retry = Some(retry.map_or(r, |x| x.min(r)));
+            }
+        }
+        let Some(retry) = retry else {
+            return cap;
+        };
+        let need = skew + self.config.nack_delay + retry * u32::from(MAX_ASKS);
+        need.clamp((self.config.nack_delay * 2).min(cap), cap)
+    }
+
+    /// The window a hole waits now ([`Config::adaptive_window`]).
+    pub fn window(&self) -> Duration {
+        self.window
     }
 
     fn path_mut(&mut self, path: PathId) -> &mut PathState {
@@ -998,7 +1038,7 @@ impl<T> Buffer<T> {
             self.hold_until = None;
         }
         let next = self.next?;
-        let window = self.config.reorder_window;
+        let window = self.window;
         match self.slots.front()? {
             Slot::Full(_) => {
                 let Some(Slot::Full(item)) = self.slots.pop_front() else {
@@ -1177,7 +1217,7 @@ impl<T> Buffer<T> {
                 }
             }
         }
-        let deadline = since.map(|t| t + self.config.reorder_window);
+        let deadline = since.map(|t| t + self.window);
         let path = self.nack_path(now, last_path, deadline);
         // Asked on `path` now: an answer from it gives its round trip.
         if let Some(next) = self.next {
@@ -1203,8 +1243,7 @@ impl<T> Buffer<T> {
         // Ask again while attempts remain, and beyond them, on a path whose round trip
         // was measured, while the answer to one more ask can still come within the
         // window (a short round trip allows more).
-        let in_time =
-            measured && since.is_some_and(|t| due + expected < t + self.config.reorder_window);
+        let in_time = measured && since.is_some_and(|t| due + expected < t + self.window);
         if asks + 1 < self.config.nack_attempts || (asks + 1 < MAX_ASKS && in_time) {
             let run = NackRun {
                 first: range.first,
@@ -1273,7 +1312,7 @@ impl<T> Buffer<T> {
         if let Some(until) = self.hold_until {
             consider(until);
         } else if let Some(Slot::Hole { since, .. }) = self.slots.front() {
-            consider(*since + self.config.reorder_window);
+            consider(*since + self.window);
         }
         if self.config.nack {
             if let Some(run) = self.nack_queue.front() {

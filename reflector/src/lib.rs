@@ -125,6 +125,13 @@ pub struct Config {
     #[arg(long, default_value_t = 200)]
     #[serde(default = "default_window")]
     pub reorder_window_ms: u64,
+    /// Every missing packet waits the whole reorder window. By default the window is a
+    /// cap: a hole waits what the measured paths need (the slowest healthy path's lag
+    /// behind the first copy, the NACK delay, and twelve asks at the quickest repair
+    /// round trip), at most the window.
+    #[arg(long)]
+    #[serde(default)]
+    pub fixed_window: bool,
     /// Ask upstream for packets every path lost.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     #[serde(default = "default_true")]
@@ -300,6 +307,7 @@ impl Config {
             nack: self.repair,
             nack_delay: default.nack_delay.min(window / 4),
             nack_retry: default.nack_retry.min(window / 4),
+            adaptive_window: !self.fixed_window,
             ..default
         }
     }

@@ -21,6 +21,7 @@ fn config() -> Config {
         nack_delay: ms(20),
         nack_attempts: 1,
         nack_retry: ms(30),
+        adaptive_window: false,
         path_timeout: ms(500),
     }
 }
@@ -1020,4 +1021,62 @@ fn with_a_measured_round_trip_asks_go_on_while_an_answer_can_come_in_time() {
     assert!(times.len() > 2, "{times:?}");
     assert!(times.windows(2).all(|w| w[1] - w[0] < 40), "{times:?}");
     assert!(times.iter().all(|t| *t < 61 + 200), "{times:?}");
+}
+
+/// The window as a cap: with a repair round trip of 10 ms measured on a path, a hole
+/// nobody answers is given up once the asks it can have are spent (the NACK delay and
+/// 12 asks at that pace), not after the whole second configured; a fixed window waits
+/// all of it.
+#[test]
+fn an_adaptive_window_gives_up_when_the_measured_paths_can_no_longer_answer() {
+    let give_up_at = |adaptive: bool| {
+        let t = t0();
+        let mut b = Buffer::starting_at(
+            Config {
+                reorder_window: ms(1000),
+                nack_attempts: 2,
+                nack_retry: ms(40),
+                adaptive_window: adaptive,
+                ..config()
+            },
+            SeqNo(1),
+        )
+        .unwrap();
+        for s in 1..=11 {
+            b.handle_input(t + ms(s), packet(0, s));
+        }
+        // 12 is lost, asked, and answered 10 ms later: the round trip is measured.
+        b.handle_input(t + ms(13), packet(0, 13));
+        b.handle_timeout(t + ms(40));
+        assert_eq!(nacks(&mut b).len(), 1);
+        b.handle_input(t + ms(50), packet(0, 12));
+        // 15 is lost and never answered; the stream goes on.
+        b.handle_input(t + ms(60), packet(0, 14));
+        for k in 0..1500u64 {
+            let now = t + ms(61 + k);
+            // One packet every 20 ms: the 64 held stay under the buffer's bound.
+            if k % 20 == 0 {
+                b.handle_input(now, packet(0, 16 + k / 20));
+            }
+            b.handle_timeout(now);
+            for o in drain(&mut b) {
+                if let Output::Gap { first, .. } = o {
+                    assert_eq!(first, SeqNo(15));
+                    return (k + 61, b.window());
+                }
+            }
+        }
+        panic!("15 was never given up");
+    };
+    let (fixed, w) = give_up_at(false);
+    assert!(
+        (1000..1100).contains(&fixed),
+        "fixed: given up at {fixed} ms"
+    );
+    assert_eq!(w, ms(1000));
+    let (adaptive, w) = give_up_at(true);
+    assert!(
+        adaptive < 500 && w < ms(500),
+        "adaptive: given up at {adaptive} ms with a {w:?} window"
+    );
 }
