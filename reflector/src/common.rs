@@ -86,6 +86,9 @@ pub struct Counters {
     /// Last packets sent again to a receiver once its stream went quiet (tail-loss
     /// probes).
     pub tail_probes: u64,
+    /// Set reflectors subscribed beyond `subscribe_k` because repairs kept failing
+    /// (edge).
+    pub extra_subscriptions: u64,
     /// New subscribers sent the latest group of pictures at once (set reflector).
     pub prebursts: u64,
     /// Packets those prebursts carried (set reflector).

@@ -387,6 +387,7 @@ fn export(role: &'static str, machine: &Machine) {
     by_role("braid_merge_gap_packets_total", c.gap_packets);
     by_role("braid_tail_probes_total", c.tail_probes);
     by_role("braid_prebursts_total", c.prebursts);
+    by_role("braid_extra_subscriptions_total", c.extra_subscriptions);
     by_role("braid_preburst_packets_total", c.preburst_packets);
     by_role("braid_refusals_received_total", c.refusals);
     if let Machine::Edge(m) = machine {

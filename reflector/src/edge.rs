@@ -158,6 +158,55 @@ struct Stream {
     empty_since: Option<Instant>,
     /// Input arrived since the merge was last drained.
     dirty: bool,
+    /// The set reflector subscribed beyond `subscribe_k` while repairs fail, if any.
+    extra: Option<usize>,
+    /// Repairs judged each [`TROUBLE_PERIOD`].
+    trouble: Trouble,
+}
+
+/// How the repairs of a stream went over the last period: an edge whose paths keep
+/// losing what it cannot repair subscribes to one more set reflector.
+#[derive(Debug, Clone, Copy, Default)]
+struct Trouble {
+    since: Option<Instant>,
+    /// The merge's counts at `since`: gaps, asks, repeated asks, released.
+    at: (u64, u64, u64, u64),
+    /// Calm periods in a row.
+    calm: u32,
+}
+
+/// Repairs are judged this often.
+const TROUBLE_PERIOD: Duration = Duration::from_secs(1);
+/// An extra subscription is dropped after this many calm periods in a row.
+const CALM_PERIODS: u32 = 30;
+
+/// Whether `st`'s repairs were in trouble over the period that ended, once a period: a
+/// packet given up, more than 0.5% of packets asked for more than once, or more than 2%
+/// missing on every path. `None` between judgements; counts calm periods in a row.
+fn judge(st: &mut Stream, now: Instant) -> Option<bool> {
+    let m = st.merge.stats();
+    let counts = (m.gaps, m.nacked, m.nack_retries, m.released);
+    let t = &mut st.trouble;
+    let Some(since) = t.since else {
+        t.since = Some(now);
+        t.at = counts;
+        return None;
+    };
+    if now.duration_since(since) < TROUBLE_PERIOD {
+        return None;
+    }
+    let d = |a: u64, b: u64| a.saturating_sub(b);
+    let (gaps, asked, repeats, released) = (
+        d(counts.0, t.at.0),
+        d(counts.1, t.at.1),
+        d(counts.2, t.at.2),
+        d(counts.3, t.at.3),
+    );
+    t.since = Some(now);
+    t.at = counts;
+    let troubled = gaps > 0 || repeats * 200 > released || asked * 50 > released;
+    t.calm = if troubled { 0 } else { t.calm + 1 };
+    Some(troubled)
 }
 
 /// The edge's state machine.
@@ -484,6 +533,8 @@ impl Edge {
                     last_refresh: None,
                     empty_since: Some(now),
                     dirty: false,
+                    extra: None,
+                    trouble: Trouble::default(),
                 },
             );
         }
@@ -870,6 +921,29 @@ impl Edge {
                         st.last_refresh = None;
                     }
                 }
+            }
+            match judge(st, now) {
+                Some(true) if st.extra.is_none() && n > st.upstream.len() => {
+                    let used: Vec<usize> = st.upstream.iter().map(|(i, _)| *i).collect();
+                    let down = |c: usize| self.quic_down.contains(&self.config.reflectors[c]);
+                    if let Some(c) = (0..n).find(|c| !used.contains(c) && !down(*c)) {
+                        tracing::info!(stream = id.0, to = %self.config.reflectors[c], "repairs keep failing: subscribing to one more set reflector");
+                        self.counters.extra_subscriptions += 1;
+                        st.upstream.push((c, now));
+                        st.extra = Some(c);
+                        st.last_refresh = None;
+                    }
+                }
+                Some(false) if st.trouble.calm >= CALM_PERIODS => {
+                    if let Some(c) = st.extra.take() {
+                        tracing::info!(stream = id.0, from = %self.config.reflectors[c], "calm again: dropping the extra set reflector");
+                        st.upstream.retain(|(i, _)| *i != c);
+                        let node = self.config.settings.node;
+                        let to = Peer::Addr(self.config.reflectors[c]);
+                        self.out.control(to, id, Body::Unsubscribe { node });
+                    }
+                }
+                _ => {}
             }
             if !st.upstream.is_empty()
                 && st

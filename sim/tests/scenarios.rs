@@ -330,3 +330,37 @@ fn viewers_start_fast_on_cold_and_warm_edges() {
         outputs[outputs.len() / 2]
     );
 }
+
+/// Four set reflectors, edges subscribed to three (`subscribe_k`): the three paths lose
+/// 35% each, so about 4% of packets are missing on all of them and asked for. Each edge
+/// sees its repairs in trouble, subscribes to the fourth set reflector, and nothing is
+/// lost; with the fourth path the asks fall to next to nothing. Without the extra path
+/// (three set reflectors only) the same loss needs many times the asks.
+#[test]
+fn an_edge_whose_repairs_keep_failing_subscribes_to_one_more_set_reflector() {
+    let lossy = |set: &str| link(set, "edge*", loss(0.35, 40 + set.len() as u64));
+    let build = |sets: usize| {
+        let mut s = schedule(
+            topology(sets, 2, 1),
+            vec![lossy("set0"), lossy("set1"), lossy("set2")],
+            vec![],
+        );
+        s.tuning.subscribe_k = Some(3);
+        s
+    };
+    let w = run(build(4));
+    let extra: u64 = w
+        .reflector_counters()
+        .iter()
+        .filter(|(name, _)| name.starts_with("edge"))
+        .map(|(_, c)| c.extra_subscriptions)
+        .sum();
+    assert!(extra >= 2, "each edge subscribed to one more: {extra}");
+    let asked_with = w.merge_totals(Kind::Edge).nacked;
+    let asked_without = run(build(3)).merge_totals(Kind::Edge).nacked;
+    eprintln!("edges' asks: {asked_with} with a fourth path, {asked_without} without");
+    assert!(
+        asked_with * 3 < asked_without,
+        "the extra path took most of the asks away: {asked_with} against {asked_without}"
+    );
+}
