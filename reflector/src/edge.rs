@@ -879,6 +879,7 @@ impl Edge {
         let mut refresh = Vec::new();
         let mut overtaken = Vec::new();
         let mut gone_viewers = 0;
+        let mut dropped = Vec::new();
         let n = self.config.reflectors.len();
         for (&id, st) in self.streams.iter_mut() {
             // Pushes evict by age; a stream gone silent is aged here.
@@ -920,7 +921,20 @@ impl Edge {
                         st.upstream[j] = (next, now);
                         st.last_refresh = None;
                     }
+                } else if dead && st.extra.is_some_and(|e| e != i) {
+                    // Every set reflector is in use, one of them as the extra taken on
+                    // for the trouble this dead one made: the extra takes its place.
+                    let to = st.extra.take().map(|e| self.config.reflectors[e]);
+                    tracing::warn!(stream = id.0, from = %self.config.reflectors[i], to = ?to, "set reflector delivers no data: the extra one takes its place");
+                    self.counters.path_replaced += 1;
+                    dropped.push(i);
                 }
+            }
+            for i in dropped.drain(..) {
+                st.upstream.retain(|(u, _)| *u != i);
+                let node = self.config.settings.node;
+                let to = Peer::Addr(self.config.reflectors[i]);
+                self.out.control(to, id, Body::Unsubscribe { node });
             }
             match judge(st, now) {
                 Some(true) if st.extra.is_none() && n > st.upstream.len() => {

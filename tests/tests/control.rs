@@ -588,3 +588,50 @@ fn a_hung_edge_with_the_first_control_server_hung_never_stalls_the_output() {
         }
     }
 }
+
+/// Robustness acceptance 2, the switch: a QUIC viewer whose edge is killed moves through
+/// the control server to the edge of the other set, which has no viewer yet (cold: it
+/// subscribes upstream on the viewer's arrival, and gets the set reflectors' last
+/// seconds). The output goes on byte for byte, and the switch's record says nothing was
+/// lost or skipped.
+#[test]
+fn a_quic_viewer_switching_to_a_cold_edge_loses_nothing() {
+    let certs = braid_tests::test_dir();
+    braid_net::tls::make_dev_certs(certs.path(), &["edge".into()], &[]).expect("certificates");
+    let ca = certs.path().join("ca.pem").display().to_string();
+    let mut quic = vec!["--quic-listen".to_string(), "127.0.0.1:0".into()];
+    quic.extend(braid_tests::tls_args(certs.path(), "edge"));
+    let mut net = ControlNet::start(1, 1, 18.0, SECRET, move |_| quic.clone());
+    wait_for_edges(&net, 2);
+    let names = vec!["q0".to_string()];
+    let mut viewers = vec![net.viewer(
+        "q0",
+        0,
+        12.0,
+        &viewer_args(0, &["--transport", "quic", "--tls-ca", &ca]),
+    )];
+    let on = wait_watching(&net, &names, 2).remove(0);
+    let i = net
+        .edges
+        .iter()
+        .position(|e| e.udp().to_string() == on)
+        .expect("the viewer's edge is one of ours");
+    let other = net.edges[1 - i].udp().to_string();
+    let joins = metrics::sum(
+        net.edges[1 - i].metrics(),
+        "braid_edge_viewer_joins_total",
+        &[],
+    );
+    assert_eq!(
+        joins, 0.0,
+        "the other set's edge has had no viewer: it is cold"
+    );
+    net.edges[i].kill();
+    let st = assert_viewers_whole(&net, &mut viewers, 12.0).remove(0);
+    assert_eq!(st["transport"], "quic", "{st}");
+    let sw = &st["switches"][0];
+    assert_eq!(sw["from"], on.as_str(), "{st}");
+    assert_eq!(sw["to"], other.as_str(), "{st}");
+    assert_eq!(sw["lost"], 0, "{st}");
+    assert_eq!(st["skipped"], 0, "{st}");
+}
