@@ -33,7 +33,16 @@ impl ApiError {
 pub struct Api {
     registry: Registry,
     signer: Option<Signer>,
+    /// When a refused report was last logged (each is counted).
+    warned_bad_report: Option<Instant>,
+    /// The operator's token (operator actions are refused without one).
+    operator_token: Option<String>,
+    /// When a refused operator action was last logged.
+    warned_operator: Option<Instant>,
 }
+
+/// A hostile request's warning is logged at most this often (each is counted).
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// The network a viewer's address belongs to (/24, or /48 over IPv6): probe timings are
 /// kept per network.
@@ -56,6 +65,9 @@ impl Api {
         Api {
             registry: Registry::new(rule, down_after),
             signer,
+            warned_bad_report: None,
+            operator_token: None,
+            warned_operator: None,
         }
     }
 
@@ -77,11 +89,82 @@ impl Api {
             })
     }
 
+    /// Operator actions need `token` (empty: none is allowed).
+    pub fn with_operator_token(mut self, token: &str) -> Api {
+        self.operator_token = (!token.is_empty()).then(|| token.to_owned());
+        self
+    }
+
+    /// Whether `given` is the operator's token (compared in constant time): 401 when
+    /// it is missing or wrong, 403 when this server takes no operator actions.
+    pub fn check_operator(&mut self, given: Option<&str>) -> Result<(), ApiError> {
+        let Some(want) = &self.operator_token else {
+            metrics::counter!("braid_control_refused_total", "reason" => "operator").increment(1);
+            return Err(ApiError::new(
+                403,
+                "operator actions are off: start the control server with --operator-token",
+            ));
+        };
+        let given = given.unwrap_or("").as_bytes();
+        let same = given.len() == want.len()
+            && given
+                .iter()
+                .zip(want.as_bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if same {
+            return Ok(());
+        }
+        metrics::counter!("braid_control_refused_total", "reason" => "operator").increment(1);
+        let now = Instant::now();
+        if self
+            .warned_operator
+            .is_none_or(|t| now.duration_since(t) >= WARN_EVERY)
+        {
+            self.warned_operator = Some(now);
+            tracing::warn!(
+                "operator action refused: missing or wrong operator token (counted in braid_control_refused_total{{reason=\"operator\"}}; logged at most every 10 s)"
+            );
+        }
+        Err(ApiError::new(401, "operator token missing or wrong"))
+    }
+
+    /// Forgets nodes silent for a minute (call now and then).
+    pub fn housekeeping(&mut self, now: Instant) {
+        let n = self.registry.forget_silent(now);
+        if n > 0 {
+            metrics::counter!("braid_control_nodes_forgotten_total").increment(n as u64);
+        }
+        metrics::gauge!("braid_control_nodes").set(self.registry.len() as f64);
+    }
+
     /// `POST /v1/report`.
     pub fn report(&mut self, now: Instant, r: Report) -> Result<registry::ReportReply, ApiError> {
+        if let Err(text) = r.validate() {
+            metrics::counter!("braid_control_refused_total", "reason" => "bad_report").increment(1);
+            if self
+                .warned_bad_report
+                .is_none_or(|t| now.duration_since(t) >= WARN_EVERY)
+            {
+                self.warned_bad_report = Some(now);
+                tracing::warn!(
+                    node = r.node,
+                    "report refused: {text} (counted in braid_control_refused_total{{reason=\"bad_report\"}}; logged at most every 10 s)"
+                );
+            }
+            return Err(ApiError::new(400, format!("report refused: {text}")));
+        }
+        let full = self.registry.len() >= registry::MAX_NODES;
         self.registry.handle_report(now, r).map_err(|text| {
-            tracing::warn!("report refused: {text}");
-            ApiError::new(409, text)
+            // A full registry is a condition of this server, not a clash of ids.
+            let status = if full { 503 } else { 409 };
+            metrics::counter!("braid_control_refused_total", "reason" => if full { "full" } else { "node_id_taken" })
+                .increment(1);
+            if self.warned_bad_report.is_none_or(|t| now.duration_since(t) >= WARN_EVERY) {
+                self.warned_bad_report = Some(now);
+                tracing::warn!("report refused: {text} (logged at most every 10 s)");
+            }
+            ApiError::new(status, text)
         })
     }
 

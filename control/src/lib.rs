@@ -33,7 +33,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use axum::extract::{ConnectInfo, Path as UrlPath, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -80,6 +80,16 @@ pub struct Config {
     #[arg(long, default_value_t = 3000)]
     #[serde(default = "default_down_ms")]
     pub down_ms: u64,
+    /// Operator actions (drain, undrain) need `Authorization: Bearer` this token
+    /// (`braid-ctl --operator-token`). Empty: operator actions are refused.
+    #[arg(
+        long,
+        env = "BRAID_OPERATOR_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
+    #[serde(default)]
+    pub operator_token: String,
 }
 
 fn default_listen() -> SocketAddr {
@@ -262,18 +272,33 @@ async fn switch(
 
 async fn drain(
     State(app): State<Shared>,
+    headers: HeaderMap,
     UrlPath(node): UrlPath<u64>,
 ) -> Result<&'static str, HttpError> {
-    lock(&app).drain(node, true)?;
+    let mut api = lock(&app);
+    api.check_operator(bearer(&headers))?;
+    api.drain(node, true)?;
     Ok("draining\n")
 }
 
 async fn undrain(
     State(app): State<Shared>,
+    headers: HeaderMap,
     UrlPath(node): UrlPath<u64>,
 ) -> Result<&'static str, HttpError> {
-    lock(&app).drain(node, false)?;
+    let mut api = lock(&app);
+    api.check_operator(bearer(&headers))?;
+    api.drain(node, false)?;
     Ok("serving\n")
+}
+
+/// The bearer token of a request's `Authorization` header, if any.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
 }
 
 async fn feedback(
@@ -351,12 +376,22 @@ fn html_escape(s: &str) -> String {
 
 /// The API router, for tests and for [`run`].
 pub fn router(config: &Config) -> anyhow::Result<Router> {
-    let app: Shared = Arc::new(Mutex::new(Api::new(
-        config.set_rule()?,
-        Duration::from_millis(config.down_ms),
-        (!config.token_secret.is_empty()).then(|| Signer::new(&config.token_secret)),
-    )));
-    Ok(Router::new()
+    Ok(routes(shared(config)?))
+}
+
+fn shared(config: &Config) -> anyhow::Result<Shared> {
+    Ok(Arc::new(Mutex::new(
+        Api::new(
+            config.set_rule()?,
+            Duration::from_millis(config.down_ms),
+            (!config.token_secret.is_empty()).then(|| Signer::new(&config.token_secret)),
+        )
+        .with_operator_token(&config.operator_token),
+    )))
+}
+
+fn routes(app: Shared) -> Router {
+    Router::new()
         .route("/", get(status_html))
         .route("/v1/status", get(status_json))
         .route("/v1/report", post(report))
@@ -365,12 +400,13 @@ pub fn router(config: &Config) -> anyhow::Result<Router> {
         .route("/v1/drain/{node}", post(drain).delete(undrain))
         .route("/v1/feedback", post(feedback))
         .route("/v1/reflectors", get(reflectors))
-        .with_state(app))
+        .with_state(app)
 }
 
 /// Runs the control server until `shutdown` fires.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let app = router(&config)?;
+    let app_state = shared(&config)?;
+    let app = routes(app_state.clone());
     let metrics_addr = braid_net::daemon::serve_metrics(config.metrics, shutdown.clone()).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -383,6 +419,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             ("metrics", metrics_addr.to_string()),
         ],
     );
+    // Silent nodes are forgotten: the registry does not grow with every id ever seen.
+    let keeper = app_state.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => lock(&keeper).housekeeping(Instant::now()),
+            }
+        }
+    });
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

@@ -104,6 +104,61 @@ fn default_capacity() -> u64 {
     1000
 }
 
+/// Most viewers a node may say it takes or has (a 100 Gbps edge at 1 Mbps a viewer).
+pub const MAX_VIEWERS: u64 = 100_000;
+/// Most bytes of a region's name.
+pub const MAX_REGION: usize = 64;
+/// Most cost tiers.
+pub const MAX_COST_TIER: u8 = 15;
+/// Most egress a node may report, bits per second (10 Tbps).
+pub const MAX_EGRESS_BPS: u64 = 10_000_000_000_000;
+/// Most CPU a node may report, cores.
+pub const MAX_CPU: f64 = 4096.0;
+
+impl Report {
+    /// Refuses, with a sentence, a report no real node sends: an address no one can
+    /// reach (port 0, an unspecified or multicast IP), a region that is not a short
+    /// printable name, or figures out of any real range (viewers, capacity, CPU, egress,
+    /// cost tier). Such a report would otherwise steer viewers.
+    pub fn validate(&self) -> Result<(), String> {
+        let reachable =
+            |a: &SocketAddr| a.port() != 0 && !a.ip().is_unspecified() && !a.ip().is_multicast();
+        if !reachable(&self.addr) {
+            return Err(format!("address {} cannot be reached", self.addr));
+        }
+        if let Some(q) = &self.quic {
+            if !reachable(q) {
+                return Err(format!("QUIC address {q} cannot be reached"));
+            }
+        }
+        if self.region.len() > MAX_REGION
+            || !self
+                .region
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(format!(
+                "region must be at most {MAX_REGION} letters, digits, '-', '_' or '.'"
+            ));
+        }
+        if self.capacity == 0 || self.capacity > MAX_VIEWERS || self.viewers > MAX_VIEWERS {
+            return Err(format!(
+                "capacity and viewers must be within 1..={MAX_VIEWERS} and 0..={MAX_VIEWERS}"
+            ));
+        }
+        if !(self.cpu.is_finite() && (0.0..=MAX_CPU).contains(&self.cpu)) {
+            return Err(format!("cpu must be within 0..={MAX_CPU} cores"));
+        }
+        if self.egress_bps > MAX_EGRESS_BPS {
+            return Err(format!("egress must be at most {MAX_EGRESS_BPS} bit/s"));
+        }
+        if self.cost_tier > MAX_COST_TIER {
+            return Err(format!("cost tier must be at most {MAX_COST_TIER}"));
+        }
+        Ok(())
+    }
+}
+
 /// What the control server tells a reporting node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReportReply {
@@ -174,6 +229,11 @@ struct Feedback {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Switches(pub HashMap<String, u64>);
 
+/// A node silent this long is forgotten.
+pub const FORGET_AFTER: Duration = Duration::from_secs(60);
+/// Most nodes a registry knows at once.
+pub const MAX_NODES: usize = 10_000;
+
 /// The registry.
 #[derive(Debug)]
 pub struct Registry {
@@ -201,10 +261,38 @@ impl Registry {
         }
     }
 
+    /// Forgets nodes silent for [`FORGET_AFTER`] (a node that comes back reports again,
+    /// drained or not as it was told).
+    pub fn forget_silent(&mut self, now: Instant) -> usize {
+        let before = self.nodes.len();
+        self.nodes
+            .retain(|_, n| now.saturating_duration_since(n.last) < FORGET_AFTER);
+        before - self.nodes.len()
+    }
+
+    /// Nodes known (live or not yet forgotten).
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether no node is known.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
     /// A node's report. A node id that another live node (another address or role)
     /// already reports under is refused with a sentence saying so: otherwise the two
-    /// would overwrite each other, one second each.
+    /// would overwrite each other, one second each. A new node is refused while
+    /// [`MAX_NODES`] are known.
     pub fn handle_report(&mut self, now: Instant, report: Report) -> Result<ReportReply, String> {
+        if !self.nodes.contains_key(&report.node) && self.nodes.len() >= MAX_NODES {
+            self.forget_silent(now);
+            if self.nodes.len() >= MAX_NODES {
+                return Err(format!(
+                    "this control server knows {MAX_NODES} nodes already: no room for another"
+                ));
+            }
+        }
         if let Some(n) = self.nodes.get(&report.node) {
             if self.live(now, n) && (n.report.addr != report.addr || n.report.role != report.role) {
                 return Err(format!(
@@ -635,5 +723,120 @@ mod tests {
         full.capacity = 100;
         r.handle_report(t, full).unwrap();
         assert_eq!(r.assign(t, "", ""), Err(AssignError::NoEdge));
+    }
+
+    #[test]
+    fn reports_no_real_node_sends_are_refused_with_a_reason() {
+        let good = edge(1, 9000, 10);
+        assert!(good.validate().is_ok());
+        let bad: Vec<(&str, Report)> = vec![
+            (
+                "port 0",
+                Report {
+                    addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                    ..good.clone()
+                },
+            ),
+            (
+                "unspecified",
+                Report {
+                    addr: SocketAddr::from(([0, 0, 0, 0], 9000)),
+                    ..good.clone()
+                },
+            ),
+            (
+                "quic port 0",
+                Report {
+                    quic: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+                    ..good.clone()
+                },
+            ),
+            (
+                "viewers",
+                Report {
+                    viewers: u64::MAX,
+                    ..good.clone()
+                },
+            ),
+            (
+                "capacity 0",
+                Report {
+                    capacity: 0,
+                    ..good.clone()
+                },
+            ),
+            (
+                "cpu",
+                Report {
+                    cpu: 1e308,
+                    ..good.clone()
+                },
+            ),
+            (
+                "cpu nan",
+                Report {
+                    cpu: f64::NAN,
+                    ..good.clone()
+                },
+            ),
+            (
+                "region",
+                Report {
+                    region: "x".repeat(1 << 20),
+                    ..good.clone()
+                },
+            ),
+            (
+                "region chars",
+                Report {
+                    region: "<script>".into(),
+                    ..good.clone()
+                },
+            ),
+            (
+                "egress",
+                Report {
+                    egress_bps: u64::MAX,
+                    ..good.clone()
+                },
+            ),
+            (
+                "tier",
+                Report {
+                    cost_tier: 200,
+                    ..good.clone()
+                },
+            ),
+        ];
+        for (what, r) in bad {
+            assert!(r.validate().is_err(), "{what} accepted");
+        }
+    }
+
+    #[test]
+    fn silent_nodes_are_forgotten_and_the_registry_is_bounded() {
+        let mut r = Registry::new(SetRule::Parity, Duration::from_secs(3));
+        let t = Instant::now();
+        for i in 0..MAX_NODES as u64 {
+            r.handle_report(t, edge(i, 9000 + (i % 1000) as u16, 0))
+                .unwrap();
+        }
+        assert_eq!(r.len(), MAX_NODES);
+        // Full: a new id is refused while every known node is recent…
+        assert!(
+            r.handle_report(t + Duration::from_secs(1), edge(u64::MAX, 9000, 0))
+                .is_err()
+        );
+        // …and a known one still reports.
+        assert!(
+            r.handle_report(t + Duration::from_secs(1), edge(5, 9005, 0))
+                .is_ok()
+        );
+        // A minute later the silent ones are forgotten and there is room again.
+        let later = t + FORGET_AFTER + Duration::from_secs(1);
+        assert!(r.handle_report(later, edge(u64::MAX, 9000, 0)).is_ok());
+        assert_eq!(r.len(), 1, "only the node that just reported is known");
+        assert_eq!(r.forget_silent(later + FORGET_AFTER), 1);
+        assert!(r.is_empty());
     }
 }

@@ -1196,6 +1196,9 @@ pub struct ControlNet {
     pub edge_args: Vec<Vec<String>>,
 }
 
+/// The operator token of [`ControlNet`]'s control servers (drain, undrain).
+pub const OPERATOR_TOKEN: &str = "test operator token";
+
 /// A free port of the given parity (UDP and TCP).
 pub fn port_of_parity(even: bool) -> u16 {
     for _ in 0..1000 {
@@ -1232,6 +1235,8 @@ impl ControlNet {
                     s(&"127.0.0.1:0"),
                     s(&"--token-secret"),
                     token_secret.to_owned(),
+                    s(&"--operator-token"),
+                    s(&OPERATOR_TOKEN),
                 ],
                 &p(&format!("control{i}.log")),
             ));

@@ -101,14 +101,17 @@ fn get(url: &str) -> (u16, serde_json::Value) {
     )
 }
 
-fn post(url: &str) -> u16 {
+/// POSTs nothing to `url`, with `operator` as the bearer token if given.
+fn post_as(url: &str, operator: Option<&str>) -> u16 {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
         .into();
-    agent
-        .post(url)
-        .send_empty()
+    let mut req = agent.post(url);
+    if let Some(t) = operator {
+        req = req.header("Authorization", &format!("Bearer {t}"));
+    }
+    req.send_empty()
         .expect("control server answers")
         .status()
         .as_u16()
@@ -296,6 +299,7 @@ fn draining_an_edge_moves_its_viewers_without_loss() {
     // Drain with the operator's command line (it goes through the API).
     let out = std::process::Command::new(braid_tests::bin("braid-ctl"))
         .args(["--control", &net.urls()[0], "drain", "200"])
+        .env("BRAID_OPERATOR_TOKEN", braid_tests::OPERATOR_TOKEN)
         .output()
         .expect("braid-ctl");
     assert!(
@@ -304,8 +308,32 @@ fn draining_an_edge_moves_its_viewers_without_loss() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("draining"));
-    // An unknown node is refused.
-    assert_eq!(post(&format!("{}/v1/drain/999", net.urls()[0])), 404);
+    // An unknown node is refused; nobody without the operator token drains anything.
+    let drain_url = |n: u64| format!("{}/v1/drain/{n}", net.urls()[0]);
+    assert_eq!(
+        post_as(&drain_url(999), Some(braid_tests::OPERATOR_TOKEN)),
+        404
+    );
+    assert_eq!(post_as(&drain_url(201), None), 401);
+    assert_eq!(post_as(&drain_url(201), Some("a guess")), 401);
+    // A report no real node sends is refused with its reason, and steers nobody.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    for bad in [
+        r#"{"node": 77, "role": "edge", "addr": "127.0.0.1:0"}"#,
+        r#"{"node": 78, "role": "edge", "addr": "127.0.0.1:9100", "viewers": 18446744073709551615}"#,
+        r#"{"node": 79, "role": "edge", "addr": "127.0.0.1:9102", "cpu": 1e308}"#,
+    ] {
+        let mut r = agent
+            .post(&format!("{}/v1/report", net.urls()[0]))
+            .header("Content-Type", "application/json")
+            .send(bad)
+            .expect("control server answers");
+        let body = r.body_mut().read_to_string().unwrap_or_default();
+        assert_eq!(r.status().as_u16(), 400, "{bad}: {body}");
+    }
     // New viewers go elsewhere while the drained edge's viewers are still moving.
     for c in 100..110u64 {
         let (_, a) = get(&format!(

@@ -2,6 +2,7 @@
 //!
 //! ```sh
 //! braid-ctl --control http://127.0.0.1:7100 drain 201     # its viewers move, no new ones
+//!                                                         # (BRAID_OPERATOR_TOKEN set)
 //! braid-ctl --control http://127.0.0.1:7100 undrain 201
 //! braid-ctl --control http://127.0.0.1:7100 status
 //! braid-ctl token --secret S --stream 1 --client 42 --ttl 3600
@@ -27,6 +28,14 @@ struct Cli {
         value_delimiter = ','
     )]
     controls: Vec<String>,
+    /// The control servers' operator token (drain, undrain).
+    #[arg(
+        long,
+        env = "BRAID_OPERATOR_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
+    operator_token: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -148,10 +157,11 @@ fn main() -> ExitCode {
             let mut ok = 0;
             for c in &cli.controls {
                 let url = format!("{}/v1/drain/{node}", c.trim_end_matches('/'));
+                let auth = format!("Bearer {}", cli.operator_token);
                 let res = if drain {
-                    agent.post(&url).send_empty()
+                    agent.post(&url).header("Authorization", &auth).send_empty()
                 } else {
-                    agent.delete(&url).call()
+                    agent.delete(&url).header("Authorization", &auth).call()
                 };
                 match res.map(|mut r| {
                     (
