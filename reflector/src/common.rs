@@ -29,6 +29,8 @@ pub struct Settings {
     pub merge: merge::Config,
     /// Most subscribers (set reflector) or viewers (edge) per stream.
     pub max_per_stream: usize,
+    /// Most streams open at once.
+    pub max_streams: usize,
 }
 
 impl Settings {
@@ -89,6 +91,8 @@ pub struct Counters {
     /// Set reflectors subscribed beyond `subscribe_k` because repairs kept failing
     /// (edge).
     pub extra_subscriptions: u64,
+    /// Streams closed for having no subscriber and no media (set reflector).
+    pub streams_closed: u64,
     /// New subscribers sent the latest group of pictures at once (set reflector).
     pub prebursts: u64,
     /// Packets those prebursts carried (set reflector).

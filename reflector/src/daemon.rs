@@ -387,6 +387,7 @@ fn export(role: &'static str, machine: &Machine) {
     by_role("braid_merge_gap_packets_total", c.gap_packets);
     by_role("braid_tail_probes_total", c.tail_probes);
     by_role("braid_prebursts_total", c.prebursts);
+    by_role("braid_streams_closed_total", c.streams_closed);
     by_role("braid_extra_subscriptions_total", c.extra_subscriptions);
     by_role("braid_preburst_packets_total", c.preburst_packets);
     by_role("braid_refusals_received_total", c.refusals);
@@ -402,7 +403,9 @@ fn export(role: &'static str, machine: &Machine) {
         metrics::counter!("braid_edge_drain_signals_total").absolute(c.drain_signals);
         metrics::gauge!("braid_viewers").set(m.viewers() as f64);
     }
-    for st in machine.reports() {
+    let reports = machine.reports();
+    metrics::gauge!("braid_streams_open", "role" => role).set(reports.len() as f64);
+    for st in reports {
         let stream = st.id.0.to_string();
         let set = |name: &'static str, v: u64| {
             metrics::counter!(name, "role" => role, "stream" => stream.clone()).absolute(v);

@@ -554,10 +554,11 @@ impl Edge {
         let (max_stream, max_node) = (self.config.settings.max_per_stream, self.config.max_viewers);
         let node_full = self.viewers >= max_node;
         let lease = Duration::from_millis(u64::from(watch.lease_ms)).min(MAX_LEASE);
-        let Ok(st) = self.stream(id, now) else {
-            return;
-        };
-        if let Some(v) = st.viewers.get_mut(&from) {
+        if let Some(v) = self
+            .streams
+            .get_mut(&id)
+            .and_then(|st| st.viewers.get_mut(&from))
+        {
             v.expires = now + lease;
             if watch.acked > v.acked {
                 v.acked = watch.acked;
@@ -605,6 +606,22 @@ impl Edge {
                 self.reply_error(from, id, ErrorCode::UNAUTHORIZED, &text);
                 return;
             }
+        }
+        // A stream is opened (and subscribed upstream) only for a viewer let in, and
+        // only so many at once.
+        if !self.streams.contains_key(&id) && self.streams.len() >= self.config.settings.max_streams
+        {
+            self.counters.drops.add("stream_cap");
+            self.reply_error(
+                from,
+                id,
+                ErrorCode::CAPACITY,
+                "too many streams on this edge",
+            );
+            return;
+        }
+        if self.stream(id, now).is_err() {
+            return;
         }
         let Some(st) = self.streams.get_mut(&id) else {
             return;
@@ -1095,6 +1112,7 @@ mod tests {
                 streams: Vec::new(),
                 merge: merge::Config::default(),
                 max_per_stream: 100,
+                max_streams: 16,
             },
             reflectors: vec![set()],
             subscribe_k: 2,

@@ -152,6 +152,11 @@ pub struct Config {
     #[arg(long, default_value_t = 1000)]
     #[serde(default = "default_max_per_stream")]
     pub max_per_stream: usize,
+    /// Most streams open at once: a set reflector opens one for an authenticated
+    /// subscriber or upstream, an edge for a viewer it lets in; an idle one closes.
+    #[arg(long, default_value_t = 256)]
+    #[serde(default = "default_max_streams")]
+    pub max_streams: usize,
     /// Most viewers on this node (edge role).
     #[arg(long, default_value_t = 5000)]
     #[serde(default = "default_max_viewers")]
@@ -231,6 +236,9 @@ fn default_linger_ms() -> u64 {
 fn default_max_per_stream() -> usize {
     1000
 }
+fn default_max_streams() -> usize {
+    256
+}
 fn default_max_viewers() -> usize {
     5000
 }
@@ -280,8 +288,14 @@ impl DaemonConfig for Config {
         if self.reflectors.len() > 64 || self.upstreams.len() > 64 {
             anyhow::bail!("at most 64 reflectors or upstreams");
         }
-        if self.max_per_stream == 0 || self.max_viewers == 0 || self.viewer_window == 0 {
-            anyhow::bail!("max_per_stream, max_viewers and viewer_window must be above zero");
+        if self.max_per_stream == 0
+            || self.max_viewers == 0
+            || self.viewer_window == 0
+            || self.max_streams == 0
+        {
+            anyhow::bail!(
+                "max_per_stream, max_streams, max_viewers and viewer_window must be above zero"
+            );
         }
         if self.subscribe_rate == 0 {
             anyhow::bail!("subscribe_rate must be above zero");
@@ -318,6 +332,7 @@ impl Config {
             streams: self.streams.iter().map(|s| StreamId(*s)).collect(),
             merge: self.merge_config(),
             max_per_stream: self.max_per_stream,
+            max_streams: self.max_streams,
         }
     }
 

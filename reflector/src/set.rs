@@ -81,7 +81,14 @@ struct Stream {
     tail: TailProbe,
     /// New subscribers still being sent the latest group of pictures.
     prebursts: Vec<Preburst>,
+    /// When media last came in.
+    last_media: Option<Instant>,
+    /// When it opened.
+    opened: Instant,
 }
+
+/// A stream with no subscriber and no media for this long is closed.
+const IDLE_CLOSE: Duration = Duration::from_secs(30);
 
 /// The set reflector's state machine.
 pub struct SetReflector {
@@ -172,6 +179,19 @@ impl SetReflector {
         }
         if self.next_housekeeping.is_none_or(|t| now >= t) {
             self.next_housekeeping = Some(now + HOUSEKEEPING);
+            // A stream nobody subscribes to and nothing feeds is closed: state does not
+            // grow with every stream id ever named.
+            let before = self.streams.len();
+            self.streams.retain(|id, st| {
+                let idle = st.subscribers.is_empty()
+                    && now.saturating_duration_since(st.last_media.unwrap_or(st.opened))
+                        >= IDLE_CLOSE;
+                if idle {
+                    tracing::info!(stream = id.0, "stream idle: closed");
+                }
+                !idle
+            });
+            self.counters.streams_closed += (before - self.streams.len()) as u64;
             for st in self.streams.values_mut() {
                 st.kept.handle_timeout(now);
                 st.subscribers.retain(|_, exp| *exp > now);
@@ -257,6 +277,8 @@ impl SetReflector {
                     dirty: false,
                     tail: TailProbe::default(),
                     prebursts: Vec::new(),
+                    last_media: None,
+                    opened: self.now.unwrap_or_else(Instant::now),
                 },
             );
         }
@@ -301,6 +323,9 @@ impl SetReflector {
         }
         match msg.body {
             Body::Media(media) => {
+                if !self.has_room_for(id) {
+                    return;
+                }
                 let Some(path) = self.path_of(id, from) else {
                     self.counters.drops.add("unknown_peer");
                     return;
@@ -323,6 +348,7 @@ impl SetReflector {
                     media,
                 );
                 st.dirty = true;
+                st.last_media = Some(now);
             }
             Body::Subscribe(s) | Body::Refresh(s) => {
                 let wants_gop = msg.header.flags.contains(Flags::KEYFRAME);
@@ -385,10 +411,10 @@ impl SetReflector {
         wants_gop: bool,
     ) {
         let max = self.config.settings.max_per_stream;
-        let Ok(st) = self.stream(id) else {
-            return;
-        };
-        let new = !st.subscribers.contains_key(&from);
+        let new = self
+            .streams
+            .get(&id)
+            .is_none_or(|st| !st.subscribers.contains_key(&from));
         if new && !self.subscribe_allowed(now, from) {
             self.counters.drops.add("subscribe_rate");
             self.reply_error(
@@ -396,6 +422,16 @@ impl SetReflector {
                 id,
                 ErrorCode::CAPACITY,
                 "too many new subscriptions from this address: slow down",
+            );
+            return;
+        }
+        // A stream is opened for a subscriber only within the rate above and the cap.
+        if !self.has_room_for(id) {
+            self.reply_error(
+                Peer::Addr(from),
+                id,
+                ErrorCode::CAPACITY,
+                "too many streams on this set reflector",
             );
             return;
         }
@@ -461,6 +497,16 @@ impl SetReflector {
             more |= !st.prebursts.is_empty();
         }
         self.next_preburst = more.then_some(now + PREBURST_EVERY);
+    }
+
+    /// Whether stream `id` is open or may be opened (fewer than `max_streams` are);
+    /// counts a refusal.
+    fn has_room_for(&mut self, id: StreamId) -> bool {
+        if self.streams.contains_key(&id) || self.streams.len() < self.config.settings.max_streams {
+            return true;
+        }
+        self.counters.drops.add("stream_cap");
+        false
     }
 
     /// Spends one of `from`'s IP address's new subscriptions for this second.

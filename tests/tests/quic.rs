@@ -409,6 +409,82 @@ fn new_subscriptions_beyond_the_rate_are_refused_and_counted() {
     );
 }
 
+/// Trust issue: a node naming stream after stream (20,000 distinct ids here, each in
+/// a subscribe) opens at most `--max-streams` of them at a set reflector; the rest are
+/// refused with a reason and counted, and the set reflector stays small.
+#[test]
+fn distinct_stream_ids_open_at_most_max_streams() {
+    use braid_core::NodeId;
+    use braid_core::wire::{Body, Codec, Flags, Header, Key, Message, Subscription};
+
+    let dir = braid_tests::test_dir();
+    let set = Proc::start(
+        "set",
+        "braid-reflector",
+        &[
+            "--role".into(),
+            "set".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--subscribe-rate".into(),
+            "100000".into(),
+            "--max-streams".into(),
+            "64".into(),
+        ],
+        &dir.path().join("set.log"),
+    );
+    let rss = |pid: u32| -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let before = rss(set.pid());
+    let codec = Codec::new(Key::derive(braid_tests::NETWORK_KEY));
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket");
+    let mut buf = bytes::BytesMut::new();
+    for id in 0..20_000u32 {
+        buf.clear();
+        let msg = Message {
+            header: Header {
+                stream: braid_core::StreamId(id + 1),
+                flags: Flags::empty(),
+                ..Header::default()
+            },
+            body: Body::Subscribe(Subscription {
+                node: NodeId(7),
+                lease_ms: 3000,
+            }),
+        };
+        codec.encode(&msg, &mut buf).expect("encodes");
+        sock.send_to(&buf, set.udp()).expect("send");
+        if id % 500 == 0 {
+            // Paced a little, so the kernel's receive buffer does not do the refusing.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let refused = metrics::sum_when(
+        set.metrics(),
+        "braid_dropped_total",
+        &["reason=\"stream_cap\""],
+        Duration::from_secs(10),
+        |v| v >= 19_000.0,
+    );
+    let open = metrics::sum(set.metrics(), "braid_streams_open", &[]);
+    let after = rss(set.pid());
+    eprintln!("streams open {open}, refused {refused}, RSS {before} kB -> {after} kB");
+    assert_eq!(open, 64.0, "at most --max-streams open");
+    assert!(
+        refused >= 19_000.0,
+        "the others refused and counted: {refused}"
+    );
+    assert!(
+        after < before + 30_000,
+        "memory stays bounded: {before} kB -> {after} kB"
+    );
+}
+
 /// Set reflectors that accept QUIC tell the control server so; edges that learn the set
 /// reflectors there reach them over QUIC, report their own QUIC address, and a client that
 /// asks the control server watches over QUIC by default, byte for byte.
