@@ -205,7 +205,14 @@ struct Peer {
     retry_at: Option<Instant>,
     backoff: Duration,
     down_since: Option<Instant>,
+    /// When its connection came up: one that dies within [`STABLE`] does not reset the
+    /// backoff (a peer refusing this node's certificate after the handshake would
+    /// otherwise be redialed at once, over and over).
+    up_since: Option<Instant>,
 }
+
+/// A connection up this long counts as working: losing it then redials at once.
+const STABLE: Duration = Duration::from_secs(2);
 
 /// A daemon's QUIC endpoint and its connections. Owned by the daemon's task, inside its
 /// [`crate::udp::Socket`].
@@ -590,9 +597,9 @@ impl Quic {
             } => {
                 let p = self.peers.entry(peer).or_default();
                 p.connecting = false;
-                p.backoff = Duration::ZERO;
                 p.retry_at = None;
                 p.down_since = None;
+                p.up_since = Some(now);
                 for m in p.pending.drain(..) {
                     if control.try_send(m).is_err() {
                         dropped(self.role, "control_queue_full");
@@ -623,6 +630,14 @@ impl Quic {
                 }
                 p.conn = None;
                 p.down_since = Some(now);
+                match p.up_since.take() {
+                    Some(t) if now.duration_since(t) >= STABLE => p.backoff = Duration::ZERO,
+                    _ => {
+                        // Died young: the next dial waits, longer each time.
+                        p.backoff = (p.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
+                        p.retry_at = Some(now + p.backoff);
+                    }
+                }
                 if !p.dial && !p.pending.is_empty() {
                     // Meant for that connection, not for whoever connects from the same
                     // address next.

@@ -409,6 +409,58 @@ fn new_subscriptions_beyond_the_rate_are_refused_and_counted() {
     );
 }
 
+/// Trust issue: a capture whose certificate the entry point refuses (it trusts the
+/// entry point's CA, so its own side of the TLS 1.3 handshake completes before the
+/// refusal) redials with a growing backoff, not at once: a connection that dies within
+/// two seconds of coming up does not reset it (it redialed about 22 times a second).
+#[test]
+fn a_refused_capture_backs_off_instead_of_redialing_at_once() {
+    let net = Net::start(Spec {
+        seconds: 10.0,
+        viewers: 0,
+        capture: false,
+        quic_capture: true,
+        ..Spec::default()
+    });
+    let rogue = net.path("rogue");
+    braid_net::tls::make_dev_certs(&rogue, &["capture".into()], &[]).expect("certs");
+    let file = |d: &std::path::Path, f: &str| d.join(f).display().to_string();
+    let mut capture = Proc::spawn(
+        "capture",
+        "braid-capture",
+        &[
+            "--entry".into(),
+            format!("quic://{}", net.entries[0].quic()),
+            "--stream-key".into(),
+            braid_tests::STREAM_KEY.into(),
+            "--duration".into(),
+            "5".into(),
+            "--bind".into(),
+            "127.0.0.1:0".into(),
+            "--tls-cert".into(),
+            file(&rogue, "capture.pem"),
+            "--tls-key".into(),
+            file(&rogue, "capture.key"),
+            "--tls-ca".into(),
+            file(&net.path("certs"), "ca.pem"),
+        ],
+        &net.path("capture.log"),
+    );
+    // It gives up after its 5 s.
+    let _ = capture.wait(Duration::from_secs(20));
+    let refused = metrics::sum(
+        net.entries[0].metrics(),
+        "braid_quic_handshake_failed_total",
+        &["side=\"accept\""],
+    );
+    eprintln!("the entry point refused {refused} handshakes in 5 s");
+    assert!(refused >= 1.0, "the capture's certificate was refused");
+    assert!(
+        refused <= 20.0,
+        "{refused} handshakes in 5 s: the capture redials without backing off"
+    );
+}
+
 /// Trust issue: a node naming stream after stream (20,000 distinct ids here, each in
 /// a subscribe) opens at most `--max-streams` of them at a set reflector; the rest are
 /// refused with a reason and counted, and the set reflector stays small.
