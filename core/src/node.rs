@@ -367,6 +367,30 @@ pub fn answer_nack<T: Kept, E>(
     answer
 }
 
+/// At most one log line per period for a warning anyone can provoke (a wrong key, a bad
+/// request): each occurrence is counted elsewhere; the line says how many it stands for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogLimit {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl LogLimit {
+    /// One more occurrence at `now`: `Some(n)` when a line may be written now, standing
+    /// for `n` occurrences (this one and those not logged since the last line).
+    pub fn allow(&mut self, now: Instant, every: Duration) -> Option<u64> {
+        self.since += 1;
+        if self
+            .last
+            .is_some_and(|t| now.saturating_duration_since(t) < every)
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.since))
+    }
+}
+
 /// A node's clock for things that need wall time (token expiry): the wall time that
 /// went with one instant, given by the owner, so the machine never reads a clock.
 #[derive(Debug, Clone, Copy)]
@@ -526,5 +550,18 @@ mod tests {
             (d.get("a"), d.get("b"), d.get("c"), d.total()),
             (2, 1, 0, 3)
         );
+    }
+
+    #[test]
+    fn a_provoked_warning_is_written_once_a_period_and_says_how_many_it_stands_for() {
+        let t = t0();
+        let every = Duration::from_secs(10);
+        let mut l = LogLimit::default();
+        assert_eq!(l.allow(t, every), Some(1));
+        for k in 1..20_000u64 {
+            assert_eq!(l.allow(t + Duration::from_micros(k), every), None);
+        }
+        assert_eq!(l.allow(t + every, every), Some(20_000));
+        assert_eq!(l.allow(t + every * 3, every), Some(1));
     }
 }

@@ -123,7 +123,12 @@ pub struct EntryPoint {
     streams: BTreeMap<StreamId, Stream>,
     out: Outbox<Infallible>,
     counters: Counters,
+    /// Wrong stream keys are logged at most every [`WARN_EVERY`].
+    wrong_key_log: node::LogLimit,
 }
+
+/// A warning anyone can provoke is logged at most this often (each is counted).
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 impl EntryPoint {
     /// An entry point for `config`'s streams, reading and signing with `codec`.
@@ -151,6 +156,7 @@ impl EntryPoint {
             streams,
             out: Outbox::new(codec),
             counters: Counters::default(),
+            wrong_key_log: node::LogLimit::default(),
         })
     }
 
@@ -244,7 +250,13 @@ impl EntryPoint {
                     })
                 } else {
                     self.counters.publish_refused += 1;
-                    tracing::warn!("{from} tried to publish stream {id} with a wrong key");
+                    if let Some(n) = self.wrong_key_log.allow(now, WARN_EVERY) {
+                        tracing::warn!(
+                            "{from} tried to publish stream {id} with a wrong key ({n} wrong \
+                             keys since the last such line; all counted in \
+                             braid_entrypoint_publish_total{{result=\"refused\"}})"
+                        );
+                    }
                     Body::Error {
                         code: ErrorCode::UNAUTHORIZED,
                         text: "wrong stream key".into(),

@@ -9,7 +9,12 @@
 //! slow viewer never holds up another. Notices are not counted against the queue; the
 //! channel has room for them beyond the media.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use braid_core::node::LogLimit;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
@@ -41,38 +46,115 @@ pub(crate) enum Event {
     },
 }
 
-/// Accepts viewers until shutdown.
+/// Most TCP viewer connections open at once, and from one IP address.
+const MAX_CONNS: usize = 4096;
+const MAX_PER_IP: usize = 32;
+/// A connection that sends nothing this long is closed (a viewer refreshes its watch at
+/// least every second).
+const IDLE: Duration = Duration::from_secs(10);
+/// A connection whose writes make no progress this long is not reading: closed.
+const STUCK: Duration = Duration::from_secs(5);
+
+/// Connections open, in all and per IP address; a slot is given back when dropped.
+#[derive(Default)]
+struct Slots {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+struct Slot {
+    slots: Arc<Mutex<Slots>>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        s.total -= 1;
+        if let Some(n) = s.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                s.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Takes a slot for a connection from `ip`, or says why not.
+fn take_slot(slots: &Arc<Mutex<Slots>>, ip: IpAddr) -> Result<Slot, &'static str> {
+    let mut s = slots.lock().unwrap_or_else(|e| e.into_inner());
+    if s.total >= MAX_CONNS {
+        return Err("total");
+    }
+    let n = s.per_ip.entry(ip).or_insert(0);
+    if *n >= MAX_PER_IP {
+        return Err("per_ip");
+    }
+    *n += 1;
+    s.total += 1;
+    Ok(Slot {
+        slots: slots.clone(),
+        ip,
+    })
+}
+
+/// Accepts viewers until shutdown, at most [`MAX_CONNS`] at once and [`MAX_PER_IP`]
+/// from one address; accept errors (out of file descriptors, say) back off.
 pub(crate) async fn accept(
     listener: TcpListener,
     events: mpsc::Sender<Event>,
     shutdown: CancellationToken,
 ) {
     let mut next_conn = 0u64;
+    let slots = Arc::new(Mutex::new(Slots::default()));
+    let (mut refused_log, mut error_log) = (LogLimit::default(), LogLimit::default());
+    let mut backoff = Duration::ZERO;
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    tracing::warn!("accepting a TCP viewer: {e}");
+                    metrics::counter!("braid_tcp_accept_errors_total").increment(1);
+                    if let Some(n) = error_log.allow(Instant::now(), LOG_EVERY) {
+                        tracing::warn!("accepting a TCP viewer: {e} ({n} accept errors since the last such line; backing off)");
+                    }
+                    backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
                     continue;
                 }
             },
+        };
+        backoff = Duration::ZERO;
+        let slot = match take_slot(&slots, peer.ip()) {
+            Ok(s) => s,
+            Err(reason) => {
+                metrics::counter!("braid_tcp_refused_total", "reason" => reason).increment(1);
+                if let Some(n) = refused_log.allow(Instant::now(), LOG_EVERY) {
+                    tracing::warn!(%peer, "TCP viewer refused: too many connections ({reason}; {n} refused since the last such line)");
+                }
+                drop(stream);
+                continue;
+            }
         };
         next_conn += 1;
         let _ = stream.set_nodelay(true);
         // Cap what the kernel queues for one viewer, so a viewer that stops reading is
         // noticed within about a second instead of after megabytes of autotuned buffer.
         let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
-        tokio::spawn(connection(
-            stream,
-            peer,
-            next_conn,
-            events.clone(),
-            shutdown.clone(),
-        ));
+        let (events, shutdown) = (events.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            connection(stream, peer, next_conn, events, shutdown).await;
+            drop(slot);
+        });
     }
 }
+
+/// How often a warning anyone can provoke is logged (each is counted).
+const LOG_EVERY: Duration = Duration::from_secs(10);
 
 async fn connection(
     stream: TcpStream,
@@ -100,10 +182,19 @@ async fn connection(
             let mut written = 0;
             while let Some(d) = next {
                 let len = u16::try_from(d.len()).unwrap_or(u16::MAX);
-                if w.write_all(&len.to_be_bytes()).await.is_err()
-                    || w.write_all(&d[..usize::from(len)]).await.is_err()
-                {
-                    return;
+                let write = async {
+                    w.write_all(&len.to_be_bytes()).await?;
+                    w.write_all(&d[..usize::from(len)]).await
+                };
+                // A viewer that stops reading for good is closed, not held.
+                match tokio::time::timeout(STUCK, write).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        metrics::counter!("braid_tcp_closed_total", "reason" => "not_reading")
+                            .increment(1);
+                        return;
+                    }
                 }
                 // Media is what the machine counts against the queue.
                 if d.get(1) == Some(&(braid_core::wire::Kind::Media as u8)) {
@@ -111,7 +202,7 @@ async fn connection(
                 }
                 next = rx.try_recv().ok();
             }
-            if w.flush().await.is_err() {
+            if !matches!(tokio::time::timeout(STUCK, w.flush()).await, Ok(Ok(()))) {
                 return;
             }
             if written > 0
@@ -131,7 +222,15 @@ async fn connection(
     loop {
         let n = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = rd.read_buf(&mut buf) => r,
+            // The writer gave up on a viewer that does not read: the connection ends.
+            _ = async { while !writer.is_finished() { tokio::time::sleep(Duration::from_millis(250)).await } } => break,
+            r = tokio::time::timeout(IDLE, rd.read_buf(&mut buf)) => match r {
+                Ok(r) => r,
+                Err(_) => {
+                    metrics::counter!("braid_tcp_closed_total", "reason" => "idle").increment(1);
+                    break;
+                }
+            },
         };
         match n {
             Ok(0) | Err(_) => break,

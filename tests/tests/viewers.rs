@@ -556,3 +556,35 @@ fn refusals_are_clear() {
     assert!(!out.status.success(), "{msg}");
     assert!(msg.contains("no stream came within the 1.0 s run"), "{msg}");
 }
+
+/// Trust issue: TCP connections to an edge are capped per address (32), and one that
+/// says nothing is closed after 10 s: 40 idle connections from one address cannot hold
+/// the edge's descriptors. Refusals and closes are counted.
+#[test]
+fn idle_tcp_connections_are_capped_per_address_and_closed() {
+    let net = Net::start(Spec {
+        seconds: 16.0,
+        viewers: 0,
+        ..Spec::default()
+    });
+    let conns: Vec<std::net::TcpStream> = (0..40)
+        .map(|_| std::net::TcpStream::connect(net.edge.udp()).expect("connects"))
+        .collect();
+    let refused = metrics::sum_when(
+        net.edge.metrics(),
+        "braid_tcp_refused_total",
+        &["reason=\"per_ip\""],
+        Duration::from_secs(5),
+        |v| v >= 8.0,
+    );
+    assert_eq!(refused, 8.0, "32 taken from one address, 8 refused");
+    let closed = metrics::sum_when(
+        net.edge.metrics(),
+        "braid_tcp_closed_total",
+        &["reason=\"idle\""],
+        Duration::from_secs(15),
+        |v| v >= 32.0,
+    );
+    assert_eq!(closed, 32.0, "every idle connection closed after 10 s");
+    drop(conns);
+}
