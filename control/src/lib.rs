@@ -24,6 +24,7 @@
 //! | GET | `/metrics` (on `--metrics`) | | Prometheus |
 
 pub mod api;
+pub mod http_guard;
 pub mod registry;
 
 use std::net::SocketAddr;
@@ -431,8 +432,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             }
         }
     });
+    // (`tap_io` only so that axum's connect info applies to this listener.)
     axum::serve(
-        listener,
+        axum::serve::ListenerExt::tap_io(http_guard::Bounded::new(listener), |_| {}),
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(async move { shutdown.cancelled().await })

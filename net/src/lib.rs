@@ -21,6 +21,7 @@ pub mod addr;
 pub use braid_core::impair;
 pub mod daemon;
 mod impaired_socket;
+pub mod limit;
 pub mod quic;
 pub mod sys;
 pub mod tls;

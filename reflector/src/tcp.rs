@@ -9,9 +9,7 @@
 //! slow viewer never holds up another. Notices are not counted against the queue; the
 //! channel has room for them beyond the media.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use braid_core::node::LogLimit;
@@ -55,49 +53,6 @@ const IDLE: Duration = Duration::from_secs(10);
 /// A connection whose writes make no progress this long is not reading: closed.
 const STUCK: Duration = Duration::from_secs(5);
 
-/// Connections open, in all and per IP address; a slot is given back when dropped.
-#[derive(Default)]
-struct Slots {
-    total: usize,
-    per_ip: HashMap<IpAddr, usize>,
-}
-
-struct Slot {
-    slots: Arc<Mutex<Slots>>,
-    ip: IpAddr,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        s.total -= 1;
-        if let Some(n) = s.per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                s.per_ip.remove(&self.ip);
-            }
-        }
-    }
-}
-
-/// Takes a slot for a connection from `ip`, or says why not.
-fn take_slot(slots: &Arc<Mutex<Slots>>, ip: IpAddr) -> Result<Slot, &'static str> {
-    let mut s = slots.lock().unwrap_or_else(|e| e.into_inner());
-    if s.total >= MAX_CONNS {
-        return Err("total");
-    }
-    let n = s.per_ip.entry(ip).or_insert(0);
-    if *n >= MAX_PER_IP {
-        return Err("per_ip");
-    }
-    *n += 1;
-    s.total += 1;
-    Ok(Slot {
-        slots: slots.clone(),
-        ip,
-    })
-}
-
 /// Accepts viewers until shutdown, at most [`MAX_CONNS`] at once and [`MAX_PER_IP`]
 /// from one address; accept errors (out of file descriptors, say) back off.
 pub(crate) async fn accept(
@@ -106,7 +61,7 @@ pub(crate) async fn accept(
     shutdown: CancellationToken,
 ) {
     let mut next_conn = 0u64;
-    let slots = Arc::new(Mutex::new(Slots::default()));
+    let slots = braid_net::limit::Slots::new(MAX_CONNS, MAX_PER_IP);
     let (mut refused_log, mut error_log) = (LogLimit::default(), LogLimit::default());
     let mut backoff = Duration::ZERO;
     loop {
@@ -129,7 +84,7 @@ pub(crate) async fn accept(
             },
         };
         backoff = Duration::ZERO;
-        let slot = match take_slot(&slots, peer.ip()) {
+        let slot = match slots.take(peer.ip()) {
             Ok(s) => s,
             Err(reason) => {
                 metrics::counter!("braid_tcp_refused_total", "reason" => reason).increment(1);

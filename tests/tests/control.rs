@@ -663,3 +663,55 @@ fn a_quic_viewer_switching_to_a_cold_edge_loses_nothing() {
     assert_eq!(sw["lost"], 0, "{st}");
     assert_eq!(st["skipped"], 0, "{st}");
 }
+
+/// Trust issue: idle HTTP connections cannot starve the control server. 100 connections
+/// from one address that never send a byte: 64 are held (its per-address cap), the rest
+/// closed at once; a request from another address is answered meanwhile; the idle ones
+/// are closed after 10 s. (It once held 1,100 such connections until its 1,024
+/// descriptors ran out and every `/v1/assign` timed out.)
+#[test]
+fn idle_http_connections_are_capped_and_closed() {
+    let dir = braid_tests::test_dir();
+    let control = Proc::start(
+        "control",
+        "braid-control",
+        &["--listen".into(), "127.0.0.1:0".into()],
+        &dir.path().join("control.log"),
+    );
+    let http: std::net::SocketAddr = control.ready["http"].parse().expect("address");
+    let idle: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| std::net::TcpStream::connect(http).expect("connects"))
+        .collect();
+    let refused = metrics::sum_when(
+        control.metrics(),
+        "braid_control_http_refused_total",
+        &["reason=\"per_ip\""],
+        Duration::from_secs(5),
+        |v| v >= 36.0,
+    );
+    assert_eq!(refused, 36.0, "64 held from one address, 36 refused");
+    // Another address (127.0.0.2 is loopback too) is served meanwhile.
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    sock.bind(&std::net::SocketAddr::from(([127, 0, 0, 2], 0)).into())
+        .expect("bind 127.0.0.2");
+    sock.connect(&http.into()).expect("connects");
+    let mut s: std::net::TcpStream = sock.into();
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    use std::io::{Read, Write};
+    s.write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let closed = metrics::sum_when(
+        control.metrics(),
+        "braid_control_http_idle_closed_total",
+        &[],
+        Duration::from_secs(15),
+        |v| v >= 64.0,
+    );
+    assert_eq!(closed, 64.0, "every idle connection closed after 10 s");
+    drop(idle);
+}
