@@ -267,6 +267,8 @@ const SUSPECT_FLOOR: Duration = Duration::from_millis(20);
 const RETRY_FLOOR: Duration = Duration::from_millis(10);
 /// At most this many asks per hole, however short the round trip.
 const MAX_ASKS: u8 = 12;
+/// The adaptive window is sized again at most this often.
+const WINDOW_EVERY: Duration = Duration::from_millis(10);
 
 impl PathState {
     /// Takes an arrival at `now`, `lag` behind the first copy of its number.
@@ -385,8 +387,9 @@ struct NextSession<T> {
 pub struct Buffer<T> {
     config: Config,
     /// How long a hole waits now (the configured window, or less: see
-    /// [`Config::adaptive_window`]).
+    /// [`Config::adaptive_window`]), and when it was sized.
     window: Duration,
+    window_at: Option<Instant>,
     now: Option<Instant>,
     /// The next sequence number to release; `None` until the first packet.
     next: Option<SeqNo>,
@@ -425,6 +428,7 @@ impl<T> Buffer<T> {
             first_seen: vec![None; history.len() as usize],
             history,
             window: config.reorder_window,
+            window_at: None,
             config,
             now: None,
             next: None,
@@ -765,7 +769,12 @@ impl<T> Buffer<T> {
         if self.now.is_none_or(|t| now > t) {
             self.now = Some(now);
         }
-        self.window = self.measured_window(now);
+        // The paths' figures move slowly: the window is sized again every few
+        // milliseconds, not for every packet.
+        if self.window_at.is_none_or(|t| now >= t + WINDOW_EVERY) {
+            self.window_at = Some(now);
+            self.window = self.measured_window(now);
+        }
     }
 
     /// How long a hole waits now: the configured window, or with

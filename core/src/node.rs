@@ -124,10 +124,16 @@ impl<E> Outbox<E> {
 
     /// Encodes a control message about `stream`.
     pub fn encode(&mut self, stream: StreamId, body: Body) -> Option<Bytes> {
+        self.encode_flagged(stream, Flags::empty(), body)
+    }
+
+    /// Encodes a control message about `stream` with header `flags`.
+    fn encode_flagged(&mut self, stream: StreamId, flags: Flags, body: Body) -> Option<Bytes> {
         self.buf.clear();
         let msg = Message {
             header: Header {
                 stream,
+                flags,
                 ..Header::default()
             },
             body,
@@ -146,17 +152,7 @@ impl<E> Outbox<E> {
     /// Like [`Outbox::control`], with header `flags` (a subscription asking for the
     /// latest group of pictures, say).
     pub fn control_flagged(&mut self, to: Peer, stream: StreamId, flags: Flags, body: Body) {
-        self.buf.clear();
-        let msg = Message {
-            header: Header {
-                stream,
-                flags,
-                ..Header::default()
-            },
-            body,
-        };
-        if self.codec.encode(&msg, &mut self.buf).is_ok() {
-            let d = self.buf.split().freeze();
+        if let Some(d) = self.encode_flagged(stream, flags, body) {
             self.send(to, d, false);
         }
     }

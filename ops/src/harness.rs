@@ -294,6 +294,16 @@ pub fn wait_all<'a>(
     }
 }
 
+/// Resident memory of process `pid`, KiB (0 when it cannot be read).
+pub fn rss_kib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// The daemons' log filter: `info`, or `BRAID_TEST_LOG` when set (for a closer look at a
 /// failing test).
 fn log_filter() -> String {

@@ -485,14 +485,7 @@ fn distinct_stream_ids_open_at_most_max_streams() {
         ],
         &dir.path().join("set.log"),
     );
-    let rss = |pid: u32| -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        s.lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    };
-    let before = rss(set.pid());
+    let before = braid_tests::rss_kib(set.pid());
     let codec = Codec::new(Key::derive(braid_tests::NETWORK_KEY));
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket");
     let mut buf = bytes::BytesMut::new();
@@ -524,7 +517,7 @@ fn distinct_stream_ids_open_at_most_max_streams() {
         |v| v >= 19_000.0,
     );
     let open = metrics::sum(set.metrics(), "braid_streams_open", &[]);
-    let after = rss(set.pid());
+    let after = braid_tests::rss_kib(set.pid());
     eprintln!("streams open {open}, refused {refused}, RSS {before} kB -> {after} kB");
     assert_eq!(open, 64.0, "at most --max-streams open");
     assert!(
@@ -532,7 +525,7 @@ fn distinct_stream_ids_open_at_most_max_streams() {
         "the others refused and counted: {refused}"
     );
     assert!(
-        after < before + 30_000,
+        after < before + 30_000.0,
         "memory stays bounded: {before} kB -> {after} kB"
     );
 }

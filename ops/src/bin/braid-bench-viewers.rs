@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use braid_ops::harness::{Net, Spec, crowd};
+use braid_ops::harness::{Net, Spec, crowd, rss_kib};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -31,15 +31,6 @@ struct Args {
     /// Viewer transports measured at each count, in turn: `udp`, `quic`.
     #[arg(long, default_value = "udp,quic", value_delimiter = ',')]
     transports: Vec<String>,
-}
-
-fn rss_kib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// The raw baseline: one packet every `gap` to each of `n` sockets with sendmmsg, for
