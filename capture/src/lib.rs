@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use braid_core::StreamId;
 use braid_core::node::{Output, Peer, WallClock};
-use braid_core::wire::Codec;
 use braid_net::addr::PeerAddr;
 use braid_net::daemon::DaemonConfig;
 use braid_net::udp::{Impairments, Socket};
@@ -65,10 +64,6 @@ pub struct Config {
     #[arg(long, env = "BRAID_STREAM_KEY", default_value = "")]
     #[serde(default)]
     pub stream_key: String,
-    /// The network key (a passphrase, or @file).
-    #[arg(long, env = "BRAID_NETWORK_KEY", default_value = "")]
-    #[serde(default)]
-    pub network_key: String,
     /// Source: `synth`, a file path, `-` for stdin, or `udp://ADDR` (MPEG-TS or RTP).
     #[arg(long, default_value = "synth")]
     #[serde(default = "default_source")]
@@ -189,7 +184,6 @@ impl braid_net::daemon::DaemonConfig for Config {
                 braid_core::wire::MAX_STREAM_KEY
             );
         }
-        braid_net::daemon::network_key(&self.network_key).context("--network-key")?;
         self.source.parse::<Spec>().map_err(anyhow::Error::msg)?;
         if !(1..=7).contains(&self.ts_per_rtp) {
             anyhow::bail!("--ts-per-rtp must be between 1 and 7");
@@ -215,7 +209,6 @@ impl braid_net::daemon::DaemonConfig for Config {
 #[allow(clippy::disallowed_methods)] // The daemon owns the clock.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.validate()?;
-    let codec = Codec::new(braid_net::daemon::network_key(&config.network_key)?);
     let spec: Spec = config.source.parse().map_err(anyhow::Error::msg)?;
     let mut source = Source::open(
         &spec,
@@ -258,7 +251,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let deadline =
         (config.duration > 0.0).then(|| started + Duration::from_secs_f64(config.duration));
     let clock = WallClock::new(started, braid_net::daemon::unix_ms());
-    let mut capture = Capture::new(config.machine(), codec, clock, started)?;
+    let mut capture = Capture::new(config.machine(), clock, started)?;
     let tty = std::io::stderr().is_terminal();
     let mut ready = false;
     let mut rx = Vec::new();

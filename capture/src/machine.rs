@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use braid_core::node::{Outbox, Output, Peer, WallClock};
 use braid_core::wire::rtp::{CLOCK_RATE_MP2T, Fields, PAYLOAD_TYPE_MP2T};
-use braid_core::wire::{Body, Codec, ErrorCode, Flags, Header, Message, Rtp};
+use braid_core::wire::{Body, COOKIE_LEN, Codec, Cookie, ErrorCode, Flags, Header, Message, Rtp};
 use braid_core::{PathId, SeqNo, StreamId};
 use bytes::Bytes;
 use serde::Serialize;
@@ -41,7 +41,8 @@ const REACHABLE: Duration = Duration::from_secs(3);
 pub struct Config {
     /// The stream.
     pub stream: StreamId,
-    /// The key the entry points expect.
+    /// The stream key the entry points expect: the capture signs everything it sends
+    /// with the publish key derived from it, and holds no network key.
     pub key: String,
     /// The entry points, each sent every packet.
     pub entries: Vec<SocketAddr>,
@@ -132,7 +133,8 @@ pub struct Capture {
     config: Config,
     out: Outbox<Event>,
     packetizer: Packetizer,
-    publish: Bytes,
+    /// Each entry point's cookie for this address (zeros until it gives one).
+    cookies: Vec<Cookie>,
     started: Instant,
     seq: SeqNo,
     ssrc: u32,
@@ -156,26 +158,14 @@ impl Capture {
     /// its publish message at once.
     pub fn new(
         config: Config,
-        codec: Codec,
         clock: WallClock,
         now: Instant,
     ) -> Result<Capture, braid_core::wire::EncodeError> {
-        let msg = Message {
-            header: Header {
-                stream: config.stream,
-                path: PathId(0),
-                flags: Flags::empty(),
-            },
-            body: Body::Publish {
-                key: Bytes::from(config.key.clone()),
-            },
-        };
-        let mut buf = bytes::BytesMut::new();
-        codec.encode(&msg, &mut buf)?;
+        // The publish carries no key: the codec signs it with the stream's publish key.
         let start_seq = (clock.unix_ms(now) * 10) & ((1 << 47) - 1);
         let mut c = Capture {
             packetizer: Packetizer::new(config.ts_per_rtp),
-            publish: buf.freeze(),
+            cookies: vec![[0; COOKIE_LEN]; config.entries.len()],
             started: now,
             seq: SeqNo(start_seq),
             ssrc: config.stream.0.wrapping_mul(0x9e37_79b9) ^ (start_seq as u32),
@@ -191,10 +181,10 @@ impl Capture {
             },
             last_report: (now, 0),
             now,
-            out: Outbox::new(codec),
+            out: Outbox::new(Codec::source(&config.key)),
             config,
         };
-        c.send_publish(|_| true);
+        c.send_publish(|_| true)?;
         Ok(c)
     }
 
@@ -247,6 +237,20 @@ impl Capture {
                     }
                 }
                 Ok(Message {
+                    body: Body::Cookie { cookie },
+                    ..
+                }) => {
+                    // The entry point validates this address: publish again with its
+                    // cookie at once.
+                    if let Some(i) = self.config.entries.iter().position(|e| *e == from) {
+                        let fresh = self.cookies[i] != cookie;
+                        self.cookies[i] = cookie;
+                        if fresh {
+                            let _ = self.send_publish(|j| j == i);
+                        }
+                    }
+                }
+                Ok(Message {
                     body: Body::Error { code, .. },
                     ..
                 }) if code == ErrorCode::NOT_PUBLISHED => {
@@ -254,7 +258,7 @@ impl Capture {
                     // again at once, not at the next round.
                     if let Some(i) = self.config.entries.iter().position(|e| *e == from) {
                         self.last_ack[i] = None;
-                        self.out.send(Peer::Addr(from), self.publish.clone(), false);
+                        let _ = self.send_publish(|j| j == i);
                     }
                 }
                 Ok(Message {
@@ -302,13 +306,14 @@ impl Capture {
         self.next_publish = now + PUBLISH_RETRY;
         if now >= self.next_full_publish {
             self.next_full_publish = now + PUBLISH_EVERY;
-            self.send_publish(|_| true);
+            let _ = self.send_publish(|_| true);
             if self.accepted() || now >= self.accept_until {
                 self.report(now);
             }
         } else {
             let last_ack = self.last_ack.clone();
-            self.send_publish(|i| last_ack[i].is_none_or(|t| now.duration_since(t) > ACCEPT_STALE));
+            let _ = self
+                .send_publish(|i| last_ack[i].is_none_or(|t| now.duration_since(t) > ACCEPT_STALE));
         }
     }
 
@@ -320,12 +325,30 @@ impl Capture {
         }
     }
 
-    fn send_publish(&mut self, to_entry: impl Fn(usize) -> bool) {
+    /// Sends the publish, with each entry point's cookie for this address, to the entry
+    /// points `to_entry` picks.
+    fn send_publish(
+        &mut self,
+        to_entry: impl Fn(usize) -> bool,
+    ) -> Result<(), braid_core::wire::EncodeError> {
         for (i, to) in self.config.entries.iter().enumerate() {
             if to_entry(i) {
-                self.out.send(Peer::Addr(*to), self.publish.clone(), false);
+                let msg = Message {
+                    header: Header {
+                        stream: self.config.stream,
+                        path: PathId(0),
+                        flags: Flags::empty(),
+                    },
+                    body: Body::Publish {
+                        cookie: self.cookies[i],
+                    },
+                };
+                let mut buf = bytes::BytesMut::new();
+                self.out.codec().encode(&msg, &mut buf)?;
+                self.out.send(Peer::Addr(*to), buf.freeze(), false);
             }
         }
+        Ok(())
     }
 
     fn send_media(&mut self, now: Instant) {
@@ -414,7 +437,7 @@ mod tests {
             entries: vec![entry()],
             ts_per_rtp: 7,
         };
-        Capture::new(config, codec(), WallClock::new(now, 1_000_000), now).unwrap()
+        Capture::new(config, WallClock::new(now, 1_000_000), now).unwrap()
     }
 
     fn accept(c: &mut Capture, now: Instant) {

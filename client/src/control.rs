@@ -147,6 +147,33 @@ pub fn switch(
     parse(&body)
 }
 
+/// Renews the viewer's token while it is still good: the new token and its expiry.
+pub fn renew(v: &Viewer) -> Result<(String, u64), Refusal> {
+    let req = serde_json::json!({ "token": v.token }).to_string();
+    let body = first_answer(v, move |agent, base| {
+        let mut r = agent
+            .post(&format!("{base}/v1/renew"))
+            .header("content-type", "application/json")
+            .send(&req)?;
+        Ok((r.status().as_u16(), r.body_mut().read_to_string()?))
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&body)
+        .map_err(|e| Refusal::Failed(format!("a renewal answer is not JSON: {e}")))?;
+    match (v["token"].as_str(), v["expires"].as_u64()) {
+        (Some(t), Some(e)) => Ok((t.to_owned(), e)),
+        _ => Err(Refusal::Failed(format!(
+            "a renewal answer without a token: {body}"
+        ))),
+    }
+}
+
+/// When to renew a token that expires at `expires` (Unix seconds), seen at `now_unix`:
+/// halfway to its expiry, and a minute before it at the latest.
+pub fn renew_at(now_unix: u64, expires: u64) -> u64 {
+    let left = expires.saturating_sub(now_unix);
+    expires.saturating_sub((left / 2).min(60))
+}
+
 /// Reports probe timings (best effort).
 pub fn feedback(v: &Viewer, probes: &[(SocketAddr, f64)], throughput_bps: u64) {
     let req = serde_json::json!({
@@ -166,4 +193,14 @@ pub fn feedback(v: &Viewer, probes: &[(SocketAddr, f64)], throughput_bps: u64) {
             r.body_mut().read_to_string()?,
         ))
     });
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tokens_are_renewed_halfway_and_a_minute_ahead_at_the_latest() {
+        assert_eq!(super::renew_at(1000, 1004), 1002);
+        assert_eq!(super::renew_at(1000, 1000 + 3600), 1000 + 3540);
+        assert_eq!(super::renew_at(1000, 990), 990, "already expired: at once");
+    }
 }

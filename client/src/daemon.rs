@@ -166,8 +166,9 @@ impl Link {
 /// Watches the stream until `--duration` passes, the edge refuses with nowhere else to
 /// go, or `shutdown` fires.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let codec = Codec::new(braid_net::daemon::network_key(&config.network_key)?);
-    let viewer = (!config.controls.is_empty()).then(|| control::Viewer {
+    // A viewer holds no network key: it signs with the public viewer key.
+    let codec = Codec::viewer();
+    let mut viewer = (!config.controls.is_empty()).then(|| control::Viewer {
         controls: config.controls.clone(),
         client: config.id,
         stream: config.stream,
@@ -207,6 +208,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         started,
     )?;
     let (answers_tx, mut answers_rx) = mpsc::channel::<(u64, Result<Assignment, Refusal>)>(16);
+    // A token that expires is renewed at a control server halfway to its expiry (a
+    // minute before at the latest), and again every 5 s until one answers.
+    let (renew_tx, mut renew_rx) = mpsc::channel::<Result<(String, u64), Refusal>>(1);
+    let unix_now = || braid_net::daemon::unix_ms() / 1000;
+    let renew_deadline = |expires: u64| {
+        let at = control::renew_at(unix_now(), expires);
+        Instant::now() + Duration::from_secs(at.saturating_sub(unix_now()))
+    };
+    let mut next_renew: Option<Instant> = viewer
+        .as_ref()
+        .and_then(|v| braid_core::token::peek(&v.token).ok())
+        .map(|c| renew_deadline(c.expires));
     let mut rx: Vec<(Option<SocketAddr>, Bytes)> = Vec::new();
     let mut result = Ok(());
     'run: loop {
@@ -274,6 +287,26 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         };
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = braid_net::daemon::sleep_until(next_renew), if next_renew.is_some() => {
+                next_renew = Some(Instant::now() + Duration::from_secs(5));
+                if let Some(v) = viewer.clone() {
+                    let tx = renew_tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let _ = tx.blocking_send(control::renew(&v));
+                    });
+                }
+            }
+            Some(renewed) = renew_rx.recv() => match renewed {
+                Ok((token, expires)) => {
+                    tracing::info!("token renewed until {expires} (Unix time)");
+                    session.handle_input(Instant::now(), Input::Token(Bytes::from(token.clone())));
+                    if let Some(v) = viewer.as_mut() {
+                        v.token = token;
+                    }
+                    next_renew = Some(renew_deadline(expires));
+                }
+                Err(e) => tracing::warn!("renewing the token: {e:?} (trying again in 5 s)"),
+            },
             _ = braid_net::daemon::sleep_until(wake) => {
                 let now = Instant::now();
                 link.socket.handle_timeout(now);

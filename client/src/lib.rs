@@ -101,10 +101,6 @@ pub struct Config {
     #[arg(long, default_value_t = 1)]
     #[serde(default = "default_stream")]
     pub stream: u32,
-    /// The network key (a passphrase, or @file).
-    #[arg(long, env = "BRAID_NETWORK_KEY", default_value = "")]
-    #[serde(default)]
-    pub network_key: String,
     /// Where the stream goes: `-` for stdout, or a file.
     #[arg(long, short, default_value = "-")]
     #[serde(default = "default_out")]
@@ -240,7 +236,6 @@ impl DaemonConfig for Config {
                 "--stall-ms must be at least 100, --reask-secs and --better-margin not negative"
             );
         }
-        braid_net::daemon::network_key(&self.network_key).context("--network-key")?;
         if self.start_timeout <= 0.0 || self.start_timeout.is_nan() || self.duration < 0.0 {
             anyhow::bail!("--start-timeout must be above zero and --duration not negative");
         }

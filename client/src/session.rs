@@ -23,6 +23,7 @@
 //!   break). The output goes on byte for byte, and the buffer keeps writing while the
 //!   control server thinks.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -30,7 +31,7 @@ use braid_core::detect::{self, Detector, Observation, Output as DetectOutput};
 use braid_core::merge::{self, Output as MergeOutput};
 use braid_core::node::{Outbox, Output, Peer, WallClock};
 use braid_core::wire::{
-    Body, Codec, Flags, Keepalive, Media, Message, NoticeKind, SeqRange, Watch, WatchStart,
+    Body, Codec, Cookie, Flags, Keepalive, Media, Message, NoticeKind, SeqRange, Watch, WatchStart,
 };
 use braid_core::{Bitrate, DataSize, NodeId, PathId, SeqNo, StreamId};
 use bytes::Bytes;
@@ -145,6 +146,8 @@ pub enum Input {
         /// The message.
         datagram: Bytes,
     },
+    /// A renewed token: the watches carry it from now on.
+    Token(Bytes),
     /// The control servers' answer to request `id`.
     Answer {
         /// The request answered.
@@ -338,6 +341,8 @@ pub struct Session {
     edge: Option<SocketAddr>,
     /// During a switch over datagrams, the edge being left (until the new one delivers).
     leaving: Option<SocketAddr>,
+    /// Each edge's address-validation cookie for this viewer.
+    cookies: HashMap<SocketAddr, Cookie>,
     /// The new edge's first packet during make before break, and when it came.
     new_edge_from: Option<(SeqNo, Instant)>,
     /// The edge just left, and when: its packets in flight are still taken.
@@ -436,6 +441,7 @@ impl Session {
             assignment: None,
             edge: None,
             leaving: None,
+            cookies: HashMap::new(),
             new_edge_from: None,
             left: None,
             start,
@@ -529,6 +535,7 @@ impl Session {
         match input {
             Input::Received { from, datagram } => self.handle_message(now, from, datagram),
             Input::Answer { id, result } => self.handle_answer(now, id, result),
+            Input::Token(t) => self.config.token = t,
         }
         self.step(now);
     }
@@ -658,7 +665,7 @@ impl Session {
         self.out.control(Peer::Addr(to), self.config.stream, body);
     }
 
-    fn watch(&self) -> Body {
+    fn watch(&self, to: SocketAddr) -> Body {
         // Once the stream flows, an edge that does not know this viewer (it restarted, or
         // it is new after a switch) resumes it where the output stands.
         let start = match self.buffer.next_seq() {
@@ -671,6 +678,7 @@ impl Session {
             start: start.0,
             seq: start.1,
             acked: self.acked,
+            cookie: self.cookies.get(&to).copied().unwrap_or_default(),
             token: self.config.token.clone(),
         })
     }
@@ -777,7 +785,7 @@ impl Session {
             .reask
             .filter(|_| self.config.control)
             .map(|d| self.started + d);
-        self.send(edge, self.watch());
+        self.send(edge, self.watch(edge));
     }
 
     /// The edge said this viewer will not get `count` packets from `first`: the buffer
@@ -789,12 +797,11 @@ impl Session {
 
     fn send_ack(&mut self) {
         self.since_ack = 0;
-        let w = self.watch();
         if let Some(old) = self.leaving {
-            self.send(old, w.clone());
+            self.send(old, self.watch(old));
         }
         if let Some(e) = self.edge {
-            self.send(e, w);
+            self.send(e, self.watch(e));
         }
     }
 
@@ -1118,6 +1125,19 @@ impl Session {
             } if from_edge && self.got_from_edge => {
                 // The edge is alive; the stream pauses upstream.
                 self.detector.handle_alive(now);
+            }
+            Message {
+                body: Body::Cookie { cookie },
+                ..
+            } => {
+                // An edge validating this address: watch again with its cookie at once.
+                // (`from` is none over TCP, where only the edge speaks.)
+                let f = from.or(self.edge);
+                if let Some(f) = f.filter(|f| Some(*f) == self.edge || Some(*f) == self.leaving) {
+                    if self.cookies.insert(f, cookie) != Some(cookie) {
+                        self.send(f, self.watch(f));
+                    }
+                }
             }
             Message {
                 body: Body::Switch { reason },

@@ -20,7 +20,8 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: u16, text: impl Into<String>) -> ApiError {
+    /// An error answer with `status` and a sentence.
+    pub fn new(status: u16, text: impl Into<String>) -> ApiError {
         ApiError {
             status,
             text: text.into(),
@@ -39,6 +40,12 @@ pub struct Api {
     operator_token: Option<String>,
     /// When a refused operator action was last logged.
     warned_operator: Option<Instant>,
+    /// Checks node requests (reports, the set reflectors' list) against the network key.
+    node_auth: Option<braid_core::nodeauth::NodeAuth>,
+    /// When a refused node request was last logged.
+    warned_node: Option<Instant>,
+    /// How long a renewed token is good for, seconds (0: no renewal).
+    renew_secs: u64,
 }
 
 /// A hostile request's warning is logged at most this often (each is counted).
@@ -67,6 +74,9 @@ impl Api {
             signer,
             warned_bad_report: None,
             operator_token: None,
+            node_auth: None,
+            warned_node: None,
+            renew_secs: 0,
             warned_operator: None,
         }
     }
@@ -87,6 +97,71 @@ impl Api {
                 metrics::counter!("braid_control_refused_total", "reason" => "token").increment(1);
                 ApiError::new(403, format!("viewer token refused: {e}"))
             })
+    }
+
+    /// Renewed tokens are good for `secs` from their renewal (0: no renewal).
+    pub fn with_token_renewal(mut self, secs: u64) -> Api {
+        self.renew_secs = secs;
+        self
+    }
+
+    /// `POST /v1/renew`: a token still good, for the same stream and viewer, good for the
+    /// renewal time from now (403 for a token this server does not take, expired or not
+    /// its own; 404 when tokens or renewal are off here).
+    pub fn renew(&self, token: &str, unix_secs: u64) -> Result<(String, u64), ApiError> {
+        let Some(signer) = self.signer.as_ref().filter(|_| self.renew_secs > 0) else {
+            return Err(ApiError::new(
+                404,
+                "token renewal is off here (no --token-secret, or --token-renew-secs 0)",
+            ));
+        };
+        let claims = signer.verify(token, unix_secs).map_err(|e| {
+            metrics::counter!("braid_control_refused_total", "reason" => "renew").increment(1);
+            ApiError::new(403, format!("viewer token refused: {e}"))
+        })?;
+        let renewed = braid_core::token::Claims {
+            expires: unix_secs + self.renew_secs,
+            ..claims
+        };
+        metrics::counter!("braid_control_token_renewals_total").increment(1);
+        Ok((signer.sign(&renewed), renewed.expires))
+    }
+
+    /// Node requests must be signed with this network's key.
+    pub fn with_node_auth(mut self, auth: braid_core::nodeauth::NodeAuth) -> Api {
+        self.node_auth = Some(auth);
+        self
+    }
+
+    /// Whether a node request (`method` `path` with `body`, signed in `header`) comes
+    /// from a node of this network now: 401 otherwise, counted, logged at most every
+    /// 10 s. Without a network key (tests of the registry alone) every request passes.
+    pub fn check_node(
+        &mut self,
+        now: Instant,
+        now_ms: u64,
+        method: &str,
+        path: &str,
+        header: Option<&str>,
+        body: &[u8],
+    ) -> Result<(), ApiError> {
+        let Some(auth) = &self.node_auth else {
+            return Ok(());
+        };
+        let Err(e) = auth.verify(method, path, header, body, now_ms) else {
+            return Ok(());
+        };
+        metrics::counter!("braid_control_refused_total", "reason" => "node_auth").increment(1);
+        if self
+            .warned_node
+            .is_none_or(|t| now.duration_since(t) >= WARN_EVERY)
+        {
+            self.warned_node = Some(now);
+            tracing::warn!(
+                "refused a node request {method} {path}: {e} (each counted in braid_control_refused_total{{reason=\"node_auth\"}}; logged at most every 10 s)"
+            );
+        }
+        Err(ApiError::new(401, format!("node request refused: {e}")))
     }
 
     /// Operator actions need `token` (empty: none is allowed).

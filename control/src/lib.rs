@@ -14,12 +14,13 @@
 //!
 //! | method | path | body / query | answer |
 //! |---|---|---|---|
-//! | POST | `/v1/report` | [`registry::Report`] | [`registry::ReportReply`] |
+//! | POST | `/v1/report` | [`registry::Report`], signed by a node ([`braid_core::nodeauth`]) | [`registry::ReportReply`] |
 //! | GET | `/v1/assign` | `stream`, `client`, `token`, `region` | [`registry::Assignment`] |
 //! | POST | `/v1/switch` | [`SwitchRequest`] | [`registry::Assignment`] |
 //! | POST, DELETE | `/v1/drain/{node}` | | drain on, off |
 //! | POST | `/v1/feedback` | [`Feedback`] | |
-//! | GET | `/v1/reflectors` | | live set reflectors (UDP addresses, and a map to their QUIC addresses), for edges without a static list |
+//! | GET | `/v1/reflectors` | signed by a node | live set reflectors (UDP addresses, and a map to their QUIC addresses), for edges without a static list |
+//! | POST | `/v1/renew` | `{"token"}` | `{"token", "expires"}`: the same viewer's token, good for `--token-renew-secs` more |
 //! | GET | `/v1/status`, `/` | | JSON, HTML |
 //! | GET | `/metrics` (on `--metrics`) | | Prometheus |
 
@@ -91,6 +92,21 @@ pub struct Config {
     )]
     #[serde(default)]
     pub operator_token: String,
+    /// A viewer may renew a token still good (`POST /v1/renew`) for this many seconds from
+    /// the renewal (0: no renewal), so long sessions run on short-lived tokens.
+    #[arg(long, default_value_t = 300)]
+    #[serde(default = "default_renew_secs")]
+    pub token_renew_secs: u64,
+    /// The network key (a passphrase, or @file): node reports and the set reflectors'
+    /// list are signed with it, and refused without it.
+    #[arg(
+        long,
+        env = "BRAID_NETWORK_KEY",
+        default_value = "",
+        hide_env_values = true
+    )]
+    #[serde(default)]
+    pub network_key: String,
 }
 
 fn default_listen() -> SocketAddr {
@@ -104,6 +120,9 @@ fn default_sets() -> String {
 }
 fn default_down_ms() -> u64 {
     3000
+}
+fn default_renew_secs() -> u64 {
+    300
 }
 
 impl Config {
@@ -144,6 +163,7 @@ impl DaemonConfig for Config {
         if self.down_ms < 500 {
             anyhow::bail!("--down-ms below 500 would call nodes down between two reports");
         }
+        braid_net::daemon::network_key(&self.network_key).context("--network-key")?;
         Ok(())
     }
 }
@@ -234,10 +254,35 @@ fn unix_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Whether a node request was signed with the network key (401 otherwise).
+fn check_node(
+    app: &Shared,
+    method: &str,
+    path: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(), HttpError> {
+    let header = headers
+        .get(braid_core::nodeauth::HEADER)
+        .and_then(|v| v.to_str().ok());
+    lock(app).check_node(Instant::now(), unix_ms(), method, path, header, body)?;
+    Ok(())
+}
+
 async fn report(
     State(app): State<Shared>,
-    Json(r): Json<Report>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
 ) -> Result<Json<registry::ReportReply>, HttpError> {
+    check_node(&app, "POST", "/v1/report", &headers, &body)?;
+    let r: Report = serde_json::from_slice(&body)
+        .map_err(|e| HttpError(ApiError::new(400, format!("not a report: {e}"))))?;
     Ok(Json(lock(&app).report(Instant::now(), r)?))
 }
 
@@ -311,14 +356,34 @@ async fn feedback(
     StatusCode::NO_CONTENT
 }
 
-async fn reflectors(State(app): State<Shared>) -> impl IntoResponse {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenewRequest {
+    token: String,
+}
+
+async fn renew(
+    State(app): State<Shared>,
+    Json(r): Json<RenewRequest>,
+) -> Result<Json<serde_json::Value>, HttpError> {
+    let (token, expires) = lock(&app).renew(&r.token, unix_secs())?;
+    Ok(Json(
+        serde_json::json!({ "token": token, "expires": expires }),
+    ))
+}
+
+async fn reflectors(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, HttpError> {
+    check_node(&app, "GET", "/v1/reflectors", &headers, b"")?;
     let list = lock(&app).reflectors(Instant::now());
     let udp: Vec<SocketAddr> = list.iter().map(|(u, _)| *u).collect();
     let quic: serde_json::Map<String, serde_json::Value> = list
         .iter()
         .filter_map(|(u, q)| Some((u.to_string(), q.as_ref()?.to_string().into())))
         .collect();
-    Json(serde_json::json!({ "reflectors": udp, "quic": quic }))
+    Ok(Json(serde_json::json!({ "reflectors": udp, "quic": quic })))
 }
 
 async fn status_json(State(app): State<Shared>) -> impl IntoResponse {
@@ -387,7 +452,11 @@ fn shared(config: &Config) -> anyhow::Result<Shared> {
             Duration::from_millis(config.down_ms),
             (!config.token_secret.is_empty()).then(|| Signer::new(&config.token_secret)),
         )
-        .with_operator_token(&config.operator_token),
+        .with_operator_token(&config.operator_token)
+        .with_token_renewal(config.token_renew_secs)
+        .with_node_auth(braid_core::nodeauth::NodeAuth::new(
+            &braid_net::daemon::network_key(&config.network_key).context("--network-key")?,
+        )),
     )))
 }
 
@@ -401,6 +470,9 @@ fn routes(app: Shared) -> Router {
         .route("/v1/drain/{node}", post(drain).delete(undrain))
         .route("/v1/feedback", post(feedback))
         .route("/v1/reflectors", get(reflectors))
+        .route("/v1/renew", post(renew))
+        // No request a viewer, node or operator makes comes near this.
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .with_state(app)
 }
 

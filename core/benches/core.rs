@@ -186,6 +186,39 @@ fn bench_codec(c: &mut Criterion) {
     g.bench_function("decode_media", |b| {
         b.iter(|| black_box(codec.decode(black_box(datagram.clone())).expect("valid")))
     });
+    // What the trust model added per packet, at the entry point only: a source's media
+    // checked with its stream's publish key, then re-signed as a node's.
+    let source = Codec::source("bench stream key");
+    let entry = codec
+        .clone()
+        .with_sources([(StreamId(1), Key::publish("bench stream key"))]);
+    let mut out = BytesMut::new();
+    source.encode(&msg, &mut out).expect("valid message");
+    let from_source = out.freeze();
+    g.bench_function("entry_decode_source_media", |b| {
+        b.iter(|| {
+            black_box(
+                entry
+                    .decode_any(black_box(from_source.clone()))
+                    .expect("valid"),
+            )
+        })
+    });
+    g.bench_function("entry_resign_media", |b| {
+        b.iter(|| black_box(entry.resign(black_box(&from_source)).expect("valid")))
+    });
+    g.finish();
+
+    // Per viewer, per watch (4 a second): the edge's address-validation cookie.
+    let mut g = c.benchmark_group("cookie");
+    g.throughput(Throughput::Elements(1));
+    let mut jar = braid_core::cookie::Cookies::new([1; 32]);
+    let t = std::time::Instant::now();
+    let who = braid_core::cookie::Subject::Addr("192.0.2.1:5000".parse().expect("an address"));
+    let cookie = jar.issue(t, who);
+    g.bench_function("check_fresh", |b| {
+        b.iter(|| black_box(jar.check(t, black_box(who), black_box(&cookie))))
+    });
     g.finish();
 }
 

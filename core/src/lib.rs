@@ -14,17 +14,21 @@
 //! - [`ring`]: the edge's ring of recent packets and the per-viewer cursors into it.
 //! - [`detect`]: windowed reception measures and the switch detector.
 //! - [`token`]: signed viewer tokens.
+//! - [`cookie`]: address-validation cookies.
+//! - [`nodeauth`]: node requests to control servers, signed with the network key.
 //! - [`impair`]: the seeded impairment model the daemons and the simulator put on links.
 //! - [`node`]: what every role's state machine says to its daemon: transmits, events,
 //!   timeouts, and the counters of what it dropped.
 //! - [`id`]: identifiers and units.
 
+pub mod cookie;
 pub mod detect;
 pub mod error;
 pub mod id;
 pub mod impair;
 pub mod merge;
 pub mod node;
+pub mod nodeauth;
 pub mod ring;
 pub mod seq;
 pub mod token;

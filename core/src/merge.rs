@@ -202,6 +202,10 @@ pub struct Stats {
     pub repaired: u64,
     /// Times the sender jumped more than `max_held` ahead and the buffer was flushed.
     pub jumps: u64,
+    /// Packets numbered more than `max_held` past the newest held and not (yet) believed: no other path
+    /// agreed, and with other paths delivering one path's word is not enough (see
+    /// [`Buffer`]'s far jumps). Dropped; what lies behind an agreed jump is asked for.
+    pub unconfirmed_jumps: u64,
     /// Times a new session's start was sought before its first packet to arrive (see
     /// [`Buffer::seek_before`]).
     pub seeks: u64,
@@ -416,7 +420,26 @@ pub struct Buffer<T> {
     /// A change of source session waiting for the old one's holes: until when, and the
     /// new session's packets held aside meanwhile.
     next_session: Option<NextSession<T>>,
+    /// Far jumps claimed and not yet believed, by path.
+    jump_claims: Vec<JumpClaim>,
 }
+
+/// A path's word that the stream is far ahead of the buffer.
+#[derive(Debug, Clone, Copy)]
+struct JumpClaim {
+    path: PathId,
+    /// The newest number it claimed, and how many it claimed in a row.
+    last: SeqNo,
+    run: u32,
+    at: Instant,
+}
+
+/// A far jump's claims are forgotten after this long.
+const JUMP_CLAIM_TTL: Duration = Duration::from_secs(2);
+/// With no other path delivering, this many numbers in a row from one path are believed.
+const JUMP_RUN: u32 = 8;
+/// Most claims remembered.
+const MAX_JUMP_CLAIMS: usize = 8;
 
 impl<T> Buffer<T> {
     /// A buffer that starts at the first packet it receives (after holding it one window,
@@ -443,6 +466,7 @@ impl<T> Buffer<T> {
             nack_turn: 0,
             expected: None,
             next_session: None,
+            jump_claims: Vec::new(),
         })
     }
 
@@ -935,6 +959,14 @@ impl<T> Buffer<T> {
         }
 
         let next = if idx >= self.config.max_held as u64 {
+            // Far past everything held (not a buffer that filled up behind an old hole,
+            // which moves on as it always did): not on one path's word.
+            let newest = next.plus(self.slots.len() as u64);
+            let far = seq.0 - newest.0 >= self.config.max_held as u64;
+            if far && !self.jump_believed(now, path, seq) {
+                self.stats.unconfirmed_jumps += 1;
+                return;
+            }
             // Invariant: idx >= max_held >= 16, so this does not underflow.
             let base = SeqNo(seq.0 + 1 - self.config.max_held as u64);
             self.jump(next, base);
@@ -981,6 +1013,58 @@ impl<T> Buffer<T> {
                 *asks = u8::MAX;
             }
         }
+    }
+
+    /// Whether a number more than `max_held` past the newest held is believed: a stream does not leap
+    /// on one path's word. Another path claiming a number near it (both went past an
+    /// outage together) makes it so; with no other path delivering, a run of
+    /// [`JUMP_RUN`] numbers in a row from the one path does. Claims last
+    /// [`JUMP_CLAIM_TTL`]. A new source session does not come this way: it starts the
+    /// buffer over.
+    fn jump_believed(&mut self, now: Instant, path: PathId, seq: SeqNo) -> bool {
+        let span = self.config.max_held as u64;
+        self.jump_claims
+            .retain(|c| now.saturating_duration_since(c.at) <= JUMP_CLAIM_TTL);
+        if self
+            .jump_claims
+            .iter()
+            .any(|c| c.path != path && c.last.0.abs_diff(seq.0) < span)
+        {
+            self.jump_claims.clear();
+            return true;
+        }
+        let others = self
+            .paths
+            .iter()
+            .enumerate()
+            .any(|(i, p)| i != usize::from(path.0) && self.healthy(p, now));
+        let claim = self
+            .jump_claims
+            .iter_mut()
+            .find(|c| c.path == path && seq > c.last && seq.0 - c.last.0 <= 64);
+        match claim {
+            Some(c) => {
+                c.last = seq;
+                c.run += 1;
+                c.at = now;
+                if !others && c.run >= JUMP_RUN {
+                    self.jump_claims.clear();
+                    return true;
+                }
+            }
+            None => {
+                if self.jump_claims.len() >= MAX_JUMP_CLAIMS {
+                    self.jump_claims.remove(0);
+                }
+                self.jump_claims.push(JumpClaim {
+                    path,
+                    last: seq,
+                    run: 1,
+                    at: now,
+                });
+            }
+        }
+        false
     }
 
     /// The sender jumped too far ahead to hold: release everything below `base` now, in

@@ -10,10 +10,13 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use braid_core::cookie::{self, Cookies, Subject};
 use braid_core::node::{
     self, Drops, Held, Kept, Outbox, Output, Peer, RepairStore, TAIL_QUIET, TailProbe,
 };
-use braid_core::wire::{Body, Codec, ErrorCode, Header, Keepalive, Media};
+use braid_core::wire::{
+    Body, Class, Codec, DecodeError, ErrorCode, Header, Keepalive, Key, Kind, Media,
+};
 use braid_core::{NodeId, StreamId};
 use bytes::Bytes;
 
@@ -45,7 +48,7 @@ pub struct Config {
 pub struct StreamConfig {
     /// Its id.
     pub id: StreamId,
-    /// The key a publisher must present.
+    /// The stream key: its source signs with the publish key derived from it.
     pub key: String,
     /// The set reflectors every packet goes to.
     pub reflectors: Vec<SocketAddr>,
@@ -125,6 +128,8 @@ pub struct EntryPoint {
     counters: Counters,
     /// Wrong stream keys are logged at most every [`WARN_EVERY`].
     wrong_key_log: node::LogLimit,
+    /// Sources' addresses are validated before they are answered more than a cookie.
+    cookies: Cookies,
 }
 
 /// A warning anyone can provoke is logged at most this often (each is counted).
@@ -133,6 +138,7 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 impl EntryPoint {
     /// An entry point for `config`'s streams, reading and signing with `codec`.
     pub fn new(config: Config, codec: Codec) -> Result<EntryPoint, braid_core::Error> {
+        let codec = codec.with_sources(config.streams.iter().map(|s| (s.id, Key::publish(&s.key))));
         if config.retransmit.is_zero() {
             return Err(braid_core::Error::InvalidConfig(
                 "the retransmit buffer must keep packets for some time".into(),
@@ -157,7 +163,16 @@ impl EntryPoint {
             out: Outbox::new(codec),
             counters: Counters::default(),
             wrong_key_log: node::LogLimit::default(),
+            cookies: Cookies::random(),
         })
+    }
+
+    /// This entry point, making its address-validation cookies under `secret` (the
+    /// simulator's, drawn from its seed) rather than a random one.
+    #[must_use]
+    pub fn with_cookie_secret(mut self, secret: [u8; 32]) -> EntryPoint {
+        self.cookies = Cookies::new(secret);
+        self
     }
 
     /// What happened so far.
@@ -215,10 +230,13 @@ impl EntryPoint {
     }
 
     fn handle_message(&mut self, now: Instant, from: SocketAddr, bytes: Bytes, node: bool) {
-        let msg = match self.out.codec().decode(bytes.clone()) {
+        let (class, msg) = match self.out.codec().decode_any(bytes.clone()) {
             Ok(m) => m,
             Err(e) => {
                 self.counters.drops.add(e.reason());
+                if e == DecodeError::BadTag && is_source_publish(&bytes) {
+                    self.refuse_publish(now, from, &bytes);
+                }
                 tracing::debug!("dropping a datagram from {from}: {e}");
                 return;
             }
@@ -228,40 +246,44 @@ impl EntryPoint {
             self.counters.drops.add("unknown_stream");
             return;
         };
+        // Sources publish and send media, nodes ask for repairs; viewers say nothing here.
+        let allowed = match (&msg.body, class) {
+            (Body::Publish { .. } | Body::Media(_), c) => c == Class::Source,
+            (Body::Nack(_) | Body::Keepalive(_), c) => c == Class::Node,
+            _ => true,
+        };
+        if !allowed {
+            self.counters.drops.add("not_a_node");
+            return;
+        }
         match msg.body {
-            Body::Publish { key } => {
-                let ok: bool =
-                    subtle::ConstantTimeEq::ct_eq(key.as_ref(), stream.config.key.as_bytes())
-                        .into();
-                let reply = if ok {
-                    stream.publishers.insert(from, now);
-                    // Forget publishers long gone, so the map stays as small as the set
-                    // of live sources.
-                    if stream.publishers.len() > 16 {
-                        stream
-                            .publishers
-                            .retain(|_, t| now.duration_since(*t) < PUBLISHER_TIMEOUT);
-                    }
-                    self.counters.publish_accepted += 1;
-                    Body::Keepalive(Keepalive {
-                        node: self.node,
-                        sent_us: 0,
-                        echo_us: 0,
-                    })
-                } else {
-                    self.counters.publish_refused += 1;
-                    if let Some(n) = self.wrong_key_log.allow(now, WARN_EVERY) {
-                        tracing::warn!(
-                            "{from} tried to publish stream {id} with a wrong key ({n} wrong \
-                             keys since the last such line; all counted in \
-                             braid_entrypoint_publish_total{{result=\"refused\"}})"
-                        );
-                    }
-                    Body::Error {
-                        code: ErrorCode::UNAUTHORIZED,
-                        text: "wrong stream key".into(),
-                    }
-                };
+            Body::Publish { cookie } => {
+                // The tag proved the stream's key; the cookie proves the address receives
+                // (a recorded publish is worth nothing from elsewhere or a minute later).
+                let check = self.cookies.check(now, Subject::Addr(from), &cookie);
+                if check != cookie::Check::Fresh {
+                    let cookie = self.cookies.issue(now, Subject::Addr(from));
+                    self.out
+                        .control(Peer::Addr(from), id, Body::Cookie { cookie });
+                }
+                if !check.ok() {
+                    self.counters.drops.add("cookie_missing");
+                    return;
+                }
+                stream.publishers.insert(from, now);
+                // Forget publishers long gone, so the map stays as small as the set
+                // of live sources.
+                if stream.publishers.len() > 16 {
+                    stream
+                        .publishers
+                        .retain(|_, t| now.duration_since(*t) < PUBLISHER_TIMEOUT);
+                }
+                self.counters.publish_accepted += 1;
+                let reply = Body::Keepalive(Keepalive {
+                    node: self.node,
+                    sent_us: 0,
+                    echo_us: 0,
+                });
                 self.out.control(Peer::Addr(from), id, reply);
             }
             Body::Media(media) => {
@@ -292,8 +314,14 @@ impl EntryPoint {
                     }
                     return;
                 }
+                // Into the network it goes signed by this node: the source holds no
+                // network key, and nobody past this point takes a source's signature.
+                let Ok(signed) = self.out.codec().resign(&bytes) else {
+                    self.counters.drops.add("malformed");
+                    return;
+                };
                 for to in &stream.config.reflectors {
-                    self.out.send(Peer::Addr(*to), bytes.clone(), true);
+                    self.out.send(Peer::Addr(*to), signed.clone(), true);
                 }
                 self.counters.forwarded += 1;
                 let seq = media.seq;
@@ -333,6 +361,43 @@ impl EntryPoint {
             _ => self.counters.drops.add("unexpected_kind"),
         }
     }
+
+    /// Tells a source its publish was signed with a wrong stream key (an answer no
+    /// larger than the publish, at most every 100 ms per address).
+    fn refuse_publish(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        self.counters.publish_refused += 1;
+        let id = StreamId(u32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]));
+        if let Some(n) = self.wrong_key_log.allow(now, WARN_EVERY) {
+            tracing::warn!(
+                "{from} tried to publish stream {id} with a wrong key ({n} wrong \
+                 keys since the last such line; all counted in \
+                 braid_entrypoint_publish_total{{result=\"refused\"}})"
+            );
+        }
+        let due = self
+            .told
+            .get(&from)
+            .is_none_or(|t| now.duration_since(*t) >= NOT_PUBLISHED_EVERY);
+        if !due || !self.streams.contains_key(&id) {
+            return;
+        }
+        if self.told.len() >= MAX_TOLD {
+            self.told.clear();
+        }
+        self.told.insert(from, now);
+        let body = Body::Error {
+            code: ErrorCode::UNAUTHORIZED,
+            text: "wrong stream key".into(),
+        };
+        self.out.control(Peer::Addr(from), id, body);
+    }
+}
+
+/// Whether `bytes` claims to be a source's publish (its tag unchecked).
+fn is_source_publish(bytes: &[u8]) -> bool {
+    bytes.len() >= 8
+        && bytes[1] == Kind::Publish as u8
+        && (bytes[2] >> 3) & 3 == Class::Source as u8
 }
 
 #[cfg(test)]
@@ -366,8 +431,34 @@ mod tests {
             },
             codec.clone(),
         )
-        .unwrap();
+        .unwrap()
+        .with_cookie_secret([3; 32]);
         (e, codec)
+    }
+
+    /// The source's codec for stream 1 (key "k").
+    fn source() -> Codec {
+        Codec::source("k")
+    }
+
+    /// Publishes from `src` as a capture does: without a cookie, then with the one the
+    /// entry point answered. Returns what the second publish brought back.
+    fn publish(e: &mut EntryPoint, now: Instant, src: SocketAddr) -> Vec<node::Transmit> {
+        let s = source();
+        e.handle_input(now, input(src, msg(&s, Body::Publish { cookie: [0; 16] })));
+        let out = drain(e);
+        let cookie = out
+            .iter()
+            .find_map(|t| match s.decode(t.datagram.clone()) {
+                Ok(Message {
+                    body: Body::Cookie { cookie },
+                    ..
+                }) => Some(cookie),
+                _ => None,
+            })
+            .expect("a cookie comes back");
+        e.handle_input(now, input(src, msg(&s, Body::Publish { cookie })));
+        drain(e)
     }
 
     fn msg(codec: &Codec, body: Body) -> Bytes {
@@ -430,7 +521,7 @@ mod tests {
         let (mut e, codec) = setup();
         let now = t0();
         let src = addr(100);
-        e.handle_input(now, input(src, media(&codec, 5)));
+        e.handle_input(now, input(src, media(&source(), 5)));
         let told = drain(&mut e);
         assert_eq!(told.len(), 1, "only the sender is told");
         assert_eq!(told[0].to, Peer::Addr(src));
@@ -439,27 +530,40 @@ mod tests {
             Body::Error { code, .. } if code == ErrorCode::NOT_PUBLISHED
         ));
         assert_eq!(e.counters().drops.get("unpublished"), 1);
+        // A publish signed with a wrong key is refused (told, at most every 100 ms).
+        let later = now + NOT_PUBLISHED_EVERY;
+        let wrong = Codec::source("bad");
         e.handle_input(
-            now,
-            input(src, msg(&codec, Body::Publish { key: "bad".into() })),
+            later,
+            input(src, msg(&wrong, Body::Publish { cookie: [0; 16] })),
         );
-        assert_eq!(drain(&mut e).len(), 1, "an error goes back");
+        let out = drain(&mut e);
+        assert_eq!(out.len(), 1, "an error goes back");
+        assert!(out[0].datagram.len() <= 48, "no larger than a publish");
+        assert_eq!(e.counters().publish_refused, 1);
         // Media is still refused, and the sender told at most every 100 ms.
-        e.handle_input(now, input(src, media(&codec, 5)));
+        e.handle_input(later, input(src, media(&source(), 5)));
         assert!(drain(&mut e).is_empty());
-        e.handle_input(
-            now,
-            input(src, msg(&codec, Body::Publish { key: "k".into() })),
-        );
-        assert_eq!(drain(&mut e).len(), 1, "a keepalive goes back");
-        let m = media(&codec, 6);
-        e.handle_input(now, input(src, m.clone()));
+        // Media signed with a wrong key, or by a viewer, never counts as the source's.
+        e.handle_input(later, input(src, media(&wrong, 5)));
+        e.handle_input(later, input(src, media(&Codec::viewer(), 5)));
+        assert!(drain(&mut e).is_empty());
+        assert_eq!(e.counters().drops.get("not_a_node"), 1);
+        let back = publish(&mut e, later, src);
+        assert_eq!(back.len(), 1, "a keepalive goes back");
+        let m = media(&source(), 6);
+        e.handle_input(later, input(src, m.clone()));
         let out = drain(&mut e);
         let to: Vec<Peer> = out.iter().map(|t| t.to).collect();
         assert_eq!(to, [Peer::Addr(addr(1)), Peer::Addr(addr(2))]);
-        assert!(out.iter().all(|t| t.datagram == m && t.data));
+        // Forwarded signed by the entry point, as a node: the same message otherwise.
+        let (_, sent) = e.out.codec().decode_any(m).unwrap();
+        for t in &out {
+            assert!(t.data);
+            assert_eq!(codec.decode(t.datagram.clone()).unwrap(), sent);
+        }
         // The authorization lapses: nothing is forwarded, the sender is told.
-        e.handle_input(now + PUBLISHER_TIMEOUT, input(src, media(&codec, 7)));
+        e.handle_input(later + PUBLISHER_TIMEOUT, input(src, media(&source(), 7)));
         let out = drain(&mut e);
         assert_eq!(
             out.iter().map(|t| t.to).collect::<Vec<_>>(),
@@ -468,16 +572,40 @@ mod tests {
     }
 
     #[test]
+    fn a_recorded_publish_is_worth_nothing_from_another_address_or_later() {
+        let (mut e, _) = setup();
+        let now = t0();
+        let (src, thief) = (addr(100), addr(200));
+        publish(&mut e, now, src);
+        // What the source sent, replayed by someone else: a cookie, nothing more.
+        let cookie = Cookies::new([3; 32]).issue(now, Subject::Addr(src));
+        let recorded = msg(&source(), Body::Publish { cookie });
+        e.handle_input(now, input(thief, recorded.clone()));
+        let out = drain(&mut e);
+        assert_eq!(out.len(), 1);
+        assert!(matches!(
+            source().decode(out[0].datagram.clone()).unwrap().body,
+            Body::Cookie { .. }
+        ));
+        e.handle_input(now, input(thief, media(&source(), 9)));
+        assert!(
+            drain(&mut e).iter().all(|t| t.to == Peer::Addr(thief)),
+            "nothing forwarded"
+        );
+        // From the source's own address two cookie epochs later: refused too.
+        let late = now + cookie::EPOCH * 2;
+        e.handle_input(late, input(src, recorded));
+        assert_eq!(e.counters().drops.get("cookie_missing"), 3);
+    }
+
+    #[test]
     fn a_packet_the_source_delivered_late_is_still_repaired() {
         let (mut e, codec) = setup();
         let now = t0();
         let src = addr(100);
-        e.handle_input(
-            now,
-            input(src, msg(&codec, Body::Publish { key: "k".into() })),
-        );
+        publish(&mut e, now, src);
         for s in [10, 12, 11] {
-            e.handle_input(now, input(src, media(&codec, s)));
+            e.handle_input(now, input(src, media(&source(), s)));
         }
         drain(&mut e);
         let nack = msg(
@@ -496,12 +624,9 @@ mod tests {
         let (mut e, codec) = setup();
         let now = t0();
         let src = addr(100);
-        e.handle_input(
-            now,
-            input(src, msg(&codec, Body::Publish { key: "k".into() })),
-        );
+        publish(&mut e, now, src);
         for s in 10..15 {
-            e.handle_input(now, input(src, media(&codec, s)));
+            e.handle_input(now, input(src, media(&source(), s)));
         }
         drain(&mut e);
         let nack = msg(

@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use braid_core::wire::rtp::{Fields, PAYLOAD_TYPE_MP2T};
-use braid_core::wire::{Body, Codec, Flags, Header, Key, Message, Rtp, WatchStart};
+use braid_core::wire::{Body, Codec, Flags, Header, Message, Rtp, WatchStart};
 use braid_core::{PathId, SeqNo, StreamId};
 use bytes::{Bytes, BytesMut};
 
 use crate::harness::crowd::watch;
-use crate::harness::{NETWORK_KEY, Net, STREAM_KEY, Spec, metrics};
+use crate::harness::{Net, STREAM_KEY, Spec, metrics};
 
 /// The value at `p` (0 to 1) of `sorted`, or NaN when it is empty.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -82,7 +82,8 @@ pub fn pace(
 
 /// Records when each numbered packet arrived on `sock` until `stop`: the number is the
 /// first 8 bytes of the datagram (a raw packet) or, with `codec`, the media sequence
-/// number less `first` (a viewer of `edge`, acknowledging every 16 packets).
+/// number less `first` (a viewer of `edge`: it watches, and acknowledges every 16
+/// packets or 250 ms, with the edge's cookie).
 pub fn receive(
     sock: UdpSocket,
     codec: Option<Codec>,
@@ -93,11 +94,20 @@ pub fn receive(
 ) -> Stamps {
     let mut acked = 0u64;
     let mut since = 0;
+    let mut cookie = [0; 16];
+    let mut last_watch: Option<Instant> = None;
     let mut got = vec![None; n];
     let mut buf = [0u8; 2048];
-    sock.set_read_timeout(Some(Duration::from_millis(100)))
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
         .expect("a read timeout");
     while !stop.load(Ordering::Relaxed) {
+        if let (Some(c), Some(edge)) = (&codec, edge) {
+            if since >= 16 || last_watch.is_none_or(|t| t.elapsed() >= Duration::from_millis(250)) {
+                since = 0;
+                last_watch = Some(Instant::now());
+                let _ = sock.send_to(&watch(c, 9, acked, WatchStart::Live, cookie), edge);
+            }
+        }
         let Ok(len) = sock.recv(&mut buf) else {
             continue;
         };
@@ -110,11 +120,15 @@ pub fn receive(
                 }) => {
                     acked = acked.max(m.seq.0);
                     since += 1;
-                    if let (Some(edge), true) = (edge, since >= 16) {
-                        since = 0;
-                        let _ = sock.send_to(&watch(c, 9, acked, WatchStart::Live), edge);
-                    }
                     m.seq.0
+                }
+                Ok(Message {
+                    body: Body::Cookie { cookie: c },
+                    ..
+                }) => {
+                    cookie = c;
+                    since = 16;
+                    continue;
                 }
                 _ => continue,
             },
@@ -208,7 +222,7 @@ pub fn latency(c: &Latency) -> anyhow::Result<Measured> {
         node_args: vec!["--quic-congestion".into(), c.quic_congestion.clone()],
         ..Spec::default()
     });
-    let codec = Codec::new(Key::derive(NETWORK_KEY));
+    let codec = Codec::viewer();
     let entries: Vec<SocketAddr> = net.entries.iter().map(|e| e.udp()).collect();
     let edge = net.edge.udp();
     let n = (c.seconds * c.rate) as usize;
@@ -218,23 +232,14 @@ pub fn latency(c: &Latency) -> anyhow::Result<Measured> {
     let viewer = UdpSocket::bind("127.0.0.1:0")?;
     let base_rx = UdpSocket::bind("127.0.0.1:0")?;
     let base_addr = base_rx.local_addr()?;
-    let viewer_tx = viewer.try_clone()?;
     let (s1, s2) = (stop.clone(), stop.clone());
     let c2 = codec.clone();
     let v = std::thread::spawn(move || receive(viewer, Some(c2), Some(edge), n, first, s1));
     let b = std::thread::spawn(move || receive(base_rx, None, None, n, 0, s2));
 
     let src = UdpSocket::bind("127.0.0.1:0")?;
-    let publish = crate::harness::message(
-        &codec,
-        Body::Publish {
-            key: Bytes::from_static(STREAM_KEY.as_bytes()),
-        },
-    );
-    for e in &entries {
-        src.send_to(&publish, e)?;
-    }
-    viewer_tx.send_to(&watch(&codec, 9, 0, WatchStart::Live), edge)?;
+    let mut publisher = crate::harness::Publisher::start(&src, &entries, STREAM_KEY)?;
+    let source = publisher.codec().clone();
     std::thread::sleep(Duration::from_millis(500));
 
     let mut out = BytesMut::new();
@@ -257,7 +262,7 @@ pub fn latency(c: &Latency) -> anyhow::Result<Measured> {
             );
             out.clear();
             let flags = Flags::empty().with(Flags::KEYFRAME, i % 50 == 0);
-            codec.encode_media(
+            source.encode_media(
                 Header {
                     stream: StreamId(1),
                     path: PathId(0),
@@ -272,14 +277,7 @@ pub fn latency(c: &Latency) -> anyhow::Result<Measured> {
             }
             Ok(())
         },
-        || {
-            for e in &entries {
-                src.send_to(&publish, e)?;
-            }
-            // Renews the lease (acknowledging nothing new).
-            viewer_tx.send_to(&watch(&codec, 9, 0, WatchStart::Live), edge)?;
-            Ok(())
-        },
+        || Ok(publisher.renew()?),
     )?;
     std::thread::sleep(Duration::from_millis(c.window_ms + 500));
     stop.store(true, Ordering::Relaxed);

@@ -469,6 +469,123 @@ pub fn message(codec: &braid_core::wire::Codec, body: braid_core::wire::Body) ->
     out.freeze()
 }
 
+/// The header a node's request to a control server carries: `method` `path` with
+/// `body`, signed now with the test network's key.
+pub fn node_signature(method: &str, path: &str, body: &[u8]) -> (&'static str, String) {
+    let auth = braid_core::nodeauth::NodeAuth::new(&braid_core::wire::Key::derive(NETWORK_KEY));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    (
+        braid_core::nodeauth::HEADER,
+        auth.sign(method, path, now, body),
+    )
+}
+
+/// The cookie in `bytes`, if it is a cookie message (from a node: read unchecked).
+pub fn cookie_in(bytes: &[u8]) -> Option<braid_core::wire::Cookie> {
+    match braid_core::wire::Codec::viewer().decode(bytes::Bytes::copy_from_slice(bytes)) {
+        Ok(braid_core::wire::Message {
+            body: braid_core::wire::Body::Cookie { cookie },
+            ..
+        }) => Some(cookie),
+        _ => None,
+    }
+}
+
+/// Sends `make(cookie)` from `sock` to `to` the way every sender of a granting message
+/// does: first with no cookie, then, once `to` answered with its cookie for this address,
+/// with that (within 2 s). Returns the cookie; the answers `to` sent besides are dropped.
+pub fn handshake(
+    sock: &std::net::UdpSocket,
+    to: std::net::SocketAddr,
+    make: impl Fn(braid_core::wire::Cookie) -> bytes::Bytes,
+) -> anyhow::Result<braid_core::wire::Cookie> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let old = sock.read_timeout()?;
+    sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let mut buf = [0u8; 9000];
+    let mut next_send = Instant::now();
+    let cookie = loop {
+        if Instant::now() >= next_send {
+            sock.send_to(&make([0; 16]), to)?;
+            next_send = Instant::now() + Duration::from_millis(300);
+        }
+        if Instant::now() > deadline {
+            sock.set_read_timeout(old)?;
+            anyhow::bail!("{to} sent no cookie within 2 s");
+        }
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            if let (true, Some(c)) = (from == to, cookie_in(&buf[..n])) {
+                break c;
+            }
+        }
+    };
+    sock.set_read_timeout(old)?;
+    sock.send_to(&make(cookie), to)?;
+    Ok(cookie)
+}
+
+/// A source publishing stream 1 the way a capture does: signed with the publish key of
+/// `stream_key`, with each entry point's cookie.
+pub struct Publisher {
+    sock: std::net::UdpSocket,
+    codec: braid_core::wire::Codec,
+    entries: Vec<(std::net::SocketAddr, braid_core::wire::Cookie)>,
+}
+
+impl Publisher {
+    /// Publishes from `sock` to every entry point of `entries` (the cookie handshake
+    /// with each); `sock` is left non-blocking.
+    pub fn start(
+        sock: &std::net::UdpSocket,
+        entries: &[std::net::SocketAddr],
+        stream_key: &str,
+    ) -> anyhow::Result<Publisher> {
+        let codec = braid_core::wire::Codec::source(stream_key);
+        let mut with = Vec::new();
+        for e in entries {
+            let c = handshake(sock, *e, |cookie| {
+                message(&codec, braid_core::wire::Body::Publish { cookie })
+            })?;
+            with.push((*e, c));
+        }
+        let sock = sock.try_clone()?;
+        sock.set_nonblocking(true)?;
+        Ok(Publisher {
+            sock,
+            codec,
+            entries: with,
+        })
+    }
+
+    /// The codec a source signs its media with.
+    pub fn codec(&self) -> &braid_core::wire::Codec {
+        &self.codec
+    }
+
+    /// Publishes again (every second, as a capture does), after taking any fresh cookie
+    /// the entry points sent.
+    pub fn renew(&mut self) -> std::io::Result<()> {
+        let mut buf = [0u8; 9000];
+        while let Ok((n, from)) = self.sock.recv_from(&mut buf) {
+            if let Some(c) = cookie_in(&buf[..n]) {
+                if let Some(e) = self.entries.iter_mut().find(|(a, _)| *a == from) {
+                    e.1 = c;
+                }
+            }
+        }
+        for (to, cookie) in &self.entries {
+            let msg = message(
+                &self.codec,
+                braid_core::wire::Body::Publish { cookie: *cookie },
+            );
+            self.sock.send_to(&msg, to)?;
+        }
+        Ok(())
+    }
+}
+
 /// TLS flags for a node with the development certificate `name` from `dir`.
 pub fn tls_args(dir: &Path, name: &str) -> Vec<String> {
     let f = |x: &str| dir.join(x).display().to_string();
@@ -889,7 +1006,7 @@ pub mod crowd {
     use std::thread::JoinHandle;
     use std::time::{Duration, Instant};
 
-    use braid_core::wire::{Body, Codec, Flags, Header, Key, Message, Watch, WatchStart};
+    use braid_core::wire::{Body, Codec, Cookie, Flags, Header, Message, Watch, WatchStart};
     use braid_core::{NodeId, SeqNo, StreamId};
     use bytes::{Bytes, BytesMut};
 
@@ -907,8 +1024,12 @@ pub mod crowd {
         pub starts_on_keyframe: bool,
         /// When the last media packet arrived.
         pub last_at: Option<Instant>,
+        /// The source session (RTP SSRC) of the last media packet.
+        pub ssrc: Option<u32>,
         /// When the viewer stopped watching.
         pub stopped: Option<Instant>,
+        /// The edge's cookie for this viewer's address.
+        pub cookie: Cookie,
         /// Highest sequence number received, packets since the last acknowledgement,
         /// and when that was.
         acked: u64,
@@ -930,9 +1051,10 @@ pub mod crowd {
                         self.starts_on_keyframe = header.flags.contains(Flags::KEYFRAME);
                     }
                     self.last_at = Some(Instant::now());
+                    self.ssrc = Some(m.rtp.fields().ssrc);
                     self.seqs.push(m.seq.0);
                     self.acked = self.acked.max(m.seq.0);
-                    self.since += 1;
+                    self.since = self.since.saturating_add(1);
                     Some(m.seq.0)
                 }
                 Ok(Message {
@@ -940,6 +1062,15 @@ pub mod crowd {
                     ..
                 }) => {
                     self.errors.push(text);
+                    None
+                }
+                Ok(Message {
+                    body: Body::Cookie { cookie },
+                    ..
+                }) => {
+                    // Watch again at once, with the cookie.
+                    self.cookie = cookie;
+                    self.since = u32::MAX;
                     None
                 }
                 _ => None,
@@ -1006,7 +1137,7 @@ pub mod crowd {
         use braid_net::quic::{Options, Quic};
         use braid_net::udp::{Impairments, Socket};
 
-        let codec = Codec::new(Key::derive(super::NETWORK_KEY));
+        let codec = Codec::viewer();
         let any: SocketAddr = "127.0.0.1:0".parse().expect("an address");
         let mut sock = Socket::bind(any, Impairments::default(), "crowd").expect("a socket");
         let q = Quic::bind(&Options::default(), any, &tls, "crowd").expect("a QUIC endpoint");
@@ -1019,7 +1150,7 @@ pub mod crowd {
         sock.send(
             Instant::now(),
             edge,
-            watch(&codec, i as u64, 0, WatchStart::Keyframe),
+            watch(&codec, i as u64, 0, WatchStart::Keyframe, [0; 16]),
             false,
         );
         let mut got = Vec::new();
@@ -1036,7 +1167,7 @@ pub mod crowd {
                 sock.send(
                     Instant::now(),
                     edge,
-                    watch(&codec, i as u64, acked, WatchStart::Keyframe),
+                    watch(&codec, i as u64, acked, WatchStart::Keyframe, seen.cookie),
                     false,
                 );
             }
@@ -1049,8 +1180,9 @@ pub mod crowd {
         seen
     }
 
-    /// A watch message from viewer `id` starting at `start`, acknowledging `acked`.
-    pub fn watch(codec: &Codec, id: u64, acked: u64, start: WatchStart) -> Bytes {
+    /// A watch message from viewer `id` starting at `start`, acknowledging `acked`, with
+    /// the edge's `cookie` for its address (zeros for none yet).
+    pub fn watch(codec: &Codec, id: u64, acked: u64, start: WatchStart, cookie: Cookie) -> Bytes {
         let mut out = BytesMut::new();
         let msg = Message {
             header: Header {
@@ -1063,6 +1195,7 @@ pub mod crowd {
                 start,
                 seq: SeqNo(0),
                 acked: SeqNo(acked),
+                cookie,
                 token: Bytes::new(),
             }),
         };
@@ -1082,15 +1215,17 @@ pub mod crowd {
                     let stop = stop.clone();
                     let tally = tally.clone();
                     std::thread::spawn(move || {
-                        let codec = Codec::new(Key::derive(super::NETWORK_KEY));
+                        let codec = Codec::viewer();
                         let sock = UdpSocket::bind("127.0.0.1:0").expect("a socket");
                         sock.set_read_timeout(Some(Duration::from_millis(50)))
                             .expect("timeout");
                         let mut seen = Seen::default();
                         let mut buf = [0u8; 2048];
                         let asked = Instant::now();
-                        let _ =
-                            sock.send_to(&watch(&codec, i as u64, 0, WatchStart::Keyframe), edge);
+                        let _ = sock.send_to(
+                            &watch(&codec, i as u64, 0, WatchStart::Keyframe, [0; 16]),
+                            edge,
+                        );
                         while !stop.load(Ordering::Relaxed) {
                             if let Ok(n) = sock.recv(&mut buf) {
                                 let b = Bytes::copy_from_slice(&buf[..n]);
@@ -1100,7 +1235,13 @@ pub mod crowd {
                             }
                             if let Some(acked) = seen.ack_due() {
                                 let _ = sock.send_to(
-                                    &watch(&codec, i as u64, acked, WatchStart::Keyframe),
+                                    &watch(
+                                        &codec,
+                                        i as u64,
+                                        acked,
+                                        WatchStart::Keyframe,
+                                        seen.cookie,
+                                    ),
                                     edge,
                                 );
                             }

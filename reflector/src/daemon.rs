@@ -26,8 +26,8 @@ use crate::set::{self, SetReflector};
 use crate::{Config, Role, report, tcp};
 
 enum Machine {
-    Set(SetReflector),
-    Edge(Edge),
+    Set(Box<SetReflector>),
+    Edge(Box<Edge>),
 }
 
 impl Machine {
@@ -167,16 +167,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             region: config.region.clone(),
             capacity: config.max_viewers as u64,
             cost_tier: config.cost_tier,
+            auth: braid_core::nodeauth::NodeAuth::new(&braid_net::daemon::network_key(
+                &config.network_key,
+            )?),
         },
         shared.clone(),
         shutdown.clone(),
     );
     let now = Instant::now();
     let mut machine = match config.role {
-        Role::Set => Machine::Set(SetReflector::new(config.set_config()?, codec)?),
+        Role::Set => Machine::Set(Box::new(SetReflector::new(config.set_config()?, codec)?)),
         Role::Edge => {
             let clock = WallClock::new(now, braid_net::daemon::unix_ms());
-            Machine::Edge(Edge::new(config.edge_config()?, codec, clock)?)
+            Machine::Edge(Box::new(Edge::new(config.edge_config()?, codec, clock)?))
         }
     };
     let mut d = Daemon {
@@ -418,6 +421,7 @@ fn export(role: &'static str, machine: &Machine) {
         set("braid_merge_nacked_total", s.nacked);
         set("braid_merge_repaired_total", s.repaired);
         set("braid_merge_jumps_total", s.jumps);
+        set("braid_merge_unconfirmed_jumps_total", s.unconfirmed_jumps);
         set("braid_merge_seeks_total", s.seeks);
         for (path, p) in &st.paths {
             let path = path.0.to_string();

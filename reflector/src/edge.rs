@@ -17,12 +17,14 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use braid_core::cookie::{self, Cookies, Subject};
 use braid_core::merge;
 use braid_core::node::{self, Outbox, Output, Peer, TailProbe, WallClock};
 use braid_core::ring::{self, Cursor, Read, Ring, Start};
 use braid_core::token::Signer;
 use braid_core::wire::{
-    Body, Codec, ErrorCode, Flags, Keepalive, NoticeKind, SwitchReason, Watch, WatchStart,
+    Body, Class, Codec, Cookie, ErrorCode, Flags, Keepalive, NoticeKind, SwitchReason, Watch,
+    WatchStart,
 };
 use braid_core::{PathId, SeqNo, StreamId};
 use bytes::Bytes;
@@ -144,6 +146,9 @@ struct Viewer {
     tail: TailProbe,
     /// When anything was last sent to it (media or a heartbeat).
     last_sent: Instant,
+    /// When its token expires (Unix seconds), when the edge checks tokens: its watches
+    /// carry the token, renewed or not, and it is served no longer than that.
+    token_expires: Option<u64>,
 }
 
 struct Stream {
@@ -227,6 +232,10 @@ pub struct Edge {
     tcp_queued: HashMap<u64, usize>,
     /// Peers already logged as refused (one line each; the counter counts them all).
     warned: HashSet<Peer>,
+    /// Viewers' addresses are validated before they are sent anything.
+    cookies: Cookies,
+    /// Each set reflector's cookie for this edge's address.
+    upstream_cookies: HashMap<SocketAddr, Cookie>,
 }
 
 impl Edge {
@@ -248,7 +257,17 @@ impl Edge {
             quic_down: HashSet::new(),
             tcp_queued: HashMap::new(),
             warned: HashSet::new(),
+            cookies: Cookies::random(),
+            upstream_cookies: HashMap::new(),
         })
+    }
+
+    /// This edge, making its address-validation cookies under `secret` (the simulator's,
+    /// drawn from its seed) rather than a random one.
+    #[must_use]
+    pub fn with_cookie_secret(mut self, secret: [u8; 32]) -> Edge {
+        self.cookies = Cookies::new(secret);
+        self
     }
 
     /// What happened so far.
@@ -424,13 +443,22 @@ impl Edge {
     }
 
     fn handle_message(&mut self, now: Instant, from: Peer, bytes: Bytes, node: bool) {
-        let msg = match self.out.codec().decode(bytes.clone()) {
+        let (class, msg) = match self.out.codec().decode_any(bytes.clone()) {
             Ok(m) => m,
             Err(e) => {
                 self.counters.drops.add(e.reason());
                 return;
             }
         };
+        // A viewer signs only what a viewer says; a source says nothing to an edge.
+        let viewer_kind = matches!(
+            msg.body,
+            Body::Watch(_) | Body::Nack(_) | Body::Unsubscribe { .. } | Body::Keepalive(_)
+        );
+        if class == Class::Source || (class == Class::Viewer && !viewer_kind) {
+            self.counters.drops.add("not_a_node");
+            return;
+        }
         let id = msg.header.stream;
         if !self.config.settings.carries(id) {
             self.counters.drops.add("unknown_stream");
@@ -507,6 +535,30 @@ impl Edge {
                 });
                 self.out.control(from, id, reply);
             }
+            (Peer::Addr(a), Body::Cookie { cookie }) => {
+                // A set reflector validating this edge's address: subscribe again with
+                // the cookie to every stream that uses it.
+                if !self.config.reflectors.contains(&a) {
+                    self.counters.drops.add("unknown_peer");
+                    return;
+                }
+                let fresh = self.upstream_cookies.insert(a, cookie) != Some(cookie);
+                if fresh {
+                    let ids: Vec<StreamId> = self
+                        .streams
+                        .iter()
+                        .filter(|(_, st)| {
+                            st.upstream
+                                .iter()
+                                .any(|(i, _)| self.config.reflectors[*i] == a)
+                        })
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for id in ids {
+                        self.subscribe_one(id, a);
+                    }
+                }
+            }
             (Peer::Addr(a), Body::Error { code, text }) => {
                 // A set reflector refusing this edge: counted, and said once per peer
                 // with its reason (an operator's configuration error, as a rule).
@@ -551,6 +603,27 @@ impl Edge {
     }
 
     fn handle_watch(&mut self, now: Instant, from: Peer, id: StreamId, watch: Watch) {
+        // Nothing is sent to an address before it shows it receives there (a watch gets
+        // a cookie, smaller than itself, until it echoes one), and a recorded watch is
+        // worth nothing from another address or connection, or a minute later.
+        let subject = match from {
+            Peer::Addr(a) => Subject::Addr(a),
+            Peer::Conn(c) => Subject::Conn(c),
+        };
+        match self.cookies.check(now, subject, &watch.cookie) {
+            cookie::Check::Fresh => {}
+            check => {
+                if check == cookie::Check::Bad {
+                    self.counters.drops.add("cookie_missing");
+                }
+                let cookie = self.cookies.issue(now, subject);
+                self.out.control(from, id, Body::Cookie { cookie });
+                if !check.ok() {
+                    return;
+                }
+            }
+        }
+        let unix = self.clock.unix_secs(now);
         let (max_stream, max_node) = (self.config.settings.max_per_stream, self.config.max_viewers);
         let node_full = self.viewers >= max_node;
         let lease = Duration::from_millis(u64::from(watch.lease_ms)).min(MAX_LEASE);
@@ -559,6 +632,26 @@ impl Edge {
             .get_mut(&id)
             .and_then(|st| st.viewers.get_mut(&from))
         {
+            // The token is checked again once the one it was let in with expires: a
+            // renewed token in its watches keeps it served, an expired one ends it.
+            if let (Some(exp), Some(signer)) = (v.token_expires, &self.config.tokens) {
+                if unix >= exp {
+                    let token = std::str::from_utf8(&watch.token).unwrap_or("");
+                    match signer.verify_for(id, token, unix) {
+                        Ok(c) if c.client.0 == watch.node.0 => v.token_expires = Some(c.expires),
+                        res => {
+                            self.counters.drops.add("token_expired");
+                            let text = match res {
+                                Err(e) => format!("viewer token refused: {e}: renew it"),
+                                Ok(_) => "viewer token is for another viewer".to_owned(),
+                            };
+                            self.remove_viewer(id, from);
+                            self.reply_error(from, id, ErrorCode::UNAUTHORIZED, &text);
+                            return;
+                        }
+                    }
+                }
+            }
             v.expires = now + lease;
             if watch.acked > v.acked {
                 v.acked = watch.acked;
@@ -598,13 +691,27 @@ impl Edge {
             );
             return;
         }
+        let mut token_expires = None;
         if let Some(signer) = &self.config.tokens {
             let token = std::str::from_utf8(&watch.token).unwrap_or("");
-            if let Err(e) = signer.verify_for(id, token, self.clock.unix_secs(now)) {
-                self.counters.drops.add("bad_token");
-                let text = format!("viewer token refused: {e}");
-                self.reply_error(from, id, ErrorCode::UNAUTHORIZED, &text);
-                return;
+            // A token is good for the viewer it was issued to: the watch's viewer id.
+            let checked = signer
+                .verify_for(id, token, unix)
+                .map_err(|e| format!("viewer token refused: {e}"))
+                .and_then(|c| {
+                    if c.client.0 == watch.node.0 {
+                        Ok(c)
+                    } else {
+                        Err("viewer token refused: it was issued to another viewer".to_owned())
+                    }
+                });
+            match checked {
+                Ok(c) => token_expires = Some(c.expires),
+                Err(text) => {
+                    self.counters.drops.add("bad_token");
+                    self.reply_error(from, id, ErrorCode::UNAUTHORIZED, &text);
+                    return;
+                }
             }
         }
         // A stream is opened (and subscribed upstream) only for a viewer let in, and
@@ -653,6 +760,7 @@ impl Edge {
                 last_seq: None,
                 tail: TailProbe::default(),
                 last_sent: now,
+                token_expires,
             },
         );
         st.empty_since = None;
@@ -847,23 +955,40 @@ impl Edge {
             return;
         };
         st.last_refresh = Some(now);
-        let s = braid_core::wire::Subscription {
-            node: self.config.settings.node,
-            lease_ms: LEASE_MS,
-        };
-        let body = if first {
-            Body::Subscribe(s)
-        } else {
-            Body::Refresh(s)
-        };
         // With nothing of the stream yet, a subscription asks for the latest group of
         // pictures at once (the keyframe flag): viewers start without waiting for the
         // next keyframe to come through the tree.
         let flags = Flags::empty().with(Flags::KEYFRAME, first && st.ring.is_empty());
         for (i, _) in &st.upstream {
-            let to = Peer::Addr(self.config.reflectors[*i]);
-            self.out.control_flagged(to, id, flags, body.clone());
+            let to = self.config.reflectors[*i];
+            let s = braid_core::wire::Subscription {
+                node: self.config.settings.node,
+                lease_ms: LEASE_MS,
+                cookie: self.upstream_cookies.get(&to).copied().unwrap_or_default(),
+            };
+            let body = if first {
+                Body::Subscribe(s)
+            } else {
+                Body::Refresh(s)
+            };
+            self.out.control_flagged(Peer::Addr(to), id, flags, body);
         }
+    }
+
+    /// Subscribes to stream `id` at set reflector `to` now (its cookie just came): the
+    /// keyframe flag asks for the latest group of pictures while the edge has nothing.
+    fn subscribe_one(&mut self, id: StreamId, to: SocketAddr) {
+        let Some(st) = self.streams.get(&id) else {
+            return;
+        };
+        let flags = Flags::empty().with(Flags::KEYFRAME, st.ring.is_empty());
+        let s = braid_core::wire::Subscription {
+            node: self.config.settings.node,
+            lease_ms: LEASE_MS,
+            cookie: self.upstream_cookies.get(&to).copied().unwrap_or_default(),
+        };
+        self.out
+            .control_flagged(Peer::Addr(to), id, flags, Body::Subscribe(s));
     }
 
     fn reply_error(&mut self, to: Peer, stream: StreamId, code: ErrorCode, text: &str) {
@@ -880,6 +1005,7 @@ impl Edge {
     /// Expiries, refreshes, path replacement, linger, drain signals.
     fn housekeeping(&mut self, now: Instant) {
         self.next_housekeeping = Some(now + HOUSEKEEPING);
+        let unix = self.clock.unix_secs(now);
         self.signal_drain(now);
         self.heartbeat(now);
         let k = self.subscribe_k();
@@ -911,7 +1037,11 @@ impl Edge {
                 overtaken.push(id);
             }
             let before = st.viewers.len();
-            st.viewers.retain(|_, v| v.expires > now);
+            // A viewer is forgotten at the end of its lease, or when its token expired
+            // and no watch since renewed it (2 s for the renewed token to arrive).
+            st.viewers.retain(|_, v| {
+                v.expires > now && v.token_expires.is_none_or(|e| unix < e.saturating_add(2))
+            });
             gone_viewers += before - st.viewers.len();
             if st.viewers.is_empty() {
                 let since = *st.empty_since.get_or_insert(now);
@@ -1122,8 +1252,12 @@ mod tests {
             viewer_window: 1000,
             tokens: None,
         };
-        Edge::new(config, codec(), WallClock::new(now, 1_800_000_000_000)).unwrap()
+        Edge::new(config, codec(), WallClock::new(now, 1_800_000_000_000))
+            .unwrap()
+            .with_cookie_secret(COOKIE_SECRET)
     }
+
+    const COOKIE_SECRET: [u8; 32] = [5; 32];
 
     /// A media message of source session `ssrc`, as a set reflector forwards it.
     fn media(ssrc: u32, seq: u64, flags: Flags) -> Input {
@@ -1153,7 +1287,14 @@ mod tests {
         }
     }
 
-    fn watch(from: Peer, start: WatchStart, seq: u64) -> Input {
+    /// A viewer's watch, with the edge's cookie for `from` (the edge's cookie epoch
+    /// starts at its first watch, as this one's does at `now`: tests stay within it).
+    fn watch(now: Instant, from: Peer, start: WatchStart, seq: u64) -> Input {
+        let subject = match from {
+            Peer::Addr(a) => Subject::Addr(a),
+            Peer::Conn(c) => Subject::Conn(c),
+        };
+        let cookie = Cookies::new(COOKIE_SECRET).issue(now, subject);
         let m = Message {
             header: Header {
                 stream: STREAM,
@@ -1165,11 +1306,12 @@ mod tests {
                 start,
                 seq: SeqNo(seq),
                 acked: SeqNo(0),
+                cookie,
                 token: Bytes::new(),
             }),
         };
         let mut b = BytesMut::new();
-        codec().encode(&m, &mut b).unwrap();
+        Codec::viewer().encode(&m, &mut b).unwrap();
         Input::Received {
             from,
             datagram: b.freeze(),
@@ -1231,7 +1373,7 @@ mod tests {
         let mut now = Instant::now();
         let mut e = edge(now);
         let early = viewer(5000);
-        e.handle_input(now, watch(early, WatchStart::Keyframe, 0));
+        e.handle_input(now, watch(now, early, WatchStart::Keyframe, 0));
         session(&mut e, &mut now, 1, 1000, 10);
         let out = session(&mut e, &mut now, 2, 5000, 10);
         assert!(
@@ -1242,7 +1384,7 @@ mod tests {
         // Resumes in the old session after the new one was released to the others: its
         // cursor crosses into the new session, and it must learn where that starts.
         let late = viewer(5001);
-        e.handle_input(now, watch(late, WatchStart::Seq, 1005));
+        e.handle_input(now, watch(now, late, WatchStart::Seq, 1005));
         let got = seen(&sent(&mut e), late);
         let told = got
             .iter()
@@ -1264,7 +1406,7 @@ mod tests {
         let mut now = Instant::now();
         let mut e = edge(now);
         let v = viewer(5000);
-        e.handle_input(now, watch(v, WatchStart::Keyframe, 0));
+        e.handle_input(now, watch(now, v, WatchStart::Keyframe, 0));
         session(&mut e, &mut now, 1, 1000, 10);
         // The new session's flagged first packet lost on every path.
         for seq in 5001..5010 {

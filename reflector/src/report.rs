@@ -54,6 +54,9 @@ pub(crate) struct Identity {
     pub(crate) region: String,
     pub(crate) capacity: u64,
     pub(crate) cost_tier: u8,
+    /// Signs its requests with the network key: control servers take reports and give
+    /// the set reflectors' list only to nodes.
+    pub(crate) auth: braid_core::nodeauth::NodeAuth,
 }
 
 /// Starts the reporter thread; it stops at shutdown.
@@ -92,9 +95,16 @@ pub(crate) fn spawn(
             let mut answered = 0;
             let mut drain = false;
             for url in &controls {
+                let sig = id.auth.sign(
+                    "POST",
+                    "/v1/report",
+                    braid_net::daemon::unix_ms(),
+                    body.as_bytes(),
+                );
                 let res = agent
                     .post(&format!("{}/v1/report", url.trim_end_matches('/')))
                     .header("content-type", "application/json")
+                    .header(braid_core::nodeauth::HEADER, &sig)
                     .send(&body)
                     .and_then(|mut r| r.body_mut().read_to_string());
                 match res {
@@ -129,8 +139,12 @@ pub(crate) fn spawn(
             }
             if id.role == "edge" {
                 for url in &controls {
+                    let sig =
+                        id.auth
+                            .sign("GET", "/v1/reflectors", braid_net::daemon::unix_ms(), b"");
                     let res = agent
                         .get(&format!("{}/v1/reflectors", url.trim_end_matches('/')))
+                        .header(braid_core::nodeauth::HEADER, &sig)
                         .call()
                         .and_then(|mut r| r.body_mut().read_to_string());
                     let Ok(text) = res else { continue };

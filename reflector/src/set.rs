@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use braid_core::cookie::{self, Cookies, Subject};
 use braid_core::merge;
 use braid_core::node::{self, Held, Outbox, Output, Peer, TAIL_QUIET, TailProbe};
 use braid_core::ring::{self, Ring};
@@ -104,6 +105,8 @@ pub struct SetReflector {
     warned: HashSet<SocketAddr>,
     /// When the prebursts under way send their next packets.
     next_preburst: Option<Instant>,
+    /// Subscribers' addresses are validated before they are sent anything.
+    cookies: Cookies,
 }
 
 impl SetReflector {
@@ -120,7 +123,16 @@ impl SetReflector {
             subscribe_budget: HashMap::new(),
             warned: HashSet::new(),
             next_preburst: None,
+            cookies: Cookies::random(),
         })
+    }
+
+    /// This set reflector, making its address-validation cookies under `secret` (the
+    /// simulator's, drawn from its seed) rather than a random one.
+    #[must_use]
+    pub fn with_cookie_secret(mut self, secret: [u8; 32]) -> SetReflector {
+        self.cookies = Cookies::new(secret);
+        self
     }
 
     /// What happened so far.
@@ -351,6 +363,21 @@ impl SetReflector {
                 st.last_media = Some(now);
             }
             Body::Subscribe(s) | Body::Refresh(s) => {
+                // Nothing is sent to an address before it shows it receives there: a
+                // subscription without this address's cookie gets the cookie only.
+                match self.cookies.check(now, Subject::Addr(from), &s.cookie) {
+                    cookie::Check::Fresh => {}
+                    check => {
+                        if check == cookie::Check::Bad {
+                            self.counters.drops.add("cookie_missing");
+                        }
+                        let cookie = self.cookies.issue(now, Subject::Addr(from));
+                        self.out.control(to, id, Body::Cookie { cookie });
+                        if !check.ok() {
+                            return;
+                        }
+                    }
+                }
                 let wants_gop = msg.header.flags.contains(Flags::KEYFRAME);
                 self.handle_subscriber(now, from, id, s, wants_gop)
             }

@@ -371,6 +371,11 @@ impl World {
         let node = &self.nodes[i];
         let n = node.incarnation;
         let tuning = self.schedule.tuning.clone();
+        // Each incarnation's cookie secret, from the seed, so a run replays exactly.
+        let mut secret = [0u8; 32];
+        secret[..8].copy_from_slice(&self.schedule.seed.to_be_bytes());
+        secret[8..16].copy_from_slice(&(i as u64).to_be_bytes());
+        secret[16..24].copy_from_slice(&u64::from(n).to_be_bytes());
         let machine = match node.kind {
             Kind::Capture => {
                 let s = &self.schedule.stream;
@@ -386,7 +391,7 @@ impl World {
                     gop: s.gop,
                     run: 0,
                 });
-                let c = Capture::new(config, codec, clock, now).expect("the publish encodes");
+                let c = Capture::new(config, clock, now).expect("the publish encodes");
                 Machine::Capture(Box::new(c), synth)
             }
             Kind::Entry => {
@@ -407,7 +412,9 @@ impl World {
                 ])
                 .expect("entry point flags");
                 Machine::Entry(Box::new(
-                    EntryPoint::new(c.machine(), codec).expect("entry point config"),
+                    EntryPoint::new(c.machine(), codec)
+                        .expect("entry point config")
+                        .with_cookie_secret(secret),
                 ))
             }
             Kind::Set | Kind::Edge => {
@@ -448,11 +455,13 @@ impl World {
                 let c = braid_reflector::Config::try_parse_from(args).expect("reflector flags");
                 if node.kind == Kind::Set {
                     let m = SetReflector::new(c.set_config().expect("set config"), codec)
-                        .expect("set config");
+                        .expect("set config")
+                        .with_cookie_secret(secret);
                     Machine::Set(Box::new(m))
                 } else {
                     let m = Edge::new(c.edge_config().expect("edge config"), codec, clock)
-                        .expect("edge config");
+                        .expect("edge config")
+                        .with_cookie_secret(secret);
                     Machine::Edge(Box::new(m))
                 }
             }
@@ -465,8 +474,6 @@ impl World {
                 let v = self.viewers.iter().position(|x| *x == i).unwrap_or(0);
                 let mut args: Vec<String> = [
                     "braid-client",
-                    "--network-key",
-                    NETWORK_KEY,
                     "--id",
                     &(1000 + v).to_string(),
                     "--stream",
@@ -484,8 +491,8 @@ impl World {
                     args.extend(["--buffer-ms".into(), b.to_string()]);
                 }
                 let c = braid_client::Config::try_parse_from(args).expect("client flags");
-                let s =
-                    Session::new(c.session(), codec, clock, "udp", now).expect("session config");
+                let s = Session::new(c.session(), Codec::viewer(), clock, "udp", now)
+                    .expect("session config");
                 Machine::Viewer(Box::new(s))
             }
         };

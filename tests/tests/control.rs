@@ -326,14 +326,52 @@ fn draining_an_edge_moves_its_viewers_without_loss() {
         r#"{"node": 78, "role": "edge", "addr": "127.0.0.1:9100", "viewers": 18446744073709551615}"#,
         r#"{"node": 79, "role": "edge", "addr": "127.0.0.1:9102", "cpu": 1e308}"#,
     ] {
+        let (h, sig) = braid_tests::node_signature("POST", "/v1/report", bad.as_bytes());
         let mut r = agent
             .post(&format!("{}/v1/report", net.urls()[0]))
             .header("Content-Type", "application/json")
+            .header(h, &sig)
             .send(bad)
             .expect("control server answers");
         let body = r.body_mut().read_to_string().unwrap_or_default();
         assert_eq!(r.status().as_u16(), 400, "{bad}: {body}");
     }
+    // An outsider's report (unsigned, signed with another key, or a node's signature
+    // on another body) registers nothing: 401, counted.
+    let forged = r#"{"node": 80, "role": "edge", "addr": "127.0.0.1:9104", "capacity": 1000}"#;
+    let other = braid_core::nodeauth::NodeAuth::new(&braid_core::wire::Key::derive("not ours"));
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let (h, for_other_body) = braid_tests::node_signature("POST", "/v1/report", b"{}");
+    for sig in [
+        None,
+        Some(other.sign("POST", "/v1/report", now_ms, forged.as_bytes())),
+        Some(for_other_body),
+        // A node's signature, a minute old (a recording).
+        Some(
+            braid_core::nodeauth::NodeAuth::new(&braid_core::wire::Key::derive(
+                braid_tests::NETWORK_KEY,
+            ))
+            .sign("POST", "/v1/report", now_ms - 60_000, forged.as_bytes()),
+        ),
+    ] {
+        let mut req = agent
+            .post(&format!("{}/v1/report", net.urls()[0]))
+            .header("Content-Type", "application/json");
+        if let Some(sig) = &sig {
+            req = req.header(h, sig);
+        }
+        let mut r = req.send(forged).expect("control server answers");
+        let body = r.body_mut().read_to_string().unwrap_or_default();
+        assert_eq!(r.status().as_u16(), 401, "{sig:?}: {body}");
+    }
+    let (_, status) = get(&format!("{}/v1/status", net.urls()[0]));
+    assert!(
+        !status.to_string().contains("9104"),
+        "the outsider's edge is not registered: {status}"
+    );
     // New viewers go elsewhere while the drained edge's viewers are still moving.
     for c in 100..110u64 {
         let (_, a) = get(&format!(
@@ -488,8 +526,26 @@ fn an_edge_without_a_reflector_list_learns_it_from_the_control_server() {
     );
     // Set reflectors report once a second; the learner asks for the list as often.
     let end = Instant::now() + Duration::from_secs(10);
+    // Only nodes get the list.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let r = agent
+        .get(&format!("{url}/v1/reflectors"))
+        .call()
+        .expect("control server answers");
+    assert_eq!(r.status().as_u16(), 401, "an outsider gets no list");
     loop {
-        let (_, list) = get(&format!("{url}/v1/reflectors"));
+        let (h, sig) = braid_tests::node_signature("GET", "/v1/reflectors", b"");
+        let mut r = agent
+            .get(&format!("{url}/v1/reflectors"))
+            .header(h, &sig)
+            .call()
+            .expect("control server answers");
+        let list: serde_json::Value =
+            serde_json::from_str(&r.body_mut().read_to_string().unwrap_or_default())
+                .unwrap_or_default();
         if list["reflectors"].as_array().map(Vec::len) == Some(3) {
             break;
         }
@@ -516,6 +572,8 @@ fn an_edge_without_a_reflector_list_learns_it_from_the_control_server() {
         &[
             "--edge".into(),
             learner.udp().to_string(),
+            "--id".into(),
+            "9".into(),
             "--token".into(),
             token(9, 1, 3600),
             "--duration".into(),
@@ -530,6 +588,26 @@ fn an_edge_without_a_reflector_list_learns_it_from_the_control_server() {
         &net.path("learned.log"),
     );
     assert_viewers_whole(&net, std::slice::from_mut(&mut viewer), 6.0);
+}
+
+/// A viewer whose token lasts 4 s renews it at a control server halfway and watches
+/// 10 s whole: the edge checked the token again at its expiry and found the renewed one.
+#[test]
+fn a_short_lived_token_is_renewed_and_the_session_goes_on() {
+    let net = ControlNet::start(1, 1, 14.0, SECRET, |_| vec![]);
+    wait_for_edges(&net, 2);
+    let mut v = net.viewer("renewer", 21, 10.0, &["--token".into(), token(21, 1, 4)]);
+    assert_viewers_whole(&net, std::slice::from_mut(&mut v), 10.0);
+    let log = std::fs::read_to_string(net.path("renewer.log")).expect("log");
+    assert!(log.matches("token renewed").count() >= 1, "{log}");
+    for e in &net.edges {
+        let expired = metrics::sum(
+            e.metrics(),
+            "braid_dropped_total",
+            &["reason=\"token_expired\""],
+        );
+        assert_eq!(expired, 0.0, "{}: the renewed token was taken", e.name);
+    }
 }
 
 /// A viewer asked to probe times every candidate, watches the fastest of its primary's

@@ -261,20 +261,18 @@ fn check_accepts_good_config_and_refuses_bad_with_a_message() {
         ),
         (
             "braid-capture",
-            &[
-                "--check",
-                "--network-key",
-                "a network key",
-                "--stream-key",
-                "k",
-            ],
+            &["--check", "--stream-key", "k"],
             "no entry point",
         ),
+        ("braid-client", &["--check"], "no edge"),
+        // A client or a capture never holds the network key.
         (
             "braid-client",
             &["--check", "--network-key", "a network key"],
-            "no edge",
+            "unexpected argument '--network-key'",
         ),
+        // A control server takes node reports only with it.
+        ("braid-control", &["--check"], "--network-key"),
         (
             "braid-reflector",
             &["--config", "/nonexistent/braid.toml"],
@@ -313,8 +311,6 @@ fn check_accepts_good_config_and_refuses_bad_with_a_message() {
             "braid-capture",
             &[
                 "--check",
-                "--network-key",
-                "a network key",
                 "--stream-key",
                 "k",
                 "--entry",
@@ -328,8 +324,6 @@ fn check_accepts_good_config_and_refuses_bad_with_a_message() {
             "braid-client",
             &[
                 "--check",
-                "--network-key",
-                "a network key",
                 "--edge",
                 "127.0.0.1:9200",
                 "--quic-listen",

@@ -105,6 +105,7 @@ fn hostile_packets_are_counted_and_dropped() {
             body: Body::Subscribe(Subscription {
                 node: NodeId(1),
                 lease_ms: 1000,
+                cookie: [0; 16],
             }),
         };
         good.encode(&msg, &mut out).expect("encodes");

@@ -200,6 +200,7 @@ fn anonymous_subscriber(
                 Body::Subscribe(Subscription {
                     node: NodeId(4242),
                     lease_ms: 3000,
+                    cookie: [0; 16],
                 }),
             );
             let end = std::time::Instant::now() + Duration::from_secs(4);
@@ -281,6 +282,7 @@ fn untrusted_and_unauthenticated_peers_are_refused() {
         Body::Subscribe(Subscription {
             node: NodeId(9),
             lease_ms: 3000,
+            cookie: [0; 16],
         }),
     );
     for _ in 0..20 {
@@ -357,19 +359,23 @@ fn new_subscriptions_beyond_the_rate_are_refused_and_counted() {
         &dir.path().join("set.log"),
     );
     let codec = Codec::new(Key::derive(braid_tests::NETWORK_KEY));
-    let out = braid_tests::message(
-        &codec,
-        Body::Subscribe(Subscription {
-            node: NodeId(7),
-            lease_ms: 3000,
-        }),
-    );
-    // Twenty subscribers from one IP address within a fraction of a second.
+    let subscribe = |cookie| {
+        braid_tests::message(
+            &codec,
+            Body::Subscribe(Subscription {
+                node: NodeId(7),
+                lease_ms: 3000,
+                cookie,
+            }),
+        )
+    };
+    // Twenty subscribers from one IP address within a fraction of a second, each
+    // with its address validated (the cookie costs no subscription).
     let socks: Vec<std::net::UdpSocket> = (0..20)
         .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket"))
         .collect();
     for s in &socks {
-        s.send_to(&out, set.udp()).expect("send");
+        braid_tests::handshake(s, set.udp(), subscribe).expect("a cookie");
         s.set_nonblocking(true).expect("nonblocking");
     }
     // Gather the refusals as they come, until fifteen sockets have one (10 s at most).
@@ -488,6 +494,18 @@ fn distinct_stream_ids_open_at_most_max_streams() {
     let before = braid_tests::rss_kib(set.pid());
     let codec = Codec::new(Key::derive(braid_tests::NETWORK_KEY));
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket");
+    // One address, validated once: its cookie is good for every stream.
+    let cookie = braid_tests::handshake(&sock, set.udp(), |cookie| {
+        braid_tests::message(
+            &codec,
+            Body::Subscribe(Subscription {
+                node: NodeId(7),
+                lease_ms: 3000,
+                cookie,
+            }),
+        )
+    })
+    .expect("a cookie");
     let mut buf = bytes::BytesMut::new();
     for id in 0..20_000u32 {
         buf.clear();
@@ -500,6 +518,7 @@ fn distinct_stream_ids_open_at_most_max_streams() {
             body: Body::Subscribe(Subscription {
                 node: NodeId(7),
                 lease_ms: 3000,
+                cookie,
             }),
         };
         codec.encode(&msg, &mut buf).expect("encodes");

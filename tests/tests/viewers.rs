@@ -4,7 +4,7 @@ use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use braid_core::wire::{Body, Codec, Header, Key, Message, Watch, WatchStart};
+use braid_core::wire::{Body, Codec, Header, Message, Watch, WatchStart};
 use braid_core::{NodeId, SeqNo, StreamId};
 use braid_tests::{Net, Proc, Spec, bin, compare, crowd, metrics, wait_all};
 use bytes::{Bytes, BytesMut};
@@ -320,30 +320,51 @@ fn a_viewer_that_stops_reading_is_skipped_and_the_others_lose_nothing() {
     );
     // A TCP viewer that asks for the stream and never reads, with a small receive buffer.
     let stalled_tcp = {
-        let sock = socket2_connect(&tcp_addr);
-        let codec = Codec::new(Key::derive(braid_tests::NETWORK_KEY));
-        let mut out = BytesMut::new();
-        codec
-            .encode_frame(
-                &Message {
-                    header: Header {
-                        stream: StreamId(1),
-                        ..Header::default()
+        let mut s = socket2_connect(&tcp_addr);
+        let codec = Codec::viewer();
+        let watch = |cookie| {
+            let mut out = BytesMut::new();
+            codec
+                .encode_frame(
+                    &Message {
+                        header: Header {
+                            stream: StreamId(1),
+                            ..Header::default()
+                        },
+                        body: Body::Watch(Watch {
+                            node: NodeId(77),
+                            lease_ms: 10_000,
+                            start: WatchStart::Keyframe,
+                            seq: SeqNo(0),
+                            acked: SeqNo(0),
+                            cookie,
+                            token: Bytes::new(),
+                        }),
                     },
-                    body: Body::Watch(Watch {
-                        node: NodeId(77),
-                        lease_ms: 10_000,
-                        start: WatchStart::Keyframe,
-                        seq: SeqNo(0),
-                        acked: SeqNo(0),
-                        token: Bytes::new(),
-                    }),
-                },
-                &mut out,
-            )
-            .expect("encodes");
-        let mut s = sock;
-        s.write_all(&out).expect("send watch");
+                    &mut out,
+                )
+                .expect("encodes");
+            out
+        };
+        // The cookie handshake a viewer does on any transport, then it never reads.
+        s.write_all(&watch([0; 16])).expect("send watch");
+        s.set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("a read timeout");
+        let mut buf = BytesMut::new();
+        let cookie = loop {
+            let mut chunk = [0u8; 512];
+            let n = std::io::Read::read(&mut s, &mut chunk).expect("the edge answers");
+            assert!(n > 0, "the edge closed the connection");
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(Message {
+                body: Body::Cookie { cookie },
+                ..
+            }) = codec.decode_frame(&mut buf).expect("a frame")
+            {
+                break cookie;
+            }
+        };
+        s.write_all(&watch(cookie)).expect("send watch");
         s
     };
     let exits = wait_all(

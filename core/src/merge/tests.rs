@@ -455,7 +455,9 @@ fn jump_far_ahead_flushes_without_growing() {
     .unwrap();
     b.handle_input(t, packet(0, 0));
     b.handle_input(t, packet(0, 2));
+    // Two paths say the stream is far ahead: believed.
     b.handle_input(t, packet(0, 1 << 40));
+    b.handle_input(t, packet(1, (1 << 40) + 1));
     let mut out = drain(&mut b);
     // The window behind the jump stays open for reordered copies...
     b.handle_input(t + ms(10), packet(1, (1 << 40) - 1));
@@ -481,25 +483,88 @@ fn jump_far_ahead_flushes_without_growing() {
             },
             Output::Gap {
                 first: SeqNo(3),
-                count: (1 << 40) - 66
+                count: (1 << 40) - 65
             },
             Output::Gap {
-                first: SeqNo((1 << 40) - 63),
-                count: 62
+                first: SeqNo((1 << 40) - 62),
+                count: 61
             },
             Output::Packet {
                 seq: SeqNo((1 << 40) - 1),
                 item: (1 << 40) - 1
             },
+            Output::Gap {
+                first: SeqNo(1 << 40),
+                count: 1
+            },
             Output::Packet {
-                seq: SeqNo(1 << 40),
-                item: 1 << 40
+                seq: SeqNo((1 << 40) + 1),
+                item: (1 << 40) + 1
             },
         ]
     );
     assert_eq!(b.stats().jumps, 1);
-    assert_eq!(b.stats().gaps, (1 << 40) - 3);
+    assert_eq!(b.stats().unconfirmed_jumps, 1);
     assert_eq!(b.held(), 0);
+}
+
+/// A number far ahead is not believed on one path's word while other paths deliver:
+/// a forged packet (or a run of them) a billion ahead moves nothing; the other path's
+/// agreement does.
+#[test]
+fn a_far_jump_on_one_paths_word_is_not_believed() {
+    let t = t0();
+    let mut b = Buffer::starting_at(
+        Config {
+            nack: false,
+            ..config()
+        },
+        SeqNo(0),
+    )
+    .unwrap();
+    b.handle_input(t, packet(0, 0));
+    b.handle_input(t, packet(1, 1));
+    for i in 0..20 {
+        b.handle_input(t + ms(10), packet(0, (1 << 40) + i));
+    }
+    b.handle_input(t + ms(20), packet(1, 2));
+    b.handle_timeout(t + ms(300));
+    let out = drain(&mut b);
+    assert_eq!(
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Packet { seq, .. } => Some(seq.0),
+                _ => None,
+            })
+            .collect::<Vec<_>>(),
+        [0, 1, 2],
+        "the stream went on where it was"
+    );
+    assert_eq!((b.stats().jumps, b.stats().unconfirmed_jumps), (0, 20));
+    // The other path goes there too: now it is believed.
+    b.handle_input(t + ms(400), packet(1, (1 << 40) + 21));
+    b.handle_timeout(t + ms(700));
+    let out = drain(&mut b);
+    assert!(out.contains(&Output::Packet {
+        seq: SeqNo((1 << 40) + 21),
+        item: (1 << 40) + 21
+    }));
+    assert_eq!(b.stats().jumps, 1);
+}
+
+/// With no other path delivering (a lone path, or the others dead), a run of numbers in
+/// a row past the jump is believed.
+#[test]
+fn a_lone_path_is_believed_after_a_run() {
+    let t = t0();
+    let mut b = Buffer::starting_at(config(), SeqNo(0)).unwrap();
+    b.handle_input(t, packet(0, 0));
+    let later = t + ms(1000);
+    for i in 0..8 {
+        b.handle_input(later, packet(0, (1 << 40) + i));
+    }
+    assert_eq!(b.stats().jumps, 1);
+    assert_eq!(b.stats().unconfirmed_jumps, 7);
 }
 
 /// Found by the fuzzer: the same number at the very end of the space was released twice,

@@ -1,8 +1,15 @@
-//! The Braid wire protocol, version 1 (`docs/PROTOCOL.md` is the reference).
+//! The Braid wire protocol, version 2 (`docs/PROTOCOL.md` is the reference).
 //!
 //! Every datagram is one message: an 8-byte header, a body that depends on the message
 //! kind, and a 16-byte authentication tag (keyed BLAKE3 over header and body, truncated).
 //! On stream transports each message is framed by a 16-bit length.
+//!
+//! Three kinds of party sign messages, each with its own credential, named by the
+//! message's [`Class`]: nodes with the network key, a source with its stream's publish
+//! key, a viewer with a public key (a viewer holds no secret but its token, so its
+//! messages carry a checksum, not a proof). [`Codec::decode`] takes only what a node
+//! signed; [`Codec::decode_any`] says who signed, for the two receivers that take
+//! messages from others (an entry point from sources, an edge from viewers).
 //!
 //! Decoding never panics and never trusts a length field: every read is checked against
 //! what is left, every count is bounded by a protocol constant, and the tag is checked
@@ -20,7 +27,7 @@ use crate::seq::SeqNo;
 pub use self::rtp::Rtp;
 
 /// The protocol version this code speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Length of the fixed header.
 pub const HEADER_LEN: usize = 8;
 /// Length of the authentication tag that ends every message.
@@ -29,7 +36,7 @@ pub const TAG_LEN: usize = 16;
 pub const MAX_MESSAGE: usize = 9000;
 /// Most ranges in one NACK.
 pub const MAX_NACK_RANGES: usize = 64;
-/// Longest stream key in a publish message.
+/// Longest stream key a configuration takes (the key itself never travels).
 pub const MAX_STREAM_KEY: usize = 64;
 /// Longest text in an error message.
 pub const MAX_ERROR_TEXT: usize = 255;
@@ -37,6 +44,27 @@ pub const MAX_ERROR_TEXT: usize = 255;
 pub const MAX_TOKEN: usize = 64;
 /// Bytes the envelope adds around an RTP packet in a media message.
 pub const MEDIA_OVERHEAD: usize = HEADER_LEN + 4 + TAG_LEN;
+/// Length of an address-validation cookie.
+pub const COOKIE_LEN: usize = 16;
+
+/// An address-validation cookie: what a receiver gave a sender's address, echoed back in
+/// every message that grants something (`crate::cookie`). All zeros: none yet.
+pub type Cookie = [u8; COOKIE_LEN];
+
+/// Who signed a message, bits 3 and 4 of the flags byte; each class has its own key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Class {
+    /// A node of the network (capture excepted): tagged with the network key.
+    Node = 0,
+    /// A source (a capture): tagged with the publish key of the message's stream.
+    Source = 1,
+    /// A viewer: tagged with the public viewer key, so the tag is a checksum only.
+    Viewer = 2,
+}
+
+const CLASS_SHIFT: u8 = 3;
+const CLASS_MASK: u8 = 0x18;
 
 /// Why a message could not be decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -60,6 +88,9 @@ pub enum DecodeError {
     /// The message is long enough but its content breaks the protocol.
     #[error("malformed: {0}")]
     Malformed(&'static str),
+    /// Signed by a source or a viewer where only a node's message is taken.
+    #[error("signed by a {0:?}, not a node")]
+    NotANode(Class),
 }
 
 impl DecodeError {
@@ -72,6 +103,7 @@ impl DecodeError {
             DecodeError::BadTag => "bad_tag",
             DecodeError::TooLarge(_) => "too_large",
             DecodeError::Malformed(_) => "malformed",
+            DecodeError::NotANode(_) => "not_a_node",
         }
     }
 }
@@ -104,6 +136,30 @@ impl Key {
             "braid 2026-11 network key v1",
             passphrase.as_bytes(),
         ))
+    }
+
+    /// The publish key of a stream, derived from its stream key (what its source and its
+    /// entry points are given). It signs what a source sends; the stream key itself never
+    /// travels.
+    pub fn publish(stream_key: &str) -> Key {
+        Key(blake3::derive_key(
+            "braid 2026-11 publish key v2",
+            stream_key.as_bytes(),
+        ))
+    }
+
+    /// The viewer key: public, the same everywhere. Viewers tag their messages with it;
+    /// it proves nothing about the sender, which is what the viewer token is for.
+    pub fn viewer() -> Key {
+        Key(blake3::derive_key(
+            "braid 2026-11 viewer messages v2",
+            b"public",
+        ))
+    }
+
+    /// The raw key, for deriving keys of other uses from it.
+    pub(crate) fn bytes(&self) -> &[u8; 32] {
+        &self.0
     }
 
     fn tag(&self, bytes: &[u8]) -> [u8; TAG_LEN] {
@@ -146,6 +202,8 @@ pub enum Kind {
     Watch = 10,
     /// An edge tells a viewer something about its stream (joined, skipped).
     Notice = 11,
+    /// A receiver gives a sender's address its address-validation cookie.
+    Cookie = 12,
 }
 
 impl Kind {
@@ -162,6 +220,7 @@ impl Kind {
             9 => Kind::Error,
             10 => Kind::Watch,
             11 => Kind::Notice,
+            12 => Kind::Cookie,
             _ => return None,
         })
     }
@@ -240,6 +299,8 @@ pub struct Subscription {
     pub node: NodeId,
     /// How long the subscription holds without a refresh, in milliseconds.
     pub lease_ms: u32,
+    /// The set reflector's cookie for the subscriber's address.
+    pub cookie: Cookie,
 }
 
 /// A range of missing sequence numbers.
@@ -311,6 +372,8 @@ pub struct Watch {
     pub seq: SeqNo,
     /// The highest sequence number received so far (0: none yet).
     pub acked: SeqNo,
+    /// The edge's cookie for the viewer's address.
+    pub cookie: Cookie,
     /// The viewer's token (at most [`MAX_TOKEN`] bytes; may be empty).
     pub token: Bytes,
 }
@@ -366,10 +429,11 @@ impl ErrorCode {
 pub enum Body {
     /// An RTP packet of the stream.
     Media(Media),
-    /// A publisher announces the stream with its key.
+    /// A source announces the stream; signed with the stream's publish key
+    /// ([`Class::Source`]), which proves it may.
     Publish {
-        /// The stream key (at most [`MAX_STREAM_KEY`] bytes).
-        key: Bytes,
+        /// The entry point's cookie for the source's address.
+        cookie: Cookie,
     },
     /// A node subscribes to the stream.
     Subscribe(Subscription),
@@ -405,6 +469,11 @@ pub enum Body {
         /// A count or a sequence number, depending on the kind.
         value: u64,
     },
+    /// The receiver's cookie for the sender's address: echo it to be served.
+    Cookie {
+        /// The cookie.
+        cookie: Cookie,
+    },
 }
 
 impl Body {
@@ -422,6 +491,7 @@ impl Body {
             Body::Error { .. } => Kind::Error,
             Body::Watch(_) => Kind::Watch,
             Body::Notice { .. } => Kind::Notice,
+            Body::Cookie { .. } => Kind::Cookie,
         }
     }
 }
@@ -435,16 +505,71 @@ pub struct Message {
     pub body: Body,
 }
 
-/// Encodes and decodes authenticated messages with one network key.
+/// Encodes messages as one party and decodes what others signed.
+///
+/// A node's codec ([`Codec::new`]) signs with the network key and checks node messages
+/// with it, viewer messages with the viewer key, and source messages with the publish
+/// keys it was given ([`Codec::with_sources`]). A source's codec ([`Codec::source`]) and
+/// a viewer's ([`Codec::viewer`]) hold no network key: they read node messages without
+/// checking their tag (`docs/SECURITY.md` argues why) and trust them by where they came
+/// from.
 #[derive(Debug, Clone)]
 pub struct Codec {
+    class: Class,
     key: Key,
+    network: Option<Key>,
+    viewer: Key,
+    sources: std::sync::Arc<std::collections::HashMap<StreamId, Key>>,
 }
 
 impl Codec {
-    /// A codec for the network whose key is `key`.
+    /// A node's codec, for the network whose key is `key`.
     pub fn new(key: Key) -> Codec {
-        Codec { key }
+        Codec {
+            class: Class::Node,
+            key: key.clone(),
+            network: Some(key),
+            viewer: Key::viewer(),
+            sources: Default::default(),
+        }
+    }
+
+    /// A source's codec: signs with the publish key of its stream key.
+    pub fn source(stream_key: &str) -> Codec {
+        Codec {
+            class: Class::Source,
+            key: Key::publish(stream_key),
+            network: None,
+            viewer: Key::viewer(),
+            sources: Default::default(),
+        }
+    }
+
+    /// A viewer's codec: signs with the public viewer key.
+    pub fn viewer() -> Codec {
+        Codec {
+            class: Class::Viewer,
+            key: Key::viewer(),
+            network: None,
+            viewer: Key::viewer(),
+            sources: Default::default(),
+        }
+    }
+
+    /// This codec, also checking source messages of each stream with its publish key.
+    #[must_use]
+    pub fn with_sources(mut self, keys: impl IntoIterator<Item = (StreamId, Key)>) -> Codec {
+        self.sources = std::sync::Arc::new(keys.into_iter().collect());
+        self
+    }
+
+    /// Who this codec signs as.
+    pub fn class(&self) -> Class {
+        self.class
+    }
+
+    fn header_byte(&self, flags: Flags) -> u8 {
+        flags.0 | (self.class as u8) << CLASS_SHIFT
     }
 
     /// Appends `msg`, tag included, to `out`.
@@ -452,7 +577,7 @@ impl Codec {
         let start = out.len();
         out.put_u8(VERSION);
         out.put_u8(msg.body.kind() as u8);
-        out.put_u8(msg.header.flags.0);
+        out.put_u8(self.header_byte(msg.header.flags));
         out.put_u8(msg.header.path.0);
         out.put_u32(msg.header.stream.0);
         let res = encode_body(&msg.body, out);
@@ -492,7 +617,7 @@ impl Codec {
         out.reserve(len);
         out.put_u8(VERSION);
         out.put_u8(Kind::Media as u8);
-        out.put_u8(header.flags.0);
+        out.put_u8(self.header_byte(header.flags));
         out.put_u8(header.path.0);
         out.put_u32(header.stream.0);
         out.put_u32(rollovers_u32(seq)?);
@@ -502,8 +627,36 @@ impl Codec {
         Ok(())
     }
 
-    /// Decodes one datagram. The payload of a media message is a slice of `datagram`.
+    /// The same message as `datagram` (already decoded and checked), signed by this
+    /// codec's party: how an entry point passes a source's media into the network. The
+    /// datagram is copied once.
+    pub fn resign(&self, datagram: &[u8]) -> Result<Bytes, EncodeError> {
+        if datagram.len() < HEADER_LEN + TAG_LEN || datagram.len() > MAX_MESSAGE {
+            return Err(EncodeError::Invalid("not a message"));
+        }
+        let split = datagram.len() - TAG_LEN;
+        let mut out = BytesMut::with_capacity(datagram.len());
+        out.put_slice(&datagram[..split]);
+        out[2] = self.header_byte(Flags(out[2] & Flags::KNOWN));
+        let tag = self.key.tag(&out);
+        out.put_slice(&tag);
+        Ok(out.freeze())
+    }
+
+    /// Decodes one datagram signed by a node (what nearly every receiver wants): a
+    /// source's or viewer's message is [`DecodeError::NotANode`]. The payload of a media
+    /// message is a slice of `datagram`.
     pub fn decode(&self, datagram: Bytes) -> Result<Message, DecodeError> {
+        match self.decode_any(datagram)? {
+            (Class::Node, msg) => Ok(msg),
+            (class, _) => Err(DecodeError::NotANode(class)),
+        }
+    }
+
+    /// Decodes one datagram whoever signed it, and says who: a node (checked with the
+    /// network key; unchecked by a codec without one), a source (checked with its
+    /// stream's publish key: [`DecodeError::BadTag`] for a stream with none) or a viewer.
+    pub fn decode_any(&self, datagram: Bytes) -> Result<(Class, Message), DecodeError> {
         if datagram.len() > MAX_MESSAGE {
             return Err(DecodeError::TooLarge(datagram.len()));
         }
@@ -513,15 +666,35 @@ impl Codec {
         if datagram[0] != VERSION {
             return Err(DecodeError::Version(datagram[0]));
         }
+        let class = match (datagram[2] & CLASS_MASK) >> CLASS_SHIFT {
+            0 => Class::Node,
+            1 => Class::Source,
+            2 => Class::Viewer,
+            _ => return Err(DecodeError::Malformed("reserved class")),
+        };
+        let stream = StreamId(u32::from_be_bytes([
+            datagram[4],
+            datagram[5],
+            datagram[6],
+            datagram[7],
+        ]));
+        let key = match class {
+            Class::Node => self.network.as_ref(),
+            Class::Viewer => Some(&self.viewer),
+            Class::Source if self.class == Class::Source => Some(&self.key),
+            Class::Source => Some(self.sources.get(&stream).ok_or(DecodeError::BadTag)?),
+        };
         let split = datagram.len() - TAG_LEN;
-        let expected = self.key.tag(&datagram[..split]);
-        if !bool::from(expected.ct_eq(&datagram[split..])) {
-            return Err(DecodeError::BadTag);
+        if let Some(key) = key {
+            let expected = key.tag(&datagram[..split]);
+            if !bool::from(expected.ct_eq(&datagram[split..])) {
+                return Err(DecodeError::BadTag);
+            }
         }
         let mut buf = datagram.slice(1..split);
         let kind = buf.get_u8();
         let kind = Kind::from_u8(kind).ok_or(DecodeError::UnknownKind(kind))?;
-        let flags = buf.get_u8();
+        let flags = buf.get_u8() & !CLASS_MASK;
         if flags & !Flags::KNOWN != 0 {
             return Err(DecodeError::Malformed("reserved flag bits set"));
         }
@@ -534,7 +707,7 @@ impl Codec {
         if buf.has_remaining() {
             return Err(DecodeError::Malformed("trailing bytes"));
         }
-        Ok(Message { header, body })
+        Ok((class, Message { header, body }))
     }
 
     /// Appends `msg` framed for a stream transport (16-bit big-endian length first).
@@ -595,16 +768,11 @@ fn encode_body(body: &Body, out: &mut BytesMut) -> Result<(), EncodeError> {
             out.put_u32(rollovers_u32(m.seq)?);
             out.put_slice(m.rtp.raw());
         }
-        Body::Publish { key } => {
-            if key.len() > MAX_STREAM_KEY {
-                return Err(EncodeError::Invalid("stream key too long"));
-            }
-            out.put_u8(key.len() as u8);
-            out.put_slice(key);
-        }
+        Body::Publish { cookie } | Body::Cookie { cookie } => out.put_slice(cookie),
         Body::Subscribe(s) | Body::Refresh(s) => {
             out.put_u64(s.node.0);
             out.put_u32(s.lease_ms);
+            out.put_slice(&s.cookie);
         }
         Body::Unsubscribe { node } => out.put_u64(node.0),
         Body::Nack(ranges) => {
@@ -643,6 +811,7 @@ fn encode_body(body: &Body, out: &mut BytesMut) -> Result<(), EncodeError> {
             out.put_u8(w.start as u8);
             out.put_u64(w.seq.0);
             out.put_u64(w.acked.0);
+            out.put_slice(&w.cookie);
             out.put_u8(w.token.len() as u8);
             out.put_slice(&w.token);
         }
@@ -687,6 +856,13 @@ fn get_bytes(buf: &mut impl Buf, n: usize) -> Result<Bytes, DecodeError> {
     Ok(buf.copy_to_bytes(n))
 }
 
+fn get_cookie(buf: &mut impl Buf) -> Result<Cookie, DecodeError> {
+    need(buf, COOKIE_LEN)?;
+    let mut c = [0; COOKIE_LEN];
+    buf.copy_to_slice(&mut c);
+    Ok(c)
+}
+
 fn decode_body(kind: Kind, buf: &mut impl Buf) -> Result<Body, DecodeError> {
     Ok(match kind {
         Kind::Media => {
@@ -695,19 +871,17 @@ fn decode_body(kind: Kind, buf: &mut impl Buf) -> Result<Body, DecodeError> {
             let seq = SeqNo::from_parts(u64::from(rollovers), rtp.seq());
             Body::Media(Media { seq, rtp })
         }
-        Kind::Publish => {
-            let len = usize::from(get_u8(buf)?);
-            if len > MAX_STREAM_KEY {
-                return Err(DecodeError::Malformed("stream key too long"));
-            }
-            Body::Publish {
-                key: get_bytes(buf, len)?,
-            }
-        }
+        Kind::Publish => Body::Publish {
+            cookie: get_cookie(buf)?,
+        },
+        Kind::Cookie => Body::Cookie {
+            cookie: get_cookie(buf)?,
+        },
         Kind::Subscribe | Kind::Refresh => {
             let s = Subscription {
                 node: NodeId(get_u64(buf)?),
                 lease_ms: get_u32(buf)?,
+                cookie: get_cookie(buf)?,
             };
             if kind == Kind::Subscribe {
                 Body::Subscribe(s)
@@ -768,6 +942,7 @@ fn decode_body(kind: Kind, buf: &mut impl Buf) -> Result<Body, DecodeError> {
             };
             let seq = SeqNo(get_u64(buf)?);
             let acked = SeqNo(get_u64(buf)?);
+            let cookie = get_cookie(buf)?;
             let len = usize::from(get_u8(buf)?);
             if len > MAX_TOKEN {
                 return Err(DecodeError::Malformed("token too long"));
@@ -778,6 +953,7 @@ fn decode_body(kind: Kind, buf: &mut impl Buf) -> Result<Body, DecodeError> {
                 start,
                 seq,
                 acked,
+                cookie,
                 token: get_bytes(buf, len)?,
             })
         }

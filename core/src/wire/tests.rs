@@ -40,6 +40,7 @@ fn samples() -> Vec<Message> {
     let sub = Subscription {
         node: NodeId(99),
         lease_ms: 3000,
+        cookie: [9; COOKIE_LEN],
     };
     vec![
         media(5 * 65536 + 17, &[0x47; 1316]),
@@ -47,7 +48,13 @@ fn samples() -> Vec<Message> {
         Message {
             header: h,
             body: Body::Publish {
-                key: Bytes::from_static(b"secret"),
+                cookie: [1; COOKIE_LEN],
+            },
+        },
+        Message {
+            header: h,
+            body: Body::Cookie {
+                cookie: [0xc0; COOKIE_LEN],
             },
         },
         Message {
@@ -104,6 +111,7 @@ fn samples() -> Vec<Message> {
                 start: WatchStart::Seq,
                 seq: SeqNo(1 << 40),
                 acked: SeqNo(17),
+                cookie: [3; COOKIE_LEN],
                 token: Bytes::from_static(b"token"),
             }),
         },
@@ -115,6 +123,63 @@ fn samples() -> Vec<Message> {
             },
         },
     ]
+}
+
+/// Each party's codec signs as its class; a node's codec takes each class only with
+/// that class's key, and `decode` only what a node signed.
+#[test]
+fn classes_keep_parties_apart() {
+    let node = codec();
+    let stranger = Codec::new(Key::derive("another network"));
+    let viewer = Codec::viewer();
+    let source = Codec::source("stream key");
+    let with_source = codec().with_sources([(StreamId(7), Key::publish("stream key"))]);
+    let msg = &samples()[3];
+    let enc = |c: &Codec| {
+        let mut out = BytesMut::new();
+        c.encode(msg, &mut out).unwrap();
+        out.freeze()
+    };
+    // A viewer's message: any node reads it as a viewer's, never as a node's.
+    let v = enc(&viewer);
+    assert_eq!(
+        node.decode_any(v.clone()).unwrap(),
+        (Class::Viewer, msg.clone())
+    );
+    assert_eq!(
+        node.decode(v.clone()),
+        Err(DecodeError::NotANode(Class::Viewer))
+    );
+    // The viewer's byte set to the node class does not verify: it needs the network key.
+    let mut forged = v.to_vec();
+    forged[2] &= !0x18;
+    assert_eq!(node.decode(Bytes::from(forged)), Err(DecodeError::BadTag));
+    // A source's message: only a codec with its publish key takes it.
+    let s = enc(&source);
+    assert_eq!(node.decode_any(s.clone()), Err(DecodeError::BadTag));
+    assert_eq!(
+        with_source.decode_any(s.clone()).unwrap(),
+        (Class::Source, msg.clone())
+    );
+    assert_eq!(
+        with_source.decode(s.clone()),
+        Err(DecodeError::NotANode(Class::Source))
+    );
+    let wrong = Codec::source("wrong key");
+    assert_eq!(
+        with_source.decode_any(enc(&wrong)),
+        Err(DecodeError::BadTag)
+    );
+    // Re-signed by a node, the source's message is a node's.
+    let resigned = node.resign(&s).unwrap();
+    assert_eq!(node.decode(resigned).unwrap(), *msg);
+    // A node of another network is nobody.
+    assert_eq!(node.decode(enc(&stranger)), Err(DecodeError::BadTag));
+    // Leaves hold no network key: they read node messages unchecked, and never take a
+    // viewer's as a node's.
+    assert_eq!(viewer.decode(enc(&node)).unwrap(), *msg);
+    assert_eq!(viewer.decode(enc(&stranger)).unwrap(), *msg);
+    assert_eq!(viewer.decode(v), Err(DecodeError::NotANode(Class::Viewer)));
 }
 
 #[test]
@@ -183,7 +248,7 @@ fn decode_rejects() {
     let cases: Vec<(&str, Bytes, DecodeError)> = vec![
         ("empty", Bytes::new(), DecodeError::UnexpectedEnd),
         ("short", good.slice(..10), DecodeError::UnexpectedEnd),
-        ("version", Bytes::from(with(0, 2)), DecodeError::Version(2)),
+        ("version", Bytes::from(with(0, 1)), DecodeError::Version(1)),
         (
             "tampered body",
             Bytes::from(with(9, 0xff)),
@@ -209,6 +274,11 @@ fn decode_rejects() {
             "reserved flags",
             retag(with(2, 0x80)),
             DecodeError::Malformed("reserved flag bits set"),
+        ),
+        (
+            "reserved class",
+            retag(with(2, 0x18)),
+            DecodeError::Malformed("reserved class"),
         ),
         (
             "trailing",
@@ -264,9 +334,9 @@ fn decode_rejects_bad_bodies() {
             DecodeError::Malformed("empty nack range"),
         ),
         (
-            "key too long",
-            tagged(2, &[65]),
-            DecodeError::Malformed("stream key too long"),
+            "cookie cut short",
+            tagged(2, &[1; COOKIE_LEN - 1]),
+            DecodeError::UnexpectedEnd,
         ),
         (
             "key length lies",
@@ -321,9 +391,6 @@ fn encode_refuses_what_cannot_be_decoded() {
             first: SeqNo(0),
             count: 0,
         }]),
-        Body::Publish {
-            key: Bytes::from(vec![0; MAX_STREAM_KEY + 1]),
-        },
         Body::Error {
             code: ErrorCode(1),
             text: "x".repeat(MAX_ERROR_TEXT + 1),
@@ -407,16 +474,22 @@ fn arb_message() -> impl Strategy<Value = Message> {
                     ),
                 })
             }),
-        prop::collection::vec(any::<u8>(), 0..=MAX_STREAM_KEY)
-            .prop_map(|k| Body::Publish { key: k.into() }),
-        (any::<u64>(), any::<u32>()).prop_map(|(n, l)| Body::Subscribe(Subscription {
-            node: NodeId(n),
-            lease_ms: l
-        })),
-        (any::<u64>(), any::<u32>()).prop_map(|(n, l)| Body::Refresh(Subscription {
-            node: NodeId(n),
-            lease_ms: l
-        })),
+        any::<[u8; COOKIE_LEN]>().prop_map(|cookie| Body::Publish { cookie }),
+        any::<[u8; COOKIE_LEN]>().prop_map(|cookie| Body::Cookie { cookie }),
+        (any::<u64>(), any::<u32>(), any::<[u8; COOKIE_LEN]>()).prop_map(|(n, l, cookie)| {
+            Body::Subscribe(Subscription {
+                node: NodeId(n),
+                lease_ms: l,
+                cookie,
+            })
+        }),
+        (any::<u64>(), any::<u32>(), any::<[u8; COOKIE_LEN]>()).prop_map(|(n, l, cookie)| {
+            Body::Refresh(Subscription {
+                node: NodeId(n),
+                lease_ms: l,
+                cookie,
+            })
+        }),
         any::<u64>().prop_map(|n| Body::Unsubscribe { node: NodeId(n) }),
         prop::collection::vec((any::<u64>(), 1u16..), 1..=MAX_NACK_RANGES).prop_map(|r| {
             Body::Nack(
@@ -451,14 +524,16 @@ fn arb_message() -> impl Strategy<Value = Message> {
             0u8..3,
             any::<u64>(),
             any::<u64>(),
+            any::<[u8; COOKIE_LEN]>(),
             prop::collection::vec(any::<u8>(), 0..=MAX_TOKEN)
         )
-            .prop_map(|(n, l, st, s, a, t)| Body::Watch(Watch {
+            .prop_map(|(n, l, st, s, a, cookie, t)| Body::Watch(Watch {
                 node: NodeId(n),
                 lease_ms: l,
                 start: [WatchStart::Keyframe, WatchStart::Seq, WatchStart::Live][usize::from(st)],
                 seq: SeqNo(s),
                 acked: SeqNo(a),
+                cookie,
                 token: t.into(),
             })),
         (1u8..7, any::<u64>()).prop_map(|(k, value)| Body::Notice {
@@ -497,7 +572,7 @@ proptest! {
 
     /// Arbitrary bytes, with a valid tag so the body parser is reached, never panic.
     #[test]
-    fn arbitrary_tagged_bytes_never_panic(kind in 0u8..14, flags in any::<u8>(), body in prop::collection::vec(any::<u8>(), 0..200)) {
+    fn arbitrary_tagged_bytes_never_panic(kind in 0u8..15, flags in any::<u8>(), body in prop::collection::vec(any::<u8>(), 0..200)) {
         let mut b = vec![VERSION, kind, flags, 0, 0, 0, 0, 1];
         b.extend_from_slice(&body);
         let tag = Key::derive("test network").tag(&b);

@@ -131,11 +131,14 @@ fn main() -> anyhow::Result<()> {
             while !stop.load(Ordering::Relaxed) {
                 for (i, port) in [9000u16, 9002, 9001, 9003].into_iter().enumerate() {
                     let body = format!(
-                        "{{\"node\":{i},\"role\":\"edge\",\"addr\":\"127.0.0.1:{port}\",\"capacity\":1000000}}"
+                        "{{\"node\":{i},\"role\":\"edge\",\"addr\":\"127.0.0.1:{port}\",\"capacity\":100000}}"
                     );
+                    let (h, sig) =
+                        braid_ops::harness::node_signature("POST", "/v1/report", body.as_bytes());
                     let _ = agent
                         .post(&format!("{base}/v1/report"))
                         .header("content-type", "application/json")
+                        .header(h, &sig)
                         .send(&body);
                 }
                 std::thread::sleep(Duration::from_millis(500));

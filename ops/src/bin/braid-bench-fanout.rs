@@ -41,7 +41,21 @@ struct Sinks {
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
-fn sinks(n: usize) -> anyhow::Result<Sinks> {
+/// A subscription to stream 1 with `cookie`.
+fn subscribe(codec: &Codec, cookie: braid_core::wire::Cookie) -> Bytes {
+    braid_ops::harness::message(
+        codec,
+        Body::Subscribe(Subscription {
+            node: NodeId(1),
+            lease_ms: 10_000,
+            cookie,
+        }),
+    )
+}
+
+/// `n` sockets counting what they receive; each answers the set reflector's cookie
+/// (at `set`) with a subscription carrying it, as an edge does.
+fn sinks(n: usize, codec: &Codec, set: SocketAddr) -> anyhow::Result<Sinks> {
     let count = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut addrs = Vec::new();
@@ -52,12 +66,20 @@ fn sinks(n: usize) -> anyhow::Result<Sinks> {
         s.set_read_timeout(Some(Duration::from_millis(50)))?;
         addrs.push(s.local_addr()?);
         sockets.push(s.try_clone()?);
-        let (count, stop) = (count.clone(), stop.clone());
+        let (count, stop, codec) = (count.clone(), stop.clone(), codec.clone());
         threads.push(std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             while !stop.load(Ordering::Relaxed) {
-                if s.recv(&mut buf).is_ok() {
-                    count.fetch_add(1, Ordering::Relaxed);
+                match s.recv(&mut buf) {
+                    Ok(n) if n < 100 => {
+                        if let Some(c) = braid_ops::harness::cookie_in(&buf[..n]) {
+                            let _ = s.send_to(&subscribe(&codec, c), set);
+                        }
+                    }
+                    Ok(_) => {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => {}
                 }
             }
         }));
@@ -146,7 +168,7 @@ fn main() -> anyhow::Result<()> {
     let set_addr = set.udp();
     let mut seq_base = 0u64;
     for &n in &args.edges {
-        let edges = sinks(n)?;
+        let edges = sinks(n, &codec, set_addr)?;
         let src = UdpSocket::bind("127.0.0.1:0")?;
         // What the sockets received from the start of `send` until 300 ms after it ends,
         // per second of that span; and what `send` returned.
@@ -164,15 +186,10 @@ fn main() -> anyhow::Result<()> {
         let (base_rx, sent) =
             measure(&mut || blast(&src, &edges.addrs, |_| one.clone(), args.seconds));
 
-        // Braid: the N sockets subscribe (and renew, as edges do); the source sends each
-        // packet once to the set reflector, which forwards it to all N.
-        let subscribe = braid_ops::harness::message(
-            &codec,
-            Body::Subscribe(Subscription {
-                node: NodeId(1),
-                lease_ms: 10_000,
-            }),
-        );
+        // Braid: the N sockets subscribe (and renew, as edges do: each renewal without a
+        // cookie gets one, and the sink subscribes with it); the source sends each packet
+        // once to the set reflector, which forwards it to all N.
+        let subscribe = subscribe(&codec, [0; 16]);
         let renew = Arc::new(AtomicBool::new(false));
         let renewer = {
             let socks: Vec<UdpSocket> = edges

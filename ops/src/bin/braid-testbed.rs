@@ -179,11 +179,10 @@ fn main() -> anyhow::Result<()> {
     let mut control_urls = Vec::new();
     for i in 0..topo.control_servers {
         let name = format!("control{i}");
-        let proc = Proc::start(
+        let proc = start(
             &name,
             "braid-control",
-            &["--listen".into(), "127.0.0.1:0".into()],
-            &p(&format!("{name}.log")),
+            vec!["--listen".into(), "127.0.0.1:0".into()],
         );
         control_urls.push(format!("http://{}", proc.ready["http"]));
         nodes.push(Node {
@@ -313,8 +312,6 @@ fn main() -> anyhow::Result<()> {
             "20".into(),
             "--id".into(),
             s(&i),
-            "--network-key".into(),
-            topo.network_key.clone(),
         ];
         if duration > 0.0 {
             a.extend(["--duration".into(), s(&duration)]);
@@ -348,8 +345,6 @@ fn main() -> anyhow::Result<()> {
         s(&topo.capture.bitrate),
         "--bind".into(),
         "127.0.0.1:0".into(),
-        "--network-key".into(),
-        topo.network_key.clone(),
     ];
     for e in &entry_addrs {
         cap.extend(["--entry".into(), e.to_string()]);
