@@ -141,6 +141,14 @@ fn a_viewer_or_a_source_cannot_speak_as_a_node() {
         ..Spec::default()
     });
     std::thread::sleep(Duration::from_secs(3));
+    let rss = |net: &Net| -> Vec<f64> {
+        net.sets
+            .iter()
+            .chain([&net.edge])
+            .map(|p| braid_tests::rss_kib(p.pid()))
+            .collect()
+    };
+    let before = rss(&net);
     let (now, ssrc) = current(net.edge.udp());
     let sock = UdpSocket::bind("127.0.0.1:0").expect("a socket");
     let viewer = Codec::viewer();
@@ -184,6 +192,10 @@ fn a_viewer_or_a_source_cannot_speak_as_a_node() {
             sock.send_to(&m, set.udp()).expect("send");
         }
         std::thread::sleep(Duration::from_millis(2));
+    }
+    // Memory stays where it was: nothing forged is held anywhere.
+    for (b, a) in before.iter().zip(rss(&net)) {
+        assert!(a < b + 20_000.0, "memory bounded: {b} kB -> {a} kB");
     }
     net.wait_viewers();
     assert_viewers_exact(&net);
