@@ -51,6 +51,10 @@ pub struct Config {
     #[arg(long)]
     #[serde(default)]
     pub check: bool,
+    /// Log JSON lines (one object per event, for log collectors) instead of text.
+    #[arg(long)]
+    #[serde(default)]
+    pub log_json: bool,
     /// Entry points to push to (give two, for redundancy): `ADDR` or `udp://ADDR` over
     /// UDP, `quic://ADDR` over QUIC.
     #[arg(long = "entry", required = false)]
@@ -169,6 +173,10 @@ impl braid_net::daemon::DaemonConfig for Config {
 
     fn check(&self) -> bool {
         self.check
+    }
+
+    fn log_json(&self) -> bool {
+        self.log_json
     }
 
     fn validate(&self) -> anyhow::Result<()> {

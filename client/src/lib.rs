@@ -89,6 +89,10 @@ pub struct Config {
     #[arg(long)]
     #[serde(default)]
     pub check: bool,
+    /// Log JSON lines (one object per event, for log collectors) instead of text.
+    #[arg(long)]
+    #[serde(default)]
+    pub log_json: bool,
     /// The edge to watch from: `ADDR` (UDP or TCP) or `quic://ADDR` (its QUIC address).
     #[arg(long)]
     #[serde(default)]
@@ -225,6 +229,10 @@ impl DaemonConfig for Config {
 
     fn check(&self) -> bool {
         self.check
+    }
+
+    fn log_json(&self) -> bool {
+        self.log_json
     }
 
     fn validate(&self) -> anyhow::Result<()> {

@@ -61,6 +61,10 @@ pub struct Config {
     #[arg(long)]
     #[serde(default)]
     pub check: bool,
+    /// Log JSON lines (one object per event, for log collectors) instead of text.
+    #[arg(long)]
+    #[serde(default)]
+    pub log_json: bool,
     /// HTTP address of the API and status page.
     #[arg(long, default_value = "127.0.0.1:7100")]
     #[serde(default = "default_listen")]
@@ -156,6 +160,10 @@ impl DaemonConfig for Config {
 
     fn check(&self) -> bool {
         self.check
+    }
+
+    fn log_json(&self) -> bool {
+        self.log_json
     }
 
     fn validate(&self) -> anyhow::Result<()> {

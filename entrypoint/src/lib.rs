@@ -46,6 +46,10 @@ pub struct Config {
     #[arg(long)]
     #[serde(default)]
     pub check: bool,
+    /// Log JSON lines (one object per event, for log collectors) instead of text.
+    #[arg(long)]
+    #[serde(default)]
+    pub log_json: bool,
     /// UDP address to listen on.
     #[arg(long, default_value = "0.0.0.0:7000")]
     #[serde(default = "default_listen")]
@@ -137,6 +141,10 @@ impl braid_net::daemon::DaemonConfig for Config {
 
     fn check(&self) -> bool {
         self.check
+    }
+
+    fn log_json(&self) -> bool {
+        self.log_json
     }
 
     fn validate(&self) -> anyhow::Result<()> {

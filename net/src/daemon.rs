@@ -67,14 +67,19 @@ where
     Ok(config)
 }
 
-/// Starts logging to stderr; `RUST_LOG` overrides `default_level`.
-pub fn init_logging(default_level: &str) {
+/// Starts logging to stderr, as text or (`json`) as JSON lines; `RUST_LOG` overrides
+/// `default_level`.
+pub fn init_logging(default_level: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 /// Installs the Prometheus recorder and serves `/metrics` on `addr` (port 0: any free
@@ -163,6 +168,10 @@ pub trait DaemonConfig: clap::Parser + DeserializeOwned + serde::Serialize {
     fn file(&self) -> Option<&Path>;
     /// Whether `--check` was given.
     fn check(&self) -> bool;
+    /// Whether `--log-json` was given.
+    fn log_json(&self) -> bool {
+        false
+    }
     /// Checks the configuration, with a message that says what to fix.
     fn validate(&self) -> anyhow::Result<()>;
 }
@@ -176,7 +185,6 @@ where
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     use std::process::ExitCode;
-    init_logging("info");
     let config = match load_config::<C>(std::env::args_os().collect(), C::file) {
         Ok(c) => c,
         Err(e) => {
@@ -184,6 +192,7 @@ where
             return ExitCode::from(2);
         }
     };
+    init_logging("info", config.log_json());
     if let Err(e) = config.validate() {
         eprintln!("{}: {e:#}", C::NAME);
         return ExitCode::from(2);

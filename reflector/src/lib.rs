@@ -82,6 +82,10 @@ pub struct Config {
     #[arg(long)]
     #[serde(default)]
     pub check: bool,
+    /// Log JSON lines (one object per event, for log collectors) instead of text.
+    #[arg(long)]
+    #[serde(default)]
+    pub log_json: bool,
     /// Role: set or edge.
     #[arg(long, value_enum, default_value = "edge")]
     #[serde(default = "default_role")]
@@ -255,6 +259,10 @@ impl DaemonConfig for Config {
 
     fn check(&self) -> bool {
         self.check
+    }
+
+    fn log_json(&self) -> bool {
+        self.log_json
     }
 
     fn validate(&self) -> anyhow::Result<()> {

@@ -352,6 +352,37 @@ fn check_accepts_good_config_and_refuses_bad_with_a_message() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("windwo"));
 }
 
+/// `--log-json` makes every log line a JSON object a collector can read, with its level,
+/// time and message; text stays the default.
+#[test]
+fn log_json_writes_one_object_per_line() {
+    let dir = braid_tests::test_dir();
+    let log = dir.path().join("set.log");
+    let mut set = Proc::start(
+        "set",
+        "braid-reflector",
+        &[
+            "--role".into(),
+            "set".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--log-json".into(),
+        ],
+        &log,
+    );
+    // It logs as it starts and as it stops.
+    set.terminate();
+    let text = std::fs::read_to_string(&log).expect("log");
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "the set reflector logged something");
+    for l in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{l}");
+        assert!(v["fields"]["message"].is_string(), "{l}");
+    }
+}
+
 #[test]
 fn sigterm_stops_every_daemon_cleanly() {
     let mut net = Net::start(Spec {
