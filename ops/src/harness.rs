@@ -63,6 +63,14 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A command running `bin_name` in network namespace `netns` (`ip netns exec` execs it:
+/// the child is the daemon itself).
+fn in_netns(netns: &str, bin_name: &str) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", netns]).arg(bin(bin_name));
+    c
+}
+
 /// `cmd`, set up so the child is killed if the thread that started it dies, even by
 /// SIGKILL: a crashed test or testbed never leaves daemons behind.
 pub fn die_with_parent(mut cmd: Command) -> Command {
@@ -104,8 +112,22 @@ impl Proc {
         log: &Path,
         stdin: Stdio,
     ) -> Proc {
+        Self::start_cmd(name, Command::new(bin(bin_name)), args, log, stdin)
+    }
+
+    /// Like [`Proc::start`], in network namespace `netns` (a host of [`crate::hosts::Hosts`]).
+    pub fn start_in(netns: &str, name: &str, bin_name: &str, args: &[String], log: &Path) -> Proc {
+        Self::start_cmd(name, in_netns(netns, bin_name), args, log, Stdio::null())
+    }
+
+    /// Like [`Proc::spawn`], in network namespace `netns`.
+    pub fn spawn_in(netns: &str, name: &str, bin_name: &str, args: &[String], log: &Path) -> Proc {
+        Self::spawn_cmd(name, in_netns(netns, bin_name), args, log)
+    }
+
+    fn start_cmd(name: &str, cmd: Command, args: &[String], log: &Path, stdin: Stdio) -> Proc {
         let stderr = std::fs::File::create(log).expect("creating a log file");
-        let mut child = die_with_parent(Command::new(bin(bin_name)))
+        let mut child = die_with_parent(cmd)
             .args(args)
             .env("BRAID_NETWORK_KEY", NETWORK_KEY)
             .env("RUST_LOG", log_filter())
@@ -153,8 +175,12 @@ impl Proc {
 
     /// Starts a process that prints no ready line (a viewer).
     pub fn spawn(name: &str, bin_name: &str, args: &[String], log: &Path) -> Proc {
+        Self::spawn_cmd(name, Command::new(bin(bin_name)), args, log)
+    }
+
+    fn spawn_cmd(name: &str, cmd: Command, args: &[String], log: &Path) -> Proc {
         let stderr = std::fs::File::create(log).expect("creating a log file");
-        let child = die_with_parent(Command::new(bin(bin_name)))
+        let child = die_with_parent(cmd)
             .args(args)
             .env("BRAID_NETWORK_KEY", NETWORK_KEY)
             .env("RUST_LOG", log_filter())
@@ -325,7 +351,8 @@ pub mod metrics {
         parse(&body)
     }
 
-    fn parse(body: &str) -> Vec<(String, f64)> {
+    /// The samples of a Prometheus text body.
+    pub fn parse(body: &str) -> Vec<(String, f64)> {
         body.lines()
             .filter(|l| !l.starts_with('#') && !l.is_empty())
             .filter_map(|l| {
@@ -341,13 +368,7 @@ pub mod metrics {
             .call()
             .and_then(|mut r| r.body_mut().read_to_string())
             .unwrap_or_else(|e| panic!("scraping {addr}: {e}"));
-        body.lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-            .filter_map(|l| {
-                let (k, v) = l.rsplit_once(' ')?;
-                Some((k.to_owned(), v.parse().ok()?))
-            })
-            .collect()
+        parse(&body)
     }
 
     /// The sum of [`sum`] once it satisfies `ok`, or as it is after `within` (counters
@@ -373,8 +394,13 @@ pub mod metrics {
     /// The sum of samples of metric `name` whose labels contain every `label="value"`
     /// in `labels`.
     pub fn sum(addr: SocketAddr, name: &str, labels: &[&str]) -> f64 {
-        scrape(addr)
-            .into_iter()
+        sum_of(&scrape(addr), name, labels)
+    }
+
+    /// [`sum`] over samples already scraped.
+    pub fn sum_of(samples: &[(String, f64)], name: &str, labels: &[&str]) -> f64 {
+        samples
+            .iter()
             .filter(|(k, _)| k == name || k.starts_with(&format!("{name}{{")))
             .filter(|(k, _)| labels.iter().all(|l| k.contains(l)))
             .map(|(_, v)| v)

@@ -1,0 +1,186 @@
+//! Hosts for multi-host tests: each a network namespace of its own with one address, all
+//! joined through a bridge in a hub namespace, so that a test can cut a host's link
+//! (`ip link set ... down`), rate-limit it (`tc ... tbf`), or freeze and kill the host's
+//! processes, as on separate machines. Everything is made under names carrying this
+//! process's id, and removed when the [`Hosts`] are dropped; namespaces left by a process
+//! that died are removed by the next one.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Why hosts cannot be made here.
+pub fn unavailable() -> Option<String> {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root {
+        return Some("not root: network namespaces need it".into());
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        return Some("no `ip` command (iproute2)".into());
+    }
+    None
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip {args:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// One host.
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// Its name in the test.
+    pub name: String,
+    /// Its network namespace.
+    pub netns: String,
+    /// Its address (on the hosts' /24).
+    pub addr: Ipv4Addr,
+    /// Its link's end in the hub (what [`Hosts::cut`] takes down).
+    hub_end: String,
+}
+
+/// Hosts joined through one bridge.
+#[derive(Debug)]
+pub struct Hosts {
+    hub: String,
+    /// The hosts, in the order named.
+    pub hosts: Vec<Host>,
+}
+
+/// Namespaces of this code whose process is gone.
+fn remove_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix("braidh-") else {
+            continue;
+        };
+        let pid = rest.split('-').next().unwrap_or("");
+        if !pid.is_empty() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = ip(&["netns", "del", name]);
+        }
+    }
+}
+
+impl Hosts {
+    /// Hosts named `names`, at 10.77.0.1, .2, ... (each set of hosts is a network of its
+    /// own: addresses repeat between sets without meeting).
+    pub fn new(names: &[&str]) -> Result<Hosts, String> {
+        if let Some(why) = unavailable() {
+            return Err(why);
+        }
+        remove_stale();
+        let pid = std::process::id();
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{}{}", pid % 100_000, n);
+        let hub = format!("braidh-{pid}-{n}-hub");
+        let mut hosts = Hosts {
+            hub: hub.clone(),
+            hosts: Vec::new(),
+        };
+        ip(&["netns", "add", &hub])?;
+        ip(&["-n", &hub, "link", "set", "lo", "up"])?;
+        ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &hub, "link", "set", "br0", "up"])?;
+        for (i, name) in names.iter().enumerate() {
+            let netns = format!("braidh-{pid}-{n}-{i}");
+            let addr = Ipv4Addr::new(10, 77, 0, i as u8 + 1);
+            // veth names: at most 15 bytes, unique on the machine while both ends exist.
+            let here = format!("bh{tag}x{i}");
+            let there = format!("bh{tag}y{i}");
+            ip(&["netns", "add", &netns])?;
+            hosts.hosts.push(Host {
+                name: (*name).to_owned(),
+                netns: netns.clone(),
+                addr,
+                hub_end: there.clone(),
+            });
+            ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+            ip(&[
+                "link", "add", &here, "netns", &netns, "type", "veth", "peer", "name", &there,
+                "netns", &hub,
+            ])?;
+            ip(&["-n", &netns, "link", "set", &here, "name", "eth0"])?;
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &hub, "link", "set", &there, "master", "br0"])?;
+            ip(&["-n", &hub, "link", "set", &there, "up"])?;
+        }
+        Ok(hosts)
+    }
+
+    /// The host named `name`.
+    pub fn get(&self, name: &str) -> &Host {
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .unwrap_or_else(|| panic!("no host {name}"))
+    }
+
+    /// Cuts `name`'s link: nothing goes in or out until [`Hosts::restore`].
+    pub fn cut(&self, name: &str) {
+        let h = self.get(name);
+        ip(&["-n", &self.hub, "link", "set", &h.hub_end, "down"]).expect("link down");
+    }
+
+    /// The metrics of a daemon on host `name` listening at `addr` (inside its namespace,
+    /// where the test cannot connect itself): fetched with bash's `/dev/tcp` there.
+    pub fn scrape(&self, name: &str, addr: std::net::SocketAddr) -> Vec<(String, f64)> {
+        let h = self.get(name);
+        let script = format!(
+            "exec 3<>/dev/tcp/{}/{} && printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3",
+            addr.ip(),
+            addr.port()
+        );
+        let out = Command::new("ip")
+            .args(["netns", "exec", &h.netns, "bash", "-c", &script])
+            .output()
+            .expect("bash in the namespace");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        crate::harness::metrics::parse(body)
+    }
+
+    /// Restores `name`'s link.
+    pub fn restore(&self, name: &str) {
+        let h = self.get(name);
+        ip(&["-n", &self.hub, "link", "set", &h.hub_end, "up"]).expect("link up");
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes the veth ends in it, and with them their peers.
+        for h in &self.hosts {
+            let _ = ip(&["netns", "del", &h.netns]);
+        }
+        let _ = ip(&["netns", "del", &self.hub]);
+    }
+}
