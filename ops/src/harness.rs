@@ -468,6 +468,9 @@ impl Spec {
     }
 }
 
+/// What [`test_dir`] gives.
+pub type TestDir = tempfile::TempDir;
+
 /// A directory for a test's logs, configs and outputs, removed when dropped unless
 /// `BRAID_TEST_KEEP=1` asks to keep it for a look afterwards.
 pub fn test_dir() -> tempfile::TempDir {

@@ -168,6 +168,24 @@ impl Hosts {
         crate::harness::metrics::parse(body)
     }
 
+    /// Caps `name`'s link at `rate` (a `tc` rate such as `1mbit`) both ways, with a token
+    /// bucket (`tc ... tbf`): what does not fit waits in a 100 ms queue, then is dropped.
+    pub fn limit(&self, name: &str, rate: &str) {
+        let h = self.get(name);
+        for (ns, dev) in [(h.netns.as_str(), "eth0"), (self.hub.as_str(), h.hub_end.as_str())] {
+            let out = Command::new("ip")
+                .args(["netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root"])
+                .args(["tbf", "rate", rate, "burst", "16kb", "latency", "100ms"])
+                .output()
+                .expect("tc");
+            assert!(
+                out.status.success(),
+                "tc on {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
     /// Restores `name`'s link.
     pub fn restore(&self, name: &str) {
         let h = self.get(name);
