@@ -172,9 +172,14 @@ impl Hosts {
     /// bucket (`tc ... tbf`): what does not fit waits in a 100 ms queue, then is dropped.
     pub fn limit(&self, name: &str, rate: &str) {
         let h = self.get(name);
-        for (ns, dev) in [(h.netns.as_str(), "eth0"), (self.hub.as_str(), h.hub_end.as_str())] {
+        for (ns, dev) in [
+            (h.netns.as_str(), "eth0"),
+            (self.hub.as_str(), h.hub_end.as_str()),
+        ] {
             let out = Command::new("ip")
-                .args(["netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root"])
+                .args([
+                    "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root",
+                ])
                 .args(["tbf", "rate", rate, "burst", "16kb", "latency", "100ms"])
                 .output()
                 .expect("tc");

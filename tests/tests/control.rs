@@ -590,6 +590,82 @@ fn an_edge_without_a_reflector_list_learns_it_from_the_control_server() {
     assert_viewers_whole(&net, std::slice::from_mut(&mut viewer), 6.0);
 }
 
+/// Issue 14, acceptance 3: `braid-ctl rolling-restart` restarts every edge one at a time
+/// (drain, wait for its viewers to move, restart through the operator's hook, wait for it
+/// to report, undrain) while viewers watch: no viewer loses a packet.
+#[test]
+fn a_rolling_restart_of_every_edge_loses_no_viewer_packet() {
+    let mut net = ControlNet::start(1, 2, 40.0, SECRET, |_| vec![]);
+    wait_for_edges(&net, 4);
+    let mut viewers: Vec<Proc> = (0..4)
+        .map(|i| net.viewer(&format!("v{i}"), 50 + i, 28.0, &viewer_args(50 + i, &[])))
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    // The operator's restart hook: here it asks the test to restart the edge (in
+    // production, `ssh "$BRAID_ADDR_HOST" systemctl restart braid-reflector@edge`).
+    let hooks = net.path("hooks");
+    std::fs::create_dir_all(&hooks).expect("a directory");
+    let exec = format!(
+        "touch {d}/restart-$BRAID_NODE; while [ ! -e {d}/up-$BRAID_NODE ]; do sleep 0.1; done",
+        d = hooks.display()
+    );
+    let mut ctl = std::process::Command::new(braid_tests::bin("braid-ctl"))
+        .args([
+            "--control",
+            &net.urls()[0],
+            "rolling-restart",
+            "--exec",
+            &exec,
+        ])
+        .args(["--drain-secs", "20", "--up-secs", "20"])
+        .env("BRAID_OPERATOR_TOKEN", braid_tests::OPERATOR_TOKEN)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(net.path("ctl.log")).expect("a log"))
+        .spawn()
+        .expect("braid-ctl");
+    let mut restarted = Vec::new();
+    let end = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(st) = ctl.try_wait().expect("braid-ctl") {
+            break st;
+        }
+        assert!(
+            Instant::now() < end,
+            "the rolling restart took over 2 minutes"
+        );
+        for i in 0..net.edges.len() {
+            let node = 200 + i as u64;
+            if hooks.join(format!("restart-{node}")).exists() && !restarted.contains(&node) {
+                // Its viewers have left it: a restart now costs nobody anything.
+                let stats = net.edges[i].metrics();
+                assert_eq!(
+                    metrics::sum(stats, "braid_viewers", &[]),
+                    0.0,
+                    "edge {node} restarted with viewers on it"
+                );
+                net.edges[i].terminate();
+                net.restart_edge(i);
+                std::fs::write(hooks.join(format!("up-{node}")), b"").expect("write");
+                restarted.push(node);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = std::fs::read_to_string(net.path("ctl.log")).unwrap_or_default();
+    assert!(status.success(), "braid-ctl failed: {log}");
+    restarted.sort();
+    assert_eq!(restarted, [200, 201, 202, 203], "every edge, once: {log}");
+    let stats = assert_viewers_whole(&net, &mut viewers, 28.0);
+    let moved: usize = stats
+        .iter()
+        .map(|st| st["switches"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert!(
+        moved >= 4,
+        "viewers moved off the edges being restarted ({moved} switches)"
+    );
+}
+
 /// A viewer whose token lasts 4 s renews it at a control server halfway and watches
 /// 10 s whole: the edge checked the token again at its expiry and found the renewed one.
 #[test]

@@ -43,7 +43,10 @@ impl HostNet {
         let start = |h: &str, bin: &str, args: Vec<String>| {
             Proc::start_in(&hosts.get(h).netns, h, bin, &args, &p(&format!("{h}.log")))
         };
-        let sets: Vec<String> = ["set0", "set1", "set2"].iter().map(|h| at(h, 9100)).collect();
+        let sets: Vec<String> = ["set0", "set1", "set2"]
+            .iter()
+            .map(|h| at(h, 9100))
+            .collect();
         let entries: Vec<String> = ["entry0", "entry1"].iter().map(|h| at(h, 9001)).collect();
         let mut procs = Vec::new();
         for h in ["set0", "set1", "set2"] {
@@ -162,7 +165,10 @@ fn cutting_a_set_reflectors_link_then_an_entry_points_loses_no_viewer_packet() {
     net.hosts.cut("set1");
     std::thread::sleep(Duration::from_secs(1));
     let at_cut = net.edge_path("braid_path_received_total", 1);
-    assert!(at_cut > 1000.0, "set1 was a path of the edge ({at_cut} packets)");
+    assert!(
+        at_cut > 1000.0,
+        "set1 was a path of the edge ({at_cut} packets)"
+    );
     std::thread::sleep(Duration::from_secs(3));
     net.hosts.cut("entry0");
     net.assert_viewer_whole();
