@@ -150,22 +150,29 @@ impl Hosts {
         ip(&["-n", &self.hub, "link", "set", &h.hub_end, "down"]).expect("link down");
     }
 
-    /// The metrics of a daemon on host `name` listening at `addr` (inside its namespace,
-    /// where the test cannot connect itself): fetched with bash's `/dev/tcp` there.
-    pub fn scrape(&self, name: &str, addr: std::net::SocketAddr) -> Vec<(String, f64)> {
+    /// The body of `GET path` from `addr`, fetched on host `name` (inside its namespace,
+    /// where the test cannot connect itself) with bash's `/dev/tcp`; empty when nothing
+    /// answers. `path` must be URL-encoded already.
+    pub fn http_get(&self, name: &str, addr: std::net::SocketAddr, path: &str) -> String {
         let h = self.get(name);
         let script = format!(
-            "exec 3<>/dev/tcp/{}/{} && printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3",
+            "exec 3<>/dev/tcp/{}/{} && printf 'GET {} HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3",
             addr.ip(),
-            addr.port()
+            addr.port(),
+            path.replace('%', "%%")
         );
         let out = Command::new("ip")
             .args(["netns", "exec", &h.netns, "bash", "-c", &script])
             .output()
             .expect("bash in the namespace");
         let text = String::from_utf8_lossy(&out.stdout);
-        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-        crate::harness::metrics::parse(body)
+        text.split_once("\r\n\r\n")
+            .map_or(String::new(), |(_, b)| b.to_owned())
+    }
+
+    /// The metrics of a daemon on host `name` listening at `addr`.
+    pub fn scrape(&self, name: &str, addr: std::net::SocketAddr) -> Vec<(String, f64)> {
+        crate::harness::metrics::parse(&self.http_get(name, addr, "/metrics"))
     }
 
     /// Caps `name`'s link at `rate` (a `tc` rate such as `1mbit`) both ways, with a token
