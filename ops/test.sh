@@ -9,8 +9,8 @@ log() { printf '\n==> %s\n' "$*"; }
 
 # System packages the tests use: ffmpeg makes and checks real H.264/AAC media;
 # Prometheus scrapes a test network; systemd-analyze, adduser and strip verify, install
-# and build the Debian package.
-APT_PACKAGES=(ffmpeg prometheus systemd adduser binutils)
+# and build the Debian package; headless Chromium loads the control server's console.
+APT_PACKAGES=(ffmpeg prometheus systemd adduser binutils chromium)
 if ((${#APT_PACKAGES[@]})); then
     missing=()
     for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

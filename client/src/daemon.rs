@@ -212,14 +212,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // minute before at the latest), and again every 5 s until one answers.
     let (renew_tx, mut renew_rx) = mpsc::channel::<Result<(String, u64), Refusal>>(1);
     let unix_now = || braid_net::daemon::unix_ms() / 1000;
+    // (A token good for longer than an Instant can count is never renewed.)
     let renew_deadline = |expires: u64| {
         let at = control::renew_at(unix_now(), expires);
-        Instant::now() + Duration::from_secs(at.saturating_sub(unix_now()))
+        Instant::now().checked_add(Duration::from_secs(at.saturating_sub(unix_now())))
     };
     let mut next_renew: Option<Instant> = viewer
         .as_ref()
         .and_then(|v| braid_core::token::peek(&v.token).ok())
-        .map(|c| renew_deadline(c.expires));
+        .and_then(|c| renew_deadline(c.expires));
     let mut rx: Vec<(Option<SocketAddr>, Bytes)> = Vec::new();
     let mut result = Ok(());
     'run: loop {
@@ -303,7 +304,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     if let Some(v) = viewer.as_mut() {
                         v.token = token;
                     }
-                    next_renew = Some(renew_deadline(expires));
+                    next_renew = renew_deadline(expires);
                 }
                 Err(e) => tracing::warn!("renewing the token: {e:?} (trying again in 5 s)"),
             },

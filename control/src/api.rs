@@ -206,6 +206,7 @@ impl Api {
 
     /// Forgets nodes silent for a minute (call now and then).
     pub fn housekeeping(&mut self, now: Instant) {
+        self.registry.sample(now);
         let n = self.registry.forget_silent(now);
         if n > 0 {
             metrics::counter!("braid_control_nodes_forgotten_total").increment(n as u64);

@@ -398,54 +398,13 @@ async fn status_json(State(app): State<Shared>) -> impl IntoResponse {
     Json(lock(&app).registry().status(Instant::now()))
 }
 
-async fn status_html(State(app): State<Shared>) -> Html<String> {
-    use std::fmt::Write;
-    let s = lock(&app).registry().status(Instant::now());
-    let mut h = String::from(
-        "<!doctype html><meta charset=utf-8><meta http-equiv=refresh content=2><title>Braid control</title>\
-         <style>body{font:14px system-ui;margin:2em}td,th{padding:2px 10px;text-align:left}.down{color:#b00}.warn{color:#b00;font-weight:bold}</style>\
-         <h1>Braid control server</h1>",
-    );
-    for w in &s.warnings {
-        let _ = write!(h, "<p class=warn>{}</p>", html_escape(w));
-    }
-    let _ = write!(
-        h,
-        "<p>live edges: even set {}, odd set {} &middot; assignments {} &middot; switches {:?}</p>\
-         <table><tr><th>node<th>role<th>address<th>region<th>set<th>state<th>viewers<th>capacity<th>egress<th>cpu<th>silent",
-        s.live_edges_even, s.live_edges_odd, s.assignments, s.switches.0
-    );
-    for n in &s.nodes {
-        let state = match (n.live, n.drained) {
-            (false, _) => "<span class=down>down</span>",
-            (true, true) => "draining",
-            (true, false) => "live",
-        };
-        let _ = write!(
-            h,
-            "<tr><td>{}<td>{:?}<td>{}<td>{}<td>{}<td>{}<td>{}<td>{}<td>{:.2} Mbps<td>{:.0}%<td>{} ms",
-            n.node,
-            n.role,
-            n.addr,
-            html_escape(&n.region),
-            n.set
-                .map_or("-".into(), |s| format!("{s:?}").to_lowercase()),
-            state,
-            n.viewers,
-            n.capacity,
-            n.egress_bps as f64 / 1e6,
-            n.cpu * 100.0,
-            n.silent_ms
-        );
-    }
-    h.push_str("</table>");
-    Html(h)
-}
-
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+/// The operator's console: a page that reads `/v1/status` every 2 s and draws every
+/// node, stream, set and switch, with charts of the last minutes.
+async fn console() -> impl IntoResponse {
+    (
+        [(axum::http::header::CACHE_CONTROL, "no-cache")],
+        Html(include_str!("console.html")),
+    )
 }
 
 /// The API router, for tests and for [`run`].
@@ -470,7 +429,7 @@ fn shared(config: &Config) -> anyhow::Result<Shared> {
 
 fn routes(app: Shared) -> Router {
     Router::new()
-        .route("/", get(status_html))
+        .route("/", get(console))
         .route("/v1/status", get(status_json))
         .route("/v1/report", post(report))
         .route("/v1/assign", get(assign))

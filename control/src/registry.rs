@@ -98,7 +98,50 @@ pub struct Report {
     /// CPU use, 0 to 1 per core.
     #[serde(default)]
     pub cpu: f64,
+    /// Its streams' figures (set reflectors and edges), for the console.
+    #[serde(default)]
+    pub streams: Vec<StreamFigures>,
 }
+
+/// A stream's figures at one node, as it reports them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamFigures {
+    /// The stream.
+    pub id: u32,
+    /// Its viewers here (edges).
+    #[serde(default)]
+    pub viewers: u64,
+    /// Its subscribed edges here (set reflectors).
+    #[serde(default)]
+    pub subscribers: u64,
+    /// Packets its merge released.
+    #[serde(default)]
+    pub released: u64,
+    /// Packets its merge gave up.
+    #[serde(default)]
+    pub gaps: u64,
+    /// Per path: packets received, and first copies.
+    #[serde(default)]
+    pub paths: Vec<PathFigures>,
+}
+
+/// A path's figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathFigures {
+    /// The path (the node's number for the peer it comes from).
+    pub path: u8,
+    /// Packets received on it, copies included.
+    pub received: u64,
+    /// First copies it brought.
+    pub first: u64,
+}
+
+/// Most streams a report may carry.
+pub const MAX_REPORT_STREAMS: usize = 256;
+/// Most paths per stream a report may carry.
+pub const MAX_REPORT_PATHS: usize = 64;
 
 fn default_capacity() -> u64 {
     1000
@@ -154,6 +197,16 @@ impl Report {
         }
         if self.cost_tier > MAX_COST_TIER {
             return Err(format!("cost tier must be at most {MAX_COST_TIER}"));
+        }
+        if self.streams.len() > MAX_REPORT_STREAMS
+            || self
+                .streams
+                .iter()
+                .any(|s| s.paths.len() > MAX_REPORT_PATHS || s.viewers > MAX_VIEWERS)
+        {
+            return Err(format!(
+                "at most {MAX_REPORT_STREAMS} streams of {MAX_REPORT_PATHS} paths, each with at most {MAX_VIEWERS} viewers"
+            ));
         }
         Ok(())
     }
@@ -245,9 +298,30 @@ pub struct Registry {
     switches: Switches,
     assignments: u64,
     feedback_reports: u64,
+    history: std::collections::VecDeque<Sample>,
+    started: Option<Instant>,
 }
 
 impl Registry {
+    /// Notes the totals now, for the console's charts (called every few seconds).
+    pub fn sample(&mut self, now: Instant) {
+        let started = *self.started.get_or_insert(now);
+        let edges = self.nodes.values().filter(|n| n.report.role == Role::Edge);
+        let (gaps, viewers) = edges.fold((0, 0), |(g, v), n| {
+            let g = g + n.report.streams.iter().map(|s| s.gaps).sum::<u64>();
+            (g, v + n.report.viewers)
+        });
+        if self.history.len() >= HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(Sample {
+            at_s: now.saturating_duration_since(started).as_secs(),
+            switches: self.switches.0.values().sum(),
+            gaps,
+            viewers,
+        });
+    }
+
     /// A registry; a node silent for `down_after` is down (default 3 s).
     pub fn new(rule: SetRule, down_after: Duration) -> Registry {
         Registry {
@@ -258,6 +332,8 @@ impl Registry {
             switches: Switches::default(),
             assignments: 0,
             feedback_reports: 0,
+            history: std::collections::VecDeque::new(),
+            started: None,
         }
     }
 
@@ -508,6 +584,7 @@ impl Registry {
                 egress_bps: n.report.egress_bps,
                 cpu: n.report.cpu,
                 silent_ms: now.saturating_duration_since(n.last).as_millis() as u64,
+                streams: n.report.streams.clone(),
             })
             .collect();
         nodes.sort_by_key(|n| (n.role as u8, n.addr));
@@ -532,6 +609,7 @@ impl Registry {
             live_edges_odd: odd,
             assignments: self.assignments,
             feedback_reports: self.feedback_reports,
+            history: self.history.iter().copied().collect(),
             switches: self.switches.clone(),
             warnings,
         }
@@ -565,6 +643,8 @@ pub struct NodeStatus {
     pub cpu: f64,
     /// Since the last report.
     pub silent_ms: u64,
+    /// Its streams' figures.
+    pub streams: Vec<StreamFigures>,
 }
 
 /// The status page's data.
@@ -584,7 +664,25 @@ pub struct Status {
     pub switches: Switches,
     /// Problems an operator should see (an empty set).
     pub warnings: Vec<String>,
+    /// Switches and gaps over the last minutes, oldest first.
+    pub history: Vec<Sample>,
 }
+
+/// Totals at one moment, for the console's charts.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Seconds since the registry started.
+    pub at_s: u64,
+    /// Switches so far, every reason.
+    pub switches: u64,
+    /// Packets the edges' merges gave up so far, as they last reported.
+    pub gaps: u64,
+    /// Viewers the edges last reported.
+    pub viewers: u64,
+}
+
+/// Samples kept (every 5 s: ten minutes).
+pub const HISTORY: usize = 120;
 
 #[cfg(test)]
 mod tests {
@@ -602,6 +700,7 @@ mod tests {
             viewers,
             egress_bps: 0,
             cpu: 0.0,
+            streams: Vec::new(),
         }
     }
 
@@ -730,6 +829,23 @@ mod tests {
         let good = edge(1, 9000, 10);
         assert!(good.validate().is_ok());
         let bad: Vec<(&str, Report)> = vec![
+            (
+                "too many streams",
+                Report {
+                    streams: vec![
+                        StreamFigures {
+                            id: 1,
+                            viewers: 0,
+                            subscribers: 0,
+                            released: 0,
+                            gaps: 0,
+                            paths: Vec::new(),
+                        };
+                        MAX_REPORT_STREAMS + 1
+                    ],
+                    ..good.clone()
+                },
+            ),
             (
                 "port 0",
                 Report {

@@ -346,6 +346,16 @@ impl Daemon {
             let bps = Bitrate::from_size_over(DataSize(bytes.saturating_sub(b0)), elapsed);
             self.shared.egress_bps.store(bps.0, Ordering::Relaxed);
             self.egress_mark = (now, bytes);
+            let mut reports = machine.reports();
+            reports.sort_by_key(|r| std::cmp::Reverse(r.merge.released));
+            let summary: Vec<serde_json::Value> = reports
+                .iter()
+                .take(report::REPORT_STREAMS)
+                .map(report::stream_summary)
+                .collect();
+            if let Ok(mut s) = self.shared.streams.lock() {
+                *s = summary;
+            }
         }
         let Machine::Edge(m) = machine else {
             return;

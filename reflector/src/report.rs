@@ -21,6 +21,29 @@ pub(crate) struct Shared {
     pub(crate) drain: AtomicBool,
     /// Live set reflectors, as a control server last listed them (edges only).
     pub(crate) reflectors: std::sync::Mutex<Vec<PeerAddr>>,
+    /// Every stream's figures, for the control server's console (refreshed each second).
+    pub(crate) streams: std::sync::Mutex<Vec<serde_json::Value>>,
+}
+
+/// Most streams a report carries (the busiest, by packets released).
+pub(crate) const REPORT_STREAMS: usize = 64;
+/// Most paths per stream a report carries.
+pub(crate) const REPORT_PATHS: usize = 16;
+
+/// A stream's figures as a report carries them.
+pub(crate) fn stream_summary(st: &crate::common::StreamReport) -> serde_json::Value {
+    serde_json::json!({
+        "id": st.id.0,
+        "viewers": st.viewers,
+        "subscribers": st.subscribers,
+        "released": st.merge.released,
+        "gaps": st.merge.gaps,
+        "paths": st.paths.iter().take(REPORT_PATHS).map(|(p, s)| serde_json::json!({
+            "path": p.0,
+            "received": s.received,
+            "first": s.first,
+        })).collect::<Vec<_>>(),
+    })
 }
 
 /// This process's CPU use since the last sample, in cores (from `/proc`).
@@ -90,6 +113,7 @@ pub(crate) fn spawn(
                 "viewers": shared.viewers.load(Ordering::Relaxed),
                 "egress_bps": shared.egress_bps.load(Ordering::Relaxed),
                 "cpu": cpu.sample(),
+                "streams": shared.streams.lock().map(|s| s.clone()).unwrap_or_default(),
             })
             .to_string();
             let mut answered = 0;

@@ -1119,6 +1119,7 @@ impl World {
             viewers,
             egress_bps: 0,
             cpu: 0.0,
+            streams: Vec::new(),
         };
         let delay = self.round_trip() / 2;
         let controls: Vec<usize> = self.of_kind(Kind::Control).collect();
