@@ -370,7 +370,27 @@ fn log_json_writes_one_object_per_line() {
         ],
         &log,
     );
-    // It logs as it starts and as it stops.
+    // A subscription makes it log (at info) that it took a subscriber.
+    let codec =
+        braid_core::wire::Codec::new(braid_core::wire::Key::derive(braid_tests::NETWORK_KEY));
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket");
+    braid_tests::handshake(&sock, set.udp(), |cookie| {
+        braid_tests::message(
+            &codec,
+            braid_core::wire::Body::Subscribe(braid_core::wire::Subscription {
+                node: braid_core::NodeId(5),
+                lease_ms: 3000,
+                cookie,
+            }),
+        )
+    })
+    .expect("a cookie");
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    while std::fs::read_to_string(&log).unwrap_or_default().is_empty()
+        && std::time::Instant::now() < end
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     set.terminate();
     let text = std::fs::read_to_string(&log).expect("log");
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
