@@ -498,6 +498,24 @@ pub fn message(codec: &braid_core::wire::Codec, body: braid_core::wire::Body) ->
     out.freeze()
 }
 
+/// A subscription of node `node` to stream 1 for `lease_ms`, with the set reflector's
+/// `cookie` for the sender's address, signed by `codec`.
+pub fn subscribe(
+    codec: &braid_core::wire::Codec,
+    node: u64,
+    lease_ms: u32,
+    cookie: braid_core::wire::Cookie,
+) -> bytes::Bytes {
+    message(
+        codec,
+        braid_core::wire::Body::Subscribe(braid_core::wire::Subscription {
+            node: braid_core::NodeId(node),
+            lease_ms,
+            cookie,
+        }),
+    )
+}
+
 /// The header a node's request to a control server carries: `method` `path` with
 /// `body`, signed now with the test network's key.
 pub fn node_signature(method: &str, path: &str, body: &[u8]) -> (&'static str, String) {

@@ -375,14 +375,7 @@ fn log_json_writes_one_object_per_line() {
         braid_core::wire::Codec::new(braid_core::wire::Key::derive(braid_tests::NETWORK_KEY));
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket");
     braid_tests::handshake(&sock, set.udp(), |cookie| {
-        braid_tests::message(
-            &codec,
-            braid_core::wire::Body::Subscribe(braid_core::wire::Subscription {
-                node: braid_core::NodeId(5),
-                lease_ms: 3000,
-                cookie,
-            }),
-        )
+        braid_tests::subscribe(&codec, 5, 3000, cookie)
     })
     .expect("a cookie");
     let end = std::time::Instant::now() + Duration::from_secs(5);

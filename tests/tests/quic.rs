@@ -341,8 +341,7 @@ fn untrusted_and_unauthenticated_peers_are_refused() {
 /// second from one address and refuses the rest with a clear error, counted.
 #[test]
 fn new_subscriptions_beyond_the_rate_are_refused_and_counted() {
-    use braid_core::NodeId;
-    use braid_core::wire::{Body, Codec, ErrorCode, Key, Message, Subscription};
+    use braid_core::wire::{Body, Codec, ErrorCode, Key, Message};
 
     let dir = braid_tests::test_dir();
     let set = Proc::start(
@@ -359,16 +358,7 @@ fn new_subscriptions_beyond_the_rate_are_refused_and_counted() {
         &dir.path().join("set.log"),
     );
     let codec = Codec::new(Key::derive(braid_tests::NETWORK_KEY));
-    let subscribe = |cookie| {
-        braid_tests::message(
-            &codec,
-            Body::Subscribe(Subscription {
-                node: NodeId(7),
-                lease_ms: 3000,
-                cookie,
-            }),
-        )
-    };
+    let subscribe = |cookie| braid_tests::subscribe(&codec, 7, 3000, cookie);
     // Twenty subscribers from one IP address within a fraction of a second, each
     // with its address validated (the cookie costs no subscription).
     let socks: Vec<std::net::UdpSocket> = (0..20)
@@ -496,14 +486,7 @@ fn distinct_stream_ids_open_at_most_max_streams() {
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket");
     // One address, validated once: its cookie is good for every stream.
     let cookie = braid_tests::handshake(&sock, set.udp(), |cookie| {
-        braid_tests::message(
-            &codec,
-            Body::Subscribe(Subscription {
-                node: NodeId(7),
-                lease_ms: 3000,
-                cookie,
-            }),
-        )
+        braid_tests::subscribe(&codec, 7, 3000, cookie)
     })
     .expect("a cookie");
     let mut buf = bytes::BytesMut::new();

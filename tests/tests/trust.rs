@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 use braid_core::token::{Claims, Signer};
 use braid_core::wire::rtp::{Fields, PAYLOAD_TYPE_MP2T};
 use braid_core::wire::{
-    Body, Codec, Cookie, Flags, Header, Key, Message, Rtp, SeqRange, Subscription, Watch,
-    WatchStart,
+    Body, Codec, Cookie, Flags, Header, Key, Message, Rtp, SeqRange, Watch, WatchStart,
 };
 use braid_core::{ClientId, NodeId, PathId, SeqNo, StreamId};
 use braid_tests::{Net, Proc, Spec, assert_viewers_exact, crowd, metrics};
@@ -51,14 +50,7 @@ fn forged_media_of(codec: &Codec, seq: u64, ssrc: u32) -> Bytes {
 }
 
 fn subscribe(codec: &Codec, cookie: Cookie) -> Bytes {
-    braid_tests::message(
-        codec,
-        Body::Subscribe(Subscription {
-            node: NodeId(66),
-            lease_ms: 10_000,
-            cookie,
-        }),
-    )
+    braid_tests::subscribe(codec, 66, 10_000, cookie)
 }
 
 fn watch(id: u64, cookie: Cookie, token: &str) -> Message {

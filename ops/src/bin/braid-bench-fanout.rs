@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use braid_core::wire::rtp::{Fields, PAYLOAD_TYPE_MP2T};
-use braid_core::wire::{Body, Codec, Flags, Header, Key, Rtp, Subscription};
+use braid_core::wire::{Body, Codec, Flags, Header, Key, Rtp};
 use braid_core::{NodeId, PathId, SeqNo, StreamId};
 use braid_ops::harness::{NETWORK_KEY, Proc};
 use bytes::{Bytes, BytesMut};
@@ -43,14 +43,7 @@ struct Sinks {
 
 /// A subscription to stream 1 with `cookie`.
 fn subscribe(codec: &Codec, cookie: braid_core::wire::Cookie) -> Bytes {
-    braid_ops::harness::message(
-        codec,
-        Body::Subscribe(Subscription {
-            node: NodeId(1),
-            lease_ms: 10_000,
-            cookie,
-        }),
-    )
+    braid_ops::harness::subscribe(codec, 1, 10_000, cookie)
 }
 
 /// `n` sockets counting what they receive; each answers the set reflector's cookie
