@@ -1133,10 +1133,14 @@ impl Session {
                 // An edge validating this address: watch again with its cookie at once.
                 // (`from` is none over TCP, where only the edge speaks.)
                 let f = from.or(self.edge);
-                if let Some(f) = f.filter(|f| Some(*f) == self.edge || Some(*f) == self.leaving) {
-                    if self.cookies.insert(f, cookie) != Some(cookie) {
-                        self.send(f, self.watch(f));
+                match f.filter(|f| Some(*f) == self.edge || Some(*f) == self.leaving) {
+                    Some(f) => {
+                        if self.cookies.insert(f, cookie) != Some(cookie) {
+                            self.send(f, self.watch(f));
+                        }
                     }
+                    // From an edge this viewer does not watch: counted like its media.
+                    None => self.stats.stray += 1,
                 }
             }
             Message {

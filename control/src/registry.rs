@@ -138,10 +138,11 @@ pub struct PathFigures {
     pub first: u64,
 }
 
-/// Most streams a report may carry.
-pub const MAX_REPORT_STREAMS: usize = 256;
-/// Most paths per stream a report may carry.
-pub const MAX_REPORT_PATHS: usize = 64;
+/// Most streams a report may carry (what a node sends: its 64 busiest). With
+/// [`MAX_NODES`] nodes this bounds what the registry keeps of streams.
+pub const MAX_REPORT_STREAMS: usize = 64;
+/// Most paths per stream a report may carry (what a node sends).
+pub const MAX_REPORT_PATHS: usize = 16;
 
 fn default_capacity() -> u64 {
     1000
