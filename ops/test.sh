@@ -25,6 +25,9 @@ if ((${#APT_PACKAGES[@]})); then
     fi
 fi
 
+disk() { log "disk: $(df -h . | awk 'NR==2 {print $4 " free of " $2}'), target/ $(du -sh target 2>/dev/null | cut -f1)"; }
+disk
+
 log "cargo fmt --check"
 cargo fmt --all --check
 
@@ -41,12 +44,15 @@ else
     cargo test --workspace --no-fail-fast
 fi
 
+disk
+
 log "simulator: 2000 random fault schedules of 30 s, whole networks in virtual time"
 cargo run --quiet -p braid-sim --bin braid-sim -- --seeds 2000
 
 log "doc tests"
 cargo test --workspace --doc
 
+disk
 log "fuzz targets build"
 if rustup toolchain list 2>/dev/null | grep -q nightly; then
     cargo fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked
@@ -57,4 +63,5 @@ else
     echo "WARNING: no nightly toolchain here: fuzz targets NOT built" >&2
 fi
 
+disk
 log "all checks passed"
