@@ -120,6 +120,18 @@ impl Proc {
         Self::start_cmd(name, in_netns(netns, bin_name), args, log, Stdio::null())
     }
 
+    /// Like [`Proc::start_with_stdin`], in network namespace `netns`.
+    pub fn start_in_with_stdin(
+        netns: &str,
+        name: &str,
+        bin_name: &str,
+        args: &[String],
+        log: &Path,
+        stdin: Stdio,
+    ) -> Proc {
+        Self::start_cmd(name, in_netns(netns, bin_name), args, log, stdin)
+    }
+
     /// Like [`Proc::spawn`], in network namespace `netns`.
     pub fn spawn_in(netns: &str, name: &str, bin_name: &str, args: &[String], log: &Path) -> Proc {
         Self::spawn_cmd(name, in_netns(netns, bin_name), args, log)
@@ -1502,15 +1514,21 @@ impl ControlNet {
         let refl: Vec<String> = sets.iter().map(|x| x.udp().to_string()).collect();
         let mut entries = Vec::new();
         for i in 0..2 {
+            let mut a = vec![
+                s(&"--listen"),
+                s(&"127.0.0.1:0"),
+                s(&"--stream"),
+                format!("1:{STREAM_KEY}:{}", refl.join(",")),
+                s(&"--node-id"),
+                s(&(10 + i)),
+            ];
+            for u in &urls {
+                a.extend([s(&"--control"), u.clone()]);
+            }
             entries.push(Proc::start(
                 &format!("entry{i}"),
                 "braid-entrypoint",
-                &[
-                    s(&"--listen"),
-                    s(&"127.0.0.1:0"),
-                    s(&"--stream"),
-                    format!("1:{STREAM_KEY}:{}", refl.join(",")),
-                ],
+                &a,
                 &p(&format!("entry{i}.log")),
             ));
         }

@@ -2,12 +2,15 @@
 //! joined through a bridge in a hub namespace, so that a test can cut a host's link
 //! (`ip link set ... down`), rate-limit it (`tc ... tbf`), or freeze and kill the host's
 //! processes, as on separate machines. Everything is made under names carrying this
-//! process's id, and removed when the [`Hosts`] are dropped; namespaces left by a process
-//! that died are removed by the next one.
+//! process's id, and removed when the [`Hosts`] are dropped. When the process is killed
+//! (SIGKILL runs no destructor), a guard started with the hosts (its own process group,
+//! so a group kill spares it) removes them within a second; namespaces left all the same
+//! are removed by the next [`Hosts::new`].
 
 use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -43,6 +46,25 @@ fn ip(args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// The body of `GET path` from `addr`, fetched inside network namespace `netns` with
+/// bash's `/dev/tcp` (nothing else need be installed); empty when nothing answers. `path`
+/// must be URL-encoded already.
+pub fn http_get_in(netns: &str, addr: std::net::SocketAddr, path: &str) -> String {
+    let script = format!(
+        "exec 3<>/dev/tcp/{}/{} && printf 'GET {} HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3",
+        addr.ip(),
+        addr.port(),
+        path.replace('%', "%%")
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "bash", "-c", &script])
+        .output()
+        .expect("bash in the namespace");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_owned())
+}
+
 /// One host.
 #[derive(Debug, Clone)]
 pub struct Host {
@@ -62,6 +84,24 @@ pub struct Hosts {
     hub: String,
     /// The hosts, in the order named.
     pub hosts: Vec<Host>,
+    /// Removes the namespaces if this process dies without dropping the hosts.
+    guard: Option<Child>,
+}
+
+/// A process that waits for process `pid` to end, then deletes `netns`.
+fn guard(pid: u32, netns: &[String]) -> Option<Child> {
+    let script = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; for n in {}; do ip netns del \"$n\" 2>/dev/null; done",
+        netns.join(" ")
+    );
+    Command::new("sh")
+        .args(["-c", &script])
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
 }
 
 /// Namespaces of this code whose process is gone.
@@ -96,6 +136,7 @@ impl Hosts {
         let mut hosts = Hosts {
             hub: hub.clone(),
             hosts: Vec::new(),
+            guard: None,
         };
         ip(&["netns", "add", &hub])?;
         ip(&["-n", &hub, "link", "set", "lo", "up"])?;
@@ -133,7 +174,40 @@ impl Hosts {
             ip(&["-n", &hub, "link", "set", &there, "master", "br0"])?;
             ip(&["-n", &hub, "link", "set", &there, "up"])?;
         }
+        let mut all: Vec<String> = hosts.hosts.iter().map(|h| h.netns.clone()).collect();
+        all.push(hub);
+        hosts.guard = guard(pid, &all);
         Ok(hosts)
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, `KILL`) to every process on host `name`.
+    fn signal_all(&self, name: &str, signal: &str) {
+        let h = self.get(name);
+        let out = Command::new("ip")
+            .args(["netns", "pids", &h.netns])
+            .output()
+            .expect("ip netns pids");
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = Command::new("kill")
+                .args([&format!("-{signal}"), pid])
+                .status();
+        }
+    }
+
+    /// Freezes every process on host `name` (SIGSTOP): it holds its sockets and says
+    /// nothing, as a hung machine does, until [`Hosts::thaw`].
+    pub fn freeze(&self, name: &str) {
+        self.signal_all(name, "STOP");
+    }
+
+    /// Lets a frozen host run again.
+    pub fn thaw(&self, name: &str) {
+        self.signal_all(name, "CONT");
+    }
+
+    /// Kills every process on host `name` (SIGKILL), as when the machine dies.
+    pub fn kill_all(&self, name: &str) {
+        self.signal_all(name, "KILL");
     }
 
     /// The host named `name`.
@@ -151,23 +225,10 @@ impl Hosts {
     }
 
     /// The body of `GET path` from `addr`, fetched on host `name` (inside its namespace,
-    /// where the test cannot connect itself) with bash's `/dev/tcp`; empty when nothing
-    /// answers. `path` must be URL-encoded already.
+    /// where the test cannot connect itself); empty when nothing answers. `path` must be
+    /// URL-encoded already.
     pub fn http_get(&self, name: &str, addr: std::net::SocketAddr, path: &str) -> String {
-        let h = self.get(name);
-        let script = format!(
-            "exec 3<>/dev/tcp/{}/{} && printf 'GET {} HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3",
-            addr.ip(),
-            addr.port(),
-            path.replace('%', "%%")
-        );
-        let out = Command::new("ip")
-            .args(["netns", "exec", &h.netns, "bash", "-c", &script])
-            .output()
-            .expect("bash in the namespace");
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.split_once("\r\n\r\n")
-            .map_or(String::new(), |(_, b)| b.to_owned())
+        http_get_in(&self.get(name).netns, addr, path)
     }
 
     /// The metrics of a daemon on host `name` listening at `addr`.
@@ -207,6 +268,10 @@ impl Hosts {
 
 impl Drop for Hosts {
     fn drop(&mut self) {
+        if let Some(mut g) = self.guard.take() {
+            let _ = g.kill();
+            let _ = g.wait();
+        }
         // Deleting a namespace deletes the veth ends in it, and with them their peers.
         for h in &self.hosts {
             let _ = ip(&["netns", "del", &h.netns]);

@@ -256,3 +256,159 @@ pub mod compare {
         (missing, vp.len())
     }
 }
+
+/// The control server's console in headless Chromium (Debian's), checked against the
+/// JSON API it draws from.
+pub mod console {
+    use std::process::Command;
+
+    /// Why Chromium cannot run here, if it cannot.
+    pub fn unavailable() -> Option<&'static str> {
+        Command::new("chromium")
+            .arg("--version")
+            .output()
+            .is_err()
+            .then_some("no chromium (the README's test command installs Debian's)")
+    }
+
+    /// Runs headless Chromium on `url` with `args` (`--dump-dom`, or a screenshot), in
+    /// network namespace `netns` when given (a host of `braid_ops::hosts::Hosts`), with
+    /// its profile in `dir`; what it printed.
+    pub fn chromium(
+        dir: &std::path::Path,
+        netns: Option<&str>,
+        url: &str,
+        args: &[&str],
+    ) -> String {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "chromium"]);
+                c
+            }
+            None => Command::new("chromium"),
+        };
+        let out = cmd
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--virtual-time-budget=8000",
+            ])
+            .arg(format!(
+                "--user-data-dir={}",
+                dir.join("chromium-profile").display()
+            ))
+            .args(args)
+            .arg(url)
+            .output()
+            .expect("chromium runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The opening tag of the first element whose attributes hold `needle`.
+    pub fn tag_with<'a>(dom: &'a str, needle: &str) -> Option<&'a str> {
+        let i = dom.find(needle)?;
+        let start = dom[..i].rfind('<')?;
+        let end = i + dom[i..].find('>')?;
+        Some(&dom[start..=end])
+    }
+
+    /// Asserts the console's DOM shows what `status` (`/v1/status`) reports: every node
+    /// with its role and state (live), each edge's viewers, every stream at every node
+    /// with its viewers and its source (what the entry points report), each set's
+    /// viewers, and the charts; and that the API itself reports `roles` (how many nodes
+    /// of each role: `entrypoint`, `set`, `edge`), each with the stream, and `viewers`
+    /// viewers in all.
+    pub fn assert_shows(
+        dom: &str,
+        status: &serde_json::Value,
+        roles: &[(&str, usize)],
+        viewers: u64,
+    ) {
+        assert!(
+            dom.contains("data-loaded=\"1\""),
+            "the page drew the API's answer: {dom}"
+        );
+        let listed = status["nodes"].as_array().expect("nodes");
+        for (role, count) in roles {
+            assert_eq!(
+                listed.iter().filter(|n| n["role"] == *role).count(),
+                *count,
+                "{role} nodes: {status}"
+            );
+        }
+        let nodes: usize = roles.iter().map(|(_, c)| c).sum();
+        assert_eq!(listed.len(), nodes, "{status}");
+        // The stream's sources, as the entry points report them.
+        let mut sources: Vec<String> = listed
+            .iter()
+            .filter(|n| n["role"] == "entrypoint")
+            .flat_map(|n| n["streams"].as_array().cloned().unwrap_or_default())
+            .flat_map(|st| st["sources"].as_array().cloned().unwrap_or_default())
+            .filter_map(|a| a.as_str().map(str::to_owned))
+            .collect();
+        sources.sort();
+        sources.dedup();
+        assert!(
+            !sources.is_empty(),
+            "the entry points name the source: {status}"
+        );
+        let sources = sources.join(" ");
+        let mut streams = 0;
+        for n in listed {
+            let addr = n["addr"].as_str().expect("addr");
+            let row = tag_with(dom, &format!("data-addr=\"{addr}\""))
+                .unwrap_or_else(|| panic!("node {addr} is on the console"));
+            assert!(row.contains(&format!(
+                "data-role=\"{}\"",
+                n["role"].as_str().expect("role")
+            )));
+            assert!(row.contains("data-state=\"live\""), "{row}");
+            if n["role"] == "edge" {
+                assert!(
+                    row.contains(&format!("data-viewers=\"{}\"", n["viewers"])),
+                    "edge {addr}: the console shows the viewers the API reports ({row}; {n})"
+                );
+            }
+            for st in n["streams"].as_array().expect("streams") {
+                streams += 1;
+                let needle = format!("data-stream=\"{}\" data-node=\"{}\"", st["id"], n["node"]);
+                let row = tag_with(dom, &needle).unwrap_or_else(|| {
+                    panic!(
+                        "stream {} at node {} is on the console",
+                        st["id"], n["node"]
+                    )
+                });
+                assert!(
+                    row.contains(&format!("data-viewers=\"{}\"", st["viewers"])),
+                    "{row}"
+                );
+                assert!(
+                    row.contains(&format!("data-sources=\"{sources}\"")),
+                    "every stream row names its source ({sources}): {row}"
+                );
+            }
+        }
+        assert_eq!(streams, nodes, "every node reported the stream: {status}");
+        let total: u64 = listed
+            .iter()
+            .filter(|n| n["role"] == "edge")
+            .map(|n| n["viewers"].as_u64().unwrap_or(0))
+            .sum();
+        assert_eq!(total, viewers, "every viewer watches: {status}");
+        for set in ["even", "odd"] {
+            let v: u64 = listed
+                .iter()
+                .filter(|n| n["set"] == set)
+                .map(|n| n["viewers"].as_u64().unwrap_or(0))
+                .sum();
+            let row = tag_with(dom, &format!("data-set=\"{set}\""))
+                .unwrap_or_else(|| panic!("the {set} set is on the console"));
+            assert!(row.contains(&format!("data-viewers=\"{v}\"")), "{row}");
+        }
+        assert!(dom.contains("id=\"chart-viewers\"") && dom.contains("data-points="));
+    }
+}

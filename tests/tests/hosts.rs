@@ -375,3 +375,312 @@ fn with_loss_on_every_link_prometheus_finds_the_counters_adding_up() {
         );
     }
 }
+
+/// A `braid-testbed --hosts` run in `dir` with topology `toml`, and its manifest once
+/// written.
+struct Testbed {
+    proc: Proc,
+    manifest: serde_json::Value,
+}
+
+impl Testbed {
+    fn start(dir: &std::path::Path, toml: &str, flags: &[&str]) -> Testbed {
+        std::fs::create_dir_all(dir).expect("a directory");
+        let config = dir.join("topology.toml");
+        std::fs::write(&config, toml).expect("write");
+        let child = braid_tests::die_with_parent({
+            let mut c = std::process::Command::new(braid_tests::bin("braid-testbed"));
+            c.arg("--config")
+                .arg(&config)
+                .arg("--dir")
+                .arg(dir)
+                .arg("--hosts")
+                .args(flags)
+                .stdout(std::fs::File::create(dir.join("testbed.out")).expect("a file"))
+                .stderr(std::fs::File::create(dir.join("testbed.err")).expect("a file"));
+            c
+        })
+        .spawn()
+        .expect("braid-testbed starts");
+        let mut proc = Proc::adopt("testbed", child);
+        let end = std::time::Instant::now() + Duration::from_secs(60);
+        let manifest = loop {
+            if let Some(m) = std::fs::read_to_string(dir.join("testbed.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+            {
+                break m;
+            }
+            assert!(
+                proc.alive() && std::time::Instant::now() < end,
+                "the testbed wrote its manifest: {}",
+                std::fs::read_to_string(dir.join("testbed.err")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        Testbed { proc, manifest }
+    }
+
+    /// Every network namespace its nodes and clients run in.
+    fn namespaces(&self) -> Vec<String> {
+        let m = &self.manifest;
+        m["nodes"]
+            .as_array()
+            .into_iter()
+            .chain(m["clients"].as_array())
+            .flatten()
+            .map(|n| n["host"]["netns"].as_str().expect("a netns").to_owned())
+            .collect()
+    }
+
+    /// The node named `name` in the manifest.
+    fn node(&self, name: &str) -> &serde_json::Value {
+        self.manifest["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|n| n["name"] == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+}
+
+/// The namespaces of `wanted` that exist.
+fn existing(wanted: &[String]) -> Vec<String> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    let list = String::from_utf8_lossy(&out.stdout).into_owned();
+    wanted
+        .iter()
+        .filter(|w| list.lines().any(|l| l.split_whitespace().next() == Some(w)))
+        .cloned()
+        .collect()
+}
+
+/// Whether process `pid` has ended (gone, or a zombie its parent has not reaped).
+fn ended(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+const SMALL: &str = r#"
+stream = 1
+stream_key = "hosts test stream key"
+network_key = "hosts test network key"
+set_reflectors = 2
+entry_points = 1
+edges_even = 1
+edges_odd = 1
+clients = 1
+control_servers = 1
+[capture]
+source = "synth"
+bitrate = 2000000
+"#;
+
+/// `braid-testbed --hosts` puts every node on a host of its own and leaves no namespace
+/// behind: not when it ends, and not when it is killed (SIGKILL runs no destructor; its
+/// guard removes them).
+#[test]
+fn the_testbed_on_hosts_leaves_no_namespace_even_when_killed() {
+    const TEST: &str = "the_testbed_on_hosts_leaves_no_namespace_even_when_killed";
+    if let Some(why) = braid_ops::hosts::unavailable() {
+        eprintln!("SKIPPED {TEST}: {why}");
+        return;
+    }
+    let dir = braid_tests::test_dir();
+    let mut tb = Testbed::start(&dir.path().join("ends"), SMALL, &["--duration", "8"]);
+    let spaces = tb.namespaces();
+    assert_eq!(
+        spaces.len(),
+        8,
+        "control, 2 set reflectors, 2 edges, entry point, capture, client"
+    );
+    let ips: std::collections::HashSet<&str> = tb.manifest["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| n["host"]["ip"].as_str().expect("an ip"))
+        .collect();
+    assert_eq!(ips.len(), 7, "each node has an address of its own");
+    assert_eq!(existing(&spaces), spaces, "the hosts exist while it runs");
+    let status = tb.proc.wait(Duration::from_secs(60)).expect("it ends");
+    let out = std::fs::read_to_string(dir.path().join("ends/testbed.out")).unwrap_or_default();
+    assert!(status.success(), "the client got the stream whole: {out}");
+    assert!(out.contains("0 gaps"), "{out}");
+    assert!(existing(&spaces).is_empty(), "no namespace left at its end");
+
+    let mut tb = Testbed::start(&dir.path().join("killed"), SMALL, &[]);
+    let spaces = tb.namespaces();
+    let pids: Vec<u64> = tb.manifest["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| n["pid"].as_u64().expect("a pid"))
+        .collect();
+    assert_eq!(existing(&spaces), spaces);
+    tb.proc.kill();
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    while !(existing(&spaces).is_empty() && pids.iter().all(|p| ended(*p))) {
+        assert!(
+            std::time::Instant::now() < end,
+            "5 s after SIGKILL: namespaces {:?}, daemons alive {:?}",
+            existing(&spaces),
+            pids.iter().filter(|p| !ended(**p)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Acceptances 3 and 5 across hosts (`braid-testbed --hosts`): the console, loaded in
+/// headless Chromium on the control server's host, shows every node, stream and viewer
+/// count the JSON API reports; then `braid-ctl rolling-restart`, run on that host,
+/// restarts every edge (its hook stops the edge by its pid file; the testbed brings it
+/// back as systemd would) and no viewer loses a packet: each output is the capture's
+/// stream byte for byte over its whole run.
+#[test]
+fn across_hosts_the_console_shows_the_network_and_a_rolling_restart_loses_nothing() {
+    const TEST: &str =
+        "across_hosts_the_console_shows_the_network_and_a_rolling_restart_loses_nothing";
+    if let Some(why) = braid_ops::hosts::unavailable() {
+        eprintln!("SKIPPED {TEST}: {why}");
+        return;
+    }
+    const SECONDS: f64 = 45.0;
+    let dir = braid_tests::test_dir();
+    let topo = r#"
+stream = 1
+stream_key = "hosts test stream key"
+network_key = "hosts test network key"
+set_reflectors = 3
+entry_points = 2
+edges_even = 2
+edges_odd = 2
+clients = 4
+control_servers = 1
+[capture]
+source = "synth"
+bitrate = 4000000
+"#;
+    let seconds = SECONDS.to_string();
+    let mut tb = Testbed::start(
+        dir.path(),
+        topo,
+        &["--duration", &seconds, "--supervise", "--tee"],
+    );
+    let control = tb.node("control0").clone();
+    let netns = control["host"]["netns"].as_str().expect("netns").to_owned();
+    let http: SocketAddr = control["ready"]["http"]
+        .as_str()
+        .expect("http")
+        .parse()
+        .expect("an address");
+    let url = format!("http://{http}");
+    // The clients' pids, to note how far the capture had got when each ended.
+    let clients: Vec<(String, u64)> = tb.manifest["clients"]
+        .as_array()
+        .expect("clients")
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().expect("name").to_owned(),
+                c["pid"].as_u64().expect("pid"),
+            )
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(8));
+
+    match braid_tests::console::unavailable() {
+        Some(why) => eprintln!("SKIPPED {TEST}'s console part: {why}"),
+        None => {
+            let dom = braid_tests::console::chromium(
+                dir.path(),
+                Some(&netns),
+                &format!("{url}/"),
+                &["--dump-dom"],
+            );
+            let status: serde_json::Value =
+                serde_json::from_str(&braid_ops::hosts::http_get_in(&netns, http, "/v1/status"))
+                    .expect("the status JSON");
+            std::fs::write(dir.path().join("console.html"), &dom).expect("write");
+            braid_tests::console::assert_shows(
+                &dom,
+                &status,
+                &[("entrypoint", 2), ("set", 3), ("edge", 4)],
+                4,
+            );
+        }
+    }
+
+    let hook = format!(
+        "p=$(cat {}/run/$BRAID_NODE.pid) && kill -TERM $p && while kill -0 $p 2>/dev/null; do sleep 0.1; done",
+        dir.path().display()
+    );
+    let ctl = std::process::Command::new("ip")
+        .args(["netns", "exec", &netns])
+        .arg(braid_tests::bin("braid-ctl"))
+        .args(["--control", &url, "rolling-restart", "--exec", &hook])
+        .args(["--drain-secs", "15", "--up-secs", "15"])
+        .env("BRAID_OPERATOR_TOKEN", "braid testbed operator token")
+        .output()
+        .expect("braid-ctl runs");
+    let log = String::from_utf8_lossy(&ctl.stderr);
+    assert!(ctl.status.success(), "braid-ctl: {log}");
+    assert_eq!(log.matches("serving again").count(), 4, "{log}");
+
+    let tee = dir.path().join("capture.ts");
+    let mut at_exit: Vec<Option<u64>> = vec![None; clients.len()];
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    while at_exit.iter().any(Option::is_none) {
+        assert!(std::time::Instant::now() < end, "the clients end");
+        for (i, (_, pid)) in clients.iter().enumerate() {
+            if at_exit[i].is_none() && ended(*pid) {
+                at_exit[i] = Some(std::fs::metadata(&tee).map_or(0, |m| m.len()));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = tb.proc.wait(Duration::from_secs(30)).expect("it ends");
+    let out = std::fs::read_to_string(dir.path().join("testbed.out")).unwrap_or_default();
+    assert!(status.success(), "every client whole: {out}");
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("testbed.json")).expect("manifest"),
+    )
+    .expect("JSON");
+    for n in manifest["nodes"].as_array().expect("nodes") {
+        let want = u64::from(n["role"] == "edge");
+        assert_eq!(
+            n["restarts"], want,
+            "{}: restarted once if an edge",
+            n["name"]
+        );
+    }
+    let mut moved = 0;
+    for (i, (name, _)) in clients.iter().enumerate() {
+        compare::assert_whole(
+            &tee,
+            &dir.path().join(format!("{name}.ts")),
+            &compare::Whole {
+                bytes_per_sec: 4_000_000.0 / 8.0,
+                seconds: SECONDS,
+                tee_at_exit: at_exit[i].expect("noted"),
+            },
+        );
+        let stats =
+            std::fs::read_to_string(dir.path().join(format!("{name}.json"))).expect("stats");
+        let last: serde_json::Value =
+            serde_json::from_str(stats.lines().last().expect("a line")).expect("JSON");
+        assert_eq!(last["gaps"], 0, "{name}: {last}");
+        moved += last["switches"].as_array().map_or(0, Vec::len);
+    }
+    assert!(
+        moved >= 4,
+        "viewers moved off the edges being restarted ({moved})"
+    );
+}

@@ -1,9 +1,12 @@
 //! `braid-testbed`: a whole Braid network on one machine, in one command.
 //!
 //! Starts set reflectors, edges in both port-parity sets, entry points, a capture and
-//! clients as child processes on 127.0.0.1 with free ports, shows a live table of every
-//! node, and stops cleanly on Ctrl-C (or after `--duration`, with a summary), leaving no
-//! child behind. Exits 0 when every client got the stream without a gap.
+//! clients as child processes on 127.0.0.1 with free ports (or, with `--hosts`, each on a
+//! host of its own: a network namespace with its own address), shows a live table of
+//! every node, and stops cleanly on Ctrl-C or SIGTERM (or after `--duration`, with a
+//! summary), leaving no child and no namespace behind. Writes `testbed.json` in its
+//! directory: every node's role, host, addresses and pid, for scripts and tests. Exits 0
+//! when every client got the stream without a gap.
 
 use std::io::IsTerminal;
 use std::net::UdpSocket;
@@ -13,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use braid_ops::harness::{Proc, metrics};
+use braid_ops::hosts::Hosts;
 use clap::Parser;
 use serde::Deserialize;
 
@@ -31,6 +35,21 @@ struct Args {
     /// Where logs and client outputs go (default: a new temporary directory, kept).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Put every node on a host of its own: a network namespace with its own address
+    /// (10.77.0.0/24), joined by veth links through a bridge, so that links can be cut
+    /// (`ip link set ... down`) or capped (`tc ... tbf`) as between machines. Needs root.
+    /// Every namespace and link is removed at exit, and within a second if this process
+    /// is killed.
+    #[arg(long)]
+    hosts: bool,
+    /// Restart any daemon that exits, as systemd's `Restart=always` does for the packaged
+    /// units (`braid-ctl rolling-restart --exec` can then stop an edge by its pid file,
+    /// `run/<node id>.pid`).
+    #[arg(long)]
+    supervise: bool,
+    /// Keep what the capture sends in `capture.ts`, to compare viewers' outputs with.
+    #[arg(long)]
+    tee: bool,
 }
 
 #[derive(Deserialize)]
@@ -53,6 +72,16 @@ struct Topology {
     impair: Option<toml::Table>,
     #[serde(default)]
     quic: QuicSpec,
+    /// Every node on a host of its own (as `--hosts`).
+    #[serde(default)]
+    hosts: bool,
+    /// The control servers' operator token (`braid-ctl` drain, undrain, rolling restart).
+    #[serde(default = "default_operator_token")]
+    operator_token: String,
+}
+
+fn default_operator_token() -> String {
+    "braid testbed operator token".into()
 }
 
 /// Which hops go over QUIC (the rest over UDP).
@@ -95,22 +124,95 @@ fn default_controls() -> usize {
     1
 }
 
-/// A free UDP port of the given parity (TCP on the same number is checked too).
-fn port(even: bool) -> anyhow::Result<u16> {
+/// A free UDP port of the given parity, or of either (TCP on the same number is checked
+/// too).
+fn port(even: Option<bool>) -> anyhow::Result<u16> {
     for _ in 0..1000 {
         let s = UdpSocket::bind("127.0.0.1:0")?;
         let p = s.local_addr()?.port();
-        if (p % 2 == 0) == even && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+        if even.is_none_or(|e| (p % 2 == 0) == e)
+            && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+        {
             return Ok(p);
         }
     }
     anyhow::bail!("no free port of the right parity")
 }
 
+/// How to start one process, again when it exits (`--supervise`).
+#[derive(Clone)]
+struct Launch {
+    name: String,
+    bin: &'static str,
+    args: Vec<String>,
+    /// Its host's network namespace (`--hosts`).
+    netns: Option<String>,
+    log: PathBuf,
+}
+
+impl Launch {
+    /// Starts a daemon and waits for its ready line.
+    fn start(&self) -> Proc {
+        match &self.netns {
+            Some(ns) => Proc::start_in(ns, &self.name, self.bin, &self.args, &self.log),
+            None => Proc::start(&self.name, self.bin, &self.args, &self.log),
+        }
+    }
+    /// Starts a process that prints no ready line.
+    fn spawn(&self) -> Proc {
+        match &self.netns {
+            Some(ns) => Proc::spawn_in(ns, &self.name, self.bin, &self.args, &self.log),
+            None => Proc::spawn(&self.name, self.bin, &self.args, &self.log),
+        }
+    }
+}
+
 struct Node {
     proc: Proc,
     role: &'static str,
     set: &'static str,
+    /// How it was started (`None`: not restarted when it exits).
+    launch: Option<Launch>,
+    /// Its node id, for the pid files hooks read.
+    node_id: Option<usize>,
+    restarts: u32,
+}
+
+/// Where each node runs: its host's address and namespace with `--hosts`, 127.0.0.1 and
+/// free ports without.
+struct Placement {
+    hosts: Option<Hosts>,
+}
+
+impl Placement {
+    fn ip(&self, name: &str) -> String {
+        match &self.hosts {
+            Some(h) => h.get(name).addr.to_string(),
+            None => "127.0.0.1".into(),
+        }
+    }
+    fn netns(&self, name: &str) -> Option<String> {
+        self.hosts.as_ref().map(|h| h.get(name).netns.clone())
+    }
+    /// An address for `name` to listen on: `fixed` on its own host, a free port of the
+    /// given parity (or any) on 127.0.0.1. Explicit either way, so a daemon restarted by
+    /// `--supervise` comes back where its peers look for it.
+    fn listen(&self, name: &str, fixed: u16, even: Option<bool>) -> anyhow::Result<String> {
+        Ok(match &self.hosts {
+            Some(_) => format!("{}:{fixed}", self.ip(name)),
+            None => format!("127.0.0.1:{}", port(even)?),
+        })
+    }
+    /// The metrics of node `n`.
+    fn scrape(&self, n: &Proc) -> Vec<(String, f64)> {
+        let Some(addr) = n.ready.get("metrics").and_then(|a| a.parse().ok()) else {
+            return Vec::new();
+        };
+        match &self.hosts {
+            Some(h) => h.scrape(&n.name, addr),
+            None => metrics::try_scrape(addr),
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -134,15 +236,53 @@ fn main() -> anyhow::Result<()> {
             .keep(),
     };
     let p = |f: &str| dir.join(f);
+    std::fs::create_dir_all(p("run"))?;
     let impair = match &topo.impair {
         Some(t) => format!("[impair.default]\n{}", toml::to_string(t)?),
         None => String::new(),
     };
+    // Every host, named as its node: made first, removed last (and by its guard if this
+    // process is killed).
+    let mut names: Vec<String> = (0..topo.control_servers)
+        .map(|i| format!("control{i}"))
+        .collect();
+    names.extend((0..topo.set_reflectors).map(|i| format!("set{i}")));
+    names.extend((0..topo.edges_even).map(|i| format!("edge-even{i}")));
+    names.extend((0..topo.edges_odd).map(|i| format!("edge-odd{i}")));
+    names.extend((0..topo.entry_points).map(|i| format!("entry{i}")));
+    names.push("capture".into());
+    names.extend((0..topo.clients).map(|i| format!("client{i}")));
+    let place = Placement {
+        hosts: if args.hosts || topo.hosts {
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let h = Hosts::new(&refs)
+                .map_err(|e| anyhow::anyhow!("--hosts: {e} (run as root, or without --hosts)"))?;
+            eprintln!(
+                "braid-testbed: {} hosts, each a network namespace, on 10.77.0.0/24",
+                h.hosts.len()
+            );
+            Some(h)
+        } else {
+            None
+        },
+    };
     let env_key = topo.network_key.clone();
-    let start = |name: &str, bin: &str, args: Vec<String>| -> Proc {
-        let mut args = args;
-        args.extend(["--network-key".into(), env_key.clone()]);
-        Proc::start(name, bin, &args, &p(&format!("{name}.log")))
+    // Every node (viewers hold no network key): the network key, and with --hosts its
+    // metrics on its host's address.
+    let launch = |name: &str, bin: &'static str, mut args: Vec<String>| -> Launch {
+        if bin != "braid-client" {
+            args.extend(["--network-key".into(), env_key.clone()]);
+            if place.hosts.is_some() {
+                args.extend(["--metrics".into(), format!("{}:9600", place.ip(name))]);
+            }
+        }
+        Launch {
+            name: name.to_owned(),
+            bin,
+            args,
+            netns: place.netns(name),
+            log: p(&format!("{name}.log")),
+        }
     };
     let cfg = |name: &str, body: &str| -> anyhow::Result<String> {
         let f = p(&format!("{name}.toml"));
@@ -151,45 +291,58 @@ fn main() -> anyhow::Result<()> {
     };
     let s = |v: &dyn ToString| v.to_string();
     eprintln!("braid-testbed: starting in {}", dir.display());
-    // Development certificates: a CA and one certificate per node (mutual TLS on QUIC).
+    // Development certificates: a CA and one certificate per node (mutual TLS on QUIC),
+    // valid for every host's address.
     let certs = p("certs");
     let q = &topo.quic;
     if q.any() {
-        let mut names: Vec<String> = (0..topo.set_reflectors)
-            .map(|i| format!("set{i}"))
+        let sans: Vec<String> = place
+            .hosts
+            .iter()
+            .flat_map(|h| h.hosts.iter().map(|h| h.addr.to_string()))
             .collect();
-        names.extend((0..topo.entry_points).map(|i| format!("entry{i}")));
-        names.extend((0..topo.edges_even).map(|i| format!("edge-even{i}")));
-        names.extend((0..topo.edges_odd).map(|i| format!("edge-odd{i}")));
-        braid_net::tls::make_dev_certs(&certs, &names, &[])?;
+        braid_net::tls::make_dev_certs(&certs, &names, &sans)?;
         eprintln!(
             "braid-testbed: development certificates in {}",
             certs.display()
         );
     }
     let tls = |name: &str| braid_ops::harness::tls_args(&certs, name);
-    let quic_listen = |name: &str| {
-        let mut a = vec!["--quic-listen".to_string(), "127.0.0.1:0".into()];
+    let quic_listen = |name: &str, fixed: u16| -> anyhow::Result<Vec<String>> {
+        let mut a = vec![
+            "--quic-listen".to_string(),
+            place.listen(name, fixed, None)?,
+        ];
         a.extend(tls(name));
-        a
+        Ok(a)
     };
     let mut nodes: Vec<Node> = Vec::new();
+    let daemon = |l: Launch, role: &'static str, set: &'static str, id: Option<usize>| Node {
+        proc: l.start(),
+        role,
+        set,
+        launch: Some(l),
+        node_id: id,
+        restarts: 0,
+    };
     let stream = topo.stream.to_string();
 
     let mut control_urls = Vec::new();
     for i in 0..topo.control_servers {
         let name = format!("control{i}");
-        let proc = start(
+        let l = launch(
             &name,
             "braid-control",
-            vec!["--listen".into(), "127.0.0.1:0".into()],
+            vec![
+                "--listen".into(),
+                place.listen(&name, 8000, None)?,
+                "--operator-token".into(),
+                topo.operator_token.clone(),
+            ],
         );
-        control_urls.push(format!("http://{}", proc.ready["http"]));
-        nodes.push(Node {
-            proc,
-            role: "control",
-            set: "",
-        });
+        let node = daemon(l, "control", "", None);
+        control_urls.push(format!("http://{}", node.proc.ready["http"]));
+        nodes.push(node);
     }
     let mut set_addrs = Vec::new();
     for i in 0..topo.set_reflectors {
@@ -199,26 +352,30 @@ fn main() -> anyhow::Result<()> {
             "--config".into(),
             c,
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            place.listen(&name, 9100, None)?,
             "--stream".into(),
             stream.clone(),
             "--node-id".into(),
             s(&(100 + i)),
         ];
-        if q.set(i) {
-            a.extend(quic_listen(&name));
+        for u in &control_urls {
+            a.extend(["--control".into(), u.clone()]);
         }
-        let proc = start(&name, "braid-reflector", a);
+        if q.set(i) {
+            a.extend(quic_listen(&name, 9101)?);
+        }
+        let node = daemon(
+            launch(&name, "braid-reflector", a),
+            "set reflector",
+            "",
+            Some(100 + i),
+        );
         set_addrs.push(if q.set(i) {
-            format!("quic://{}", proc.quic())
+            format!("quic://{}", node.proc.quic())
         } else {
-            proc.udp().to_string()
+            node.proc.udp().to_string()
         });
-        nodes.push(Node {
-            proc,
-            role: "set reflector",
-            set: "",
-        });
+        nodes.push(node);
     }
     let mut edge_addrs = Vec::new();
     for (i, even) in (0..topo.edges_even)
@@ -226,15 +383,16 @@ fn main() -> anyhow::Result<()> {
         .chain((0..topo.edges_odd).map(|i| (i, false)))
     {
         let name = format!("edge-{}{i}", if even { "even" } else { "odd" });
+        let id = 200 + edge_addrs.len();
         let mut a = vec![
             "--role".into(),
             "edge".into(),
             "--listen".into(),
-            format!("127.0.0.1:{}", port(even)?),
+            place.listen(&name, if even { 9200 } else { 9201 }, Some(even))?,
             "--stream".into(),
             stream.clone(),
             "--node-id".into(),
-            s(&(200 + edge_addrs.len())),
+            s(&id),
         ];
         for r in &set_addrs {
             a.extend(["--reflector".into(), r.to_string()]);
@@ -243,19 +401,20 @@ fn main() -> anyhow::Result<()> {
             a.extend(["--control".into(), u.clone()]);
         }
         if q.viewers {
-            a.extend(quic_listen(&name));
+            a.extend(quic_listen(&name, 9202)?);
         } else if q.any() {
             a.extend(tls(&name));
         }
         let c = cfg(&name, &format!("role = \"edge\"\n{impair}\n"))?;
         a.extend(["--config".into(), c]);
-        let proc = start(&name, "braid-reflector", a);
-        edge_addrs.push(proc.udp());
-        nodes.push(Node {
-            proc,
-            role: "edge",
-            set: if even { "even" } else { "odd" },
-        });
+        let node = daemon(
+            launch(&name, "braid-reflector", a),
+            "edge",
+            if even { "even" } else { "odd" },
+            Some(id),
+        );
+        edge_addrs.push(node.proc.udp());
+        nodes.push(node);
     }
     let refl = set_addrs
         .iter()
@@ -270,28 +429,32 @@ fn main() -> anyhow::Result<()> {
             "--config".into(),
             c,
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            place.listen(&name, 9001, None)?,
             "--stream".into(),
             format!("{}:{}:{refl}", topo.stream, topo.stream_key),
             "--node-id".into(),
             s(&(10 + i)),
         ];
+        for u in &control_urls {
+            a.extend(["--control".into(), u.clone()]);
+        }
         if q.capture {
-            a.extend(quic_listen(&name));
+            a.extend(quic_listen(&name, 9003)?);
         } else if q.any() {
             a.extend(tls(&name));
         }
-        let proc = start(&name, "braid-entrypoint", a);
+        let node = daemon(
+            launch(&name, "braid-entrypoint", a),
+            "entry point",
+            "",
+            Some(10 + i),
+        );
         entry_addrs.push(if q.capture {
-            format!("quic://{}", proc.quic())
+            format!("quic://{}", node.proc.quic())
         } else {
-            proc.udp().to_string()
+            node.proc.udp().to_string()
         });
-        nodes.push(Node {
-            proc,
-            role: "entry point",
-            set: "",
-        });
+        nodes.push(node);
     }
     // Edges report once a second; give them that second before clients ask.
     if !control_urls.is_empty() {
@@ -330,11 +493,7 @@ fn main() -> anyhow::Result<()> {
         for u in &control_urls {
             a.extend(["--control".into(), u.clone()]);
         }
-        clients.push((
-            name.clone(),
-            edge,
-            Proc::spawn(&name, "braid-client", &a, &p(&format!("{name}.log"))),
-        ));
+        clients.push((name.clone(), edge, launch(&name, "braid-client", a).spawn()));
     }
     let mut cap = vec![
         "--stream".into(),
@@ -344,7 +503,7 @@ fn main() -> anyhow::Result<()> {
         "--bitrate".into(),
         s(&topo.capture.bitrate),
         "--bind".into(),
-        "127.0.0.1:0".into(),
+        format!("{}:0", place.ip("capture")),
     ];
     for e in &entry_addrs {
         cap.extend(["--entry".into(), e.to_string()]);
@@ -355,12 +514,27 @@ fn main() -> anyhow::Result<()> {
             certs.join("ca.pem").display().to_string(),
         ]);
     }
+    if args.tee {
+        cap.extend(["--tee".into(), p("capture.ts").display().to_string()]);
+    }
     if duration > 0.0 {
         cap.extend(["--duration".into(), s(&(duration + 2.0))]);
     }
     let mut extra: Vec<Proc> = Vec::new();
+    let cap_netns = place.netns("capture");
+    let start_capture = |cap: &[String], stdin: Stdio| match &cap_netns {
+        Some(ns) => Proc::start_in_with_stdin(
+            ns,
+            "capture",
+            "braid-capture",
+            cap,
+            &p("capture.log"),
+            stdin,
+        ),
+        None => Proc::start_with_stdin("capture", "braid-capture", cap, &p("capture.log"), stdin),
+    };
     let capture = match topo.capture.source.as_str() {
-        "synth" => Proc::start("capture", "braid-capture", &cap, &p("capture.log")),
+        "synth" => start_capture(&cap, Stdio::null()),
         "ffmpeg" => {
             let mut ff = braid_ops::harness::die_with_parent(Command::new("ffmpeg"))
                 .args([
@@ -401,26 +575,25 @@ fn main() -> anyhow::Result<()> {
             let out = ff.stdout.take().context("ffmpeg's stdout")?;
             extra.push(Proc::adopt("ffmpeg", ff));
             cap.extend(["--source".into(), "-".into()]);
-            Proc::start_with_stdin(
-                "capture",
-                "braid-capture",
-                &cap,
-                &p("capture.log"),
-                Stdio::from(out),
-            )
+            start_capture(&cap, Stdio::from(out))
         }
         file => {
             cap.extend(["--source".into(), file.into(), "--loop".into()]);
-            Proc::start("capture", "braid-capture", &cap, &p("capture.log"))
+            start_capture(&cap, Stdio::null())
         }
     };
     nodes.push(Node {
         proc: capture,
         role: "capture",
         set: "",
+        launch: None,
+        node_id: None,
+        restarts: 0,
     });
+    write_manifest(&dir, &place, &nodes, &clients, &control_urls, &topo)?;
 
-    // Ctrl-C ends the loop; children are killed when `nodes`, `clients` and `extra` drop.
+    // Ctrl-C or SIGTERM ends the loop; children are killed when `nodes`, `clients` and
+    // `extra` drop, and the hosts are removed after them.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -429,7 +602,20 @@ fn main() -> anyhow::Result<()> {
             .build()?;
         std::thread::spawn(move || {
             rt.block_on(async {
-                let _ = tokio::signal::ctrl_c().await;
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                let terminated = async {
+                    match term.as_mut() {
+                        Some(t) => {
+                            t.recv().await;
+                        }
+                        None => std::future::pending::<()>().await,
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    () = terminated => {}
+                }
             });
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
         });
@@ -445,9 +631,19 @@ fn main() -> anyhow::Result<()> {
         let done = stop.load(std::sync::atomic::Ordering::Relaxed)
             || (duration > 0.0 && started.elapsed() > Duration::from_secs_f64(duration + 3.0))
             || (duration > 0.0 && clients.iter_mut().all(|(_, _, c)| !c.alive()));
+        if args.supervise && !done && supervise(&mut nodes) {
+            write_manifest(&dir, &place, &nodes, &clients, &control_urls, &topo)?;
+        }
         let tick = started.elapsed().as_millis() % 1000 < 250;
         if tick || done {
-            let table = render(&nodes, &clients, &dir, started.elapsed(), &mut rates);
+            let table = render(
+                &place,
+                &nodes,
+                &clients,
+                &dir,
+                started.elapsed(),
+                &mut rates,
+            );
             if tty {
                 eprint!("\x1b[2J\x1b[H{table}");
             } else if done || started.elapsed().as_secs() % 5 == 0 {
@@ -482,10 +678,11 @@ fn main() -> anyhow::Result<()> {
         );
     }
     for n in &nodes {
-        let Some(m) = n.proc.ready.get("metrics").and_then(|a| a.parse().ok()) else {
-            continue;
-        };
-        let drops: Vec<String> = metrics::try_scrape(m)
+        if n.restarts > 0 {
+            println!("  {} restarted {} times", n.proc.name, n.restarts);
+        }
+        let drops: Vec<String> = place
+            .scrape(&n.proc)
             .into_iter()
             .filter(|(k, v)| k.starts_with("braid_dropped_total{") && *v > 0.0)
             .filter_map(|(k, v)| {
@@ -510,7 +707,96 @@ fn main() -> anyhow::Result<()> {
     drop(clients);
     drop(nodes);
     drop(extra);
+    drop(place);
     std::process::exit(if ok { 0 } else { 1 });
+}
+
+/// Restarts every supervised daemon that has exited, as systemd's `Restart=always` does
+/// for the packaged units; whether any was.
+fn supervise(nodes: &mut [Node]) -> bool {
+    let mut any = false;
+    for n in nodes.iter_mut() {
+        let Some(l) = &n.launch else { continue };
+        if let Some(status) = n.proc.exited() {
+            eprintln!("braid-testbed: {} exited ({status}): restarting", l.name);
+            let l = l.clone();
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| l.start())) {
+                Ok(p) => {
+                    n.proc = p;
+                    n.restarts += 1;
+                    any = true;
+                }
+                Err(_) => eprintln!("braid-testbed: {} did not come back; trying again", l.name),
+            }
+        }
+    }
+    any
+}
+
+/// Writes `testbed.json` (every node: role, set, host, address, pid, ready line; every
+/// client; the control servers) and `run/<node id>.pid`, for scripts and tests to find
+/// the nodes (a restart hook for `braid-ctl rolling-restart`, say).
+fn write_manifest(
+    dir: &std::path::Path,
+    place: &Placement,
+    nodes: &[Node],
+    clients: &[(String, std::net::SocketAddr, Proc)],
+    control_urls: &[String],
+    topo: &Topology,
+) -> anyhow::Result<()> {
+    let host = |name: &str| {
+        serde_json::json!({
+            "netns": place.netns(name),
+            "ip": place.ip(name),
+        })
+    };
+    let nodes_json: Vec<serde_json::Value> = nodes
+        .iter()
+        .map(|n| {
+            serde_json::json!({
+                "name": n.proc.name,
+                "role": n.role,
+                "set": n.set,
+                "node": n.node_id,
+                "pid": n.proc.pid(),
+                "host": host(&n.proc.name),
+                "ready": n.proc.ready,
+                "restarts": n.restarts,
+            })
+        })
+        .collect();
+    let clients_json: Vec<serde_json::Value> = clients
+        .iter()
+        .map(|(name, _, c)| {
+            serde_json::json!({
+                "name": name,
+                "pid": c.pid(),
+                "host": host(name),
+                "out": dir.join(format!("{name}.ts")),
+                "stats": dir.join(format!("{name}.json")),
+            })
+        })
+        .collect();
+    let manifest = serde_json::json!({
+        "hosts": place.hosts.is_some(),
+        "control": control_urls,
+        "operator_token": topo.operator_token,
+        "stream": topo.stream,
+        "nodes": nodes_json,
+        "clients": clients_json,
+    });
+    for n in nodes {
+        if let Some(id) = n.node_id {
+            std::fs::write(
+                dir.join(format!("run/{id}.pid")),
+                format!("{}\n", n.proc.pid()),
+            )?;
+        }
+    }
+    let tmp = dir.join("testbed.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&manifest)?)?;
+    std::fs::rename(&tmp, dir.join("testbed.json"))?;
+    Ok(())
 }
 
 fn client_stats(dir: &std::path::Path, name: &str) -> serde_json::Value {
@@ -539,6 +825,7 @@ impl Rates {
 }
 
 fn render(
+    place: &Placement,
     nodes: &[Node],
     clients: &[(String, std::net::SocketAddr, Proc)],
     dir: &std::path::Path,
@@ -569,8 +856,8 @@ fn render(
     for n in nodes {
         let (mut out, mut viewers, mut impaired, mut gaps, mut repaired, mut dropped) =
             (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
-        if let Some(m) = n.proc.ready.get("metrics").and_then(|a| a.parse().ok()) {
-            let scraped = metrics::try_scrape(m);
+        let scraped = place.scrape(&n.proc);
+        if !scraped.is_empty() {
             let sum = |name: &str| {
                 scraped
                     .iter()
