@@ -124,6 +124,9 @@ pub struct StreamFigures {
     /// Per path: packets received, and first copies.
     #[serde(default)]
     pub paths: Vec<PathFigures>,
+    /// Where the stream comes from (entry points: the sources publishing it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<SocketAddr>,
 }
 
 /// A path's figures.
@@ -143,6 +146,8 @@ pub struct PathFigures {
 pub const MAX_REPORT_STREAMS: usize = 64;
 /// Most paths per stream a report may carry (what a node sends).
 pub const MAX_REPORT_PATHS: usize = 16;
+/// Most sources a stream's figures name.
+pub const MAX_REPORT_SOURCES: usize = 8;
 
 fn default_capacity() -> u64 {
     1000
@@ -200,13 +205,14 @@ impl Report {
             return Err(format!("cost tier must be at most {MAX_COST_TIER}"));
         }
         if self.streams.len() > MAX_REPORT_STREAMS
-            || self
-                .streams
-                .iter()
-                .any(|s| s.paths.len() > MAX_REPORT_PATHS || s.viewers > MAX_VIEWERS)
+            || self.streams.iter().any(|s| {
+                s.paths.len() > MAX_REPORT_PATHS
+                    || s.viewers > MAX_VIEWERS
+                    || s.sources.len() > MAX_REPORT_SOURCES
+            })
         {
             return Err(format!(
-                "at most {MAX_REPORT_STREAMS} streams of {MAX_REPORT_PATHS} paths, each with at most {MAX_VIEWERS} viewers"
+                "at most {MAX_REPORT_STREAMS} streams of {MAX_REPORT_PATHS} paths and {MAX_REPORT_SOURCES} sources, each with at most {MAX_VIEWERS} viewers"
             ));
         }
         Ok(())
@@ -841,9 +847,28 @@ mod tests {
                             released: 0,
                             gaps: 0,
                             paths: Vec::new(),
+                            sources: Vec::new(),
                         };
                         MAX_REPORT_STREAMS + 1
                     ],
+                    ..good.clone()
+                },
+            ),
+            (
+                "too many sources",
+                Report {
+                    streams: vec![StreamFigures {
+                        id: 1,
+                        viewers: 0,
+                        subscribers: 0,
+                        released: 0,
+                        gaps: 0,
+                        paths: Vec::new(),
+                        sources: vec![
+                            SocketAddr::from(([10, 0, 0, 1], 5000));
+                            MAX_REPORT_SOURCES + 1
+                        ],
+                    }],
                     ..good.clone()
                 },
             ),

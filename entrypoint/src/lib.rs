@@ -16,14 +16,17 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use braid_core::node::{Output, Peer};
 use braid_core::wire::Codec;
-use braid_core::{NodeId, StreamId};
+use braid_core::{Bitrate, DataSize, NodeId, StreamId};
 use braid_net::addr::PeerAddr;
 use braid_net::daemon::DaemonConfig;
+use braid_net::report;
 use braid_net::udp::{Impairments, Socket};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
@@ -31,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod machine;
 
-pub use machine::{EntryPoint, Input, PUBLISHER_TIMEOUT};
+pub use machine::{EntryPoint, Input, PUBLISHER_TIMEOUT, StreamSummary};
 
 /// The entry point's configuration.
 #[derive(Debug, Clone, Parser, Deserialize, Serialize)]
@@ -87,6 +90,16 @@ pub struct Config {
     #[arg(skip)]
     #[serde(default)]
     pub impair: Impairments,
+    /// Control servers to report to (repeatable), as `http://host:port`: the entry point
+    /// and its streams' sources then appear on their consoles. Optional: nothing an entry
+    /// point does depends on them.
+    #[arg(long = "control")]
+    #[serde(default)]
+    pub controls: Vec<String>,
+    /// This node's region, shown on the console.
+    #[arg(long, default_value = "")]
+    #[serde(default)]
+    pub region: String,
 }
 
 /// One stream an entry point accepts.
@@ -231,6 +244,26 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ready.push(("quic", q.to_string()));
     }
     braid_net::daemon::print_ready("entrypoint", &ready);
+    let shared = Arc::new(report::Shared::default());
+    report::spawn(
+        config.controls.clone(),
+        report::Identity {
+            node: config.node_id,
+            role: "entrypoint",
+            addr: socket.local_addr()?,
+            quic: quic_addr,
+            learn_quic: false,
+            region: config.region.clone(),
+            capacity: 1,
+            cost_tier: 0,
+            auth: braid_core::nodeauth::NodeAuth::new(&braid_net::daemon::network_key(
+                &config.network_key,
+            )?),
+        },
+        shared.clone(),
+        shutdown.clone(),
+    );
+    let mut egress_mark = (Instant::now(), 0);
     let mut rx = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut exported_drops = 0;
@@ -241,8 +274,31 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             _ = shutdown.cancelled() => break,
             // Forgets QUIC peers (publishers) gone long enough; exports the counters.
             _ = tick.tick() => {
-                socket.handle_timeout(Instant::now());
+                let now = Instant::now();
+                socket.handle_timeout(now);
                 export(machine.counters());
+                if now.saturating_duration_since(egress_mark.0) >= Duration::from_secs(1) {
+                    let bytes = socket.stats().sent_bytes;
+                    let bps = Bitrate::from_size_over(
+                        DataSize(bytes.saturating_sub(egress_mark.1)),
+                        now.saturating_duration_since(egress_mark.0),
+                    );
+                    shared.egress_bps.store(bps.0, Ordering::Relaxed);
+                    egress_mark = (now, bytes);
+                    let summaries: Vec<serde_json::Value> = machine
+                        .summaries(now)
+                        .iter()
+                        .take(report::REPORT_STREAMS)
+                        .map(|s| serde_json::json!({
+                            "id": s.id.0,
+                            "released": s.forwarded,
+                            "sources": s.sources,
+                        }))
+                        .collect();
+                    if let Ok(mut st) = shared.streams.lock() {
+                        *st = summaries;
+                    }
+                }
             }
             res = socket.recv(&mut rx) => {
                 res.context("receiving")?;

@@ -115,7 +115,25 @@ struct Stream {
     kept: RepairStore<KeptPacket>,
     /// The last packet forwarded, sent again once the stream goes quiet.
     tail: TailProbe,
+    /// Media packets of this stream forwarded.
+    forwarded: u64,
 }
+
+/// A stream as the control servers' console shows it: where it comes from and how much
+/// of it went on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSummary {
+    /// The stream.
+    pub id: StreamId,
+    /// Its sources: addresses that published it within [`PUBLISHER_TIMEOUT`] (most
+    /// recent first, at most [`MAX_SUMMARY_SOURCES`]).
+    pub sources: Vec<SocketAddr>,
+    /// Media packets forwarded to the set reflectors.
+    pub forwarded: u64,
+}
+
+/// Most sources a [`StreamSummary`] names.
+pub const MAX_SUMMARY_SOURCES: usize = 8;
 
 /// The entry point's state machine.
 #[derive(Debug)]
@@ -153,6 +171,7 @@ impl EntryPoint {
                     publishers: HashMap::new(),
                     kept: RepairStore::new(config.retransmit, MAX_KEPT),
                     tail: TailProbe::default(),
+                    forwarded: 0,
                 },
             );
         }
@@ -183,6 +202,30 @@ impl EntryPoint {
     /// Publishers authorized now, over every stream (for the simulator's bounds).
     pub fn publishers(&self) -> usize {
         self.streams.values().map(|s| s.publishers.len()).sum()
+    }
+
+    /// Every stream's sources and packets forwarded, as of `now`.
+    pub fn summaries(&self, now: Instant) -> Vec<StreamSummary> {
+        self.streams
+            .iter()
+            .map(|(id, st)| {
+                let mut live: Vec<(&SocketAddr, &Instant)> = st
+                    .publishers
+                    .iter()
+                    .filter(|(_, t)| now.saturating_duration_since(**t) < PUBLISHER_TIMEOUT)
+                    .collect();
+                live.sort_by_key(|(a, t)| (std::cmp::Reverse(**t), **a));
+                StreamSummary {
+                    id: *id,
+                    sources: live
+                        .into_iter()
+                        .take(MAX_SUMMARY_SOURCES)
+                        .map(|(a, _)| *a)
+                        .collect(),
+                    forwarded: st.forwarded,
+                }
+            })
+            .collect()
     }
 
     /// Takes one input.
@@ -324,6 +367,7 @@ impl EntryPoint {
                     self.out.send(Peer::Addr(*to), signed.clone(), true);
                 }
                 self.counters.forwarded += 1;
+                stream.forwarded += 1;
                 let seq = media.seq;
                 stream.tail.sent(now, seq);
                 let kept = KeptPacket {
@@ -569,6 +613,25 @@ mod tests {
             out.iter().map(|t| t.to).collect::<Vec<_>>(),
             [Peer::Addr(src)]
         );
+    }
+
+    #[test]
+    fn the_summary_names_the_live_sources_and_counts_what_went_on() {
+        let (mut e, _) = setup();
+        let t = t0();
+        publish(&mut e, t, addr(7));
+        for seq in 0..5 {
+            e.handle_input(t, input(addr(7), media(&source(), seq)));
+        }
+        drain(&mut e);
+        let s = e.summaries(t);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].sources, [addr(7)]);
+        assert_eq!(s[0].forwarded, 5);
+        // A source silent past the timeout is no longer named; the count stays.
+        let s = e.summaries(t + PUBLISHER_TIMEOUT);
+        assert!(s[0].sources.is_empty());
+        assert_eq!(s[0].forwarded, 5);
     }
 
     #[test]

@@ -83,7 +83,8 @@ pub fn init_logging(default_level: &str, json: bool) {
 }
 
 /// Installs the Prometheus recorder and serves `/metrics` on `addr` (port 0: any free
-/// port). Returns the bound address.
+/// port), with the process's own figures (`process_cpu_seconds_total`, resident memory,
+/// open files, threads) read at each scrape. Returns the bound address.
 pub async fn serve_metrics(
     addr: SocketAddr,
     shutdown: CancellationToken,
@@ -95,10 +96,13 @@ pub async fn serve_metrics(
         .await
         .with_context(|| format!("binding the metrics endpoint {addr}"))?;
     let bound = listener.local_addr()?;
+    let process = metrics_process::Collector::default();
+    process.describe();
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
             let handle: PrometheusHandle = handle.clone();
+            process.collect();
             async move { handle.render() }
         }),
     );

@@ -16,6 +16,7 @@
 //! - `impaired_socket`: the impairment layer under QUIC, on QUIC's own packets.
 //! - [`tls`]: certificates, trust by CA or pinned fingerprint, development certificates.
 //! - [`addr`]: peer addresses with their transport (`quic://…`, `udp://…`).
+//! - [`report`]: a node's reports to the control servers, from a thread of its own.
 
 pub mod addr;
 pub use braid_core::impair;
@@ -23,6 +24,7 @@ pub mod daemon;
 mod impaired_socket;
 pub mod limit;
 pub mod quic;
+pub mod report;
 pub mod sys;
 pub mod tls;
 pub mod udp;

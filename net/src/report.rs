@@ -1,5 +1,6 @@
 //! Reporting to the control servers: every second, to each of them, the node's role,
-//! address, capacity and load; the answer says whether an operator drained this node.
+//! address, capacity, load and streams; the answer says whether an operator drained this
+//! node. Set reflectors, edges and entry points report.
 //!
 //! A blocking thread does the HTTP, so a slow or dead control server never delays the
 //! packet path; the main task shares three numbers with it through atomics.
@@ -9,42 +10,28 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use braid_net::addr::PeerAddr;
+use crate::addr::PeerAddr;
 use tokio_util::sync::CancellationToken;
 
 /// What the main task and the reporter share.
 #[derive(Debug, Default)]
-pub(crate) struct Shared {
-    pub(crate) viewers: AtomicU64,
-    pub(crate) egress_bps: AtomicU64,
+pub struct Shared {
+    /// Viewers now (edges).
+    pub viewers: AtomicU64,
+    /// What the node sent over the last second, bit/s.
+    pub egress_bps: AtomicU64,
     /// Set when a control server says this node is drained.
-    pub(crate) drain: AtomicBool,
+    pub drain: AtomicBool,
     /// Live set reflectors, as a control server last listed them (edges only).
-    pub(crate) reflectors: std::sync::Mutex<Vec<PeerAddr>>,
+    pub reflectors: std::sync::Mutex<Vec<PeerAddr>>,
     /// Every stream's figures, for the control server's console (refreshed each second).
-    pub(crate) streams: std::sync::Mutex<Vec<serde_json::Value>>,
+    pub streams: std::sync::Mutex<Vec<serde_json::Value>>,
 }
 
 /// Most streams a report carries (the busiest, by packets released).
-pub(crate) const REPORT_STREAMS: usize = 64;
+pub const REPORT_STREAMS: usize = 64;
 /// Most paths per stream a report carries.
-pub(crate) const REPORT_PATHS: usize = 16;
-
-/// A stream's figures as a report carries them.
-pub(crate) fn stream_summary(st: &crate::common::StreamReport) -> serde_json::Value {
-    serde_json::json!({
-        "id": st.id.0,
-        "viewers": st.viewers,
-        "subscribers": st.subscribers,
-        "released": st.merge.released,
-        "gaps": st.merge.gaps,
-        "paths": st.paths.iter().take(REPORT_PATHS).map(|(p, s)| serde_json::json!({
-            "path": p.0,
-            "received": s.received,
-            "first": s.first,
-        })).collect::<Vec<_>>(),
-    })
-}
+pub const REPORT_PATHS: usize = 16;
 
 /// This process's CPU use since the last sample, in cores (from `/proc`).
 #[derive(Default)]
@@ -54,7 +41,7 @@ struct CpuMeter {
 
 impl CpuMeter {
     fn sample(&mut self) -> f64 {
-        let secs = braid_net::daemon::cpu_seconds(std::process::id());
+        let secs = crate::daemon::cpu_seconds(std::process::id());
         let now = std::time::Instant::now();
         let used = match self.last {
             Some((t, s)) if now > t => (secs - s) / now.duration_since(t).as_secs_f64(),
@@ -66,24 +53,30 @@ impl CpuMeter {
 }
 
 /// The fixed part of a report.
-pub(crate) struct Identity {
-    pub(crate) node: u64,
-    pub(crate) role: &'static str,
-    pub(crate) addr: SocketAddr,
+pub struct Identity {
+    /// Its node id.
+    pub node: u64,
+    /// `entrypoint`, `set` or `edge`.
+    pub role: &'static str,
+    /// Where it takes UDP (and, for edges, TCP).
+    pub addr: SocketAddr,
     /// Where it accepts QUIC, if it does.
-    pub(crate) quic: Option<SocketAddr>,
+    pub quic: Option<SocketAddr>,
     /// Edges: reach learned set reflectors over QUIC when they offer it.
-    pub(crate) learn_quic: bool,
-    pub(crate) region: String,
-    pub(crate) capacity: u64,
-    pub(crate) cost_tier: u8,
+    pub learn_quic: bool,
+    /// Its region.
+    pub region: String,
+    /// Most viewers it takes (edges).
+    pub capacity: u64,
+    /// Its cost tier (0 cheapest).
+    pub cost_tier: u8,
     /// Signs its requests with the network key: control servers take reports and give
     /// the set reflectors' list only to nodes.
-    pub(crate) auth: braid_core::nodeauth::NodeAuth,
+    pub auth: braid_core::nodeauth::NodeAuth,
 }
 
 /// Starts the reporter thread; it stops at shutdown.
-pub(crate) fn spawn(
+pub fn spawn(
     controls: Vec<String>,
     id: Identity,
     shared: Arc<Shared>,
@@ -122,7 +115,7 @@ pub(crate) fn spawn(
                 let sig = id.auth.sign(
                     "POST",
                     "/v1/report",
-                    braid_net::daemon::unix_ms(),
+                    crate::daemon::unix_ms(),
                     body.as_bytes(),
                 );
                 let res = agent
@@ -163,9 +156,9 @@ pub(crate) fn spawn(
             }
             if id.role == "edge" {
                 for url in &controls {
-                    let sig =
-                        id.auth
-                            .sign("GET", "/v1/reflectors", braid_net::daemon::unix_ms(), b"");
+                    let sig = id
+                        .auth
+                        .sign("GET", "/v1/reflectors", crate::daemon::unix_ms(), b"");
                     let res = agent
                         .get(&format!("{}/v1/reflectors", url.trim_end_matches('/')))
                         .header(braid_core::nodeauth::HEADER, &sig)

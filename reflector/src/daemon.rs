@@ -23,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 use crate::common::{Counters, StreamReport};
 use crate::edge::{self, Edge};
 use crate::set::{self, SetReflector};
-use crate::{Config, Role, report, tcp};
+use crate::{Config, Role, tcp};
+use braid_net::report;
 
 enum Machine {
     Set(Box<SetReflector>),
@@ -351,7 +352,7 @@ impl Daemon {
             let summary: Vec<serde_json::Value> = reports
                 .iter()
                 .take(report::REPORT_STREAMS)
-                .map(report::stream_summary)
+                .map(stream_summary)
                 .collect();
             if let Ok(mut s) = self.shared.streams.lock() {
                 *s = summary;
@@ -447,4 +448,20 @@ fn export(role: &'static str, machine: &Machine) {
         metrics::gauge!("braid_stream_viewers", "stream" => stream.clone()).set(st.viewers as f64);
         metrics::gauge!("braid_stream_subscribers", "stream" => stream).set(st.subscribers as f64);
     }
+}
+
+/// A stream's figures as a report carries them.
+pub(crate) fn stream_summary(st: &crate::common::StreamReport) -> serde_json::Value {
+    serde_json::json!({
+        "id": st.id.0,
+        "viewers": st.viewers,
+        "subscribers": st.subscribers,
+        "released": st.merge.released,
+        "gaps": st.merge.gaps,
+        "paths": st.paths.iter().take(braid_net::report::REPORT_PATHS).map(|(p, s)| serde_json::json!({
+            "path": p.0,
+            "received": s.received,
+            "first": s.first,
+        })).collect::<Vec<_>>(),
+    })
 }

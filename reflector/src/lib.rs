@@ -36,7 +36,6 @@ use serde::{Deserialize, Serialize};
 mod common;
 mod daemon;
 pub mod edge;
-mod report;
 pub mod set;
 mod tcp;
 

@@ -42,7 +42,8 @@ fn try_query(base: &str, q: &str) -> Result<Vec<(serde_json::Value, f64)>, ureq:
         .collect())
 }
 
-/// The metric names the dashboard's queries use.
+/// The metric names the dashboard's queries use: Braid's own (`braid_`) and the
+/// process's (`process_`, CPU and memory).
 fn dashboard_metrics() -> Vec<String> {
     let text = std::fs::read_to_string(repo().join("ops/grafana/braid.json")).expect("dashboard");
     let dash: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
@@ -50,14 +51,16 @@ fn dashboard_metrics() -> Vec<String> {
     for p in dash["panels"].as_array().expect("panels") {
         for t in p["targets"].as_array().expect("targets") {
             let expr = t["expr"].as_str().expect("an expression");
-            let mut rest = expr;
-            while let Some(i) = rest.find("braid_") {
-                let name: String = rest[i..]
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                    .collect();
-                rest = &rest[i + name.len()..];
-                names.push(name);
+            for prefix in ["braid_", "process_"] {
+                let mut rest = expr;
+                while let Some(i) = rest.find(prefix) {
+                    let name: String = rest[i..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    rest = &rest[i + name.len()..];
+                    names.push(name);
+                }
             }
         }
     }
@@ -94,7 +97,7 @@ fn prometheus_scrapes_every_node_and_the_counters_add_up_along_the_tree() {
     }
     let wanted = dashboard_metrics();
     assert!(wanted.len() >= 15, "{wanted:?}");
-    for m in &wanted {
+    for m in wanted.iter().filter(|m| m.starts_with("braid_")) {
         assert!(
             sources.contains(&format!("\"{m}\"")),
             "the dashboard queries {m}, which no node exports"
@@ -221,6 +224,8 @@ fn prometheus_scrapes_every_node_and_the_counters_add_up_along_the_tree() {
         "braid_streams_open",
         "braid_stream_subscribers",
         "braid_udp_sent_bytes_total",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
     ] {
         assert!(wanted.iter().any(|w| w == m), "{m} is on the dashboard");
         assert!(names.contains(&format!("\"{m}\"")), "{m} scraped");
