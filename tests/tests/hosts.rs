@@ -380,6 +380,7 @@ fn with_loss_on_every_link_prometheus_finds_the_counters_adding_up() {
 /// written.
 struct Testbed {
     proc: Proc,
+    dir: PathBuf,
     manifest: serde_json::Value,
 }
 
@@ -418,7 +419,11 @@ impl Testbed {
             );
             std::thread::sleep(Duration::from_millis(200));
         };
-        Testbed { proc, manifest }
+        Testbed {
+            proc,
+            dir: dir.to_owned(),
+            manifest,
+        }
     }
 
     /// Every network namespace its nodes and clients run in.
@@ -430,6 +435,89 @@ impl Testbed {
             .chain(m["clients"].as_array())
             .flatten()
             .map(|n| n["host"]["netns"].as_str().expect("a netns").to_owned())
+            .collect()
+    }
+
+    /// The clients' names and pids.
+    fn clients(&self) -> Vec<(String, u64)> {
+        self.manifest["clients"]
+            .as_array()
+            .expect("clients")
+            .iter()
+            .map(|c| {
+                (
+                    c["name"].as_str().expect("name").to_owned(),
+                    c["pid"].as_u64().expect("pid"),
+                )
+            })
+            .collect()
+    }
+
+    /// The manifest as the testbed last wrote it.
+    fn reread(&mut self) {
+        let text = std::fs::read_to_string(self.dir.join("testbed.json")).expect("manifest");
+        self.manifest = serde_json::from_str(&text).expect("JSON");
+    }
+
+    /// Stops node `name` with SIGTERM and waits until the testbed (`--supervise`) has
+    /// started it again, `settle` later.
+    fn restart(&mut self, name: &str, settle: Duration) {
+        let pid = self.node(name)["pid"].as_u64().expect("pid");
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {name}");
+        let end = std::time::Instant::now() + Duration::from_secs(15);
+        while self.node(name)["pid"].as_u64() == Some(pid) {
+            assert!(std::time::Instant::now() < end, "{name} came back");
+            std::thread::sleep(Duration::from_millis(100));
+            self.reread();
+        }
+        std::thread::sleep(settle);
+    }
+
+    /// Waits for `clients` (from [`Testbed::clients`]) to end, noting how far the
+    /// capture's tee (`--tee`) had got at each end, then for the testbed; asserts it
+    /// succeeded and every client's output is the capture's stream byte for byte over
+    /// its `seconds`, with no gap. Returns each client's last stats.
+    fn finish(&mut self, clients: &[(String, u64)], seconds: f64) -> Vec<serde_json::Value> {
+        let tee = self.dir.join("capture.ts");
+        let mut at_exit: Vec<Option<u64>> = vec![None; clients.len()];
+        let end = std::time::Instant::now() + Duration::from_secs(60 + seconds as u64);
+        while at_exit.iter().any(Option::is_none) {
+            assert!(std::time::Instant::now() < end, "the clients end");
+            for (i, (_, pid)) in clients.iter().enumerate() {
+                if at_exit[i].is_none() && ended(*pid) {
+                    at_exit[i] = Some(std::fs::metadata(&tee).map_or(0, |m| m.len()));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let status = self.proc.wait(Duration::from_secs(30)).expect("it ends");
+        let out = std::fs::read_to_string(self.dir.join("testbed.out")).unwrap_or_default();
+        assert!(status.success(), "every client whole: {out}");
+        self.reread();
+        clients
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| {
+                compare::assert_whole(
+                    &tee,
+                    &self.dir.join(format!("{name}.ts")),
+                    &compare::Whole {
+                        bytes_per_sec: 4_000_000.0 / 8.0,
+                        seconds,
+                        tee_at_exit: at_exit[i].expect("noted"),
+                    },
+                );
+                let stats =
+                    std::fs::read_to_string(self.dir.join(format!("{name}.json"))).expect("stats");
+                let last: serde_json::Value =
+                    serde_json::from_str(stats.lines().last().expect("a line")).expect("JSON");
+                assert_eq!(last["gaps"], 0, "{name}: {last}");
+                last
+            })
             .collect()
     }
 
@@ -482,6 +570,22 @@ control_servers = 1
 [capture]
 source = "synth"
 bitrate = 2000000
+"#;
+
+/// Every role, several of each, and four clients at 4 Mbit/s.
+const FULL: &str = r#"
+stream = 1
+stream_key = "hosts test stream key"
+network_key = "hosts test network key"
+set_reflectors = 3
+entry_points = 2
+edges_even = 2
+edges_odd = 2
+clients = 4
+control_servers = 1
+[capture]
+source = "synth"
+bitrate = 4000000
 "#;
 
 /// `braid-testbed --hosts` puts every node on a host of its own and leaves no namespace
@@ -554,24 +658,10 @@ fn across_hosts_the_console_shows_the_network_and_a_rolling_restart_loses_nothin
     }
     const SECONDS: f64 = 45.0;
     let dir = braid_tests::test_dir();
-    let topo = r#"
-stream = 1
-stream_key = "hosts test stream key"
-network_key = "hosts test network key"
-set_reflectors = 3
-entry_points = 2
-edges_even = 2
-edges_odd = 2
-clients = 4
-control_servers = 1
-[capture]
-source = "synth"
-bitrate = 4000000
-"#;
     let seconds = SECONDS.to_string();
     let mut tb = Testbed::start(
         dir.path(),
-        topo,
+        FULL,
         &["--duration", &seconds, "--supervise", "--tee"],
     );
     let control = tb.node("control0").clone();
@@ -582,18 +672,7 @@ bitrate = 4000000
         .parse()
         .expect("an address");
     let url = format!("http://{http}");
-    // The clients' pids, to note how far the capture had got when each ended.
-    let clients: Vec<(String, u64)> = tb.manifest["clients"]
-        .as_array()
-        .expect("clients")
-        .iter()
-        .map(|c| {
-            (
-                c["name"].as_str().expect("name").to_owned(),
-                c["pid"].as_u64().expect("pid"),
-            )
-        })
-        .collect();
+    let clients = tb.clients();
     std::thread::sleep(Duration::from_secs(8));
 
     match braid_tests::console::unavailable() {
@@ -634,26 +713,8 @@ bitrate = 4000000
     assert!(ctl.status.success(), "braid-ctl: {log}");
     assert_eq!(log.matches("serving again").count(), 4, "{log}");
 
-    let tee = dir.path().join("capture.ts");
-    let mut at_exit: Vec<Option<u64>> = vec![None; clients.len()];
-    let end = std::time::Instant::now() + Duration::from_secs(60);
-    while at_exit.iter().any(Option::is_none) {
-        assert!(std::time::Instant::now() < end, "the clients end");
-        for (i, (_, pid)) in clients.iter().enumerate() {
-            if at_exit[i].is_none() && ended(*pid) {
-                at_exit[i] = Some(std::fs::metadata(&tee).map_or(0, |m| m.len()));
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let status = tb.proc.wait(Duration::from_secs(30)).expect("it ends");
-    let out = std::fs::read_to_string(dir.path().join("testbed.out")).unwrap_or_default();
-    assert!(status.success(), "every client whole: {out}");
-    let manifest: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("testbed.json")).expect("manifest"),
-    )
-    .expect("JSON");
-    for n in manifest["nodes"].as_array().expect("nodes") {
+    let stats = tb.finish(&clients, SECONDS);
+    for n in tb.manifest["nodes"].as_array().expect("nodes") {
         let want = u64::from(n["role"] == "edge");
         assert_eq!(
             n["restarts"], want,
@@ -661,26 +722,42 @@ bitrate = 4000000
             n["name"]
         );
     }
-    let mut moved = 0;
-    for (i, (name, _)) in clients.iter().enumerate() {
-        compare::assert_whole(
-            &tee,
-            &dir.path().join(format!("{name}.ts")),
-            &compare::Whole {
-                bytes_per_sec: 4_000_000.0 / 8.0,
-                seconds: SECONDS,
-                tee_at_exit: at_exit[i].expect("noted"),
-            },
-        );
-        let stats =
-            std::fs::read_to_string(dir.path().join(format!("{name}.json"))).expect("stats");
-        let last: serde_json::Value =
-            serde_json::from_str(stats.lines().last().expect("a line")).expect("JSON");
-        assert_eq!(last["gaps"], 0, "{name}: {last}");
-        moved += last["switches"].as_array().map_or(0, Vec::len);
-    }
+    let moved: usize = stats
+        .iter()
+        .map(|st| st["switches"].as_array().map_or(0, Vec::len))
+        .sum();
     assert!(
         moved >= 4,
         "viewers moved off the edges being restarted ({moved})"
     );
+}
+
+/// Upgrades without loss, across hosts: every set reflector, then every entry point, is
+/// stopped (SIGTERM) and started again at its address, one at a time, while four viewers
+/// watch; the others carry the stream, and no viewer loses a packet.
+#[test]
+fn restarting_each_set_reflector_then_each_entry_point_loses_no_viewer_packet() {
+    const TEST: &str = "restarting_each_set_reflector_then_each_entry_point_loses_no_viewer_packet";
+    if let Some(why) = braid_ops::hosts::unavailable() {
+        eprintln!("SKIPPED {TEST}: {why}");
+        return;
+    }
+    const SECONDS: f64 = 36.0;
+    let dir = braid_tests::test_dir();
+    let seconds = SECONDS.to_string();
+    let mut tb = Testbed::start(
+        dir.path(),
+        FULL,
+        &["--duration", &seconds, "--supervise", "--tee"],
+    );
+    let clients = tb.clients();
+    std::thread::sleep(Duration::from_secs(5));
+    for name in ["set0", "set1", "set2", "entry0", "entry1"] {
+        tb.restart(name, Duration::from_secs(3));
+    }
+    tb.finish(&clients, SECONDS);
+    for n in tb.manifest["nodes"].as_array().expect("nodes") {
+        let want = u64::from(n["role"] == "set reflector" || n["role"] == "entry point");
+        assert_eq!(n["restarts"], want, "{}", n["name"]);
+    }
 }
