@@ -1,6 +1,6 @@
 //! Issue 14, acceptance 5: the control server's console, loaded in headless Chromium
 //! (Debian's) during a run, shows every node, stream and viewer count the JSON API
-//! reports. A screenshot is kept beside the test's logs (`BRAID_TEST_KEEP=1`). Without
+//! reports. A screenshot is kept in `target/artifacts/console.png`. Without
 //! chromium it says so loudly and does nothing.
 
 use std::time::Duration;
@@ -67,4 +67,8 @@ fn the_console_shows_every_node_stream_and_viewer_count_the_api_reports() {
         std::fs::metadata(&shot).is_ok_and(|m| m.len() > 10_000),
         "a screenshot"
     );
+    // Kept as CI's artefact, where a run's test directories are removed.
+    let artifacts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/artifacts");
+    std::fs::create_dir_all(&artifacts).expect("a directory");
+    std::fs::copy(&shot, artifacts.join("console.png")).expect("copy the screenshot");
 }
