@@ -24,6 +24,7 @@
 pub mod cookie;
 pub mod detect;
 pub mod error;
+pub mod hls;
 pub mod id;
 pub mod impair;
 pub mod merge;

@@ -155,6 +155,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     } else {
         drop(tcp_tx);
     }
+    // HLS (edges with --hls-listen): the handlers ask this task, which owns the machine;
+    // `progress` tells waiting ones that a part was completed.
+    let (hls_tx, mut hls_rx) = mpsc::channel::<crate::hls::Ask>(256);
+    let (progress_tx, progress_rx) = tokio::sync::watch::channel(0u64);
+    if let (Role::Edge, Some(addr)) = (config.role, config.hls_listen) {
+        let tokens = (!config.token_secret.is_empty())
+            .then(|| braid_core::token::Signer::new(&config.token_secret));
+        let bound =
+            crate::hls::serve(addr, hls_tx.clone(), progress_rx, tokens, shutdown.clone()).await?;
+        ready.push(("hls", bound.to_string()));
+    }
     braid_net::daemon::print_ready(role_name, &ready);
     let shared = Arc::new(report::Shared::default());
     report::spawn(
@@ -226,8 +237,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 d.control_plane(now, &mut machine);
                 export(d.role, &machine);
             }
+            Some(ask) = hls_rx.recv() => {
+                if let Machine::Edge(m) = &mut machine {
+                    let answer = if m.hls_interest(Instant::now(), ask.stream) {
+                        crate::hls::answer(m.hls(ask.stream), &ask.what)
+                    } else {
+                        crate::hls::Answer::Refused
+                    };
+                    let _ = ask.reply.send(answer);
+                }
+            }
         }
         deadline = d.drive(&mut machine);
+        if let Machine::Edge(m) = &machine {
+            let p = m.hls_progress();
+            if p != *progress_tx.borrow() {
+                progress_tx.send_replace(p);
+            }
+        }
     }
     if let Machine::Edge(m) = &mut machine {
         m.leave();
@@ -416,6 +443,18 @@ fn export(role: &'static str, machine: &Machine) {
         metrics::counter!("braid_edge_path_replaced_total").absolute(c.path_replaced);
         metrics::counter!("braid_edge_drain_signals_total").absolute(c.drain_signals);
         metrics::gauge!("braid_viewers").set(m.viewers() as f64);
+        for (id, h) in m.hls_stats() {
+            let stream = id.0.to_string();
+            for (name, v) in [
+                ("braid_hls_segments_total", h.segments),
+                ("braid_hls_parts_total", h.parts),
+                ("braid_hls_forced_cuts_total", h.forced_cuts),
+                ("braid_hls_missing_packets_total", h.missing_packets),
+                ("braid_hls_discontinuities_total", h.discontinuities),
+            ] {
+                metrics::counter!(name, "stream" => stream.clone()).absolute(v);
+            }
+        }
     }
     let reports = machine.reports();
     metrics::gauge!("braid_streams_open", "role" => role).set(reports.len() as f64);

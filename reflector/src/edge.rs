@@ -70,7 +70,12 @@ pub struct Config {
     pub viewer_window: u64,
     /// Viewers must present a token signed with this secret.
     pub tokens: Option<Signer>,
+    /// Cut every stream into HLS segments and parts as this says (`--hls-listen`).
+    pub hls: Option<braid_core::hls::Config>,
 }
+
+/// An HLS request keeps its stream open (subscribed upstream) this long after it.
+pub const HLS_LINGER: Duration = Duration::from_secs(10);
 
 /// What the owner feeds in.
 #[derive(Debug, Clone)]
@@ -167,6 +172,10 @@ struct Stream {
     extra: Option<usize>,
     /// Repairs judged each [`TROUBLE_PERIOD`].
     trouble: Trouble,
+    /// Its HLS segments, once an HLS player asked for it.
+    hls: Option<braid_core::hls::Segmenter>,
+    /// Kept open for HLS players until then.
+    hls_until: Option<Instant>,
 }
 
 /// How the repairs of a stream went over the last period: an edge whose paths keep
@@ -407,6 +416,8 @@ impl Edge {
             st.dirty = false;
             let reflectors = &self.config.reflectors;
             let mut gaps = Vec::new();
+            let wall_ms = self.clock.unix_ms(now);
+            let hls = &mut st.hls;
             let pushed = common::drain_merge(
                 now,
                 id,
@@ -415,7 +426,19 @@ impl Edge {
                 &mut self.out,
                 &mut self.counters,
                 |path| reflectors.get(usize::from(path.0)).copied(),
-                |_, _| {},
+                |_, p| {
+                    if let Some(h) = hls.as_mut() {
+                        let f = p.media.rtp.fields();
+                        h.push(
+                            p.media.seq,
+                            f.timestamp,
+                            f.ssrc,
+                            p.header.flags.contains(Flags::KEYFRAME),
+                            p.media.rtp.payload(),
+                            wall_ms,
+                        );
+                    }
+                },
                 // Every path lost it and the repairs failed: the viewers stop waiting
                 // for it now rather than for the whole of their buffer.
                 |_, first, count| gaps.push((first, count)),
@@ -571,6 +594,59 @@ impl Edge {
         }
     }
 
+    /// An HLS player asked for stream `id` (its token, if any, already checked): the
+    /// stream opens (subscribed upstream) and is cut into segments, and stays open
+    /// [`HLS_LINGER`] after the last such request. False when the edge takes no more
+    /// streams, or serves no HLS.
+    pub fn hls_interest(&mut self, now: Instant, id: StreamId) -> bool {
+        let Some(config) = self.config.hls.clone() else {
+            return false;
+        };
+        if !self.streams.contains_key(&id) && self.streams.len() >= self.config.settings.max_streams
+        {
+            self.counters.drops.add("stream_cap");
+            return false;
+        }
+        let generation = self.clock.unix_ms(now);
+        let Ok(st) = self.stream(id, now) else {
+            return false;
+        };
+        if st.hls.is_none() {
+            match braid_core::hls::Segmenter::new(config, generation) {
+                Ok(s) => st.hls = Some(s),
+                Err(_) => return false,
+            }
+        }
+        st.hls_until = Some(now + HLS_LINGER);
+        st.empty_since = None;
+        if st.upstream.is_empty() {
+            self.subscribe_upstream(now, id);
+        }
+        true
+    }
+
+    /// Stream `id`'s HLS segmenter, once an HLS player asked for it.
+    pub fn hls(&self, id: StreamId) -> Option<&braid_core::hls::Segmenter> {
+        self.streams.get(&id)?.hls.as_ref()
+    }
+
+    /// Every HLS segmenter's figures, by stream.
+    pub fn hls_stats(&self) -> Vec<(StreamId, braid_core::hls::Stats)> {
+        self.streams
+            .iter()
+            .filter_map(|(id, s)| Some((*id, s.hls.as_ref()?.stats())))
+            .collect()
+    }
+
+    /// A number that grows whenever any stream's HLS segmenter completes a part.
+    pub fn hls_progress(&self) -> u64 {
+        self.streams
+            .values()
+            .filter_map(|s| s.hls.as_ref())
+            .map(|h| h.stats().parts)
+            .sum()
+    }
+
     fn stream(&mut self, id: StreamId, now: Instant) -> Result<&mut Stream, braid_core::Error> {
         if !self.streams.contains_key(&id) {
             tracing::info!(stream = id.0, "stream opened");
@@ -587,6 +663,8 @@ impl Edge {
                     dirty: false,
                     extra: None,
                     trouble: Trouble::default(),
+                    hls: None,
+                    hls_until: None,
                 },
             );
         }
@@ -1043,7 +1121,7 @@ impl Edge {
                 v.expires > now && v.token_expires.is_none_or(|e| unix < e.saturating_add(2))
             });
             gone_viewers += before - st.viewers.len();
-            if st.viewers.is_empty() {
+            if st.viewers.is_empty() && st.hls_until.is_none_or(|t| now >= t) {
                 let since = *st.empty_since.get_or_insert(now);
                 if now.duration_since(since) >= self.config.linger {
                     close.push(id);
@@ -1251,6 +1329,7 @@ mod tests {
             max_viewers: 100,
             viewer_window: 1000,
             tokens: None,
+            hls: None,
         };
         Edge::new(config, codec(), WallClock::new(now, 1_800_000_000_000))
             .unwrap()

@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 mod common;
 mod daemon;
 pub mod edge;
+mod hls;
 pub mod set;
 mod tcp;
 
@@ -170,6 +171,19 @@ pub struct Config {
     #[arg(long, default_value_t = 64)]
     #[serde(default = "default_viewer_window")]
     pub viewer_window: u64,
+    /// Edge role: serve HLS (low-latency, from the ring) on this HTTP address:
+    /// `/hls/{stream}/playlist.m3u8`.
+    #[arg(long)]
+    #[serde(default)]
+    pub hls_listen: Option<SocketAddr>,
+    /// HLS partial segments, ms (default 500; at least 100).
+    #[arg(long, default_value_t = 500)]
+    #[serde(default = "default_hls_part_ms")]
+    pub hls_part_ms: u64,
+    /// HLS segments listed in a playlist (default 6; at least 2).
+    #[arg(long, default_value_t = 6)]
+    #[serde(default = "default_hls_window")]
+    pub hls_window: usize,
     /// Control servers to report to (repeatable), as `http://host:port`.
     #[arg(long = "control")]
     #[serde(default)]
@@ -209,6 +223,12 @@ fn default_subscribe_rate() -> u32 {
     50
 }
 
+fn default_hls_part_ms() -> u64 {
+    500
+}
+fn default_hls_window() -> usize {
+    6
+}
 fn default_role() -> Role {
     Role::Edge
 }
@@ -291,6 +311,11 @@ impl DaemonConfig for Config {
             anyhow::bail!(
                 "--reflector is for edges: a set reflector takes media from entry points (--upstream)"
             );
+        } else if self.hls_listen.is_some() {
+            anyhow::bail!("--hls-listen is for edges: they hold the ring HLS is cut from");
+        }
+        if let Some(h) = self.edge_config()?.hls {
+            h.validate()?;
         }
         if self.reflectors.len() > 64 || self.upstreams.len() > 64 {
             anyhow::bail!("at most 64 reflectors or upstreams");
@@ -365,6 +390,11 @@ impl Config {
             viewer_window: self.viewer_window,
             tokens: (!self.token_secret.is_empty())
                 .then(|| braid_core::token::Signer::new(&self.token_secret)),
+            hls: self.hls_listen.map(|_| braid_core::hls::Config {
+                part_target: Duration::from_millis(self.hls_part_ms),
+                window: self.hls_window,
+                ..braid_core::hls::Config::default()
+            }),
         })
     }
 

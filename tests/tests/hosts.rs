@@ -81,6 +81,10 @@ impl HostNet {
         }
         let mut a = vec![s("--role"), s("edge"), s("--listen"), at("edge", 9200)];
         a.extend([s("--stream"), s("1")]);
+        // The edge keeps the stream until the capture has stopped (not 5 s after its
+        // viewer left): a stream closed mid-flight drops what its merge held, which the
+        // conservation checks below would see as missing.
+        a.extend([s("--linger-ms"), s("30000")]);
         for set in &sets {
             a.extend([s("--reflector"), set.clone()]);
         }

@@ -1,0 +1,650 @@
+//! Low-latency HLS from an edge's released packets, sans-IO.
+//!
+//! A [`Segmenter`] takes a stream's packets in the order the merge releases them (the
+//! order they enter the ring) and cuts them into media segments that start at keyframes
+//! (the capture starts a keyframe's packet with the PAT and PMT, so every segment
+//! decodes on its own) and into partial segments of about [`Config::part_target`]. A
+//! segment's bytes are its packets' TS payloads back to back: the same buffers the ring
+//! holds (reference-counted, never copied), so a segment is a byte-exact cut of the
+//! stream. Durations come from the packets' RTP timestamps (90 kHz).
+//!
+//! [`Segmenter::playlist`] renders the media playlist (RFC 8216bis: LL-HLS with
+//! `EXT-X-PART`, `EXT-X-PRELOAD-HINT`, `EXT-X-SERVER-CONTROL` and
+//! `EXT-X-PROGRAM-DATE-TIME`); [`Segmenter::check_block`] says whether a blocking reload
+//! (`_HLS_msn`, `_HLS_part`) can be answered now, must wait, or is out of range.
+
+use std::collections::VecDeque;
+use std::fmt::Write;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::seq::SeqNo;
+
+/// The RTP clock of MPEG-TS (RFC 3551): 90 kHz.
+const CLOCK: u64 = 90_000;
+
+/// How the stream is cut.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// A partial segment is closed once it spans this much (default 500 ms).
+    pub part_target: Duration,
+    /// A segment is closed at the first keyframe after it spans this much (default 1 s:
+    /// with keyframes every 2 s, segments of one group of pictures).
+    pub min_segment: Duration,
+    /// A segment without a keyframe is closed anyway once it spans this much (default
+    /// 6 s); the next one is then not marked independent.
+    pub max_segment: Duration,
+    /// Complete segments kept and listed (default 6).
+    pub window: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            part_target: Duration::from_millis(500),
+            min_segment: Duration::from_secs(1),
+            max_segment: Duration::from_secs(6),
+            window: 6,
+        }
+    }
+}
+
+impl Config {
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<(), crate::Error> {
+        if self.part_target < Duration::from_millis(100)
+            || self.min_segment < self.part_target
+            || self.max_segment < self.min_segment
+            || self.window < 2
+        {
+            return Err(crate::Error::InvalidConfig(
+                "HLS: part target at least 100 ms, min segment at least the part target, max segment at least the min, window at least 2".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One packet as the segmenter keeps it.
+#[derive(Debug, Clone)]
+struct Piece {
+    ts: u32,
+    payload: Bytes,
+}
+
+/// A partial segment: a run of its segment's packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    /// Index of its first packet in the segment.
+    start: usize,
+    /// One past its last packet.
+    end: usize,
+    /// Its duration, 90 kHz ticks.
+    ticks: u64,
+    /// It starts at a keyframe.
+    pub independent: bool,
+}
+
+/// A media segment, complete or still growing.
+#[derive(Debug, Clone)]
+struct Segment {
+    msn: u64,
+    pieces: Vec<Piece>,
+    parts: Vec<Part>,
+    /// Wall-clock time of its first packet, ms since the Unix epoch.
+    pdt_ms: u64,
+    /// Its duration, 90 kHz ticks (complete segments).
+    ticks: u64,
+    /// Starts at a keyframe.
+    independent: bool,
+    /// A new source session starts here (`EXT-X-DISCONTINUITY`).
+    discontinuity: bool,
+    complete: bool,
+}
+
+impl Segment {
+    fn open_part_start(&self) -> usize {
+        self.parts.last().map_or(0, |p| p.end)
+    }
+    fn bytes(&self, range: std::ops::Range<usize>) -> Vec<Bytes> {
+        self.pieces[range]
+            .iter()
+            .map(|p| p.payload.clone())
+            .collect()
+    }
+}
+
+/// What a blocking reload asks for, and whether it can be answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Block {
+    /// The playlist holds it: answer now.
+    Ready,
+    /// Not yet: wait (at most three target durations).
+    Wait,
+    /// Further ahead than the specification lets a client ask (more than two segments
+    /// past the last, or parts past the advance limit): 400 at once.
+    TooFar,
+}
+
+/// Figures, for the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Segments completed.
+    pub segments: u64,
+    /// Partial segments completed.
+    pub parts: u64,
+    /// Segments closed without a keyframe in sight (at `max_segment`).
+    pub forced_cuts: u64,
+    /// Packets missing between two released packets (gaps the merge gave up).
+    pub missing_packets: u64,
+    /// New source sessions (discontinuities).
+    pub discontinuities: u64,
+}
+
+/// Cuts one stream into LL-HLS segments and parts.
+#[derive(Debug)]
+pub struct Segmenter {
+    config: Config,
+    /// Names this segmenter in URIs (when it started, ms since the epoch), so that a
+    /// restarted edge's segments never take its earlier ones' URIs.
+    generation: u64,
+    segments: VecDeque<Segment>,
+    next_msn: u64,
+    last_seq: Option<SeqNo>,
+    ssrc: Option<u32>,
+    stats: Stats,
+}
+
+fn ticks_between(from: u32, to: u32) -> u64 {
+    u64::from(to.wrapping_sub(from))
+}
+
+fn ticks(d: Duration) -> u64 {
+    (d.as_micros() as u64).saturating_mul(CLOCK) / 1_000_000
+}
+
+impl Segmenter {
+    /// A segmenter cutting as `config` says, its URIs named by `generation`.
+    pub fn new(config: Config, generation: u64) -> Result<Segmenter, crate::Error> {
+        config.validate()?;
+        Ok(Segmenter {
+            config,
+            generation,
+            segments: VecDeque::new(),
+            next_msn: 0,
+            last_seq: None,
+            ssrc: None,
+            stats: Stats::default(),
+        })
+    }
+
+    /// Its figures.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// What names its URIs.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The settings it cuts with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Takes the next released packet: `seq`, its RTP `ts` and `ssrc`, whether it starts a
+    /// keyframe, its TS payload, and the wall-clock time it arrived (ms since the epoch).
+    pub fn push(
+        &mut self,
+        seq: SeqNo,
+        ts: u32,
+        ssrc: u32,
+        keyframe: bool,
+        payload: Bytes,
+        wall_ms: u64,
+    ) {
+        let new_session = self.ssrc.is_some_and(|s| s != ssrc);
+        if let Some(last) = self.last_seq {
+            if !new_session && seq.0 > last.0 + 1 {
+                self.stats.missing_packets += seq.0 - last.0 - 1;
+            }
+        }
+        self.last_seq = Some(seq);
+        self.ssrc = Some(ssrc);
+        if new_session {
+            self.stats.discontinuities += 1;
+            self.close_segment(None);
+        }
+        let cut = match self.segments.back() {
+            Some(s) if !s.complete => {
+                let span = ticks_between(s.pieces[0].ts, ts);
+                (keyframe && span >= ticks(self.config.min_segment))
+                    || span >= ticks(self.config.max_segment)
+            }
+            // Nothing open: a segment starts at a keyframe (or, after a forced cut or a
+            // new session, at once).
+            _ => keyframe || !self.segments.is_empty(),
+        };
+        if cut {
+            let forced = !keyframe && self.segments.back().is_some_and(|s| !s.complete);
+            if forced {
+                self.stats.forced_cuts += 1;
+            }
+            self.close_segment(Some(ts));
+            self.segments.push_back(Segment {
+                msn: self.next_msn,
+                pieces: Vec::new(),
+                parts: Vec::new(),
+                pdt_ms: wall_ms,
+                ticks: 0,
+                independent: keyframe,
+                discontinuity: new_session,
+                complete: false,
+            });
+            self.next_msn += 1;
+        } else if new_session {
+            // Waiting for the new session's first keyframe: mark what opens next.
+        }
+        let part_target = ticks(self.config.part_target);
+        let Some(seg) = self.segments.back_mut().filter(|s| !s.complete) else {
+            // Before the first keyframe: nothing to start a segment with.
+            return;
+        };
+        // Close the open part once it spans the target (a part never holds more).
+        let start = seg.open_part_start();
+        if start < seg.pieces.len() {
+            let span = ticks_between(seg.pieces[start].ts, ts);
+            if span * 10 >= part_target * 9 {
+                let independent = start == 0 && seg.independent;
+                seg.parts.push(Part {
+                    start,
+                    end: seg.pieces.len(),
+                    ticks: span,
+                    independent,
+                });
+                self.stats.parts += 1;
+            }
+        }
+        seg.pieces.push(Piece { ts, payload });
+    }
+
+    /// Closes the open segment (its last part ends at `next_ts`, the first packet of what
+    /// follows, when known) and drops segments past the window.
+    fn close_segment(&mut self, next_ts: Option<u32>) {
+        if let Some(seg) = self.segments.back_mut().filter(|s| !s.complete) {
+            let start = seg.open_part_start();
+            let last_ts = seg.pieces.last().map_or(0, |p| p.ts);
+            let end_ts = next_ts.unwrap_or(last_ts);
+            if start < seg.pieces.len() {
+                let independent = start == 0 && seg.independent;
+                seg.parts.push(Part {
+                    start,
+                    end: seg.pieces.len(),
+                    ticks: ticks_between(seg.pieces[start].ts, end_ts),
+                    independent,
+                });
+                self.stats.parts += 1;
+            }
+            seg.ticks = seg.parts.iter().map(|p| p.ticks).sum();
+            seg.complete = true;
+            self.stats.segments += 1;
+        }
+        while self.segments.iter().filter(|s| s.complete).count() > self.config.window {
+            self.segments.pop_front();
+        }
+    }
+
+    /// The media sequence number of the first segment listed.
+    pub fn first_msn(&self) -> Option<u64> {
+        self.segments.front().map(|s| s.msn)
+    }
+
+    /// Whether a blocking reload for segment `msn` (and part `part` of it) can be
+    /// answered now: the playlist holds that segment complete (or that part), or it is
+    /// older than the window.
+    pub fn check_block(&self, msn: u64, part: Option<u64>) -> Block {
+        let Some(last) = self.segments.back() else {
+            return if msn <= 2 { Block::Wait } else { Block::TooFar };
+        };
+        // Parts are asked for at most a few past the last: a segment's parts fit in
+        // `max_segment` / `part_target`.
+        let most_parts = (self.config.max_segment.as_millis()
+            / self.config.part_target.as_millis().max(1)) as u64
+            + 2;
+        if msn > last.msn + 2 || part.is_some_and(|p| p > most_parts) {
+            return Block::TooFar;
+        }
+        if self.first_msn().is_some_and(|f| msn < f) {
+            return Block::Ready;
+        }
+        let Some(seg) = self.segments.iter().find(|s| s.msn == msn) else {
+            return Block::Wait;
+        };
+        match part {
+            None if seg.complete => Block::Ready,
+            None => Block::Wait,
+            Some(p) if (p as usize) < seg.parts.len() => Block::Ready,
+            // A part number past a complete segment's last asks for the next segment's
+            // first part.
+            Some(_) if seg.complete => self.check_block(msn + 1, Some(0)),
+            Some(_) => Block::Wait,
+        }
+    }
+
+    /// The longest segment listed, rounded up to whole seconds (`EXT-X-TARGETDURATION`).
+    pub fn target_duration(&self) -> u64 {
+        let longest = self
+            .segments
+            .iter()
+            .filter(|s| s.complete)
+            .map(|s| s.ticks)
+            .max()
+            .unwrap_or(0);
+        longest
+            .div_ceil(CLOCK)
+            .max(self.config.min_segment.as_secs().max(1))
+    }
+
+    /// The media playlist. `query` is appended to every URI (a token, for one), already
+    /// URL-encoded and starting with `?`, or empty. `None` until the first segment opens.
+    pub fn playlist(&self, query: &str) -> Option<String> {
+        let first = self.segments.front()?;
+        let g = self.generation;
+        let part_target = self.config.part_target.as_secs_f64();
+        let mut out = String::with_capacity(4096);
+        let _ = writeln!(out, "#EXTM3U");
+        let _ = writeln!(out, "#EXT-X-VERSION:9");
+        let _ = writeln!(out, "#EXT-X-TARGETDURATION:{}", self.target_duration());
+        let _ = writeln!(
+            out,
+            "#EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES,PART-HOLD-BACK={:.3}",
+            part_target * 3.0
+        );
+        let _ = writeln!(out, "#EXT-X-PART-INF:PART-TARGET={part_target:.3}");
+        let _ = writeln!(out, "#EXT-X-MEDIA-SEQUENCE:{}", first.msn);
+        // Parts are listed for the last segments only (the specification asks for those
+        // within three target durations of the end).
+        let with_parts = self.segments.len().saturating_sub(3);
+        for (i, s) in self.segments.iter().enumerate() {
+            if s.discontinuity {
+                let _ = writeln!(out, "#EXT-X-DISCONTINUITY");
+            }
+            let _ = writeln!(out, "#EXT-X-PROGRAM-DATE-TIME:{}", iso8601(s.pdt_ms));
+            if i >= with_parts {
+                for (j, p) in s.parts.iter().enumerate() {
+                    let _ = write!(
+                        out,
+                        "#EXT-X-PART:DURATION={:.5},URI=\"part/{g}-{}.{j}.ts{query}\"",
+                        p.ticks as f64 / CLOCK as f64,
+                        s.msn
+                    );
+                    if p.independent {
+                        out.push_str(",INDEPENDENT=YES");
+                    }
+                    out.push('\n');
+                }
+            }
+            if s.complete {
+                let _ = writeln!(out, "#EXTINF:{:.5},", s.ticks as f64 / CLOCK as f64);
+                let _ = writeln!(out, "seg/{g}-{}.ts{query}", s.msn);
+            }
+        }
+        // The part being filled, for the player to ask for before it is done.
+        let (msn, part) = match self.segments.back() {
+            Some(s) if !s.complete => (s.msn, s.parts.len()),
+            Some(s) => (s.msn + 1, 0),
+            None => (0, 0),
+        };
+        let _ = writeln!(
+            out,
+            "#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"part/{g}-{msn}.{part}.ts{query}\""
+        );
+        Some(out)
+    }
+
+    /// Segment `msn`'s bytes, when it is complete and still listed.
+    pub fn segment(&self, msn: u64) -> Option<Vec<Bytes>> {
+        let s = self.segments.iter().find(|s| s.msn == msn && s.complete)?;
+        Some(s.bytes(0..s.pieces.len()))
+    }
+
+    /// Part `part` of segment `msn`'s bytes, when it is complete and still listed.
+    pub fn part(&self, msn: u64, part: usize) -> Option<Vec<Bytes>> {
+        let s = self.segments.iter().find(|s| s.msn == msn)?;
+        let p = s.parts.get(part)?;
+        Some(s.bytes(p.start..p.end))
+    }
+
+    /// Whether segment `msn` (or its part `part`) may still come: it is the one being
+    /// filled or the next (a request for it waits), rather than gone or never to be.
+    pub fn upcoming(&self, msn: u64, part: Option<usize>) -> bool {
+        match self.segments.back() {
+            Some(s) if !s.complete => {
+                (s.msn == msn && part.is_none_or(|p| p >= s.parts.len()))
+                    || (msn == s.msn + 1 && part.is_none_or(|p| p == 0))
+            }
+            Some(s) => msn == s.msn + 1 && part.is_none_or(|p| p == 0),
+            None => msn == 0,
+        }
+    }
+
+    /// Bytes held for the listed segments (shared with the ring: not extra memory).
+    pub fn bytes_held(&self) -> usize {
+        self.segments
+            .iter()
+            .flat_map(|s| &s.pieces)
+            .map(|p| p.payload.len())
+            .sum()
+    }
+}
+
+/// The numbers in a segment's or part's URI name, as a request gives it:
+/// `{generation}-{msn}.ts`, or `{generation}-{msn}.{part}.ts` when `with_part`. `None` for
+/// anything else (never a panic: the name comes from anyone).
+pub fn parse_name(name: &str, with_part: bool) -> Option<(u64, u64, usize)> {
+    let stem = name.strip_suffix(".ts")?;
+    let (generation, rest) = stem.split_once('-')?;
+    let (msn, part) = if with_part {
+        let (m, p) = rest.split_once('.')?;
+        (m, p.parse().ok()?)
+    } else {
+        (rest, 0)
+    };
+    Some((generation.parse().ok()?, msn.parse().ok()?, part))
+}
+
+/// `ms` since the Unix epoch as ISO 8601 UTC with milliseconds.
+fn iso8601(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// 25 packets a second of 90 kHz time, a keyframe every `gop` packets.
+    fn feed(s: &mut Segmenter, n: u64, gop: u64) {
+        for i in 0..n {
+            let ts = (i * 3600) as u32;
+            let payload = Bytes::from(vec![(i % 251) as u8; 188]);
+            s.push(
+                SeqNo(i),
+                ts,
+                1,
+                i % gop == 0,
+                payload,
+                1_700_000_000_000 + i * 40,
+            );
+        }
+    }
+
+    #[test]
+    fn segments_start_at_keyframes_and_parts_span_the_target() {
+        let mut s = Segmenter::new(Config::default(), 7).unwrap();
+        feed(&mut s, 25 * 10, 50);
+        let pl = s.playlist("").unwrap();
+        assert!(pl.starts_with("#EXTM3U\n"), "{pl}");
+        assert!(pl.contains("#EXT-X-TARGETDURATION:2\n"), "{pl}");
+        assert!(pl.contains("#EXTINF:2.00000,\nseg/7-0.ts\n"), "{pl}");
+        assert!(
+            pl.contains("#EXT-X-PART:DURATION=0.48000,URI=\"part/7-4.0.ts\",INDEPENDENT=YES"),
+            "{pl}"
+        );
+        assert!(
+            pl.contains("#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"part/7-4."),
+            "{pl}"
+        );
+        assert!(
+            pl.contains("#EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:20.000Z"),
+            "{pl}"
+        );
+        // Segment 0 is packets 0..50, back to back.
+        let seg: Vec<u8> = s.segment(0).unwrap().concat();
+        assert_eq!(seg.len(), 50 * 188);
+        assert_eq!(seg[0], 0);
+        assert_eq!(seg[49 * 188], 49);
+        assert_eq!(s.stats().forced_cuts, 0);
+    }
+
+    #[test]
+    fn blocking_reloads_wait_for_what_comes_and_refuse_what_is_too_far() {
+        let mut s = Segmenter::new(Config::default(), 7).unwrap();
+        feed(&mut s, 25 * 5, 50);
+        // Segments 0 and 1 complete; 2 open with parts.
+        assert_eq!(s.check_block(1, None), Block::Ready);
+        assert_eq!(s.check_block(2, Some(0)), Block::Ready);
+        assert_eq!(s.check_block(2, Some(3)), Block::Wait);
+        assert_eq!(s.check_block(3, None), Block::Wait);
+        assert_eq!(s.check_block(5, None), Block::TooFar);
+        assert_eq!(s.check_block(2, Some(1000)), Block::TooFar);
+        assert!(s.upcoming(2, Some(3)));
+        assert!(!s.upcoming(0, Some(0)));
+    }
+
+    #[test]
+    fn a_new_session_is_a_discontinuity() {
+        let mut s = Segmenter::new(Config::default(), 7).unwrap();
+        feed(&mut s, 100, 50);
+        for i in 0..100u64 {
+            s.push(
+                SeqNo(1000 + i),
+                (i * 3600) as u32,
+                2,
+                i % 50 == 0,
+                Bytes::from_static(&[0x47]),
+                0,
+            );
+        }
+        assert!(s.playlist("").unwrap().contains("#EXT-X-DISCONTINUITY\n"));
+        assert_eq!(s.stats().discontinuities, 1);
+    }
+
+    #[test]
+    fn names_parse_or_are_refused() {
+        assert_eq!(parse_name("7-12.ts", false), Some((7, 12, 0)));
+        assert_eq!(parse_name("7-12.3.ts", true), Some((7, 12, 3)));
+        assert_eq!(parse_name("7-12.3.ts", false), None);
+        assert_eq!(parse_name("7-12.ts", true), None);
+        assert_eq!(parse_name("-1-2.ts", false), None);
+        assert_eq!(parse_name("99999999999999999999999-1.ts", false), None);
+    }
+
+    #[test]
+    fn dates_are_iso8601() {
+        assert_eq!(iso8601(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso8601(951_782_400_123), "2000-02-29T00:00:00.123Z");
+    }
+
+    proptest! {
+        /// Any name: parsed or refused, never a panic; what parses prints back the same.
+        #[test]
+        fn any_name_parses_or_is_refused(name in ".{0,40}", with_part in any::<bool>()) {
+            if let Some((g, m, p)) = parse_name(&name, with_part) {
+                let back = if with_part { format!("{g}-{m}.{p}.ts") } else { format!("{g}-{m}.ts") };
+                prop_assert_eq!(parse_name(&back, with_part), Some((g, m, p)));
+            }
+        }
+
+        /// Any request against any stream: answered, never a panic.
+        #[test]
+        fn any_request_is_answered(
+            steps in proptest::collection::vec((0u32..200_000, any::<bool>()), 0..300),
+            msn in any::<u64>(), part in any::<u64>(),
+        ) {
+            let mut s = Segmenter::new(Config::default(), 1).unwrap();
+            let mut ts = 0u32;
+            for (i, (dt, key)) in steps.iter().enumerate() {
+                ts = ts.wrapping_add(*dt);
+                s.push(SeqNo(i as u64), ts, 1, *key, Bytes::from_static(&[0x47]), 0);
+            }
+            let _ = s.check_block(msn, Some(part));
+            let _ = s.check_block(msn, None);
+            let _ = s.segment(msn);
+            let _ = s.part(msn, part as usize);
+            let _ = s.upcoming(msn, Some(part as usize));
+            let _ = s.playlist("");
+        }
+
+        /// Whatever the packets, the segments listed are the packets released, in order,
+        /// with none lost or repeated inside the window, and the parts of each segment
+        /// tile it.
+        #[test]
+        fn segments_and_parts_tile_the_stream(
+            steps in proptest::collection::vec((0u32..20_000, any::<bool>(), 0u8..3), 1..600),
+        ) {
+            let mut s = Segmenter::new(Config::default(), 7).unwrap();
+            let mut ts = 0u32;
+            let mut ssrc = 1;
+            for (i, (dt, key, change)) in steps.iter().enumerate() {
+                ts = ts.wrapping_add(*dt);
+                if *change == 0 && i % 97 == 0 {
+                    ssrc += 1;
+                }
+                s.push(SeqNo(i as u64), ts, ssrc, *key, Bytes::from(vec![i as u8]), i as u64);
+            }
+            let first = s.first_msn();
+            if let Some(first) = first {
+                let mut last: Option<u8> = None;
+                for seg in &s.segments {
+                    prop_assert!(seg.msn >= first);
+                    let parts_len: usize = seg.parts.iter().map(|p| p.end - p.start).sum();
+                    if seg.complete {
+                        prop_assert_eq!(parts_len, seg.pieces.len());
+                    }
+                    for w in seg.parts.windows(2) {
+                        prop_assert_eq!(w[0].end, w[1].start);
+                    }
+                    for p in &seg.pieces {
+                        let b = p.payload[0];
+                        if let Some(l) = last {
+                            prop_assert_eq!(b, l.wrapping_add(1));
+                        }
+                        last = Some(b);
+                    }
+                }
+                prop_assert!(s.playlist("?t=1").is_some());
+            }
+        }
+    }
+}
