@@ -28,6 +28,14 @@ fi
 disk() { log "disk: $(df -h . | awk 'NR==2 {print $4 " free of " $2}'), target/ $(du -sh target 2>/dev/null | cut -f1)"; }
 disk
 
+# hls.js for the player page, from npm with its lockfile (player/package-lock.json).
+if command -v npm >/dev/null 2>&1; then
+    log "npm ci --prefix player"
+    npm ci --prefix player --no-audit --no-fund
+else
+    echo "WARNING: no npm here: hls.js NOT installed, the browser test will say SKIPPED" >&2
+fi
+
 log "cargo fmt --check"
 cargo fmt --all --check
 

@@ -46,7 +46,71 @@ pub struct Api {
     warned_node: Option<Instant>,
     /// How long a renewed token is good for, seconds (0: no renewal).
     renew_secs: u64,
+    /// What the player pages last said, by session, and when.
+    playback: std::collections::HashMap<String, (Instant, Playback)>,
 }
+
+/// What a player page (`/watch/{stream}`) says every second: how playback goes.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Playback {
+    /// The page's session (random, chosen by the page).
+    pub session: String,
+    /// The stream.
+    pub stream: u32,
+    /// The video's position, s.
+    pub current_time: f64,
+    /// How far behind live the frame shown is, ms (now less its program date time).
+    #[serde(default)]
+    pub latency_ms: Option<f64>,
+    /// From the page's load to the first frame played, ms.
+    #[serde(default)]
+    pub started_ms: Option<f64>,
+    /// Times playback stalled after it started.
+    pub stalls: u64,
+    /// Time spent stalled, ms.
+    pub stall_ms: f64,
+    /// The edge the last segment or part came from (host:port).
+    #[serde(default)]
+    pub edge: String,
+    /// Player errors (fatal or not) seen.
+    #[serde(default)]
+    pub errors: u64,
+    /// Fatal ones among them (the player had to recover or reload).
+    #[serde(default)]
+    pub fatal_errors: u64,
+    /// The last of them, as the player names it.
+    #[serde(default)]
+    pub last_error: String,
+}
+
+impl Playback {
+    fn validate(&self) -> Result<(), String> {
+        let finite = |v: f64| v.is_finite() && (0.0..=1e10).contains(&v);
+        if self.session.is_empty()
+            || self.session.len() > 64
+            || self.edge.len() > 256
+            || self.last_error.len() > 256
+            || !finite(self.current_time)
+            || !finite(self.stall_ms)
+            || self
+                .latency_ms
+                .is_some_and(|v| !v.is_finite() || v.abs() > 1e10)
+            || self.started_ms.is_some_and(|v| !finite(v))
+        {
+            return Err("a playback report holds a session of 1 to 64 bytes, an edge of at most 256, and finite figures".into());
+        }
+        Ok(())
+    }
+}
+
+/// Player sessions remembered at once.
+const MAX_PLAYBACK: usize = 1000;
+/// A player silent this long is forgotten.
+const PLAYBACK_TTL: Duration = Duration::from_secs(60);
+/// `BANDWIDTH` of a multivariant playlist's variants when no edge has measured the
+/// stream yet, bit/s.
+const DEFAULT_BPS: u64 = 5_000_000;
 
 /// A hostile request's warning is logged at most this often (each is counted).
 const WARN_EVERY: Duration = Duration::from_secs(10);
@@ -78,7 +142,86 @@ impl Api {
             warned_node: None,
             renew_secs: 0,
             warned_operator: None,
+            playback: std::collections::HashMap::new(),
         }
+    }
+
+    /// `GET /hls/{stream}.m3u8`: a multivariant playlist whose one variant appears twice
+    /// with the same attributes, first on an edge of one set, then on an edge of the
+    /// other, chosen as an assignment is (load, region, probes): the HLS specification's
+    /// redundant variant streams, so a player that loses the first moves to the second.
+    pub fn hls_multivariant(
+        &mut self,
+        now: Instant,
+        unix_secs: u64,
+        stream: u32,
+        token: &str,
+        region: &str,
+        peer: IpAddr,
+    ) -> Result<String, ApiError> {
+        self.check_token(stream, token, unix_secs)?;
+        let a = self
+            .registry
+            .assign(now, region, &prefix(peer))
+            .map_err(|e| ApiError::new(503, e.to_string()))?;
+        let pick = |set| {
+            a.candidates
+                .iter()
+                .find(|c| c.set == set)
+                .and_then(|c| c.hls)
+        };
+        let edges: Vec<SocketAddr> = [pick(a.primary_set), pick(a.secondary_set)]
+            .into_iter()
+            .flatten()
+            .collect();
+        if edges.is_empty() {
+            return Err(ApiError::new(503, "no live edge serves HLS"));
+        }
+        let bps = self.registry.stream_bps(now, stream).unwrap_or(DEFAULT_BPS);
+        let query = if token.is_empty() {
+            String::new()
+        } else {
+            format!("?token={token}")
+        };
+        let mut out = String::from("#EXTM3U\n#EXT-X-VERSION:9\n#EXT-X-INDEPENDENT-SEGMENTS\n");
+        for e in edges {
+            out.push_str(&format!(
+                "#EXT-X-STREAM-INF:BANDWIDTH={bps}\nhttp://{e}/hls/{stream}/playlist.m3u8{query}\n"
+            ));
+        }
+        metrics::counter!("braid_control_hls_assignments_total").increment(1);
+        Ok(out)
+    }
+
+    /// `POST /v1/playback`: a player page's figures.
+    pub fn playback(&mut self, now: Instant, p: Playback) -> Result<(), ApiError> {
+        p.validate().map_err(|e| {
+            metrics::counter!("braid_control_refused_total", "reason" => "bad_playback")
+                .increment(1);
+            ApiError::new(400, e)
+        })?;
+        if !self.playback.contains_key(&p.session) && self.playback.len() >= MAX_PLAYBACK {
+            self.playback
+                .retain(|_, (t, _)| now.duration_since(*t) < PLAYBACK_TTL);
+            if self.playback.len() >= MAX_PLAYBACK {
+                return Err(ApiError::new(503, "too many player sessions"));
+            }
+        }
+        metrics::counter!("braid_control_playback_reports_total").increment(1);
+        self.playback.insert(p.session.clone(), (now, p));
+        Ok(())
+    }
+
+    /// `GET /v1/playback`: every player session heard from within a minute.
+    pub fn playbacks(&self, now: Instant) -> Vec<Playback> {
+        let mut v: Vec<Playback> = self
+            .playback
+            .values()
+            .filter(|(t, _)| now.duration_since(*t) < PLAYBACK_TTL)
+            .map(|(_, p)| p.clone())
+            .collect();
+        v.sort_by(|a, b| a.session.cmp(&b.session));
+        v
     }
 
     /// The registry, for the status page.

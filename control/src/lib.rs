@@ -101,6 +101,11 @@ pub struct Config {
     #[arg(long, default_value_t = 300)]
     #[serde(default = "default_renew_secs")]
     pub token_renew_secs: u64,
+    /// hls.js for the player page (`/watch/{stream}`), served at `/assets/hls.js` (no
+    /// CDN): the file `npm ci --prefix player` installs, or the package's copy.
+    #[arg(long, default_value = "/usr/share/braid/hls.min.js")]
+    #[serde(default = "default_hls_js")]
+    pub hls_js: PathBuf,
     /// The network key (a passphrase, or @file): node reports and the set reflectors'
     /// list are signed with it, and refused without it.
     #[arg(
@@ -113,6 +118,9 @@ pub struct Config {
     pub network_key: String,
 }
 
+fn default_hls_js() -> PathBuf {
+    PathBuf::from("/usr/share/braid/hls.min.js")
+}
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7100))
 }
@@ -409,7 +417,83 @@ async fn console() -> impl IntoResponse {
 
 /// The API router, for tests and for [`run`].
 pub fn router(config: &Config) -> anyhow::Result<Router> {
-    Ok(routes(shared(config)?))
+    Ok(routes(shared(config)?, hls_js(config)))
+}
+
+/// hls.js, when the configured file is there (the player page says so when it is not).
+fn hls_js(config: &Config) -> Option<axum::body::Bytes> {
+    match std::fs::read(&config.hls_js) {
+        Ok(b) => Some(b.into()),
+        Err(e) => {
+            tracing::warn!(
+                "no hls.js at {} ({e}): the player page cannot play (npm ci --prefix player, then --hls-js player/node_modules/hls.js/dist/hls.min.js)",
+                config.hls_js.display()
+            );
+            None
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct HlsQuery {
+    #[serde(default)]
+    token: String,
+    #[serde(default)]
+    region: String,
+}
+
+/// `GET /hls/{stream}.m3u8`: the multivariant playlist, its variant on an edge of each set.
+async fn hls_multivariant(
+    State(app): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<HlsQuery>,
+) -> Result<Response, HttpError> {
+    let Some(stream) = name
+        .strip_suffix(".m3u8")
+        .and_then(|s| s.parse::<u32>().ok())
+    else {
+        return Err(ApiError::new(404, "no such playlist: ask for /hls/{stream}.m3u8").into());
+    };
+    let text = lock(&app).hls_multivariant(
+        Instant::now(),
+        unix_secs(),
+        stream,
+        &q.token,
+        &q.region,
+        peer.ip(),
+    )?;
+    Ok((
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "application/vnd.apple.mpegurl",
+            ),
+            (axum::http::header::CACHE_CONTROL, "no-store"),
+            (axum::http::header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+        ],
+        text,
+    )
+        .into_response())
+}
+
+async fn watch_page() -> impl IntoResponse {
+    (
+        [(axum::http::header::CACHE_CONTROL, "no-cache")],
+        Html(include_str!("watch.html")),
+    )
+}
+
+async fn playback(
+    State(app): State<Shared>,
+    Json(p): Json<api::Playback>,
+) -> Result<&'static str, HttpError> {
+    lock(&app).playback(Instant::now(), p)?;
+    Ok("ok\n")
+}
+
+async fn playbacks(State(app): State<Shared>) -> Json<Vec<api::Playback>> {
+    Json(lock(&app).playbacks(Instant::now()))
 }
 
 fn shared(config: &Config) -> anyhow::Result<Shared> {
@@ -427,9 +511,32 @@ fn shared(config: &Config) -> anyhow::Result<Shared> {
     )))
 }
 
-fn routes(app: Shared) -> Router {
+fn routes(app: Shared, hls_js: Option<axum::body::Bytes>) -> Router {
     Router::new()
         .route("/", get(console))
+        .route("/hls/{name}", get(hls_multivariant))
+        .route("/watch/{stream}", get(watch_page))
+        .route(
+            "/assets/hls.js",
+            get(move || {
+                let js = hls_js.clone();
+                async move {
+                    match js {
+                        Some(b) => (
+                            [
+                                (axum::http::header::CONTENT_TYPE, "application/javascript"),
+                                (axum::http::header::CACHE_CONTROL, "max-age=3600"),
+                            ],
+                            b,
+                        )
+                            .into_response(),
+                        None => (StatusCode::NOT_FOUND, "hls.js is not installed here\n")
+                            .into_response(),
+                    }
+                }
+            }),
+        )
+        .route("/v1/playback", post(playback).get(playbacks))
         .route("/v1/status", get(status_json))
         .route("/v1/report", post(report))
         .route("/v1/assign", get(assign))
@@ -446,7 +553,7 @@ fn routes(app: Shared) -> Router {
 /// Runs the control server until `shutdown` fires.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let app_state = shared(&config)?;
-    let app = routes(app_state.clone());
+    let app = routes(app_state.clone(), hls_js(&config));
     let metrics_addr = braid_net::daemon::serve_metrics(config.metrics, shutdown.clone()).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -101,6 +101,9 @@ pub struct Report {
     /// Its streams' figures (set reflectors and edges), for the console.
     #[serde(default)]
     pub streams: Vec<StreamFigures>,
+    /// Where it serves HLS (edges started with `--hls-listen`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hls: Option<SocketAddr>,
 }
 
 /// A stream's figures at one node, as it reports them.
@@ -127,6 +130,10 @@ pub struct StreamFigures {
     /// Where the stream comes from (entry points: the sources publishing it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sources: Vec<SocketAddr>,
+    /// Its rate over the last second, bit/s, as released here (an estimate from packet
+    /// counts: 1316 bytes of TS each).
+    #[serde(default)]
+    pub bps: u64,
 }
 
 /// A path's figures.
@@ -178,6 +185,11 @@ impl Report {
         if let Some(q) = &self.quic {
             if !reachable(q) {
                 return Err(format!("QUIC address {q} cannot be reached"));
+            }
+        }
+        if let Some(h) = &self.hls {
+            if !reachable(h) {
+                return Err(format!("HLS address {h} cannot be reached"));
             }
         }
         if self.region.len() > MAX_REGION
@@ -243,6 +255,9 @@ pub struct Candidate {
     /// Where to watch over QUIC, when the edge accepts QUIC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quic: Option<SocketAddr>,
+    /// Where it serves HLS, when it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hls: Option<SocketAddr>,
     /// Its set.
     pub set: Set,
     /// Lower is better (like DNS SRV).
@@ -461,6 +476,17 @@ impl Registry {
         Ok(a)
     }
 
+    /// Stream `id`'s rate as the live edges report it (the highest), bit/s, if any does.
+    pub fn stream_bps(&self, now: Instant, id: u32) -> Option<u64> {
+        self.nodes
+            .values()
+            .filter(|n| n.report.role == Role::Edge && self.live(now, n))
+            .flat_map(|n| n.report.streams.iter().filter(|s| s.id == id))
+            .map(|s| s.bps)
+            .filter(|b| *b > 0)
+            .max()
+    }
+
     /// A viewer's primary failed: the least loaded live edge of the other set, never the
     /// failed one; the roles swap.
     pub fn switch(
@@ -489,7 +515,17 @@ impl Registry {
         prefix: &str,
     ) -> Result<Assignment, AssignError> {
         let fb = self.feedback.get(prefix);
-        let mut ranked: Vec<(SocketAddr, Set, f64, String, u64, Option<SocketAddr>)> = self
+        // (address, set, load, region, node, QUIC address, HLS address)
+        #[allow(clippy::type_complexity)]
+        let mut ranked: Vec<(
+            SocketAddr,
+            Set,
+            f64,
+            String,
+            u64,
+            Option<SocketAddr>,
+            Option<SocketAddr>,
+        )> = self
             .edges(now)
             .into_iter()
             .filter(|(n, _, _)| Some(n.report.addr) != avoid)
@@ -501,6 +537,7 @@ impl Registry {
                     n.report.region.clone(),
                     n.report.node,
                     n.report.quic,
+                    n.report.hls,
                 )
             })
             .collect();
@@ -527,9 +564,10 @@ impl Registry {
         let candidates = ranked
             .iter()
             .enumerate()
-            .map(|(i, (addr, s, load, region, _, quic))| Candidate {
+            .map(|(i, (addr, s, load, region, _, quic, hls))| Candidate {
                 addr: *addr,
                 quic: *quic,
+                hls: *hls,
                 set: *s,
                 priority: if i == 0 {
                     0
@@ -708,6 +746,7 @@ mod tests {
             egress_bps: 0,
             cpu: 0.0,
             streams: Vec::new(),
+            hls: None,
         }
     }
 
@@ -848,6 +887,7 @@ mod tests {
                             gaps: 0,
                             paths: Vec::new(),
                             sources: Vec::new(),
+                            bps: 0,
                         };
                         MAX_REPORT_STREAMS + 1
                     ],
@@ -868,6 +908,7 @@ mod tests {
                             SocketAddr::from(([10, 0, 0, 1], 5000));
                             MAX_REPORT_SOURCES + 1
                         ],
+                        bps: 0,
                     }],
                     ..good.clone()
                 },

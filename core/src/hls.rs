@@ -69,7 +69,10 @@ impl Config {
 /// One packet as the segmenter keeps it.
 #[derive(Debug, Clone)]
 struct Piece {
-    ts: u32,
+    /// Its time on the segmenter's clock (90 kHz): the video's decoding time at the last
+    /// frame that started at or before it, or (a stream without video timestamps) its
+    /// RTP timestamp.
+    clock: u64,
     payload: Bytes,
 }
 
@@ -154,10 +157,53 @@ pub struct Segmenter {
     last_seq: Option<SeqNo>,
     ssrc: Option<u32>,
     stats: Stats,
+    /// This session's clock follows the video's decoding timestamps (else RTP's).
+    video: bool,
+    /// The clock now, unwrapped, and the raw timestamp it was last set from.
+    clock: u64,
+    last_raw: Option<u64>,
 }
 
-fn ticks_between(from: u32, to: u32) -> u64 {
-    u64::from(to.wrapping_sub(from))
+/// The decoding time stamp (or the presentation one, when no DTS is given) of the first
+/// video PES packet (stream ids 0xE0 to 0xEF) that starts in `payload`, whole TS packets
+/// as the capture sends them; `None` when none starts there. Never panics.
+pub fn video_dts(payload: &[u8]) -> Option<u64> {
+    let stamp = |p: &[u8]| -> u64 {
+        (u64::from(p[0] >> 1) & 7) << 30
+            | u64::from(p[1]) << 22
+            | u64::from(p[2] >> 1) << 15
+            | u64::from(p[3]) << 7
+            | u64::from(p[4] >> 1)
+    };
+    for pkt in payload.chunks_exact(188) {
+        if pkt[0] != 0x47 || pkt[1] & 0x40 == 0 {
+            continue;
+        }
+        let control = (pkt[3] >> 4) & 3;
+        if control & 1 == 0 {
+            continue;
+        }
+        let start = if control & 2 != 0 {
+            5 + usize::from(pkt[4])
+        } else {
+            4
+        };
+        let Some(pes) = pkt.get(start..) else {
+            continue;
+        };
+        if pes.len() < 14 || pes[..3] != [0, 0, 1] || !(0xE0..=0xEF).contains(&pes[3]) {
+            continue;
+        }
+        let flags = pes[7] >> 6;
+        if flags & 2 == 0 {
+            continue;
+        }
+        if flags == 3 && pes.len() >= 19 {
+            return Some(stamp(&pes[14..19]));
+        }
+        return Some(stamp(&pes[9..14]));
+    }
+    None
 }
 
 fn ticks(d: Duration) -> u64 {
@@ -176,6 +222,9 @@ impl Segmenter {
             last_seq: None,
             ssrc: None,
             stats: Stats::default(),
+            video: false,
+            clock: 0,
+            last_raw: None,
         })
     }
 
@@ -216,23 +265,34 @@ impl Segmenter {
         if new_session {
             self.stats.discontinuities += 1;
             self.close_segment(None);
+            self.last_raw = None;
         }
+        let dts = video_dts(&payload);
+        let open = self.segments.back().is_some_and(|s| !s.complete);
+        if !open && self.last_raw.is_none() {
+            // A session's clock is chosen where its first segment starts: the video's
+            // when that packet carries a video timestamp.
+            self.video = dts.is_some();
+        }
+        let frame = self.advance_clock(if self.video { dts } else { Some(u64::from(ts)) });
+        let clock = self.clock;
         let cut = match self.segments.back() {
             Some(s) if !s.complete => {
-                let span = ticks_between(s.pieces[0].ts, ts);
-                (keyframe && span >= ticks(self.config.min_segment))
-                    || span >= ticks(self.config.max_segment)
+                let span = clock.saturating_sub(s.pieces[0].clock);
+                frame
+                    && ((keyframe && span >= ticks(self.config.min_segment))
+                        || span >= ticks(self.config.max_segment))
             }
             // Nothing open: a segment starts at a keyframe (or, after a forced cut or a
             // new session, at once).
-            _ => keyframe || !self.segments.is_empty(),
+            _ => frame && (keyframe || !self.segments.is_empty()),
         };
         if cut {
-            let forced = !keyframe && self.segments.back().is_some_and(|s| !s.complete);
+            let forced = !keyframe && open;
             if forced {
                 self.stats.forced_cuts += 1;
             }
-            self.close_segment(Some(ts));
+            self.close_segment(Some(clock));
             self.segments.push_back(Segment {
                 msn: self.next_msn,
                 pieces: Vec::new(),
@@ -244,18 +304,16 @@ impl Segmenter {
                 complete: false,
             });
             self.next_msn += 1;
-        } else if new_session {
-            // Waiting for the new session's first keyframe: mark what opens next.
         }
         let part_target = ticks(self.config.part_target);
         let Some(seg) = self.segments.back_mut().filter(|s| !s.complete) else {
             // Before the first keyframe: nothing to start a segment with.
             return;
         };
-        // Close the open part once it spans the target (a part never holds more).
+        // Close the open part at a frame once it spans the target.
         let start = seg.open_part_start();
-        if start < seg.pieces.len() {
-            let span = ticks_between(seg.pieces[start].ts, ts);
+        if frame && start < seg.pieces.len() {
+            let span = clock.saturating_sub(seg.pieces[start].clock);
             if span * 10 >= part_target * 9 {
                 let independent = start == 0 && seg.independent;
                 seg.parts.push(Part {
@@ -267,22 +325,42 @@ impl Segmenter {
                 self.stats.parts += 1;
             }
         }
-        seg.pieces.push(Piece { ts, payload });
+        // Parts and segments are cut only where a frame starts, so they hold whole
+        // frames and their durations are the media's own.
+        seg.pieces.push(Piece { clock, payload });
     }
 
-    /// Closes the open segment (its last part ends at `next_ts`, the first packet of what
+    /// Moves the clock to `raw` (a 33-bit video timestamp, or a 32-bit RTP one), when
+    /// given: forward by its distance from the last, never back (a jump back is a
+    /// discontinuity the next session marks). Whether it was given.
+    fn advance_clock(&mut self, raw: Option<u64>) -> bool {
+        let Some(raw) = raw else {
+            return false;
+        };
+        let modulus: u64 = if self.video { 1 << 33 } else { 1 << 32 };
+        if let Some(last) = self.last_raw {
+            let delta = raw.wrapping_sub(last) & (modulus - 1);
+            if delta < modulus / 2 {
+                self.clock += delta;
+            }
+        }
+        self.last_raw = Some(raw);
+        true
+    }
+
+    /// Closes the open segment (its last part ends at `next`, the clock of the frame that
     /// follows, when known) and drops segments past the window.
-    fn close_segment(&mut self, next_ts: Option<u32>) {
+    fn close_segment(&mut self, next: Option<u64>) {
         if let Some(seg) = self.segments.back_mut().filter(|s| !s.complete) {
             let start = seg.open_part_start();
-            let last_ts = seg.pieces.last().map_or(0, |p| p.ts);
-            let end_ts = next_ts.unwrap_or(last_ts);
+            let last = seg.pieces.last().map_or(0, |p| p.clock);
+            let end = next.unwrap_or(last);
             if start < seg.pieces.len() {
                 let independent = start == 0 && seg.independent;
                 seg.parts.push(Part {
                     start,
                     end: seg.pieces.len(),
-                    ticks: ticks_between(seg.pieces[start].ts, end_ts),
+                    ticks: end.saturating_sub(seg.pieces[start].clock),
                     independent,
                 });
                 self.stats.parts += 1;
@@ -558,6 +636,51 @@ mod tests {
         }
         assert!(s.playlist("").unwrap().contains("#EXT-X-DISCONTINUITY\n"));
         assert_eq!(s.stats().discontinuities, 1);
+    }
+
+    /// One TS packet starting a video PES with decoding time `dts` (and a later PTS).
+    fn video_packet(dts: u64) -> Vec<u8> {
+        let stamp = |v: u64, tag: u8| {
+            vec![
+                tag << 4 | ((v >> 29) as u8 & 0x0E) | 1,
+                (v >> 22) as u8,
+                ((v >> 14) as u8 & 0xFE) | 1,
+                (v >> 7) as u8,
+                ((v << 1) as u8) | 1,
+            ]
+        };
+        let mut p = vec![0x47, 0x41, 0x00, 0x10, 0, 0, 1, 0xE0, 0, 0, 0x80, 0xC0, 10];
+        p.extend(stamp(dts + 3600, 3));
+        p.extend(stamp(dts, 1));
+        p.resize(188, 0xFF);
+        p
+    }
+
+    #[test]
+    fn video_timestamps_are_read_and_set_the_clock() {
+        assert_eq!(video_dts(&video_packet(123_456)), Some(123_456));
+        assert_eq!(video_dts(&video_packet((1 << 33) - 1)), Some((1 << 33) - 1));
+        assert_eq!(video_dts(&[0x47; 188]), None);
+        assert_eq!(video_dts(&[0x47, 0x41]), None);
+        // 25 frames a second by DTS, sent at a jittery RTP pace: parts and segments are
+        // cut at frames and last what the frames do.
+        let mut s = Segmenter::new(Config::default(), 1).unwrap();
+        for i in 0..200u64 {
+            let dts = (1 << 33) - 50 * 3600 + i * 3600; // wraps past 2^33
+            let ts = (i * 3600 + (i % 3) * 900) as u32;
+            s.push(
+                SeqNo(i),
+                ts,
+                1,
+                i % 50 == 0,
+                Bytes::from(video_packet(dts & ((1 << 33) - 1))),
+                0,
+            );
+        }
+        let pl = s.playlist("").unwrap();
+        assert!(pl.contains("#EXTINF:2.00000,\nseg/1-0.ts"), "{pl}");
+        assert!(pl.contains("#EXTINF:2.00000,\nseg/1-1.ts"), "{pl}");
+        assert!(pl.contains("#EXT-X-PART:DURATION=0.48000,"), "{pl}");
     }
 
     #[test]

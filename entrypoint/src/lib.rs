@@ -252,6 +252,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             role: "entrypoint",
             addr: socket.local_addr()?,
             quic: quic_addr,
+            hls: None,
             learn_quic: false,
             region: config.region.clone(),
             capacity: 1,

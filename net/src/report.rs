@@ -62,6 +62,8 @@ pub struct Identity {
     pub addr: SocketAddr,
     /// Where it accepts QUIC, if it does.
     pub quic: Option<SocketAddr>,
+    /// Where it serves HLS, if it does (edges).
+    pub hls: Option<SocketAddr>,
     /// Edges: reach learned set reflectors over QUIC when they offer it.
     pub learn_quic: bool,
     /// Its region.
@@ -100,6 +102,7 @@ pub fn spawn(
                 "role": id.role,
                 "addr": id.addr,
                 "quic": id.quic,
+                "hls": id.hls,
                 "region": id.region,
                 "capacity": id.capacity,
                 "cost_tier": id.cost_tier,

@@ -35,6 +35,13 @@ done
 install -m 0644 ops/package/systemd/*.service "$root/lib/systemd/system/"
 install -m 0644 ops/package/etc/*.toml "$root/etc/braid/"
 install -m 0644 ops/package/etc/braid.env.in "$root/usr/share/braid/braid.env.in"
+# The player page's hls.js (the control server's default --hls-js), when npm installed it.
+hlsjs=player/node_modules/hls.js/dist/hls.min.js
+if [[ -f $hlsjs ]]; then
+    install -m 0644 "$hlsjs" "$root/usr/share/braid/hls.min.js"
+else
+    echo "build-deb: no $hlsjs (npm ci --prefix player): the package's player page cannot play" >&2
+fi
 install -m 0644 README.md docs/SECURITY.md docs/PROTOCOL.md docs/ARCHITECTURE.md \
     "$root/usr/share/doc/braid/"
 (cd "$root" && find etc -type f -printf '/%p\n') > "$root/DEBIAN/conffiles"

@@ -1406,6 +1406,15 @@ pub struct ControlNet {
     pub edge_args: Vec<Vec<String>>,
 }
 
+/// More flags for [`ControlNet::start_with`].
+#[derive(Debug, Clone, Default)]
+pub struct ControlOptions {
+    /// For every control server.
+    pub control_args: Vec<String>,
+    /// For the capture (a `--source`, say).
+    pub capture_args: Vec<String>,
+}
+
 /// The operator token of [`ControlNet`]'s control servers (drain, undrain).
 pub const OPERATOR_TOKEN: &str = "test operator token";
 
@@ -1432,22 +1441,44 @@ impl ControlNet {
         token_secret: &str,
         edge_args: impl Fn(usize) -> Vec<String>,
     ) -> ControlNet {
+        Self::start_with(
+            controls,
+            per_set,
+            seconds,
+            token_secret,
+            edge_args,
+            &ControlOptions::default(),
+        )
+    }
+
+    /// Like [`ControlNet::start`], with more flags for the control servers and the
+    /// capture.
+    pub fn start_with(
+        controls: usize,
+        per_set: usize,
+        seconds: f64,
+        token_secret: &str,
+        edge_args: impl Fn(usize) -> Vec<String>,
+        options: &ControlOptions,
+    ) -> ControlNet {
         let dir = test_dir();
         let p = |f: &str| dir.path().join(f);
         let s = |v: &dyn ToString| v.to_string();
         let mut ctl = Vec::new();
         for i in 0..controls {
+            let mut a = vec![
+                s(&"--listen"),
+                s(&"127.0.0.1:0"),
+                s(&"--token-secret"),
+                token_secret.to_owned(),
+                s(&"--operator-token"),
+                s(&OPERATOR_TOKEN),
+            ];
+            a.extend(options.control_args.iter().cloned());
             ctl.push(Proc::start(
                 &format!("control{i}"),
                 "braid-control",
-                &[
-                    s(&"--listen"),
-                    s(&"127.0.0.1:0"),
-                    s(&"--token-secret"),
-                    token_secret.to_owned(),
-                    s(&"--operator-token"),
-                    s(&OPERATOR_TOKEN),
-                ],
+                &a,
                 &p(&format!("control{i}.log")),
             ));
         }
@@ -1547,6 +1578,7 @@ impl ControlNet {
         for e in &entries {
             cap.extend([s(&"--entry"), s(&e.udp())]);
         }
+        cap.extend(options.capture_args.iter().cloned());
         let capture = Proc::start("capture", "braid-capture", &cap, &p("capture.log"));
         ControlNet {
             dir,

@@ -159,12 +159,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // `progress` tells waiting ones that a part was completed.
     let (hls_tx, mut hls_rx) = mpsc::channel::<crate::hls::Ask>(256);
     let (progress_tx, progress_rx) = tokio::sync::watch::channel(0u64);
+    let mut hls_addr = None;
     if let (Role::Edge, Some(addr)) = (config.role, config.hls_listen) {
         let tokens = (!config.token_secret.is_empty())
             .then(|| braid_core::token::Signer::new(&config.token_secret));
         let bound =
             crate::hls::serve(addr, hls_tx.clone(), progress_rx, tokens, shutdown.clone()).await?;
         ready.push(("hls", bound.to_string()));
+        hls_addr = Some(bound);
     }
     braid_net::daemon::print_ready(role_name, &ready);
     let shared = Arc::new(report::Shared::default());
@@ -175,6 +177,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             role: role_name,
             addr: udp_addr,
             quic: quic_addr,
+            hls: hls_addr,
             learn_quic: config.tls.has_identity(),
             region: config.region.clone(),
             capacity: config.max_viewers as u64,
@@ -202,6 +205,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         learned: Vec::new(),
         role: role_name,
         exported_drops: 0,
+        released: HashMap::new(),
     };
     let mut rx = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -280,6 +284,8 @@ struct Daemon {
     learned: Vec<PeerAddr>,
     role: &'static str,
     exported_drops: u64,
+    /// Packets each stream had released at the last report, for its rate.
+    released: HashMap<u32, u64>,
 }
 
 impl Daemon {
@@ -376,11 +382,24 @@ impl Daemon {
             self.egress_mark = (now, bytes);
             let mut reports = machine.reports();
             reports.sort_by_key(|r| std::cmp::Reverse(r.merge.released));
+            let secs = elapsed.as_secs_f64();
+            let released: HashMap<u32, u64> =
+                reports.iter().map(|r| (r.id.0, r.merge.released)).collect();
             let summary: Vec<serde_json::Value> = reports
                 .iter()
                 .take(report::REPORT_STREAMS)
-                .map(stream_summary)
+                .map(|st| {
+                    let before = self
+                        .released
+                        .get(&st.id.0)
+                        .copied()
+                        .unwrap_or(st.merge.released);
+                    let bps = (st.merge.released.saturating_sub(before) as f64 * 1316.0 * 8.0
+                        / secs) as u64;
+                    stream_summary(st, bps)
+                })
                 .collect();
+            self.released = released;
             if let Ok(mut s) = self.shared.streams.lock() {
                 *s = summary;
             }
@@ -490,9 +509,10 @@ fn export(role: &'static str, machine: &Machine) {
 }
 
 /// A stream's figures as a report carries them.
-pub(crate) fn stream_summary(st: &crate::common::StreamReport) -> serde_json::Value {
+pub(crate) fn stream_summary(st: &crate::common::StreamReport, bps: u64) -> serde_json::Value {
     serde_json::json!({
         "id": st.id.0,
+        "bps": bps,
         "viewers": st.viewers,
         "subscribers": st.subscribers,
         "released": st.merge.released,

@@ -1120,6 +1120,7 @@ impl World {
             egress_bps: 0,
             cpu: 0.0,
             streams: Vec::new(),
+            hls: None,
         };
         let delay = self.round_trip() / 2;
         let controls: Vec<usize> = self.of_kind(Kind::Control).collect();

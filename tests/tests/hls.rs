@@ -338,3 +338,156 @@ fn bad_hls_requests_get_the_right_status_at_once() {
         );
     }
 }
+
+/// Where `npm ci --prefix player` puts hls.js (ops/test.sh runs it).
+fn hls_js() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../player/node_modules/hls.js/dist/hls.min.js")
+}
+
+/// The player pages' reports at the control server `url`.
+fn playbacks(url: &str) -> Vec<serde_json::Value> {
+    let (status, body, _) = get(&format!("{url}/v1/playback"));
+    assert_eq!(status, 200);
+    serde_json::from_slice(&body).expect("JSON")
+}
+
+/// Acceptances 1 and 2: headless Chromium (Debian's) opens the control server's player
+/// page, which plays the multivariant playlist (the stream on an edge of each set) with
+/// hls.js: playback starts within 3 s, runs with the position advancing, no stall, and
+/// at most 2.5 s behind live (from the program date time); then the edge it plays from is
+/// killed, and playback goes on from the other set's edge without a reload of the page,
+/// its stall (if any) measured.
+#[test]
+fn a_browser_plays_near_live_and_goes_on_when_its_edge_dies() {
+    const TEST: &str = "a_browser_plays_near_live_and_goes_on_when_its_edge_dies";
+    if let Some(why) = braid_tests::console::unavailable() {
+        eprintln!("SKIPPED {TEST}: {why}");
+        return;
+    }
+    if !hls_js().exists() {
+        eprintln!("SKIPPED {TEST}: no hls.js (npm ci --prefix player; ops/test.sh runs it)");
+        return;
+    }
+    let dir = braid_tests::test_dir();
+    let file = dir.path().join("in.ts");
+    media(&file, 80);
+    let mut net = braid_tests::ControlNet::start_with(
+        1,
+        1,
+        70.0,
+        "",
+        |_| vec!["--hls-listen".into(), "127.0.0.1:0".into()],
+        &braid_tests::ControlOptions {
+            control_args: vec!["--hls-js".into(), hls_js().display().to_string()],
+            capture_args: vec!["--source".into(), file.display().to_string()],
+        },
+    );
+    let url = net.urls()[0].clone();
+    // Both edges warm, with a few segments listed (a viewer joins a running stream), and
+    // known to the control server.
+    for e in &net.edges {
+        first_playlist(&format!("http://{}/hls/1", e.ready["hls"]));
+    }
+    let end = Instant::now() + Duration::from_secs(20);
+    for e in &net.edges {
+        loop {
+            let (_, body, _) = get(&format!("http://{}/hls/1/playlist.m3u8", e.ready["hls"]));
+            if String::from_utf8_lossy(&body).matches("#EXTINF").count() >= 3 {
+                break;
+            }
+            assert!(Instant::now() < end, "segments come");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body, _) = get(&format!("{url}/hls/1.m3u8"));
+        let text = String::from_utf8_lossy(&body).into_owned();
+        if status == 200 && text.matches("#EXT-X-STREAM-INF").count() == 2 {
+            assert!(text.contains("BANDWIDTH="), "{text}");
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "a multivariant playlist with both sets: {status} {text}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let child = braid_tests::die_with_parent({
+        let mut c = Command::new("chromium");
+        c.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--autoplay-policy=no-user-gesture-required",
+            "--remote-debugging-port=0",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            dir.path().join("profile").display()
+        ))
+        .arg(format!("{url}/watch/1"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("chromium.log")).expect("a log"));
+        c
+    })
+    .spawn()
+    .expect("chromium starts");
+    let _chromium = braid_tests::Proc::adopt("chromium", child);
+
+    // Playback starts, and runs near live without a stall.
+    let end = Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        let p = playbacks(&url);
+        if let Some(p) = p.iter().find(|p| p["started_ms"].is_number()) {
+            break p.clone();
+        }
+        assert!(Instant::now() < end, "playback started: {p:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let session = first["session"].clone();
+    let started = first["started_ms"].as_f64().expect("started");
+    eprintln!("playback started {started:.0} ms after the page loaded");
+    assert!(started <= 3000.0, "playback starts within 3 s: {first}");
+    std::thread::sleep(Duration::from_secs(15));
+    let before = playbacks(&url);
+    assert_eq!(before.len(), 1, "one page, never reloaded: {before:?}");
+    let p = &before[0];
+    assert_eq!(p["session"], session, "{p}");
+    let t1 = p["current_time"].as_f64().expect("time");
+    assert!(t1 >= 12.0, "the position advanced with the clock: {p}");
+    assert_eq!(p["stalls"], 0, "no stall: {p}");
+    assert_eq!(p["fatal_errors"], 0, "no fatal player error: {p}");
+    let latency = p["latency_ms"].as_f64().expect("a latency");
+    eprintln!("latency to live {latency:.0} ms");
+    assert!(latency <= 2500.0, "at most 2.5 s behind live: {p}");
+    // The edge it plays from dies.
+    let edge = p["edge"].as_str().expect("an edge").to_owned();
+    let i = net
+        .edges
+        .iter()
+        .position(|e| e.ready["hls"] == edge)
+        .unwrap_or_else(|| panic!("{edge} is one of the edges"));
+    net.edges[i].kill();
+    std::thread::sleep(Duration::from_secs(15));
+    let after = playbacks(&url);
+    assert_eq!(after.len(), 1, "the same page, never reloaded: {after:?}");
+    let p = &after[0];
+    assert_eq!(p["session"], session, "{p}");
+    let other = &net.edges[1 - i].ready["hls"];
+    assert_eq!(
+        p["edge"].as_str(),
+        Some(other.as_str()),
+        "playing from the other set's edge: {p}"
+    );
+    let t2 = p["current_time"].as_f64().expect("time");
+    eprintln!(
+        "after the edge died: {:.1} s more played, stall {} ms in {} stalls",
+        t2 - t1,
+        p["stall_ms"],
+        p["stalls"]
+    );
+    assert!(t2 - t1 >= 10.0, "playback went on: {t1} then {t2}: {p}");
+}

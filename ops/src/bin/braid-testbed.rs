@@ -327,19 +327,21 @@ fn main() -> anyhow::Result<()> {
     };
     let stream = topo.stream.to_string();
 
+    // The player page's hls.js, when `npm ci --prefix player` installed it.
+    let hls_js = std::fs::canonicalize("player/node_modules/hls.js/dist/hls.min.js").ok();
     let mut control_urls = Vec::new();
     for i in 0..topo.control_servers {
         let name = format!("control{i}");
-        let l = launch(
-            &name,
-            "braid-control",
-            vec![
-                "--listen".into(),
-                place.listen(&name, 8000, None)?,
-                "--operator-token".into(),
-                topo.operator_token.clone(),
-            ],
-        );
+        let mut a = vec![
+            "--listen".into(),
+            place.listen(&name, 8000, None)?,
+            "--operator-token".into(),
+            topo.operator_token.clone(),
+        ];
+        if let Some(js) = &hls_js {
+            a.extend(["--hls-js".into(), js.display().to_string()]);
+        }
+        let l = launch(&name, "braid-control", a);
         let node = daemon(l, "control", "", None);
         control_urls.push(format!("http://{}", node.proc.ready["http"]));
         nodes.push(node);
@@ -393,6 +395,9 @@ fn main() -> anyhow::Result<()> {
             stream.clone(),
             "--node-id".into(),
             s(&id),
+            // Low-latency HLS for browsers and players.
+            "--hls-listen".into(),
+            place.listen(&name, 8080, None)?,
         ];
         for r in &set_addrs {
             a.extend(["--reflector".into(), r.to_string()]);
@@ -625,6 +630,15 @@ fn main() -> anyhow::Result<()> {
     let mut rates = Rates::default();
     if let Some(u) = control_urls.first() {
         eprintln!("braid-testbed: control server status page: {u}/");
+        eprintln!(
+            "braid-testbed: player page (HLS from the edges, hls.js{}): {u}/watch/{}",
+            if hls_js.is_some() {
+                ""
+            } else {
+                " missing: npm ci --prefix player"
+            },
+            topo.stream
+        );
     }
     loop {
         std::thread::sleep(Duration::from_millis(250));
