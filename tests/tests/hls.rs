@@ -353,8 +353,8 @@ fn playbacks(url: &str) -> Vec<serde_json::Value> {
 
 /// Acceptances 1 and 2: headless Chromium (Debian's) opens the control server's player
 /// page, which plays the multivariant playlist (the stream on an edge of each set) with
-/// hls.js: playback starts within 3 s, runs with the position advancing, no stall, and
-/// at most 2.5 s behind live (from the program date time); then the edge it plays from is
+/// hls.js: playback starts within 3 s, runs 60 s with the position advancing, no stall,
+/// and at most 2.5 s behind live (from the program date time); then the edge it plays from is
 /// killed, and playback goes on from the other set's edge without a reload of the page,
 /// its stall (if any) measured.
 #[test]
@@ -370,11 +370,11 @@ fn a_browser_plays_near_live_and_goes_on_when_its_edge_dies() {
     }
     let dir = braid_tests::test_dir();
     let file = dir.path().join("in.ts");
-    media(&file, 80);
+    media(&file, 120);
     let mut net = braid_tests::ControlNet::start_with(
         1,
         1,
-        70.0,
+        110.0,
         "",
         |_| vec!["--hls-listen".into(), "127.0.0.1:0".into()],
         &braid_tests::ControlOptions {
@@ -451,13 +451,27 @@ fn a_browser_plays_near_live_and_goes_on_when_its_edge_dies() {
     let started = first["started_ms"].as_f64().expect("started");
     eprintln!("playback started {started:.0} ms after the page loaded");
     assert!(started <= 3000.0, "playback starts within 3 s: {first}");
-    std::thread::sleep(Duration::from_secs(15));
+    // Sixty seconds, the latency sampled every 5 s.
+    let mut latencies = Vec::new();
+    for _ in 0..12 {
+        std::thread::sleep(Duration::from_secs(5));
+        let p = playbacks(&url);
+        if let Some(l) = p.first().and_then(|p| p["latency_ms"].as_f64()) {
+            latencies.push(l);
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    eprintln!("latency to live over 60 s, sampled every 5 s: {latencies:?}");
+    assert!(
+        latencies.len() >= 11 && latencies.iter().all(|l| *l <= 2500.0),
+        "at most 2.5 s behind live all along: {latencies:?}"
+    );
     let before = playbacks(&url);
     assert_eq!(before.len(), 1, "one page, never reloaded: {before:?}");
     let p = &before[0];
     assert_eq!(p["session"], session, "{p}");
     let t1 = p["current_time"].as_f64().expect("time");
-    assert!(t1 >= 12.0, "the position advanced with the clock: {p}");
+    assert!(t1 >= 55.0, "the position advanced with the clock: {p}");
     assert_eq!(p["stalls"], 0, "no stall: {p}");
     assert_eq!(p["fatal_errors"], 0, "no fatal player error: {p}");
     let latency = p["latency_ms"].as_f64().expect("a latency");
