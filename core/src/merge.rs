@@ -784,6 +784,14 @@ impl<T> Buffer<T> {
         self.slots.len()
     }
 
+    /// Packets held (holes aside): what is lost if the buffer is dropped now.
+    pub fn packets_held(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| matches!(s, Slot::Full(_)))
+            .count()
+    }
+
     /// The next sequence number to be released, once known.
     pub fn next_seq(&self) -> Option<SeqNo> {
         self.next

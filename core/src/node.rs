@@ -77,6 +77,13 @@ impl Drops {
         *self.0.entry(reason).or_insert(0) += 1;
     }
 
+    /// Counts `n` messages dropped for `reason`.
+    pub fn add_n(&mut self, reason: &'static str, n: u64) {
+        if n > 0 {
+            *self.0.entry(reason).or_insert(0) += n;
+        }
+    }
+
     /// How many were dropped for `reason`.
     pub fn get(&self, reason: &str) -> u64 {
         self.0.get(reason).copied().unwrap_or(0)

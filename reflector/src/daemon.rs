@@ -81,6 +81,14 @@ impl Machine {
             Machine::Edge(m) => m.reports(),
         }
     }
+
+    /// Closed streams' last figures, once (edges: a stream closes while media flows).
+    fn take_closed(&mut self) -> Vec<StreamReport> {
+        match self {
+            Machine::Set(_) => Vec::new(),
+            Machine::Edge(m) => m.take_closed(),
+        }
+    }
 }
 
 /// Binds the UDP socket and, for an edge, the TCP listener for viewers on the same
@@ -239,7 +247,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 let now = Instant::now();
                 d.socket.handle_timeout(now);
                 d.control_plane(now, &mut machine);
-                export(d.role, &machine);
+                export(d.role, &mut machine);
             }
             Some(ask) = hls_rx.recv() => {
                 if let Machine::Edge(m) = &mut machine {
@@ -264,7 +272,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         m.leave();
     }
     d.drive(&mut machine);
-    export(d.role, &machine);
+    export(d.role, &mut machine);
     if let Some(q) = d.socket.quic() {
         q.close();
     }
@@ -435,7 +443,12 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 }
 
 /// Exports the machine's counters and every stream's merge and path counters.
-fn export(role: &'static str, machine: &Machine) {
+fn export(role: &'static str, machine: &mut Machine) {
+    // A stream closed since the last export gets its last figures, so what it released
+    // and what it dropped at the close (`braid_dropped_total{reason="stream_closed"}`)
+    // add up to what arrived.
+    let closed = machine.take_closed();
+    let machine = &*machine;
     let c = machine.counters();
     braid_net::daemon::export_drops(role, &c.drops);
     let by_role = |name: &'static str, v: u64| {
@@ -475,8 +488,10 @@ fn export(role: &'static str, machine: &Machine) {
             }
         }
     }
-    let reports = machine.reports();
-    metrics::gauge!("braid_streams_open", "role" => role).set(reports.len() as f64);
+    let open = machine.reports();
+    metrics::gauge!("braid_streams_open", "role" => role).set(open.len() as f64);
+    let mut reports = open;
+    reports.extend(closed);
     for st in reports {
         let stream = st.id.0.to_string();
         let set = |name: &'static str, v: u64| {

@@ -74,6 +74,9 @@ pub struct Config {
     pub hls: Option<braid_core::hls::Config>,
 }
 
+/// Closed streams' last figures kept until the owner takes them.
+pub const MAX_CLOSED_REPORTS: usize = 64;
+
 /// An HLS request keeps its stream open (subscribed upstream) this long after it.
 pub const HLS_LINGER: Duration = Duration::from_secs(10);
 
@@ -245,6 +248,8 @@ pub struct Edge {
     cookies: Cookies,
     /// Each set reflector's cookie for this edge's address.
     upstream_cookies: HashMap<SocketAddr, Cookie>,
+    /// Streams closed since the owner last took their final figures.
+    closed: Vec<common::StreamReport>,
 }
 
 impl Edge {
@@ -268,6 +273,7 @@ impl Edge {
             warned: HashSet::new(),
             cookies: Cookies::random(),
             upstream_cookies: HashMap::new(),
+            closed: Vec::new(),
         })
     }
 
@@ -300,6 +306,12 @@ impl Edge {
             .iter()
             .map(|(id, st)| common::report(*id, &st.merge, st.viewers.len(), 0))
             .collect()
+    }
+
+    /// The last figures of the streams closed since the last call (at most
+    /// [`MAX_CLOSED_REPORTS`]): what the merge released and held until it closed.
+    pub fn take_closed(&mut self) -> Vec<common::StreamReport> {
+        std::mem::take(&mut self.closed)
     }
 
     /// Streams open, viewers, and packets held (merge and ring), for the simulator's
@@ -1203,6 +1215,15 @@ impl Edge {
         for id in close {
             if let Some(st) = self.streams.remove(&id) {
                 tracing::info!(stream = id.0, "last viewer gone: unsubscribing");
+                // What the merge still held goes with the stream: counted, and the
+                // stream's last figures kept for the owner to export.
+                self.counters
+                    .drops
+                    .add_n("stream_closed", st.merge.packets_held() as u64);
+                self.counters.streams_closed += 1;
+                if self.closed.len() < MAX_CLOSED_REPORTS {
+                    self.closed.push(common::report(id, &st.merge, 0, 0));
+                }
                 for (i, _) in st.upstream {
                     let to = Peer::Addr(self.config.reflectors[i]);
                     self.out.control(to, id, Body::Unsubscribe { node });
@@ -1536,6 +1557,43 @@ mod tests {
         once.dedup();
         assert!(once.windows(2).all(|w| w[1] > w[0]), "{media:?}");
         assert!(media.len() - once.len() <= 1, "{media:?}");
+    }
+
+    /// A stream closed (its viewer gone, the linger over) while packets wait behind holes
+    /// counts them as dropped, and its last figures are kept: first copies less released
+    /// is exactly what it dropped.
+    #[test]
+    fn a_stream_closed_while_packets_wait_counts_them_and_keeps_its_last_figures() {
+        let mut now = Instant::now();
+        let mut e = edge(now);
+        e.handle_input(now, watch(now, viewer(5000), WatchStart::Keyframe, 0));
+        let mut seq = 1000;
+        e.handle_input(now, media(1, seq, Flags::KEYFRAME | Flags::DISCONTINUITY));
+        // Every 100 ms one packet lost on every path, four arriving: the merge always
+        // holds some behind a hole it is repairing.
+        for _ in 0..200 {
+            seq += 2;
+            for _ in 0..4 {
+                e.handle_input(now, media(1, seq, Flags::empty()));
+                seq += 1;
+            }
+            now += Duration::from_millis(100);
+            e.handle_timeout(now);
+            sent(&mut e);
+            if e.reports().is_empty() {
+                break;
+            }
+        }
+        assert!(e.reports().is_empty(), "the stream closed");
+        let closed = e.take_closed();
+        assert_eq!(closed.len(), 1);
+        let r = &closed[0];
+        let first: u64 = r.paths.iter().map(|(_, p)| p.first).sum();
+        let dropped = e.counters().drops.get("stream_closed");
+        assert!(dropped > 0, "packets were waiting at the close");
+        assert_eq!(first - r.merge.released, dropped);
+        assert_eq!(e.counters().streams_closed, 1);
+        assert!(e.take_closed().is_empty(), "taken once");
     }
 
     #[test]
