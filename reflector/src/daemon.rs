@@ -252,7 +252,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             Some(ask) = hls_rx.recv() => {
                 if let Machine::Edge(m) = &mut machine {
                     let answer = if m.hls_interest(Instant::now(), ask.stream) {
-                        crate::hls::answer(m.hls(ask.stream), &ask.what)
+                        crate::hls::answer(
+                            m.hls(ask.stream),
+                            m.stream_unknown(ask.stream),
+                            &ask.what,
+                        )
                     } else {
                         crate::hls::Answer::Refused
                     };

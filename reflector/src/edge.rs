@@ -179,6 +179,8 @@ struct Stream {
     hls: Option<braid_core::hls::Segmenter>,
     /// Kept open for HLS players until then.
     hls_until: Option<Instant>,
+    /// The set reflectors (by index) that said they do not carry it.
+    unknown_at: HashSet<usize>,
 }
 
 /// How the repairs of a stream went over the last period: an edge whose paths keep
@@ -497,12 +499,16 @@ impl Edge {
         let id = msg.header.stream;
         if !self.config.settings.carries(id) {
             self.counters.drops.add("unknown_stream");
-            self.reply_error(
-                from,
-                id,
-                ErrorCode::UNKNOWN_STREAM,
-                "stream not carried here",
-            );
+            // Never an error for an error: two nodes that both do not carry a stream
+            // would trade them forever.
+            if !matches!(msg.body, Body::Error { .. }) {
+                self.reply_error(
+                    from,
+                    id,
+                    ErrorCode::UNKNOWN_STREAM,
+                    "stream not carried here",
+                );
+            }
             return;
         }
         if matches!(msg.body, Body::Media(_)) && !node {
@@ -598,6 +604,14 @@ impl Edge {
                 // A set reflector refusing this edge: counted, and said once per peer
                 // with its reason (an operator's configuration error, as a rule).
                 self.counters.refusals += 1;
+                // A stream none of its set reflectors carries is unknown here: HLS
+                // requests for it are answered at once.
+                if code == ErrorCode::UNKNOWN_STREAM {
+                    let index = self.config.reflectors.iter().position(|r| *r == a);
+                    if let (Some(i), Some(st)) = (index, self.streams.get_mut(&id)) {
+                        st.unknown_at.insert(i);
+                    }
+                }
                 if self.warned.len() < 1024 && self.warned.insert(from) {
                     tracing::warn!(peer = %a, code = code.0, "refused by a set reflector: {text}");
                 }
@@ -614,6 +628,10 @@ impl Edge {
         let Some(config) = self.config.hls.clone() else {
             return false;
         };
+        if !self.config.settings.carries(id) {
+            // Not opened: [`Edge::stream_unknown`] says why.
+            return true;
+        }
         if !self.streams.contains_key(&id) && self.streams.len() >= self.config.settings.max_streams
         {
             self.counters.drops.add("stream_cap");
@@ -637,6 +655,16 @@ impl Edge {
         true
     }
 
+    /// Whether this edge is configured without stream `id` (`--stream`), or every set
+    /// reflector it is subscribed to for it said it does not carry it.
+    pub fn stream_unknown(&self, id: StreamId) -> bool {
+        !self.config.settings.carries(id)
+            || self.streams.get(&id).is_some_and(|st| {
+                !st.upstream.is_empty()
+                    && st.upstream.iter().all(|(i, _)| st.unknown_at.contains(i))
+            })
+    }
+
     /// Stream `id`'s HLS segmenter, once an HLS player asked for it.
     pub fn hls(&self, id: StreamId) -> Option<&braid_core::hls::Segmenter> {
         self.streams.get(&id)?.hls.as_ref()
@@ -650,12 +678,12 @@ impl Edge {
             .collect()
     }
 
-    /// A number that grows whenever any stream's HLS segmenter completes a part.
+    /// A number that grows whenever any stream's HLS segmenter completes a part, or a
+    /// set reflector says it does not carry a stream.
     pub fn hls_progress(&self) -> u64 {
         self.streams
             .values()
-            .filter_map(|s| s.hls.as_ref())
-            .map(|h| h.stats().parts)
+            .map(|s| s.hls.as_ref().map_or(0, |h| h.stats().parts) + s.unknown_at.len() as u64)
             .sum()
     }
 
@@ -677,6 +705,7 @@ impl Edge {
                     trouble: Trouble::default(),
                     hls: None,
                     hls_until: None,
+                    unknown_at: HashSet::new(),
                 },
             );
         }
@@ -1594,6 +1623,43 @@ mod tests {
         assert_eq!(first - r.merge.released, dropped);
         assert_eq!(e.counters().streams_closed, 1);
         assert!(e.take_closed().is_empty(), "taken once");
+    }
+
+    /// An edge that does not carry a stream answers a message for it with an error, but
+    /// never an error with one: two such nodes would trade errors forever.
+    #[test]
+    fn an_error_for_a_stream_not_carried_is_not_answered() {
+        let now = Instant::now();
+        let mut e = edge(now);
+        e.config.settings.streams = vec![StreamId(1)];
+        let msg = |body: Body| {
+            let mut b = bytes::BytesMut::new();
+            let m = Message {
+                header: Header {
+                    stream: StreamId(99),
+                    ..Header::default()
+                },
+                body,
+            };
+            codec().encode(&m, &mut b).unwrap();
+            Input::Received {
+                from: Peer::Addr(set()),
+                datagram: b.freeze(),
+                node: true,
+            }
+        };
+        e.handle_input(now, msg(Body::Unsubscribe { node: NodeId(3) }));
+        assert_eq!(sent(&mut e).len(), 1, "a message for it gets an error");
+        e.handle_input(
+            now,
+            msg(Body::Error {
+                code: ErrorCode::UNKNOWN_STREAM,
+                text: "stream not carried here".into(),
+            }),
+        );
+        assert!(sent(&mut e).is_empty(), "an error gets nothing");
+        assert_eq!(e.counters().drops.get("unknown_stream"), 2);
+        assert!(e.stream_unknown(StreamId(99)));
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub(crate) struct Ask {
 pub(crate) enum Answer {
     /// The stream holds no segment yet (just opened, or nothing comes for it).
     Empty,
+    /// No set reflector carries the stream.
+    Unknown,
     /// The edge takes no more streams.
     Refused,
     /// A playlist.
@@ -317,6 +319,11 @@ async fn playlist(
             "no_stream",
             "nothing arrives for this stream",
         ),
+        Some(Answer::Unknown) => refuse(
+            StatusCode::NOT_FOUND,
+            "unknown_stream",
+            "no set reflector carries this stream",
+        ),
         _ => refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             "stopping",
@@ -386,6 +393,11 @@ async fn media(
             "no_stream",
             "nothing arrives for this stream",
         ),
+        Some(Answer::Unknown) => refuse(
+            StatusCode::NOT_FOUND,
+            "unknown_stream",
+            "no set reflector carries this stream",
+        ),
         Some(_) => refuse(
             StatusCode::NOT_FOUND,
             "out_of_window",
@@ -416,9 +428,17 @@ async fn part(
 }
 
 /// Answers `what` from `seg` (the stream's segmenter, if it has one yet).
-pub(crate) fn answer(seg: Option<&braid_core::hls::Segmenter>, what: &What) -> Answer {
-    let Some(seg) = seg else {
-        return Answer::Empty;
+pub(crate) fn answer(
+    seg: Option<&braid_core::hls::Segmenter>,
+    unknown: bool,
+    what: &What,
+) -> Answer {
+    let Some(seg) = seg.filter(|s| s.first_msn().is_some()) else {
+        return if unknown {
+            Answer::Unknown
+        } else {
+            Answer::Empty
+        };
     };
     let generation = seg.generation();
     let target = Duration::from_secs(seg.target_duration());

@@ -309,7 +309,11 @@ impl SetReflector {
         let to = Peer::Addr(from);
         if !self.config.settings.carries(id) {
             self.counters.drops.add("unknown_stream");
-            self.reply_error(to, id, ErrorCode::UNKNOWN_STREAM, "stream not carried here");
+            // Never an error for an error: two nodes that both do not carry a stream
+            // would trade them forever.
+            if !matches!(msg.body, Body::Error { .. }) {
+                self.reply_error(to, id, ErrorCode::UNKNOWN_STREAM, "stream not carried here");
+            }
             return;
         }
         // Media, subscriptions and repairs are for nodes only: over QUIC the peer must

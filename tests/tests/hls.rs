@@ -229,8 +229,9 @@ fn hls_segments_are_the_source_byte_for_byte_and_ffmpeg_plays_the_playlist() {
     );
 }
 
-/// Bad requests get the right status at once: a malformed or absurd `_HLS_msn`, a
-/// segment of another edge or out of the window, a missing or wrong token; a blocking
+/// Bad requests get the right status at once: an unknown stream, a malformed or absurd
+/// `_HLS_msn`, a segment of another edge or out of the window, a missing or wrong token;
+/// a blocking
 /// reload for a segment two ahead waits at most three target durations.
 #[test]
 fn bad_hls_requests_get_the_right_status_at_once() {
@@ -268,6 +269,21 @@ fn bad_hls_requests_get_the_right_status_at_once() {
         );
     };
     quick("playlist.m3u8", 401);
+    // A stream no set reflector carries: they say so to the edge at its first subscribe.
+    let unknown = braid_core::token::Signer::new(SECRET).sign(&braid_core::token::Claims {
+        stream: braid_core::StreamId(99),
+        client: braid_core::ClientId(5),
+        expires: u64::MAX,
+    });
+    let (status, body, took) = get(&format!(
+        "http://{}/hls/99/playlist.m3u8?token={unknown}",
+        net.edge.ready["hls"]
+    ));
+    assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
+    assert!(
+        took < Duration::from_millis(500),
+        "an unknown stream is refused at once ({took:?})"
+    );
     quick("playlist.m3u8?token=bogus", 403);
     quick(&format!("playlist.m3u8?token={other}"), 403);
     // The stream warms up with a good token.

@@ -80,7 +80,11 @@ fn main() -> anyhow::Result<()> {
         if r.status() != 200 {
             return None;
         }
-        r.body_mut().with_config().limit(64 << 20).read_to_vec().ok()
+        r.body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_vec()
+            .ok()
     };
     // A complete segment, listed for the run.
     let end = Instant::now() + Duration::from_secs(20);
@@ -103,7 +107,9 @@ fn main() -> anyhow::Result<()> {
         .prefix("braid-bench-hls-")
         .tempdir_in("/dev/shm")?;
     std::fs::write(root.path().join("seg.ts"), &bytes)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let conf = root.path().join("nginx.conf");
     std::fs::write(
         &conf,
@@ -119,9 +125,14 @@ fn main() -> anyhow::Result<()> {
     )?;
     let child = braid_ops::harness::die_with_parent({
         let mut c = Command::new("nginx");
-        c.args(["-c", &conf.display().to_string(), "-p", &root.path().display().to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        c.args([
+            "-c",
+            &conf.display().to_string(),
+            "-p",
+            &root.path().display().to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         c
     })
     .spawn()
@@ -169,14 +180,8 @@ fn main() -> anyhow::Result<()> {
         args.seconds,
         args.rounds
     );
-    println!(
-        "  edge : {e_rps:.0} segments/s, {:.2} Gbit/s",
-        e_bps / 1e9
-    );
-    println!(
-        "  nginx: {n_rps:.0} segments/s, {:.2} Gbit/s",
-        n_bps / 1e9
-    );
+    println!("  edge : {e_rps:.0} segments/s, {:.2} Gbit/s", e_bps / 1e9);
+    println!("  nginx: {n_rps:.0} segments/s, {:.2} Gbit/s", n_bps / 1e9);
     println!("  edge / nginx: {:.2}", e_rps / n_rps);
     println!(
         "  edge memory: {:.1} MiB idle, {:.1} MiB with {} HLS clients: {:.0} KiB per client",
