@@ -95,8 +95,12 @@ struct Segment {
     msn: u64,
     pieces: Vec<Piece>,
     parts: Vec<Part>,
-    /// Wall-clock time of its first packet, ms since the Unix epoch.
-    pdt_ms: u64,
+    /// Its first packet's capture time on the capture's clock (its RTP timestamp,
+    /// unwrapped), ms.
+    rtp_ms: u64,
+    /// Its program date time, once fixed (when its session ended); until then the
+    /// session's clock offset gives it.
+    pdt_ms: Option<u64>,
     /// Its duration, 90 kHz ticks (complete segments).
     ticks: u64,
     /// Starts at a keyframe.
@@ -162,6 +166,15 @@ pub struct Segmenter {
     /// The clock now, unwrapped, and the raw timestamp it was last set from.
     clock: u64,
     last_raw: Option<u64>,
+    /// The capture's clock (RTP timestamps, unwrapped), 90 kHz ticks, and the raw one
+    /// last seen.
+    rtp_ticks: u64,
+    rtp_raw: Option<u32>,
+    /// Wall clock less the capture's, the least seen this session, ms: packets released
+    /// live show the least; a cold edge's burst of the last seconds shows more. Program
+    /// date times are the capture's times plus it, so every edge dates a segment alike
+    /// whatever it released late.
+    offset_ms: Option<i64>,
 }
 
 /// The decoding time stamp (or the presentation one, when no DTS is given) of the first
@@ -225,6 +238,9 @@ impl Segmenter {
             video: false,
             clock: 0,
             last_raw: None,
+            rtp_ticks: 0,
+            rtp_raw: None,
+            offset_ms: None,
         })
     }
 
@@ -266,7 +282,29 @@ impl Segmenter {
             self.stats.discontinuities += 1;
             self.close_segment(None);
             self.last_raw = None;
+            // The old session's segments keep the dates they have; the new session's
+            // clock starts afresh.
+            let offset = self.offset_ms.unwrap_or(0);
+            for seg in self.segments.iter_mut().filter(|s| s.pdt_ms.is_none()) {
+                seg.pdt_ms = Some(seg.rtp_ms.saturating_add_signed(offset));
+            }
+            self.rtp_raw = None;
+            self.offset_ms = None;
         }
+        // The capture's clock, and how far behind the wall clock it runs here.
+        if let Some(last) = self.rtp_raw {
+            let delta = ts.wrapping_sub(last);
+            if delta < 1 << 31 {
+                self.rtp_ticks += u64::from(delta);
+            }
+        } else {
+            // Starts at the wall clock, so that an offset near zero is the usual case.
+            self.rtp_ticks = wall_ms.saturating_mul(90);
+        }
+        self.rtp_raw = Some(ts);
+        let rtp_ms = self.rtp_ticks / 90;
+        let offset = wall_ms as i64 - rtp_ms as i64;
+        self.offset_ms = Some(self.offset_ms.map_or(offset, |o| o.min(offset)));
         let dts = video_dts(&payload);
         let open = self.segments.back().is_some_and(|s| !s.complete);
         if !open && self.last_raw.is_none() {
@@ -297,7 +335,8 @@ impl Segmenter {
                 msn: self.next_msn,
                 pieces: Vec::new(),
                 parts: Vec::new(),
-                pdt_ms: wall_ms,
+                rtp_ms: self.rtp_ticks / 90,
+                pdt_ms: None,
                 ticks: 0,
                 independent: keyframe,
                 discontinuity: new_session,
@@ -449,7 +488,10 @@ impl Segmenter {
             if s.discontinuity {
                 let _ = writeln!(out, "#EXT-X-DISCONTINUITY");
             }
-            let _ = writeln!(out, "#EXT-X-PROGRAM-DATE-TIME:{}", iso8601(s.pdt_ms));
+            let pdt = s
+                .pdt_ms
+                .unwrap_or_else(|| s.rtp_ms.saturating_add_signed(self.offset_ms.unwrap_or(0)));
+            let _ = writeln!(out, "#EXT-X-PROGRAM-DATE-TIME:{}", iso8601(pdt));
             if i >= with_parts {
                 for (j, p) in s.parts.iter().enumerate() {
                     let _ = write!(
@@ -603,6 +645,29 @@ mod tests {
         assert_eq!(seg[0], 0);
         assert_eq!(seg[49 * 188], 49);
         assert_eq!(s.stats().forced_cuts, 0);
+    }
+
+    /// A cold edge is sent the last seconds at once, then the stream live: the burst's
+    /// segment is dated when it was captured, not when it arrived, as every edge dates it.
+    #[test]
+    fn a_burst_of_the_past_is_dated_by_the_capture_clock() {
+        let mut s = Segmenter::new(Config::default(), 1).unwrap();
+        let base = 1_700_000_000_000u64;
+        for i in 0..250u64 {
+            // The first 100 packets (4 s) arrive together at base + 4 s.
+            let wall = if i < 100 { base + 4_000 } else { base + i * 40 };
+            let payload = Bytes::from(vec![0u8; 188]);
+            s.push(SeqNo(i), (i * 3600) as u32, 1, i % 50 == 0, payload, wall);
+        }
+        let pl = s.playlist("").unwrap();
+        assert!(
+            pl.contains("#EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:20.000Z\n"),
+            "{pl}"
+        );
+        assert!(
+            pl.contains("#EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:22.000Z\n"),
+            "{pl}"
+        );
     }
 
     #[test]
