@@ -280,7 +280,11 @@ async fn playlist(
     }
     let what = What::Playlist { msn, part, query };
     let until = Instant::now() + Duration::from_secs(30);
-    match ask_until(&app, stream, what, until).await {
+    let answer = ask_until(&app, stream, what, until).await;
+    if let Some(r) = stream_refusal(answer.as_ref()) {
+        return r;
+    }
+    match answer {
         Some(Answer::Playlist(text)) => {
             let mut r = text.into_response();
             let h = r.headers_mut();
@@ -304,11 +308,18 @@ async fn playlist(
             "too_far",
             "_HLS_msn or _HLS_part is further ahead than a client may ask",
         ),
-        Some(Answer::Wait { .. }) => refuse(
+        _ => refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             "block_timeout",
             "the segment asked for did not come within three target durations",
         ),
+    }
+}
+
+/// The refusals a playlist and a segment share: no room for the stream here, nothing
+/// arriving for it, no set reflector carrying it, the edge stopping.
+fn stream_refusal(answer: Option<&Answer>) -> Option<Response> {
+    Some(match answer {
         Some(Answer::Refused) => refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             "stream_cap",
@@ -324,12 +335,13 @@ async fn playlist(
             "unknown_stream",
             "no set reflector carries this stream",
         ),
-        _ => refuse(
+        None => refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             "stopping",
             "the edge is stopping",
         ),
-    }
+        Some(_) => return None,
+    })
 }
 
 async fn media(
@@ -361,7 +373,11 @@ async fn media(
         What::Segment { generation, msn }
     };
     let until = Instant::now() + Duration::from_secs(30);
-    match ask_until(&app, stream, what, until).await {
+    let answer = ask_until(&app, stream, what, until).await;
+    if let Some(r) = stream_refusal(answer.as_ref()) {
+        return r;
+    }
+    match answer {
         Some(Answer::Bytes(chunks)) => {
             // One copy of the ring's buffers per request: measured faster than writing the
             // packets' buffers one by one (0.70 of nginx against 1.76, BENCHMARKS.md), for
@@ -378,35 +394,15 @@ async fn media(
             cors(&mut r);
             r
         }
-        Some(Answer::Refused) => refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "stream_cap",
-            "this edge takes no more streams",
-        ),
         Some(Answer::Wait { .. }) => refuse(
             StatusCode::NOT_FOUND,
             "not_yet",
             "not complete within three target durations",
         ),
-        Some(Answer::Empty) => refuse(
-            StatusCode::NOT_FOUND,
-            "no_stream",
-            "nothing arrives for this stream",
-        ),
-        Some(Answer::Unknown) => refuse(
-            StatusCode::NOT_FOUND,
-            "unknown_stream",
-            "no set reflector carries this stream",
-        ),
-        Some(_) => refuse(
+        _ => refuse(
             StatusCode::NOT_FOUND,
             "out_of_window",
             "no such segment: out of the window, or another edge's",
-        ),
-        None => refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "stopping",
-            "the edge is stopping",
         ),
     }
 }
