@@ -159,11 +159,7 @@ impl Api {
         region: &str,
         peer: IpAddr,
     ) -> Result<String, ApiError> {
-        self.check_token(stream, token, unix_secs)?;
-        let a = self
-            .registry
-            .assign(now, region, &prefix(peer))
-            .map_err(|e| ApiError::new(503, e.to_string()))?;
+        let a = self.assign(now, unix_secs, stream, token, region, peer)?;
         let pick = |set| {
             a.candidates
                 .iter()

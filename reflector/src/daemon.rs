@@ -265,7 +265,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             }
         }
         deadline = d.drive(&mut machine);
-        if let Machine::Edge(m) = &machine {
+        if let (Some(_), Machine::Edge(m)) = (config.hls_listen, &machine) {
             let p = m.hls_progress();
             if p != *progress_tx.borrow() {
                 progress_tx.send_replace(p);
