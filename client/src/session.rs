@@ -354,6 +354,9 @@ pub struct Session {
     got_from_edge: bool,
     acked: SeqNo,
     since_ack: u32,
+    /// Media bytes received from each edge watched (the current one and the one being
+    /// left), told back to it in watches.
+    received_from: HashMap<SocketAddr, u64>,
     next_ack: Instant,
     next_report: Instant,
     last_report: (Instant, u64),
@@ -454,6 +457,7 @@ impl Session {
             got_from_edge: false,
             acked: SeqNo(0),
             since_ack: 0,
+            received_from: HashMap::new(),
             next_ack: now + ACK_EVERY,
             next_report: now + REPORT_EVERY,
             last_report: (now, 0),
@@ -680,6 +684,7 @@ impl Session {
             acked: self.acked,
             cookie: self.cookies.get(&to).copied().unwrap_or_default(),
             token: self.config.token.clone(),
+            received: self.received_from.get(&to).copied(),
         })
     }
 
@@ -988,6 +993,16 @@ impl Session {
                 header,
                 body: Body::Media(m),
             } => {
+                // What each edge delivered, told back to it in watches: its measure of
+                // this viewer's speed.
+                if let Some(f) = from.filter(|_| from_edge || from_leaving) {
+                    let n = self.received_from.entry(f).or_insert(0);
+                    *n = n.wrapping_add(m.rtp.len() as u64);
+                }
+                if self.received_from.len() > 8 {
+                    let keep = [self.edge, self.leaving, self.left.map(|(e, _)| e)];
+                    self.received_from.retain(|e, _| keep.contains(&Some(*e)));
+                }
                 if from_leaving && !from_edge {
                     // The edge being left, until the new one delivers.
                     if m.seq > self.acked {

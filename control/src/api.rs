@@ -104,6 +104,21 @@ impl Playback {
     }
 }
 
+/// A viewer asking for its edges (`GET /v1/assign`).
+#[derive(Debug, Clone, Copy)]
+pub struct AssignRequest<'a> {
+    /// The stream.
+    pub stream: u32,
+    /// Its token (empty: none).
+    pub token: &'a str,
+    /// Its region (empty: any).
+    pub region: &'a str,
+    /// Where it asks from: its network is its `prefix`.
+    pub peer: IpAddr,
+    /// Its id (0: not said).
+    pub client: u64,
+}
+
 /// Player sessions remembered at once.
 const MAX_PLAYBACK: usize = 1000;
 /// A player silent this long is forgotten.
@@ -159,7 +174,14 @@ impl Api {
         region: &str,
         peer: IpAddr,
     ) -> Result<String, ApiError> {
-        let a = self.assign(now, unix_secs, stream, token, region, peer)?;
+        let v = AssignRequest {
+            stream,
+            token,
+            region,
+            peer,
+            client: 0,
+        };
+        let a = self.assign(now, unix_secs, &v)?;
         let pick = |set| {
             a.candidates
                 .iter()
@@ -223,6 +245,13 @@ impl Api {
     /// The registry, for the status page.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// How long viewers reported slow are remembered.
+    #[must_use]
+    pub fn with_slow_memory(mut self, ttl: std::time::Duration) -> Api {
+        self.registry = self.registry.with_slow_memory(ttl);
+        self
     }
 
     fn check_token(&self, stream: u32, token: &str, unix_secs: u64) -> Result<(), ApiError> {
@@ -383,22 +412,29 @@ impl Api {
         })
     }
 
-    /// `GET /v1/assign`, from a viewer at `peer`.
+    /// `GET /v1/assign`, from viewer `v`.
     pub fn assign(
         &mut self,
         now: Instant,
         unix_secs: u64,
-        stream: u32,
-        token: &str,
-        region: &str,
-        peer: IpAddr,
+        v: &AssignRequest<'_>,
     ) -> Result<registry::Assignment, ApiError> {
+        let AssignRequest {
+            stream,
+            token,
+            region,
+            peer,
+            client,
+        } = *v;
         self.check_token(stream, token, unix_secs)?;
         let a = self
             .registry
-            .assign(now, region, &prefix(peer))
+            .assign(now, region, &prefix(peer), client)
             .map_err(|e| ApiError::new(503, e.to_string()))?;
         metrics::counter!("braid_control_assignments_total").increment(1);
+        if self.registry.is_slow(now, client, &prefix(peer)) {
+            metrics::counter!("braid_control_slow_assignments_total").increment(1);
+        }
         Ok(a)
     }
 
@@ -413,7 +449,7 @@ impl Api {
         self.check_token(s.stream, &s.token, unix_secs)?;
         let a = self
             .registry
-            .switch(now, s.failed, &s.reason, &s.region, &prefix(peer))
+            .switch(now, s.failed, &s.reason, &s.region, &prefix(peer), s.client)
             .map_err(|e| ApiError::new(503, e.to_string()))?;
         metrics::counter!("braid_control_switches_total", "reason" => s.reason.clone())
             .increment(1);

@@ -86,6 +86,11 @@ pub struct Config {
     #[arg(long, default_value_t = 3000)]
     #[serde(default = "default_down_ms")]
     pub down_ms: u64,
+    /// Viewers the edges report slow are placed on low-cost edges (the lowest
+    /// `--cost-tier`) for this long, s, by client id and by network (default 600).
+    #[arg(long, default_value_t = 600)]
+    #[serde(default = "default_slow_memory_secs")]
+    pub slow_memory_secs: u64,
     /// Operator actions (drain, undrain) need `Authorization: Bearer` this token
     /// (`braid-ctl --operator-token`). Empty: operator actions are refused.
     #[arg(
@@ -129,6 +134,9 @@ fn default_metrics() -> SocketAddr {
 }
 fn default_sets() -> String {
     "parity".into()
+}
+fn default_slow_memory_secs() -> u64 {
+    600
 }
 fn default_down_ms() -> u64 {
     3000
@@ -307,15 +315,14 @@ async fn assign(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(q): Query<AssignQuery>,
 ) -> Result<Json<registry::Assignment>, HttpError> {
-    let _ = q.client;
-    let a = lock(&app).assign(
-        Instant::now(),
-        unix_secs(),
-        q.stream,
-        &q.token,
-        &q.region,
-        peer.ip(),
-    )?;
+    let v = api::AssignRequest {
+        stream: q.stream,
+        token: &q.token,
+        region: &q.region,
+        peer: peer.ip(),
+        client: q.client,
+    };
+    let a = lock(&app).assign(Instant::now(), unix_secs(), &v)?;
     Ok(Json(a))
 }
 
@@ -503,6 +510,7 @@ fn shared(config: &Config) -> anyhow::Result<Shared> {
             Duration::from_millis(config.down_ms),
             (!config.token_secret.is_empty()).then(|| Signer::new(&config.token_secret)),
         )
+        .with_slow_memory(Duration::from_secs(config.slow_memory_secs))
         .with_operator_token(&config.operator_token)
         .with_token_renewal(config.token_renew_secs)
         .with_node_auth(braid_core::nodeauth::NodeAuth::new(

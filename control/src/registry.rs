@@ -104,6 +104,27 @@ pub struct Report {
     /// Where it serves HLS (edges started with `--hls-listen`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hls: Option<SocketAddr>,
+    /// Viewers whose link holds them back (edges): placed on low-cost edges from their
+    /// next request on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slow: Vec<SlowViewer>,
+}
+
+/// A viewer an edge found slow: its link cannot take what it is sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlowViewer {
+    /// Its id, as its watches name it.
+    pub client: u64,
+    /// Its address, when the edge knows it: its network is remembered too.
+    #[serde(default)]
+    pub ip: Option<std::net::IpAddr>,
+    /// The stream it watches.
+    #[serde(default)]
+    pub stream: u32,
+    /// The rate its link took, bit/s.
+    #[serde(default)]
+    pub bps: u64,
 }
 
 /// A stream's figures at one node, as it reports them.
@@ -153,6 +174,8 @@ pub struct PathFigures {
 pub const MAX_REPORT_STREAMS: usize = 64;
 /// Most paths per stream a report may carry (what a node sends).
 pub const MAX_REPORT_PATHS: usize = 16;
+/// Most slow viewers a report names (what an edge sends).
+pub const MAX_REPORT_SLOW: usize = 256;
 /// Most sources a stream's figures name.
 pub const MAX_REPORT_SOURCES: usize = 8;
 
@@ -212,6 +235,12 @@ impl Report {
         }
         if self.egress_bps > MAX_EGRESS_BPS {
             return Err(format!("egress must be at most {MAX_EGRESS_BPS} bit/s"));
+        }
+        if self.slow.len() > MAX_REPORT_SLOW {
+            return Err(format!("at most {MAX_REPORT_SLOW} slow viewers"));
+        }
+        if self.role != Role::Edge && !self.slow.is_empty() {
+            return Err("only edges serve viewers, so only edges name slow ones".into());
         }
         if self.cost_tier > MAX_COST_TIER {
             return Err(format!("cost tier must be at most {MAX_COST_TIER}"));
@@ -309,9 +338,64 @@ pub const FORGET_AFTER: Duration = Duration::from_secs(60);
 /// Most nodes a registry knows at once.
 pub const MAX_NODES: usize = 10_000;
 
+/// How long a slow viewer is remembered, by default.
+pub const SLOW_MEMORY: Duration = Duration::from_secs(600);
+/// Most slow clients, and most slow networks, remembered at once.
+pub const MAX_SLOW: usize = 10_000;
+
+/// Viewers the edges reported slow, by client id and by network (/24, /48), each until
+/// its expiry: a returning viewer, or a new one from the same network, is placed on a
+/// low-cost edge at once (seed 001).
+#[derive(Debug)]
+struct SlowMemory {
+    ttl: Duration,
+    clients: HashMap<u64, Instant>,
+    networks: HashMap<String, Instant>,
+    /// Entries not remembered for want of room.
+    refused: u64,
+}
+
+impl SlowMemory {
+    fn remember<K: std::hash::Hash + Eq>(
+        map: &mut HashMap<K, Instant>,
+        refused: &mut u64,
+        now: Instant,
+        key: K,
+        until: Instant,
+    ) {
+        if map.len() >= MAX_SLOW && !map.contains_key(&key) {
+            map.retain(|_, t| *t > now);
+            if map.len() >= MAX_SLOW {
+                *refused += 1;
+                return;
+            }
+        }
+        map.insert(key, until);
+    }
+
+    fn note(&mut self, now: Instant, v: &SlowViewer) {
+        let until = now + self.ttl;
+        if v.client != 0 {
+            Self::remember(&mut self.clients, &mut self.refused, now, v.client, until);
+        }
+        if let Some(ip) = v.ip {
+            let net = crate::api::prefix(ip);
+            Self::remember(&mut self.networks, &mut self.refused, now, net, until);
+        }
+    }
+
+    fn is_slow(&self, now: Instant, client: u64, prefix: &str) -> bool {
+        (client != 0 && self.clients.get(&client).is_some_and(|t| *t > now))
+            || self.networks.get(prefix).is_some_and(|t| *t > now)
+    }
+}
+
 /// The registry.
 #[derive(Debug)]
 pub struct Registry {
+    slow: SlowMemory,
+    /// Assignments of viewers known to be slow.
+    slow_assignments: u64,
     rule: SetRule,
     down_after: Duration,
     /// Ordered, so that ties in assignment break the same way in every run.
@@ -347,6 +431,13 @@ impl Registry {
     /// A registry; a node silent for `down_after` is down (default 3 s).
     pub fn new(rule: SetRule, down_after: Duration) -> Registry {
         Registry {
+            slow: SlowMemory {
+                ttl: SLOW_MEMORY,
+                clients: HashMap::new(),
+                networks: HashMap::new(),
+                refused: 0,
+            },
+            slow_assignments: 0,
             rule,
             down_after,
             nodes: BTreeMap::new(),
@@ -398,6 +489,9 @@ impl Registry {
                     report.node, n.report.role, n.report.addr
                 ));
             }
+        }
+        for v in &report.slow {
+            self.slow.note(now, v);
         }
         let node = self.nodes.entry(report.node).or_insert(Node {
             report: report.clone(),
@@ -454,25 +548,57 @@ impl Registry {
             .sum()
     }
 
-    /// Assigns a viewer: the least loaded live edge of the set with more headroom,
-    /// preferring `region`, and the other set as secondary.
+    /// How long slow viewers are remembered (default [`SLOW_MEMORY`]).
+    #[must_use]
+    pub fn with_slow_memory(mut self, ttl: Duration) -> Registry {
+        self.slow.ttl = ttl;
+        self
+    }
+
+    /// Whether viewer `client` (0: unknown) on network `prefix` was reported slow and
+    /// is still remembered.
+    pub fn is_slow(&self, now: Instant, client: u64, prefix: &str) -> bool {
+        self.slow.is_slow(now, client, prefix)
+    }
+
+    /// Assigns viewer `client` (0: unknown): the least loaded live edge of the set with
+    /// more headroom, preferring `region`, and the other set as secondary. Within a set,
+    /// a viewer remembered slow gets the cheapest edges (the lowest cost tier) and any
+    /// other the costliest (the fast ones, seed 001); a slow viewer's set is one that
+    /// has an edge of the cheapest tier.
     pub fn assign(
         &mut self,
         now: Instant,
         region: &str,
         prefix: &str,
+        client: u64,
     ) -> Result<Assignment, AssignError> {
         let edges = self.edges(now);
         if edges.is_empty() {
             return Err(AssignError::NoEdge);
         }
-        let set = if Self::headroom(&edges, Set::Even) >= Self::headroom(&edges, Set::Odd) {
+        let slow = self.is_slow(now, client, prefix);
+        let cheapest = edges.iter().map(|(n, _, _)| n.report.cost_tier).min();
+        let has_cheapest = |set: Set| {
+            edges
+                .iter()
+                .any(|(n, s, _)| *s == set && Some(n.report.cost_tier) == cheapest)
+        };
+        let by_headroom = if Self::headroom(&edges, Set::Even) >= Self::headroom(&edges, Set::Odd) {
             Set::Even
         } else {
             Set::Odd
         };
-        let a = self.pick(now, set, None, region, prefix)?;
+        let set = if slow && !has_cheapest(by_headroom) {
+            by_headroom.other()
+        } else {
+            by_headroom
+        };
+        let a = self.pick(now, set, None, region, prefix, slow)?;
         self.assignments += 1;
+        if slow {
+            self.slow_assignments += 1;
+        }
         Ok(a)
     }
 
@@ -496,10 +622,15 @@ impl Registry {
         reason: &str,
         region: &str,
         prefix: &str,
+        client: u64,
     ) -> Result<Assignment, AssignError> {
         *self.switches.0.entry(reason.to_owned()).or_default() += 1;
         let set = self.rule.set_of(failed.port()).other();
-        self.pick(now, set, Some(failed), region, prefix)
+        let slow = self.is_slow(now, client, prefix);
+        if slow {
+            self.slow_assignments += 1;
+        }
+        self.pick(now, set, Some(failed), region, prefix, slow)
             .map_err(|e| match e {
                 AssignError::NoEdge => AssignError::NoOtherSet,
                 e => e,
@@ -513,9 +644,10 @@ impl Registry {
         avoid: Option<SocketAddr>,
         region: &str,
         prefix: &str,
+        slow: bool,
     ) -> Result<Assignment, AssignError> {
         let fb = self.feedback.get(prefix);
-        // (address, set, load, region, node, QUIC address, HLS address)
+        // (address, set, load, region, node, QUIC address, HLS address, cost tier)
         #[allow(clippy::type_complexity)]
         let mut ranked: Vec<(
             SocketAddr,
@@ -525,6 +657,7 @@ impl Registry {
             u64,
             Option<SocketAddr>,
             Option<SocketAddr>,
+            u8,
         )> = self
             .edges(now)
             .into_iter()
@@ -538,11 +671,14 @@ impl Registry {
                     n.report.node,
                     n.report.quic,
                     n.report.hls,
+                    n.report.cost_tier,
                 )
             })
             .collect();
         // Order: the chosen set first; within it, the viewer's region first; then the
-        // least loaded; then the fastest as the viewer's network measured it.
+        // cheapest tier for a slow viewer, the costliest (fastest) for any other; then
+        // the least loaded; then the fastest as the viewer's network measured it.
+        let tier = |t: u8| if slow { i16::from(t) } else { -i16::from(t) };
         let rtt = |a: &SocketAddr| {
             fb.and_then(|f| f.rtt_ms.get(a).copied())
                 .unwrap_or(f64::MAX)
@@ -551,6 +687,7 @@ impl Registry {
             (x.1 != set)
                 .cmp(&(y.1 != set))
                 .then((x.3 != region).cmp(&(y.3 != region)))
+                .then(tier(x.7).cmp(&tier(y.7)))
                 .then(x.2.total_cmp(&y.2))
                 .then(rtt(&x.0).total_cmp(&rtt(&y.0)))
         });
@@ -564,7 +701,7 @@ impl Registry {
         let candidates = ranked
             .iter()
             .enumerate()
-            .map(|(i, (addr, s, load, region, _, quic, hls))| Candidate {
+            .map(|(i, (addr, s, load, region, _, quic, hls, _))| Candidate {
                 addr: *addr,
                 quic: *quic,
                 hls: *hls,
@@ -657,6 +794,9 @@ impl Registry {
             history: self.history.iter().copied().collect(),
             switches: self.switches.clone(),
             warnings,
+            slow_clients: self.slow.clients.values().filter(|t| **t > now).count(),
+            slow_networks: self.slow.networks.values().filter(|t| **t > now).count(),
+            slow_assignments: self.slow_assignments,
         }
     }
 }
@@ -711,6 +851,12 @@ pub struct Status {
     pub warnings: Vec<String>,
     /// Switches and gaps over the last minutes, oldest first.
     pub history: Vec<Sample>,
+    /// Viewers remembered slow, by client id.
+    pub slow_clients: usize,
+    /// Networks remembered slow.
+    pub slow_networks: usize,
+    /// Assignments and switches of viewers remembered slow.
+    pub slow_assignments: u64,
 }
 
 /// Totals at one moment, for the console's charts.
@@ -747,6 +893,7 @@ mod tests {
             cpu: 0.0,
             streams: Vec::new(),
             hls: None,
+            slow: Vec::new(),
         }
     }
 
@@ -785,7 +932,7 @@ mod tests {
         four_edges(&mut r, t);
         let mut per: HashMap<SocketAddr, u32> = HashMap::new();
         for _ in 0..40 {
-            let a = r.assign(t, "", "").unwrap();
+            let a = r.assign(t, "", "", 0).unwrap();
             assert_ne!(a.primary_set, a.secondary_set);
             assert_eq!(SetRule::Parity.set_of(a.primary.port()), a.primary_set);
             *per.entry(a.primary).or_default() += 1;
@@ -801,7 +948,7 @@ mod tests {
         four_edges(&mut r, t);
         let failed = SocketAddr::from(([127, 0, 0, 1], 9000));
         for _ in 0..10 {
-            let a = r.switch(t, failed, "stall", "", "").unwrap();
+            let a = r.switch(t, failed, "stall", "", "", 0).unwrap();
             assert_ne!(a.primary, failed);
             assert_eq!(a.primary_set, Set::Odd);
         }
@@ -819,7 +966,7 @@ mod tests {
         r.handle_report(later, edge(2, 9001, 0)).unwrap();
         assert!(r.drain(0, true));
         for _ in 0..10 {
-            assert_eq!(r.assign(later, "", "").unwrap().primary.port(), 9001);
+            assert_eq!(r.assign(later, "", "", 0).unwrap().primary.port(), 9001);
         }
         let s = r.status(later);
         assert_eq!((s.live_edges_even, s.live_edges_odd), (0, 1));
@@ -830,7 +977,8 @@ mod tests {
                 SocketAddr::from(([127, 0, 0, 1], 9001)),
                 "kill",
                 "",
-                ""
+                "",
+                0
             ),
             Err(AssignError::NoOtherSet)
         );
@@ -844,7 +992,7 @@ mod tests {
         a.region = "eu".into();
         r.handle_report(t, a).unwrap();
         r.handle_report(t, edge(1, 9002, 0)).unwrap();
-        assert_eq!(r.assign(t, "eu", "").unwrap().primary.port(), 9000);
+        assert_eq!(r.assign(t, "eu", "", 0).unwrap().primary.port(), 9000);
         // Without a region, the viewer's network measured 9002 faster.
         let mut r = Registry::new(SetRule::Parity, Duration::from_secs(3));
         r.handle_report(t, edge(0, 9000, 0)).unwrap();
@@ -856,18 +1004,151 @@ mod tests {
                 (SocketAddr::from(([127, 0, 0, 1], 9002)), 5.0),
             ],
         );
-        assert_eq!(r.assign(t, "", "10.1.2").unwrap().primary.port(), 9002);
+        assert_eq!(r.assign(t, "", "10.1.2", 0).unwrap().primary.port(), 9002);
+    }
+
+    fn slow(client: u64, ip: [u8; 4]) -> SlowViewer {
+        SlowViewer {
+            client,
+            ip: Some(std::net::IpAddr::from(ip)),
+            stream: 1,
+            bps: 1_000_000,
+        }
+    }
+
+    /// Two edges per set, one cheap (tier 0) and one fast (tier 2) in each.
+    fn tiered(r: &mut Registry, t: Instant, reporter_slow: Vec<SlowViewer>) {
+        for (node, port, tier) in [(0, 9000, 0), (1, 9002, 2), (2, 9001, 0), (3, 9003, 2)] {
+            let mut e = edge(node, port, 0);
+            e.cost_tier = tier;
+            if node == 1 {
+                e.slow = reporter_slow.clone();
+            }
+            r.handle_report(t, e).unwrap();
+        }
+    }
+
+    #[test]
+    fn slow_viewers_get_cheap_edges_and_others_fast_ones() {
+        let t = Instant::now();
+        let mut r = Registry::new(SetRule::Parity, Duration::from_secs(3))
+            .with_slow_memory(Duration::from_secs(60));
+        tiered(&mut r, t, Vec::new());
+        // Nobody is slow yet: every viewer gets a fast edge, whichever set.
+        for client in [7, 8] {
+            let a = r.assign(t, "", "10.0.0", client).unwrap();
+            assert!([9002, 9003].contains(&a.primary.port()), "{a:?}");
+        }
+        // An edge reports client 7 slow, from 10.0.0.5.
+        tiered(&mut r, t, vec![slow(7, [10, 0, 0, 5])]);
+        let a = r.assign(t, "", "10.9.9", 7).unwrap();
+        assert!([9000, 9001].contains(&a.primary.port()), "by client: {a:?}");
+        // A new viewer from the same network is placed alike; one from elsewhere not.
+        let a = r.assign(t, "", "10.0.0", 99).unwrap();
+        assert!(
+            [9000, 9001].contains(&a.primary.port()),
+            "by network: {a:?}"
+        );
+        let a = r.assign(t, "", "10.9.9", 99).unwrap();
+        assert!([9002, 9003].contains(&a.primary.port()), "{a:?}");
+        // A switch of a slow viewer stays on the cheap tier of the other set.
+        let a = r
+            .switch(
+                t,
+                SocketAddr::from(([127, 0, 0, 1], 9000)),
+                "stall",
+                "",
+                "",
+                7,
+            )
+            .unwrap();
+        assert_eq!(a.primary.port(), 9001);
+        assert_eq!(r.status(t).slow_clients, 1);
+        assert_eq!(r.status(t).slow_networks, 1);
+        assert_eq!(r.status(t).slow_assignments, 3);
+        // Forgotten after the memory runs out (the edges reporting on).
+        let later = t + Duration::from_secs(61);
+        tiered(&mut r, later, Vec::new());
+        let a = r.assign(later, "", "10.0.0", 7).unwrap();
+        assert!([9002, 9003].contains(&a.primary.port()), "{a:?}");
+    }
+
+    #[test]
+    fn a_slow_viewer_goes_to_the_set_that_has_a_cheap_edge() {
+        let t = Instant::now();
+        let mut r = Registry::new(SetRule::Parity, Duration::from_secs(3));
+        // The even set has more room, but only the odd set has a cheap edge.
+        for (node, port, tier, viewers) in [(0, 9000, 3, 0), (1, 9001, 1, 50), (2, 9003, 3, 50)] {
+            let mut e = edge(node, port, viewers);
+            e.cost_tier = tier;
+            if node == 0 {
+                e.slow = vec![slow(5, [10, 0, 0, 1])];
+            }
+            r.handle_report(t, e).unwrap();
+        }
+        assert_eq!(r.assign(t, "", "10.7.7", 6).unwrap().primary.port(), 9000);
+        let a = r.assign(t, "", "10.7.7", 5).unwrap();
+        assert_eq!(a.primary.port(), 9001);
+        assert_eq!(a.secondary_set, Set::Even);
+    }
+
+    #[test]
+    fn only_edges_name_a_bounded_number_of_slow_viewers() {
+        let mut e = edge(0, 9000, 0);
+        e.slow = vec![slow(1, [10, 0, 0, 1]); MAX_REPORT_SLOW + 1];
+        assert!(e.validate().is_err());
+        e.slow.truncate(MAX_REPORT_SLOW);
+        assert!(e.validate().is_ok());
+        e.role = Role::Set;
+        assert!(e.validate().unwrap_err().contains("only edges"));
+    }
+
+    #[test]
+    fn slow_memory_is_bounded() {
+        let t = Instant::now();
+        let mut m = SlowMemory {
+            ttl: Duration::from_secs(10),
+            clients: HashMap::new(),
+            networks: HashMap::new(),
+            refused: 0,
+        };
+        for c in 1..=(MAX_SLOW as u64 + 5) {
+            m.note(
+                t,
+                &SlowViewer {
+                    client: c,
+                    ip: None,
+                    stream: 1,
+                    bps: 0,
+                },
+            );
+        }
+        assert_eq!(m.clients.len(), MAX_SLOW);
+        assert_eq!(m.refused, 5);
+        // Expired entries make room.
+        let later = t + Duration::from_secs(11);
+        m.note(
+            later,
+            &SlowViewer {
+                client: 1_000_000,
+                ip: None,
+                stream: 1,
+                bps: 0,
+            },
+        );
+        assert_eq!(m.clients.len(), 1);
+        assert!(m.is_slow(later, 1_000_000, ""));
     }
 
     #[test]
     fn no_edge_is_an_error() {
         let t = Instant::now();
         let mut r = Registry::new(SetRule::Parity, Duration::from_secs(3));
-        assert_eq!(r.assign(t, "", ""), Err(AssignError::NoEdge));
+        assert_eq!(r.assign(t, "", "", 0), Err(AssignError::NoEdge));
         let mut full = edge(0, 9000, 100);
         full.capacity = 100;
         r.handle_report(t, full).unwrap();
-        assert_eq!(r.assign(t, "", ""), Err(AssignError::NoEdge));
+        assert_eq!(r.assign(t, "", "", 0), Err(AssignError::NoEdge));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! - [`seq`]: [`SeqNo`], RTP's sequence number extended to 64 bits.
 //! - [`merge`]: the multi-path merge buffer with its loss register (NACK).
 //! - [`ring`]: the edge's ring of recent packets and the per-viewer cursors into it.
+//! - [`speed`]: a viewer's delivery speed as its edge measures it, and whether it is slow.
 //! - [`detect`]: windowed reception measures and the switch detector.
 //! - [`token`]: signed viewer tokens.
 //! - [`cookie`]: address-validation cookies.
@@ -32,6 +33,7 @@ pub mod node;
 pub mod nodeauth;
 pub mod ring;
 pub mod seq;
+pub mod speed;
 pub mod token;
 pub mod wire;
 

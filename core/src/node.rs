@@ -335,6 +335,8 @@ impl<T> Held<T> for RepairStore<T> {
 pub struct NackAnswer {
     /// Packets sent again.
     pub sent: u64,
+    /// Their RTP bytes.
+    pub bytes: u64,
     /// Numbers asked for that were no longer (or never) held.
     pub missing: u64,
     /// The NACK asked for more than the limit; the rest was ignored.
@@ -361,7 +363,10 @@ pub fn answer_nack<T: Kept, E>(
             }
             looked += 1;
             match kept.held(r.first.plus(i)) {
-                Some(p) if out.retransmit(to, p.header(), p.media()) => answer.sent += 1,
+                Some(p) if out.retransmit(to, p.header(), p.media()) => {
+                    answer.sent += 1;
+                    answer.bytes += p.media().rtp.len() as u64;
+                }
                 Some(_) => {}
                 None => answer.missing += 1,
             }

@@ -26,10 +26,14 @@ pub struct Shared {
     pub reflectors: std::sync::Mutex<Vec<PeerAddr>>,
     /// Every stream's figures, for the control server's console (refreshed each second).
     pub streams: std::sync::Mutex<Vec<serde_json::Value>>,
+    /// Viewers slow now (edges): client id, IP address, stream and rate.
+    pub slow: std::sync::Mutex<Vec<serde_json::Value>>,
 }
 
 /// Most streams a report carries (the busiest, by packets released).
 pub const REPORT_STREAMS: usize = 64;
+/// Most slow viewers a report names.
+pub const REPORT_SLOW: usize = 256;
 /// Most paths per stream a report carries.
 pub const REPORT_PATHS: usize = 16;
 
@@ -110,6 +114,7 @@ pub fn spawn(
                 "egress_bps": shared.egress_bps.load(Ordering::Relaxed),
                 "cpu": cpu.sample(),
                 "streams": shared.streams.lock().map(|s| s.clone()).unwrap_or_default(),
+                "slow": shared.slow.lock().map(|s| s.clone()).unwrap_or_default(),
             })
             .to_string();
             let mut answered = 0;

@@ -1256,6 +1256,7 @@ pub mod crowd {
                 acked: SeqNo(acked),
                 cookie,
                 token: Bytes::new(),
+                received: None,
             }),
         };
         codec

@@ -100,6 +100,8 @@ pub struct Counters {
     /// Refusals received from peers (a set reflector that does not trust this edge's
     /// certificate, a stream it does not carry, a full node).
     pub refusals: u64,
+    /// Viewers that turned slow: limited by their link for long (edge).
+    pub viewers_turned_slow: u64,
 }
 
 /// One stream's figures, for the metrics.

@@ -208,6 +208,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut d = Daemon {
         socket,
         writers: HashMap::new(),
+        tcp_peers: HashMap::new(),
         shared,
         egress_mark: (now, 0),
         learned: Vec::new(),
@@ -289,6 +290,8 @@ struct Daemon {
     socket: Socket,
     /// TCP viewers' queues, by connection.
     writers: HashMap<u64, mpsc::Sender<Bytes>>,
+    /// TCP viewers' addresses, by connection.
+    tcp_peers: HashMap<u64, SocketAddr>,
     shared: Arc<report::Shared>,
     /// (when, bytes sent then), for the egress rate.
     egress_mark: (Instant, u64),
@@ -356,8 +359,9 @@ impl Daemon {
             return;
         };
         match ev {
-            tcp::Event::Open { conn, writer } => {
+            tcp::Event::Open { conn, peer, writer } => {
                 self.writers.insert(conn, writer);
+                self.tcp_peers.insert(conn, peer);
             }
             tcp::Event::Message { conn, message } => m.handle_input(
                 now,
@@ -372,6 +376,7 @@ impl Daemon {
             }
             tcp::Event::Gone { conn, reason } => {
                 self.writers.remove(&conn);
+                self.tcp_peers.remove(&conn);
                 m.handle_input(now, edge::Input::ConnGone { conn, reason });
             }
         }
@@ -419,6 +424,30 @@ impl Daemon {
         let Machine::Edge(m) = machine else {
             return;
         };
+        if elapsed >= Duration::from_secs(1) {
+            // Slow viewers, for the control servers to place on low-cost edges.
+            let slow: Vec<serde_json::Value> = m
+                .speeds(now)
+                .into_iter()
+                .filter(|v| v.slow)
+                .take(report::REPORT_SLOW)
+                .map(|v| {
+                    let ip = match v.peer {
+                        Peer::Addr(a) => Some(a.ip()),
+                        Peer::Conn(c) => self.tcp_peers.get(&c).map(|a| a.ip()),
+                    };
+                    serde_json::json!({
+                        "client": v.client.0,
+                        "ip": ip,
+                        "stream": v.stream.0,
+                        "bps": v.bps,
+                    })
+                })
+                .collect();
+            if let Ok(mut s) = self.shared.slow.lock() {
+                *s = slow;
+            }
+        }
         let drain = self.shared.drain.load(Ordering::Relaxed);
         if drain != m.draining() {
             m.handle_input(now, edge::Input::Drain(drain));
@@ -479,6 +508,8 @@ fn export(role: &'static str, machine: &mut Machine) {
         metrics::counter!("braid_edge_path_replaced_total").absolute(c.path_replaced);
         metrics::counter!("braid_edge_drain_signals_total").absolute(c.drain_signals);
         metrics::gauge!("braid_viewers").set(m.viewers() as f64);
+        metrics::gauge!("braid_edge_viewers_slow").set(m.slow_viewers() as f64);
+        metrics::counter!("braid_edge_viewers_turned_slow_total").absolute(c.viewers_turned_slow);
         for (id, h) in m.hls_stats() {
             let stream = id.0.to_string();
             for (name, v) in [

@@ -21,12 +21,13 @@ use braid_core::cookie::{self, Cookies, Subject};
 use braid_core::merge;
 use braid_core::node::{self, Outbox, Output, Peer, TailProbe, WallClock};
 use braid_core::ring::{self, Cursor, Read, Ring, Start};
+use braid_core::speed;
 use braid_core::token::Signer;
 use braid_core::wire::{
     Body, Class, Codec, Cookie, ErrorCode, Flags, Keepalive, NoticeKind, SwitchReason, Watch,
     WatchStart,
 };
-use braid_core::{PathId, SeqNo, StreamId};
+use braid_core::{NodeId, PathId, SeqNo, StreamId};
 use bytes::Bytes;
 
 use crate::common::{self, Counters, HOUSEKEEPING, MAX_LEASE, MAX_NACK_ANSWER, Packet, Settings};
@@ -72,6 +73,8 @@ pub struct Config {
     pub tokens: Option<Signer>,
     /// Cut every stream into HLS segments and parts as this says (`--hls-listen`).
     pub hls: Option<braid_core::hls::Config>,
+    /// How each viewer's delivery speed is judged, and when it is slow.
+    pub speed: speed::Config,
 }
 
 /// Closed streams' last figures kept until the owner takes them.
@@ -131,8 +134,18 @@ struct Viewer {
     acked: SeqNo,
     /// Media sent and not yet acknowledged, oldest first, with when it was sent: the flow
     /// window counts these, not sequence distance, so a skip, a new source session or a
-    /// restarted edge never strands a viewer behind an old acknowledgement.
-    in_flight: VecDeque<(SeqNo, Instant)>,
+    /// restarted edge never strands a viewer behind an old acknowledgement. With each,
+    /// its size: what is acknowledged is credited to its speed.
+    in_flight: VecDeque<(SeqNo, Instant, u32)>,
+    /// The viewer's id, as its watches name it.
+    client: NodeId,
+    /// Its delivery speed.
+    speed: speed::Meter,
+    /// Media bytes it said it received from this edge in its last watch, if it counts
+    /// them; bytes sent to it since it joined, and bytes credited to its speed so far.
+    reported: Option<u64>,
+    sent_bytes: u64,
+    credited: u64,
     /// The first sequence number sent to it.
     first_sent: SeqNo,
     /// Where its cursor was placed (the *joined* notice), and how many more of its
@@ -228,6 +241,23 @@ fn judge(st: &mut Stream, now: Instant) -> Option<bool> {
     Some(troubled)
 }
 
+/// A viewer's delivery speed, as [`Edge::speeds`] says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ViewerSpeed {
+    /// Its stream.
+    pub stream: StreamId,
+    /// Where it is served.
+    pub peer: Peer,
+    /// Its id.
+    pub client: NodeId,
+    /// Its rate, bit/s (0 before the first sample).
+    pub bps: u64,
+    /// Whether its link set that rate (otherwise it took all it was sent).
+    pub limited: bool,
+    /// Whether it has been limited for long (see [`speed::Config::slow_after`]).
+    pub slow: bool,
+}
+
 /// The edge's state machine.
 pub struct Edge {
     config: Config,
@@ -242,8 +272,11 @@ pub struct Edge {
     last_drain_signal: Option<Instant>,
     /// QUIC peers whose connection is down (subscriptions move off them).
     quic_down: HashSet<SocketAddr>,
-    /// Media datagrams queued per TCP connection, not yet written.
-    tcp_queued: HashMap<u64, usize>,
+    /// Media datagrams queued per TCP connection, not yet written: their sizes, oldest
+    /// first (what the socket drains is credited to the viewer's speed).
+    tcp_queued: HashMap<u64, VecDeque<u32>>,
+    /// Viewers now slow (by stream and peer), and how many turned slow so far.
+    slow: HashSet<(StreamId, Peer)>,
     /// Peers already logged as refused (one line each; the counter counts them all).
     warned: HashSet<Peer>,
     /// Viewers' addresses are validated before they are sent anything.
@@ -272,6 +305,7 @@ impl Edge {
             last_drain_signal: None,
             quic_down: HashSet::new(),
             tcp_queued: HashMap::new(),
+            slow: HashSet::new(),
             warned: HashSet::new(),
             cookies: Cookies::random(),
             upstream_cookies: HashMap::new(),
@@ -327,6 +361,31 @@ impl Edge {
         (self.streams.len(), self.viewers, held)
     }
 
+    /// Every viewer's delivery speed as measured so far (see [`speed`]).
+    pub fn speeds(&self, now: Instant) -> Vec<ViewerSpeed> {
+        self.streams
+            .iter()
+            .flat_map(|(id, st)| {
+                st.viewers.iter().map(move |(key, v)| {
+                    let e = v.speed.estimate(now);
+                    ViewerSpeed {
+                        stream: *id,
+                        peer: *key,
+                        client: v.client,
+                        bps: e.map_or(0, |e| e.bps),
+                        limited: e.is_some_and(|e| e.limited),
+                        slow: v.speed.slow(now),
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// Viewers slow now.
+    pub fn slow_viewers(&self) -> usize {
+        self.slow.len()
+    }
+
     /// The set reflectors known, by path number.
     pub fn reflectors(&self) -> &[SocketAddr] {
         &self.config.reflectors
@@ -368,7 +427,14 @@ impl Edge {
             }
             Input::ConnDrained { conn, count } => {
                 if let Some(q) = self.tcp_queued.get_mut(&conn) {
-                    *q = q.saturating_sub(count);
+                    let n = count.min(q.len());
+                    let bytes: u64 = q.drain(..n).map(u64::from).sum();
+                    // The socket took them: the viewer's speed, as TCP measures it.
+                    for st in self.streams.values_mut() {
+                        if let Some(v) = st.viewers.get_mut(&Peer::Conn(conn)) {
+                            v.speed.delivered(now, bytes);
+                        }
+                    }
                 }
                 // The queue has room again: serve whoever was waiting for it.
                 self.serve_all(now, Some(Peer::Conn(conn)));
@@ -552,15 +618,17 @@ impl Edge {
             (_, Body::Watch(watch)) => self.handle_watch(now, from, id, watch),
             (_, Body::Unsubscribe { .. }) => self.remove_viewer(id, from),
             (Peer::Addr(_), Body::Nack(ranges)) => {
-                let Some(st) = self.streams.get(&id) else {
+                let Some(st) = self.streams.get_mut(&id) else {
                     self.counters.drops.add("nack_unknown_stream");
                     return;
                 };
-                if !st.viewers.contains_key(&from) {
+                let Some(v) = st.viewers.get_mut(&from) else {
                     self.counters.drops.add("nack_from_stranger");
                     return;
-                }
+                };
                 let a = node::answer_nack(&mut self.out, &st.ring, from, &ranges, MAX_NACK_ANSWER);
+                // Repairs count to what it can be credited with, once it says it has them.
+                v.sent_bytes += a.bytes;
                 self.counters.retransmit_sent += a.sent;
                 self.counters.retransmit_missing += a.missing;
                 if a.over_limit {
@@ -775,9 +843,27 @@ impl Edge {
             if watch.acked > v.acked {
                 v.acked = watch.acked;
             }
-            // What it has is no longer in flight.
-            while v.in_flight.front().is_some_and(|(s, _)| *s <= watch.acked) {
+            // What it has is no longer in flight, and counts to its speed: what it says
+            // it received, when it counts (never more than was sent to it); otherwise
+            // what it acknowledged (holes below the highest number included).
+            let mut bytes = 0;
+            while let Some((_, _, size)) = v.in_flight.front().filter(|(s, ..)| *s <= watch.acked) {
+                bytes += u64::from(*size);
                 v.in_flight.pop_front();
+            }
+            match (watch.received, v.reported) {
+                (Some(r), Some(before)) if matches!(from, Peer::Addr(_)) => {
+                    let told = r.saturating_sub(before);
+                    let room = v.sent_bytes.saturating_sub(v.credited);
+                    let credit = told.min(room);
+                    v.credited += credit;
+                    v.speed.delivered(now, credit);
+                }
+                (Some(_), None) => {}
+                _ => v.speed.delivered(now, bytes),
+            }
+            if watch.received.is_some() {
+                v.reported = watch.received;
             }
             let mut repeat = Vec::new();
             for (slot, kind) in [
@@ -871,6 +957,11 @@ impl Edge {
                 expires: now + lease,
                 acked: watch.acked,
                 in_flight: VecDeque::new(),
+                client: watch.node,
+                speed: speed::Meter::new(self.config.speed.clone()),
+                reported: watch.received,
+                sent_bytes: 0,
+                credited: 0,
                 first_sent: SeqNo(0),
                 joined: None,
                 session: None,
@@ -893,7 +984,7 @@ impl Edge {
         self.viewers += 1;
         self.counters.viewer_joins += 1;
         if let Peer::Conn(c) = from {
-            self.tcp_queued.entry(c).or_insert(0);
+            self.tcp_queued.entry(c).or_default();
         }
         tracing::info!(stream = id.0, viewer = %from, "viewer joined");
         if needs_upstream {
@@ -961,17 +1052,28 @@ impl Edge {
                         Peer::Addr(_) => {
                             // Packets unacknowledged for long were lost or the viewer
                             // stalled: they stop counting, so the window reopens.
-                            while v.in_flight.front().is_some_and(|(_, t)| {
+                            while v.in_flight.front().is_some_and(|(_, t, _)| {
                                 now.saturating_duration_since(*t) > IN_FLIGHT_TTL
                             }) {
                                 v.in_flight.pop_front();
                             }
                             if v.in_flight.len() as u64 >= window {
+                                // Held back with packets ready: its link sets its rate.
+                                if st.ring.peek(cursor).is_some() {
+                                    v.speed.blocked(now);
+                                }
                                 break;
                             }
                         }
                         Peer::Conn(c) => {
-                            if self.tcp_queued.get(&c).is_some_and(|q| *q >= TCP_QUEUE) {
+                            if self
+                                .tcp_queued
+                                .get(&c)
+                                .is_some_and(|q| q.len() >= TCP_QUEUE)
+                            {
+                                if st.ring.peek(cursor).is_some() {
+                                    v.speed.blocked(now);
+                                }
                                 break;
                             }
                         }
@@ -1003,9 +1105,15 @@ impl Edge {
                         }
                         v.last_seq = Some(e.seq);
                         match key {
-                            Peer::Conn(c) => *self.tcp_queued.entry(c).or_insert(0) += 1,
+                            Peer::Conn(c) => self
+                                .tcp_queued
+                                .entry(c)
+                                .or_default()
+                                .push_back(e.item.datagram.len() as u32),
                             Peer::Addr(_) => {
-                                v.in_flight.push_back((e.seq, now));
+                                v.sent_bytes += e.item.media.rtp.len() as u64;
+                                v.in_flight
+                                    .push_back((e.seq, now, e.item.datagram.len() as u32));
                                 v.tail.sent(now, e.seq);
                             }
                         }
@@ -1162,6 +1270,20 @@ impl Edge {
                 v.expires > now && v.token_expires.is_none_or(|e| unix < e.saturating_add(2))
             });
             gone_viewers += before - st.viewers.len();
+            // Each viewer's speed: a viewer limited by its link for long is slow (the
+            // control server places it on a low-cost edge at its next request).
+            for (key, v) in st.viewers.iter_mut() {
+                v.speed.tick(now);
+                if v.speed.slow(now) {
+                    if self.slow.insert((id, *key)) {
+                        self.counters.viewers_turned_slow += 1;
+                        let bps = v.speed.estimate(now).map_or(0, |e| e.bps);
+                        tracing::info!(stream = id.0, viewer = %key, bps, "viewer is slow: its link cannot take the stream");
+                    }
+                } else {
+                    self.slow.remove(&(id, *key));
+                }
+            }
             if st.viewers.is_empty() && st.hls_until.is_none_or(|t| now >= t) {
                 let since = *st.empty_since.get_or_insert(now);
                 if now.duration_since(since) >= self.config.linger {
@@ -1234,6 +1356,12 @@ impl Edge {
             }
         }
         self.viewers -= gone_viewers;
+        let streams = &self.streams;
+        self.slow.retain(|(id, key)| {
+            streams
+                .get(id)
+                .is_some_and(|st| st.viewers.contains_key(key))
+        });
         for id in overtaken {
             self.serve(now, id, None);
         }
@@ -1278,7 +1406,7 @@ impl Edge {
                 // queued will reach it first, and keepalives would only fill its queue's
                 // room for notices.
                 if let Peer::Conn(c) = key {
-                    if self.tcp_queued.get(c).is_some_and(|q| *q > 0) {
+                    if self.tcp_queued.get(c).is_some_and(|q| !q.is_empty()) {
                         continue;
                     }
                 }
@@ -1380,6 +1508,7 @@ mod tests {
             viewer_window: 1000,
             tokens: None,
             hls: None,
+            speed: speed::Config::default(),
         };
         Edge::new(config, codec(), WallClock::new(now, 1_800_000_000_000))
             .unwrap()
@@ -1419,6 +1548,10 @@ mod tests {
     /// A viewer's watch, with the edge's cookie for `from` (the edge's cookie epoch
     /// starts at its first watch, as this one's does at `now`: tests stay within it).
     fn watch(now: Instant, from: Peer, start: WatchStart, seq: u64) -> Input {
+        watch_acked(now, from, start, seq, 0)
+    }
+
+    fn watch_acked(now: Instant, from: Peer, start: WatchStart, seq: u64, acked: u64) -> Input {
         let subject = match from {
             Peer::Addr(a) => Subject::Addr(a),
             Peer::Conn(c) => Subject::Conn(c),
@@ -1434,9 +1567,10 @@ mod tests {
                 lease_ms: 3000,
                 start,
                 seq: SeqNo(seq),
-                acked: SeqNo(0),
+                acked: SeqNo(acked),
                 cookie,
                 token: Bytes::new(),
+                received: None,
             }),
         };
         let mut b = BytesMut::new();
@@ -1495,6 +1629,124 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// A watch from `from` saying it has everything up to `acked`.
+    fn ack(now: Instant, from: Peer, acked: u64) -> Input {
+        watch_acked(now, from, WatchStart::Keyframe, 0, acked)
+    }
+
+    #[test]
+    fn a_viewer_whose_link_holds_it_back_is_measured_and_slow() {
+        let mut now = Instant::now();
+        let mut e = edge(now);
+        e.config.viewer_window = 64;
+        let (fast, slow) = (viewer(5000), viewer(5001));
+        e.handle_input(now, media(1, 1000, Flags::KEYFRAME | Flags::DISCONTINUITY));
+        e.handle_input(now, watch(now, fast, WatchStart::Keyframe, 0));
+        e.handle_input(now, watch(now, slow, WatchStart::Keyframe, 0));
+        let mut next = 1001;
+        // Highest sequence number each has received; the slow one's link carries 10
+        // packets per 100 ms while the stream brings 40.
+        let (mut got_fast, mut got_slow, mut slow_acked) = (0, 0, 0);
+        for step in 0..80 {
+            for (to, body) in steady(&mut e, &mut now, &mut next) {
+                if let Body::Media(m) = body {
+                    if to == fast {
+                        got_fast = got_fast.max(m.seq.0);
+                    } else if to == slow {
+                        got_slow = got_slow.max(m.seq.0);
+                    }
+                }
+            }
+            e.handle_input(now, ack(now, fast, got_fast));
+            slow_acked = got_slow.min(slow_acked.max(got_slow.saturating_sub(64)) + 10);
+            e.handle_input(now, ack(now, slow, slow_acked));
+            if step == 20 {
+                assert!(e.speeds(now).iter().all(|v| !v.slow), "not within 5 s");
+            }
+        }
+        let speeds = e.speeds(now);
+        let of = |p: Peer| *speeds.iter().find(|v| v.peer == p).unwrap();
+        assert!(!of(fast).slow && !of(fast).limited, "{:?}", of(fast));
+        assert!(of(slow).slow && of(slow).limited, "{:?}", of(slow));
+        // 10 packets of 230 bytes or so per 100 ms, against 40.
+        assert!(of(slow).bps * 3 < of(fast).bps, "{speeds:?}");
+        assert_eq!(of(slow).client, NodeId(100));
+        assert_eq!(e.slow_viewers(), 1);
+        assert_eq!(e.counters().viewers_turned_slow, 1);
+    }
+
+    /// 100 ms of a steady stream: 40 packets from `next` (a keyframe every 200), then
+    /// the edge's timeouts; what it sent.
+    fn steady(e: &mut Edge, now: &mut Instant, next: &mut u64) -> Vec<(Peer, Body)> {
+        for _ in 0..40 {
+            let flags = if *next % 200 == 0 {
+                Flags::KEYFRAME
+            } else {
+                Flags::empty()
+            };
+            e.handle_input(*now, media(1, *next, flags));
+            *next += 1;
+        }
+        *now += Duration::from_millis(100);
+        e.handle_timeout(*now);
+        sent(e)
+    }
+
+    /// A watch acknowledging `acked` and saying it received `received` bytes.
+    fn ack_received(now: Instant, from: Peer, acked: u64, received: u64) -> Input {
+        let Input::Received { datagram, .. } = ack(now, from, acked) else {
+            unreachable!()
+        };
+        let (_, mut m) = codec().decode_any(datagram).unwrap();
+        if let Body::Watch(w) = &mut m.body {
+            w.received = Some(received);
+        }
+        let mut b = BytesMut::new();
+        Codec::viewer().encode(&m, &mut b).unwrap();
+        Input::Received {
+            from,
+            datagram: b.freeze(),
+            node: false,
+        }
+    }
+
+    #[test]
+    fn a_viewer_that_counts_is_credited_with_what_it_received_never_more_than_sent() {
+        let mut now = Instant::now();
+        let mut e = edge(now);
+        let (honest, boaster) = (viewer(5000), viewer(5001));
+        e.handle_input(now, media(1, 1000, Flags::KEYFRAME | Flags::DISCONTINUITY));
+        e.handle_input(now, ack_received(now, honest, 0, 0));
+        e.handle_input(now, ack_received(now, boaster, 0, 0));
+        let mut next = 1001;
+        let (mut got, mut bytes) = (0, 0u64);
+        for _ in 0..40 {
+            for (to, body) in steady(&mut e, &mut now, &mut next) {
+                if let (true, Body::Media(m)) = (to == honest, body) {
+                    got = got.max(m.seq.0);
+                    bytes += m.rtp.len() as u64;
+                }
+            }
+            // Everything acknowledged; a quarter said received (its link lost the rest).
+            e.handle_input(now, ack_received(now, honest, got, bytes / 4));
+            // A viewer claiming ten times what it was sent.
+            e.handle_input(now, ack_received(now, boaster, got, bytes * 10));
+        }
+        let speeds = e.speeds(now);
+        let of = |p: Peer| *speeds.iter().find(|v| v.peer == p).unwrap();
+        // 400 packets a second of 200 RTP bytes: 640 kbit/s sent.
+        let sent_bps = 400 * 200 * 8;
+        let (h, b) = (of(honest).bps, of(boaster).bps);
+        assert!(
+            h * 4 > sent_bps * 9 / 10 && h * 4 < sent_bps * 11 / 10,
+            "{h}"
+        );
+        assert!(
+            b < sent_bps * 12 / 10,
+            "never credited beyond what was sent: {b}"
+        );
     }
 
     #[test]

@@ -184,6 +184,17 @@ pub struct Config {
     #[arg(long, default_value_t = 6)]
     #[serde(default = "default_hls_window")]
     pub hls_window: usize,
+    /// Edge role: a viewer whose link held it back for this long, ms, is slow: reported
+    /// to the control servers, which place it on a low-cost edge (the lowest
+    /// `cost_tier`) from its next request on (default 5000; at least 1000).
+    #[arg(long, default_value_t = 5000)]
+    #[serde(default = "default_slow_after_ms")]
+    pub slow_after_ms: u64,
+    /// Edge role: only a viewer held back under this rate, kbit/s, is slow (default 0:
+    /// any viewer whose link cannot take what it is sent).
+    #[arg(long, default_value_t = 0)]
+    #[serde(default)]
+    pub slow_below_kbps: u64,
     /// Control servers to report to (repeatable), as `http://host:port`.
     #[arg(long = "control")]
     #[serde(default)]
@@ -223,6 +234,9 @@ fn default_subscribe_rate() -> u32 {
     50
 }
 
+fn default_slow_after_ms() -> u64 {
+    5000
+}
 fn default_hls_part_ms() -> u64 {
     500
 }
@@ -329,6 +343,11 @@ impl DaemonConfig for Config {
                 "max_per_stream, max_streams, max_viewers and viewer_window must be above zero"
             );
         }
+        if self.slow_after_ms < 1000 {
+            anyhow::bail!(
+                "slow_after_ms must be at least 1000: a viewer's speed is judged over seconds"
+            );
+        }
         if self.subscribe_rate == 0 {
             anyhow::bail!("subscribe_rate must be above zero");
         }
@@ -395,6 +414,12 @@ impl Config {
                 window: self.hls_window,
                 ..braid_core::hls::Config::default()
             }),
+            speed: braid_core::speed::Config {
+                slow_after: Duration::from_millis(self.slow_after_ms),
+                slow_below: (self.slow_below_kbps > 0)
+                    .then(|| braid_core::Bitrate::kbps(self.slow_below_kbps)),
+                ..braid_core::speed::Config::default()
+            },
         })
     }
 

@@ -31,6 +31,7 @@ pub(crate) enum Event {
     /// A new connection, with the queue that reaches it.
     Open {
         conn: u64,
+        peer: SocketAddr,
         writer: mpsc::Sender<Bytes>,
     },
     /// A viewer's message, as framed.
@@ -120,7 +121,15 @@ async fn connection(
 ) {
     let (mut rd, wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUE);
-    if events.send(Event::Open { conn, writer: tx }).await.is_err() {
+    if events
+        .send(Event::Open {
+            conn,
+            peer,
+            writer: tx,
+        })
+        .await
+        .is_err()
+    {
         return;
     }
     tracing::debug!(%peer, conn, "TCP viewer connected");

@@ -1103,9 +1103,26 @@ impl World {
             return;
         }
         let n = &self.nodes[i];
-        let (role, viewers) = match &n.machine {
-            Some(Machine::Edge(m)) => (Role::Edge, m.viewers() as u64),
-            Some(Machine::Set(_)) => (Role::Set, 0),
+        let now = self.now;
+        let (role, viewers, slow) = match &n.machine {
+            Some(Machine::Edge(m)) => {
+                let slow = m
+                    .speeds(now)
+                    .into_iter()
+                    .filter(|v| v.slow)
+                    .map(|v| braid_control::registry::SlowViewer {
+                        client: v.client.0,
+                        ip: match v.peer {
+                            Peer::Addr(a) => Some(a.ip()),
+                            Peer::Conn(_) => None,
+                        },
+                        stream: v.stream.0,
+                        bps: v.bps,
+                    })
+                    .collect();
+                (Role::Edge, m.viewers() as u64, slow)
+            }
+            Some(Machine::Set(_)) => (Role::Set, 0, Vec::new()),
             _ => return,
         };
         let report = Report {
@@ -1121,6 +1138,7 @@ impl World {
             cpu: 0.0,
             streams: Vec::new(),
             hls: None,
+            slow,
         };
         let delay = self.round_trip() / 2;
         let controls: Vec<usize> = self.of_kind(Kind::Control).collect();
@@ -1200,7 +1218,17 @@ impl World {
         };
         let request = self.calls[call].request.clone();
         let result = match request {
-            Request::Assign => Some(api.assign(now, unix, STREAM.0, "", "", peer)),
+            Request::Assign => Some(api.assign(
+                now,
+                unix,
+                &braid_control::api::AssignRequest {
+                    stream: STREAM.0,
+                    token: "",
+                    region: "",
+                    peer,
+                    client: 0,
+                },
+            )),
             Request::Switch {
                 failed,
                 reason,

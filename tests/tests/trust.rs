@@ -67,6 +67,7 @@ fn watch(id: u64, cookie: Cookie, token: &str) -> Message {
             acked: SeqNo(0),
             cookie,
             token: Bytes::copy_from_slice(token.as_bytes()),
+            received: None,
         }),
     }
 }

@@ -339,6 +339,7 @@ fn a_viewer_that_stops_reading_is_skipped_and_the_others_lose_nothing() {
                             acked: SeqNo(0),
                             cookie,
                             token: Bytes::new(),
+                            received: None,
                         }),
                     },
                     &mut out,

@@ -376,6 +376,9 @@ pub struct Watch {
     pub cookie: Cookie,
     /// The viewer's token (at most [`MAX_TOKEN`] bytes; may be empty).
     pub token: Bytes,
+    /// Media bytes received from this edge so far (RTP packets, repairs included), when
+    /// the viewer counts them: the edge measures the viewer's delivery speed from it.
+    pub received: Option<u64>,
 }
 
 /// What an edge tells a viewer.
@@ -814,6 +817,9 @@ fn encode_body(body: &Body, out: &mut BytesMut) -> Result<(), EncodeError> {
             out.put_slice(&w.cookie);
             out.put_u8(w.token.len() as u8);
             out.put_slice(&w.token);
+            if let Some(r) = w.received {
+                out.put_u64(r);
+            }
         }
         Body::Notice { kind, value } => {
             out.put_u8(*kind as u8);
@@ -955,6 +961,12 @@ fn decode_body(kind: Kind, buf: &mut impl Buf) -> Result<Body, DecodeError> {
                 acked,
                 cookie,
                 token: get_bytes(buf, len)?,
+                // Optional, last: absent from viewers that do not count.
+                received: if buf.has_remaining() {
+                    Some(get_u64(buf)?)
+                } else {
+                    None
+                },
             })
         }
         Kind::Notice => Body::Notice {

@@ -113,6 +113,7 @@ fn samples() -> Vec<Message> {
                 acked: SeqNo(17),
                 cookie: [3; COOKIE_LEN],
                 token: Bytes::from_static(b"token"),
+                received: Some(1 << 33),
             }),
         },
         Message {
@@ -525,9 +526,10 @@ fn arb_message() -> impl Strategy<Value = Message> {
             any::<u64>(),
             any::<u64>(),
             any::<[u8; COOKIE_LEN]>(),
-            prop::collection::vec(any::<u8>(), 0..=MAX_TOKEN)
+            prop::collection::vec(any::<u8>(), 0..=MAX_TOKEN),
+            any::<Option<u64>>()
         )
-            .prop_map(|(n, l, st, s, a, cookie, t)| Body::Watch(Watch {
+            .prop_map(|(n, l, st, s, a, cookie, t, received)| Body::Watch(Watch {
                 node: NodeId(n),
                 lease_ms: l,
                 start: [WatchStart::Keyframe, WatchStart::Seq, WatchStart::Live][usize::from(st)],
@@ -535,6 +537,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 acked: SeqNo(a),
                 cookie,
                 token: t.into(),
+                received,
             })),
         (1u8..7, any::<u64>()).prop_map(|(k, value)| Body::Notice {
             kind: [
