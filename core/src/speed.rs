@@ -1,11 +1,12 @@
 //! A viewer's delivery speed, measured where it is served (seed 003: bytes over duration),
 //! and whether it keeps up with what it is sent.
 //!
-//! The edge credits a [`Meter`] with what the viewer acknowledged (UDP, QUIC) or what its
-//! socket drained (TCP), and tells it when the viewer's flow window or queue held back
-//! packets the ring had ready. Every [`SAMPLE`] the bytes credited become a sample, marked
-//! *limited* when the viewer was held back during it: the viewer's link, not the stream,
-//! set its rate.
+//! The edge credits a [`Meter`] with what the viewer received (its watches say; UDP,
+//! QUIC) or what its socket drained (TCP), tells it what of the stream it sent, and when
+//! the viewer's flow window or queue held back packets the ring had ready. Every
+//! [`SAMPLE`] the bytes credited become a sample, marked *limited* when the viewer was
+//! held back during it, or received less than 95% of what was sent: the viewer's
+//! link, not the stream, set its rate.
 //!
 //! The [`Estimate`] is, when most of the last [`Config::down_window`] was limited, the
 //! mean of those limited samples (what the link carries now: a drop shows within that
@@ -69,9 +70,11 @@ pub struct Estimate {
 pub struct Meter {
     config: Config,
     samples: VecDeque<Sample>,
-    /// The open interval: since when, bytes credited, whether held back.
+    /// The open interval: since when, bytes credited, bytes of the stream sent (repairs
+    /// and probes apart), whether held back.
     since: Option<Instant>,
     bytes: u64,
+    sent: u64,
     blocked: bool,
     /// Since when every sample was limited (under `slow_below`, when set).
     limited_since: Option<Instant>,
@@ -85,6 +88,7 @@ impl Meter {
             samples: VecDeque::with_capacity(HELD),
             since: None,
             bytes: 0,
+            sent: 0,
             blocked: false,
             limited_since: None,
         }
@@ -94,6 +98,15 @@ impl Meter {
     pub fn delivered(&mut self, now: Instant, bytes: u64) {
         self.tick(now);
         self.bytes = self.bytes.saturating_add(bytes);
+    }
+
+    /// `bytes` of the stream were sent to the viewer (not repairs, not probes): a viewer
+    /// that receives, repairs included, less than 95% of that over a sample
+    /// cannot keep up, whatever held it back (a full window, or a link that drops what
+    /// it cannot carry).
+    pub fn sent(&mut self, now: Instant, bytes: u64) {
+        self.tick(now);
+        self.sent = self.sent.saturating_add(bytes);
     }
 
     /// The viewer's window or queue held back packets ready for it.
@@ -113,10 +126,11 @@ impl Meter {
             return;
         }
         let bps = Bitrate::from_size_over(crate::DataSize(self.bytes), elapsed).as_u64();
+        let behind = self.bytes.saturating_mul(20) < self.sent.saturating_mul(19);
         let sample = Sample {
             at: now,
             bps,
-            limited: self.blocked,
+            limited: self.blocked || behind,
         };
         if self.samples.len() == HELD {
             self.samples.pop_front();
@@ -130,6 +144,7 @@ impl Meter {
         }
         self.since = Some(now);
         self.bytes = 0;
+        self.sent = 0;
         self.blocked = false;
     }
 
@@ -148,7 +163,19 @@ impl Meter {
                 limited: true,
             });
         }
-        let max = self.samples.iter().map(|s| s.bps).max()?;
+        // A lower bound: the most it took since its link last held it back (what it took
+        // before that says nothing of the link now).
+        let since = self
+            .samples
+            .iter()
+            .rposition(|s| s.limited)
+            .map_or(0, |i| i + 1);
+        let max = self.samples.iter().skip(since).map(|s| s.bps).max();
+        let max = match max {
+            Some(m) => m,
+            // Only limited samples, older than the window: the last of them.
+            None => self.samples.back()?.bps,
+        };
         Some(Estimate {
             bps: max,
             limited: false,
@@ -160,6 +187,243 @@ impl Meter {
     pub fn slow(&self, now: Instant) -> bool {
         self.limited_since
             .is_some_and(|t| now.saturating_duration_since(t) >= self.config.slow_after)
+    }
+}
+
+/// How a viewer's rendition follows its speed (seed 003).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdaptConfig {
+    /// Joining and climbing: the highest rendition whose nominal rate is at most this
+    /// share of the measured rate (default 0.8).
+    pub share: f64,
+    /// Staying: a rendition is kept while its nominal rate is at most this share of the
+    /// rate its link holds it to (default 0.95). Between the two shares, hysteresis.
+    pub keep: f64,
+    /// A viewer that could climb is probed this long after it last moved or probed,
+    /// doubling after each probe that fails, up to `probe_max`.
+    pub probe_every: Duration,
+    /// The longest wait between probes.
+    pub probe_max: Duration,
+    /// How long a probe sends at the rate the next rendition needs.
+    pub probe_for: Duration,
+}
+
+impl Default for AdaptConfig {
+    fn default() -> AdaptConfig {
+        AdaptConfig {
+            share: 0.8,
+            keep: 0.95,
+            probe_every: Duration::from_secs(3),
+            probe_max: Duration::from_secs(6),
+            probe_for: Duration::from_secs(1),
+        }
+    }
+}
+
+impl AdaptConfig {
+    /// Refuses shares outside (0, 1], `share` above `keep`, or zero durations.
+    pub fn validate(&self) -> Result<(), crate::Error> {
+        let ok = self.share > 0.0
+            && self.share <= self.keep
+            && self.keep <= 1.0
+            && !self.probe_every.is_zero()
+            && self.probe_max >= self.probe_every
+            && !self.probe_for.is_zero();
+        if ok {
+            Ok(())
+        } else {
+            Err(crate::Error::InvalidConfig(
+                "adaptation: 0 < share <= keep <= 1, and probe durations above zero with probe_max >= probe_every".into(),
+            ))
+        }
+    }
+}
+
+/// What a viewer asks of its renditions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Policy {
+    /// Never above this nominal rate, bit/s.
+    pub ceiling: Option<u64>,
+    /// Always the highest rendition under the ceiling, whatever the speed.
+    pub pinned: bool,
+}
+
+/// Why a viewer's rendition changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Reason {
+    /// Its first rendition: the lowest, or what its client or network was measured at.
+    Join = 1,
+    /// Its link held it back under the rendition's rate.
+    Down = 2,
+    /// A probe (or its measured speed) showed room for a higher one.
+    Up = 3,
+    /// It pinned a rendition, or set a ceiling.
+    Policy = 4,
+}
+
+impl Reason {
+    /// From its wire value.
+    pub fn from_u8(v: u8) -> Option<Reason> {
+        Some(match v {
+            1 => Reason::Join,
+            2 => Reason::Down,
+            3 => Reason::Up,
+            4 => Reason::Policy,
+            _ => return None,
+        })
+    }
+
+    /// Its name, for stats and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Join => "join",
+            Reason::Down => "down",
+            Reason::Up => "up",
+            Reason::Policy => "policy",
+        }
+    }
+}
+
+/// The highest index of `ladder` (ascending nominal rates) at or under `bps`, if any.
+fn fits(ladder: &[u64], bps: f64) -> Option<usize> {
+    ladder.iter().rposition(|&n| n as f64 <= bps)
+}
+
+/// One viewer's choice of rendition: down within the meter's down window of a drop, up
+/// only after a probe shows room, never above its ceiling.
+#[derive(Debug, Clone)]
+pub struct Chooser {
+    config: AdaptConfig,
+    policy: Policy,
+    cur: usize,
+    /// A probe under way: until when, and the rendition it tries.
+    probe: Option<(Instant, usize)>,
+    next_probe: Instant,
+    failures: u32,
+}
+
+impl Chooser {
+    /// A viewer joining a ladder of nominal rates (ascending, at least one): its first
+    /// rendition fits `known` (its client's or network's last measured speed, bit/s)
+    /// under the share, else it is the lowest; never above its ceiling.
+    pub fn join(
+        config: AdaptConfig,
+        policy: Policy,
+        ladder: &[u64],
+        known: Option<u64>,
+        now: Instant,
+    ) -> Chooser {
+        let cap = Self::cap(ladder, policy);
+        let cur = if policy.pinned {
+            cap
+        } else {
+            known
+                .and_then(|k| fits(ladder, k as f64 * config.share))
+                .unwrap_or(0)
+                .min(cap)
+        };
+        let next_probe = now + config.probe_every;
+        Chooser {
+            config,
+            policy,
+            cur,
+            probe: None,
+            next_probe,
+            failures: 0,
+        }
+    }
+
+    /// The highest rendition the policy allows.
+    fn cap(ladder: &[u64], policy: Policy) -> usize {
+        let top = ladder.len().saturating_sub(1);
+        match policy.ceiling {
+            Some(c) => fits(ladder, c as f64).unwrap_or(0),
+            None => top,
+        }
+    }
+
+    /// The rendition it is on (an index into the ladder).
+    pub fn current(&self) -> usize {
+        self.cur
+    }
+
+    /// The viewer's policy changed (its watches carry it).
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
+    /// While a probe runs: the rate to send the viewer at, bit/s (the rendition the
+    /// probe tries, over the share).
+    pub fn probing(&self, now: Instant, ladder: &[u64]) -> Option<u64> {
+        let (until, target) = self.probe?;
+        // A tenth above what the rendition needs: a link that carries the probe has room.
+        (now < until).then(|| (ladder[target] as f64 / self.config.share * 1.1) as u64)
+    }
+
+    /// The rendition the viewer should move to, and why, when it differs from the one it
+    /// is on (the caller moves it at the next aligned keyframe, then calls
+    /// [`Chooser::moved`]).
+    pub fn decide(
+        &mut self,
+        now: Instant,
+        ladder: &[u64],
+        estimate: Option<Estimate>,
+    ) -> Option<(usize, Reason)> {
+        let cap = Self::cap(ladder, self.policy);
+        if self.policy.pinned || self.cur > cap {
+            self.probe = None;
+            return (self.cur != cap).then_some((cap, Reason::Policy));
+        }
+        let e = estimate?;
+        if e.limited && ladder[self.cur] as f64 > e.bps as f64 * self.config.keep {
+            // Held back under its rendition's rate: down to what the link carries.
+            self.probe_failed(now);
+            let to = fits(ladder, e.bps as f64 * self.config.keep).unwrap_or(0);
+            return (to < self.cur).then_some((to, Reason::Down));
+        }
+        if let Some((until, target)) = self.probe {
+            if now < until {
+                return None;
+            }
+            self.probe = None;
+            if e.limited || (e.bps as f64) * self.config.share < ladder[target] as f64 {
+                self.probe_failed(now);
+                return None;
+            }
+            self.failures = 0;
+            self.next_probe = now + self.config.probe_every;
+        }
+        if !e.limited {
+            if let Some(to) = fits(ladder, e.bps as f64 * self.config.share) {
+                let to = to.min(cap);
+                if to > self.cur {
+                    return Some((to, Reason::Up));
+                }
+            }
+            if self.cur < cap && now >= self.next_probe {
+                self.probe = Some((now + self.config.probe_for, self.cur + 1));
+            }
+        }
+        None
+    }
+
+    fn probe_failed(&mut self, now: Instant) {
+        self.probe = None;
+        self.failures = (self.failures + 1).min(16);
+        let wait = self
+            .config
+            .probe_every
+            .saturating_mul(1 << self.failures.min(8))
+            .min(self.config.probe_max);
+        self.next_probe = now + wait;
+    }
+
+    /// It now gets rendition `index`.
+    pub fn moved(&mut self, now: Instant, index: usize) {
+        self.cur = index;
+        self.probe = None;
+        self.next_probe = self.next_probe.max(now + self.config.probe_every);
     }
 }
 
@@ -195,8 +459,14 @@ mod tests {
         }
 
         fn run(&mut self, link: u64, stream: u64, window: f64, secs: f64) {
+            self.run_padded(link, stream, 0, window, secs);
+        }
+
+        /// Like `run`, with `padding` bit/s of probe sent outside the window: the link's
+        /// queue drops what it cannot carry within 100 ms.
+        fn run_padded(&mut self, link: u64, stream: u64, padding: u64, window: f64, secs: f64) {
             let dt = 0.01;
-            for _ in 0..(secs / dt) as usize {
+            for _ in 0..(secs / dt).round() as usize {
                 self.t += Duration::from_millis(10);
                 let carried = (link as f64 / 8.0 * dt).min(self.in_flight);
                 self.in_flight -= carried;
@@ -208,6 +478,12 @@ mod tests {
                 let sent = room.min(self.backlog);
                 self.in_flight += sent;
                 self.backlog -= sent;
+                if sent > 0.0 {
+                    self.meter.sent(self.t, sent as u64);
+                }
+                let queue = link as f64 / 8.0 * 0.1;
+                self.in_flight =
+                    (self.in_flight + padding as f64 / 8.0 * dt).min(window.max(queue));
                 if self.backlog > 1.0 {
                     self.meter.blocked(self.t);
                     // The ring is bounded: what the viewer cannot take is skipped.
@@ -292,7 +568,8 @@ mod tests {
         }
 
         /// A link that carries the stream with room to spare never makes a viewer slow,
-        /// whatever it did earlier (once it had 2 s to recover).
+        /// whatever it did earlier (once it had 3.5 s to drain what it queued: at 1.3
+        /// times the stream, the most the model queues takes 3 s).
         #[test]
         fn keeping_up_is_never_slow(
             before in prop::collection::vec((500_000u64..40_000_000, 1u32..40), 0..6),
@@ -302,11 +579,153 @@ mod tests {
             for (link, tenths) in before {
                 f.run(link, 4_000_000, WINDOW, f64::from(tenths) / 10.0);
             }
-            f.run((4_000_000.0 * spare) as u64, 4_000_000, WINDOW, 2.0);
+            f.run((4_000_000.0 * spare) as u64, 4_000_000, WINDOW, 3.5);
             for _ in 0..20 {
                 f.run((4_000_000.0 * spare) as u64, 4_000_000, WINDOW, 0.25);
                 prop_assert!(!f.meter.slow(f.t));
             }
+        }
+    }
+
+    const LADDER: [u64; 3] = [1_000_000, 2_500_000, 5_000_000];
+
+    /// A viewer on a link whose rate follows `schedule` ((bit/s, tenths of a second)
+    /// each), served the rendition its chooser picks (moves take effect at keyframes,
+    /// every second) plus a probe's padding. Returns, per 10 ms step, the link's rate and
+    /// the nominal rate served.
+    fn adapt(schedule: &[(u64, u32)], known: Option<u64>) -> Vec<(u64, u64, usize)> {
+        let mut f = Fluid::new(Config::default());
+        let t0 = f.t;
+        let mut c = Chooser::join(
+            AdaptConfig::default(),
+            Policy::default(),
+            &LADDER,
+            known,
+            t0,
+        );
+        let mut pending: Option<usize> = None;
+        let mut out = Vec::new();
+        let mut step = 0u64;
+        for &(link, tenths) in schedule {
+            for _ in 0..tenths * 10 {
+                step += 1;
+                let now = f.t + Duration::from_millis(10);
+                let cur = c.current();
+                let padding = c
+                    .probing(now, &LADDER)
+                    .map_or(0, |p| p.saturating_sub(LADDER[cur]));
+                f.run_padded(link, LADDER[cur], padding, WINDOW, 0.01);
+                if step % 10 == 0 {
+                    if let Some((to, _)) = c.decide(f.t, &LADDER, f.meter.estimate(f.t)) {
+                        pending = Some(to);
+                    }
+                }
+                if step % 100 == 0 {
+                    if let Some(to) = pending.take() {
+                        c.moved(f.t, to);
+                    }
+                }
+                out.push((link, LADDER[c.current()], c.current()));
+            }
+        }
+        out
+    }
+
+    /// The longest run of steps (10 ms) served more than 7% above the link's rate (less
+    /// is within what a sample can tell from loss), on a rendition with a lower one
+    /// below it (the lowest is as low as it goes).
+    ///
+    /// A step down ends a run: a second drop while the first is handled starts its own.
+    fn longest_above(trace: &[(u64, u64, usize)]) -> usize {
+        let (mut run, mut longest, mut last) = (0, 0, usize::MAX);
+        for (link, served, index) in trace {
+            let above = *served as f64 > *link as f64 * 1.07;
+            run = if above && *index > 0 && *index >= last {
+                run + 1
+            } else if above && *index > 0 {
+                1
+            } else {
+                0
+            };
+            last = *index;
+            longest = longest.max(run);
+        }
+        longest
+    }
+
+    #[test]
+    fn a_capped_link_settles_under_the_cap_and_climbs_when_it_lifts() {
+        let trace = adapt(
+            &[(50_000_000, 150), (3_000_000, 150), (50_000_000, 150)],
+            None,
+        );
+        let at = |s: f64| trace[(s * 100.0) as usize - 1].2;
+        assert_eq!(at(15.0), 2, "climbed to the top on a fast link");
+        assert_eq!(at(30.0), 1, "settled on 2.5 Mbps under a 3 Mbps cap");
+        // Settled within 5 s of the cap, and no change after.
+        let changes = |from: f64, to: f64| {
+            trace[(from * 100.0) as usize..(to * 100.0) as usize]
+                .windows(2)
+                .filter(|w| w[0].2 != w[1].2)
+                .count()
+        };
+        assert_eq!(at(20.0), 1);
+        assert_eq!(changes(20.0, 30.0), 0, "no flapping under the cap");
+        assert_eq!(at(40.0), 2, "climbed within 10 s of the lift");
+        assert!(longest_above(&trace) <= 350);
+    }
+
+    #[test]
+    fn a_steady_link_never_changes_once_settled() {
+        let trace = adapt(&[(8_000_000, 1200)], Some(8_000_000));
+        assert!(trace.iter().all(|t| t.2 == 2), "joined at the top, stayed");
+        let trace = adapt(&[(4_000_000, 1200)], None);
+        let settled = &trace[2000..];
+        assert!(settled.iter().all(|t| t.2 == 1), "{:?}", &settled[..3]);
+    }
+
+    #[test]
+    fn a_ceiling_and_a_pin_are_kept() {
+        let t0 = t0();
+        let ceiling = Policy {
+            ceiling: Some(3_000_000),
+            pinned: false,
+        };
+        let c = Chooser::join(
+            AdaptConfig::default(),
+            ceiling,
+            &LADDER,
+            Some(100_000_000),
+            t0,
+        );
+        assert_eq!(c.current(), 1);
+        let pinned = Policy {
+            ceiling: None,
+            pinned: true,
+        };
+        let mut c = Chooser::join(AdaptConfig::default(), pinned, &LADDER, None, t0);
+        assert_eq!(c.current(), 2);
+        let slow = Estimate {
+            bps: 500_000,
+            limited: true,
+        };
+        assert_eq!(c.decide(t0, &LADDER, Some(slow)), None, "pinned stays");
+        assert_eq!(c.probing(t0, &LADDER), None);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Acceptance 5: whatever the link does, a viewer is never served a rendition
+        /// above its link's rate for longer than the step-down bound: the meter's down
+        /// window (2 s) and a sample, then the next keyframe (1 s), with 0.25 s to spare.
+        #[test]
+        fn never_above_the_link_for_longer_than_the_step_down_bound(
+            schedule in prop::collection::vec((300_000u64..12_000_000, 5u32..100), 1..12),
+            known in prop::option::of(500_000u64..12_000_000),
+        ) {
+            let trace = adapt(&schedule, known);
+            prop_assert!(longest_above(&trace) <= 350, "{} steps", longest_above(&trace));
         }
     }
 }
