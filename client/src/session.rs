@@ -685,6 +685,7 @@ impl Session {
             cookie: self.cookies.get(&to).copied().unwrap_or_default(),
             token: self.config.token.clone(),
             received: self.received_from.get(&to).copied(),
+            policy: None,
         })
     }
 

@@ -181,6 +181,18 @@ pub struct Segmenter {
 /// video PES packet (stream ids 0xE0 to 0xEF) that starts in `payload`, whole TS packets
 /// as the capture sends them; `None` when none starts there. Never panics.
 pub fn video_dts(payload: &[u8]) -> Option<u64> {
+    pes_stamp(payload, |id| (0xE0..=0xEF).contains(&id))
+}
+
+/// When a keyframe is: the decoding time stamp of the first video PES packet that
+/// starts in `payload` ([`video_dts`]), or else the first PES packet's of any stream
+/// (a stream with no video, such as the capture's synthetic one). Renditions of one
+/// source, encoded together, give their aligned keyframes the same one. Never panics.
+pub fn media_time(payload: &[u8]) -> Option<u64> {
+    video_dts(payload).or_else(|| pes_stamp(payload, |_| true))
+}
+
+fn pes_stamp(payload: &[u8], wanted: impl Fn(u8) -> bool) -> Option<u64> {
     let stamp = |p: &[u8]| -> u64 {
         (u64::from(p[0] >> 1) & 7) << 30
             | u64::from(p[1]) << 22
@@ -204,7 +216,7 @@ pub fn video_dts(payload: &[u8]) -> Option<u64> {
         let Some(pes) = pkt.get(start..) else {
             continue;
         };
-        if pes.len() < 14 || pes[..3] != [0, 0, 1] || !(0xE0..=0xEF).contains(&pes[3]) {
+        if pes.len() < 14 || pes[..3] != [0, 0, 1] || !wanted(pes[3]) {
             continue;
         }
         let flags = pes[7] >> 6;
@@ -719,6 +731,18 @@ mod tests {
         p.extend(stamp(dts, 1));
         p.resize(188, 0xFF);
         p
+    }
+
+    #[test]
+    fn media_time_prefers_video_and_falls_back_to_any_stream() {
+        let mut data = video_packet(5000);
+        data[7] = 0xBD; // private stream 1, as the synthetic source's
+        assert_eq!(video_dts(&data), None);
+        assert_eq!(media_time(&data), Some(5000));
+        let mut both = data.clone();
+        both.extend(video_packet(9000));
+        assert_eq!(media_time(&both), Some(9000), "video first");
+        assert_eq!(media_time(&[0x47; 188]), None);
     }
 
     #[test]

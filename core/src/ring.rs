@@ -289,6 +289,24 @@ impl<T> Ring<T> {
         self.entries.get(usize::try_from(i).ok()?)
     }
 
+    /// A cursor at the newest keyframe held that `wanted` accepts (another rendition's
+    /// keyframe at the same media time, say), if any.
+    pub fn keyframe_cursor(&self, mut wanted: impl FnMut(&Entry<T>) -> bool) -> Option<Cursor> {
+        self.keyframes.iter().rev().find_map(|&pos| {
+            let e = self.entries.get(usize::try_from(pos - self.first_pos).ok()?)?;
+            wanted(e).then_some(Cursor {
+                pos,
+                min_seq: SeqNo(0),
+            })
+        })
+    }
+
+    /// The newest keyframe held.
+    pub fn newest_keyframe(&self) -> Option<&Entry<T>> {
+        let pos = *self.keyframes.back()?;
+        self.entries.get(usize::try_from(pos - self.first_pos).ok()?)
+    }
+
     /// Whether the writer has overtaken `cursor` (its next entry was evicted unread).
     pub fn overtaken(&self, cursor: &Cursor) -> bool {
         cursor.pos < self.first_pos
@@ -504,6 +522,17 @@ mod tests {
         fill(&mut r, t, 50..53, 50);
         assert_eq!(r.read(&mut c), Read::Skipped { lost: 2 });
         assert_eq!(read_all(&r, &mut c), vec![50, 51, 52]);
+    }
+
+    #[test]
+    fn a_cursor_at_a_chosen_keyframe() {
+        let t = t0();
+        let mut r = Ring::new(small()).unwrap();
+        fill(&mut r, t, 0..9, 3);
+        let mut c = r.keyframe_cursor(|e| e.item == 3).unwrap();
+        assert_eq!(read_all(&r, &mut c), vec![3, 4, 5, 6, 7, 8]);
+        assert_eq!(r.keyframe_cursor(|e| e.item == 4), None, "not a keyframe");
+        assert_eq!(r.newest_keyframe().map(|e| e.item), Some(6));
     }
 
     #[test]

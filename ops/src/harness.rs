@@ -1257,6 +1257,7 @@ pub mod crowd {
                 cookie,
                 token: Bytes::new(),
                 received: None,
+                policy: None,
             }),
         };
         codec

@@ -1571,6 +1571,7 @@ mod tests {
                 cookie,
                 token: Bytes::new(),
                 received: None,
+                policy: None,
             }),
         };
         let mut b = BytesMut::new();

@@ -68,6 +68,7 @@ fn watch(id: u64, cookie: Cookie, token: &str) -> Message {
             cookie,
             token: Bytes::copy_from_slice(token.as_bytes()),
             received: None,
+            policy: None,
         }),
     }
 }

@@ -340,6 +340,7 @@ fn a_viewer_that_stops_reading_is_skipped_and_the_others_lose_nothing() {
                             cookie,
                             token: Bytes::new(),
                             received: None,
+                            policy: None,
                         }),
                     },
                     &mut out,

@@ -359,6 +359,9 @@ pub enum WatchStart {
     Live = 2,
 }
 
+/// `received` in a watch that carries a policy but no count.
+const NOT_COUNTED: u64 = u64::MAX;
+
 /// A viewer's request to an edge, repeated as its refresh and acknowledgement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Watch {
@@ -379,6 +382,8 @@ pub struct Watch {
     /// Media bytes received from this edge so far (RTP packets, repairs included), when
     /// the viewer counts them: the edge measures the viewer's delivery speed from it.
     pub received: Option<u64>,
+    /// What the viewer asks of a ladder's renditions (a ceiling, or a pin), if anything.
+    pub policy: Option<crate::speed::Policy>,
 }
 
 /// What an edge tells a viewer.
@@ -405,6 +410,45 @@ pub enum NoticeKind {
     /// packets up to it (the old session's tail, which nothing after it would reveal as
     /// lost) asks for them before moving on.
     Ended = 6,
+    /// The viewer moves to another rendition of its ladder at the next packet: a new
+    /// source session for it (an *ended* and a *session* notice follow). The value is
+    /// [`RenditionNotice`] packed: the rendition's SSRC in the upper 32 bits, then the
+    /// reason (4 bits), its index in the ladder (4 bits) and its nominal rate in kbit/s
+    /// (24 bits).
+    Rendition = 7,
+}
+
+/// What a *rendition* notice says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RenditionNotice {
+    /// The SSRC of the rendition's source session (a viewer may have left it before).
+    pub ssrc: u32,
+    /// Why ([`crate::speed::Reason`] as a number).
+    pub reason: u8,
+    /// Its index in the ladder, lowest rate first.
+    pub index: u8,
+    /// Its nominal rate, kbit/s (at most 2^24 - 1).
+    pub kbps: u32,
+}
+
+impl RenditionNotice {
+    /// The notice's value.
+    pub fn pack(self) -> u64 {
+        u64::from(self.ssrc) << 32
+            | u64::from(self.reason & 0xf) << 28
+            | u64::from(self.index & 0xf) << 24
+            | u64::from(self.kbps.min(0xff_ffff))
+    }
+
+    /// From a notice's value (any value reads as some notice).
+    pub fn unpack(v: u64) -> RenditionNotice {
+        RenditionNotice {
+            ssrc: (v >> 32) as u32,
+            reason: ((v >> 28) & 0xf) as u8,
+            index: ((v >> 24) & 0xf) as u8,
+            kbps: (v & 0xff_ffff) as u32,
+        }
+    }
 }
 
 /// Error codes.
@@ -817,8 +861,12 @@ fn encode_body(body: &Body, out: &mut BytesMut) -> Result<(), EncodeError> {
             out.put_slice(&w.cookie);
             out.put_u8(w.token.len() as u8);
             out.put_slice(&w.token);
-            if let Some(r) = w.received {
-                out.put_u64(r);
+            if w.received.is_some() || w.policy.is_some() {
+                out.put_u64(w.received.unwrap_or(NOT_COUNTED));
+            }
+            if let Some(p) = w.policy {
+                let kbps = p.ceiling.map_or(0, |c| (c / 1000).clamp(1, 0x7fff_ffff)) as u32;
+                out.put_u32(kbps | if p.pinned { 1 << 31 } else { 0 });
             }
         }
         Body::Notice { kind, value } => {
@@ -963,7 +1011,17 @@ fn decode_body(kind: Kind, buf: &mut impl Buf) -> Result<Body, DecodeError> {
                 token: get_bytes(buf, len)?,
                 // Optional, last: absent from viewers that do not count.
                 received: if buf.has_remaining() {
-                    Some(get_u64(buf)?)
+                    Some(get_u64(buf)?).filter(|r| *r != NOT_COUNTED)
+                } else {
+                    None
+                },
+                policy: if buf.has_remaining() {
+                    let raw = get_u32(buf)?;
+                    let kbps = u64::from(raw & 0x7fff_ffff);
+                    Some(crate::speed::Policy {
+                        ceiling: (kbps > 0).then_some(kbps * 1000),
+                        pinned: raw >> 31 == 1,
+                    })
                 } else {
                     None
                 },
@@ -977,6 +1035,7 @@ fn decode_body(kind: Kind, buf: &mut impl Buf) -> Result<Body, DecodeError> {
                 4 => NoticeKind::Session,
                 5 => NoticeKind::Gap,
                 6 => NoticeKind::Ended,
+                7 => NoticeKind::Rendition,
                 _ => return Err(DecodeError::Malformed("notice kind")),
             },
             value: get_u64(buf)?,

@@ -114,6 +114,10 @@ fn samples() -> Vec<Message> {
                 cookie: [3; COOKIE_LEN],
                 token: Bytes::from_static(b"token"),
                 received: Some(1 << 33),
+                policy: Some(crate::speed::Policy {
+                    ceiling: Some(3_000_000),
+                    pinned: true,
+                }),
             }),
         },
         Message {
@@ -527,9 +531,10 @@ fn arb_message() -> impl Strategy<Value = Message> {
             any::<u64>(),
             any::<[u8; COOKIE_LEN]>(),
             prop::collection::vec(any::<u8>(), 0..=MAX_TOKEN),
-            any::<Option<u64>>()
+            prop::option::of(0..u64::MAX),
+            prop::option::of((prop::option::of(1u64..0x7fff_ffff), any::<bool>()))
         )
-            .prop_map(|(n, l, st, s, a, cookie, t, received)| Body::Watch(Watch {
+            .prop_map(|(n, l, st, s, a, cookie, t, received, policy)| Body::Watch(Watch {
                 node: NodeId(n),
                 lease_ms: l,
                 start: [WatchStart::Keyframe, WatchStart::Seq, WatchStart::Live][usize::from(st)],
@@ -538,15 +543,20 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 cookie,
                 token: t.into(),
                 received,
+                policy: policy.map(|(kbps, pinned)| crate::speed::Policy {
+                    ceiling: kbps.map(|k| k * 1000),
+                    pinned,
+                }),
             })),
-        (1u8..7, any::<u64>()).prop_map(|(k, value)| Body::Notice {
+        (1u8..8, any::<u64>()).prop_map(|(k, value)| Body::Notice {
             kind: [
                 NoticeKind::Joined,
                 NoticeKind::Skipped,
                 NoticeKind::Missed,
                 NoticeKind::Session,
                 NoticeKind::Gap,
-                NoticeKind::Ended
+                NoticeKind::Ended,
+                NoticeKind::Rendition
             ][usize::from(k - 1)],
             value
         }),
@@ -615,4 +625,15 @@ proptest! {
         let mut buf = BytesMut::from(&bytes[..]);
         while let Ok(Some(_)) = c.decode_frame(&mut buf) {}
     }
+}
+
+#[test]
+fn a_rendition_notice_packs_and_unpacks() {
+    let n = RenditionNotice {
+        ssrc: 0xdead_beef,
+        reason: 3,
+        index: 2,
+        kbps: 5000,
+    };
+    assert_eq!(RenditionNotice::unpack(n.pack()), n);
 }
