@@ -76,6 +76,12 @@ pub struct Config {
     #[arg(long = "loop")]
     #[serde(default)]
     pub looped: bool,
+    /// Synthetic source: number frames from the wall clock and put keyframes on its
+    /// multiples of the group of pictures, so captures of a ladder's renditions (one per
+    /// rendition, on synchronised clocks) make aligned keyframes with equal time stamps.
+    #[arg(long)]
+    #[serde(default)]
+    pub align: bool,
     /// Synthetic source bit rate, bits per second.
     #[arg(long, default_value_t = 4_000_000)]
     #[serde(default = "default_bitrate")]
@@ -228,6 +234,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             run: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u32),
+            align: config.align,
         },
         config.looped,
     )

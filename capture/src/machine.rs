@@ -485,6 +485,7 @@ mod tests {
             fps: 25,
             gop: 25,
             run: 0,
+            align: false,
         });
         let frame = |s: &mut Synth| Input::Source {
             bytes: s.next_frame(),

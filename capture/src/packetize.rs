@@ -207,6 +207,7 @@ mod tests {
             fps: 25,
             gop: 5,
             run: 0,
+            align: false,
         });
         (0..frames).flat_map(|_| s.next_frame().to_vec()).collect()
     }

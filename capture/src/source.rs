@@ -117,6 +117,26 @@ impl Source {
     /// Opens the source.
     pub async fn open(spec: &Spec, synth: SynthConfig, looped: bool) -> anyhow::Result<Source> {
         Ok(match spec {
+            Spec::Synth if synth.align => {
+                // Frame n is due at n / fps seconds of Unix time; start at the next group
+                // of pictures, so every capture of the ladder starts on a keyframe.
+                let fps = u64::from(synth.fps.max(1));
+                let gop = u64::from(synth.gop.max(1));
+                let unix = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                let now = Instant::now();
+                let frame = (unix.as_nanos() * u128::from(fps) / 1_000_000_000) as u64;
+                let first = frame.div_ceil(gop) * gop;
+                let due =
+                    Duration::from_nanos((first as u128 * 1_000_000_000 / u128::from(fps)) as u64);
+                Source::Synth {
+                    synth: Synth::new(synth).starting_at(first),
+                    start: now + due.saturating_sub(unix),
+                    fps: synth.fps.max(1),
+                    frames: 0,
+                }
+            }
             Spec::Synth => Source::Synth {
                 synth: Synth::new(synth),
                 start: Instant::now(),
@@ -380,6 +400,7 @@ mod tests {
             fps: 25,
             gop: 25,
             run: 0,
+            align: false,
         });
         let data: Vec<u8> = (0..20).flat_map(|_| s.next_frame().to_vec()).collect();
         let mut f = FileSource::new(Bytes::from(data.clone()), false);
@@ -404,6 +425,7 @@ mod tests {
             fps: 25,
             gop: 25,
             run: 0,
+            align: false,
         });
         let data: Vec<u8> = (0..50).flat_map(|_| s.next_frame().to_vec()).collect();
         let mut f = FileSource::new(Bytes::from(data.clone()), false);

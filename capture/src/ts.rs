@@ -213,6 +213,10 @@ pub struct SynthConfig {
     /// Written into every packet, so two runs of the source (a capture started again)
     /// never make the same bytes: the daemon takes it from the wall clock.
     pub run: u32,
+    /// Frames numbered from the wall clock, and keyframes on its multiples of the group
+    /// of pictures: captures of several renditions on synchronised clocks make aligned
+    /// keyframes with the same time stamps (a ladder).
+    pub align: bool,
 }
 
 /// PIDs of the synthetic stream.
@@ -245,6 +249,13 @@ impl Synth {
         }
     }
 
+    /// Starts at frame `frame` (see [`SynthConfig::align`]).
+    #[must_use]
+    pub fn starting_at(mut self, frame: u64) -> Synth {
+        self.frame = frame;
+        self
+    }
+
     /// TS packets per frame, so the stream carries the configured bit rate.
     pub fn packets_per_frame(&self) -> usize {
         let bytes = self.config.bitrate / 8 / u64::from(self.config.fps.max(1));
@@ -260,9 +271,10 @@ impl Synth {
             self.put_pat(&mut out);
             self.put_pmt(&mut out);
         }
-        // 90 kHz PTS and 27 MHz PCR from the frame number.
-        let pts = self.frame * 90_000 / u64::from(self.config.fps.max(1)) + 90_000;
-        let pcr = (pts - 45_000) * 300;
+        // 90 kHz PTS and 27 MHz PCR from the frame number (33-bit clocks, wrapping).
+        const WRAP: u64 = (1 << 33) - 1;
+        let pts = (self.frame * 90_000 / u64::from(self.config.fps.max(1)) + 90_000) & WRAP;
+        let pcr = (pts.wrapping_sub(45_000) & WRAP) * 300;
         for i in 0..n {
             let mut p = [0xffu8; PACKET];
             p[0] = SYNC;
@@ -415,6 +427,7 @@ mod tests {
             fps: 25,
             gop: 10,
             run: 0,
+            align: false,
         });
         let mut program = Program::default();
         let mut keys = Vec::new();
@@ -475,6 +488,7 @@ mod tests {
             fps: 25,
             gop: 25,
             run: 0,
+            align: false,
         });
         let frame = s.next_frame();
         for p in frame.chunks(PACKET).take(2) {

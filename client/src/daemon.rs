@@ -352,8 +352,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
 fn report(s: &Stats, tty: bool, json: Option<&mut Box<dyn Write>>) -> anyhow::Result<()> {
     if tty {
+        let rendition = s.rendition.as_ref().map_or(String::new(), |r| {
+            format!(
+                "  rendition {} ({} kbps, {} changes)",
+                r.index,
+                r.kbps,
+                s.renditions.len().saturating_sub(1)
+            )
+        });
         eprint!(
-            "\r{:>8.2} Mbps  buffer {:>4} pkts  {:>9} packets  gaps {:>5}  skips {:>3}  switches {:>2}  from {} ({})   ",
+            "\r{:>8.2} Mbps  buffer {:>4} pkts  {:>9} packets  gaps {:>5}  skips {:>3}  switches {:>2}  from {} ({}){rendition}   ",
             s.bitrate_bps as f64 / 1e6,
             s.buffered,
             s.packets,

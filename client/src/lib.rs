@@ -8,6 +8,7 @@
 //! - [`Config`]: flags and TOML.
 //! - [`session`]: every decision, sans-IO ([`Session`]): the watch protocol, the
 //!   playout buffer with its repairs, the detectors, switching without loss.
+//! - [`continuity`]: one valid MPEG-TS across changes of rendition.
 //! - [`control`]: assignment, switch requests and feedback to the control servers.
 //! - [`run`]: the daemon: owns the sockets (UDP with QUIC attached, or a TCP connection),
 //!   the clock, the output and the HTTP to the control servers, and feeds the session.
@@ -21,6 +22,7 @@
 //! secondary set. It asks again every `--reask-secs` and moves when a candidate is
 //! better by `--better-margin`.
 
+pub mod continuity;
 pub mod control;
 mod daemon;
 pub mod session;
@@ -139,6 +141,15 @@ pub struct Config {
     #[arg(long, default_value = "0.0.0.0:0")]
     #[serde(default = "default_bind")]
     pub bind: SocketAddr,
+    /// On a ladder of renditions: never above this nominal rate, kbit/s (0: no ceiling).
+    #[arg(long, default_value_t = 0)]
+    #[serde(default)]
+    pub max_kbps: u64,
+    /// On a ladder of renditions: always the highest under `--max-kbps`, whatever the
+    /// measured speed.
+    #[arg(long)]
+    #[serde(default)]
+    pub pin: bool,
     /// Viewer id.
     #[arg(long, default_value_t = 0)]
     #[serde(default)]
@@ -272,6 +283,10 @@ impl Config {
     pub fn session(&self) -> session::Config {
         session::Config {
             stream: StreamId(self.stream),
+            policy: (self.max_kbps > 0 || self.pin).then_some(braid_core::speed::Policy {
+                ceiling: (self.max_kbps > 0).then_some(self.max_kbps.saturating_mul(1000)),
+                pinned: self.pin,
+            }),
             id: NodeId(self.id),
             token: Bytes::from(self.token.clone()),
             datagrams: self.transport.datagrams(),

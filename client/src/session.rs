@@ -74,6 +74,8 @@ const LEASE_MS: u32 = 3000;
 pub struct Config {
     /// The stream watched.
     pub stream: StreamId,
+    /// What it asks of a ladder's renditions (a ceiling, a pin), if anything.
+    pub policy: Option<braid_core::speed::Policy>,
     /// This viewer's id.
     pub id: NodeId,
     /// The viewer's token, as given.
@@ -262,8 +264,34 @@ pub struct Stats {
     pub buffered: usize,
     /// Every switch.
     pub switches: Vec<SwitchStat>,
+    /// The rendition now, when the stream is one of a ladder's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rendition: Option<RenditionStat>,
+    /// Every change of rendition (the first 256), the first one where it started.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub renditions: Vec<RenditionStat>,
+    /// TS continuity counters shifted to follow on across changes of rendition.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub continuity_rewritten: u64,
     /// Whether this is the last line.
     pub done: bool,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// A rendition, as its edge told it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct RenditionStat {
+    /// Its index in the ladder, lowest rate first.
+    pub index: u8,
+    /// Its nominal rate, kbit/s.
+    pub kbps: u32,
+    /// Why the edge chose it: join, down, up, policy.
+    pub reason: String,
+    /// Milliseconds since the session started.
+    pub at_ms: u64,
 }
 
 /// A switch decided and not yet carried out: waiting for the control servers.
@@ -357,6 +385,15 @@ pub struct Session {
     /// Media bytes received from each edge watched (the current one and the one being
     /// left), told back to it in watches.
     received_from: HashMap<SocketAddr, u64>,
+    /// The stream (rendition) its edge serves it now, and the one before (holes of the
+    /// session being left are asked for under it).
+    stream_now: StreamId,
+    stream_before: StreamId,
+    /// Sessions that are renditions of its ladder (it may come back to one).
+    rendition_ssrcs: Vec<u32>,
+    /// The session of the rendition its edge last moved it to.
+    moved_to: Option<u32>,
+    continuity: crate::continuity::Continuity,
     next_ack: Instant,
     next_report: Instant,
     last_report: (Instant, u64),
@@ -418,6 +455,7 @@ impl Session {
         now: Instant,
     ) -> Result<Session, braid_core::Error> {
         let window = config.buffer;
+        let stream = config.stream;
         let buffer = merge::Buffer::new(merge::Config {
             reorder_window: window,
             nack: config.datagrams,
@@ -458,6 +496,11 @@ impl Session {
             acked: SeqNo(0),
             since_ack: 0,
             received_from: HashMap::new(),
+            stream_now: stream,
+            stream_before: stream,
+            rendition_ssrcs: Vec::new(),
+            moved_to: None,
+            continuity: crate::continuity::Continuity::default(),
             next_ack: now + ACK_EVERY,
             next_report: now + REPORT_EVERY,
             last_report: (now, 0),
@@ -665,8 +708,54 @@ impl Session {
         self.phase = Phase::Done;
     }
 
+    /// Its edge moves it to another rendition of its ladder (or says which it starts
+    /// on): that rendition's session is one it may come back to, not a stale one, and
+    /// the output's continuity counters follow on across the change.
+    fn rendition(&mut self, now: Instant, value: u64) {
+        let n = braid_core::wire::RenditionNotice::unpack(value);
+        self.continuity.start();
+        if n.ssrc != 0 {
+            self.moved_to = Some(n.ssrc);
+            self.retired.retain(|s| *s != n.ssrc);
+            if !self.rendition_ssrcs.contains(&n.ssrc) {
+                if self.rendition_ssrcs.len() >= 16 {
+                    self.rendition_ssrcs.remove(0);
+                }
+                self.rendition_ssrcs.push(n.ssrc);
+            }
+        }
+        let reason = braid_core::speed::Reason::from_u8(n.reason)
+            .map_or("unknown", |r| r.as_str())
+            .to_owned();
+        let stat = RenditionStat {
+            index: n.index,
+            kbps: n.kbps,
+            reason,
+            at_ms: now.duration_since(self.started).as_millis() as u64,
+        };
+        // The edge repeats its notices: one change is one entry.
+        let same = |a: &RenditionStat| a.index == stat.index && a.reason == stat.reason;
+        if self.stats.rendition.as_ref().is_some_and(same) {
+            return;
+        }
+        tracing::info!(kbps = n.kbps, reason = %stat.reason, "rendition {}", n.index);
+        if !self.stats.renditions.is_empty() {
+            self.detector.rate_changed(now);
+        }
+        if self.stats.renditions.len() < 256 {
+            self.stats.renditions.push(stat.clone());
+        }
+        self.stats.rendition = Some(stat);
+    }
+
     fn send(&mut self, to: SocketAddr, body: Body) {
-        self.out.control(Peer::Addr(to), self.config.stream, body);
+        // Watches name the rendition it is on (an edge it moves to resumes it there);
+        // asks for holes name the session they are in.
+        let stream = match body {
+            Body::Nack(_) if self.buffer.changing_session() => self.stream_before,
+            _ => self.stream_now,
+        };
+        self.out.control(Peer::Addr(to), stream, body);
     }
 
     fn watch(&self, to: SocketAddr) -> Body {
@@ -685,7 +774,7 @@ impl Session {
             cookie: self.cookies.get(&to).copied().unwrap_or_default(),
             token: self.config.token.clone(),
             received: self.received_from.get(&to).copied(),
-            policy: None,
+            policy: self.config.policy,
         })
     }
 
@@ -1031,6 +1120,11 @@ impl Session {
                     self.early_watch = Some(now);
                     self.send_ack();
                 }
+                // The rendition it is served (its edge may move it): what it names.
+                if !header.flags.contains(Flags::RETRANSMIT) && header.stream != self.stream_now {
+                    self.stream_before = self.stream_now;
+                    self.stream_now = header.stream;
+                }
                 // A repair says nothing of where the new edge streams from (a cold edge
                 // may answer one for a packet it holds before it can serve the resume
                 // point): the first packet it streams does.
@@ -1126,6 +1220,13 @@ impl Session {
                         self.buffer.expect_from(now, SeqNo(value));
                         tracing::debug!("joined at {value}");
                     }
+                    NoticeKind::Rendition => self.rendition(now, value),
+                    // A repeat of where the rendition it left ended, once it is in the one
+                    // it moved to: that number may lie ahead in this one's numbering.
+                    NoticeKind::Ended
+                        if self.moved_to.is_some()
+                            && self.ssrc == self.moved_to
+                            && !self.buffer.changing_session() => {}
                     NoticeKind::Ended => {
                         // Where the old session ended: a lost tail is asked for, and the
                         // change of session waits for it (the buffer ignores a number it
@@ -1253,6 +1354,9 @@ impl Session {
                         // running, and its audio plays on.
                         let cold = self.written_ssrc.is_none();
                         self.written_ssrc = Some(item.ssrc);
+                        if !cold && self.rendition_ssrcs.contains(&item.ssrc) {
+                            self.continuity.resync();
+                        }
                         self.to_keyframe = cold && self.keyframes_seen && !item.keyframe;
                         if self.to_keyframe {
                             self.stats.skips += 1;
@@ -1266,7 +1370,8 @@ impl Session {
                         }
                         self.to_keyframe = false;
                     }
-                    let item = item.payload;
+                    let item = self.continuity.fix(item.payload);
+                    self.stats.continuity_rewritten = self.continuity.rewritten;
                     self.stats.first_seq.get_or_insert(seq.0);
                     self.stats
                         .first_output_ms

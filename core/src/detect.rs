@@ -261,6 +261,15 @@ impl Detector {
         self.highest = None;
     }
 
+    /// The stream changes rate on purpose (its edge moves the viewer to another
+    /// rendition): the rate learned is forgotten and learned again, so the change is not
+    /// taken for a drop.
+    pub fn rate_changed(&mut self, now: Instant) {
+        self.learned_nominal = None;
+        self.windows = 0;
+        self.reset(now);
+    }
+
     /// The source said it is alive without sending media (a heartbeat while the stream
     /// pauses upstream): no stall is counted from before `now`; the windows see nothing.
     pub fn handle_alive(&mut self, now: Instant) {

@@ -293,7 +293,9 @@ impl<T> Ring<T> {
     /// keyframe at the same media time, say), if any.
     pub fn keyframe_cursor(&self, mut wanted: impl FnMut(&Entry<T>) -> bool) -> Option<Cursor> {
         self.keyframes.iter().rev().find_map(|&pos| {
-            let e = self.entries.get(usize::try_from(pos - self.first_pos).ok()?)?;
+            let e = self
+                .entries
+                .get(usize::try_from(pos - self.first_pos).ok()?)?;
             wanted(e).then_some(Cursor {
                 pos,
                 min_seq: SeqNo(0),
@@ -304,7 +306,8 @@ impl<T> Ring<T> {
     /// The newest keyframe held.
     pub fn newest_keyframe(&self) -> Option<&Entry<T>> {
         let pos = *self.keyframes.back()?;
-        self.entries.get(usize::try_from(pos - self.first_pos).ok()?)
+        self.entries
+            .get(usize::try_from(pos - self.first_pos).ok()?)
     }
 
     /// Whether the writer has overtaken `cursor` (its next entry was evicted unread).

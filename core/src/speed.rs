@@ -4,16 +4,15 @@
 //! The edge credits a [`Meter`] with what the viewer received (its watches say; UDP,
 //! QUIC) or what its socket drained (TCP), tells it what of the stream it sent, and when
 //! the viewer's flow window or queue held back packets the ring had ready. Every
-//! [`SAMPLE`] the bytes credited become a sample, marked *limited* when the viewer was
-//! held back during it, or received less than 95% of what was sent: the viewer's
-//! link, not the stream, set its rate.
+//! [`SAMPLE`] the bytes credited become a sample. Over the last [`Config::down_window`]
+//! the viewer is *limited* (its link, not the stream, set its rate) when it was held back
+//! in most samples, or received less than 95% of what was sent to it.
 //!
-//! The [`Estimate`] is, when most of the last [`Config::down_window`] was limited, the
-//! mean of those limited samples (what the link carries now: a drop shows within that
-//! window); otherwise the highest sample held (what the link carried at least: a viewer
-//! that keeps up shows only the stream's own rate). A viewer is [slow](Meter::slow) once
-//! it has been limited for all of [`Config::slow_after`], and under
-//! [`Config::slow_below`] when that is set.
+//! The [`Estimate`] of a limited viewer is its mean rate over that window (what the link
+//! carries now: a drop shows within the window); of any other, the highest sample since
+//! it was last limited (what the link carried at least: a viewer that keeps up shows only
+//! the stream's own rate). A viewer is [slow](Meter::slow) once it has been limited for
+//! all of [`Config::slow_after`], and under [`Config::slow_below`] when that is set.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -51,7 +50,14 @@ impl Default for Config {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Sample {
     at: Instant,
+    /// What it received over the sample.
     bps: u64,
+    bytes: u64,
+    /// What of the stream was sent to it.
+    sent: u64,
+    /// Whether its window or queue held back packets ready for it.
+    blocked: bool,
+    /// Whether the estimate at its close said limited.
     limited: bool,
 }
 
@@ -126,18 +132,27 @@ impl Meter {
             return;
         }
         let bps = Bitrate::from_size_over(crate::DataSize(self.bytes), elapsed).as_u64();
-        let behind = self.bytes.saturating_mul(20) < self.sent.saturating_mul(19);
-        let sample = Sample {
-            at: now,
-            bps,
-            limited: self.blocked || behind,
-        };
         if self.samples.len() == HELD {
             self.samples.pop_front();
         }
-        self.samples.push_back(sample);
-        let under = self.config.slow_below.is_none_or(|b| bps < b.as_u64());
-        if sample.limited && under {
+        self.samples.push_back(Sample {
+            at: now,
+            bps,
+            bytes: self.bytes,
+            sent: self.sent,
+            blocked: self.blocked,
+            limited: false,
+        });
+        let e = self.estimate(now);
+        let limited = e.is_some_and(|e| e.limited);
+        if let Some(last) = self.samples.back_mut() {
+            last.limited = limited;
+        }
+        let under = self
+            .config
+            .slow_below
+            .is_none_or(|b| e.is_some_and(|e| e.bps < b.as_u64()));
+        if limited && under {
             self.limited_since.get_or_insert(since);
         } else {
             self.limited_since = None;
@@ -148,20 +163,39 @@ impl Meter {
         self.blocked = false;
     }
 
-    /// What the meter says now, once it holds a sample.
+    /// What the meter says now, once it holds a sample. Over the down window: limited
+    /// when the viewer was held back in most samples, or received less than 95% of what
+    /// was sent (against what was sent one sample earlier: what it says it received was
+    /// sent up to an acknowledgement before); its rate is then the window's mean. Else
+    /// the highest sample since it was last limited (a lower bound).
     pub fn estimate(&self, now: Instant) -> Option<Estimate> {
-        let recent: Vec<&Sample> = self
+        let len = self.samples.len();
+        let n = self
             .samples
             .iter()
-            .filter(|s| now.saturating_duration_since(s.at) <= self.config.down_window)
-            .collect();
-        let limited: Vec<u64> = recent.iter().filter(|s| s.limited).map(|s| s.bps).collect();
-        if !limited.is_empty() && limited.len() * 2 >= recent.len() {
-            let mean = limited.iter().sum::<u64>() / limited.len() as u64;
-            return Some(Estimate {
-                bps: mean,
-                limited: true,
-            });
+            .rev()
+            .take_while(|s| now.saturating_duration_since(s.at) <= self.config.down_window)
+            .count();
+        if n > 0 {
+            let recent = self.samples.range(len - n..);
+            let blocked = recent.clone().filter(|s| s.blocked).count();
+            let delivered: u64 = recent.clone().map(|s| s.bytes).sum();
+            let sent: u64 = if len > n {
+                self.samples
+                    .range(len - n - 1..len - 1)
+                    .map(|s| s.sent)
+                    .sum()
+            } else {
+                recent.clone().map(|s| s.sent).sum()
+            };
+            let behind = n >= 2 && delivered.saturating_mul(20) < sent.saturating_mul(19);
+            if behind || (blocked > 0 && blocked * 2 >= n) {
+                let mean = recent.map(|s| s.bps).sum::<u64>() / n as u64;
+                return Some(Estimate {
+                    bps: mean,
+                    limited: true,
+                });
+            }
         }
         // A lower bound: the most it took since its link last held it back (what it took
         // before that says nothing of the link now).
@@ -173,7 +207,7 @@ impl Meter {
         let max = self.samples.iter().skip(since).map(|s| s.bps).max();
         let max = match max {
             Some(m) => m,
-            // Only limited samples, older than the window: the last of them.
+            // Every sample held was limited, longer ago than the window: the last.
             None => self.samples.back()?.bps,
         };
         Some(Estimate {
@@ -305,13 +339,14 @@ pub struct Chooser {
 
 impl Chooser {
     /// A viewer joining a ladder of nominal rates (ascending, at least one): its first
-    /// rendition fits `known` (its client's or network's last measured speed, bit/s)
-    /// under the share, else it is the lowest; never above its ceiling.
+    /// rendition fits `known` (its client's or network's last measured speed: a link's
+    /// rate under the share, a rate it took in full as it is), else it is the lowest;
+    /// never above its ceiling.
     pub fn join(
         config: AdaptConfig,
         policy: Policy,
         ladder: &[u64],
-        known: Option<u64>,
+        known: Option<Estimate>,
         now: Instant,
     ) -> Chooser {
         let cap = Self::cap(ladder, policy);
@@ -319,7 +354,10 @@ impl Chooser {
             cap
         } else {
             known
-                .and_then(|k| fits(ladder, k as f64 * config.share))
+                .and_then(|k| {
+                    let share = if k.limited { config.share } else { 1.0 };
+                    fits(ladder, k.bps as f64 * share)
+                })
                 .unwrap_or(0)
                 .min(cap)
         };
@@ -534,7 +572,8 @@ mod tests {
         let mut f = Fluid::new(Config::default());
         f.run(2_000_000, 4_000_000, WINDOW, 6.0);
         assert!(f.meter.slow(f.t));
-        f.run(50_000_000, 4_000_000, WINDOW, 1.0);
+        // Judged over the down window: slow no more once the window is past.
+        f.run(50_000_000, 4_000_000, WINDOW, 2.5);
         assert!(!f.meter.slow(f.t));
     }
 
@@ -594,6 +633,7 @@ mod tests {
     /// every second) plus a probe's padding. Returns, per 10 ms step, the link's rate and
     /// the nominal rate served.
     fn adapt(schedule: &[(u64, u32)], known: Option<u64>) -> Vec<(u64, u64, usize)> {
+        let known = known.map(|bps| Estimate { bps, limited: true });
         let mut f = Fluid::new(Config::default());
         let t0 = f.t;
         let mut c = Chooser::join(
@@ -695,7 +735,10 @@ mod tests {
             AdaptConfig::default(),
             ceiling,
             &LADDER,
-            Some(100_000_000),
+            Some(Estimate {
+                bps: 100_000_000,
+                limited: false,
+            }),
             t0,
         );
         assert_eq!(c.current(), 1);

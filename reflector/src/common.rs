@@ -102,6 +102,18 @@ pub struct Counters {
     pub refusals: u64,
     /// Viewers that turned slow: limited by their link for long (edge).
     pub viewers_turned_slow: u64,
+    /// Viewers moved to another rendition of their ladder, by reason (edge).
+    pub rendition_changes: std::collections::BTreeMap<&'static str, u64>,
+    /// Keyframes at which a move found no aligned keyframe in the target rendition.
+    pub rendition_unaligned: u64,
+    /// Moves that went to the target's next keyframe after the viewer's (a jump).
+    pub rendition_jumps: u64,
+    /// Keyframes at which a move waited in vain for the target rendition to catch up.
+    pub rendition_late: u64,
+    /// Probes started (a viewer sent more than its rendition, to see if it can climb).
+    pub probes: u64,
+    /// Bytes those probes sent.
+    pub probe_bytes: u64,
 }
 
 /// One stream's figures, for the metrics.

@@ -510,6 +510,15 @@ fn export(role: &'static str, machine: &mut Machine) {
         metrics::gauge!("braid_viewers").set(m.viewers() as f64);
         metrics::gauge!("braid_edge_viewers_slow").set(m.slow_viewers() as f64);
         metrics::counter!("braid_edge_viewers_turned_slow_total").absolute(c.viewers_turned_slow);
+        for (reason, n) in &c.rendition_changes {
+            metrics::counter!("braid_edge_rendition_changes_total", "reason" => *reason)
+                .absolute(*n);
+        }
+        metrics::counter!("braid_edge_rendition_unaligned_total").absolute(c.rendition_unaligned);
+        metrics::counter!("braid_edge_rendition_jumps_total").absolute(c.rendition_jumps);
+        metrics::counter!("braid_edge_rendition_late_total").absolute(c.rendition_late);
+        metrics::counter!("braid_edge_probes_total").absolute(c.probes);
+        metrics::counter!("braid_edge_probe_bytes_total").absolute(c.probe_bytes);
         for (id, h) in m.hls_stats() {
             let stream = id.0.to_string();
             for (name, v) in [

@@ -24,8 +24,8 @@ use braid_core::ring::{self, Cursor, Read, Ring, Start};
 use braid_core::speed;
 use braid_core::token::Signer;
 use braid_core::wire::{
-    Body, Class, Codec, Cookie, ErrorCode, Flags, Keepalive, NoticeKind, SwitchReason, Watch,
-    WatchStart,
+    Body, Class, Codec, Cookie, ErrorCode, Flags, Keepalive, NoticeKind, RenditionNotice,
+    SwitchReason, Watch, WatchStart,
 };
 use braid_core::{NodeId, PathId, SeqNo, StreamId};
 use bytes::Bytes;
@@ -75,7 +75,44 @@ pub struct Config {
     pub hls: Option<braid_core::hls::Config>,
     /// How each viewer's delivery speed is judged, and when it is slow.
     pub speed: speed::Config,
+    /// Ladders: each a list of renditions (stream, nominal bit/s), lowest rate first. A
+    /// viewer of any of a ladder's streams gets the rendition that fits its speed.
+    pub ladders: Vec<Vec<(StreamId, u64)>>,
+    /// How renditions follow speed.
+    pub adapt: speed::AdaptConfig,
 }
+
+/// A viewer's place in a ladder.
+#[derive(Debug)]
+struct Adapt {
+    /// Which ladder.
+    ladder: usize,
+    chooser: speed::Chooser,
+    /// A move decided, to make at the viewer's next keyframe: to which rendition, why.
+    pending: Option<(usize, speed::Reason)>,
+    /// Since when the viewer waits at a keyframe for the other rendition's to arrive.
+    waiting: Option<Instant>,
+    /// A keyframe position at which a move was found impossible (no aligned keyframe):
+    /// the viewer goes on past it.
+    passed: Option<u64>,
+    /// Keyframes with no aligned one in the target rendition, in a row.
+    unaligned: u32,
+    /// Whether a probe was under way at the last look.
+    probing: bool,
+}
+
+/// How long a viewer waits at its keyframe for the other rendition's aligned keyframe
+/// (just subscribed, it may be a moment behind).
+const ALIGN_WAIT: Duration = Duration::from_millis(300);
+/// After this many keyframes without an aligned one, a move goes to the next keyframe
+/// of the target rendition after the viewer's (a jump in media time, counted).
+const UNALIGNED_GIVE_UP: u32 = 3;
+/// Media time within which two renditions' keyframes are aligned (90 kHz: 20 ms).
+const ALIGN_TICKS: u64 = 1800;
+/// Speeds remembered per client and per network.
+const MAX_KNOWN: usize = 10_000;
+/// How long a speed is remembered.
+const KNOWN_TTL: Duration = Duration::from_secs(600);
 
 /// Closed streams' last figures kept until the owner takes them.
 pub const MAX_CLOSED_REPORTS: usize = 64;
@@ -141,6 +178,10 @@ struct Viewer {
     client: NodeId,
     /// Its delivery speed.
     speed: speed::Meter,
+    /// Its rendition, when its stream is one of a ladder's.
+    adapt: Option<Adapt>,
+    /// The last *rendition* notice, and how many more refreshes repeat it.
+    rendition: Option<(u64, u8)>,
     /// Media bytes it said it received from this edge in its last watch, if it counts
     /// them; bytes sent to it since it joined, and bytes credited to its speed so far.
     reported: Option<u64>,
@@ -241,6 +282,21 @@ fn judge(st: &mut Stream, now: Instant) -> Option<bool> {
     Some(troubled)
 }
 
+/// A viewer's network (/24, or /48 over IPv6), as a number; none for a TCP viewer, whose
+/// address the machine does not see.
+fn network(from: Peer) -> Option<u64> {
+    match from {
+        Peer::Addr(a) => Some(match a.ip() {
+            std::net::IpAddr::V4(v4) => u64::from(u32::from(v4) >> 8),
+            std::net::IpAddr::V6(v6) => {
+                let s = v6.segments();
+                1 << 63 | u64::from(s[0]) << 32 | u64::from(s[1]) << 16 | u64::from(s[2])
+            }
+        }),
+        Peer::Conn(_) => None,
+    }
+}
+
 /// A viewer's delivery speed, as [`Edge::speeds`] says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ViewerSpeed {
@@ -268,6 +324,8 @@ pub struct Edge {
     viewers: usize,
     now: Option<Instant>,
     next_housekeeping: Option<Instant>,
+    /// Housekeeping rounds so far.
+    ticks: u64,
     draining: bool,
     last_drain_signal: Option<Instant>,
     /// QUIC peers whose connection is down (subscriptions move off them).
@@ -277,6 +335,15 @@ pub struct Edge {
     tcp_queued: HashMap<u64, VecDeque<u32>>,
     /// Viewers now slow (by stream and peer), and how many turned slow so far.
     slow: HashSet<(StreamId, Peer)>,
+    /// Each ladder stream's ladder and rendition index.
+    ladder_of: HashMap<StreamId, (usize, usize)>,
+    /// Each ladder's nominal rates.
+    rates: Vec<Vec<u64>>,
+    /// Target renditions already warned of unaligned keyframes.
+    warned_unaligned: HashSet<StreamId>,
+    /// Speeds last measured, per client id and per network (/24, /48), with when.
+    known_clients: HashMap<u64, (speed::Estimate, Instant)>,
+    known_networks: HashMap<u64, (speed::Estimate, Instant)>,
     /// Peers already logged as refused (one line each; the counter counts them all).
     warned: HashSet<Peer>,
     /// Viewers' addresses are validated before they are sent anything.
@@ -292,6 +359,28 @@ impl Edge {
     pub fn new(config: Config, codec: Codec, clock: WallClock) -> Result<Edge, braid_core::Error> {
         config.settings.merge.validate()?;
         config.ring.validate()?;
+        config.adapt.validate()?;
+        let mut ladder_of = HashMap::new();
+        for (l, ladder) in config.ladders.iter().enumerate() {
+            let ascending = ladder.windows(2).all(|w| w[0].1 < w[1].1);
+            if ladder.is_empty() || ladder.len() > 15 || !ascending {
+                return Err(braid_core::Error::InvalidConfig(
+                    "a ladder has 1 to 15 renditions, rates ascending".into(),
+                ));
+            }
+            for (r, (id, _)) in ladder.iter().enumerate() {
+                if ladder_of.insert(*id, (l, r)).is_some() {
+                    return Err(braid_core::Error::InvalidConfig(format!(
+                        "stream {id} is in two ladders, or twice in one"
+                    )));
+                }
+            }
+        }
+        let rates = config
+            .ladders
+            .iter()
+            .map(|l| l.iter().map(|r| r.1).collect())
+            .collect();
         Ok(Edge {
             config,
             clock,
@@ -301,11 +390,17 @@ impl Edge {
             viewers: 0,
             now: None,
             next_housekeeping: None,
+            ticks: 0,
             draining: false,
             last_drain_signal: None,
             quic_down: HashSet::new(),
             tcp_queued: HashMap::new(),
             slow: HashSet::new(),
+            ladder_of,
+            rates,
+            warned_unaligned: HashSet::new(),
+            known_clients: HashMap::new(),
+            known_networks: HashMap::new(),
             warned: HashSet::new(),
             cookies: Cookies::random(),
             upstream_cookies: HashMap::new(),
@@ -616,19 +711,40 @@ impl Edge {
                 st.dirty = true;
             }
             (_, Body::Watch(watch)) => self.handle_watch(now, from, id, watch),
-            (_, Body::Unsubscribe { .. }) => self.remove_viewer(id, from),
+            (_, Body::Unsubscribe { .. }) => {
+                let id = self.viewer_stream(id, from).unwrap_or(id);
+                self.remove_viewer(id, from)
+            }
             (Peer::Addr(_), Body::Nack(ranges)) => {
-                let Some(st) = self.streams.get_mut(&id) else {
-                    self.counters.drops.add("nack_unknown_stream");
+                // A viewer of a ladder asks for what it lacks of the rendition it left
+                // naming that rendition's stream.
+                let Some(holder) = self.viewer_stream(id, from).or_else(|| {
+                    self.streams
+                        .get(&id)
+                        .filter(|st| st.viewers.contains_key(&from))
+                        .map(|_| id)
+                }) else {
+                    let reason = if self.streams.contains_key(&id) {
+                        "nack_from_stranger"
+                    } else {
+                        "nack_unknown_stream"
+                    };
+                    self.counters.drops.add(reason);
                     return;
                 };
-                let Some(v) = st.viewers.get_mut(&from) else {
-                    self.counters.drops.add("nack_from_stranger");
+                let Some(st) = self.streams.get(&id) else {
+                    self.counters.drops.add("nack_unknown_stream");
                     return;
                 };
                 let a = node::answer_nack(&mut self.out, &st.ring, from, &ranges, MAX_NACK_ANSWER);
                 // Repairs count to what it can be credited with, once it says it has them.
-                v.sent_bytes += a.bytes;
+                if let Some(v) = self
+                    .streams
+                    .get_mut(&holder)
+                    .and_then(|st| st.viewers.get_mut(&from))
+                {
+                    v.sent_bytes += a.bytes;
+                }
                 self.counters.retransmit_sent += a.sent;
                 self.counters.retransmit_missing += a.missing;
                 if a.over_limit {
@@ -814,11 +930,16 @@ impl Edge {
         let (max_stream, max_node) = (self.config.settings.max_per_stream, self.config.max_viewers);
         let node_full = self.viewers >= max_node;
         let lease = Duration::from_millis(u64::from(watch.lease_ms)).min(MAX_LEASE);
+        // A viewer of a ladder may name the rendition it was on before a move.
+        let id = self.viewer_stream(id, from).unwrap_or(id);
         if let Some(v) = self
             .streams
             .get_mut(&id)
             .and_then(|st| st.viewers.get_mut(&from))
         {
+            if let (Some(a), Some(p)) = (v.adapt.as_mut(), watch.policy) {
+                a.chooser.set_policy(p);
+            }
             // The token is checked again once the one it was let in with expires: a
             // renewed token in its watches keeps it served, an expired one ends it.
             if let (Some(exp), Some(signer)) = (v.token_expires, &self.config.tokens) {
@@ -866,6 +987,13 @@ impl Edge {
                 v.reported = watch.received;
             }
             let mut repeat = Vec::new();
+            if let Some((value, left @ 1..)) = v.rendition {
+                v.rendition = Some((value, left - 1));
+                repeat.push(Body::Notice {
+                    kind: NoticeKind::Rendition,
+                    value,
+                });
+            }
             for (slot, kind) in [
                 (&mut v.joined, NoticeKind::Joined),
                 (&mut v.ended, NoticeKind::Ended),
@@ -919,6 +1047,32 @@ impl Edge {
                 }
             }
         }
+        // A new viewer of a ladder gets the rendition its client's or network's last
+        // measured speed fits (the lowest, if none); one resuming stays where it was
+        // until its next keyframe.
+        let mut id = id;
+        let mut adapt = None;
+        if let Some(&(l, r)) = self.ladder_of.get(&id) {
+            let rates: Vec<u64> = self.config.ladders[l].iter().map(|x| x.1).collect();
+            let known = self.known(now, watch.node, from);
+            let policy = watch.policy.unwrap_or_default();
+            let mut chooser =
+                speed::Chooser::join(self.config.adapt.clone(), policy, &rates, known, now);
+            if watch.start == WatchStart::Seq {
+                chooser.moved(now, r);
+            } else {
+                id = self.config.ladders[l][chooser.current()].0;
+            }
+            adapt = Some(Adapt {
+                ladder: l,
+                chooser,
+                pending: None,
+                waiting: None,
+                passed: None,
+                unaligned: 0,
+                probing: false,
+            });
+        }
         // A stream is opened (and subscribed upstream) only for a viewer let in, and
         // only so many at once.
         if !self.streams.contains_key(&id) && self.streams.len() >= self.config.settings.max_streams
@@ -962,6 +1116,8 @@ impl Edge {
                 reported: watch.received,
                 sent_bytes: 0,
                 credited: 0,
+                adapt,
+                rendition: None,
                 first_sent: SeqNo(0),
                 joined: None,
                 session: None,
@@ -990,7 +1146,71 @@ impl Edge {
         if needs_upstream {
             self.subscribe_upstream(now, id);
         }
+        if let Some(&(l, r)) = self.ladder_of.get(&id) {
+            // Which rendition it starts on (its SSRC comes with the first packet).
+            let notice = RenditionNotice {
+                ssrc: 0,
+                reason: speed::Reason::Join as u8,
+                index: r as u8,
+                kbps: (self.config.ladders[l][r].1 / 1000) as u32,
+            };
+            let body = Body::Notice {
+                kind: NoticeKind::Rendition,
+                value: notice.pack(),
+            };
+            self.out.control(from, id, body);
+        }
         self.serve(now, id, Some(from));
+    }
+
+    /// The stream viewer `from` is now served on, when `id` is one of a ladder's and the
+    /// viewer is on one of its renditions.
+    fn viewer_stream(&self, id: StreamId, from: Peer) -> Option<StreamId> {
+        let &(l, _) = self.ladder_of.get(&id)?;
+        self.config.ladders[l].iter().map(|(s, _)| *s).find(|s| {
+            self.streams
+                .get(s)
+                .is_some_and(|st| st.viewers.contains_key(&from))
+        })
+    }
+
+    /// The speed last measured for client `client`, or else for `from`'s network.
+    fn known(&self, now: Instant, client: NodeId, from: Peer) -> Option<speed::Estimate> {
+        let fresh =
+            |e: &&(speed::Estimate, Instant)| now.saturating_duration_since(e.1) < KNOWN_TTL;
+        self.known_clients
+            .get(&client.0)
+            .filter(fresh)
+            .or_else(|| {
+                let net = network(from)?;
+                self.known_networks.get(&net).filter(fresh)
+            })
+            .map(|e| e.0)
+    }
+
+    /// Remembers a viewer's speed, by client and by network (bounded: entries past their
+    /// time make room; with none, it is not remembered).
+    fn remember(&mut self, now: Instant, client: NodeId, from: Peer, e: speed::Estimate) {
+        fn put<K: std::hash::Hash + Eq>(
+            map: &mut HashMap<K, (speed::Estimate, Instant)>,
+            now: Instant,
+            key: K,
+            e: speed::Estimate,
+        ) {
+            if map.len() >= MAX_KNOWN && !map.contains_key(&key) {
+                map.retain(|_, v| now.saturating_duration_since(v.1) < KNOWN_TTL);
+                if map.len() >= MAX_KNOWN {
+                    return;
+                }
+            }
+            map.insert(key, (e, now));
+        }
+        if client.0 != 0 {
+            put(&mut self.known_clients, now, client.0, e);
+        }
+        if let Some(net) = network(from) {
+            put(&mut self.known_networks, now, net, e);
+        }
     }
 
     /// Serves `only` (or every viewer) on every stream.
@@ -1009,6 +1229,8 @@ impl Edge {
         let Some(st) = self.streams.get_mut(&id) else {
             return;
         };
+        // Viewers of a ladder at the keyframe where a move decided for them can be made.
+        let mut at_keyframe = Vec::new();
         let mut serve_one = |key: Peer, v: &mut Viewer| {
             if v.cursor.is_none() {
                 let start = match v.start {
@@ -1079,6 +1301,16 @@ impl Edge {
                         }
                     }
                 }
+                if let Some(a) = v.adapt.as_ref().filter(|a| a.pending.is_some()) {
+                    if st
+                        .ring
+                        .peek(cursor)
+                        .is_some_and(|e| e.keyframe && a.passed != Some(cursor.position()))
+                    {
+                        at_keyframe.push(key);
+                        break;
+                    }
+                }
                 match st.ring.read(cursor) {
                     Read::Packet(e) => {
                         if v.first_sent.0 == 0 {
@@ -1105,13 +1337,15 @@ impl Edge {
                         }
                         v.last_seq = Some(e.seq);
                         match key {
-                            Peer::Conn(c) => self
-                                .tcp_queued
-                                .entry(c)
-                                .or_default()
-                                .push_back(e.item.datagram.len() as u32),
+                            Peer::Conn(c) => {
+                                let size = e.item.datagram.len();
+                                self.tcp_queued.entry(c).or_default().push_back(size as u32);
+                                v.speed.sent(now, size as u64);
+                            }
                             Peer::Addr(_) => {
-                                v.sent_bytes += e.item.media.rtp.len() as u64;
+                                let size = e.item.media.rtp.len() as u64;
+                                v.sent_bytes += size;
+                                v.speed.sent(now, size);
                                 v.in_flight
                                     .push_back((e.seq, now, e.item.datagram.len() as u32));
                                 v.tail.sent(now, e.seq);
@@ -1147,6 +1381,160 @@ impl Edge {
                 }
             }
         }
+        for key in at_keyframe {
+            self.move_rendition(now, id, key);
+        }
+    }
+
+    /// Moves viewer `key` of stream `id`, its cursor at a keyframe, to the rendition
+    /// decided for it, at the keyframe of the same media time there: the viewer is told
+    /// (a *rendition* notice, then where this session ends and the other starts) and
+    /// served from there. With that keyframe not there yet, it waits at most
+    /// [`ALIGN_WAIT`], then goes on to its next keyframe; with no aligned keyframe at
+    /// all, after [`UNALIGNED_GIVE_UP`] keyframes it moves to the next one after its own
+    /// (a jump, counted).
+    fn move_rendition(&mut self, now: Instant, id: StreamId, key: Peer) {
+        let Some(&(l, _)) = self.ladder_of.get(&id) else {
+            return;
+        };
+        let Some(st) = self.streams.get(&id) else {
+            return;
+        };
+        let Some(v) = st.viewers.get(&key) else {
+            return;
+        };
+        let (Some(a), Some(cursor)) = (v.adapt.as_ref(), v.cursor) else {
+            return;
+        };
+        let Some((to, reason)) = a.pending else {
+            return;
+        };
+        let Some(here) = st.ring.peek(&cursor).filter(|e| e.keyframe) else {
+            return;
+        };
+        let pos = cursor.position();
+        let time = braid_core::hls::media_time(&here.item.media.rtp.payload());
+        let to_id = self.config.ladders[l][to].0;
+        const WRAP: u64 = 1 << 33;
+        let time_of =
+            |e: &ring::Entry<Packet>| braid_core::hls::media_time(&e.item.media.rtp.payload());
+        // (the target's keyframe, whether it is aligned or only the next after ours)
+        let mut target = None;
+        let mut behind = true;
+        if let (Some(t), Some(tst)) = (time, self.streams.get(&to_id)) {
+            let d = |u: u64| u.wrapping_sub(t) & (WRAP - 1);
+            behind = tst
+                .ring
+                .newest_keyframe()
+                .and_then(&time_of)
+                .is_none_or(|u| d(u) >= WRAP / 2 && d(u) < WRAP - ALIGN_TICKS);
+            let aligned = |e: &ring::Entry<Packet>| {
+                time_of(e).is_some_and(|u| d(u) <= ALIGN_TICKS || d(u) >= WRAP - ALIGN_TICKS)
+            };
+            if let Some(c) = tst.ring.keyframe_cursor(aligned) {
+                target = Some((c, true));
+            } else if !behind && a.unaligned + 1 >= UNALIGNED_GIVE_UP {
+                // The oldest keyframe after ours: the newest first, so keep the last.
+                let mut after = None;
+                let _ = tst.ring.keyframe_cursor(|e| {
+                    if time_of(e).is_some_and(|u| d(u) < WRAP / 2) {
+                        after = Some(e.seq);
+                    }
+                    false
+                });
+                target = after
+                    .and_then(|s| tst.ring.keyframe_cursor(|e| e.seq == s))
+                    .map(|c| (c, false));
+            }
+        }
+        let Some((c, aligned)) = target else {
+            // Not possible at this keyframe: wait for the target to catch up, or go on.
+            let Some(a) = self
+                .streams
+                .get_mut(&id)
+                .and_then(|st| st.viewers.get_mut(&key))
+                .and_then(|v| v.adapt.as_mut())
+            else {
+                return;
+            };
+            if behind && time.is_some() {
+                let since = *a.waiting.get_or_insert(now);
+                if now.saturating_duration_since(since) < ALIGN_WAIT {
+                    return;
+                }
+                self.counters.rendition_late += 1;
+            } else {
+                a.unaligned += 1;
+                self.counters.rendition_unaligned += 1;
+                if self.warned_unaligned.insert(to_id) {
+                    tracing::warn!(
+                        from = id.0,
+                        to = to_id.0,
+                        "renditions' keyframes are not aligned: moves wait, then jump (counted)"
+                    );
+                }
+            }
+            a.waiting = None;
+            a.passed = Some(pos);
+            self.serve(now, id, Some(key));
+            return;
+        };
+        let Some(mut v) = self
+            .streams
+            .get_mut(&id)
+            .and_then(|st| st.viewers.remove(&key))
+        else {
+            return;
+        };
+        let Some(tst) = self.streams.get_mut(&to_id) else {
+            return;
+        };
+        let Some(first) = tst.ring.peek(&c) else {
+            return;
+        };
+        let (first_seq, ssrc) = (first.seq, first.item.media.rtp.fields().ssrc);
+        if !aligned {
+            self.counters.rendition_jumps += 1;
+        }
+        let notice = RenditionNotice {
+            ssrc,
+            reason: reason as u8,
+            index: to as u8,
+            kbps: (self.config.ladders[l][to].1 / 1000) as u32,
+        }
+        .pack();
+        let mut notices = vec![(NoticeKind::Rendition, notice)];
+        v.rendition = Some((notice, NOTICE_REPEATS));
+        if let Some(last) = v.last_seq {
+            v.ended = Some((last, NOTICE_REPEATS));
+            notices.push((NoticeKind::Ended, last.0));
+        }
+        v.session = Some((first_seq, NOTICE_REPEATS));
+        notices.push((NoticeKind::Session, first_seq.0));
+        v.sent_ssrc = Some(ssrc);
+        v.cursor = Some(c);
+        // What is in flight is of the other session: acknowledgements now name this one.
+        v.in_flight.clear();
+        if let Some(a) = v.adapt.as_mut() {
+            a.pending = None;
+            a.waiting = None;
+            a.passed = None;
+            a.unaligned = 0;
+            a.chooser.moved(now, to);
+        }
+        *self
+            .counters
+            .rendition_changes
+            .entry(reason.as_str())
+            .or_default() += 1;
+        tracing::debug!(viewer = %key, from = id.0, to = to_id.0, reason = reason.as_str(), "rendition changed");
+        tst.viewers.insert(key, v);
+        tst.empty_since = None;
+        self.slow.remove(&(id, key));
+        for (kind, value) in notices {
+            self.out.control(key, to_id, Body::Notice { kind, value });
+        }
+        self.serve(now, to_id, Some(key));
     }
 
     fn subscribe_upstream(&mut self, now: Instant, id: StreamId) {
@@ -1356,6 +1744,7 @@ impl Edge {
             }
         }
         self.viewers -= gone_viewers;
+        self.adapt(now);
         let streams = &self.streams;
         self.slow.retain(|(id, key)| {
             streams
@@ -1387,6 +1776,107 @@ impl Edge {
                 }
             }
         }
+    }
+
+    /// Renditions follow speed: each ladder viewer's chooser decides (a move is made at
+    /// its next keyframe; its target is opened and subscribed now, so it is there by
+    /// then), a probe pads what it sends, and every second each viewer's speed is
+    /// remembered for its client and network.
+    fn adapt(&mut self, now: Instant) {
+        self.ticks = self.ticks.wrapping_add(1);
+        let remember = self.ticks % 10 == 0;
+        let mut targets = Vec::new();
+        let mut moves = Vec::new();
+        let mut pads = Vec::new();
+        let mut known = Vec::new();
+        for (&id, st) in self.streams.iter_mut() {
+            for (key, v) in st.viewers.iter_mut() {
+                let e = v.speed.estimate(now);
+                if remember {
+                    if let Some(e) = e {
+                        known.push((v.client, *key, e));
+                    }
+                }
+                let Some(a) = v.adapt.as_mut() else {
+                    continue;
+                };
+                let rates = &self.rates[a.ladder];
+                if let Some((to, reason)) = a.chooser.decide(now, rates, e) {
+                    if a.pending.map(|p| p.0) != Some(to) {
+                        tracing::debug!(viewer = %key, to, reason = reason.as_str(), estimate = ?e, "rendition move decided");
+                        a.pending = Some((to, reason));
+                        a.passed = None;
+                    }
+                }
+                if let Some((to, _)) = a.pending {
+                    targets.push(self.config.ladders[a.ladder][to].0);
+                    let at_key = v.cursor.is_some_and(|c| {
+                        st.ring
+                            .peek(&c)
+                            .is_some_and(|e| e.keyframe && a.passed != Some(c.position()))
+                    });
+                    if at_key {
+                        moves.push((id, *key));
+                    }
+                }
+                let probe = a.chooser.probing(now, rates);
+                if let (Some(rate), Peer::Addr(_)) = (probe, key) {
+                    if !a.probing {
+                        self.counters.probes += 1;
+                    }
+                    let extra = rate.saturating_sub(rates[a.chooser.current()]);
+                    pads.push((id, *key, extra / 8 / 10));
+                }
+                a.probing = probe.is_some();
+            }
+        }
+        for (client, key, e) in known {
+            self.remember(now, client, key, e);
+        }
+        for to in targets {
+            if let Ok(st) = self.stream(to, now) {
+                st.empty_since = None;
+                if st.upstream.is_empty() {
+                    self.subscribe_upstream(now, to);
+                }
+            }
+        }
+        for (id, key) in moves {
+            self.move_rendition(now, id, key);
+        }
+        for (id, key, bytes) in pads {
+            self.pad(id, key, bytes);
+        }
+    }
+
+    /// Sends viewer `key` of stream `id` about `bytes` more than its stream: copies of
+    /// the packets it was just sent, flagged as repairs (it drops them as duplicates, and
+    /// counts them as received).
+    fn pad(&mut self, id: StreamId, key: Peer, bytes: u64) {
+        let Some(st) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let Some(v) = st.viewers.get_mut(&key) else {
+            return;
+        };
+        let Some(last) = v.last_seq else {
+            return;
+        };
+        let (mut sent, mut rtp) = (0u64, 0u64);
+        for back in 0..256u64 {
+            if sent >= bytes || back > last.0 {
+                break;
+            }
+            if let Some(e) = st.ring.get(SeqNo(last.0 - back)) {
+                if self.out.retransmit(key, e.item.header, &e.item.media) {
+                    sent += e.item.datagram.len() as u64;
+                    rtp += e.item.media.rtp.len() as u64;
+                }
+            }
+        }
+        // What it receives of them counts to its speed.
+        v.sent_bytes += rtp;
+        self.counters.probe_bytes += sent;
     }
 
     /// Tells every viewer that got nothing for [`HEARTBEAT`] that this edge is alive: the
@@ -1509,6 +1999,8 @@ mod tests {
             tokens: None,
             hls: None,
             speed: speed::Config::default(),
+            ladders: Vec::new(),
+            adapt: speed::AdaptConfig::default(),
         };
         Edge::new(config, codec(), WallClock::new(now, 1_800_000_000_000))
             .unwrap()
@@ -1748,6 +2240,149 @@ mod tests {
             b < sent_bps * 12 / 10,
             "never credited beyond what was sent: {b}"
         );
+    }
+
+    /// A media message of `stream`: one TS packet, starting a PES with time `pts` when
+    /// `pts` is given (flagged as a keyframe), as a set reflector forwards it.
+    fn ts_media(stream: u32, ssrc: u32, seq: u64, pts: Option<u64>) -> Input {
+        let mut ts = vec![0x47, 0x01, 0x00, 0x10];
+        if let Some(v) = pts {
+            ts[1] = 0x41;
+            ts.extend([0, 0, 1, 0xE0, 0, 0, 0x80, 0x80, 5]);
+            ts.extend([
+                0x21 | ((v >> 29) as u8 & 0x0E),
+                (v >> 22) as u8,
+                ((v >> 14) as u8 & 0xFE) | 1,
+                (v >> 7) as u8,
+                ((v << 1) as u8) | 1,
+            ]);
+        }
+        ts.resize(188, (seq % 251) as u8);
+        let rtp = Rtp::build(
+            Fields {
+                marker: false,
+                payload_type: 33,
+                seq: SeqNo(seq).low(),
+                timestamp: 0,
+                ssrc,
+            },
+            &ts,
+        );
+        let mut b = BytesMut::new();
+        let flags = if pts.is_some() {
+            Flags::KEYFRAME
+        } else {
+            Flags::empty()
+        };
+        let header = Header {
+            stream: StreamId(stream),
+            flags,
+            ..Header::default()
+        };
+        codec()
+            .encode_media(header, SeqNo(seq), &rtp, &mut b)
+            .unwrap();
+        Input::Received {
+            from: Peer::Addr(set()),
+            datagram: b.freeze(),
+            node: true,
+        }
+    }
+
+    #[test]
+    fn a_ladder_viewer_moves_at_the_aligned_keyframe_and_is_told() {
+        let mut now = Instant::now();
+        let config = Config {
+            ladders: vec![vec![(StreamId(11), 1_000_000), (StreamId(12), 2_500_000)]],
+            ..edge(now).config
+        };
+        let mut e = Edge::new(config, codec(), WallClock::new(now, 1_800_000_000_000))
+            .unwrap()
+            .with_cookie_secret(COOKIE_SECRET);
+        let v = viewer(5000);
+        // A new viewer of the ladder, with nothing known of its speed: the lowest.
+        let Input::Received { datagram, .. } = watch(now, v, WatchStart::Keyframe, 0) else {
+            unreachable!()
+        };
+        let (_, mut m) = codec().decode_any(datagram).unwrap();
+        m.header.stream = StreamId(12);
+        let mut b = BytesMut::new();
+        Codec::viewer().encode(&m, &mut b).unwrap();
+        let join = |b: Bytes| Input::Received {
+            from: v,
+            datagram: b,
+            node: false,
+        };
+        e.handle_input(now, join(b.clone().freeze()));
+        let mut out = sent(&mut e);
+        // Both renditions flow, keyframes every 10 packets at the same media times; the
+        // second joins once the edge subscribes to it.
+        let mut got = Vec::new();
+        for i in 0..120u64 {
+            let pts = (i % 10 == 0).then_some(90_000 * (i / 10));
+            e.handle_input(now, ts_media(11, 0x11, 1000 + i, pts));
+            e.handle_input(now, ts_media(12, 0x12, 7000 + i, pts));
+            if i == 35 {
+                // It pins the top rendition.
+                m.body = match m.body {
+                    Body::Watch(mut w) => {
+                        w.policy = Some(speed::Policy {
+                            ceiling: None,
+                            pinned: true,
+                        });
+                        Body::Watch(w)
+                    }
+                    b => b,
+                };
+                let mut b = BytesMut::new();
+                Codec::viewer().encode(&m, &mut b).unwrap();
+                e.handle_input(now, join(b.freeze()));
+            }
+            now += Duration::from_millis(20);
+            e.handle_timeout(now);
+            out.extend(sent(&mut e));
+        }
+        for (to, body) in &out {
+            if *to != v {
+                continue;
+            }
+            match body {
+                Body::Media(m) => got.push(format!("{}", m.seq.0)),
+                Body::Notice { kind, value } => got.push(format!("{kind:?}:{value}")),
+                _ => {}
+            }
+        }
+        let text = got.join(" ");
+        let joined = RenditionNotice {
+            ssrc: 0,
+            reason: speed::Reason::Join as u8,
+            index: 0,
+            kbps: 1000,
+        };
+        assert!(
+            text.starts_with(&format!("Rendition:{}", joined.pack())),
+            "{text}"
+        );
+        // It moves at a keyframe of 11 to the keyframe of 12 with the same media time:
+        // told which, where 11 ended and where 12 starts, then 12's packets from there.
+        let moved = RenditionNotice {
+            ssrc: 0x12,
+            reason: speed::Reason::Policy as u8,
+            index: 1,
+            kbps: 2500,
+        };
+        let at = got
+            .iter()
+            .position(|g| *g == format!("Rendition:{}", moved.pack()))
+            .unwrap_or_else(|| panic!("moved: {text}"));
+        let last: u64 = got[at - 1].parse().unwrap();
+        assert_eq!(last % 10, 9, "11 left just before a keyframe: {text}");
+        let k = last + 1 - 1000;
+        assert_eq!(got[at + 1], format!("Ended:{last}"), "{text}");
+        assert_eq!(got[at + 2], format!("Session:{}", 7000 + k), "{text}");
+        assert_eq!(got[at + 3], format!("{}", 7000 + k), "{text}");
+        assert_eq!(e.counters().rendition_changes.get("policy"), Some(&1));
+        assert_eq!(e.counters().rendition_unaligned, 0);
     }
 
     #[test]

@@ -190,6 +190,12 @@ pub struct Config {
     #[arg(long, default_value_t = 5000)]
     #[serde(default = "default_slow_after_ms")]
     pub slow_after_ms: u64,
+    /// Edge role: a ladder of renditions, `STREAM:KBPS,STREAM:KBPS,...` lowest rate first
+    /// (repeatable): a viewer of any of its streams is served the rendition its measured
+    /// speed fits, moved at aligned keyframes.
+    #[arg(long = "ladder")]
+    #[serde(default)]
+    pub ladders: Vec<String>,
     /// Edge role: only a viewer held back under this rate, kbit/s, is slow (default 0:
     /// any viewer whose link cannot take what it is sent).
     #[arg(long, default_value_t = 0)]
@@ -414,6 +420,8 @@ impl Config {
                 window: self.hls_window,
                 ..braid_core::hls::Config::default()
             }),
+            ladders: self.ladders()?,
+            adapt: braid_core::speed::AdaptConfig::default(),
             speed: braid_core::speed::Config {
                 slow_after: Duration::from_millis(self.slow_after_ms),
                 slow_below: (self.slow_below_kbps > 0)
@@ -421,6 +429,35 @@ impl Config {
                 ..braid_core::speed::Config::default()
             },
         })
+    }
+
+    /// The `--ladder` lists, parsed.
+    fn ladders(&self) -> anyhow::Result<Vec<Vec<(StreamId, u64)>>> {
+        self.ladders
+            .iter()
+            .map(|l| {
+                l.split(',')
+                    .map(|r| {
+                        let (id, kbps) = r.trim().split_once(':').ok_or_else(|| {
+                            anyhow::anyhow!("--ladder {l}: each rendition is STREAM:KBPS")
+                        })?;
+                        let id: u32 = id.parse().map_err(|_| {
+                            anyhow::anyhow!("--ladder {l}: {id} is not a stream id")
+                        })?;
+                        let kbps: u64 = kbps
+                            .parse()
+                            .ok()
+                            .filter(|k| (1..=10_000_000).contains(k))
+                            .ok_or_else(|| {
+                                anyhow::anyhow!(
+                                    "--ladder {l}: {kbps} is not a rate in kbit/s (1 to 10,000,000)"
+                                )
+                            })?;
+                        Ok((StreamId(id), kbps * 1000))
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     fn ring_config(&self) -> anyhow::Result<ring::Config> {

@@ -390,6 +390,7 @@ impl World {
                     fps: s.fps,
                     gop: s.gop,
                     run: 0,
+                    align: false,
                 });
                 let c = Capture::new(config, clock, now).expect("the publish encodes");
                 Machine::Capture(Box::new(c), synth)

@@ -19,6 +19,7 @@ fn ts_file(path: &Path, seconds: u32) {
         fps: 25,
         gop: 25,
         run: 0,
+        align: false,
     });
     let bytes: Vec<u8> = (0..seconds * 25)
         .flat_map(|_| s.next_frame().to_vec())

@@ -534,20 +534,23 @@ fn arb_message() -> impl Strategy<Value = Message> {
             prop::option::of(0..u64::MAX),
             prop::option::of((prop::option::of(1u64..0x7fff_ffff), any::<bool>()))
         )
-            .prop_map(|(n, l, st, s, a, cookie, t, received, policy)| Body::Watch(Watch {
-                node: NodeId(n),
-                lease_ms: l,
-                start: [WatchStart::Keyframe, WatchStart::Seq, WatchStart::Live][usize::from(st)],
-                seq: SeqNo(s),
-                acked: SeqNo(a),
-                cookie,
-                token: t.into(),
-                received,
-                policy: policy.map(|(kbps, pinned)| crate::speed::Policy {
-                    ceiling: kbps.map(|k| k * 1000),
-                    pinned,
-                }),
-            })),
+            .prop_map(
+                |(n, l, st, s, a, cookie, t, received, policy)| Body::Watch(Watch {
+                    node: NodeId(n),
+                    lease_ms: l,
+                    start: [WatchStart::Keyframe, WatchStart::Seq, WatchStart::Live]
+                        [usize::from(st)],
+                    seq: SeqNo(s),
+                    acked: SeqNo(a),
+                    cookie,
+                    token: t.into(),
+                    received,
+                    policy: policy.map(|(kbps, pinned)| crate::speed::Policy {
+                        ceiling: kbps.map(|k| k * 1000),
+                        pinned,
+                    }),
+                })
+            ),
         (1u8..8, any::<u64>()).prop_map(|(k, value)| Body::Notice {
             kind: [
                 NoticeKind::Joined,
