@@ -385,6 +385,10 @@ struct NextSession<T> {
     /// Whether the sender's word of where the old session ended is awaited (see
     /// [`Buffer::start_next_session`]).
     awaiting_end: bool,
+    /// The highest number held aside: a packet beyond the next asks for those between
+    /// at once (a change of session may wait its whole window, and by then they would
+    /// be too old to repair).
+    highest: Option<SeqNo>,
 }
 
 /// The merge buffer for one stream. See the module documentation for the contract.
@@ -544,6 +548,7 @@ impl<T> Buffer<T> {
             waiting: Vec::new(),
             start: None,
             awaiting_end: false,
+            highest: None,
         });
         n.awaiting_end |= awaiting_end;
     }
@@ -599,6 +604,21 @@ impl<T> Buffer<T> {
         self.advance(now);
         match &mut self.next_session {
             Some(n) if n.waiting.len() < self.config.max_held => {
+                // Numbers skipped since the last one held aside (or the start the
+                // sender gave) are asked for now.
+                let before = n.highest.or(n.start.map(|s| SeqNo(s.0.saturating_sub(1))));
+                if let Some(h) = before.filter(|h| seq.0 > h.0 + 1 && self.config.nack) {
+                    let count = (seq.0 - h.0 - 1).min(u64::from(u16::MAX));
+                    let range = SeqRange {
+                        first: SeqNo(h.0 + 1),
+                        count: count as u16,
+                    };
+                    self.stats.nacked += count;
+                    self.ready.push_back(Output::Nack { range, path });
+                }
+                if n.highest.is_none_or(|h| seq > h) {
+                    n.highest = Some(seq);
+                }
                 n.waiting.push((path, seq, item));
             }
             Some(_) => {

@@ -259,6 +259,27 @@ impl Hosts {
         }
     }
 
+    /// Lifts the cap [`Hosts::limit`] put on `name`'s link.
+    pub fn unlimit(&self, name: &str) {
+        let h = self.get(name);
+        for (ns, dev) in [
+            (h.netns.as_str(), "eth0"),
+            (self.hub.as_str(), h.hub_end.as_str()),
+        ] {
+            let out = Command::new("ip")
+                .args([
+                    "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root",
+                ])
+                .output()
+                .expect("tc");
+            assert!(
+                out.status.success(),
+                "tc on {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
     /// Restores `name`'s link.
     pub fn restore(&self, name: &str) {
         let h = self.get(name);

@@ -182,6 +182,10 @@ struct Viewer {
     adapt: Option<Adapt>,
     /// The last *rendition* notice, and how many more refreshes repeat it.
     rendition: Option<(u64, u8)>,
+    /// While a probe runs, the bytes of copies to send per byte of the stream, and the
+    /// bytes owed.
+    pad_ratio: f64,
+    pad_owed: f64,
     /// Media bytes it said it received from this edge in its last watch, if it counts
     /// them; bytes sent to it since it joined, and bytes credited to its speed so far.
     reported: Option<u64>,
@@ -736,7 +740,29 @@ impl Edge {
                     self.counters.drops.add("nack_unknown_stream");
                     return;
                 };
-                let a = node::answer_nack(&mut self.out, &st.ring, from, &ranges, MAX_NACK_ANSWER);
+                let mut a =
+                    node::answer_nack(&mut self.out, &st.ring, from, &ranges, MAX_NACK_ANSWER);
+                // What that rendition does not hold, another of the ladder may: every
+                // rendition numbers its packets apart (see PROTOCOL.md).
+                if a.missing > 0 {
+                    if let Some(&(l, _)) = self.ladder_of.get(&id) {
+                        for (other, _) in &self.config.ladders[l] {
+                            let Some(ost) = self.streams.get(other).filter(|_| *other != id) else {
+                                continue;
+                            };
+                            let b = node::answer_nack(
+                                &mut self.out,
+                                &ost.ring,
+                                from,
+                                &ranges,
+                                MAX_NACK_ANSWER,
+                            );
+                            a.sent += b.sent;
+                            a.bytes += b.bytes;
+                            a.missing = a.missing.saturating_sub(b.sent);
+                        }
+                    }
+                }
                 // Repairs count to what it can be credited with, once it says it has them.
                 if let Some(v) = self
                     .streams
@@ -744,6 +770,10 @@ impl Edge {
                     .and_then(|st| st.viewers.get_mut(&from))
                 {
                     v.sent_bytes += a.bytes;
+                    // A probe that makes it lose packets ends now.
+                    if let Some(ad) = v.adapt.as_mut() {
+                        ad.chooser.probe_lost(now);
+                    }
                 }
                 self.counters.retransmit_sent += a.sent;
                 self.counters.retransmit_missing += a.missing;
@@ -1118,6 +1148,8 @@ impl Edge {
                 credited: 0,
                 adapt,
                 rendition: None,
+                pad_ratio: 0.0,
+                pad_owed: 0.0,
                 first_sent: SeqNo(0),
                 joined: None,
                 session: None,
@@ -1301,7 +1333,11 @@ impl Edge {
                         }
                     }
                 }
-                if let Some(a) = v.adapt.as_ref().filter(|a| a.pending.is_some()) {
+                if let Some(a) = v
+                    .adapt
+                    .as_ref()
+                    .filter(|a| a.pending.is_some() && a.chooser.may_move(now))
+                {
                     if st
                         .ring
                         .peek(cursor)
@@ -1346,6 +1382,7 @@ impl Edge {
                                 let size = e.item.media.rtp.len() as u64;
                                 v.sent_bytes += size;
                                 v.speed.sent(now, size);
+
                                 v.in_flight
                                     .push_back((e.seq, now, e.item.datagram.len() as u32));
                                 v.tail.sent(now, e.seq);
@@ -1353,6 +1390,21 @@ impl Edge {
                         }
                         v.last_sent = now;
                         self.out.send(key, e.item.datagram.clone(), true);
+                        // A probe: copies of this packet after it, paced by the stream.
+                        if v.pad_ratio > 0.0 && matches!(key, Peer::Addr(_)) {
+                            let size = e.item.media.rtp.len() as u64;
+                            v.pad_owed += size as f64 * v.pad_ratio;
+                            while v.pad_owed >= size as f64 {
+                                if !self.out.retransmit(key, e.item.header, &e.item.media) {
+                                    break;
+                                }
+                                v.pad_owed -= size as f64;
+                                v.sent_bytes += size;
+                                self.counters.probe_bytes += size;
+                            }
+                        } else {
+                            v.pad_owed = 0.0;
+                        }
                     }
                     Read::Skipped { lost } => {
                         self.counters.viewer_skipped_packets += lost;
@@ -1515,6 +1567,9 @@ impl Edge {
         v.cursor = Some(c);
         // What is in flight is of the other session: acknowledgements now name this one.
         v.in_flight.clear();
+        // What was measured on the other rendition says nothing of this one's delivery.
+        v.speed.restart(now);
+        v.tail = TailProbe::default();
         if let Some(a) = v.adapt.as_mut() {
             a.pending = None;
             a.waiting = None;
@@ -1787,7 +1842,6 @@ impl Edge {
         let remember = self.ticks % 10 == 0;
         let mut targets = Vec::new();
         let mut moves = Vec::new();
-        let mut pads = Vec::new();
         let mut known = Vec::new();
         for (&id, st) in self.streams.iter_mut() {
             for (key, v) in st.viewers.iter_mut() {
@@ -1801,33 +1855,50 @@ impl Edge {
                     continue;
                 };
                 let rates = &self.rates[a.ladder];
-                if let Some((to, reason)) = a.chooser.decide(now, rates, e) {
+                if let Some((to, reason)) = a.chooser.decide(now, rates, &v.speed) {
                     if a.pending.map(|p| p.0) != Some(to) {
-                        tracing::debug!(viewer = %key, to, reason = reason.as_str(), estimate = ?e, "rendition move decided");
+                        tracing::debug!(viewer = %key, to, reason = reason.as_str(), estimate = ?e, meter = ?v.speed, "rendition move decided");
                         a.pending = Some((to, reason));
                         a.passed = None;
                     }
                 }
                 if let Some((to, _)) = a.pending {
                     targets.push(self.config.ladders[a.ladder][to].0);
-                    let at_key = v.cursor.is_some_and(|c| {
-                        st.ring
-                            .peek(&c)
-                            .is_some_and(|e| e.keyframe && a.passed != Some(c.position()))
-                    });
+                    let at_key = a.chooser.may_move(now)
+                        && v.cursor.is_some_and(|c| {
+                            st.ring
+                                .peek(&c)
+                                .is_some_and(|e| e.keyframe && a.passed != Some(c.position()))
+                        });
                     if at_key {
                         moves.push((id, *key));
                     }
                 }
-                let probe = a.chooser.probing(now, rates);
-                if let (Some(rate), Peer::Addr(_)) = (probe, key) {
-                    if !a.probing {
-                        self.counters.probes += 1;
-                    }
-                    let extra = rate.saturating_sub(rates[a.chooser.current()]);
-                    pads.push((id, *key, extra / 8 / 10));
+                // A probe (datagram viewers only: over TCP it would queue ahead of
+                // the stream) sends a copy of each packet's worth in proportion.
+                let probe = match key {
+                    Peer::Addr(_) => a.chooser.probing(now, rates),
+                    Peer::Conn(_) => None,
+                };
+                if probe.is_some() && !a.probing {
+                    self.counters.probes += 1;
+                }
+                if probe.is_none() && a.probing {
+                    // What the probe sent, and the repairs of what it made the viewer
+                    // lose, say nothing of the stream's own delivery.
+                    v.speed.restart(now);
                 }
                 a.probing = probe.is_some();
+                // Copies in proportion to what the stream really sends it (a rendition
+                // may run under its nominal rate).
+                let stream = v
+                    .speed
+                    .sent_rate(now)
+                    .filter(|r| *r > 0)
+                    .unwrap_or(rates[a.chooser.current()])
+                    .max(1);
+                v.pad_ratio =
+                    probe.map_or(0.0, |r| r.saturating_sub(stream) as f64 / stream as f64);
             }
         }
         for (client, key, e) in known {
@@ -1844,39 +1915,6 @@ impl Edge {
         for (id, key) in moves {
             self.move_rendition(now, id, key);
         }
-        for (id, key, bytes) in pads {
-            self.pad(id, key, bytes);
-        }
-    }
-
-    /// Sends viewer `key` of stream `id` about `bytes` more than its stream: copies of
-    /// the packets it was just sent, flagged as repairs (it drops them as duplicates, and
-    /// counts them as received).
-    fn pad(&mut self, id: StreamId, key: Peer, bytes: u64) {
-        let Some(st) = self.streams.get_mut(&id) else {
-            return;
-        };
-        let Some(v) = st.viewers.get_mut(&key) else {
-            return;
-        };
-        let Some(last) = v.last_seq else {
-            return;
-        };
-        let (mut sent, mut rtp) = (0u64, 0u64);
-        for back in 0..256u64 {
-            if sent >= bytes || back > last.0 {
-                break;
-            }
-            if let Some(e) = st.ring.get(SeqNo(last.0 - back)) {
-                if self.out.retransmit(key, e.item.header, &e.item.media) {
-                    sent += e.item.datagram.len() as u64;
-                    rtp += e.item.media.rtp.len() as u64;
-                }
-            }
-        }
-        // What it receives of them counts to its speed.
-        v.sent_bytes += rtp;
-        self.counters.probe_bytes += sent;
     }
 
     /// Tells every viewer that got nothing for [`HEARTBEAT`] that this edge is alive: the

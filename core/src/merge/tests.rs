@@ -163,6 +163,41 @@ fn a_new_sessions_lost_start_is_asked_of_every_path_and_starts_it() {
 }
 
 #[test]
+fn the_new_sessions_holes_are_asked_for_while_the_change_waits() {
+    let t = t0();
+    let mut b = Buffer::new(config()).unwrap();
+    for s in [10, 11] {
+        b.handle_input(t + ms(s), packet(0, s));
+    }
+    b.handle_timeout(t + ms(200));
+    drain(&mut b);
+    // The old session's tail is still awaited (12 lost), so the new one waits aside.
+    b.expect_through(t + ms(201), SeqNo(12));
+    b.start_next_session(t + ms(202), false);
+    b.expect_session_from(t + ms(202), SeqNo(500));
+    for s in [500, 501, 504, 505] {
+        b.handle_next_session(t + ms(203), PathId(0), SeqNo(s), s);
+    }
+    // 502 and 503 are asked for at once, while the change waits for 12.
+    assert!(nacks(&mut b).contains(&SeqRange {
+        first: SeqNo(502),
+        count: 2
+    }));
+    // Their repairs, then 12's, and everything is released in order.
+    for s in [503, 502] {
+        b.handle_next_session(t + ms(230), PathId(0), SeqNo(s), s);
+    }
+    b.handle_input(t + ms(240), packet(0, 12));
+    let mut got = Vec::new();
+    for at in [300, 400, 500, 600] {
+        b.handle_timeout(t + ms(at));
+        got.extend(released(&drain(&mut b)));
+    }
+    assert_eq!(got, [12, 500, 501, 502, 503, 504, 505]);
+    assert_eq!(b.stats().gaps, 0);
+}
+
+#[test]
 fn an_old_sessions_lost_tail_is_asked_for_and_waited_for_by_the_change() {
     let t = t0();
     let mut b = Buffer::new(config()).unwrap();
