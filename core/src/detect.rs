@@ -293,7 +293,11 @@ impl Detector {
         self.last_packet = Some(now);
         self.stall_reported = false;
         let c = &mut self.current;
-        c.bytes += obs.size as u64;
+        // A repair's bytes are no measure of the stream's rate: an edge probing a
+        // viewer's link sends it copies of what it already has, flagged as repairs.
+        if !obs.repair {
+            c.bytes += obs.size as u64;
+        }
         c.packets += 1;
         if obs.frame_start {
             c.frames += 1;
@@ -532,6 +536,36 @@ mod tests {
             out.extend(switches(d));
         }
         out
+    }
+
+    #[test]
+    fn copies_flagged_as_repairs_do_not_raise_the_rate() {
+        let t = t0();
+        let mut d = Detector::new(Config::default()).unwrap();
+        d.reset(t);
+        // 1 Mbit/s for 2 s, each packet followed by two copies flagged as repairs (an
+        // edge probing the link).
+        for i in 0..250u64 {
+            let now = t + Duration::from_millis(i * 8);
+            for repair in [false, true, true] {
+                d.handle_input(
+                    now,
+                    Observation {
+                        seq: SeqNo(i + 1),
+                        size: 1000,
+                        frame_start: false,
+                        repair,
+                    },
+                );
+            }
+        }
+        d.handle_timeout(t + ms(2100));
+        let w = d.last_window().expect("a window");
+        assert!(
+            (900_000..1_100_000).contains(&w.bitrate.0),
+            "the stream's rate, not the copies': {:?}",
+            w.bitrate
+        );
     }
 
     fn nominal_4m() -> Config {

@@ -418,6 +418,21 @@ pub struct Chooser {
     failures: u32,
     /// When it last moved.
     moved_at: Option<Instant>,
+    /// How the last probe went.
+    last_probe: Option<ProbeOutcome>,
+}
+
+/// How a probe went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeOutcome {
+    /// What the viewer received over its second half, bit/s.
+    pub rate: u64,
+    /// What the next rendition needs, bit/s.
+    pub needed: u64,
+    /// Whether the viewer was limited when it ended.
+    pub limited: bool,
+    /// Whether it showed room.
+    pub ok: bool,
 }
 
 impl Chooser {
@@ -453,6 +468,7 @@ impl Chooser {
             next_probe,
             failures: 0,
             moved_at: None,
+            last_probe: None,
         }
     }
 
@@ -516,7 +532,14 @@ impl Chooser {
             // link's queue), not its best moment: a link that fell meanwhile shows.
             let half = until - self.config.probe_for / 2;
             let rate = meter.mean_since(half).unwrap_or(0);
-            if e.limited || (rate as f64) * self.config.share < ladder[target] as f64 {
+            let ok = !e.limited && (rate as f64) * self.config.share >= ladder[target] as f64;
+            self.last_probe = Some(ProbeOutcome {
+                rate,
+                needed: (ladder[target] as f64 / self.config.share) as u64,
+                limited: e.limited,
+                ok,
+            });
+            if !ok {
                 self.probe_failed(now);
                 return None;
             }
@@ -550,6 +573,11 @@ impl Chooser {
             .saturating_mul(1 << self.failures.min(8))
             .min(self.config.probe_max);
         self.next_probe = now + wait;
+    }
+
+    /// How the last probe that ran to its end went.
+    pub fn last_probe(&self) -> Option<ProbeOutcome> {
+        self.last_probe
     }
 
     /// Whether a move decided may be made now: not within the dwell of the last one.

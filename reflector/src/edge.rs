@@ -99,6 +99,9 @@ struct Adapt {
     unaligned: u32,
     /// Whether a probe was under way at the last look.
     probing: bool,
+    /// During a probe: packets of the stream sent, and packets the viewer asked for.
+    probe_sent: u64,
+    probe_nacked: u64,
 }
 
 /// How long a viewer waits at its keyframe for the other rendition's aligned keyframe
@@ -770,9 +773,13 @@ impl Edge {
                     .and_then(|st| st.viewers.get_mut(&from))
                 {
                     v.sent_bytes += a.bytes;
-                    // A probe that makes it lose packets ends now.
-                    if let Some(ad) = v.adapt.as_mut() {
-                        ad.chooser.probe_lost(now);
+                    // A probe that makes it lose packets (more than one in twenty of
+                    // those sent meanwhile: a lossy link loses some anyway) ends now.
+                    if let Some(ad) = v.adapt.as_mut().filter(|ad| ad.probing) {
+                        ad.probe_nacked += ranges.iter().map(|r| u64::from(r.count)).sum::<u64>();
+                        if ad.probe_nacked * 20 > ad.probe_sent.max(40) {
+                            ad.chooser.probe_lost(now);
+                        }
                     }
                 }
                 self.counters.retransmit_sent += a.sent;
@@ -1101,6 +1108,8 @@ impl Edge {
                 passed: None,
                 unaligned: 0,
                 probing: false,
+                probe_sent: 0,
+                probe_nacked: 0,
             });
         }
         // A stream is opened (and subscribed upstream) only for a viewer let in, and
@@ -1235,7 +1244,17 @@ impl Edge {
                     return;
                 }
             }
-            map.insert(key, (e, now));
+            // A link's rate (limited) replaces what is known; a rate taken in full is
+            // only a floor, and replaces a lower one (a viewer of a low rendition says
+            // nothing against a faster one from the same network).
+            let keep = map.get(&key).is_some_and(|(old, t)| {
+                !e.limited && now.saturating_duration_since(*t) < KNOWN_TTL && old.bps >= e.bps
+            });
+            if let Some(entry) = map.get_mut(&key).filter(|_| keep) {
+                entry.1 = now;
+            } else {
+                map.insert(key, (e, now));
+            }
         }
         if client.0 != 0 {
             put(&mut self.known_clients, now, client.0, e);
@@ -1392,6 +1411,9 @@ impl Edge {
                         self.out.send(key, e.item.datagram.clone(), true);
                         // A probe: copies of this packet after it, paced by the stream.
                         if v.pad_ratio > 0.0 && matches!(key, Peer::Addr(_)) {
+                            if let Some(a) = v.adapt.as_mut() {
+                                a.probe_sent += 1;
+                            }
                             let size = e.item.media.rtp.len() as u64;
                             v.pad_owed += size as f64 * v.pad_ratio;
                             while v.pad_owed >= size as f64 {
@@ -1882,8 +1904,11 @@ impl Edge {
                 };
                 if probe.is_some() && !a.probing {
                     self.counters.probes += 1;
+                    a.probe_sent = 0;
+                    a.probe_nacked = 0;
                 }
                 if probe.is_none() && a.probing {
+                    tracing::debug!(viewer = %key, outcome = ?a.chooser.last_probe(), "probe ended");
                     // What the probe sent, and the repairs of what it made the viewer
                     // lose, say nothing of the stream's own delivery.
                     v.speed.restart(now);

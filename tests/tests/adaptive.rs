@@ -475,3 +475,125 @@ fn a_viewer_known_to_be_slow_is_placed_on_a_low_cost_edge_at_its_next_request() 
     assert_eq!(assign(77), 9202, "a new viewer from its network");
     drop(viewer);
 }
+
+/// Acceptance 2: on a steady link (loopback), 20 viewers at once watch a ladder for 60 s
+/// and none changes rendition: they join where a first viewer from their network was
+/// measured (the edge remembers speeds per client and per /24), and nothing makes them
+/// flap. Three synthetic renditions (0.5, 1 and 2 Mbit/s, keyframes aligned on the wall
+/// clock).
+#[test]
+fn twenty_viewers_on_a_steady_link_never_change_rendition_in_a_minute() {
+    const VIEWERS: usize = 20;
+    const SECONDS: u64 = 60;
+    let dir = braid_tests::test_dir();
+    let p = |f: &str| dir.path().join(f);
+    let s = |v: &str| v.to_string();
+    let ladder = [(21u32, 500u64), (22, 1000), (23, 2000)];
+    let _sets: Vec<Proc> = (0..2)
+        .map(|i| {
+            Proc::start(
+                &format!("set{i}"),
+                "braid-reflector",
+                &[s("--role"), s("set"), s("--listen"), s("127.0.0.1:0")],
+                &p(&format!("set{i}.log")),
+            )
+        })
+        .collect();
+    let set_addrs: Vec<String> = _sets.iter().map(|p| p.ready["udp"].clone()).collect();
+    let mut a = vec![s("--listen"), s("127.0.0.1:0")];
+    for (id, _) in ladder {
+        let stream = format!("{id}:{}:{}", braid_tests::STREAM_KEY, set_addrs.join(","));
+        a.extend([s("--stream"), stream]);
+    }
+    let entry = Proc::start("entry", "braid-entrypoint", &a, &p("entry.log"));
+    let entry_addr = entry.ready["udp"].clone();
+    let rungs: Vec<String> = ladder.iter().map(|(id, k)| format!("{id}:{k}")).collect();
+    let mut a = vec![s("--role"), s("edge"), s("--listen"), s("127.0.0.1:0")];
+    a.extend([s("--ladder"), rungs.join(",")]);
+    for set in &set_addrs {
+        a.extend([s("--reflector"), set.clone()]);
+    }
+    let edge = Proc::start("edge", "braid-reflector", &a, &p("edge.log"));
+    let edge_addr = edge.ready["udp"].clone();
+    let _captures: Vec<Proc> = ladder
+        .iter()
+        .map(|(id, kbps)| {
+            Proc::spawn(
+                &format!("capture{id}"),
+                "braid-capture",
+                &[
+                    s("--stream"),
+                    id.to_string(),
+                    s("--stream-key"),
+                    s(braid_tests::STREAM_KEY),
+                    s("--bitrate"),
+                    (kbps * 1000).to_string(),
+                    s("--gop"),
+                    s("25"),
+                    s("--align"),
+                    s("--entry"),
+                    entry_addr.clone(),
+                    s("--duration"),
+                    (SECONDS + 40).to_string(),
+                ],
+                &p(&format!("capture{id}.log")),
+            )
+        })
+        .collect();
+    let viewer = |id: usize, seconds: u64| {
+        Proc::spawn(
+            &format!("viewer{id}"),
+            "braid-client",
+            &[
+                s("--edge"),
+                edge_addr.clone(),
+                s("--stream"),
+                s("21"),
+                s("--id"),
+                (1000 + id).to_string(),
+                s("--out"),
+                s("/dev/null"),
+                s("--stats-json"),
+                p(&format!("viewer{id}.json")).display().to_string(),
+                s("--duration"),
+                seconds.to_string(),
+                s("--start-timeout"),
+                s("10"),
+            ],
+            &p(&format!("viewer{id}.log")),
+        )
+    };
+    // A first viewer from this network climbs to the top; the edge remembers its speed.
+    let mut first = viewer(0, 60);
+    let top = until_rendition(&p("viewer0.json"), 2, Duration::from_secs(45));
+    assert!(
+        top.is_some(),
+        "the first viewer climbed: {:?}",
+        last_stats(&p("viewer0.json"))
+    );
+    first.terminate();
+    let mut viewers: Vec<Proc> = (1..=VIEWERS).map(|i| viewer(i, SECONDS)).collect();
+    for v in &mut viewers {
+        assert!(
+            v.wait(Duration::from_secs(SECONDS + 30))
+                .is_some_and(|s| s.success()),
+            "every viewer ran to its end"
+        );
+    }
+    let mut changes = 0;
+    for i in 1..=VIEWERS {
+        let st = last_stats(&p(&format!("viewer{i}.json"))).expect("stats");
+        let renditions = st["renditions"].as_array().expect("renditions");
+        assert_eq!(
+            renditions[0]["index"], 2,
+            "viewer {i} joined at the top: {st}"
+        );
+        changes += renditions.len() - 1;
+        assert_eq!(st["gaps"], 0, "viewer {i}: {st}");
+        assert!(
+            st["packets"].as_u64().unwrap_or(0) > (SECONDS - 5) * 190,
+            "viewer {i} got the top rendition's packets for the run: {st}"
+        );
+    }
+    assert_eq!(changes, 0, "no viewer changed rendition in {SECONDS} s");
+}

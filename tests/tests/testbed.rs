@@ -1,5 +1,6 @@
 //! Acceptance 5 of the viewers issue: the README's first command, with a short
-//! `--duration`, ends by itself with a summary showing the stream delivered to its clients.
+//! `--duration`, ends by itself with a summary showing the stream delivered to its clients
+//! (a ladder of three renditions, each client's shown in the table).
 
 use std::process::Command;
 
@@ -35,8 +36,11 @@ fn testbed_runs_a_whole_network_and_ends_with_a_summary() {
             .and_then(|s| s.split(' ').next())
             .and_then(|n| n.parse().ok())
             .unwrap_or(0);
-        assert!(packets > 1000, "{line}");
+        // A ladder's lowest rendition (1 Mbit/s) is about 95 packets a second.
+        assert!(packets > 300, "{line}");
     }
+    // Clients get renditions of the ladder, shown per client.
+    assert!(stderr.contains("kbps ("), "{stderr}");
     // The live table shows both port-parity sets.
     assert!(
         stderr.contains("even") && stderr.contains("odd"),

@@ -114,6 +114,11 @@ struct CaptureSpec {
     source: String,
     #[serde(default = "default_bitrate")]
     bitrate: u64,
+    /// A ladder of renditions (kbit/s, lowest first): streams `stream`, `stream + 1`,
+    /// ..., one synthetic capture each, keyframes aligned on the wall clock; edges serve
+    /// each viewer the rendition its speed fits.
+    #[serde(default)]
+    ladder: Vec<u64>,
 }
 
 fn default_bitrate() -> u64 {
@@ -326,6 +331,27 @@ fn main() -> anyhow::Result<()> {
         restarts: 0,
     };
     let stream = topo.stream.to_string();
+    if !topo.capture.ladder.is_empty() && topo.capture.source != "synth" {
+        anyhow::bail!("[capture] ladder takes the synthetic source (source = \"synth\")");
+    }
+    // Every stream the nodes carry: the stream, or each rendition of its ladder.
+    let streams: Vec<u32> = if topo.capture.ladder.is_empty() {
+        vec![topo.stream]
+    } else {
+        (0..topo.capture.ladder.len() as u32)
+            .map(|i| topo.stream + i)
+            .collect()
+    };
+    let stream_args: Vec<String> = streams
+        .iter()
+        .flat_map(|s| ["--stream".to_string(), s.to_string()])
+        .collect();
+    let ladder_arg = streams
+        .iter()
+        .zip(&topo.capture.ladder)
+        .map(|(s, k)| format!("{s}:{k}"))
+        .collect::<Vec<_>>()
+        .join(",");
 
     // The player page's hls.js, when `npm ci --prefix player` installed it.
     let hls_js = std::fs::canonicalize("player/node_modules/hls.js/dist/hls.min.js").ok();
@@ -355,11 +381,10 @@ fn main() -> anyhow::Result<()> {
             c,
             "--listen".into(),
             place.listen(&name, 9100, None)?,
-            "--stream".into(),
-            stream.clone(),
             "--node-id".into(),
             s(&(100 + i)),
         ];
+        a.extend(stream_args.iter().cloned());
         for u in &control_urls {
             a.extend(["--control".into(), u.clone()]);
         }
@@ -391,14 +416,16 @@ fn main() -> anyhow::Result<()> {
             "edge".into(),
             "--listen".into(),
             place.listen(&name, if even { 9200 } else { 9201 }, Some(even))?,
-            "--stream".into(),
-            stream.clone(),
             "--node-id".into(),
             s(&id),
             // Low-latency HLS for browsers and players.
             "--hls-listen".into(),
             place.listen(&name, 8080, None)?,
         ];
+        a.extend(stream_args.iter().cloned());
+        if !ladder_arg.is_empty() {
+            a.extend(["--ladder".into(), ladder_arg.clone()]);
+        }
         for r in &set_addrs {
             a.extend(["--reflector".into(), r.to_string()]);
         }
@@ -435,11 +462,15 @@ fn main() -> anyhow::Result<()> {
             c,
             "--listen".into(),
             place.listen(&name, 9001, None)?,
-            "--stream".into(),
-            format!("{}:{}:{refl}", topo.stream, topo.stream_key),
             "--node-id".into(),
             s(&(10 + i)),
         ];
+        for st in &streams {
+            a.extend([
+                "--stream".into(),
+                format!("{st}:{}:{refl}", topo.stream_key),
+            ]);
+        }
         for u in &control_urls {
             a.extend(["--control".into(), u.clone()]);
         }
@@ -500,13 +531,18 @@ fn main() -> anyhow::Result<()> {
         }
         clients.push((name.clone(), edge, launch(&name, "braid-client", a).spawn()));
     }
+    let first_rate = topo
+        .capture
+        .ladder
+        .first()
+        .map_or(topo.capture.bitrate, |k| k * 1000);
     let mut cap = vec![
         "--stream".into(),
         stream.clone(),
         "--stream-key".into(),
         topo.stream_key.clone(),
         "--bitrate".into(),
-        s(&topo.capture.bitrate),
+        s(&first_rate),
         "--bind".into(),
         format!("{}:0", place.ip("capture")),
     ];
@@ -521,6 +557,9 @@ fn main() -> anyhow::Result<()> {
     }
     if args.tee {
         cap.extend(["--tee".into(), p("capture.ts").display().to_string()]);
+    }
+    if !topo.capture.ladder.is_empty() {
+        cap.push("--align".into());
     }
     if duration > 0.0 {
         cap.extend(["--duration".into(), s(&(duration + 2.0))]);
@@ -595,6 +634,35 @@ fn main() -> anyhow::Result<()> {
         node_id: None,
         restarts: 0,
     });
+    // The ladder's other renditions: a capture each, aligned with the first.
+    for (i, kbps) in topo.capture.ladder.iter().enumerate().skip(1) {
+        let mut c = cap.clone();
+        let at = |c: &[String], flag: &str| c.iter().position(|a| a == flag).map(|i| i + 1);
+        if let Some(j) = at(&c, "--stream") {
+            c[j] = streams[i].to_string();
+        }
+        if let Some(j) = at(&c, "--bitrate") {
+            c[j] = s(&(kbps * 1000));
+        }
+        if let Some(j) = at(&c, "--tee") {
+            c[j] = p(&format!("capture{}.ts", streams[i]))
+                .display()
+                .to_string();
+        }
+        let name = format!("capture{}", streams[i]);
+        let proc = match &cap_netns {
+            Some(ns) => Proc::start_in(ns, &name, "braid-capture", &c, &p(&format!("{name}.log"))),
+            None => Proc::start(&name, "braid-capture", &c, &p(&format!("{name}.log"))),
+        };
+        nodes.push(Node {
+            proc,
+            role: "capture",
+            set: "",
+            launch: None,
+            node_id: None,
+            restarts: 0,
+        });
+    }
     write_manifest(&dir, &place, &nodes, &clients, &control_urls, &topo)?;
 
     // Ctrl-C or SIGTERM ends the loop; children are killed when `nodes`, `clients` and
@@ -907,14 +975,22 @@ fn render(
     }
     let _ = writeln!(
         s,
-        "{:<12} {:<21} {:>10} {:>10} {:>6} {:>6} {:>8} {:>8}",
-        "client", "edge", "Mbps", "packets", "gaps", "skips", "join ms", "switches"
+        "{:<12} {:<21} {:>10} {:>10} {:>6} {:>6} {:>8} {:>8} {:>16}",
+        "client",
+        "edge",
+        "Mbps",
+        "packets",
+        "gaps",
+        "skips",
+        "join ms",
+        "switches",
+        "rendition (moves)"
     );
     for (name, _, _) in clients {
         let st = client_stats(dir, name);
         let _ = writeln!(
             s,
-            "{:<12} {:<21} {:>10.2} {:>10} {:>6} {:>6} {:>8} {:>8}",
+            "{:<12} {:<21} {:>10.2} {:>10} {:>6} {:>6} {:>8} {:>8} {:>16}",
             name,
             st["edge"].as_str().unwrap_or("-"),
             st["bitrate_bps"].as_f64().unwrap_or(0.0) / 1e6,
@@ -924,7 +1000,15 @@ fn render(
             st["join_ms"]
                 .as_u64()
                 .map_or("-".to_string(), |v| v.to_string()),
-            st["switches"].as_array().map_or(0, Vec::len)
+            st["switches"].as_array().map_or(0, Vec::len),
+            st["rendition"]["kbps"]
+                .as_u64()
+                .map_or("-".to_string(), |k| format!(
+                    "{k} kbps ({})",
+                    st["renditions"]
+                        .as_array()
+                        .map_or(0, |r| r.len().saturating_sub(1))
+                ))
         );
     }
     s
