@@ -239,37 +239,30 @@ impl Hosts {
     /// Caps `name`'s link at `rate` (a `tc` rate such as `1mbit`) both ways, with a token
     /// bucket (`tc ... tbf`): what does not fit waits in a 100 ms queue, then is dropped.
     pub fn limit(&self, name: &str, rate: &str) {
-        let h = self.get(name);
-        for (ns, dev) in [
-            (h.netns.as_str(), "eth0"),
-            (self.hub.as_str(), h.hub_end.as_str()),
-        ] {
-            let out = Command::new("ip")
-                .args([
-                    "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root",
-                ])
-                .args(["tbf", "rate", rate, "burst", "16kb", "latency", "100ms"])
-                .output()
-                .expect("tc");
-            assert!(
-                out.status.success(),
-                "tc on {name}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        self.tc(
+            name,
+            &[
+                "replace", "root", "tbf", "rate", rate, "burst", "16kb", "latency", "100ms",
+            ],
+        );
     }
 
     /// Lifts the cap [`Hosts::limit`] put on `name`'s link.
     pub fn unlimit(&self, name: &str) {
+        self.tc(name, &["del", "root"]);
+    }
+
+    /// `tc qdisc <op> dev <dev> <rest>` on both ends of `name`'s link.
+    fn tc(&self, name: &str, args: &[&str]) {
         let h = self.get(name);
+        let (op, rest) = args.split_first().expect("an operation");
         for (ns, dev) in [
             (h.netns.as_str(), "eth0"),
             (self.hub.as_str(), h.hub_end.as_str()),
         ] {
             let out = Command::new("ip")
-                .args([
-                    "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root",
-                ])
+                .args(["netns", "exec", ns, "tc", "qdisc", op, "dev", dev])
+                .args(rest)
                 .output()
                 .expect("tc");
             assert!(

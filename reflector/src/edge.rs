@@ -1553,6 +1553,16 @@ impl Edge {
             self.serve(now, id, Some(key));
             return;
         };
+        // Where it enters the target, read before the viewer leaves its stream (the
+        // target held it a moment ago; nothing in between removes it).
+        let Some((first_seq, ssrc)) = self
+            .streams
+            .get(&to_id)
+            .and_then(|tst| tst.ring.peek(&c))
+            .map(|e| (e.seq, e.item.media.rtp.fields().ssrc))
+        else {
+            return;
+        };
         let Some(mut v) = self
             .streams
             .get_mut(&id)
@@ -1560,13 +1570,6 @@ impl Edge {
         else {
             return;
         };
-        let Some(tst) = self.streams.get_mut(&to_id) else {
-            return;
-        };
-        let Some(first) = tst.ring.peek(&c) else {
-            return;
-        };
-        let (first_seq, ssrc) = (first.seq, first.item.media.rtp.fields().ssrc);
         if !aligned {
             self.counters.rendition_jumps += 1;
         }
@@ -1605,6 +1608,10 @@ impl Edge {
             .entry(reason.as_str())
             .or_default() += 1;
         tracing::debug!(viewer = %key, from = id.0, to = to_id.0, reason = reason.as_str(), "rendition changed");
+        let tst = self
+            .streams
+            .get_mut(&to_id)
+            .expect("the target stream was read above");
         tst.viewers.insert(key, v);
         tst.empty_since = None;
         self.slow.remove(&(id, key));
@@ -1867,9 +1874,10 @@ impl Edge {
         let mut known = Vec::new();
         for (&id, st) in self.streams.iter_mut() {
             for (key, v) in st.viewers.iter_mut() {
-                let e = v.speed.estimate(now);
+                // Each second, what each viewer's speed says is remembered (the chooser
+                // reads the meter itself; nothing else needs the estimate here).
                 if remember {
-                    if let Some(e) = e {
+                    if let Some(e) = v.speed.estimate(now) {
                         known.push((v.client, *key, e));
                     }
                 }
@@ -1879,7 +1887,7 @@ impl Edge {
                 let rates = &self.rates[a.ladder];
                 if let Some((to, reason)) = a.chooser.decide(now, rates, &v.speed) {
                     if a.pending.map(|p| p.0) != Some(to) {
-                        tracing::debug!(viewer = %key, to, reason = reason.as_str(), estimate = ?e, meter = ?v.speed, "rendition move decided");
+                        tracing::debug!(viewer = %key, to, reason = reason.as_str(), meter = ?v.speed, "rendition move decided");
                         a.pending = Some((to, reason));
                         a.passed = None;
                     }
