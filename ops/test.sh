@@ -56,9 +56,7 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace --no-fail-fast -- --skip a_browser_plays || status=$?
     log "tests: the browser test, alone"
-    # One retry, as nextest's profile gives it (see .config/nextest.toml).
-    cargo test -p braid-tests --test hls a_browser_plays ||
-        cargo test -p braid-tests --test hls a_browser_plays || status=$?
+    cargo test -p braid-tests --test hls a_browser_plays || status=$?
 fi
 [ "$status" = 0 ]
 

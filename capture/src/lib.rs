@@ -98,6 +98,11 @@ pub struct Config {
     #[arg(long, default_value_t = 7)]
     #[serde(default = "default_ts_per_rtp")]
     pub ts_per_rtp: usize,
+    /// HLS segments span at least this much, ms: the capture numbers the keyframe that
+    /// starts each, so that every edge cuts and numbers them alike (100 to 60000).
+    #[arg(long, default_value_t = 1000)]
+    #[serde(default = "default_segment_ms")]
+    pub segment_ms: u64,
     /// Stop after this many seconds (0: run until the source ends or a signal).
     #[arg(long, default_value_t = 0.0)]
     #[serde(default)]
@@ -150,6 +155,9 @@ fn default_gop() -> u32 {
 fn default_ts_per_rtp() -> usize {
     7
 }
+fn default_segment_ms() -> u64 {
+    1000
+}
 fn default_metrics() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
@@ -166,6 +174,7 @@ impl Config {
             key: self.stream_key.clone(),
             entries: self.entries.iter().map(|e| e.addr).collect(),
             ts_per_rtp: self.ts_per_rtp,
+            segment: Duration::from_millis(self.segment_ms),
         }
     }
 }
@@ -201,6 +210,9 @@ impl braid_net::daemon::DaemonConfig for Config {
         self.source.parse::<Spec>().map_err(anyhow::Error::msg)?;
         if !(1..=7).contains(&self.ts_per_rtp) {
             anyhow::bail!("--ts-per-rtp must be between 1 and 7");
+        }
+        if !(100..=60_000).contains(&self.segment_ms) {
+            anyhow::bail!("--segment-ms must be between 100 and 60000");
         }
         if self.bitrate < 10_000 || self.fps == 0 || self.gop == 0 {
             anyhow::bail!(
@@ -377,6 +389,7 @@ fn report(p: &Progress, tty: bool, json: Option<&mut Box<dyn Write + Send>>) -> 
         .absolute(p.input_before_start);
     metrics::counter!("braid_capture_input_continuity_errors_total")
         .absolute(p.input_continuity_errors);
+    metrics::counter!("braid_capture_segments_total").absolute(p.segments);
     if tty {
         eprint!(
             "\rcapture: {:>8.2} Mbps  {:>9} packets  {:>5} keyframes  entry points reachable {}/{}   ",

@@ -48,6 +48,10 @@ pub struct Config {
     pub entries: Vec<SocketAddr>,
     /// TS packets per RTP packet (1 to 7).
     pub ts_per_rtp: usize,
+    /// HLS segments span at least this much: the first keyframe this long (less a tenth,
+    /// for the source's jitter) after the last segment's starts the next, and carries its
+    /// number.
+    pub segment: Duration,
 }
 
 /// What the owner feeds in.
@@ -104,6 +108,8 @@ pub struct Progress {
     pub bytes: u64,
     /// Keyframes seen.
     pub keyframes: u64,
+    /// HLS segments started: keyframes numbered for the edges to cut at.
+    pub segments: u64,
     /// Source bytes that were not TS packets.
     pub skipped_bytes: u64,
     /// Entry points that acknowledged within the last 3 s.
@@ -139,6 +145,8 @@ pub struct Capture {
     seq: SeqNo,
     ssrc: u32,
     discontinuity: bool,
+    /// The next HLS segment's number, and when the last segment started.
+    segment: (u64, Option<Instant>),
     /// Last acknowledgement from each entry point.
     last_ack: Vec<Option<Instant>>,
     next_publish: Instant,
@@ -173,6 +181,10 @@ impl Capture {
             cookies: vec![[0; COOKIE_LEN]; config.entries.len()],
             started: now,
             seq: SeqNo(start_seq),
+            // Segments are numbered from the wall clock too (ten per second: more than
+            // segments of at least 100 ms can use), so a capture started again numbers
+            // its segments above the last one's.
+            segment: (clock.unix_ms(now) / 100, None),
             ssrc: config.stream.0.wrapping_mul(0x9e37_79b9) ^ (start_seq as u32),
             discontinuity: true,
             last_ack: vec![None; config.entries.len()],
@@ -362,7 +374,8 @@ impl Capture {
             let ts = (now.duration_since(self.started).as_micros() as u64
                 * u64::from(CLOCK_RATE_MP2T)
                 / 1_000_000) as u32;
-            let rtp = Rtp::build(
+            let segment = chunk.keyframe.then(|| self.start_segment(now)).flatten();
+            let rtp = Rtp::build_with_segment(
                 Fields {
                     marker: chunk.keyframe,
                     payload_type: PAYLOAD_TYPE_MP2T,
@@ -370,6 +383,7 @@ impl Capture {
                     timestamp: ts,
                     ssrc: self.ssrc,
                 },
+                segment,
                 &chunk.payload,
             );
             let flags = Flags::empty()
@@ -403,6 +417,18 @@ impl Capture {
             });
             self.seq = self.seq.next();
         }
+    }
+
+    /// A keyframe goes out at `now`: the number of the HLS segment it starts, if it starts
+    /// one.
+    fn start_segment(&mut self, now: Instant) -> Option<u64> {
+        let (next, last) = self.segment;
+        if last.is_some_and(|t| now.duration_since(t) < self.config.segment * 9 / 10) {
+            return None;
+        }
+        self.segment = (next + 1, Some(now));
+        self.progress.segments += 1;
+        Some(next)
     }
 
     fn report(&mut self, now: Instant) {
@@ -441,6 +467,7 @@ mod tests {
             key: "k".into(),
             entries: vec![entry()],
             ts_per_rtp: 7,
+            segment: Duration::from_secs(1),
         };
         Capture::new(config, WallClock::new(now, 1_000_000), now).unwrap()
     }

@@ -63,6 +63,13 @@ pub struct Playback {
     /// How far behind live the frame shown is, ms (now less its program date time).
     #[serde(default)]
     pub latency_ms: Option<f64>,
+    /// How far behind the playlist's live edge the player thinks it is, ms (hls.js's own
+    /// measure: the edge's age counted, the path from the capture not).
+    #[serde(default)]
+    pub player_latency_ms: Option<f64>,
+    /// The latency the player aims at, ms (the playlist's hold-back, plus its stalls').
+    #[serde(default)]
+    pub target_latency_ms: Option<f64>,
     /// From the page's load to the first frame played, ms.
     #[serde(default)]
     pub started_ms: Option<f64>,
@@ -93,9 +100,14 @@ impl Playback {
             || self.last_error.len() > 256
             || !finite(self.current_time)
             || !finite(self.stall_ms)
-            || self
-                .latency_ms
-                .is_some_and(|v| !v.is_finite() || v.abs() > 1e10)
+            || [
+                self.latency_ms,
+                self.player_latency_ms,
+                self.target_latency_ms,
+            ]
+            .iter()
+            .flatten()
+            .any(|v| !v.is_finite() || v.abs() > 1e10)
             || self.started_ms.is_some_and(|v| !finite(v))
         {
             return Err("a playback report holds a session of 1 to 64 bytes, an edge of at most 256, and finite figures".into());

@@ -30,10 +30,12 @@ pub struct Config {
     /// A partial segment is closed once it spans this much (default 500 ms).
     pub part_target: Duration,
     /// A segment is closed at the first keyframe after it spans this much (default 1 s:
-    /// with keyframes every 2 s, segments of one group of pictures).
+    /// with keyframes every 2 s, segments of one group of pictures). Unused where the
+    /// capture numbers segments: they start at its numbered keyframes.
     pub min_segment: Duration,
     /// A segment without a keyframe is closed anyway once it spans this much (default
-    /// 6 s); the next one is then not marked independent.
+    /// 6 s; four times that where the capture numbers segments); the next one is then
+    /// not marked independent.
     pub max_segment: Duration,
     /// Complete segments kept and listed (default 6).
     pub window: usize,
@@ -147,6 +149,10 @@ pub struct Stats {
     pub missing_packets: u64,
     /// New source sessions (discontinuities).
     pub discontinuities: u64,
+    /// Segments whose number from the capture disagreed with the one this segmenter
+    /// went on with, within a session (a numbered keyframe lost for good): players that
+    /// move between edges may then misplace a segment.
+    pub misnumbered: u64,
 }
 
 /// Cuts one stream into LL-HLS segments and parts.
@@ -175,6 +181,14 @@ pub struct Segmenter {
     /// date times are the capture's times plus it, so every edge dates a segment alike
     /// whatever it released late.
     offset_ms: Option<i64>,
+    /// The stream's capture numbers its segments (a numbered keyframe was seen): segments
+    /// then start only at numbered keyframes, numbered as the capture says.
+    numbered: bool,
+    /// Discontinuities gone from the window (`EXT-X-DISCONTINUITY-SEQUENCE`).
+    discontinuity_seq: u64,
+    /// This session's capture number less ours (zero unless a number was lost, or the
+    /// session started after others this segmenter had numbered).
+    number_offset: Option<u64>,
 }
 
 /// The decoding time stamp (or the presentation one, when no DTS is given) of the first
@@ -253,6 +267,9 @@ impl Segmenter {
             rtp_ticks: 0,
             rtp_raw: None,
             offset_ms: None,
+            numbered: false,
+            discontinuity_seq: 0,
+            number_offset: None,
         })
     }
 
@@ -272,16 +289,28 @@ impl Segmenter {
     }
 
     /// Takes the next released packet: `seq`, its RTP `ts` and `ssrc`, whether it starts a
-    /// keyframe, its TS payload, and the wall-clock time it arrived (ms since the epoch).
+    /// keyframe, the segment number its capture gave it (it starts that segment), its TS
+    /// payload, and the wall-clock time it arrived (ms since the epoch).
+    ///
+    /// Segments of a stream whose capture numbers them start where it says, with its
+    /// numbers, so every edge lists the same segment under the same number and a player
+    /// moving between edges (redundant variants) finds its place. Numbers stay
+    /// consecutive: a number that disagrees (its keyframe lost for good, or a new session)
+    /// is counted and this segmenter goes on with its own.
+    #[allow(clippy::too_many_arguments)]
     pub fn push(
         &mut self,
         seq: SeqNo,
         ts: u32,
         ssrc: u32,
         keyframe: bool,
+        segment: Option<u64>,
         payload: Bytes,
         wall_ms: u64,
     ) {
+        // Numbers far past any a capture gives (ten a second from the epoch) are none:
+        // counting on from them could overflow.
+        let segment = segment.filter(|n| *n < 1 << 62);
         let new_session = self.ssrc.is_some_and(|s| s != ssrc);
         if let Some(last) = self.last_seq {
             if !new_session && seq.0 > last.0 + 1 {
@@ -302,6 +331,7 @@ impl Segmenter {
             }
             self.rtp_raw = None;
             self.offset_ms = None;
+            self.number_offset = None;
         }
         // The capture's clock, and how far behind the wall clock it runs here.
         if let Some(last) = self.rtp_raw {
@@ -326,23 +356,37 @@ impl Segmenter {
         }
         let frame = self.advance_clock(if self.video { dts } else { Some(u64::from(ts)) });
         let clock = self.clock;
+        // Where the capture numbers segments, a segment starts at its numbered keyframes
+        // only; else at the first keyframe past the least length.
+        let starts = if self.numbered || segment.is_some() {
+            segment.is_some()
+        } else {
+            keyframe
+        };
+        // A segment with no place to end is closed anyway at the longest; where the
+        // capture numbers segments, only at four times that, as a cut of our own makes our
+        // numbers part from the other edges'.
+        let longest = ticks(self.longest_segment());
         let cut = match self.segments.back() {
             Some(s) if !s.complete => {
                 let span = clock.saturating_sub(s.pieces[0].clock);
                 frame
-                    && ((keyframe && span >= ticks(self.config.min_segment))
-                        || span >= ticks(self.config.max_segment))
+                    && ((starts && (segment.is_some() || span >= ticks(self.config.min_segment)))
+                        || span >= longest)
             }
-            // Nothing open: a segment starts at a keyframe (or, after a forced cut or a
+            // Nothing open: a segment starts where one may (or, after a forced cut or a
             // new session, at once).
-            _ => frame && (keyframe || !self.segments.is_empty()),
+            _ => frame && (starts || !self.segments.is_empty()),
         };
         if cut {
-            let forced = !keyframe && open;
+            let forced = !starts && open;
             if forced {
                 self.stats.forced_cuts += 1;
             }
             self.close_segment(Some(clock));
+            if let Some(n) = segment.filter(|_| frame) {
+                self.follow_number(n, new_session);
+            }
             self.segments.push_back(Segment {
                 msn: self.next_msn,
                 pieces: Vec::new(),
@@ -379,6 +423,27 @@ impl Segmenter {
         // Parts and segments are cut only where a frame starts, so they hold whole
         // frames and their durations are the media's own.
         seg.pieces.push(Piece { clock, payload });
+    }
+
+    /// A segment numbered `n` by the capture starts: number it so, when that keeps the
+    /// numbers consecutive.
+    fn follow_number(&mut self, n: u64, new_session: bool) {
+        if !self.numbered {
+            self.numbered = true;
+            if self.stats.discontinuities == 0 {
+                // The first number, in the first session seen: what was cut before it (a
+                // segment or two as this segmenter started) started where the capture's
+                // segments do not, so it goes, and numbering starts here.
+                self.segments.clear();
+                self.next_msn = n;
+            }
+        }
+        let offset = n.wrapping_sub(self.next_msn);
+        match self.number_offset {
+            Some(o) if o != offset && !new_session => self.stats.misnumbered += 1,
+            _ => {}
+        }
+        self.number_offset = Some(offset);
     }
 
     /// Moves the clock to `raw` (a 33-bit video timestamp, or a 32-bit RTP one), when
@@ -421,8 +486,15 @@ impl Segmenter {
             self.stats.segments += 1;
         }
         while self.segments.iter().filter(|s| s.complete).count() > self.config.window {
-            self.segments.pop_front();
+            if self.segments.pop_front().is_some_and(|s| s.discontinuity) {
+                self.discontinuity_seq += 1;
+            }
         }
+    }
+
+    /// The longest a segment runs before it is closed without a place to end.
+    fn longest_segment(&self) -> Duration {
+        self.config.max_segment * if self.numbered { 4 } else { 1 }
     }
 
     /// The media sequence number of the first segment listed.
@@ -439,7 +511,7 @@ impl Segmenter {
         };
         // Parts are asked for at most a few past the last: a segment's parts fit in
         // `max_segment` / `part_target`.
-        let most_parts = (self.config.max_segment.as_millis()
+        let most_parts = (self.longest_segment().as_millis()
             / self.config.part_target.as_millis().max(1)) as u64
             + 2;
         if msn > last.msn + 2 || part.is_some_and(|p| p > most_parts) {
@@ -493,6 +565,13 @@ impl Segmenter {
         );
         let _ = writeln!(out, "#EXT-X-PART-INF:PART-TARGET={part_target:.3}");
         let _ = writeln!(out, "#EXT-X-MEDIA-SEQUENCE:{}", first.msn);
+        if self.discontinuity_seq > 0 {
+            let _ = writeln!(
+                out,
+                "#EXT-X-DISCONTINUITY-SEQUENCE:{}",
+                self.discontinuity_seq
+            );
+        }
         // Parts are listed for the last segments only (the specification asks for those
         // within three target durations of the end).
         let with_parts = self.segments.len().saturating_sub(3);
@@ -625,6 +704,7 @@ mod tests {
                 ts,
                 1,
                 i % gop == 0,
+                None,
                 payload,
                 1_700_000_000_000 + i * 40,
             );
@@ -669,7 +749,15 @@ mod tests {
             // The first 100 packets (4 s) arrive together at base + 4 s.
             let wall = if i < 100 { base + 4_000 } else { base + i * 40 };
             let payload = Bytes::from(vec![0u8; 188]);
-            s.push(SeqNo(i), (i * 3600) as u32, 1, i % 50 == 0, payload, wall);
+            s.push(
+                SeqNo(i),
+                (i * 3600) as u32,
+                1,
+                i % 50 == 0,
+                None,
+                payload,
+                wall,
+            );
         }
         let pl = s.playlist("").unwrap();
         assert!(
@@ -707,12 +795,32 @@ mod tests {
                 (i * 3600) as u32,
                 2,
                 i % 50 == 0,
+                None,
                 Bytes::from_static(&[0x47]),
                 0,
             );
         }
-        assert!(s.playlist("").unwrap().contains("#EXT-X-DISCONTINUITY\n"));
+        let pl = s.playlist("").unwrap();
+        assert!(pl.contains("#EXT-X-DISCONTINUITY\n"), "{pl}");
+        assert!(!pl.contains("#EXT-X-DISCONTINUITY-SEQUENCE"), "{pl}");
         assert_eq!(s.stats().discontinuities, 1);
+        // Once the discontinuity leaves the window, the playlist counts it, so players
+        // keep numbering the sessions alike.
+        for i in 100..500u64 {
+            let payload = Bytes::from_static(&[0x47]);
+            s.push(
+                SeqNo(1000 + i),
+                (i * 3600) as u32,
+                2,
+                i % 50 == 0,
+                None,
+                payload,
+                0,
+            );
+        }
+        let pl = s.playlist("").unwrap();
+        assert!(!pl.contains("#EXT-X-DISCONTINUITY\n"), "{pl}");
+        assert!(pl.contains("#EXT-X-DISCONTINUITY-SEQUENCE:1\n"), "{pl}");
     }
 
     /// One TS packet starting a video PES with decoding time `dts` (and a later PTS).
@@ -762,6 +870,7 @@ mod tests {
                 ts,
                 1,
                 i % 50 == 0,
+                None,
                 Bytes::from(video_packet(dts & ((1 << 33) - 1))),
                 0,
             );
@@ -770,6 +879,95 @@ mod tests {
         assert!(pl.contains("#EXTINF:2.00000,\nseg/1-0.ts"), "{pl}");
         assert!(pl.contains("#EXTINF:2.00000,\nseg/1-1.ts"), "{pl}");
         assert!(pl.contains("#EXT-X-PART:DURATION=0.48000,"), "{pl}");
+    }
+
+    /// Packets `range` of a stream of 25 packets a second, a keyframe every `gop`, its
+    /// capture numbering every `every`-th packet's keyframe from `base`, packets in `lost`
+    /// never released.
+    fn feed_numbered(
+        s: &mut Segmenter,
+        range: std::ops::Range<u64>,
+        (gop, every, base): (u64, u64, u64),
+        lost: &[u64],
+    ) {
+        for i in range.filter(|i| !lost.contains(i)) {
+            let payload = Bytes::from(vec![(i % 251) as u8; 188]);
+            let number = (i % every == 0).then_some(base + i / every);
+            s.push(
+                SeqNo(i),
+                (i * 3600) as u32,
+                1,
+                i % gop == 0,
+                number,
+                payload,
+                0,
+            );
+        }
+    }
+
+    /// The segments `s` lists, by number, with their packets (each packet's first byte,
+    /// which `feed_numbered` sets to its number mod 251).
+    fn listed(s: &Segmenter) -> Vec<(u64, Vec<u8>)> {
+        let first = s.first_msn().unwrap();
+        (first..first + 20)
+            .filter_map(|n| s.segment(n).map(|b| (n, b.iter().map(|p| p[0]).collect())))
+            .collect()
+    }
+
+    #[test]
+    fn edges_number_segments_as_the_capture_does() {
+        // Keyframes every second, a segment every two (the capture's choice); edge b
+        // starts late, at a keyframe the capture did not number, and a second before one
+        // it did.
+        let shape = (25, 50, 1_000);
+        let mut a = Segmenter::new(Config::default(), 1).unwrap();
+        let mut b = Segmenter::new(Config::default(), 2).unwrap();
+        feed_numbered(&mut a, 0..400, shape, &[]);
+        feed_numbered(&mut b, 125..400, shape, &[]);
+        let (la, lb) = (listed(&a), listed(&b));
+        assert_eq!(la.len(), 6);
+        assert_eq!(la.last().unwrap().0, 1_006, "the capture's numbers");
+        // The same number holds the same packets on both edges.
+        for (n, bytes) in &lb {
+            if let Some((_, other)) = la.iter().find(|(m, _)| m == n) {
+                assert_eq!(bytes, other, "segment {n}");
+            }
+        }
+        assert!(
+            lb.iter()
+                .filter(|(n, _)| la.iter().any(|(m, _)| m == n))
+                .count()
+                >= 4
+        );
+        // What b cut before the first number it saw (from packet 125) is dropped: it
+        // starts at the capture's next segment.
+        assert_eq!(b.first_msn(), Some(1_003));
+        assert_eq!(listed(&b)[0].1[0], 150);
+        assert_eq!(a.stats().misnumbered + b.stats().misnumbered, 0);
+        assert_eq!(a.stats().forced_cuts, 0);
+    }
+
+    #[test]
+    fn a_lost_number_is_counted_and_numbers_stay_consecutive() {
+        let shape = (25, 50, 1_000);
+        let mut s = Segmenter::new(Config::default(), 1).unwrap();
+        // Packet 200 (segment 1004's numbered keyframe) never comes.
+        feed_numbered(&mut s, 0..400, shape, &[200]);
+        assert_eq!(s.stats().misnumbered, 1);
+        let l = listed(&s);
+        assert!(l.windows(2).all(|w| w[1].0 == w[0].0 + 1), "consecutive");
+        assert_eq!(
+            l.last().unwrap().0,
+            1_005,
+            "one segment fewer than the capture's"
+        );
+        // Without numbers, segments start at the first keyframe past the least length.
+        let mut plain = Segmenter::new(Config::default(), 1).unwrap();
+        feed_numbered(&mut plain, 0..400, (25, 50, 0), &[]);
+        let mut unnumbered = Segmenter::new(Config::default(), 1).unwrap();
+        feed(&mut unnumbered, 400, 25);
+        assert_eq!(unnumbered.first_msn(), Some(9), "segments of one second");
+        assert_eq!(plain.first_msn(), Some(1), "segments of two");
     }
 
     #[test]
@@ -789,6 +987,30 @@ mod tests {
     }
 
     proptest! {
+        /// Two edges that join a numbered stream anywhere list the same packets under the
+        /// same number.
+        #[test]
+        fn edges_joining_anywhere_agree(
+            start_a in 0u64..300,
+            start_b in 0u64..300,
+            gop in 5u64..60,
+            groups in 1u64..4,
+        ) {
+            let shape = (gop, gop * groups, 77);
+            let mut a = Segmenter::new(Config::default(), 1).unwrap();
+            let mut b = Segmenter::new(Config::default(), 2).unwrap();
+            feed_numbered(&mut a, start_a..600, shape, &[]);
+            feed_numbered(&mut b, start_b..600, shape, &[]);
+            let (la, lb) = (listed(&a), listed(&b));
+            for (n, bytes) in &lb {
+                if let Some((_, other)) = la.iter().find(|(m, _)| m == n) {
+                    prop_assert_eq!(bytes, other, "segment {}", n);
+                }
+            }
+            prop_assert_eq!(a.first_msn().map(|_| la.last().unwrap().0),
+                b.first_msn().map(|_| lb.last().unwrap().0));
+        }
+
         /// Any name: parsed or refused, never a panic; what parses prints back the same.
         #[test]
         fn any_name_parses_or_is_refused(name in ".{0,40}", with_part in any::<bool>()) {
@@ -808,7 +1030,7 @@ mod tests {
             let mut ts = 0u32;
             for (i, (dt, key)) in steps.iter().enumerate() {
                 ts = ts.wrapping_add(*dt);
-                s.push(SeqNo(i as u64), ts, 1, *key, Bytes::from_static(&[0x47]), 0);
+                s.push(SeqNo(i as u64), ts, 1, *key, None, Bytes::from_static(&[0x47]), 0);
             }
             let _ = s.check_block(msn, Some(part));
             let _ = s.check_block(msn, None);
@@ -833,7 +1055,7 @@ mod tests {
                 if *change == 0 && i % 97 == 0 {
                     ssrc += 1;
                 }
-                s.push(SeqNo(i as u64), ts, ssrc, *key, Bytes::from(vec![i as u8]), i as u64);
+                s.push(SeqNo(i as u64), ts, ssrc, *key, None, Bytes::from(vec![i as u8]), i as u64);
             }
             let first = s.first_msn();
             if let Some(first) = first {

@@ -1,4 +1,4 @@
-//! Any packets into an HLS segmenter, then any request names and numbers against it:
+//! Any packets (numbered by a capture or not) into an HLS segmenter, then any request names and numbers against it:
 //! answered or refused, never a panic.
 #![no_main]
 
@@ -20,7 +20,13 @@ fuzz_target!(|data: &[u8]| {
         ts = ts.wrapping_add(dt);
         let keyframe = chunk.get(1).is_some_and(|b| b & 1 == 1);
         let ssrc = u32::from(chunk.get(2).copied().unwrap_or(0) >> 6);
-        s.push(SeqNo(i as u64), ts, ssrc, keyframe, Bytes::from_static(&[0x47]), 0);
+        // Segment numbers of any size, now and then.
+        let segment = chunk
+            .get(1)
+            .filter(|b| *b & 2 == 2)
+            .map(|b| u64::from(*b).rotate_right(u32::from(chunk[0] & 63)));
+        let payload = Bytes::from_static(&[0x47]);
+        s.push(SeqNo(i as u64), ts, ssrc, keyframe, segment, payload, 0);
     }
     let text = String::from_utf8_lossy(request);
     for with_part in [false, true] {

@@ -67,8 +67,9 @@ pub struct Options {
     pub listen: Option<SocketAddr>,
     /// UDP payload size of QUIC packets, in bytes: the path MTU Braid relies on (no
     /// discovery, no fallback). 1452 fits any path with a 1500-byte MTU over IPv4 or
-    /// IPv6 and carries a 7-TS-packet RTP packet with its envelope (1356 bytes) as one
-    /// datagram; at 1200 only 5 TS packets per RTP packet fit.
+    /// IPv6 and carries a 7-TS-packet RTP packet with its envelope (1356 bytes, 1372
+    /// with an HLS segment number) as one datagram; at 1200 only 5 TS packets per RTP
+    /// packet fit.
     #[arg(
         long = "quic-initial-mtu",
         id = "quic_initial_mtu",
@@ -265,7 +266,8 @@ fn transport(initial_mtu: u16, congestion: Congestion) -> Arc<quinn::TransportCo
     // A lost handshake packet is sent again after three of these: a node whose first
     // Initial was lost joins the stream 0.3 s late rather than a second.
     t.initial_rtt(INITIAL_RTT);
-    // The configured MTU is the one Braid relies on: a 1356-byte media datagram must fit.
+    // The configured MTU is the one Braid relies on: a 1372-byte media datagram (seven
+    // TS packets and a segment number) must fit.
     // quinn would fall back to 1200 bytes when it takes random loss for a black hole
     // (it does at 10% loss), and every media datagram would be too large from then on;
     // there is nothing to gain above it either.
@@ -497,7 +499,7 @@ impl Quic {
                                     max = ?c.conn.max_datagram_size(),
                                     "datagram larger than the QUIC path carries: dropped \
                                      (counted in braid_quic_dropped_total{{reason=\"too_large\"}}); \
-                                     the path carries less than Braid's 1356-byte packets: capture with --ts-per-rtp 5"
+                                     the path carries less than Braid's 1372-byte packets: capture with --ts-per-rtp 5"
                                 );
                             }
                             "too_large"

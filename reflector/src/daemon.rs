@@ -527,6 +527,7 @@ fn export(role: &'static str, machine: &mut Machine) {
                 ("braid_hls_forced_cuts_total", h.forced_cuts),
                 ("braid_hls_missing_packets_total", h.missing_packets),
                 ("braid_hls_discontinuities_total", h.discontinuities),
+                ("braid_hls_misnumbered_total", h.misnumbered),
             ] {
                 metrics::counter!(name, "stream" => stream.clone()).absolute(v);
             }

@@ -616,6 +616,7 @@ impl Edge {
                             f.timestamp,
                             f.ssrc,
                             p.header.flags.contains(Flags::KEYFRAME),
+                            p.media.rtp.segment(),
                             p.media.rtp.payload(),
                             wall_ms,
                         );

@@ -384,6 +384,7 @@ impl World {
                     key: STREAM_KEY.into(),
                     entries: self.addrs(Kind::Entry),
                     ts_per_rtp: s.ts_per_rtp,
+                    segment: std::time::Duration::from_secs(1),
                 };
                 let synth = Synth::new(SynthConfig {
                     bitrate: u64::from(s.ts_per_frame) * 188 * 8 * u64::from(s.fps),

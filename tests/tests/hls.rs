@@ -310,8 +310,11 @@ fn bad_hls_requests_get_the_right_status_at_once() {
         .split('-')
         .next()
         .expect("generation");
+    // Segments are numbered from the wall clock (ten a second since the epoch): an absurd
+    // number is one far past the last.
+    assert!(last > 10_000_000_000, "numbered by the capture: {last}");
     quick(
-        &format!("playlist.m3u8?token={token}&_HLS_msn=1000000"),
+        &format!("playlist.m3u8?token={token}&_HLS_msn={}", last + 1_000_000),
         400,
     );
     quick(&format!("playlist.m3u8?token={token}&_HLS_msn=x"), 400);
@@ -416,6 +419,41 @@ fn a_browser_plays_near_live_and_goes_on_when_its_edge_dies() {
             std::thread::sleep(Duration::from_millis(500));
         }
     }
+    // The two edges (one per set, the page's redundant variants) list the same segment
+    // under the same number, as the capture numbered it: a player that moves from one to
+    // the other finds its place (numbered on their own, they once differed by one, and
+    // the player stalled 8 s after its edge died).
+    let lists: Vec<(u64, Vec<(u64, String)>)> = net
+        .edges
+        .iter()
+        .map(|e| {
+            let base = format!("http://{}/hls/1", e.ready["hls"]);
+            segments(&String::from_utf8_lossy(
+                &get(&format!("{base}/playlist.m3u8")).1,
+            ))
+        })
+        .collect();
+    let mut same = 0;
+    for (msn, uri) in &lists[0].1 {
+        let Some((_, other)) = lists[1].1.iter().find(|(m, _)| m == msn) else {
+            continue;
+        };
+        let fetch = |e: &braid_tests::Proc, uri: &str| {
+            let (status, body, _) = get(&format!("http://{}/hls/1/{uri}", e.ready["hls"]));
+            assert_eq!(status, 200, "{uri}");
+            body
+        };
+        let (a, b) = (fetch(&net.edges[0], uri), fetch(&net.edges[1], other));
+        assert!(
+            a == b,
+            "segment {msn}: {} bytes on one edge, {} on the other, not the same",
+            a.len(),
+            b.len()
+        );
+        same += 1;
+    }
+    assert!(same >= 2, "both edges list segments alike: {lists:?}");
+    eprintln!("{same} segments listed alike by both edges");
     let end = Instant::now() + Duration::from_secs(10);
     loop {
         let (status, body, _) = get(&format!("{url}/hls/1.m3u8"));
@@ -440,6 +478,8 @@ fn a_browser_plays_near_live_and_goes_on_when_its_edge_dies() {
             "--disable-component-update",
             "--autoplay-policy=no-user-gesture-required",
             "--remote-debugging-port=0",
+            "--enable-logging=stderr",
+            "--v=0",
         ])
         .arg(format!(
             "--user-data-dir={}",
@@ -475,6 +515,12 @@ fn a_browser_plays_near_live_and_goes_on_when_its_edge_dies() {
         let p = playbacks(&url);
         if let Some(l) = p.first().and_then(|p| p["latency_ms"].as_f64()) {
             latencies.push(l);
+        }
+        if let Some(p) = p.first() {
+            eprintln!(
+                "t={} latency {} player's {} target {}",
+                p["current_time"], p["latency_ms"], p["player_latency_ms"], p["target_latency_ms"]
+            );
         }
     }
     latencies.sort_by(f64::total_cmp);

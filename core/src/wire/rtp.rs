@@ -7,6 +7,8 @@
 use bytes::{Bytes, BytesMut};
 use rtc_shared::marshal::{Marshal, MarshalSize, Unmarshal};
 
+use rtc_rtp::header::EXTENSION_PROFILE_ONE_BYTE;
+
 use super::DecodeError;
 
 /// RTP payload type for MPEG-2 transport streams (RFC 3551, RFC 2250).
@@ -14,6 +16,11 @@ pub const PAYLOAD_TYPE_MP2T: u8 = 33;
 
 /// RTP clock rate for MPEG-2 transport streams (RFC 2250): 90 kHz.
 pub const CLOCK_RATE_MP2T: u32 = 90_000;
+
+/// The one-byte header extension (RFC 8285) id of the HLS segment number: a capture puts
+/// it on the first packet of a keyframe that starts a segment, 8 bytes, big-endian, so that
+/// every edge cuts and numbers the stream's HLS segments alike.
+pub const SEGMENT_EXTENSION_ID: u8 = 1;
 
 /// The RTP header fields a sender sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -35,6 +42,7 @@ pub struct Fields {
 pub struct Rtp {
     raw: Bytes,
     fields: Fields,
+    segment: Option<u64>,
     payload_start: usize,
     payload_end: usize,
 }
@@ -72,8 +80,16 @@ impl Rtp {
             return Err(DecodeError::Malformed("rtp length"));
         }
         let h = packet.header;
+        // The segment number, when the one-byte extension carries it at its length; any
+        // other extension is carried along untouched and ignored.
+        let segment = (h.extension && h.extension_profile == EXTENSION_PROFILE_ONE_BYTE)
+            .then(|| h.get_extension(SEGMENT_EXTENSION_ID))
+            .flatten()
+            .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
+            .map(u64::from_be_bytes);
         Ok(Rtp {
             raw,
+            segment,
             fields: Fields {
                 marker: h.marker,
                 payload_type: h.payload_type,
@@ -88,28 +104,44 @@ impl Rtp {
 
     /// Builds a plain RTP packet (no CSRC, extension or padding) around `payload`.
     pub fn build(fields: Fields, payload: &[u8]) -> Rtp {
+        Rtp::build_with_segment(fields, None, payload)
+    }
+
+    /// Builds an RTP packet around `payload`, with the segment number in a one-byte header
+    /// extension when given (no CSRC or padding).
+    pub fn build_with_segment(fields: Fields, segment: Option<u64>, payload: &[u8]) -> Rtp {
+        let mut header = rtc_rtp::Header {
+            version: 2,
+            marker: fields.marker,
+            payload_type: fields.payload_type & 0x7f,
+            sequence_number: fields.seq,
+            timestamp: fields.timestamp,
+            ssrc: fields.ssrc,
+            ..Default::default()
+        };
+        if let Some(n) = segment {
+            header.extension = true;
+            header.extension_profile = EXTENSION_PROFILE_ONE_BYTE;
+            header.extensions.push(rtc_rtp::header::Extension {
+                id: SEGMENT_EXTENSION_ID,
+                payload: Bytes::copy_from_slice(&n.to_be_bytes()),
+            });
+        }
         let packet = rtc_rtp::Packet {
-            header: rtc_rtp::Header {
-                version: 2,
-                marker: fields.marker,
-                payload_type: fields.payload_type & 0x7f,
-                sequence_number: fields.seq,
-                timestamp: fields.timestamp,
-                ssrc: fields.ssrc,
-                ..Default::default()
-            },
+            header,
             payload: Bytes::copy_from_slice(payload),
         };
         let size = packet.marshal_size();
         let mut buf = BytesMut::zeroed(size);
-        // Invariant: the buffer was sized by `marshal_size` of this very packet, which has
-        // no extensions or padding, so marshalling cannot fail.
+        // Invariant: the buffer was sized by `marshal_size` of this very packet, whose one
+        // extension (if any) is valid in the one-byte form, so marshalling cannot fail.
         let n = packet
             .marshal_to(&mut buf)
             .expect("buffer sized by marshal_size");
         buf.truncate(n);
         Rtp {
             raw: buf.freeze(),
+            segment,
             fields: Fields {
                 payload_type: fields.payload_type & 0x7f,
                 ..fields
@@ -122,6 +154,11 @@ impl Rtp {
     /// The header fields.
     pub fn fields(&self) -> Fields {
         self.fields
+    }
+
+    /// The HLS segment this packet starts, when its capture numbered one here.
+    pub fn segment(&self) -> Option<u64> {
+        self.segment
     }
 
     /// RTP's 16-bit sequence number.
@@ -169,6 +206,36 @@ mod tests {
         assert_eq!(parsed.fields(), fields);
         assert_eq!(&parsed.payload()[..], &payload[..]);
         assert_eq!(parsed, built);
+    }
+
+    #[test]
+    fn a_segment_number_rides_in_a_header_extension() {
+        let fields = Fields {
+            marker: true,
+            payload_type: PAYLOAD_TYPE_MP2T,
+            seq: 9,
+            timestamp: 90_000,
+            ssrc: 7,
+        };
+        let payload = [0x47u8; 188];
+        let n = 0x0123_4567_89ab_cd00;
+        let built = Rtp::build_with_segment(fields, Some(n), &payload);
+        assert_eq!(built.segment(), Some(n));
+        // 12 bytes of header, 4 of extension header, 1 + 8 of element, 3 of padding.
+        assert_eq!(built.len(), 12 + 16 + 188);
+        let parsed = Rtp::parse(built.raw().clone()).unwrap();
+        assert_eq!(parsed.segment(), Some(n));
+        assert_eq!(parsed.fields(), fields);
+        assert_eq!(&parsed.payload()[..], &payload[..]);
+        assert_eq!(parsed, built);
+        assert_eq!(Rtp::build(fields, &payload).segment(), None);
+        // Another id, or the right id at another length, is no segment number.
+        let mut raw = built.raw().to_vec();
+        raw[16] = 0x27; // id 2, 8 bytes
+        assert_eq!(Rtp::parse(Bytes::from(raw)).unwrap().segment(), None);
+        let mut raw = built.raw().to_vec();
+        raw[16] = 0x16; // id 1, 7 bytes, then the last (0) read as padding
+        assert_eq!(Rtp::parse(Bytes::from(raw)).unwrap().segment(), None);
     }
 
     #[test]
