@@ -125,16 +125,18 @@ pub fn assign(v: &Viewer) -> Result<Assignment, Refusal> {
     parse(&body)
 }
 
-/// Reports a failed primary and asks for an edge of the other set.
+/// Reports a failed primary (or one left for a cheap or fast edge, `prefer`) and asks
+/// for an edge of the other set.
 pub fn switch(
     v: &Viewer,
     failed: SocketAddr,
     reason: &str,
     last_seq: u64,
+    prefer: braid_core::playout::Prefer,
 ) -> Result<Assignment, Refusal> {
     let req = serde_json::json!({
         "client": v.client, "stream": v.stream, "failed": failed, "reason": reason,
-        "last_seq": last_seq, "token": v.token, "region": v.region,
+        "last_seq": last_seq, "token": v.token, "region": v.region, "prefer": prefer,
     })
     .to_string();
     let body = first_answer(v, move |agent, base| {

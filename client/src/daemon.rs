@@ -248,7 +248,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                                 failed,
                                 reason,
                                 last_seq,
-                            } => control::switch(&v, failed, &reason, last_seq),
+                                prefer,
+                            } => control::switch(&v, failed, &reason, last_seq, prefer),
                             Request::Feedback { probes } => {
                                 control::feedback(&v, &probes, 0);
                                 return;

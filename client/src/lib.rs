@@ -183,6 +183,21 @@ pub struct Config {
     #[arg(long, default_value_t = 0)]
     #[serde(default)]
     pub nominal_bps: u64,
+    /// Buffer-aware moves (with a control server): once the player's buffer (media
+    /// written less time played) held at least this much for `--cheap-after-secs`, ask
+    /// for an edge of a lower cost tier, ms (0: never). A viewer that starts further from
+    /// live (`--buffer-ms`) has more to spare.
+    #[arg(long, default_value_t = 0)]
+    #[serde(default)]
+    pub cheap_above_ms: u64,
+    /// ... and under this much (for 0.5 s), back to a fast edge, ms.
+    #[arg(long, default_value_t = 1000)]
+    #[serde(default = "default_fast_below_ms")]
+    pub fast_below_ms: u64,
+    /// How long the buffer must stay above `--cheap-above-ms` before a move, s.
+    #[arg(long, default_value_t = 10.0)]
+    #[serde(default = "default_cheap_after_secs")]
+    pub cheap_after_secs: f64,
     /// Silence that counts as a stall, ms.
     #[arg(long, default_value_t = 500)]
     #[serde(default = "default_stall_ms")]
@@ -203,6 +218,12 @@ pub struct Config {
     pub tls: braid_net::tls::Tls,
 }
 
+fn default_fast_below_ms() -> u64 {
+    1000
+}
+fn default_cheap_after_secs() -> f64 {
+    10.0
+}
 fn default_transport() -> Transport {
     Transport::Auto
 }
@@ -261,6 +282,16 @@ impl DaemonConfig for Config {
         if !(20..=10_000).contains(&self.buffer_ms) {
             anyhow::bail!("--buffer-ms must be between 20 and 10000");
         }
+        if let Some(p) = self.placement() {
+            p.validate().map_err(|e| {
+                anyhow::anyhow!("{e} (--cheap-above-ms, --fast-below-ms, --cheap-after-secs)")
+            })?;
+            if self.controls.is_empty() {
+                anyhow::bail!(
+                    "--cheap-above-ms needs a control server (--control): it picks the cheap edge"
+                );
+            }
+        }
         self.stall_at()?;
         self.quic.validate().map_err(anyhow::Error::msg)?;
         self.tls.validate().map_err(anyhow::Error::msg)?;
@@ -305,7 +336,19 @@ impl Config {
                 ..DetectConfig::default()
             },
             control_timeout: control::TIMEOUT,
+            placement: self.placement(),
         }
+    }
+
+    /// Buffer-aware moves, when asked for.
+    fn placement(&self) -> Option<braid_core::playout::PlacementConfig> {
+        let hold = self.cheap_after_secs;
+        (self.cheap_above_ms > 0).then(|| braid_core::playout::PlacementConfig {
+            high: Duration::from_millis(self.cheap_above_ms),
+            low: Duration::from_millis(self.fast_below_ms),
+            hold: Duration::try_from_secs_f64(hold).unwrap_or(Duration::ZERO),
+            ..braid_core::playout::PlacementConfig::default()
+        })
     }
 
     fn stall_at(&self) -> anyhow::Result<Option<(f64, f64)>> {

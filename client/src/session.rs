@@ -37,7 +37,14 @@ use braid_core::{Bitrate, DataSize, NodeId, PathId, SeqNo, StreamId};
 use bytes::Bytes;
 use serde::Serialize;
 
+use braid_core::playout::{Placement, PlacementConfig, Playout, Prefer, Tier};
+
 use crate::control::Assignment;
+
+/// Why a buffer-aware move is made: the buffer is full enough for a cheap edge, or too
+/// low for one.
+const BUFFER_HIGH: &str = "buffer_high";
+const BUFFER_LOW: &str = "buffer_low";
 
 /// Acknowledge at least this often.
 const ACK_EVERY: Duration = Duration::from_millis(250);
@@ -105,6 +112,9 @@ pub struct Config {
     pub detect: detect::Config,
     /// How long an answer from the control servers is waited for.
     pub control_timeout: Duration,
+    /// Buffer-aware moves between fast and cheap edges (`None`: never; they need a
+    /// control server).
+    pub placement: Option<PlacementConfig>,
 }
 
 /// A request for the control servers.
@@ -120,6 +130,8 @@ pub enum Request {
         reason: String,
         /// The last sequence number the viewer has.
         last_seq: u64,
+        /// The kind of edge wanted (a buffer-aware move wants a cheap or a fast one).
+        prefer: Prefer,
     },
     /// Probe timings (no answer expected).
     Feedback {
@@ -273,6 +285,13 @@ pub struct Stats {
     /// TS continuity counters shifted to follow on across changes of rendition.
     #[serde(skip_serializing_if = "is_zero")]
     pub continuity_rewritten: u64,
+    /// The player's buffer as estimated (media written less time played), ms.
+    pub playout_ms: Option<u64>,
+    /// Times that buffer would have run dry (the player stalled).
+    pub underruns: u64,
+    /// Where buffer-aware moves have placed the viewer: `fast` or `cheap` (absent when
+    /// they are off).
+    pub placement: Option<Tier>,
     /// Whether this is the last line.
     pub done: bool,
 }
@@ -442,6 +461,10 @@ pub struct Session {
     /// Probes sent: candidate and when.
     probes: Vec<(SocketAddr, Option<f64>)>,
     probe_started: Instant,
+    /// The player's buffer, estimated.
+    playout: Playout,
+    /// Buffer-aware moves, when on.
+    placement: Option<Placement>,
 }
 
 impl Session {
@@ -529,8 +552,14 @@ impl Session {
             keyframes_seen: false,
             probes: Vec::new(),
             probe_started: now,
+            playout: Playout::new(),
+            placement: config
+                .placement
+                .filter(|_| config.control)
+                .map(|c| Placement::new(c, now)),
             config,
         };
+        s.stats.placement = s.placement.as_ref().map(Placement::tier);
         if s.config.control {
             let id = s.request(Request::Assign);
             s.phase = Phase::Assigning(id, now + s.config.control_timeout);
@@ -647,10 +676,14 @@ impl Session {
         }
         if let Some(p) = &self.pending {
             if p.asked.is_some_and(|(_, until)| now >= until) {
-                tracing::warn!(
-                    "no control server answered the switch in time: going to the secondary set directly"
-                );
-                self.carry_out_switch(now, None);
+                if matches!(p.reason.as_str(), BUFFER_HIGH | BUFFER_LOW) {
+                    self.placement_refused(now, "no control server answered in time");
+                } else {
+                    tracing::warn!(
+                        "no control server answered the switch in time: going to the secondary set directly"
+                    );
+                    self.carry_out_switch(now, None);
+                }
             }
         }
         self.detector.handle_timeout(now);
@@ -926,7 +959,13 @@ impl Session {
                     _ => false,
                 };
                 self.assignment = Some(a);
-                if better && self.pending.is_none() {
+                // A viewer placed on a cheap edge by its buffer stays there: the
+                // assignment ranks fast edges first.
+                let cheap = self
+                    .placement
+                    .as_ref()
+                    .is_some_and(|p| p.tier() == Tier::Cheap);
+                if better && !cheap && self.pending.is_none() {
                     self.decide_switch(now, "better".into());
                 }
             }
@@ -944,8 +983,15 @@ impl Session {
             .pending
             .as_ref()
             .is_some_and(|p| p.asked.is_some_and(|(r, _)| r == id));
+        let by_buffer = self
+            .pending
+            .as_ref()
+            .is_some_and(|p| matches!(p.reason.as_str(), BUFFER_HIGH | BUFFER_LOW));
         if answers_switch {
             match result {
+                Err(Refusal::Refused(t) | Refusal::Failed(t)) if by_buffer => {
+                    self.placement_refused(now, &t);
+                }
                 Ok(a) => {
                     let to = a.primary;
                     self.assignment = Some(a);
@@ -1130,6 +1176,14 @@ impl Session {
                 // point): the first packet it streams does.
                 if !self.got_from_edge && !header.flags.contains(Flags::RETRANSMIT) {
                     self.got_from_edge = true;
+                    // Its reception is judged from here: a far edge's first packet can
+                    // come a second after the switch, and the time before it is no
+                    // measure of its rate (a viewer left a cheap edge 300 ms away for
+                    // "bitrate" 1.3 s after it started delivering).
+                    if self.stats.first_seq.is_some() {
+                        self.judge_from = self.judge_from.max(now + SETTLE);
+                        self.detector.reset(now);
+                    }
                     // The edge being left is kept until the output reaches what the new
                     // one sends (it may start later than the resume point).
                     if self.leaving.is_some() {
@@ -1336,6 +1390,7 @@ impl Session {
                 self.detector.reset(now);
             }
         }
+        self.place_by_buffer(now);
         if self.reask_id.is_none() && self.next_reask.is_some_and(|t| now >= t) {
             self.next_reask = self.config.reask.map(|d| now + d);
             let id = self.request(Request::Assign);
@@ -1370,7 +1425,9 @@ impl Session {
                         }
                         self.to_keyframe = false;
                     }
+                    let ssrc = item.ssrc;
                     let item = self.continuity.fix(item.payload);
+                    self.playout.written(now, ssrc, &item);
                     self.stats.continuity_rewritten = self.continuity.rewritten;
                     self.stats.first_seq.get_or_insert(seq.0);
                     self.stats
@@ -1416,6 +1473,38 @@ impl Session {
         }
     }
 
+    /// Buffer-aware moves (seed 001): a full buffer takes a cheap edge, a low one goes
+    /// back to a fast edge, through the same switch as any other (no gap, no duplicate).
+    fn place_by_buffer(&mut self, now: Instant) {
+        if self.pending.is_some() || self.leaving.is_some() {
+            return;
+        }
+        let level = self.playout.level(now);
+        let Some(to) = self.placement.as_mut().and_then(|p| p.observe(now, level)) else {
+            return;
+        };
+        let reason = match to {
+            Tier::Cheap => BUFFER_HIGH,
+            Tier::Fast => BUFFER_LOW,
+        };
+        tracing::info!(
+            "playout buffer {} ms: asking for a {} edge",
+            level.unwrap_or_default().as_millis(),
+            if to == Tier::Cheap { "cheap" } else { "fast" }
+        );
+        self.decide_switch(now, reason.to_owned());
+    }
+
+    /// A buffer-aware move that did not happen (no such edge, no answer): the viewer
+    /// stays, and tries again after a backoff.
+    fn placement_refused(&mut self, now: Instant, why: &str) {
+        tracing::info!("no buffer-aware move: {why}");
+        self.pending = None;
+        if let Some(p) = self.placement.as_mut() {
+            p.refused(now);
+        }
+    }
+
     /// Whether a switch for the quality of reception may happen now (see
     /// [`QUALITY_DWELL`]).
     fn quality_switch_allowed(&mut self, now: Instant) -> bool {
@@ -1446,7 +1535,15 @@ impl Session {
         // The control server is told all the same (it counts the switch, and its answer
         // refreshes the candidates); planned moves (drain, refusal, a better edge) and a
         // viewer with no candidate wait for its choice.
-        let urgent = !matches!(reason.as_str(), "drain" | "refused" | "better");
+        let urgent = !matches!(
+            reason.as_str(),
+            "drain" | "refused" | "better" | BUFFER_HIGH | BUFFER_LOW
+        );
+        let prefer = match reason.as_str() {
+            BUFFER_HIGH => Prefer::Cheap,
+            BUFFER_LOW => Prefer::Fast,
+            _ => Prefer::Any,
+        };
         let candidate = urgent && self.secondary_candidate(failed).is_some();
         if self.config.control {
             let last_seq = self.buffer.next_seq().unwrap_or(self.acked.next()).0;
@@ -1454,6 +1551,7 @@ impl Session {
                 failed,
                 reason,
                 last_seq,
+                prefer,
             });
             if candidate {
                 self.told.push(id);
@@ -1496,8 +1594,22 @@ impl Session {
         let Some(to) = target.filter(|t| *t != edge) else {
             tracing::warn!("nowhere to switch to ({}); staying on {edge}", p.reason);
             self.detector.reset(now);
+            if let Some(pl) = self.placement.as_mut() {
+                pl.refused(now);
+            }
             return;
         };
+        // Any move but a buffer-aware one to a cheap edge lands on a fast edge (the
+        // control server's choice for a viewer not known to be slow).
+        if let Some(pl) = self.placement.as_mut() {
+            let tier = if p.reason == BUFFER_HIGH {
+                Tier::Cheap
+            } else {
+                Tier::Fast
+            };
+            pl.moved(now, tier);
+            self.stats.placement = Some(tier);
+        }
         // The first sequence number not yet written: the new edge starts there; what the
         // buffer already holds is dropped as duplicate, what it lacks is filled.
         let resume = self.buffer.next_seq().unwrap_or(self.acked.next());
@@ -1572,6 +1684,8 @@ impl Session {
             Bitrate::from_size_over(DataSize(self.stats.bytes - b0), now.duration_since(t0)).0;
         self.last_report = (now, self.stats.bytes);
         self.stats.buffered = self.buffer.held();
+        self.stats.playout_ms = self.playout.level(now).map(|d| d.as_millis() as u64);
+        self.stats.underruns = self.playout.underruns();
         for (i, t, gaps) in &self.switch_marks {
             if now.duration_since(*t) > Duration::from_secs(2) + self.config.buffer {
                 if let Some(s) = self.stats.switches.get_mut(*i) {

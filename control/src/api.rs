@@ -459,10 +459,14 @@ impl Api {
         peer: IpAddr,
     ) -> Result<registry::Assignment, ApiError> {
         self.check_token(s.stream, &s.token, unix_secs)?;
+        let v = (s.region.as_str(), prefix(peer), s.client);
         let a = self
             .registry
-            .switch(now, s.failed, &s.reason, &s.region, &prefix(peer), s.client)
-            .map_err(|e| ApiError::new(503, e.to_string()))?;
+            .switch_preferring(now, s.failed, &s.reason, (v.0, &v.1, v.2), s.prefer)
+            .map_err(|e| match e {
+                registry::AssignError::NoTier(_) => ApiError::new(409, e.to_string()),
+                e => ApiError::new(503, e.to_string()),
+            })?;
         metrics::counter!("braid_control_switches_total", "reason" => s.reason.clone())
             .increment(1);
         tracing::info!(client = s.client, failed = %s.failed, to = %a.primary, reason = %s.reason, "switch");

@@ -213,6 +213,10 @@ pub struct SwitchRequest {
     /// The viewer's region.
     #[serde(default)]
     pub region: String,
+    /// The kind of edge wanted: `any` (a failed edge's replacement), `cheap` or `fast`
+    /// (a buffer-aware move: a lower or higher cost tier than `failed`'s, else 409).
+    #[serde(default)]
+    pub prefer: braid_core::playout::Prefer,
 }
 
 /// Probe timings and throughput a viewer measured.

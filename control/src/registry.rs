@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use braid_core::playout::Prefer;
 use serde::{Deserialize, Serialize};
 
 /// Which of the two disjoint edge sets.
@@ -320,6 +321,10 @@ pub enum AssignError {
     /// Every live edge other than the failed one is in the failed one's set, or down.
     #[error("no live edge in the other set")]
     NoOtherSet,
+    /// A viewer asked for a cheaper (or faster) edge than its own, and the other set has
+    /// none.
+    #[error("no live edge of a {0} cost tier in the other set")]
+    NoTier(&'static str),
 }
 
 /// Probe timings a viewer reported, kept per client network prefix.
@@ -624,17 +629,70 @@ impl Registry {
         prefix: &str,
         client: u64,
     ) -> Result<Assignment, AssignError> {
-        *self.switches.0.entry(reason.to_owned()).or_default() += 1;
+        let v = (region, prefix, client);
+        self.switch_preferring(now, failed, reason, v, Prefer::Any)
+    }
+
+    /// A viewer leaves its primary `failed` (`region`, `prefix` and `client` name it):
+    /// an edge of the other set, as [`Registry::switch`] picks it, or with `prefer`, one
+    /// of a lower (cheap) or higher (fast) cost tier than `failed`'s, the cheapest or the
+    /// costliest first: a viewer whose playout buffer can absorb a slower edge moves to a
+    /// cheap one, and back when it runs low (seed 001).
+    pub fn switch_preferring(
+        &mut self,
+        now: Instant,
+        failed: SocketAddr,
+        reason: &str,
+        (region, prefix, client): (&str, &str, u64),
+        prefer: Prefer,
+    ) -> Result<Assignment, AssignError> {
+        // A failed edge's switch counts whatever comes of it; a move by preference only
+        // when it happens.
+        if prefer == Prefer::Any {
+            *self.switches.0.entry(reason.to_owned()).or_default() += 1;
+        }
         let set = self.rule.set_of(failed.port()).other();
         let slow = self.is_slow(now, client, prefix);
-        if slow {
-            self.slow_assignments += 1;
-        }
-        self.pick(now, set, Some(failed), region, prefix, slow)
+        let cheap_first = match prefer {
+            Prefer::Any => slow,
+            Prefer::Cheap => true,
+            Prefer::Fast => false,
+        };
+        let a = self
+            .pick(now, set, Some(failed), region, prefix, cheap_first)
             .map_err(|e| match e {
                 AssignError::NoEdge => AssignError::NoOtherSet,
                 e => e,
-            })
+            })?;
+        if prefer != Prefer::Any {
+            let tier = |addr: SocketAddr| {
+                self.nodes
+                    .values()
+                    .find(|n| n.report.addr == addr)
+                    .map(|n| n.report.cost_tier)
+            };
+            let (from, to) = (tier(failed), tier(a.primary));
+            let better = match prefer {
+                Prefer::Cheap => to < from,
+                _ => to > from || from.is_none(),
+            };
+            if !better {
+                if let Some(n) = self.nodes.values_mut().find(|n| n.report.addr == a.primary) {
+                    n.pending = n.pending.saturating_sub(1);
+                }
+                let which = if prefer == Prefer::Cheap {
+                    "lower"
+                } else {
+                    "higher"
+                };
+                return Err(AssignError::NoTier(which));
+            }
+            *self.switches.0.entry(reason.to_owned()).or_default() += 1;
+        }
+        if slow {
+            self.slow_assignments += 1;
+        }
+        Ok(a)
     }
 
     fn pick(
@@ -1071,6 +1129,33 @@ mod tests {
         tiered(&mut r, later, Vec::new());
         let a = r.assign(later, "", "10.0.0", 7).unwrap();
         assert!([9002, 9003].contains(&a.primary.port()), "{a:?}");
+    }
+
+    #[test]
+    fn buffer_aware_moves_go_to_a_cheaper_or_faster_tier_or_nowhere() {
+        let t = Instant::now();
+        let mut r = Registry::new(SetRule::Parity, Duration::from_secs(3));
+        tiered(&mut r, t, Vec::new());
+        let at = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        let v = ("", "10.0.0", 7);
+        // From the even set's fast edge, a cheap one of the odd set; and back, a fast one.
+        let a = r.switch_preferring(t, at(9002), "buffer_high", v, Prefer::Cheap);
+        assert_eq!(a.unwrap().primary.port(), 9001);
+        let a = r.switch_preferring(t, at(9001), "buffer_low", v, Prefer::Fast);
+        assert_eq!(a.unwrap().primary.port(), 9002);
+        // None cheaper than a cheap edge, none faster than a fast one: refused, not
+        // counted as switches.
+        let a = r.switch_preferring(t, at(9000), "buffer_high", v, Prefer::Cheap);
+        assert_eq!(a, Err(AssignError::NoTier("lower")));
+        let a = r.switch_preferring(t, at(9003), "buffer_low", v, Prefer::Fast);
+        assert_eq!(a, Err(AssignError::NoTier("higher")));
+        let counted: u64 = r.status(t).switches.0.values().sum();
+        assert_eq!(counted, 2);
+        // Every edge of one tier: a buffer-aware move has nowhere to go.
+        let mut flat = Registry::new(SetRule::Parity, Duration::from_secs(3));
+        four_edges(&mut flat, t);
+        let a = flat.switch_preferring(t, at(9000), "buffer_high", v, Prefer::Cheap);
+        assert!(a.is_err());
     }
 
     #[test]

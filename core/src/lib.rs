@@ -31,6 +31,7 @@ pub mod impair;
 pub mod merge;
 pub mod node;
 pub mod nodeauth;
+pub mod playout;
 pub mod ring;
 pub mod seq;
 pub mod speed;

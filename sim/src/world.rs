@@ -1235,6 +1235,7 @@ impl World {
                 failed,
                 reason,
                 last_seq,
+                prefer,
             } => {
                 let req = braid_control::SwitchRequest {
                     client: viewer as u64,
@@ -1244,6 +1245,7 @@ impl World {
                     last_seq,
                     token: String::new(),
                     region: String::new(),
+                    prefer,
                 };
                 Some(api.switch(now, unix, &req, peer))
             }

@@ -211,6 +211,132 @@ fn killing_an_edge_moves_its_viewers_to_the_other_set_without_loss() {
     }
 }
 
+/// Issue 13, acceptance 4 (seed 001, buffer-aware source choice): a viewer whose playout
+/// buffer stays above its high-water mark moves from a fast edge to a cheap one (a cost
+/// tier lower, and 300 ms further away), once, through the lossless switch: its output is
+/// the stream byte for byte, with no gap, and on the steady link it never moves again.
+/// A viewer beside it with a short buffer stays on its fast edge.
+#[test]
+fn a_well_buffered_viewer_takes_a_cheap_edge_once_and_loses_nothing() {
+    let dir = braid_tests::test_dir();
+    let cheap = dir.path().join("cheap.toml");
+    // 300 ms away: a window of 256 packets in flight keeps 4 Mbit/s flowing over the
+    // 600 ms round trip (the default 64 would cap it near 1.5 Mbit/s).
+    let far = "role = \"edge\"\ncost_tier = 0\nviewer_window = 256\n\
+               [impair.default]\ndelay_ms = 300\n";
+    std::fs::write(&cheap, far).expect("write");
+    let cheap = cheap.display().to_string();
+    // Two edges per set (even ones first): in each, a fast one (tier 2) and a cheap one.
+    let net = ControlNet::start(1, 2, 70.0, SECRET, move |i| {
+        if i % 2 == 0 {
+            vec!["--cost-tier".into(), "2".into()]
+        } else {
+            vec!["--config".into(), cheap.clone()]
+        }
+    });
+    wait_for_edges(&net, 4);
+    let addr = |i: usize| net.edges[i].udp().to_string();
+    let (fast, cheap) = ([addr(0), addr(2)], [addr(1), addr(3)]);
+    let buffered = [
+        "--buffer-ms",
+        "6000",
+        "--cheap-above-ms",
+        "4000",
+        "--fast-below-ms",
+        "2000",
+    ];
+    let mut viewers = vec![
+        net.viewer("buffered", 1, 60.0, &viewer_args(1, &buffered)),
+        net.viewer("short", 2, 60.0, &viewer_args(2, &[])),
+    ];
+    // They watch a minute (the check waits 30 s at most for them to end).
+    std::thread::sleep(Duration::from_secs(45));
+    let stats = assert_viewers_whole(&net, &mut viewers, 60.0);
+    let (b, short) = (&stats[0], &stats[1]);
+    eprintln!("buffered viewer: {b}");
+    let switches = b["switches"].as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        switches.len(),
+        1,
+        "one move in a minute on a steady link: {b}"
+    );
+    let sw = &switches[0];
+    assert_eq!(sw["reason"], "buffer_high", "{b}");
+    assert!(
+        fast.iter().any(|f| sw["from"] == f.as_str()),
+        "from a fast edge: {b}"
+    );
+    assert!(
+        cheap.iter().any(|c| sw["to"] == c.as_str()),
+        "to a cheap edge: {b}"
+    );
+    assert_eq!(b["edge"], sw["to"], "{b}");
+    assert_eq!(b["placement"], "cheap", "{b}");
+    assert_eq!(b["underruns"], 0, "{b}");
+    // The cheap edge's 300 ms came out of the buffer, which still holds plenty.
+    let held = b["playout_ms"].as_u64().expect("a playout estimate");
+    assert!((4000..=6500).contains(&held), "{held} ms held: {b}");
+    let moves = short["switches"].as_array().map_or(0, Vec::len);
+    assert_eq!(moves, 0, "a short buffer stays on its edge: {short}");
+    assert!(fast.iter().any(|f| short["edge"] == f.as_str()), "{short}");
+}
+
+/// Issue 13, buffer-aware source choice, the way back: the cheap edges are congested
+/// (capped at 85% of the stream's rate, their queue growing). A well-buffered viewer moves
+/// to one, its buffer drains there, and under the low-water mark it goes back to a fast
+/// edge before its player runs dry: two moves, nothing lost, no underrun, and no third
+/// move (the next try waits a backoff).
+#[test]
+fn a_buffered_viewer_leaves_a_congested_cheap_edge_before_its_buffer_runs_out() {
+    let dir = braid_tests::test_dir();
+    let cheap = dir.path().join("cheap.toml");
+    let congested = "role = \"edge\"\ncost_tier = 0\nring_seconds = 8.0\n\
+                     [impair.default]\nrate_bps = 3400000\nqueue_ms = 10000\n";
+    std::fs::write(&cheap, congested).expect("write");
+    let cheap = cheap.display().to_string();
+    let net = ControlNet::start(1, 2, 70.0, SECRET, move |i| {
+        if i % 2 == 0 {
+            vec![
+                "--cost-tier".into(),
+                "2".into(),
+                "--ring-seconds".into(),
+                "8".into(),
+            ]
+        } else {
+            vec!["--config".into(), cheap.clone()]
+        }
+    });
+    wait_for_edges(&net, 4);
+    let addr = |i: usize| net.edges[i].udp().to_string();
+    let (fast, cheap) = ([addr(0), addr(2)], [addr(1), addr(3)]);
+    let buffered = [
+        "--buffer-ms",
+        "5000",
+        "--cheap-above-ms",
+        "4000",
+        "--fast-below-ms",
+        "2000",
+    ];
+    let mut viewers = vec![net.viewer("buffered", 1, 60.0, &viewer_args(1, &buffered))];
+    std::thread::sleep(Duration::from_secs(45));
+    let stats = assert_viewers_whole(&net, &mut viewers, 60.0);
+    let b = &stats[0];
+    eprintln!("buffered viewer: {b}");
+    let switches = b["switches"].as_array().cloned().unwrap_or_default();
+    let reasons: Vec<&str> = switches
+        .iter()
+        .filter_map(|s| s["reason"].as_str())
+        .collect();
+    assert_eq!(reasons, ["buffer_high", "buffer_low"], "{b}");
+    assert!(cheap.iter().any(|c| switches[0]["to"] == c.as_str()), "{b}");
+    assert!(fast.iter().any(|f| switches[1]["to"] == f.as_str()), "{b}");
+    let took = switches[1]["detected_unix_ms"].as_u64().unwrap_or(0)
+        - switches[0]["detected_unix_ms"].as_u64().unwrap_or(0);
+    eprintln!("{:.1} s on the congested cheap edge", took as f64 / 1000.0);
+    assert_eq!(b["placement"], "fast", "{b}");
+    assert_eq!(b["underruns"], 0, "its player never ran dry: {b}");
+}
+
 /// Acceptance 3: cap one edge's egress below the stream's bit rate: its viewers detect the
 /// rate drop and move; viewers of other edges do not.
 #[test]
