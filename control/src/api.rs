@@ -173,10 +173,12 @@ impl Api {
         }
     }
 
-    /// `GET /hls/{stream}.m3u8`: a multivariant playlist whose one variant appears twice
-    /// with the same attributes, first on an edge of one set, then on an edge of the
-    /// other, chosen as an assignment is (load, region, probes): the HLS specification's
-    /// redundant variant streams, so a player that loses the first moves to the second.
+    /// `GET /hls/{stream}.m3u8`: a multivariant playlist whose every variant appears
+    /// twice with the same attributes, first on an edge of one set, then on an edge of
+    /// the other, chosen as an assignment is (load, region, probes): the HLS
+    /// specification's redundant variant streams, so a player that loses the first moves
+    /// to the second. The variants are the stream's ladder of renditions when an edge
+    /// reports one (the player then picks by its own measure of speed), else the stream.
     pub fn hls_multivariant(
         &mut self,
         now: Instant,
@@ -207,17 +209,33 @@ impl Api {
         if edges.is_empty() {
             return Err(ApiError::new(503, "no live edge serves HLS"));
         }
-        let bps = self.registry.stream_bps(now, stream).unwrap_or(DEFAULT_BPS);
         let query = if token.is_empty() {
             String::new()
         } else {
             format!("?token={token}")
         };
+        // The variants: the stream's ladder of renditions (each at the higher of its
+        // nominal rate and what edges measure), or the stream alone.
+        let variants: Vec<(u32, u64)> = match self.registry.ladder(now, stream) {
+            Some(ladder) => ladder
+                .iter()
+                .map(|r| {
+                    let measured = self.registry.stream_bps(now, r.stream).unwrap_or(0);
+                    (r.stream, measured.max(u64::from(r.kbps) * 1000))
+                })
+                .collect(),
+            None => vec![(
+                stream,
+                self.registry.stream_bps(now, stream).unwrap_or(DEFAULT_BPS),
+            )],
+        };
         let mut out = String::from("#EXTM3U\n#EXT-X-VERSION:9\n#EXT-X-INDEPENDENT-SEGMENTS\n");
-        for e in edges {
-            out.push_str(&format!(
-                "#EXT-X-STREAM-INF:BANDWIDTH={bps}\nhttp://{e}/hls/{stream}/playlist.m3u8{query}\n"
-            ));
+        for (id, bps) in variants {
+            for e in &edges {
+                out.push_str(&format!(
+                    "#EXT-X-STREAM-INF:BANDWIDTH={bps}\nhttp://{e}/hls/{id}/playlist.m3u8{query}\n"
+                ));
+            }
         }
         metrics::counter!("braid_control_hls_assignments_total").increment(1);
         Ok(out)
@@ -501,5 +519,79 @@ impl Api {
     /// `GET /v1/reflectors`: live set reflectors, UDP address and QUIC address if any.
     pub fn reflectors(&self, now: Instant) -> Vec<(SocketAddr, Option<SocketAddr>)> {
         self.registry.reflectors(now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{Role, Rung};
+
+    #[allow(clippy::disallowed_methods)] // Tests need one real instant to count from.
+    fn t0() -> Instant {
+        Instant::now()
+    }
+
+    fn edge(node: u64, port: u16, ladders: Vec<Vec<Rung>>) -> Report {
+        let json = serde_json::json!({
+            "node": node, "role": "edge", "addr": format!("127.0.0.1:{port}"),
+            "hls": format!("127.0.0.1:{}", port + 1000),
+        });
+        let mut r: Report = serde_json::from_value(json).expect("a report");
+        r.ladders = ladders;
+        r
+    }
+
+    #[test]
+    fn a_ladder_is_the_multivariant_playlists_variants_each_on_both_sets() {
+        let t = t0();
+        let mut api = Api::new(SetRule::Parity, Duration::from_secs(3), None);
+        let ladder = vec![
+            Rung {
+                stream: 13,
+                kbps: 5000,
+            },
+            Rung {
+                stream: 11,
+                kbps: 1000,
+            },
+            Rung {
+                stream: 12,
+                kbps: 2500,
+            },
+        ];
+        api.report(t, edge(1, 9000, vec![ladder.clone()])).unwrap();
+        api.report(t, edge(2, 9001, vec![ladder])).unwrap();
+        let peer = IpAddr::from([10, 0, 0, 1]);
+        // Asked for any stream of the ladder: its three renditions, lowest first, each on
+        // an edge of either set with the same attributes (redundant variants).
+        for stream in [11, 13] {
+            let text = api.hls_multivariant(t, 0, stream, "", "", peer).unwrap();
+            let uris: Vec<&str> = text.lines().filter(|l| l.starts_with("http")).collect();
+            let infs: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("#EXT-X-STREAM"))
+                .collect();
+            assert_eq!(uris.len(), 6, "{text}");
+            for (i, id) in [11, 11, 12, 12, 13, 13].into_iter().enumerate() {
+                assert!(
+                    uris[i].ends_with(&format!("/hls/{id}/playlist.m3u8")),
+                    "{text}"
+                );
+            }
+            assert_ne!(uris[0], uris[1], "two edges: {text}");
+            assert_eq!(infs[0], "#EXT-X-STREAM-INF:BANDWIDTH=1000000", "{text}");
+            assert_eq!(infs[4], infs[5], "{text}");
+            assert_eq!(infs[5], "#EXT-X-STREAM-INF:BANDWIDTH=5000000", "{text}");
+        }
+        // A stream in no ladder: itself, twice.
+        let text = api.hls_multivariant(t, 0, 7, "", "", peer).unwrap();
+        assert_eq!(text.matches("/hls/7/playlist.m3u8").count(), 2, "{text}");
+        // Only edges have ladders, and not too many or too long.
+        let mut r = edge(3, 9002, vec![vec![Rung { stream: 1, kbps: 1 }; 9]]);
+        assert!(api.report(t, r.clone()).is_err());
+        r.ladders = vec![vec![Rung { stream: 1, kbps: 1 }]];
+        r.role = Role::Set;
+        assert!(api.report(t, r).is_err());
     }
 }

@@ -109,7 +109,26 @@ pub struct Report {
     /// next request on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub slow: Vec<SlowViewer>,
+    /// Its ladders of renditions (edges started with `--ladder`), each lowest rate first:
+    /// a stream's HLS variants are its ladder's renditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ladders: Vec<Vec<Rung>>,
 }
+
+/// One rendition of a ladder, as an edge reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rung {
+    /// Its stream.
+    pub stream: u32,
+    /// Its nominal rate, kbit/s.
+    pub kbps: u32,
+}
+
+/// Most ladders a report names, and most renditions in each.
+pub const MAX_LADDERS: usize = 16;
+/// Most renditions in a ladder.
+pub const MAX_RUNGS: usize = 8;
 
 /// A viewer an edge found slow: its link cannot take what it is sent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -245,6 +264,17 @@ impl Report {
         }
         if self.cost_tier > MAX_COST_TIER {
             return Err(format!("cost tier must be at most {MAX_COST_TIER}"));
+        }
+        if self.ladders.len() > MAX_LADDERS
+            || self
+                .ladders
+                .iter()
+                .any(|l| l.is_empty() || l.len() > MAX_RUNGS)
+            || (self.role != Role::Edge && !self.ladders.is_empty())
+        {
+            return Err(format!(
+                "only edges have ladders: at most {MAX_LADDERS}, of 1 to {MAX_RUNGS} renditions"
+            ));
         }
         if self.streams.len() > MAX_REPORT_STREAMS
             || self.streams.iter().any(|s| {
@@ -607,6 +637,20 @@ impl Registry {
         Ok(a)
     }
 
+    /// The ladder of renditions stream `id` belongs to, as a live edge reports it (lowest
+    /// rate first), if any edge has one.
+    pub fn ladder(&self, now: Instant, id: u32) -> Option<Vec<Rung>> {
+        let mut l = self
+            .nodes
+            .values()
+            .filter(|n| n.report.role == Role::Edge && self.live(now, n))
+            .flat_map(|n| n.report.ladders.iter())
+            .find(|l| l.iter().any(|r| r.stream == id))?
+            .clone();
+        l.sort_by_key(|r| r.kbps);
+        Some(l)
+    }
+
     /// Stream `id`'s rate as the live edges report it (the highest), bit/s, if any does.
     pub fn stream_bps(&self, now: Instant, id: u32) -> Option<u64> {
         self.nodes
@@ -952,6 +996,7 @@ mod tests {
             streams: Vec::new(),
             hls: None,
             slow: Vec::new(),
+            ladders: Vec::new(),
         }
     }
 

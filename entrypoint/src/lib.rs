@@ -257,6 +257,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             region: config.region.clone(),
             capacity: 1,
             cost_tier: 0,
+            ladders: Vec::new(),
             auth: braid_core::nodeauth::NodeAuth::new(&braid_net::daemon::network_key(
                 &config.network_key,
             )?),

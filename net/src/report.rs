@@ -76,6 +76,8 @@ pub struct Identity {
     pub capacity: u64,
     /// Its cost tier (0 cheapest).
     pub cost_tier: u8,
+    /// Its ladders of renditions (edges), each `(stream, kbit/s)` lowest rate first.
+    pub ladders: Vec<Vec<(u32, u64)>>,
     /// Signs its requests with the network key: control servers take reports and give
     /// the set reflectors' list only to nodes.
     pub auth: braid_core::nodeauth::NodeAuth,
@@ -100,8 +102,17 @@ pub fn spawn(
         let mut cpu = CpuMeter::default();
         // Control servers that refused the last report (logged once, until they accept).
         let mut refused = std::collections::HashSet::new();
+        let ladders: Vec<Vec<serde_json::Value>> = id
+            .ladders
+            .iter()
+            .map(|l| {
+                l.iter()
+                    .map(|(stream, kbps)| serde_json::json!({"stream": stream, "kbps": kbps}))
+                    .collect()
+            })
+            .collect();
         while !shutdown.is_cancelled() {
-            let body = serde_json::json!({
+            let mut body = serde_json::json!({
                 "node": id.node,
                 "role": id.role,
                 "addr": id.addr,
@@ -115,8 +126,11 @@ pub fn spawn(
                 "cpu": cpu.sample(),
                 "streams": shared.streams.lock().map(|s| s.clone()).unwrap_or_default(),
                 "slow": shared.slow.lock().map(|s| s.clone()).unwrap_or_default(),
-            })
-            .to_string();
+            });
+            if !ladders.is_empty() {
+                body["ladders"] = serde_json::json!(ladders);
+            }
+            let body = body.to_string();
             let mut answered = 0;
             let mut drain = false;
             for url in &controls {

@@ -171,8 +171,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     if let (Role::Edge, Some(addr)) = (config.role, config.hls_listen) {
         let tokens = (!config.token_secret.is_empty())
             .then(|| braid_core::token::Signer::new(&config.token_secret));
-        let bound =
-            crate::hls::serve(addr, hls_tx.clone(), progress_rx, tokens, shutdown.clone()).await?;
+        let ladders = config
+            .ladders()?
+            .iter()
+            .map(|l| l.iter().map(|(s, _)| *s).collect())
+            .collect();
+        let bound = crate::hls::serve(
+            addr,
+            hls_tx.clone(),
+            progress_rx,
+            (tokens, ladders),
+            shutdown.clone(),
+        )
+        .await?;
         ready.push(("hls", bound.to_string()));
         hls_addr = Some(bound);
     }
@@ -190,6 +201,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             region: config.region.clone(),
             capacity: config.max_viewers as u64,
             cost_tier: config.cost_tier,
+            ladders: config
+                .ladders()?
+                .iter()
+                .map(|l| l.iter().map(|(s, bps)| (s.0, bps / 1000)).collect())
+                .collect(),
             auth: braid_core::nodeauth::NodeAuth::new(&braid_net::daemon::network_key(
                 &config.network_key,
             )?),

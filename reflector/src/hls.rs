@@ -90,6 +90,9 @@ struct App {
     asks: mpsc::Sender<Ask>,
     progress: watch::Receiver<u64>,
     tokens: Option<braid_core::token::Signer>,
+    /// The edge's ladders: a token for one rendition is good for its ladder's others (a
+    /// player moves between them).
+    ladders: std::sync::Arc<Vec<Vec<StreamId>>>,
 }
 
 /// Longest a request for a stream with no segment yet waits for its first (a cold
@@ -97,12 +100,13 @@ struct App {
 const FIRST_SEGMENT_WAIT: Duration = Duration::from_secs(6);
 
 /// Serves HLS on `addr`; returns the bound address. Requests reach the daemon's task
-/// through `asks`; `progress` changes whenever a segmenter completes a part.
+/// through `asks`; `progress` changes whenever a segmenter completes a part. Tokens are
+/// checked when a signer is given, a token for a rendition good for its whole ladder.
 pub(crate) async fn serve(
     addr: SocketAddr,
     asks: mpsc::Sender<Ask>,
     progress: watch::Receiver<u64>,
-    tokens: Option<braid_core::token::Signer>,
+    (tokens, ladders): (Option<braid_core::token::Signer>, Vec<Vec<StreamId>>),
     shutdown: CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
     use anyhow::Context;
@@ -119,6 +123,7 @@ pub(crate) async fn serve(
             asks,
             progress,
             tokens,
+            ladders: std::sync::Arc::new(ladders),
         });
     tokio::spawn(async move {
         let serve = axum::serve(listener, app)
@@ -180,15 +185,31 @@ fn check_token(
         ));
     };
     let now = braid_net::daemon::unix_ms() / 1000;
-    signer.verify_for(stream, token, now).map_err(|e| {
+    let refused = |e: String| {
         Refusal(
             StatusCode::FORBIDDEN,
             "token_refused",
             format!("token: {e}"),
         )
-    })?;
+    };
+    let claims = signer
+        .verify(token, now)
+        .map_err(|e| refused(e.to_string()))?;
+    if !token_covers(&app.ladders, claims.stream, stream) {
+        let e = braid_core::token::TokenError::WrongStream(claims.stream);
+        return Err(refused(e.to_string()));
+    }
     // Tokens are URL-safe (base64url).
     Ok(format!("?token={token}"))
+}
+
+/// Whether a token for stream `claimed` is good for stream `asked`: the same stream, or
+/// two renditions of one ladder.
+fn token_covers(ladders: &[Vec<StreamId>], claimed: StreamId, asked: StreamId) -> bool {
+    claimed == asked
+        || ladders
+            .iter()
+            .any(|l| l.contains(&claimed) && l.contains(&asked))
 }
 
 /// Asks the machine until it answers with something other than "wait", or `until`.
@@ -476,5 +497,24 @@ pub(crate) fn answer(
                 None => Answer::Gone,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_for_a_rendition_is_good_for_its_ladder_only() {
+        let ladders = vec![
+            vec![StreamId(11), StreamId(12), StreamId(13)],
+            vec![StreamId(21), StreamId(22)],
+        ];
+        assert!(token_covers(&ladders, StreamId(11), StreamId(13)));
+        assert!(token_covers(&ladders, StreamId(13), StreamId(11)));
+        assert!(token_covers(&ladders, StreamId(5), StreamId(5)));
+        assert!(!token_covers(&ladders, StreamId(11), StreamId(21)));
+        assert!(!token_covers(&ladders, StreamId(5), StreamId(11)));
+        assert!(!token_covers(&[], StreamId(11), StreamId(12)));
     }
 }

@@ -432,7 +432,7 @@ impl Config {
     }
 
     /// The `--ladder` lists, parsed.
-    fn ladders(&self) -> anyhow::Result<Vec<Vec<(StreamId, u64)>>> {
+    pub(crate) fn ladders(&self) -> anyhow::Result<Vec<Vec<(StreamId, u64)>>> {
         self.ladders
             .iter()
             .map(|l| {

@@ -1141,6 +1141,7 @@ impl World {
             streams: Vec::new(),
             hls: None,
             slow,
+            ladders: Vec::new(),
         };
         let delay = self.round_trip() / 2;
         let controls: Vec<usize> = self.of_kind(Kind::Control).collect();
