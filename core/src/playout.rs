@@ -62,6 +62,8 @@ pub struct Playout {
     /// The player's position runs in real time from this media time at this instant.
     anchor: Option<(u64, Instant)>,
     underruns: u64,
+    /// It ran dry and nothing came since: the player waits, its position with it.
+    dry: bool,
 }
 
 impl Playout {
@@ -86,6 +88,11 @@ impl Playout {
         // Relative to the session's first stamp, within half the 33-bit range either way;
         // the newest written is the furthest (audio and video stamps interleave).
         let rel = raw.wrapping_sub(first) & (WRAP - 1);
+        if self.dry {
+            // The player, stalled, starts again from what it had when this came.
+            self.dry = false;
+            self.anchor = Some((media, now));
+        }
         if rel < WRAP / 2 {
             self.media = Some(media.max(base + rel));
         }
@@ -100,8 +107,12 @@ impl Playout {
         let (at, since) = self.anchor?;
         let played = now.saturating_duration_since(since).as_millis() as u64;
         let held = media.saturating_sub(at) / TICKS_PER_MS;
-        if held < played {
-            self.underruns += 1;
+        if self.dry || held < played {
+            // Counted once a dry spell; the position waits with the player.
+            if !self.dry {
+                self.underruns += 1;
+                self.dry = true;
+            }
             self.anchor = Some((media, now));
             return Some(Duration::ZERO);
         }
@@ -324,10 +335,22 @@ mod tests {
             p.level(t0 + Duration::from_millis(3500)),
             Some(Duration::from_millis(500))
         );
-        // Nothing for 3 s: it ran dry (counted once), and starts again from empty.
+        // Nothing for 3 s: it ran dry (counted once however often it is asked), and
+        // starts again from empty when the stream comes back.
         assert_eq!(p.level(t0 + Duration::from_secs(5)), Some(Duration::ZERO));
         assert_eq!(p.underruns(), 1);
-        assert_eq!(p.level(t0 + Duration::from_secs(5)), Some(Duration::ZERO));
+        assert_eq!(p.level(t0 + Duration::from_secs(6)), Some(Duration::ZERO));
+        assert_eq!(p.level(t0 + Duration::from_secs(7)), Some(Duration::ZERO));
+        assert_eq!(p.underruns(), 1);
+        let back = t0 + Duration::from_secs(7);
+        for i in 101..=125u64 {
+            p.written(back, 1, &video(1000 + i * 3600));
+        }
+        assert_eq!(p.level(back), Some(Duration::from_secs(1)));
+        assert_eq!(
+            p.level(back + Duration::from_millis(400)),
+            Some(Duration::from_millis(600))
+        );
         assert_eq!(p.underruns(), 1);
     }
 
