@@ -44,6 +44,14 @@ const DRAIN_SIGNAL: Duration = Duration::from_secs(1);
 /// is forgotten anyway, so this only frees a window that acknowledgements can no longer
 /// reach (packets the viewer will never have), never a merely paused viewer's.
 const IN_FLIGHT_TTL: Duration = Duration::from_secs(3);
+/// A viewer's window grows to cover this many of its acknowledgement delays of the
+/// stream (its round trip plus the time between its acknowledgements)…
+const WINDOW_DELAYS: f64 = 2.0;
+/// … up to this many times `viewer_window`.
+const WINDOW_GROWTH: u64 = 8;
+/// How often a stream's packet rate is measured.
+const PPS_EVERY: Duration = Duration::from_millis(200);
+
 /// A viewer that got nothing for this long is sent a heartbeat (checked every 100 ms).
 const HEARTBEAT: Duration = Duration::from_millis(60);
 /// How many of a viewer's refreshes repeat a *joined* or *session* notice.
@@ -112,6 +120,19 @@ const ALIGN_WAIT: Duration = Duration::from_millis(300);
 const UNALIGNED_GIVE_UP: u32 = 3;
 /// Media time within which two renditions' keyframes are aligned (90 kHz: 20 ms).
 const ALIGN_TICKS: u64 = 1800;
+/// A datagram viewer's flow window, packets: `base` (`viewer_window`), or, for a viewer
+/// whose acknowledgements come later than `base` packets of the stream (`pps` a second)
+/// take, enough for [`WINDOW_DELAYS`] of its least acknowledgement delay, at most
+/// [`WINDOW_GROWTH`] times `base`: a viewer 300 ms away is not held to 64 packets per
+/// 600 ms round trip (about 1.1 Mbit/s), nor measured slow for it.
+fn viewer_window(base: u64, pps: f64, ack_delay: Option<(Duration, Instant)>) -> u64 {
+    let Some((delay, _)) = ack_delay else {
+        return base;
+    };
+    let need = (pps * delay.as_secs_f64() * WINDOW_DELAYS).ceil() as u64;
+    need.clamp(base, base * WINDOW_GROWTH)
+}
+
 /// Speeds remembered per client and per network.
 const MAX_KNOWN: usize = 10_000;
 /// How long a speed is remembered.
@@ -175,8 +196,12 @@ struct Viewer {
     /// Media sent and not yet acknowledged, oldest first, with when it was sent: the flow
     /// window counts these, not sequence distance, so a skip, a new source session or a
     /// restarted edge never strands a viewer behind an old acknowledgement. With each,
-    /// its size: what is acknowledged is credited to its speed.
-    in_flight: VecDeque<(SeqNo, Instant, u32)>,
+    /// its size (what is acknowledged is credited to its speed), and the bytes sent to it
+    /// up to and with it (a viewer that counts what it received says which it has).
+    in_flight: VecDeque<(SeqNo, Instant, u32, u64)>,
+    /// The least delay from sending a packet to its acknowledgement, and when it was seen:
+    /// a far viewer's window covers its round trip.
+    ack_delay: Option<(Duration, Instant)>,
     /// The viewer's id, as its watches name it.
     client: NodeId,
     /// Its delivery speed.
@@ -242,6 +267,10 @@ struct Stream {
     hls_until: Option<Instant>,
     /// The set reflectors (by index) that said they do not carry it.
     unknown_at: HashSet<usize>,
+    /// Packets a second the stream brings (from what the merge released, smoothed), and
+    /// the count and time it was last measured from.
+    pps: f64,
+    pps_mark: Option<(Instant, u64)>,
 }
 
 /// How the repairs of a stream went over the last period: an edge whose paths keep
@@ -928,6 +957,8 @@ impl Edge {
                     hls: None,
                     hls_until: None,
                     unknown_at: HashSet::new(),
+                    pps: 0.0,
+                    pps_mark: None,
                 },
             );
         }
@@ -1005,10 +1036,32 @@ impl Edge {
             // What it has is no longer in flight, and counts to its speed: what it says
             // it received, when it counts (never more than was sent to it); otherwise
             // what it acknowledged (holes below the highest number included).
+            // How long its packets take to be acknowledged: the newest of this edge's it
+            // has, by the bytes it counts from this edge. Its highest number says nothing
+            // here (it may come from an edge it is leaving, 20 ms after this one sent
+            // what is 300 ms away), so a viewer that does not count keeps the base window.
+            let newest = watch.received.and_then(|r| {
+                v.in_flight
+                    .iter()
+                    .take_while(|(.., cum)| *cum <= r)
+                    .last()
+                    .map(|(_, sent, ..)| *sent)
+            });
             let mut bytes = 0;
-            while let Some((_, _, size)) = v.in_flight.front().filter(|(s, ..)| *s <= watch.acked) {
-                bytes += u64::from(*size);
+            while let Some(&(_, _, size, _)) =
+                v.in_flight.front().filter(|(s, ..)| *s <= watch.acked)
+            {
+                bytes += u64::from(size);
                 v.in_flight.pop_front();
+            }
+            if let Some(sent) = newest {
+                let d = now.saturating_duration_since(sent);
+                // The least ever seen: queueing on a congested link (its own packets
+                // waiting in a bottleneck) never grows the window, only the path's delay.
+                if v.ack_delay.is_none_or(|(least, _)| d < least) {
+                    tracing::debug!(viewer = %from, ms = d.as_millis() as u64, "least acknowledgement delay");
+                    v.ack_delay = Some((d, now));
+                }
             }
             match (watch.received, v.reported) {
                 (Some(r), Some(before)) if matches!(from, Peer::Addr(_)) => {
@@ -1151,6 +1204,7 @@ impl Edge {
                 expires: now + lease,
                 acked: watch.acked,
                 in_flight: VecDeque::new(),
+                ack_delay: None,
                 client: watch.node,
                 speed: speed::Meter::new(self.config.speed.clone()),
                 reported: watch.received,
@@ -1316,6 +1370,7 @@ impl Edge {
                     }
                 }
             }
+            let flow_window = viewer_window(window, st.pps, v.ack_delay);
             let Some(cursor) = v.cursor.as_mut() else {
                 return;
             };
@@ -1326,12 +1381,12 @@ impl Edge {
                         Peer::Addr(_) => {
                             // Packets unacknowledged for long were lost or the viewer
                             // stalled: they stop counting, so the window reopens.
-                            while v.in_flight.front().is_some_and(|(_, t, _)| {
+                            while v.in_flight.front().is_some_and(|(_, t, ..)| {
                                 now.saturating_duration_since(*t) > IN_FLIGHT_TTL
                             }) {
                                 v.in_flight.pop_front();
                             }
-                            if v.in_flight.len() as u64 >= window {
+                            if v.in_flight.len() as u64 >= flow_window {
                                 // Held back with packets ready: its link sets its rate.
                                 if st.ring.peek(cursor).is_some() {
                                     v.speed.blocked(now);
@@ -1403,8 +1458,8 @@ impl Edge {
                                 v.sent_bytes += size;
                                 v.speed.sent(now, size);
 
-                                v.in_flight
-                                    .push_back((e.seq, now, e.item.datagram.len() as u32));
+                                let len = e.item.datagram.len() as u32;
+                                v.in_flight.push_back((e.seq, now, len, v.sent_bytes));
                                 v.tail.sent(now, e.seq);
                             }
                         }
@@ -1874,6 +1929,23 @@ impl Edge {
         let mut moves = Vec::new();
         let mut known = Vec::new();
         for (&id, st) in self.streams.iter_mut() {
+            // The stream's packet rate, smoothed over about a second (a new stream's
+            // within a few ticks, so a far viewer's window opens as it starts).
+            let released = st.merge.stats().released;
+            match st.pps_mark {
+                Some((at, before)) if now.saturating_duration_since(at) >= PPS_EVERY => {
+                    let secs = now.saturating_duration_since(at).as_secs_f64();
+                    let sample = released.saturating_sub(before) as f64 / secs;
+                    st.pps = if st.pps > 0.0 {
+                        0.7 * st.pps + 0.3 * sample
+                    } else {
+                        sample
+                    };
+                    st.pps_mark = Some((now, released));
+                }
+                Some(_) => {}
+                None => st.pps_mark = Some((now, released)),
+            }
             for (key, v) in st.viewers.iter_mut() {
                 // Each second, what each viewer's speed says is remembered (the chooser
                 // reads the meter itself; nothing else needs the estimate here).
@@ -1976,6 +2048,8 @@ impl Edge {
                 if let Some(e) = v.tail.due(now, HEARTBEAT).and_then(|s| st.ring.get(s)) {
                     if self.out.retransmit(*key, e.item.header, &e.item.media) {
                         self.counters.tail_probes += 1;
+                        // The viewer counts it among what it received from here.
+                        v.sent_bytes += e.item.media.rtp.len() as u64;
                         continue;
                     }
                 }
@@ -2211,22 +2285,29 @@ mod tests {
         e.handle_input(now, watch(now, fast, WatchStart::Keyframe, 0));
         e.handle_input(now, watch(now, slow, WatchStart::Keyframe, 0));
         let mut next = 1001;
-        // Highest sequence number each has received; the slow one's link carries 10
-        // packets per 100 ms while the stream brings 40.
-        let (mut got_fast, mut got_slow, mut slow_acked) = (0, 0, 0);
+        // Highest sequence number each has received, and its RTP bytes; the slow one's
+        // link carries 10 packets per 100 ms while the stream brings 40, and queues 64
+        // (more are dropped), as a token bucket does.
+        let (mut got_fast, mut fast_bytes) = (0, 0);
+        let (mut got_slow, mut slow_bytes) = (0, 0);
+        let mut queue = std::collections::VecDeque::new();
         for step in 0..80 {
             for (to, body) in steady(&mut e, &mut now, &mut next) {
                 if let Body::Media(m) = body {
                     if to == fast {
                         got_fast = got_fast.max(m.seq.0);
-                    } else if to == slow {
-                        got_slow = got_slow.max(m.seq.0);
+                        fast_bytes += m.rtp.len() as u64;
+                    } else if to == slow && queue.len() < 64 {
+                        queue.push_back((m.seq.0, m.rtp.len() as u64));
                     }
                 }
             }
-            e.handle_input(now, ack(now, fast, got_fast));
-            slow_acked = got_slow.min(slow_acked.max(got_slow.saturating_sub(64)) + 10);
-            e.handle_input(now, ack(now, slow, slow_acked));
+            for (seq, len) in queue.drain(..queue.len().min(10)) {
+                got_slow = got_slow.max(seq);
+                slow_bytes += len;
+            }
+            e.handle_input(now, ack_received(now, fast, got_fast, fast_bytes));
+            e.handle_input(now, ack_received(now, slow, got_slow, slow_bytes));
             if step == 20 {
                 assert!(e.speeds(now).iter().all(|v| !v.slow), "not within 5 s");
             }
@@ -2240,6 +2321,57 @@ mod tests {
         assert_eq!(of(slow).client, NodeId(100));
         assert_eq!(e.slow_viewers(), 1);
         assert_eq!(e.counters().viewers_turned_slow, 1);
+    }
+
+    #[test]
+    fn a_far_viewers_window_covers_its_round_trip() {
+        let mut now = Instant::now();
+        let mut e = edge(now);
+        e.config.viewer_window = 64;
+        let (near, far) = (viewer(5000), viewer(5001));
+        e.handle_input(now, media(1, 1000, Flags::KEYFRAME | Flags::DISCONTINUITY));
+        e.handle_input(now, watch(now, near, WatchStart::Keyframe, 0));
+        e.handle_input(now, watch(now, far, WatchStart::Keyframe, 0));
+        let mut next = 1001;
+        // The stream brings 400 packets a second. The far viewer's watches say what it
+        // had 600 ms earlier (a 600 ms round trip): 64 packets in flight would carry 107
+        // a second. Both count what they received.
+        let (mut got_near, mut near_bytes, mut got_far, mut far_bytes) = (0, 0, 0, 0);
+        let mut far_acks = std::collections::VecDeque::new();
+        let mut far_late = 0;
+        for step in 0..100 {
+            for (to, body) in steady(&mut e, &mut now, &mut next) {
+                if let Body::Media(m) = body {
+                    if to == near {
+                        got_near = got_near.max(m.seq.0);
+                        near_bytes += m.rtp.len() as u64;
+                    } else if to == far {
+                        got_far = got_far.max(m.seq.0);
+                        far_bytes += m.rtp.len() as u64;
+                    }
+                }
+            }
+            e.handle_input(now, ack_received(now, near, got_near, near_bytes));
+            far_acks.push_back((got_far, far_bytes));
+            if far_acks.len() > 6 {
+                let (acked, bytes) = far_acks.pop_front().unwrap_or((0, 0));
+                e.handle_input(now, ack_received(now, far, acked, bytes));
+            }
+            if step == 50 {
+                far_late = next - 1 - got_far;
+            }
+        }
+        // It is sent the stream as it comes, halfway and at the end (held to 64 packets
+        // in flight, it was 1,400 packets behind, skipped along the ring).
+        let behind = next - 1 - got_far;
+        assert!(
+            behind <= 40 && far_late <= 40,
+            "{behind} packets behind at the end, {far_late} halfway"
+        );
+        let speeds = e.speeds(now);
+        let of = |p: Peer| *speeds.iter().find(|v| v.peer == p).unwrap();
+        assert!(!of(far).slow, "{:?}", of(far));
+        assert!(next - 1 - got_near <= 40, "the near one too");
     }
 
     /// 100 ms of a steady stream: 40 packets from `next` (a keyframe every 200), then
