@@ -321,6 +321,19 @@ pub fn check(w: &World) -> Outcome {
         for pair in writes.windows(2) {
             let ((t0, a, e0), (t1, b, e1)) = (pair[0], pair[1]);
             let viewer = w.viewers[v];
+            // A move between renditions of a ladder (each numbered in its own space, bits
+            // 45 to 47): the viewer goes on in another stream, as at a new session.
+            if a.0 >> 45 != b.0 >> 45 {
+                if longest_uncovered(t0, t1, &quiet) > SILENCE_BOUND {
+                    violate(
+                        "liveness",
+                        &who,
+                        t0,
+                        format!("wrote nothing for {} ms", (t1 - t0).as_millis()),
+                    );
+                }
+                continue;
+            }
             if b <= a {
                 violate("order", &who, t1, format!("wrote {} after {}", b.0, a.0));
                 continue;
@@ -418,6 +431,18 @@ pub fn check(w: &World) -> Outcome {
                 stats.edge,
                 switches.join(", ")
             ));
+            if !s.stream.ladder.is_empty() {
+                let st = &s.stream;
+                let lowest = u64::from(st.ladder[0]) * 188 * 8 * u64::from(st.fps) / 1000;
+                renditions_within_caps(
+                    stats,
+                    lowest,
+                    joined,
+                    &rec.link_caps[v],
+                    left.min(end),
+                    |at, detail| violate("rendition", &who, at, detail),
+                );
+            }
             out.gaps += stats.gaps;
             out.switches += stats.switches.len() as u64;
             out.repaired += stats.repaired;
@@ -443,6 +468,68 @@ pub fn check(w: &World) -> Outcome {
         violate("caps", node, end, what.clone());
     }
     out
+}
+
+/// How long a viewer may be served a rendition above its link's rate before it steps
+/// down: the meter's 2 s window, the next keyframe (1 s here), a sample, and the link's
+/// 300 ms queue.
+const STEP_DOWN_BOUND: Duration = Duration::from_millis(4_500);
+
+/// Issue 13, acceptance 5: a viewer of a ladder is never served a rendition whose nominal
+/// rate is above its link's cap for longer than [`STEP_DOWN_BOUND`] (a cap under the
+/// `lowest` rendition's rate is not counted: nothing fits it). `caps` are the link's caps (0:
+/// none) from when they applied; the renditions served come from the viewer's stats
+/// (`at_ms` since it `joined`).
+fn renditions_within_caps(
+    stats: &braid_client::Stats,
+    lowest: u64,
+    joined: Instant,
+    caps: &[(Instant, u64)],
+    until: Instant,
+    mut violate: impl FnMut(Instant, String),
+) {
+    let served: Vec<(Instant, u64)> = stats
+        .renditions
+        .iter()
+        .map(|r| (joined + Duration::from_millis(r.at_ms), u64::from(r.kbps)))
+        .collect();
+    // Walk the moments anything changes; measure each stretch served over the cap.
+    let mut moments: Vec<Instant> = served
+        .iter()
+        .map(|s| s.0)
+        .chain(caps.iter().map(|c| c.0))
+        .collect();
+    moments.push(until);
+    moments.sort();
+    let at = |list: &[(Instant, u64)], t: Instant| {
+        list.iter()
+            .take_while(|(s, _)| *s <= t)
+            .last()
+            .map(|(_, k)| *k)
+    };
+    let mut over_since: Option<Instant> = None;
+    for pair in moments.windows(2) {
+        let (t, next) = (pair[0], pair[1]);
+        let (Some(kbps), cap) = (at(&served, t), at(caps, t).unwrap_or(0)) else {
+            continue;
+        };
+        let over = cap > 0 && cap >= lowest && kbps > cap;
+        if over {
+            let since = *over_since.get_or_insert(t);
+            if next.saturating_duration_since(since) > STEP_DOWN_BOUND {
+                violate(
+                    since,
+                    format!(
+                        "served {kbps} kbit/s over a {cap} kbit/s link for more than {} ms",
+                        STEP_DOWN_BOUND.as_millis()
+                    ),
+                );
+                return;
+            }
+        } else {
+            over_since = None;
+        }
+    }
 }
 
 /// A saved schedule and what it must come to: `sim/regressions/*.toml`.

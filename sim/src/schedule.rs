@@ -68,6 +68,10 @@ pub struct Stream {
     pub gop: u32,
     /// TS packets per RTP packet.
     pub ts_per_rtp: usize,
+    /// A ladder of renditions: TS packets per frame of each, lowest first (streams 1,
+    /// 2, …, a capture each, keyframes aligned); empty: one stream of `ts_per_frame`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ladder: Vec<u32>,
 }
 
 impl Default for Stream {
@@ -79,6 +83,7 @@ impl Default for Stream {
             ts_per_frame: 4,
             gop: 25,
             ts_per_rtp: 2,
+            ladder: Vec::new(),
         }
     }
 }
@@ -159,6 +164,14 @@ pub enum FaultKind {
         /// For how long, ms.
         for_ms: u64,
     },
+    /// A viewer's link from the edges is capped at this rate from now on (a token
+    /// bucket with 300 ms of queue), or uncapped (0).
+    LinkRate {
+        /// Which viewer.
+        node: String,
+        /// The cap, kbit/s (0: none).
+        kbps: u64,
+    },
 }
 
 /// One viewer.
@@ -200,6 +213,8 @@ pub struct Classes {
     pub skew: bool,
     /// Outages on two paths at the same moments.
     pub aligned_outages: bool,
+    /// A ladder of three renditions, and viewers' links capped and uncapped at random.
+    pub ladder: bool,
 }
 
 impl Classes {
@@ -215,6 +230,7 @@ impl Classes {
             pauses: true,
             skew: true,
             aligned_outages: true,
+            ladder: true,
         }
     }
 
@@ -224,6 +240,9 @@ impl Classes {
             edges: false,
             skew: false,
             aligned_outages: false,
+            // Renditions under caps: viewers are served above their link for longer
+            // than the step-down bound, and lose packets before they step down (issue 13).
+            ladder: false,
             ..Classes::all()
         }
     }
@@ -240,6 +259,7 @@ impl Classes {
             pauses: false,
             skew: false,
             aligned_outages: false,
+            ladder: false,
         };
         for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             match name {
@@ -254,6 +274,7 @@ impl Classes {
                 "pauses" => c.pauses = true,
                 "skew" => c.skew = true,
                 "aligned_outages" => c.aligned_outages = true,
+                "ladder" => c.ladder = true,
                 other => return Err(format!("unknown fault class {other:?}")),
             }
         }
@@ -488,7 +509,7 @@ impl Schedule {
         }
         faults.sort_by_key(|f| f.at_ms);
         let n_viewers = rng.random_range(20..=24);
-        let viewers = (0..n_viewers)
+        let viewers: Vec<Viewer> = (0..n_viewers)
             .map(|_| {
                 let join_ms = if rng.random_bool(0.7) {
                     rng.random_range(500..3_000)
@@ -514,11 +535,39 @@ impl Schedule {
                 }
             })
             .collect();
+        // Drawn last, so the draws above are what they were without it.
+        let mut stream = Stream::default();
+        if classes.ladder && rng.random_bool(0.3) {
+            // Three renditions (about 75, 190 and 380 kbit/s of TS); the capture does not
+            // restart (each rendition is a capture of its own).
+            stream.ladder = vec![2, 5, 10];
+            faults.retain(
+                |f| !matches!(&f.what, FaultKind::Restart { node, .. } if node == "capture"),
+            );
+            let caps = [110, 260, 520, 0];
+            for (i, v) in viewers.iter().enumerate() {
+                if rng.random_bool(0.4) {
+                    continue;
+                }
+                let mut at = v.join_ms + rng.random_range(2_000..6_000);
+                while at + 4_000 < duration_ms {
+                    faults.push(Fault {
+                        at_ms: at,
+                        what: FaultKind::LinkRate {
+                            node: format!("viewer{i}"),
+                            kbps: caps[rng.random_range(0..caps.len())],
+                        },
+                    });
+                    at += rng.random_range(6_000..12_000);
+                }
+            }
+            faults.sort_by_key(|f| f.at_ms);
+        }
         Schedule {
             seed,
             duration_ms,
             topology,
-            stream: Stream::default(),
+            stream,
             tuning: Tuning::default(),
             links,
             faults,
@@ -547,6 +596,7 @@ impl Schedule {
                 ts_per_frame: 106,
                 gop: 50,
                 ts_per_rtp: 7,
+                ladder: Vec::new(),
             },
             tuning: Tuning::default(),
             links: vec![LinkRule {

@@ -182,6 +182,8 @@ pub struct Record {
     pub paused: Vec<Option<(Instant, Duration)>>,
     /// Nodes whose state went past a cap: (node, what).
     pub over_caps: Vec<(String, String)>,
+    /// Per viewer: its link's rate caps from the edges, kbit/s (0: none), and since when.
+    pub link_caps: Vec<Vec<(Instant, u64)>>,
     /// Events processed.
     pub events: u64,
     /// What the links did to each packet on its way to each node.
@@ -267,7 +269,12 @@ impl World {
                 checked: None,
             });
         };
+        // One capture per rendition of a ladder: `capture`, `capture1`, ….
+        let captures = schedule.stream.ladder.len().max(1);
         push(Kind::Capture, "capture".into(), 0);
+        for i in 1..captures {
+            push(Kind::Capture, format!("capture{i}"), i);
+        }
         for i in 0..t.entries {
             push(Kind::Entry, format!("entry{i}"), i);
         }
@@ -280,7 +287,7 @@ impl World {
         for i in 0..t.controls {
             push(Kind::Control, format!("control{i}"), i);
         }
-        let first_viewer = 1 + t.entries + t.sets + t.edges + t.controls;
+        let first_viewer = captures + t.entries + t.sets + t.edges + t.controls;
         for i in 0..schedule.viewers.len() {
             push(Kind::Viewer, format!("viewer{i}"), i);
         }
@@ -305,6 +312,7 @@ impl World {
                 ended: vec![None; n_viewers],
                 stats: vec![None; n_viewers],
                 paused: vec![None; n_viewers],
+                link_caps: vec![Vec::new(); n_viewers],
                 ..Record::default()
             },
             session: 0,
@@ -379,15 +387,17 @@ impl World {
         let machine = match node.kind {
             Kind::Capture => {
                 let s = &self.schedule.stream;
+                // Captures come first: the node's index is its rendition's.
+                let ts_per_frame = s.ladder.get(i).copied().unwrap_or(s.ts_per_frame);
                 let config = capture::Config {
-                    stream: STREAM,
+                    stream: StreamId(STREAM.0 + i as u32),
                     key: STREAM_KEY.into(),
                     entries: self.addrs(Kind::Entry),
                     ts_per_rtp: s.ts_per_rtp,
                     segment: std::time::Duration::from_secs(1),
                 };
                 let synth = Synth::new(SynthConfig {
-                    bitrate: u64::from(s.ts_per_frame) * 188 * 8 * u64::from(s.fps),
+                    bitrate: u64::from(ts_per_frame) * 188 * 8 * u64::from(s.fps),
                     fps: s.fps,
                     gop: s.gop,
                     run: 0,
@@ -402,17 +412,24 @@ impl World {
                     .iter()
                     .map(|a| a.to_string())
                     .collect();
-                let stream = format!("{}:{STREAM_KEY}:{}", STREAM.0, sets.join(","));
-                let c = braid_entrypoint::Config::try_parse_from([
+                let mut args: Vec<String> = [
                     "braid-entrypoint",
                     "--network-key",
                     NETWORK_KEY,
                     "--node-id",
                     &(100 + i).to_string(),
-                    "--stream",
-                    &stream,
-                ])
-                .expect("entry point flags");
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                for r in 0..self.schedule.stream.ladder.len().max(1) {
+                    let id = STREAM.0 + r as u32;
+                    args.extend([
+                        "--stream".into(),
+                        format!("{id}:{STREAM_KEY}:{}", sets.join(",")),
+                    ]);
+                }
+                let c = braid_entrypoint::Config::try_parse_from(args).expect("entry point flags");
                 Machine::Entry(Box::new(
                     EntryPoint::new(c.machine(), codec)
                         .expect("entry point config")
@@ -452,6 +469,19 @@ impl World {
                 } else {
                     for s in self.addrs(Kind::Set) {
                         args.extend(["--reflector".into(), s.to_string()]);
+                    }
+                    let s = &self.schedule.stream;
+                    if !s.ladder.is_empty() {
+                        let rungs: Vec<String> = s
+                            .ladder
+                            .iter()
+                            .enumerate()
+                            .map(|(r, ts)| {
+                                let kbps = u64::from(*ts) * 188 * 8 * u64::from(s.fps) / 1000;
+                                format!("{}:{kbps}", STREAM.0 + r as u32)
+                            })
+                            .collect();
+                        args.extend(["--ladder".into(), rungs.join(",")]);
                     }
                 }
                 let c = braid_reflector::Config::try_parse_from(args).expect("reflector flags");
@@ -583,23 +613,8 @@ impl World {
                     Ev::Frame,
                 );
                 let now = self.now;
-                let n = &mut self.nodes[0];
-                if n.hung_until.is_some() {
-                    return;
-                }
-                if let Some(Machine::Capture(c, synth)) = n.machine.as_mut() {
-                    if c.wants_media() {
-                        let bytes = synth.next_frame();
-                        c.handle_input(
-                            now,
-                            capture::Input::Source {
-                                bytes,
-                                discontinuity: false,
-                                rtp_lost: 0,
-                            },
-                        );
-                        self.drive(0);
-                    }
+                for i in self.of_kind(Kind::Capture).collect::<Vec<_>>() {
+                    self.frame(now, i);
                 }
             }
             Ev::Fault(f) => self.fault(f),
@@ -1022,9 +1037,28 @@ impl World {
                 .links
                 .iter()
                 .find(|r| matches(&r.from, a) && matches(&r.to, b));
-            let imp = rule.map(|r| {
+            // A viewer's link from an edge under a rate cap: a token bucket with 300 ms of
+            // queue on top of what the rule says.
+            let cap = self
+                .viewers
+                .iter()
+                .position(|v| *v == j)
+                .filter(|_| self.nodes[i].kind == Kind::Edge)
+                .and_then(|v| self.record.link_caps[v].last())
+                .map(|(_, kbps)| *kbps)
+                .filter(|k| *k > 0);
+            let config = match (rule, cap) {
+                (r, Some(kbps)) => Some(braid_core::impair::Config {
+                    rate_bps: Some(kbps * 1000),
+                    queue_ms: 300,
+                    ..r.map(|r| r.impair.clone()).unwrap_or_default()
+                }),
+                (Some(r), None) => Some(r.impair.clone()),
+                (None, None) => None,
+            };
+            let imp = config.map(|c| {
                 Impairer::new(
-                    r.impair.clone(),
+                    c,
                     self.start,
                     (i as u64) << 20 | j as u64 ^ self.schedule.seed,
                 )
@@ -1061,6 +1095,16 @@ impl World {
                     self.partitions.push((a, b, self.now + ms(*for_ms)));
                 }
             }
+            FaultKind::LinkRate { node: n, kbps } => {
+                if let Some(v) = self.viewers.iter().position(|x| Some(*x) == node(self, n)) {
+                    let i = self.viewers[v];
+                    self.record.link_caps[v].push((self.now, *kbps));
+                    // Its links from the edges take the new cap from their next packet.
+                    for e in self.of_kind(Kind::Edge).collect::<Vec<_>>() {
+                        self.links.remove(&(e, i));
+                    }
+                }
+            }
             FaultKind::Drain { node: n, for_ms } => {
                 if let Some(i) = node(self, n) {
                     for c in self.of_kind(Kind::Control).collect::<Vec<_>>() {
@@ -1070,6 +1114,28 @@ impl World {
                     }
                     self.push(self.now + ms(*for_ms), Ev::FaultEnd(f));
                 }
+            }
+        }
+    }
+
+    /// A frame of the source into capture `i` (a rendition of a ladder, or the one).
+    fn frame(&mut self, now: Instant, i: usize) {
+        let n = &mut self.nodes[i];
+        if n.hung_until.is_some() {
+            return;
+        }
+        if let Some(Machine::Capture(c, synth)) = n.machine.as_mut() {
+            if c.wants_media() {
+                let bytes = synth.next_frame();
+                c.handle_input(
+                    now,
+                    capture::Input::Source {
+                        bytes,
+                        discontinuity: false,
+                        rtp_lost: 0,
+                    },
+                );
+                self.drive(i);
             }
         }
     }
@@ -1342,15 +1408,17 @@ impl World {
         }
         n.checked = Some(now);
         let n = &self.nodes[i];
+        // One stream, or a ladder's renditions.
+        let most = self.schedule.stream.ladder.len().max(1);
         let over = match &n.machine {
             Some(Machine::Edge(m)) => {
                 let (streams, viewers, held) = m.footprint();
-                (streams > 1 || viewers > 5000 || held > 20_000)
+                (streams > most || viewers > 5000 || held > 20_000)
                     .then(|| format!("streams {streams}, viewers {viewers}, held {held}"))
             }
             Some(Machine::Set(m)) => {
                 let (streams, subs, held) = m.footprint();
-                (streams > 1 || subs > 1000 || held > 20_000)
+                (streams > most || subs > 1000 || held > 20_000)
                     .then(|| format!("streams {streams}, subscribers {subs}, held {held}"))
             }
             Some(Machine::Entry(m)) => {
