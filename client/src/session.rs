@@ -1176,14 +1176,6 @@ impl Session {
                 // point): the first packet it streams does.
                 if !self.got_from_edge && !header.flags.contains(Flags::RETRANSMIT) {
                     self.got_from_edge = true;
-                    // Its reception is judged from here: a far edge's first packet can
-                    // come a second after the switch, and the time before it is no
-                    // measure of its rate (a viewer left a cheap edge 300 ms away for
-                    // "bitrate" 1.3 s after it started delivering).
-                    if self.stats.first_seq.is_some() {
-                        self.judge_from = self.judge_from.max(now + SETTLE);
-                        self.detector.reset(now);
-                    }
                     // The edge being left is kept until the output reaches what the new
                     // one sends (it may start later than the resume point).
                     if self.leaving.is_some() {
