@@ -1468,7 +1468,7 @@ impl Session {
     /// Buffer-aware moves (seed 001): a full buffer takes a cheap edge, a low one goes
     /// back to a fast edge, through the same switch as any other (no gap, no duplicate).
     fn place_by_buffer(&mut self, now: Instant) {
-        if self.pending.is_some() || self.leaving.is_some() {
+        if self.placement.is_none() || self.pending.is_some() || self.leaving.is_some() {
             return;
         }
         let level = self.playout.level(now);

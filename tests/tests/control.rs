@@ -211,24 +211,22 @@ fn killing_an_edge_moves_its_viewers_to_the_other_set_without_loss() {
     }
 }
 
-/// Issue 13, acceptance 4 (seed 001, buffer-aware source choice): a viewer whose playout
-/// buffer stays above its high-water mark moves from a fast edge to a cheap one (a cost
-/// tier lower, and 300 ms further away), once, through the lossless switch: its output is
-/// the stream byte for byte, with no gap, and on the steady link it never moves again.
-/// A viewer beside it with a short buffer stays on its fast edge.
-#[test]
-fn a_well_buffered_viewer_takes_a_cheap_edge_once_and_loses_nothing() {
+/// Two edges per set (even ones first): in each, a fast one (cost tier 2, with
+/// `fast_args`) and a cheap one configured by `cheap_toml`; the network, the fast edges'
+/// addresses and the cheap ones'.
+fn fast_and_cheap_edges(
+    cheap_toml: &str,
+    fast_args: &[&str],
+) -> (ControlNet, [String; 2], [String; 2]) {
     let dir = braid_tests::test_dir();
     let cheap = dir.path().join("cheap.toml");
-    // 300 ms away: the edge's flow window grows with the viewer's round trip (64
-    // packets per 600 ms would carry about 1.1 Mbit/s; the viewer left for "bitrate").
-    let far = "role = \"edge\"\ncost_tier = 0\n[impair.default]\ndelay_ms = 300\n";
-    std::fs::write(&cheap, far).expect("write");
+    std::fs::write(&cheap, cheap_toml).expect("write");
     let cheap = cheap.display().to_string();
-    // Two edges per set (even ones first): in each, a fast one (tier 2) and a cheap one.
+    let mut fast: Vec<String> = vec!["--cost-tier".into(), "2".into()];
+    fast.extend(fast_args.iter().map(|a| a.to_string()));
     let net = ControlNet::start(1, 2, 70.0, SECRET, move |i| {
         if i % 2 == 0 {
-            vec!["--cost-tier".into(), "2".into()]
+            fast.clone()
         } else {
             vec!["--config".into(), cheap.clone()]
         }
@@ -236,14 +234,34 @@ fn a_well_buffered_viewer_takes_a_cheap_edge_once_and_loses_nothing() {
     wait_for_edges(&net, 4);
     let addr = |i: usize| net.edges[i].udp().to_string();
     let (fast, cheap) = ([addr(0), addr(2)], [addr(1), addr(3)]);
-    let buffered = [
+    (net, fast, cheap)
+}
+
+/// A viewer `buffer_ms` from live whose buffer takes it to a cheap edge above 4 s and
+/// back to a fast one under 2 s.
+fn buffered_args(buffer_ms: &str) -> [&str; 6] {
+    [
         "--buffer-ms",
-        "6000",
+        buffer_ms,
         "--cheap-above-ms",
         "4000",
         "--fast-below-ms",
         "2000",
-    ];
+    ]
+}
+
+/// Issue 13, acceptance 4 (seed 001, buffer-aware source choice): a viewer whose playout
+/// buffer stays above its high-water mark moves from a fast edge to a cheap one (a cost
+/// tier lower, and 300 ms further away), once, through the lossless switch: its output is
+/// the stream byte for byte, with no gap, and on the steady link it never moves again.
+/// A viewer beside it with a short buffer stays on its fast edge.
+#[test]
+fn a_well_buffered_viewer_takes_a_cheap_edge_once_and_loses_nothing() {
+    // 300 ms away: the edge's flow window grows with the viewer's round trip (64
+    // packets per 600 ms would carry about 1.1 Mbit/s; the viewer left for "bitrate").
+    let far = "role = \"edge\"\ncost_tier = 0\n[impair.default]\ndelay_ms = 300\n";
+    let (net, fast, cheap) = fast_and_cheap_edges(far, &[]);
+    let buffered = buffered_args("6000");
     let mut viewers = vec![
         net.viewer("buffered", 1, 60.0, &viewer_args(1, &buffered)),
         net.viewer("short", 2, 60.0, &viewer_args(2, &[])),
@@ -287,35 +305,10 @@ fn a_well_buffered_viewer_takes_a_cheap_edge_once_and_loses_nothing() {
 /// move (the next try waits a backoff).
 #[test]
 fn a_buffered_viewer_leaves_a_congested_cheap_edge_before_its_buffer_runs_out() {
-    let dir = braid_tests::test_dir();
-    let cheap = dir.path().join("cheap.toml");
     let congested = "role = \"edge\"\ncost_tier = 0\nring_seconds = 8.0\n\
                      [impair.default]\nrate_bps = 3400000\nqueue_ms = 10000\n";
-    std::fs::write(&cheap, congested).expect("write");
-    let cheap = cheap.display().to_string();
-    let net = ControlNet::start(1, 2, 70.0, SECRET, move |i| {
-        if i % 2 == 0 {
-            vec![
-                "--cost-tier".into(),
-                "2".into(),
-                "--ring-seconds".into(),
-                "8".into(),
-            ]
-        } else {
-            vec!["--config".into(), cheap.clone()]
-        }
-    });
-    wait_for_edges(&net, 4);
-    let addr = |i: usize| net.edges[i].udp().to_string();
-    let (fast, cheap) = ([addr(0), addr(2)], [addr(1), addr(3)]);
-    let buffered = [
-        "--buffer-ms",
-        "5000",
-        "--cheap-above-ms",
-        "4000",
-        "--fast-below-ms",
-        "2000",
-    ];
+    let (net, fast, cheap) = fast_and_cheap_edges(congested, &["--ring-seconds", "8"]);
+    let buffered = buffered_args("5000");
     let mut viewers = vec![net.viewer("buffered", 1, 60.0, &viewer_args(1, &buffered))];
     std::thread::sleep(Duration::from_secs(45));
     let stats = assert_viewers_whole(&net, &mut viewers, 60.0);
