@@ -385,7 +385,7 @@ impl Segmenter {
             }
             self.close_segment(Some(clock));
             if let Some(n) = segment.filter(|_| frame) {
-                self.follow_number(n, new_session);
+                self.follow_number(n);
             }
             self.segments.push_back(Segment {
                 msn: self.next_msn,
@@ -427,7 +427,7 @@ impl Segmenter {
 
     /// A segment numbered `n` by the capture starts: number it so, when that keeps the
     /// numbers consecutive.
-    fn follow_number(&mut self, n: u64, new_session: bool) {
+    fn follow_number(&mut self, n: u64) {
         if !self.numbered {
             self.numbered = true;
             if self.stats.discontinuities == 0 {
@@ -438,10 +438,11 @@ impl Segmenter {
                 self.next_msn = n;
             }
         }
+        // A new session starts with no offset (reset where it is seen), so only a number
+        // lost within a session counts.
         let offset = n.wrapping_sub(self.next_msn);
-        match self.number_offset {
-            Some(o) if o != offset && !new_session => self.stats.misnumbered += 1,
-            _ => {}
+        if self.number_offset.is_some_and(|o| o != offset) {
+            self.stats.misnumbered += 1;
         }
         self.number_offset = Some(offset);
     }

@@ -125,8 +125,8 @@ const ALIGN_TICKS: u64 = 1800;
 /// take, enough for [`WINDOW_DELAYS`] of its least acknowledgement delay, at most
 /// [`WINDOW_GROWTH`] times `base`: a viewer 300 ms away is not held to 64 packets per
 /// 600 ms round trip (about 1.1 Mbit/s), nor measured slow for it.
-fn viewer_window(base: u64, pps: f64, ack_delay: Option<(Duration, Instant)>) -> u64 {
-    let Some((delay, _)) = ack_delay else {
+fn viewer_window(base: u64, pps: f64, ack_delay: Option<Duration>) -> u64 {
+    let Some(delay) = ack_delay else {
         return base;
     };
     let need = (pps * delay.as_secs_f64() * WINDOW_DELAYS).ceil() as u64;
@@ -199,9 +199,9 @@ struct Viewer {
     /// its size (what is acknowledged is credited to its speed), and the bytes sent to it
     /// up to and with it (a viewer that counts what it received says which it has).
     in_flight: VecDeque<(SeqNo, Instant, u32, u64)>,
-    /// The least delay from sending a packet to its acknowledgement, and when it was seen:
-    /// a far viewer's window covers its round trip.
-    ack_delay: Option<(Duration, Instant)>,
+    /// The least delay ever seen from sending a packet to the watch that has it: a far
+    /// viewer's window covers its round trip.
+    ack_delay: Option<Duration>,
     /// The viewer's id, as its watches name it.
     client: NodeId,
     /// Its delivery speed.
@@ -1058,9 +1058,9 @@ impl Edge {
                 let d = now.saturating_duration_since(sent);
                 // The least ever seen: queueing on a congested link (its own packets
                 // waiting in a bottleneck) never grows the window, only the path's delay.
-                if v.ack_delay.is_none_or(|(least, _)| d < least) {
+                if v.ack_delay.is_none_or(|least| d < least) {
                     tracing::debug!(viewer = %from, ms = d.as_millis() as u64, "least acknowledgement delay");
-                    v.ack_delay = Some((d, now));
+                    v.ack_delay = Some(d);
                 }
             }
             match (watch.received, v.reported) {
