@@ -1440,8 +1440,14 @@ impl Session {
                     // skipped when it said so.
                     let told = self.told_skipped.overlap(first, count);
                     self.stats.gaps += count - told;
+                    if count > told {
+                        tracing::warn!("lost {} packets from {}", count - told, first.0);
+                    }
                 }
-                MergeOutput::Nack { range, .. } => nacks.push(range),
+                MergeOutput::Nack { range, .. } => {
+                    tracing::trace!("asking for {} packets from {}", range.count, range.first.0);
+                    nacks.push(range)
+                }
                 MergeOutput::Timeout(_) => break,
             }
         }

@@ -404,6 +404,8 @@ pub struct Buffer<T> {
     /// `slots[i]` holds sequence number `next + i`. The last slot is always full.
     slots: VecDeque<Slot<T>>,
     released_any: bool,
+    /// Whether anything was ever released (a change of session does not forget it).
+    played: bool,
     /// Before the first release, packets wait one window so that copies reordered ahead
     /// of the first arrival still make it.
     hold_until: Option<Instant>,
@@ -461,6 +463,7 @@ impl<T> Buffer<T> {
             next: None,
             slots: VecDeque::new(),
             released_any: false,
+            played: false,
             hold_until: None,
             ready: VecDeque::new(),
             nack_queue: VecDeque::new(),
@@ -897,13 +900,20 @@ impl<T> Buffer<T> {
         p.last_data = Some(now);
 
         let Some(next) = self.next else {
-            self.hold_until = Some(now + self.config.reorder_window);
             // A start told before the first packet, and near it: what lies between is
-            // holes to ask for.
-            let behind = self
+            // holes to ask for. At the stream's first start the packets wait a window
+            // anyway (the player's buffer fills). At a later session's, with its start
+            // told, nothing before it belongs to it, and the player runs on what it holds:
+            // nothing waits (it did, a whole window: a 10 s buffer wrote nothing for 5 to
+            // 10 s after every change of rendition). Untold, the start settles a window.
+            let told = self
                 .expected
                 .take()
-                .filter(|e| *e < seq && seq.0 - e.0 < self.config.max_held as u64 / 2);
+                .filter(|e| *e <= seq && seq.0 - e.0 < self.config.max_held as u64 / 2);
+            if told.is_none() || !self.played {
+                self.hold_until = Some(now + self.config.reorder_window);
+            }
+            let behind = told.filter(|e| *e < seq);
             let holes = behind.map_or(0, |e| seq.0 - e.0);
             for _ in 0..holes {
                 self.slots.push_back(Slot::hole(now));
@@ -1116,6 +1126,7 @@ impl<T> Buffer<T> {
                     }
                     self.history.set(cursor, true);
                     self.stats.released += 1;
+                    self.played = true;
                     self.ready.push_back(Output::Packet { seq: cursor, item });
                     cursor = cursor.next();
                 }
@@ -1169,6 +1180,7 @@ impl<T> Buffer<T> {
                 self.history.set(next, true);
                 self.stats.released += 1;
                 self.released_any = true;
+                self.played = true;
                 Some(Output::Packet { seq: next, item })
             }
             Slot::Hole { since, .. } => {
@@ -1360,6 +1372,19 @@ impl<T> Buffer<T> {
                 )
             },
         );
+        // Beyond the attempts configured, the asks left spread over what remains of the
+        // window: an answer lost on a congested link needs it to drain first, and asking
+        // at the round trip's pace spent all twelve in the first 2.5 s of a 10 s buffer,
+        // then waited for the deadline. Never faster than the round trip's pace, so a
+        // short window keeps every ask it had.
+        let retry = match since {
+            Some(t) if measured && asks + 1 >= self.config.nack_attempts => {
+                let left = (t + self.window).saturating_duration_since(now + expected);
+                let asks_left = u32::from(MAX_ASKS.saturating_sub(asks + 1)).max(1);
+                retry.max(left / asks_left)
+            }
+            _ => retry,
+        };
         let due = now + retry;
         // Ask again while attempts remain, and beyond them, on a path whose round trip
         // was measured, while the answer to one more ask can still come within the

@@ -812,6 +812,9 @@ impl Edge {
                         }
                     }
                 }
+                if a.missing > 0 || a.over_limit {
+                    tracing::debug!(viewer = %from, sent = a.sent, missing = a.missing, over_limit = a.over_limit, "repairs not all held");
+                }
                 self.counters.retransmit_sent += a.sent;
                 self.counters.retransmit_missing += a.missing;
                 if a.over_limit {

@@ -162,6 +162,45 @@ fn a_new_sessions_lost_start_is_asked_of_every_path_and_starts_it() {
     );
 }
 
+/// At the stream's first start the packets wait a window (the player's buffer fills,
+/// unless its owner ends the wait). At a later session's start the sender told (an
+/// edge's *session* notice), nothing waits: the first packet and each after it in order
+/// are released as they come. Untold, the new start settles over a window.
+#[test]
+fn a_later_sessions_told_start_is_released_at_once() {
+    let t = t0();
+    let change = |told: bool| {
+        let mut b = Buffer::new(config()).unwrap();
+        b.expect_from(t, SeqNo(10));
+        b.handle_input(t + ms(1), packet(0, 10));
+        b.handle_input(t + ms(2), packet(0, 11));
+        assert!(released(&drain(&mut b)).is_empty(), "the first start waits");
+        b.handle_timeout(t + ms(101));
+        assert_eq!(released(&drain(&mut b)), [10, 11]);
+        b.start_next_session(t + ms(110), false);
+        if told {
+            b.expect_session_from(t + ms(110), SeqNo(500));
+        }
+        b.handle_next_session(t + ms(111), PathId(0), SeqNo(500), 500);
+        b.handle_input(t + ms(112), packet(0, 501));
+        let at_once = released(&drain(&mut b));
+        b.handle_timeout(t + ms(212));
+        (at_once, released(&drain(&mut b)), b.stats().gaps)
+    };
+    assert_eq!(change(true), (vec![500, 501], vec![], 0));
+    assert_eq!(change(false), (vec![], vec![500, 501], 0));
+
+    // A change during the first start's wait releases the old session at once; the new
+    // one's told start is not waited for either.
+    let mut b = Buffer::new(config()).unwrap();
+    b.expect_from(t, SeqNo(10));
+    b.handle_input(t + ms(1), packet(0, 10));
+    b.start_next_session(t + ms(5), false);
+    b.expect_session_from(t + ms(5), SeqNo(500));
+    b.handle_next_session(t + ms(6), PathId(0), SeqNo(500), 500);
+    assert_eq!(released(&drain(&mut b)), [10, 500]);
+}
+
 #[test]
 fn the_new_sessions_holes_are_asked_for_while_the_change_waits() {
     let t = t0();
@@ -1121,6 +1160,54 @@ fn with_a_measured_round_trip_asks_go_on_while_an_answer_can_come_in_time() {
     assert!(times.len() > 2, "{times:?}");
     assert!(times.windows(2).all(|w| w[1] - w[0] < 40), "{times:?}");
     assert!(times.iter().all(|t| *t < 61 + 200), "{times:?}");
+}
+
+/// A long fixed window (a viewer's 10 s buffer): beyond the attempts configured, the
+/// asks left spread over the window, so a hole whose answers a congested link drops for
+/// its first seconds is still asked for once it drains (at the round trip's pace, all 12
+/// asks were spent in its first quarter of a second).
+#[test]
+fn a_long_window_spreads_its_last_asks_over_the_whole_window() {
+    let t = t0();
+    let mut b = Buffer::starting_at(
+        Config {
+            reorder_window: ms(10_000),
+            nack_attempts: 4,
+            nack_retry: ms(2000),
+            nack_delay: ms(20),
+            adaptive_window: false,
+            ..config()
+        },
+        SeqNo(1),
+    )
+    .unwrap();
+    for s in 1..=10 {
+        b.handle_input(t + ms(s), packet(0, s));
+    }
+    // 12 is lost, asked, and answered 10 ms later: the round trip is measured.
+    b.handle_input(t + ms(11), packet(0, 11));
+    b.handle_input(t + ms(13), packet(0, 13));
+    b.handle_timeout(t + ms(40));
+    assert_eq!(nacks(&mut b).len(), 1);
+    b.handle_input(t + ms(50), packet(0, 12));
+    // 15 is lost; no answer comes for 6 s.
+    b.handle_input(t + ms(60), packet(0, 14));
+    b.handle_input(t + ms(61), packet(0, 16));
+    let mut times = Vec::new();
+    for k in 0..10_000u64 {
+        let now = t + ms(61 + k);
+        b.handle_timeout(now);
+        for _ in nacks(&mut b) {
+            times.push(k + 61);
+        }
+    }
+    assert!(times.len() <= usize::from(MAX_ASKS), "{times:?}");
+    assert!(times.len() >= 8, "{times:?}");
+    assert!(
+        times.iter().any(|t| (6_000..10_060).contains(t)),
+        "an ask after the link drained: {times:?}"
+    );
+    assert!(times.iter().all(|t| *t < 10_060), "{times:?}");
 }
 
 /// The window as a cap: with a repair round trip of 10 ms measured on a path, a hole
