@@ -1441,7 +1441,7 @@ impl Session {
                     let told = self.told_skipped.overlap(first, count);
                     self.stats.gaps += count - told;
                     if count > told {
-                        tracing::warn!("lost {} packets from {}", count - told, first.0);
+                        tracing::debug!("lost {} packets from {}", count - told, first.0);
                     }
                 }
                 MergeOutput::Nack { range, .. } => {
