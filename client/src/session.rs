@@ -71,6 +71,11 @@ const LEAVE_AT_MOST: Duration = Duration::from_secs(2);
 const EARLY_WATCH: Duration = Duration::from_millis(50);
 /// Packets from an edge just left are taken this long after (they were in flight).
 const LEFT_GRACE: Duration = Duration::from_secs(1);
+/// A viewer on a rendition above its ladder's lowest that receives too little, or with
+/// holes, gives its edge this long to move it down before it leaves for another edge:
+/// a link too slow for the rendition is the edge's to answer (its meter, then the next
+/// keyframe), and a new edge would start measuring afresh, at the same rendition.
+const STEP_DOWN_GRACE: Duration = Duration::from_secs(3);
 /// How long after a failed assignment it is asked for again.
 const RETRY_ASSIGN: Duration = Duration::from_millis(250);
 /// The lease asked for in every watch.
@@ -458,6 +463,9 @@ pub struct Session {
     early_watch: Option<Instant>,
     /// Recent switches for the quality of reception, for damping.
     quality_switches: Vec<Instant>,
+    /// Until when a quality verdict waits for the edge to move this viewer down a
+    /// rendition ([`STEP_DOWN_GRACE`]).
+    step_down_grace: Option<Instant>,
     /// Probes sent: candidate and when.
     probes: Vec<(SocketAddr, Option<f64>)>,
     probe_started: Instant,
@@ -534,6 +542,7 @@ impl Session {
             pending: None,
             switch_marks: Vec::new(),
             quality_switches: Vec::new(),
+            step_down_grace: None,
             told: Vec::new(),
             joined_told: false,
             prefill: None,
@@ -775,6 +784,7 @@ impl Session {
         if !self.stats.renditions.is_empty() {
             self.detector.rate_changed(now);
         }
+        self.step_down_grace = None;
         if self.stats.renditions.len() < 256 {
             self.stats.renditions.push(stat.clone());
         }
@@ -1366,7 +1376,23 @@ impl Session {
             } else {
                 now >= self.grace_until
             };
-            if judged && quality && !self.quality_switch_allowed(now) {
+            // Above the ladder's lowest rendition, the edge moves the viewer down first.
+            let above_lowest = self.stats.rendition.as_ref().is_some_and(|r| r.index > 0);
+            let waits_for_edge = judged
+                && quality
+                && above_lowest
+                && match self.step_down_grace {
+                    Some(t) if now < t => true,
+                    Some(t) if now < t + STEP_DOWN_GRACE => false,
+                    _ => {
+                        self.step_down_grace = Some(now + STEP_DOWN_GRACE);
+                        true
+                    }
+                };
+            if waits_for_edge {
+                tracing::debug!("{reason:?}: waiting for the edge to move down a rendition");
+                self.detector.reset(now);
+            } else if judged && quality && !self.quality_switch_allowed(now) {
                 // Damped: say it again later if it lasts.
                 self.detector.reset(now);
             } else if judged && self.pending.is_none() {

@@ -118,6 +118,8 @@ const ALIGN_WAIT: Duration = Duration::from_millis(300);
 /// After this many keyframes without an aligned one, a move goes to the next keyframe
 /// of the target rendition after the viewer's (a jump in media time, counted).
 const UNALIGNED_GIVE_UP: u32 = 3;
+/// How many packets from a keyframe's first are read for its media time.
+const KEYFRAME_TIME_SCAN: u64 = 8;
 /// Media time within which two renditions' keyframes are aligned (90 kHz: 20 ms).
 const ALIGN_TICKS: u64 = 1800;
 /// A datagram viewer's flow window, packets: `base` (`viewer_window`), or, for a viewer
@@ -1546,15 +1548,40 @@ impl Edge {
             return;
         };
         let pos = cursor.position();
-        let time = braid_core::hls::media_time(&here.item.media.rtp.payload());
+        // A keyframe's media time: its first time stamp, in its own packet or, when that
+        // one carries only the tables (small packets), in one of the next few.
+        let time_in = |ring: &Ring<Packet>, e: &ring::Entry<Packet>| {
+            (0..KEYFRAME_TIME_SCAN).find_map(|k| {
+                let p = if k == 0 {
+                    Some(e)
+                } else {
+                    ring.get(e.seq.plus(k))
+                }?;
+                braid_core::hls::media_time(&p.item.media.rtp.payload())
+            })
+        };
+        let time = time_in(&st.ring, here);
+        // Its time stamp not arrived yet (the viewer is at the live edge): wait for it.
+        if time.is_none()
+            && st
+                .ring
+                .newest()
+                .is_some_and(|n| n.seq < here.seq.plus(KEYFRAME_TIME_SCAN - 1))
+        {
+            return;
+        }
         let to_id = self.config.ladders[l][to].0;
         const WRAP: u64 = 1 << 33;
-        let time_of =
-            |e: &ring::Entry<Packet>| braid_core::hls::media_time(&e.item.media.rtp.payload());
         // (the target's keyframe, whether it is aligned or only the next after ours)
         let mut target = None;
         let mut behind = true;
+        // Whether the target holds keyframes from before ours: if it starts after (just
+        // subscribed, while this viewer's cursor lags), its aligned keyframe is not
+        // missing, only gone by; the viewer goes on to a keyframe it holds.
+        let mut covers = false;
+        let mut theirs: Vec<u64> = Vec::new();
         if let (Some(t), Some(tst)) = (time, self.streams.get(&to_id)) {
+            let time_of = |e: &ring::Entry<Packet>| time_in(&tst.ring, e);
             let d = |u: u64| u.wrapping_sub(t) & (WRAP - 1);
             behind = tst
                 .ring
@@ -1564,9 +1591,19 @@ impl Edge {
             let aligned = |e: &ring::Entry<Packet>| {
                 time_of(e).is_some_and(|u| d(u) <= ALIGN_TICKS || d(u) >= WRAP - ALIGN_TICKS)
             };
+            let mut oldest = None;
+            let _ = tst.ring.keyframe_cursor(|e| {
+                oldest = time_of(e).or(oldest);
+                theirs.extend(time_of(e));
+                false
+            });
+            covers = oldest.is_some_and(|u| {
+                let du = d(u);
+                du >= WRAP / 2 || du <= ALIGN_TICKS
+            });
             if let Some(c) = tst.ring.keyframe_cursor(aligned) {
                 target = Some((c, true));
-            } else if !behind && a.unaligned + 1 >= UNALIGNED_GIVE_UP {
+            } else if covers && !behind && a.unaligned + 1 >= UNALIGNED_GIVE_UP {
                 // The oldest keyframe after ours: the newest first, so keep the last.
                 let mut after = None;
                 let _ = tst.ring.keyframe_cursor(|e| {
@@ -1596,6 +1633,9 @@ impl Edge {
                     return;
                 }
                 self.counters.rendition_late += 1;
+            } else if !covers && time.is_some() {
+                // Its keyframes all lie ahead of this viewer: it gets there.
+                self.counters.rendition_late += 1;
             } else {
                 a.unaligned += 1;
                 self.counters.rendition_unaligned += 1;
@@ -1603,6 +1643,8 @@ impl Edge {
                     tracing::warn!(
                         from = id.0,
                         to = to_id.0,
+                        ours = ?time,
+                        ?theirs,
                         "renditions' keyframes are not aligned: moves wait, then jump (counted)"
                     );
                 }
@@ -2452,6 +2494,17 @@ mod tests {
     /// A media message of `stream`: one TS packet, starting a PES with time `pts` when
     /// `pts` is given (flagged as a keyframe), as a set reflector forwards it.
     fn ts_media(stream: u32, ssrc: u32, seq: u64, pts: Option<u64>) -> Input {
+        ts_media_flagged(stream, ssrc, seq, pts, pts.is_some())
+    }
+
+    /// Like [`ts_media`], flagged as a keyframe or not whatever it carries.
+    fn ts_media_flagged(
+        stream: u32,
+        ssrc: u32,
+        seq: u64,
+        pts: Option<u64>,
+        keyframe: bool,
+    ) -> Input {
         let mut ts = vec![0x47, 0x01, 0x00, 0x10];
         if let Some(v) = pts {
             ts[1] = 0x41;
@@ -2476,7 +2529,7 @@ mod tests {
             &ts,
         );
         let mut b = BytesMut::new();
-        let flags = if pts.is_some() {
+        let flags = if keyframe {
             Flags::KEYFRAME
         } else {
             Flags::empty()
@@ -2498,6 +2551,17 @@ mod tests {
 
     #[test]
     fn a_ladder_viewer_moves_at_the_aligned_keyframe_and_is_told() {
+        ladder_move(false);
+    }
+
+    /// Small packets: a keyframe's first carries only the tables, its time stamp comes in
+    /// the next. The move still finds the aligned keyframe (it jumped after three before).
+    #[test]
+    fn a_keyframe_whose_time_stamp_is_in_its_next_packet_is_aligned_too() {
+        ladder_move(true);
+    }
+
+    fn ladder_move(split: bool) {
         let mut now = Instant::now();
         let config = Config {
             ladders: vec![vec![(StreamId(11), 1_000_000), (StreamId(12), 2_500_000)]],
@@ -2526,9 +2590,10 @@ mod tests {
         // second joins once the edge subscribes to it.
         let mut got = Vec::new();
         for i in 0..120u64 {
-            let pts = (i % 10 == 0).then_some(90_000 * (i / 10));
-            e.handle_input(now, ts_media(11, 0x11, 1000 + i, pts));
-            e.handle_input(now, ts_media(12, 0x12, 7000 + i, pts));
+            let key = i % 10 == 0;
+            let pts = (i % 10 == u64::from(split)).then_some(90_000 * (i / 10));
+            e.handle_input(now, ts_media_flagged(11, 0x11, 1000 + i, pts, key));
+            e.handle_input(now, ts_media_flagged(12, 0x12, 7000 + i, pts, key));
             if i == 35 {
                 // It pins the top rendition.
                 m.body = match m.body {

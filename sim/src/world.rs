@@ -396,13 +396,25 @@ impl World {
                     ts_per_rtp: s.ts_per_rtp,
                     segment: std::time::Duration::from_secs(1),
                 };
+                // A ladder's renditions are aligned as `--align` makes them: frames
+                // numbered from the clock (here the run's frame ticks), so every capture,
+                // whenever it started or restarted, puts keyframes at the same times.
+                let aligned = !s.ladder.is_empty();
+                let tick = Duration::from_micros(1_000_000 / u64::from(s.fps.max(1)));
+                let frame =
+                    now.saturating_duration_since(self.start).as_micros() / tick.as_micros().max(1);
                 let synth = Synth::new(SynthConfig {
                     bitrate: u64::from(ts_per_frame) * 188 * 8 * u64::from(s.fps),
                     fps: s.fps,
                     gop: s.gop,
                     run: 0,
-                    align: false,
+                    align: aligned,
                 });
+                let synth = if aligned {
+                    synth.starting_at(frame as u64)
+                } else {
+                    synth
+                };
                 let c = Capture::new(config, clock, now).expect("the publish encodes");
                 Machine::Capture(Box::new(c), synth)
             }
@@ -884,11 +896,13 @@ impl World {
                     _ => None,
                 };
                 self.record.writes[v].push((now, seq, edge.unwrap_or(usize::MAX)));
-                let ok = self
-                    .record
-                    .truth
-                    .get(&seq.0)
-                    .is_some_and(|t| t.payload == payload);
+                // A viewer of a ladder has its continuity counters shifted to follow on
+                // across changes of rendition (the client's one valid TS): only they may
+                // differ.
+                let ladder = !self.schedule.stream.ladder.is_empty();
+                let ok = self.record.truth.get(&seq.0).is_some_and(|t| {
+                    t.payload == payload || (ladder && same_but_continuity(&t.payload, &payload))
+                });
                 if !ok {
                     self.record.corrupt[v].push(seq);
                 }
@@ -1124,7 +1138,12 @@ impl World {
         if n.hung_until.is_some() {
             return;
         }
+        let aligned = !self.schedule.stream.ladder.is_empty();
         if let Some(Machine::Capture(c, synth)) = n.machine.as_mut() {
+            if !c.wants_media() && aligned {
+                // An aligned source goes on with the clock; the frame is dropped.
+                let _ = synth.next_frame();
+            }
             if c.wants_media() {
                 let bytes = synth.next_frame();
                 c.handle_input(
@@ -1474,4 +1493,13 @@ impl<E> MapEvent for Output<E> {
             Output::Timeout(t) => Output::Timeout(t),
         }
     }
+}
+
+/// Whether two TS payloads are the same but for their packets' continuity counters.
+fn same_but_continuity(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len()
+        && a.len() % 188 == 0
+        && a.chunks_exact(188)
+            .zip(b.chunks_exact(188))
+            .all(|(x, y)| x[..3] == y[..3] && x[3] & 0xf0 == y[3] & 0xf0 && x[4..] == y[4..])
 }
