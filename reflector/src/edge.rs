@@ -2492,12 +2492,7 @@ mod tests {
     }
 
     /// A media message of `stream`: one TS packet, starting a PES with time `pts` when
-    /// `pts` is given (flagged as a keyframe), as a set reflector forwards it.
-    fn ts_media(stream: u32, ssrc: u32, seq: u64, pts: Option<u64>) -> Input {
-        ts_media_flagged(stream, ssrc, seq, pts, pts.is_some())
-    }
-
-    /// Like [`ts_media`], flagged as a keyframe or not whatever it carries.
+    /// `pts` is given, flagged as a keyframe or not, as a set reflector forwards it.
     fn ts_media_flagged(
         stream: u32,
         ssrc: u32,
