@@ -24,6 +24,9 @@ use crate::seq::SeqNo;
 /// Windows after a (re)start that are not learned from (a catch-up burst).
 const LEARN_AFTER: u64 = 4;
 
+/// Sequence numbers further apart than this are of different numbering spaces.
+const SPACE: u64 = 1 << 32;
+
 /// Thresholds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -304,6 +307,11 @@ impl Detector {
         }
         match self.highest {
             None => self.highest = Some(obs.seq),
+            // Another numbering space (each rendition of a ladder has its own, 2^45
+            // apart): a packet of the one just left, or the first of the next, says
+            // nothing of loss or order here. The count goes on from it (a single stray
+            // of the old space, taken as the highest, made every later packet look late).
+            Some(h) if obs.seq.0.abs_diff(h.0) > SPACE => self.highest = Some(obs.seq),
             Some(h) if obs.seq > h => {
                 c.gaps += obs.seq.0 - h.0 - 1;
                 self.highest = Some(obs.seq);
@@ -718,6 +726,41 @@ mod tests {
             matches!(said.as_slice(), [Reason::OutOfOrder { .. }]),
             "{said:?}"
         );
+    }
+
+    /// A viewer moved between renditions gets, now and then, a packet of the space it
+    /// left (1 << 45 apart): neither a gap of 2^45 nor every later packet out of order.
+    #[test]
+    fn a_packet_of_another_numbering_space_is_neither_gap_nor_disorder() {
+        let t = t0();
+        let mut d = Detector::new(Config::default()).unwrap();
+        let (old, new) = (2u64 << 45, 1u64 << 45);
+        let mut seqs: Vec<u64> = (0..500).map(|i| old + i).collect();
+        let change = seqs.len();
+        for i in 0..1000 {
+            seqs.push(new + i);
+            if i % 100 == 50 {
+                // A late packet of the rendition left, not flagged as a repair.
+                seqs.push(old + 500 + i / 100);
+            }
+        }
+        for (k, seq) in seqs.into_iter().enumerate() {
+            let now = t + ms(2 * k as u64);
+            if k == change {
+                d.new_session(now);
+            }
+            d.handle_input(
+                now,
+                Observation {
+                    seq: SeqNo(seq),
+                    size: 1000,
+                    frame_start: false,
+                    repair: false,
+                },
+            );
+        }
+        let said = switches(&mut d);
+        assert!(said.is_empty(), "{said:?}");
     }
 
     #[test]
