@@ -1402,6 +1402,8 @@ impl Session {
                 if quality {
                     self.quality_switches.push(now);
                 }
+                // The next edge gets its own time to move the viewer down.
+                self.step_down_grace = None;
                 self.decide_switch(now, reason.name().to_owned());
             } else if !judged {
                 // Too early to judge: re-arm, so a problem that lasts is said again.
