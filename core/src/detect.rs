@@ -728,6 +728,19 @@ mod tests {
         );
     }
 
+    /// One packet of 1000 bytes, no frame start.
+    fn observe(d: &mut Detector, now: Instant, seq: u64, repair: bool) {
+        d.handle_input(
+            now,
+            Observation {
+                seq: SeqNo(seq),
+                size: 1000,
+                frame_start: false,
+                repair,
+            },
+        );
+    }
+
     /// A viewer moved between renditions gets, now and then, a packet of the space it
     /// left (1 << 45 apart): neither a gap of 2^45 nor every later packet out of order.
     #[test]
@@ -749,15 +762,7 @@ mod tests {
             if k == change {
                 d.new_session(now);
             }
-            d.handle_input(
-                now,
-                Observation {
-                    seq: SeqNo(seq),
-                    size: 1000,
-                    frame_start: false,
-                    repair: false,
-                },
-            );
+            observe(&mut d, now, seq, false);
         }
         let said = switches(&mut d);
         assert!(said.is_empty(), "{said:?}");
@@ -779,15 +784,7 @@ mod tests {
             }
         }
         for (k, (seq, repair)) in order.into_iter().enumerate() {
-            d.handle_input(
-                t + ms(2 * k as u64),
-                Observation {
-                    seq: SeqNo(seq),
-                    size: 1000,
-                    frame_start: false,
-                    repair,
-                },
-            );
+            observe(&mut d, t + ms(2 * k as u64), seq, repair);
         }
         let said = switches(&mut d);
         assert!(said.is_empty(), "{said:?}");

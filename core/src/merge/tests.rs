@@ -1122,39 +1122,42 @@ fn a_path_silent_beyond_its_usual_gaps_is_not_asked_and_does_not_hold_asks_back(
     );
 }
 
+/// With `config`, from sequence number 1: 12 is lost, asked for and answered 10 ms
+/// later (the round trip is measured), then 15 is lost and never answered. The times
+/// (ms) of the asks for it over the `for_ms` after it.
+fn ask_times(config: Config, for_ms: u64) -> Vec<u64> {
+    let t = t0();
+    let mut b = Buffer::starting_at(config, SeqNo(1)).unwrap();
+    for s in 1..=11 {
+        b.handle_input(t + ms(s), packet(0, s));
+    }
+    b.handle_input(t + ms(13), packet(0, 13));
+    b.handle_timeout(t + ms(40));
+    assert_eq!(nacks(&mut b).len(), 1);
+    b.handle_input(t + ms(50), packet(0, 12));
+    b.handle_input(t + ms(60), packet(0, 14));
+    b.handle_input(t + ms(61), packet(0, 16));
+    let mut times = Vec::new();
+    for k in 0..for_ms {
+        b.handle_timeout(t + ms(61 + k));
+        for _ in nacks(&mut b) {
+            times.push(k + 61);
+        }
+    }
+    times
+}
+
 #[test]
 fn with_a_measured_round_trip_asks_go_on_while_an_answer_can_come_in_time() {
-    let t = t0();
-    let mut b = Buffer::starting_at(
+    let times = ask_times(
         Config {
             reorder_window: ms(200),
             nack_attempts: 2,
             nack_retry: ms(40),
             ..config()
         },
-        SeqNo(1),
-    )
-    .unwrap();
-    for s in 1..=10 {
-        b.handle_input(t + ms(s), packet(0, s));
-    }
-    // 12 is lost, asked, and answered 10 ms later: the round trip is measured.
-    b.handle_input(t + ms(11), packet(0, 11));
-    b.handle_input(t + ms(13), packet(0, 13));
-    b.handle_timeout(t + ms(40));
-    assert_eq!(nacks(&mut b).len(), 1);
-    b.handle_input(t + ms(50), packet(0, 12));
-    // 15 is lost and never answered.
-    b.handle_input(t + ms(60), packet(0, 14));
-    b.handle_input(t + ms(61), packet(0, 16));
-    let mut times = Vec::new();
-    for k in 0..300 {
-        let now = t + ms(61 + k);
-        b.handle_timeout(now);
-        for _ in nacks(&mut b) {
-            times.push(k + 61);
-        }
-    }
+        300,
+    );
     // More than the two attempts configured, at the round trip's pace (10 ms plus its
     // variation, not 40 ms), and none whose answer could not come within the window.
     assert!(times.len() > 2, "{times:?}");
@@ -1168,8 +1171,7 @@ fn with_a_measured_round_trip_asks_go_on_while_an_answer_can_come_in_time() {
 /// asks were spent in its first quarter of a second).
 #[test]
 fn a_long_window_spreads_its_last_asks_over_the_whole_window() {
-    let t = t0();
-    let mut b = Buffer::starting_at(
+    let times = ask_times(
         Config {
             reorder_window: ms(10_000),
             nack_attempts: 4,
@@ -1178,29 +1180,8 @@ fn a_long_window_spreads_its_last_asks_over_the_whole_window() {
             adaptive_window: false,
             ..config()
         },
-        SeqNo(1),
-    )
-    .unwrap();
-    for s in 1..=10 {
-        b.handle_input(t + ms(s), packet(0, s));
-    }
-    // 12 is lost, asked, and answered 10 ms later: the round trip is measured.
-    b.handle_input(t + ms(11), packet(0, 11));
-    b.handle_input(t + ms(13), packet(0, 13));
-    b.handle_timeout(t + ms(40));
-    assert_eq!(nacks(&mut b).len(), 1);
-    b.handle_input(t + ms(50), packet(0, 12));
-    // 15 is lost; no answer comes for 6 s.
-    b.handle_input(t + ms(60), packet(0, 14));
-    b.handle_input(t + ms(61), packet(0, 16));
-    let mut times = Vec::new();
-    for k in 0..10_000u64 {
-        let now = t + ms(61 + k);
-        b.handle_timeout(now);
-        for _ in nacks(&mut b) {
-            times.push(k + 61);
-        }
-    }
+        10_000,
+    );
     assert!(times.len() <= usize::from(MAX_ASKS), "{times:?}");
     assert!(times.len() >= 8, "{times:?}");
     assert!(
