@@ -814,9 +814,6 @@ impl Edge {
                         }
                     }
                 }
-                if a.missing > 0 || a.over_limit {
-                    tracing::debug!(viewer = %from, sent = a.sent, missing = a.missing, over_limit = a.over_limit, "repairs not all held");
-                }
                 self.counters.retransmit_sent += a.sent;
                 self.counters.retransmit_missing += a.missing;
                 if a.over_limit {
@@ -1579,6 +1576,8 @@ impl Edge {
         // subscribed, while this viewer's cursor lags), its aligned keyframe is not
         // missing, only gone by; the viewer goes on to a keyframe it holds.
         let mut covers = false;
+        // The target's keyframe times, for the one warning of unaligned renditions.
+        let warn = !self.warned_unaligned.contains(&to_id);
         let mut theirs: Vec<u64> = Vec::new();
         if let (Some(t), Some(tst)) = (time, self.streams.get(&to_id)) {
             let time_of = |e: &ring::Entry<Packet>| time_in(&tst.ring, e);
@@ -1593,8 +1592,11 @@ impl Edge {
             };
             let mut oldest = None;
             let _ = tst.ring.keyframe_cursor(|e| {
-                oldest = time_of(e).or(oldest);
-                theirs.extend(time_of(e));
+                let u = time_of(e);
+                if warn {
+                    theirs.extend(u);
+                }
+                oldest = u.or(oldest);
                 false
             });
             covers = oldest.is_some_and(|u| {

@@ -439,8 +439,7 @@ pub fn check(w: &World) -> Outcome {
                 switches.join(", ")
             ));
             if !s.stream.ladder.is_empty() {
-                let st = &s.stream;
-                let lowest = u64::from(st.ladder[0]) * 188 * 8 * u64::from(st.fps) / 1000;
+                let lowest = s.stream.rendition_kbps(0);
                 renditions_within_caps(
                     stats,
                     lowest,

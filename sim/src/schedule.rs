@@ -74,6 +74,14 @@ pub struct Stream {
     pub ladder: Vec<u32>,
 }
 
+impl Stream {
+    /// The nominal rate of rendition `r` of the ladder, kbit/s (its TS packets a second).
+    pub fn rendition_kbps(&self, r: usize) -> u64 {
+        let ts = self.ladder.get(r).copied().unwrap_or(self.ts_per_frame);
+        u64::from(ts) * 188 * 8 * u64::from(self.fps) / 1000
+    }
+}
+
 impl Default for Stream {
     /// About 60 packets a second (150 kbit/s of TS): enough packets per detector window
     /// to judge, few enough that thousands of 30 s runs fit in CI.

@@ -398,7 +398,7 @@ impl World {
                 };
                 // A ladder's renditions are aligned as `--align` makes them: frames
                 // numbered from the clock (here the run's frame ticks), so every capture,
-                // whenever it started or restarted, puts keyframes at the same times.
+                // whenever it starts, puts keyframes at the same times.
                 let aligned = !s.ladder.is_empty();
                 let tick = Duration::from_micros(1_000_000 / u64::from(s.fps.max(1)));
                 let frame =
@@ -484,14 +484,8 @@ impl World {
                     }
                     let s = &self.schedule.stream;
                     if !s.ladder.is_empty() {
-                        let rungs: Vec<String> = s
-                            .ladder
-                            .iter()
-                            .enumerate()
-                            .map(|(r, ts)| {
-                                let kbps = u64::from(*ts) * 188 * 8 * u64::from(s.fps) / 1000;
-                                format!("{}:{kbps}", STREAM.0 + r as u32)
-                            })
+                        let rungs: Vec<String> = (0..s.ladder.len())
+                            .map(|r| format!("{}:{}", STREAM.0 + r as u32, s.rendition_kbps(r)))
                             .collect();
                         args.extend(["--ladder".into(), rungs.join(",")]);
                     }
@@ -1140,12 +1134,13 @@ impl World {
         }
         let aligned = !self.schedule.stream.ladder.is_empty();
         if let Some(Machine::Capture(c, synth)) = n.machine.as_mut() {
-            if !c.wants_media() && aligned {
-                // An aligned source goes on with the clock; the frame is dropped.
-                let _ = synth.next_frame();
-            }
-            if c.wants_media() {
+            let wanted = c.wants_media();
+            // An aligned source goes on with the clock: a frame not wanted is dropped.
+            if wanted || aligned {
                 let bytes = synth.next_frame();
+                if !wanted {
+                    return;
+                }
                 c.handle_input(
                     now,
                     capture::Input::Source {
