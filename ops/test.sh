@@ -46,17 +46,23 @@ log "build the daemons the whole-network tests run"
 cargo build --workspace --bins
 
 log "tests"
-# The browser test measures a player's latency to live (at most 2.5 s, issue 15): it
-# runs alone after the others, whose daemons on the same two cores added 0.4 s to it.
+# Two tests measure timing that the other tests' daemons, on the same two cores, would
+# skew, so they run alone, one at a time, after the others: the browser test measures a
+# player's latency to live (at most 2.5 s, issue 15; the daemons beside it added 0.4 s),
+# and the simulator's agreement with real processes counts the edge's repairs, which
+# double when a set reflector is descheduled past the edge's 30 ms NACK delay (CI saw
+# 36 against 16-17 alone and 19 simulated).
+alone='(binary(hls) & test(browser)) | binary(sim_agreement)'
 status=0
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --workspace --no-fail-fast -E 'not (binary(hls) & test(browser))' || status=$?
-    log "tests: the browser test, alone"
-    cargo nextest run -p braid-tests --test hls --no-fail-fast -E 'test(browser)' || status=$?
+    cargo nextest run --workspace --no-fail-fast -E "not ($alone)" || status=$?
+    log "tests: the timing-sensitive tests, alone"
+    cargo nextest run -p braid-tests --no-fail-fast --test-threads 1 -E "$alone" || status=$?
 else
-    cargo test --workspace --no-fail-fast -- --skip a_browser_plays || status=$?
-    log "tests: the browser test, alone"
+    cargo test --workspace --no-fail-fast -- --skip a_browser_plays --skip a_simulated_run_and_real_processes || status=$?
+    log "tests: the timing-sensitive tests, alone"
     cargo test -p braid-tests --test hls a_browser_plays || status=$?
+    cargo test -p braid-tests --test sim_agreement || status=$?
 fi
 [ "$status" = 0 ]
 
