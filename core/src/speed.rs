@@ -24,10 +24,6 @@ pub const SAMPLE: Duration = Duration::from_millis(250);
 /// Samples held: the last 10 s.
 const HELD: usize = 40;
 
-/// How many of the latest samples a move down reads the link's rate from, when they say
-/// less than the whole down window.
-const LAST_SAMPLES: usize = 3;
-
 /// What a meter judges with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -272,20 +268,6 @@ impl Meter {
             bps: max,
             limited: false,
         })
-    }
-
-    /// What it received over its last [`LAST_SAMPLES`] samples within the down window,
-    /// bit/s.
-    pub fn latest(&self, now: Instant) -> Option<u64> {
-        let recent: Vec<u64> = self
-            .samples
-            .iter()
-            .rev()
-            .take_while(|s| now.saturating_duration_since(s.at) <= self.config.down_window)
-            .take(LAST_SAMPLES)
-            .map(|s| s.bps)
-            .collect();
-        (!recent.is_empty()).then(|| recent.iter().sum::<u64>() / recent.len() as u64)
     }
 
     /// What it received since `since`, bit/s: the samples that closed after it.
@@ -533,13 +515,9 @@ impl Chooser {
         }
         let e = meter.estimate(now)?;
         if e.limited && ladder[self.cur] as f64 > e.bps as f64 * self.config.keep {
-            // Held back under its rendition's rate: down to what the link carries, as
-            // its latest samples say when they say less than the window (a link that
-            // just dropped shows in those; the window's mean, mostly from before the
-            // drop, would move it to a rendition still too high, and another move later).
+            // Held back under its rendition's rate: down to what the link carries.
             self.probe_failed(now);
-            let rate = meter.latest(now).map_or(e.bps, |r| r.min(e.bps));
-            let to = fits(ladder, rate as f64 * self.config.keep).unwrap_or(0);
+            let to = fits(ladder, e.bps as f64 * self.config.keep).unwrap_or(0);
             return (to < self.cur).then_some((to, Reason::Down));
         }
         if let Some((until, target)) = self.probe {
@@ -735,36 +713,6 @@ mod tests {
         let m = Meter::new(Config::default());
         assert_eq!(m.estimate(t0()), None);
         assert!(!m.slow(t0()));
-    }
-
-    /// The first move down after a drop goes to the rendition the link carries now, read
-    /// from its latest samples, not from the down window's mean with the samples from
-    /// before the drop (which would pick a rendition still too high, and need another
-    /// move later).
-    #[test]
-    fn the_first_move_down_after_a_drop_fits_the_new_rate() {
-        let mut f = Fluid::new(Config::default());
-        // 0.8, 2 and 4 Mbit/s; on the top one, then its link drops to 1 Mbit/s.
-        let ladder = [800_000, 2_000_000, 4_000_000];
-        let mut c = Chooser::join(
-            AdaptConfig::default(),
-            Policy::default(),
-            &ladder,
-            None,
-            f.t,
-        );
-        c.moved(f.t, 2);
-        f.run(40_000_000, 4_000_000, WINDOW, 3.0);
-        assert_eq!(c.decide(f.t, &ladder, &f.meter), None);
-        let mut first = None;
-        for _ in 0..40 {
-            f.run(1_000_000, 4_000_000, WINDOW, 0.05);
-            if let Some(d) = c.decide(f.t, &ladder, &f.meter) {
-                first = Some(d);
-                break;
-            }
-        }
-        assert_eq!(first, Some((0, Reason::Down)));
     }
 
     proptest! {
