@@ -1258,6 +1258,7 @@ pub mod crowd {
                 token: Bytes::new(),
                 received: None,
                 policy: None,
+                newest: None,
             }),
         };
         codec
