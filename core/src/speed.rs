@@ -23,6 +23,9 @@ use crate::Bitrate;
 pub const SAMPLE: Duration = Duration::from_millis(250);
 /// Samples held: the last 10 s.
 const HELD: usize = 40;
+/// A move down reads the link from the samples since it began to hold the viewer back
+/// once there are this many (a second), rather than from the down window's mean.
+const DROP_SAMPLES: usize = 4;
 
 /// What a meter judges with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +89,8 @@ pub struct Meter {
     blocked: bool,
     /// Since when every sample was limited (under `slow_below`, when set).
     limited_since: Option<Instant>,
+    /// Since when every sample was limited, at any rate.
+    held_since: Option<Instant>,
     /// Bytes sent and credited since the start, and the difference when last credited
     /// (what is on its way: credits come in steps, so it is read at a credit).
     total_sent: u64,
@@ -107,6 +112,7 @@ impl Meter {
             sent: 0,
             blocked: false,
             limited_since: None,
+            held_since: None,
             total_sent: 0,
             total_delivered: 0,
             backlog: None,
@@ -151,6 +157,7 @@ impl Meter {
         self.sent = 0;
         self.blocked = false;
         self.limited_since = None;
+        self.held_since = None;
     }
 
     /// Closes the open interval into a sample once it covers [`SAMPLE`].
@@ -190,6 +197,11 @@ impl Meter {
             self.limited_since.get_or_insert(since);
         } else {
             self.limited_since = None;
+        }
+        if limited {
+            self.held_since.get_or_insert(since);
+        } else {
+            self.held_since = None;
         }
         self.since = Some(now);
         self.bytes = 0;
@@ -268,6 +280,46 @@ impl Meter {
             bps: max,
             limited: false,
         })
+    }
+
+    /// What is worth remembering of its speed for its client and network (a viewer that
+    /// comes back, or another of its network, joins at the rendition it fits): the
+    /// estimate, but a *limited* one only once the link held the viewer back for a whole
+    /// down window. A moment held back (its client descheduled, a burst of repairs) is no
+    /// measure of the link, and would start every viewer of its network low.
+    pub fn remembered(&self, now: Instant) -> Option<Estimate> {
+        let e = self.estimate(now)?;
+        let held_long = self
+            .held_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= self.config.down_window);
+        (!e.limited || held_long).then_some(e)
+    }
+
+    /// Since the link began to hold the viewer back, within the down window: what it
+    /// received, bit/s, and over how many samples (the latest, each held back or with
+    /// more on its way at its close than at the one before). A link that just dropped
+    /// shows here alone; the window's mean holds what it carried before.
+    pub fn since_held(&self, now: Instant) -> Option<(u64, usize)> {
+        let mut run = 0;
+        let mut bytes = 0;
+        let recent: Vec<&Sample> = self
+            .samples
+            .iter()
+            .rev()
+            .take_while(|s| now.saturating_duration_since(s.at) <= self.config.down_window)
+            .collect();
+        for (i, s) in recent.iter().enumerate() {
+            let grew = match (s.backlog, recent.get(i + 1).and_then(|p| p.backlog)) {
+                (Some(b), Some(before)) => b > before,
+                _ => false,
+            };
+            if !(s.blocked || grew) {
+                break;
+            }
+            run += 1;
+            bytes += s.bps;
+        }
+        (run > 0).then(|| (bytes / run as u64, run))
     }
 
     /// What it received since `since`, bit/s: the samples that closed after it.
@@ -515,9 +567,22 @@ impl Chooser {
         }
         let e = meter.estimate(now)?;
         if e.limited && ladder[self.cur] as f64 > e.bps as f64 * self.config.keep {
-            // Held back under its rendition's rate: down to what the link carries.
+            // Held back under its rendition's rate: down to what the link carries. When
+            // it carries less since it began to hold the viewer back than over the
+            // window (which holds what it carried before a drop), that reading, once it
+            // covers a second: the window's mean would pick a rendition still too high,
+            // and another move 2 s later. Until then, no move it would change.
             self.probe_failed(now);
-            let to = fits(ladder, e.bps as f64 * self.config.keep).unwrap_or(0);
+            let mut rate = e.bps;
+            if let Some((held, n)) = meter.since_held(now).filter(|(r, _)| *r < e.bps) {
+                let keep = |r: u64| fits(ladder, r as f64 * self.config.keep).unwrap_or(0);
+                if n >= DROP_SAMPLES {
+                    rate = held;
+                } else if keep(held) != keep(e.bps) {
+                    return None;
+                }
+            }
+            let to = fits(ladder, rate as f64 * self.config.keep).unwrap_or(0);
             return (to < self.cur).then_some((to, Reason::Down));
         }
         if let Some((until, target)) = self.probe {
@@ -713,6 +778,70 @@ mod tests {
         let m = Meter::new(Config::default());
         assert_eq!(m.estimate(t0()), None);
         assert!(!m.slow(t0()));
+    }
+
+    /// A moment held back is not remembered as the link's speed; a link that holds the
+    /// viewer back for a whole down window is.
+    #[test]
+    fn only_a_link_that_holds_a_viewer_back_for_a_window_is_remembered_as_limited() {
+        let mut f = Fluid::new(Config::default());
+        f.run(40_000_000, 4_000_000, WINDOW, 4.0);
+        assert!(!f.meter.remembered(f.t).unwrap().limited);
+        // Its client stops reading for a moment: held back, then back to full.
+        let mut held = false;
+        for _ in 0..80 {
+            f.run(if held { 40_000_000 } else { 0 }, 4_000_000, WINDOW, 0.05);
+            if f.meter.estimate(f.t).is_some_and(|e| e.limited) {
+                held = true;
+            }
+            if held {
+                let r = f.meter.remembered(f.t);
+                assert!(r.is_none_or(|r| !r.limited), "a moment held back: {r:?}");
+            }
+        }
+        assert!(held, "the stall showed as limited");
+        // Its link drops to 1 Mbit/s for good.
+        f.run(40_000_000, 4_000_000, WINDOW, 4.0);
+        let mut remembered = None;
+        for _ in 0..100 {
+            f.run(1_000_000, 4_000_000, WINDOW, 0.05);
+            if let Some(e) = f.meter.remembered(f.t).filter(|e| e.limited) {
+                remembered = Some(e);
+                break;
+            }
+        }
+        let e = remembered.expect("a link that holds it back is remembered");
+        assert!(e.bps < 2_000_000, "{e:?}");
+    }
+
+    /// The first move down after a drop goes to the rendition the link carries now, read
+    /// from the samples since it began to hold the viewer back, not from the down
+    /// window's mean with the samples from before the drop (which would pick a rendition
+    /// still too high, and need another move 2 s later).
+    #[test]
+    fn the_first_move_down_after_a_drop_fits_the_new_rate() {
+        let mut f = Fluid::new(Config::default());
+        // 0.8, 2 and 4 Mbit/s; on the top one, then its link drops to 1 Mbit/s.
+        let ladder = [800_000, 2_000_000, 4_000_000];
+        let mut c = Chooser::join(
+            AdaptConfig::default(),
+            Policy::default(),
+            &ladder,
+            None,
+            f.t,
+        );
+        c.moved(f.t, 2);
+        f.run(40_000_000, 4_000_000, WINDOW, 3.0);
+        assert_eq!(c.decide(f.t, &ladder, &f.meter), None);
+        let mut first = None;
+        for _ in 0..40 {
+            f.run(1_000_000, 4_000_000, WINDOW, 0.05);
+            if let Some(d) = c.decide(f.t, &ladder, &f.meter) {
+                first = Some(d);
+                break;
+            }
+        }
+        assert_eq!(first, Some((0, Reason::Down)));
     }
 
     proptest! {

@@ -2166,7 +2166,7 @@ impl Edge {
                 // Each second, what each viewer's speed says is remembered (the chooser
                 // reads the meter itself; nothing else needs the estimate here).
                 if remember {
-                    if let Some(e) = v.speed.estimate(now) {
+                    if let Some(e) = v.speed.remembered(now) {
                         known.push((v.client, *key, e));
                     }
                 }
