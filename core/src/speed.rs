@@ -322,6 +322,17 @@ impl Meter {
         (run > 0).then(|| (bytes / run as u64, run))
     }
 
+    /// The most it received in a sample within the down window, bit/s: on a link whose
+    /// queue fills, about what the link carries.
+    pub fn most(&self, now: Instant) -> Option<u64> {
+        self.samples
+            .iter()
+            .rev()
+            .take_while(|s| now.saturating_duration_since(s.at) <= self.config.down_window)
+            .map(|s| s.bps)
+            .max()
+    }
+
     /// What it received since `since`, bit/s: the samples that closed after it.
     pub fn mean_since(&self, since: Instant) -> Option<u64> {
         let after: Vec<&Sample> = self.samples.iter().filter(|s| s.at > since).collect();

@@ -149,9 +149,13 @@ const REPAIR_HOLD_MIN: Duration = Duration::from_millis(20);
 const REPAIR_HOLD_MAX: Duration = Duration::from_secs(1);
 /// Repairs are held back only while a viewer's packets queue this long or more.
 const REPAIR_QUEUEING: Duration = Duration::from_millis(50);
-/// For this long after its link was last measured limited, a viewer's repairs fit in
-/// what that link carries beyond its stream…
+/// While its packets queue, a viewer's repairs fit in what its link carries beyond its
+/// stream (the link's rate: the rate it was last measured limited at, for this long
+/// after, or else the most it received in a sample lately)…
 const REPAIR_LIMIT_MEMORY: Duration = Duration::from_secs(5);
+/// What it received lately counts as its link's rate only while under this many times
+/// its stream's rate.
+const CARRIED_FULL: f64 = 1.5;
 /// … at least this many a second…
 const REPAIR_LIMITED_MIN: f64 = 2.0;
 /// … and at once, as many as its stream sends in this long.
@@ -172,6 +176,8 @@ struct RepairGate {
     recent: Vec<(SeqNo, Instant)>,
     /// The rate its link was last measured limited at, bit/s, and when.
     limit: Option<(u64, Instant)>,
+    /// The most it received in a sample lately, bit/s.
+    carried: Option<u64>,
     /// Repairs it may still be sent, and when that was counted.
     tokens: f64,
     at: Option<Instant>,
@@ -223,9 +229,17 @@ impl RepairGate {
             self.held_repeat += 1;
             return false;
         }
-        if let Some((bps, _)) = self
+        // Its packets queue: the link is full, and what it carried lately is its rate.
+        if let Some(bps) = self
             .limit
             .filter(|(_, at)| now.saturating_duration_since(*at) < REPAIR_LIMIT_MEMORY)
+            .map(|(bps, _)| bps)
+            .or(self.carried.filter(|&c| {
+                // A link that carries half again the stream has room: its delay rose for
+                // another reason (a path's hiccup, a source's pause), not a full queue.
+                let stream = pps * size as f64 * 8.0;
+                c > 0 && (c as f64) < stream * CARRIED_FULL
+            }))
         {
             // What the link carries beyond the stream, in packets of this size.
             let room = bps as f64 / 8.0 / size.max(1) as f64 - pps;
@@ -888,11 +902,13 @@ impl Edge {
                     return;
                 };
                 // Its repair gate, taken out while the rings are read.
-                let Some((pps, least, limited, mut gate)) =
+                let Some((pps, least, limited, carried, mut gate)) =
                     self.streams.get_mut(&holder).and_then(|st| {
                         let v = st.viewers.get_mut(&from)?;
                         let limited = v.speed.estimate(now).filter(|e| e.limited);
-                        Some((st.pps, v.ack_delay, limited, std::mem::take(&mut v.repairs)))
+                        let carried = v.speed.most(now);
+                        let gate = std::mem::take(&mut v.repairs);
+                        Some((st.pps, v.ack_delay, limited, carried, gate))
                     })
                 else {
                     self.counters.drops.add("nack_from_stranger");
@@ -901,6 +917,7 @@ impl Edge {
                 if let Some(e) = limited {
                     gate.limit = Some((e.bps, now));
                 }
+                gate.carried = carried;
                 let mut allow = |seq, size| gate.allow(now, seq, size, pps, least);
                 let mut a = match self.streams.get(&id) {
                     Some(st) => node::answer_nack_gated(
@@ -1202,12 +1219,28 @@ impl Edge {
                     .map(|(_, sent, ..)| *sent),
                 (None, None) => None,
             };
+            // What it has is no longer in flight: what was sent up to the packet it names
+            // (sent before it, so had or lost), or else what its highest number passes.
+            // The highest number alone fails across a move down a ladder: the viewer's
+            // last packets of the rendition it left (numbered above the one it is on)
+            // would pass everything sent since, and leave no flow window.
+            let through = watch
+                .newest
+                .and_then(|n| v.in_flight.iter().position(|(s, ..)| *s == n));
             let mut bytes = 0;
-            while let Some(&(_, _, size, _)) =
-                v.in_flight.front().filter(|(s, ..)| *s <= watch.acked)
-            {
+            let mut popped = 0;
+            while let Some(&(s, _, size, _)) = v.in_flight.front() {
+                let had = match (watch.newest, through) {
+                    (Some(_), Some(last)) => popped <= last,
+                    (Some(_), None) => false,
+                    (None, _) => s <= watch.acked,
+                };
+                if !had {
+                    break;
+                }
                 bytes += u64::from(size);
                 v.in_flight.pop_front();
+                popped += 1;
             }
             if let Some(sent) = newest {
                 let d = now.saturating_duration_since(sent);
@@ -2727,6 +2760,40 @@ mod tests {
         (now, e, v)
     }
 
+    /// A watch that names the last packet it got from the edge leaves in flight exactly
+    /// what was sent after it, whatever its highest number says: after a move down a
+    /// ladder, that number is the last of the rendition left, above every number of the
+    /// one it is on, and would leave the viewer no flow window.
+    #[test]
+    fn what_was_sent_after_the_named_packet_stays_in_flight() {
+        let (mut now, mut e, v) = counting_viewer();
+        let mut next = 1001;
+        let mut got = Vec::new();
+        while got.len() < 20 && next < 2000 {
+            for (to, body) in steady(&mut e, &mut now, &mut next) {
+                if let (true, Body::Media(m)) = (to == v, body) {
+                    got.push(m.seq.0);
+                }
+            }
+        }
+        assert!(got.len() >= 20, "{got:?}");
+        let named = got[got.len() - 11];
+        let Input::Received { datagram, .. } = ack_received(now, v, 1 << 46, 0) else {
+            unreachable!()
+        };
+        let (_, mut m) = codec().decode_any(datagram).unwrap();
+        if let Body::Watch(w) = &mut m.body {
+            w.newest = Some(SeqNo(named));
+        }
+        e.handle_input(now, from_viewer(v, &m));
+        let in_flight: Vec<u64> = e.streams[&STREAM].viewers[&v]
+            .in_flight
+            .iter()
+            .map(|f| f.0.0)
+            .collect();
+        assert_eq!(in_flight, got[got.len() - 10..].to_vec());
+    }
+
     #[test]
     fn a_repair_is_sent_again_at_once_unless_the_viewers_packets_queue() {
         let (mut now, mut e, v) = counting_viewer();
@@ -2816,6 +2883,36 @@ mod tests {
         // Once the link is no longer measured limited, no budget.
         let later = now + REPAIR_LIMIT_MEMORY + Duration::from_secs(1);
         assert_eq!(allowed(&mut gate, later, 2000), 100);
+    }
+
+    /// A viewer whose packets queue while its link carries little more than its stream
+    /// (a link just full, not yet measured limited) gets repairs within what the link
+    /// carries beyond the stream; one whose link carries far more (its delay rose for
+    /// another reason) is not held to it.
+    #[test]
+    fn a_full_links_repairs_fit_in_what_it_carried_lately() {
+        let now = Instant::now();
+        let least = Some(Duration::from_millis(10));
+        let allowed = |gate: &mut RepairGate, at: Instant, from: u64| {
+            (from..from + 100)
+                .filter(|&q| gate.allow(at, SeqNo(q), 300, 40.0, least))
+                .count()
+        };
+        // 40 packets of 300 bytes a second: 96 kbit/s of stream.
+        let mut full = RepairGate::default();
+        full.delay_sample(Duration::from_millis(300));
+        full.carried = Some(120_000);
+        assert_eq!(allowed(&mut full, now, 0), 12);
+        assert_eq!(allowed(&mut full, now + Duration::from_secs(1), 1000), 10);
+        let mut roomy = RepairGate::default();
+        roomy.delay_sample(Duration::from_millis(300));
+        roomy.carried = Some(1_000_000);
+        assert_eq!(allowed(&mut roomy, now, 0), 100);
+        // Nothing queues: every ask is answered.
+        let mut calm = RepairGate::default();
+        calm.delay_sample(Duration::from_millis(10));
+        calm.carried = Some(120_000);
+        assert_eq!(allowed(&mut calm, now, 0), 100);
     }
 
     /// A media message of `stream`: one TS packet, starting a PES with time `pts` when
