@@ -1220,22 +1220,21 @@ impl Edge {
                 (None, None) => None,
             };
             // What it has is no longer in flight: what was sent up to the packet it names
-            // (sent before it, so had or lost), or else what its highest number passes.
-            // The highest number alone fails across a move down a ladder: the viewer's
-            // last packets of the rendition it left (numbered above the one it is on)
-            // would pass everything sent since, and leave no flow window.
+            // (sent before it, so had or lost), and what its highest number passes in
+            // that number's space. Its highest number alone fails across a move down a
+            // ladder: the viewer's last packets of the rendition it left (numbered above
+            // the one it is on) would pass everything sent since, and leave no flow
+            // window; the packet it names alone fails where the edge forwards repairs'
+            // copies (a set reflector's preburst to a cold edge), which it never names.
             let through = watch
                 .newest
                 .and_then(|n| v.in_flight.iter().position(|(s, ..)| *s == n));
             let mut bytes = 0;
             let mut popped = 0;
             while let Some(&(s, _, size, _)) = v.in_flight.front() {
-                let had = match (watch.newest, through) {
-                    (Some(_), Some(last)) => popped <= last,
-                    (Some(_), None) => false,
-                    (None, _) => s <= watch.acked,
-                };
-                if !had {
+                let named = through.is_some_and(|last| popped <= last);
+                let passed = s <= watch.acked && s.space() == watch.acked.space();
+                if !(named || passed) {
                     break;
                 }
                 bytes += u64::from(size);
@@ -2240,6 +2239,17 @@ impl Edge {
                 }
                 if probe.is_none() && a.probing {
                     tracing::debug!(viewer = %key, outcome = ?a.chooser.last_probe(), "probe ended");
+                    // A probe that showed room measured the link at least that fast:
+                    // remembered now, not only at the next second's look (by then the
+                    // meter holds only what came after the probe), so a viewer from the
+                    // same network joining meanwhile starts as high.
+                    if let Some(o) = a.chooser.last_probe().filter(|o| o.ok) {
+                        let e = speed::Estimate {
+                            bps: o.rate,
+                            limited: false,
+                        };
+                        known.push((v.client, *key, e));
+                    }
                     // What the probe sent, and the repairs of what it made the viewer
                     // lose, say nothing of the stream's own delivery.
                     v.speed.restart(now);
@@ -2760,12 +2770,8 @@ mod tests {
         (now, e, v)
     }
 
-    /// A watch that names the last packet it got from the edge leaves in flight exactly
-    /// what was sent after it, whatever its highest number says: after a move down a
-    /// ladder, that number is the last of the rendition left, above every number of the
-    /// one it is on, and would leave the viewer no flow window.
-    #[test]
-    fn what_was_sent_after_the_named_packet_stays_in_flight() {
+    /// A counting viewer sent at least 20 packets (their numbers) and not acknowledged.
+    fn viewer_with_packets_in_flight() -> (Instant, Edge, Peer, Vec<u64>) {
         let (mut now, mut e, v) = counting_viewer();
         let mut next = 1001;
         let mut got = Vec::new();
@@ -2777,21 +2783,47 @@ mod tests {
             }
         }
         assert!(got.len() >= 20, "{got:?}");
-        let named = got[got.len() - 11];
-        let Input::Received { datagram, .. } = ack_received(now, v, 1 << 46, 0) else {
+        (now, e, v, got)
+    }
+
+    /// What is in flight to `v` after its watch acknowledging `acked` and naming `newest`.
+    fn in_flight_after(e: &mut Edge, now: Instant, v: Peer, acked: u64, newest: u64) -> Vec<u64> {
+        let Input::Received { datagram, .. } = ack_received(now, v, acked, 0) else {
             unreachable!()
         };
         let (_, mut m) = codec().decode_any(datagram).unwrap();
         if let Body::Watch(w) = &mut m.body {
-            w.newest = Some(SeqNo(named));
+            w.newest = Some(SeqNo(newest));
         }
         e.handle_input(now, from_viewer(v, &m));
-        let in_flight: Vec<u64> = e.streams[&STREAM].viewers[&v]
+        e.streams[&STREAM].viewers[&v]
             .in_flight
             .iter()
             .map(|f| f.0.0)
-            .collect();
-        assert_eq!(in_flight, got[got.len() - 10..].to_vec());
+            .collect()
+    }
+
+    /// A watch that names the last packet it got from the edge leaves in flight exactly
+    /// what was sent after it, whatever its highest number says: after a move down a
+    /// ladder, that number is the last of the rendition left, in another number space
+    /// above every number of the one it is on, and would leave the viewer no flow window.
+    #[test]
+    fn what_was_sent_after_the_named_packet_stays_in_flight() {
+        let (now, mut e, v, got) = viewer_with_packets_in_flight();
+        let named = got[got.len() - 11];
+        let left = in_flight_after(&mut e, now, v, 1 << 46, named);
+        assert_eq!(left, got[got.len() - 10..].to_vec());
+    }
+
+    /// A watch whose named packet the edge never sent as its own (a repair's copy, as a
+    /// set reflector's preburst to a cold edge is forwarded) still acknowledges what its
+    /// highest number passes: the window does not fill until in-flight packets expire.
+    #[test]
+    fn a_watch_naming_no_packet_in_flight_still_acknowledges_by_its_highest_number() {
+        let (now, mut e, v, got) = viewer_with_packets_in_flight();
+        let highest = got[got.len() - 11];
+        let left = in_flight_after(&mut e, now, v, highest, 1 << 40);
+        assert_eq!(left, got[got.len() - 10..].to_vec());
     }
 
     #[test]
