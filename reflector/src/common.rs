@@ -114,8 +114,6 @@ pub struct Counters {
     pub probes: u64,
     /// Bytes those probes sent.
     pub probe_bytes: u64,
-    /// Probes ended early because the viewer's packets began to queue (edge).
-    pub probe_delay_ends: u64,
     /// Probes ended early because the viewer lost packets (edge).
     pub probe_loss_ends: u64,
     /// Repairs a viewer asked for and was not sent: sent to it again too soon (the last

@@ -107,8 +107,6 @@ struct Adapt {
     unaligned: u32,
     /// Whether a probe was under way at the last look.
     probing: bool,
-    /// When the probe under way started.
-    probe_started: Option<Instant>,
     /// During a probe: packets of the stream sent, and packets the viewer asked for.
     probe_sent: u64,
     probe_nacked: u64,
@@ -120,9 +118,6 @@ const ALIGN_WAIT: Duration = Duration::from_millis(300);
 /// After this many keyframes without an aligned one, a move goes to the next keyframe
 /// of the target rendition after the viewer's (a jump in media time, counted).
 const UNALIGNED_GIVE_UP: u32 = 3;
-/// A probe ends, failed, once the viewer's acknowledgement delay rises this far over
-/// the least seen: the probe fills a queue on its link.
-const PROBE_DELAY_RISE: Duration = Duration::from_millis(60);
 /// How many packets from a keyframe's first are read for its media time.
 const KEYFRAME_TIME_SCAN: u64 = 8;
 /// Media time within which two renditions' keyframes are aligned (90 kHz: 20 ms).
@@ -1250,19 +1245,6 @@ impl Edge {
                     tracing::debug!(viewer = %from, ms = d.as_millis() as u64, "least acknowledgement delay");
                     v.ack_delay = Some(d);
                 }
-                // A probe that makes the viewer's packets queue has found its link's
-                // limit before the queue overflows: it ends, failed, before it costs the
-                // viewer packets (on a link with a deep queue, the losses would come
-                // after the viewer's buffer could repair them).
-                if let (Some(least), Some(a)) =
-                    (v.ack_delay, v.adapt.as_mut().filter(|a| a.probing))
-                {
-                    if d > least + PROBE_DELAY_RISE {
-                        a.chooser.probe_lost(now);
-                        v.pad_ratio = 0.0;
-                        self.counters.probe_delay_ends += 1;
-                    }
-                }
             }
             match (watch.received, v.reported) {
                 (Some(r), Some(before)) if matches!(from, Peer::Addr(_)) => {
@@ -1363,7 +1345,6 @@ impl Edge {
                 passed: None,
                 unaligned: 0,
                 probing: false,
-                probe_started: None,
                 probe_sent: 0,
                 probe_nacked: 0,
             });
@@ -2232,7 +2213,6 @@ impl Edge {
                     Peer::Conn(_) => None,
                 };
                 if probe.is_some() && !a.probing {
-                    a.probe_started = Some(now);
                     self.counters.probes += 1;
                     a.probe_sent = 0;
                     a.probe_nacked = 0;
@@ -2263,15 +2243,8 @@ impl Edge {
                     .filter(|r| *r > 0)
                     .unwrap_or(rates[a.chooser.current()])
                     .max(1);
-                // Its copies grow over the probe's first half, so that a link without room
-                // shows it in its delay (which ends the probe) before its queue overflows.
-                let ramp = a.probe_started.map_or(1.0, |t| {
-                    let half = self.config.adapt.probe_for.as_secs_f64() / 2.0;
-                    (now.saturating_duration_since(t).as_secs_f64() / half).min(1.0)
-                });
-                v.pad_ratio = probe.map_or(0.0, |r| {
-                    ramp * r.saturating_sub(stream) as f64 / stream as f64
-                });
+                v.pad_ratio =
+                    probe.map_or(0.0, |r| r.saturating_sub(stream) as f64 / stream as f64);
             }
         }
         for (client, key, e) in known {
