@@ -301,7 +301,7 @@ impl Meter {
     /// shows here alone; the window's mean holds what it carried before.
     pub fn since_held(&self, now: Instant) -> Option<(u64, usize)> {
         let mut run = 0;
-        let mut bytes = 0;
+        let mut bps = 0;
         let recent: Vec<&Sample> = self
             .samples
             .iter()
@@ -317,9 +317,9 @@ impl Meter {
                 break;
             }
             run += 1;
-            bytes += s.bps;
+            bps += s.bps;
         }
-        (run > 0).then(|| (bytes / run as u64, run))
+        (run > 0).then(|| (bps / run as u64, run))
     }
 
     /// The most it received in a sample within the down window, bit/s: on a link whose
