@@ -302,14 +302,16 @@ impl Meter {
     pub fn since_held(&self, now: Instant) -> Option<(u64, usize)> {
         let mut run = 0;
         let mut bps = 0;
-        let recent: Vec<&Sample> = self
+        let within = |s: &Sample| now.saturating_duration_since(s.at) <= self.config.down_window;
+        let mut recent = self
             .samples
             .iter()
             .rev()
-            .take_while(|s| now.saturating_duration_since(s.at) <= self.config.down_window)
-            .collect();
-        for (i, s) in recent.iter().enumerate() {
-            let grew = match (s.backlog, recent.get(i + 1).and_then(|p| p.backlog)) {
+            .take_while(|s| within(s))
+            .peekable();
+        while let Some(s) = recent.next() {
+            // The sample before it, if within the window too.
+            let grew = match (s.backlog, recent.peek().and_then(|p| p.backlog)) {
                 (Some(b), Some(before)) => b > before,
                 _ => false,
             };

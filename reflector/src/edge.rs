@@ -207,15 +207,19 @@ impl RepairGate {
         pps: f64,
         least: Option<Duration>,
     ) -> bool {
-        if self.recent.is_empty() {
-            self.recent = vec![(SeqNo(u64::MAX), now); REPAIR_SLOTS];
-        }
         let slot = (seq.0 % REPAIR_SLOTS as u64) as usize;
         let queueing = self.queueing(least);
         if queueing < REPAIR_QUEUEING {
             self.at = None;
-            self.recent[slot] = (seq, now);
+            // Remembered only once its packets have queued: a viewer whose never do
+            // keeps no table (8 KiB).
+            if let Some(r) = self.recent.get_mut(slot) {
+                *r = (seq, now);
+            }
             return true;
+        }
+        if self.recent.is_empty() {
+            self.recent = vec![(SeqNo(u64::MAX), now); REPAIR_SLOTS];
         }
         let hold = queueing.clamp(REPAIR_HOLD_MIN, REPAIR_HOLD_MAX);
         let (last, at) = self.recent[slot];
@@ -1200,12 +1204,13 @@ impl Edge {
             // Its highest number says nothing here (it may come from an edge it is
             // leaving, 20 ms after this one sent what is 300 ms away), so a viewer that
             // does neither keeps the base window.
+            // Where the packet it names is in flight (looked up once: it also says what
+            // is acknowledged, below).
+            let through = watch
+                .newest
+                .and_then(|n| v.in_flight.iter().position(|(s, ..)| *s == n));
             let newest = match (watch.newest, watch.received) {
-                (Some(n), _) => v
-                    .in_flight
-                    .iter()
-                    .find(|(s, ..)| *s == n)
-                    .map(|(_, sent, ..)| *sent),
+                (Some(_), _) => through.map(|i| v.in_flight[i].1),
                 (None, Some(r)) => v
                     .in_flight
                     .iter()
@@ -1221,9 +1226,6 @@ impl Edge {
             // the one it is on) would pass everything sent since, and leave no flow
             // window; the packet it names alone fails where the edge forwards repairs'
             // copies (a set reflector's preburst to a cold edge), which it never names.
-            let through = watch
-                .newest
-                .and_then(|n| v.in_flight.iter().position(|(s, ..)| *s == n));
             let mut bytes = 0;
             let mut popped = 0;
             while let Some(&(s, _, size, _)) = v.in_flight.front() {
@@ -2638,6 +2640,18 @@ mod tests {
         from_viewer(from, &m)
     }
 
+    /// [`ack_received`] naming `newest` as the last packet it got from the edge.
+    fn ack_naming(now: Instant, from: Peer, acked: u64, received: u64, newest: u64) -> Input {
+        let Input::Received { datagram, .. } = ack_received(now, from, acked, received) else {
+            unreachable!()
+        };
+        let (_, mut m) = codec().decode_any(datagram).unwrap();
+        if let Body::Watch(w) = &mut m.body {
+            w.newest = Some(SeqNo(newest));
+        }
+        from_viewer(from, &m)
+    }
+
     #[test]
     fn a_viewer_that_counts_is_credited_with_what_it_received_never_more_than_sent() {
         let mut now = Instant::now();
@@ -2761,14 +2775,7 @@ mod tests {
 
     /// What is in flight to `v` after its watch acknowledging `acked` and naming `newest`.
     fn in_flight_after(e: &mut Edge, now: Instant, v: Peer, acked: u64, newest: u64) -> Vec<u64> {
-        let Input::Received { datagram, .. } = ack_received(now, v, acked, 0) else {
-            unreachable!()
-        };
-        let (_, mut m) = codec().decode_any(datagram).unwrap();
-        if let Body::Watch(w) = &mut m.body {
-            w.newest = Some(SeqNo(newest));
-        }
-        e.handle_input(now, from_viewer(v, &m));
+        e.handle_input(now, ack_naming(now, v, acked, 0, newest));
         e.streams[&STREAM].viewers[&v]
             .in_flight
             .iter()
@@ -2855,14 +2862,7 @@ mod tests {
             // Its acknowledgements come 20 ms after what they acknowledge, then 70 ms.
             let delay = Duration::from_millis(if step < 10 { 20 } else { 70 });
             let at = now + delay;
-            let Input::Received { datagram, .. } = ack_received(at, v, got, bytes) else {
-                unreachable!()
-            };
-            let (_, mut m) = codec().decode_any(datagram).unwrap();
-            if let Body::Watch(w) = &mut m.body {
-                w.newest = Some(SeqNo(got));
-            }
-            e.handle_input(at, from_viewer(v, &m));
+            e.handle_input(at, ack_naming(at, v, got, bytes, got));
         }
         let gate = &e.streams[&STREAM].viewers[&v].repairs;
         assert_eq!(gate.latest, Some(Duration::from_millis(70)));
