@@ -23,9 +23,6 @@ use crate::Bitrate;
 pub const SAMPLE: Duration = Duration::from_millis(250);
 /// Samples held: the last 10 s.
 const HELD: usize = 40;
-/// A move down reads the link from the samples since it began to hold the viewer back
-/// once there are this many (a second), rather than from the down window's mean.
-const DROP_SAMPLES: usize = 4;
 
 /// What a meter judges with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -295,35 +292,6 @@ impl Meter {
         (!e.limited || held_long).then_some(e)
     }
 
-    /// Since the link began to hold the viewer back, within the down window: what it
-    /// received, bit/s, and over how many samples (the latest, each held back or with
-    /// more on its way at its close than at the one before). A link that just dropped
-    /// shows here alone; the window's mean holds what it carried before.
-    pub fn since_held(&self, now: Instant) -> Option<(u64, usize)> {
-        let mut run = 0;
-        let mut bps = 0;
-        let within = |s: &Sample| now.saturating_duration_since(s.at) <= self.config.down_window;
-        let mut recent = self
-            .samples
-            .iter()
-            .rev()
-            .take_while(|s| within(s))
-            .peekable();
-        while let Some(s) = recent.next() {
-            // The sample before it, if within the window too.
-            let grew = match (s.backlog, recent.peek().and_then(|p| p.backlog)) {
-                (Some(b), Some(before)) => b > before,
-                _ => false,
-            };
-            if !(s.blocked || grew) {
-                break;
-            }
-            run += 1;
-            bps += s.bps;
-        }
-        (run > 0).then(|| (bps / run as u64, run))
-    }
-
     /// The most it received in a sample within the down window, bit/s: on a link whose
     /// queue fills, about what the link carries.
     pub fn most(&self, now: Instant) -> Option<u64> {
@@ -580,22 +548,9 @@ impl Chooser {
         }
         let e = meter.estimate(now)?;
         if e.limited && ladder[self.cur] as f64 > e.bps as f64 * self.config.keep {
-            // Held back under its rendition's rate: down to what the link carries. When
-            // it carries less since it began to hold the viewer back than over the
-            // window (which holds what it carried before a drop), that reading, once it
-            // covers a second: the window's mean would pick a rendition still too high,
-            // and another move 2 s later. Until then, no move it would change.
+            // Held back under its rendition's rate: down to what the link carries.
             self.probe_failed(now);
-            let mut rate = e.bps;
-            if let Some((held, n)) = meter.since_held(now).filter(|(r, _)| *r < e.bps) {
-                let keep = |r: u64| fits(ladder, r as f64 * self.config.keep).unwrap_or(0);
-                if n >= DROP_SAMPLES {
-                    rate = held;
-                } else if keep(held) != keep(e.bps) {
-                    return None;
-                }
-            }
-            let to = fits(ladder, rate as f64 * self.config.keep).unwrap_or(0);
+            let to = fits(ladder, e.bps as f64 * self.config.keep).unwrap_or(0);
             return (to < self.cur).then_some((to, Reason::Down));
         }
         if let Some((until, target)) = self.probe {
@@ -825,36 +780,6 @@ mod tests {
         }
         let e = remembered.expect("a link that holds it back is remembered");
         assert!(e.bps < 2_000_000, "{e:?}");
-    }
-
-    /// The first move down after a drop goes to the rendition the link carries now, read
-    /// from the samples since it began to hold the viewer back, not from the down
-    /// window's mean with the samples from before the drop (which would pick a rendition
-    /// still too high, and need another move 2 s later).
-    #[test]
-    fn the_first_move_down_after_a_drop_fits_the_new_rate() {
-        let mut f = Fluid::new(Config::default());
-        // 0.8, 2 and 4 Mbit/s; on the top one, then its link drops to 1 Mbit/s.
-        let ladder = [800_000, 2_000_000, 4_000_000];
-        let mut c = Chooser::join(
-            AdaptConfig::default(),
-            Policy::default(),
-            &ladder,
-            None,
-            f.t,
-        );
-        c.moved(f.t, 2);
-        f.run(40_000_000, 4_000_000, WINDOW, 3.0);
-        assert_eq!(c.decide(f.t, &ladder, &f.meter), None);
-        let mut first = None;
-        for _ in 0..40 {
-            f.run(1_000_000, 4_000_000, WINDOW, 0.05);
-            if let Some(d) = c.decide(f.t, &ladder, &f.meter) {
-                first = Some(d);
-                break;
-            }
-        }
-        assert_eq!(first, Some((0, Reason::Down)));
     }
 
     proptest! {
