@@ -174,9 +174,8 @@ impl Capture {
         // left off), in one of eight spaces by stream id (bits 45 to 47): the renditions
         // of a ladder (consecutive ids) never share a number, so a repair asked of the
         // wrong one is never answered with another's packet.
-        let shift = braid_core::SeqNo::SPACE_SHIFT;
-        let start_seq = ((clock.unix_ms(now) * 10) & ((1 << shift) - 1))
-            | u64::from(config.stream.0 % 8) << shift;
+        let start_seq =
+            ((clock.unix_ms(now) * 10) & ((1 << 45) - 1)) | u64::from(config.stream.0 % 8) << 45;
         let mut c = Capture {
             packetizer: Packetizer::new(config.ts_per_rtp),
             cookies: vec![[0; COOKIE_LEN]; config.entries.len()],

@@ -407,9 +407,8 @@ pub struct Session {
     acked: SeqNo,
     since_ack: u32,
     /// Media bytes received from each edge watched (the current one and the one being
-    /// left), and the number of the last packet it sent for the first time (not a
-    /// repair), told back to it in watches.
-    received_from: HashMap<SocketAddr, (u64, Option<SeqNo>)>,
+    /// left), told back to it in watches.
+    received_from: HashMap<SocketAddr, u64>,
     /// The stream (rendition) its edge serves it now, and the one before (holes of the
     /// session being left are asked for under it).
     stream_now: StreamId,
@@ -817,9 +816,8 @@ impl Session {
             acked: self.acked,
             cookie: self.cookies.get(&to).copied().unwrap_or_default(),
             token: self.config.token.clone(),
-            received: self.received_from.get(&to).map(|r| r.0),
+            received: self.received_from.get(&to).copied(),
             policy: self.config.policy,
-            newest: self.received_from.get(&to).and_then(|r| r.1),
         })
     }
 
@@ -1144,13 +1142,8 @@ impl Session {
                 // What each edge delivered, told back to it in watches: its measure of
                 // this viewer's speed.
                 if let Some(f) = from.filter(|_| from_edge || from_leaving) {
-                    let (n, newest) = self.received_from.entry(f).or_insert((0, None));
+                    let n = self.received_from.entry(f).or_insert(0);
                     *n = n.wrapping_add(m.rtp.len() as u64);
-                    // The last that arrived, not the highest: a rendition's numbers
-                    // may run below the last one's.
-                    if !header.flags.contains(Flags::RETRANSMIT) {
-                        *newest = Some(m.seq);
-                    }
                 }
                 if self.received_from.len() > 8 {
                     let keep = [self.edge, self.leaving, self.left.map(|(e, _)| e)];

@@ -341,8 +341,6 @@ pub struct NackAnswer {
     pub missing: u64,
     /// The NACK asked for more than the limit; the rest was ignored.
     pub over_limit: bool,
-    /// Packets held but not sent: the gate of [`answer_nack_gated`] held them back.
-    pub held_back: u64,
 }
 
 /// Answers a NACK for `ranges` from `kept`: every packet held goes to `to` again with the
@@ -355,20 +353,6 @@ pub fn answer_nack<T: Kept, E>(
     ranges: &[SeqRange],
     limit: u64,
 ) -> NackAnswer {
-    answer_nack_gated(out, kept, to, ranges, limit, |_, _| true)
-}
-
-/// [`answer_nack`], sending only the packets held that `allow` (given each one's number
-/// and RTP size) lets through: a receiver's repair budget. The others count as
-/// `held_back`.
-pub fn answer_nack_gated<T: Kept, E>(
-    out: &mut Outbox<E>,
-    kept: &impl Held<T>,
-    to: Peer,
-    ranges: &[SeqRange],
-    limit: u64,
-    mut allow: impl FnMut(SeqNo, usize) -> bool,
-) -> NackAnswer {
     let mut answer = NackAnswer::default();
     let mut looked = 0u64;
     for r in ranges {
@@ -378,9 +362,7 @@ pub fn answer_nack_gated<T: Kept, E>(
                 return answer;
             }
             looked += 1;
-            let seq = r.first.plus(i);
-            match kept.held(seq) {
-                Some(p) if !allow(seq, p.media().rtp.len()) => answer.held_back += 1,
+            match kept.held(r.first.plus(i)) {
                 Some(p) if out.retransmit(to, p.header(), p.media()) => {
                     answer.sent += 1;
                     answer.bytes += p.media().rtp.len() as u64;

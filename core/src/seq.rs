@@ -21,16 +21,6 @@ impl SeqNo {
     /// The largest value; used as "never" in comparisons.
     pub const MAX: SeqNo = SeqNo(u64::MAX);
 
-    /// Where a capture's numbers start their space: bits 45 and up hold its stream id
-    /// mod 8, so the renditions of a ladder (consecutive ids) never share a number.
-    pub const SPACE_SHIFT: u32 = 45;
-
-    /// Its space (a capture's stream id mod 8, see [`SeqNo::SPACE_SHIFT`]): numbers of
-    /// two spaces do not compare as one stream's.
-    pub fn space(self) -> u64 {
-        self.0 >> Self::SPACE_SHIFT
-    }
-
     /// Builds a sequence number from a rollover count and RTP's 16-bit number.
     pub fn from_parts(rollovers: u64, low: u16) -> SeqNo {
         SeqNo(rollovers.wrapping_shl(16) | u64::from(low))

@@ -86,8 +86,6 @@ pub struct Meter {
     blocked: bool,
     /// Since when every sample was limited (under `slow_below`, when set).
     limited_since: Option<Instant>,
-    /// Since when every sample was limited, at any rate.
-    held_since: Option<Instant>,
     /// Bytes sent and credited since the start, and the difference when last credited
     /// (what is on its way: credits come in steps, so it is read at a credit).
     total_sent: u64,
@@ -109,7 +107,6 @@ impl Meter {
             sent: 0,
             blocked: false,
             limited_since: None,
-            held_since: None,
             total_sent: 0,
             total_delivered: 0,
             backlog: None,
@@ -154,7 +151,6 @@ impl Meter {
         self.sent = 0;
         self.blocked = false;
         self.limited_since = None;
-        self.held_since = None;
     }
 
     /// Closes the open interval into a sample once it covers [`SAMPLE`].
@@ -194,11 +190,6 @@ impl Meter {
             self.limited_since.get_or_insert(since);
         } else {
             self.limited_since = None;
-        }
-        if limited {
-            self.held_since.get_or_insert(since);
-        } else {
-            self.held_since = None;
         }
         self.since = Some(now);
         self.bytes = 0;
@@ -277,30 +268,6 @@ impl Meter {
             bps: max,
             limited: false,
         })
-    }
-
-    /// What is worth remembering of its speed for its client and network (a viewer that
-    /// comes back, or another of its network, joins at the rendition it fits): the
-    /// estimate, but a *limited* one only once the link held the viewer back for a whole
-    /// down window. A moment held back (its client descheduled, a burst of repairs) is no
-    /// measure of the link, and would start every viewer of its network low.
-    pub fn remembered(&self, now: Instant) -> Option<Estimate> {
-        let e = self.estimate(now)?;
-        let held_long = self
-            .held_since
-            .is_some_and(|t| now.saturating_duration_since(t) >= self.config.down_window);
-        (!e.limited || held_long).then_some(e)
-    }
-
-    /// The most it received in a sample within the down window, bit/s: on a link whose
-    /// queue fills, about what the link carries.
-    pub fn most(&self, now: Instant) -> Option<u64> {
-        self.samples
-            .iter()
-            .rev()
-            .take_while(|s| now.saturating_duration_since(s.at) <= self.config.down_window)
-            .map(|s| s.bps)
-            .max()
     }
 
     /// What it received since `since`, bit/s: the samples that closed after it.
@@ -746,40 +713,6 @@ mod tests {
         let m = Meter::new(Config::default());
         assert_eq!(m.estimate(t0()), None);
         assert!(!m.slow(t0()));
-    }
-
-    /// A moment held back is not remembered as the link's speed; a link that holds the
-    /// viewer back for a whole down window is.
-    #[test]
-    fn only_a_link_that_holds_a_viewer_back_for_a_window_is_remembered_as_limited() {
-        let mut f = Fluid::new(Config::default());
-        f.run(40_000_000, 4_000_000, WINDOW, 4.0);
-        assert!(!f.meter.remembered(f.t).unwrap().limited);
-        // Its client stops reading for a moment: held back, then back to full.
-        let mut held = false;
-        for _ in 0..80 {
-            f.run(if held { 40_000_000 } else { 0 }, 4_000_000, WINDOW, 0.05);
-            if f.meter.estimate(f.t).is_some_and(|e| e.limited) {
-                held = true;
-            }
-            if held {
-                let r = f.meter.remembered(f.t);
-                assert!(r.is_none_or(|r| !r.limited), "a moment held back: {r:?}");
-            }
-        }
-        assert!(held, "the stall showed as limited");
-        // Its link drops to 1 Mbit/s for good.
-        f.run(40_000_000, 4_000_000, WINDOW, 4.0);
-        let mut remembered = None;
-        for _ in 0..100 {
-            f.run(1_000_000, 4_000_000, WINDOW, 0.05);
-            if let Some(e) = f.meter.remembered(f.t).filter(|e| e.limited) {
-                remembered = Some(e);
-                break;
-            }
-        }
-        let e = remembered.expect("a link that holds it back is remembered");
-        assert!(e.bps < 2_000_000, "{e:?}");
     }
 
     proptest! {

@@ -1258,7 +1258,6 @@ pub mod crowd {
                 token: Bytes::new(),
                 received: None,
                 policy: None,
-                newest: None,
             }),
         };
         codec

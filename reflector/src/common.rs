@@ -114,13 +114,6 @@ pub struct Counters {
     pub probes: u64,
     /// Bytes those probes sent.
     pub probe_bytes: u64,
-    /// Probes ended early because the viewer lost packets (edge).
-    pub probe_loss_ends: u64,
-    /// Repairs a viewer asked for and was not sent: sent to it again too soon (the last
-    /// copy still on its way) (edge).
-    pub repairs_held_repeat: u64,
-    /// … or over its repair budget (edge).
-    pub repairs_held_budget: u64,
 }
 
 /// One stream's figures, for the metrics.

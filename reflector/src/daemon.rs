@@ -535,14 +535,6 @@ fn export(role: &'static str, machine: &mut Machine) {
         metrics::counter!("braid_edge_rendition_late_total").absolute(c.rendition_late);
         metrics::counter!("braid_edge_probes_total").absolute(c.probes);
         metrics::counter!("braid_edge_probe_bytes_total").absolute(c.probe_bytes);
-        metrics::counter!("braid_edge_probes_ended_early_total", "reason" => "loss")
-            .absolute(c.probe_loss_ends);
-        for (reason, n) in [
-            ("repeat", c.repairs_held_repeat),
-            ("budget", c.repairs_held_budget),
-        ] {
-            metrics::counter!("braid_edge_repairs_held_total", "reason" => reason).absolute(n);
-        }
         for (id, h) in m.hls_stats() {
             let stream = id.0.to_string();
             for (name, v) in [

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use braid_core::cookie::{self, Cookies, Subject};
 use braid_core::merge;
-use braid_core::node::{self, NackAnswer, Outbox, Output, Peer, TailProbe, WallClock};
+use braid_core::node::{self, Outbox, Output, Peer, TailProbe, WallClock};
 use braid_core::ring::{self, Cursor, Read, Ring, Start};
 use braid_core::speed;
 use braid_core::token::Signer;
@@ -135,133 +135,6 @@ fn viewer_window(base: u64, pps: f64, ack_delay: Option<Duration>) -> u64 {
     need.clamp(base, base * WINDOW_GROWTH)
 }
 
-/// Repairs sent to a viewer lately, remembered by sequence number modulo this many.
-const REPAIR_SLOTS: usize = 512;
-/// A repair is sent again no sooner than the queueing its viewer's packets meet (the
-/// last copy is still on its way), at least this long after the last…
-const REPAIR_HOLD_MIN: Duration = Duration::from_millis(20);
-/// … and at most this long.
-const REPAIR_HOLD_MAX: Duration = Duration::from_secs(1);
-/// Repairs are held back only while a viewer's packets queue this long or more.
-const REPAIR_QUEUEING: Duration = Duration::from_millis(50);
-/// While its packets queue, a viewer's repairs fit in what its link carries beyond its
-/// stream (the link's rate: the rate it was last measured limited at, for this long
-/// after, or else the most it received in a sample lately)…
-const REPAIR_LIMIT_MEMORY: Duration = Duration::from_secs(5);
-/// What it received lately counts as its link's rate only while under this many times
-/// its stream's rate.
-const CARRIED_FULL: f64 = 1.5;
-/// … at least this many a second…
-const REPAIR_LIMITED_MIN: f64 = 2.0;
-/// … and at once, as many as its stream sends in this long.
-const REPAIR_BURST: Duration = Duration::from_millis(300);
-
-/// What a viewer is sent in answer to its NACKs. A packet is sent again no sooner than
-/// the queueing its packets meet (on a full link every copy waits behind the last, and
-/// its viewer asks again before the last arrives), and while its link was lately
-/// measured limited, repairs fit in what the link carries beyond the stream: repairs that
-/// overflow a link make more losses than they mend.
-#[derive(Debug, Default)]
-struct RepairGate {
-    /// Its acknowledgement delay: the latest, and smoothed (the least is the viewer's
-    /// `ack_delay`).
-    latest: Option<Duration>,
-    smoothed: Option<Duration>,
-    /// Repairs sent lately: the number and when, by number modulo [`REPAIR_SLOTS`].
-    recent: Vec<(SeqNo, Instant)>,
-    /// The rate its link was last measured limited at, bit/s, and when.
-    limit: Option<(u64, Instant)>,
-    /// The most it received in a sample lately, bit/s.
-    carried: Option<u64>,
-    /// Repairs it may still be sent, and when that was counted.
-    tokens: f64,
-    at: Option<Instant>,
-    /// Packets held back: sent again too soon, over the budget.
-    held_repeat: u64,
-    held_budget: u64,
-}
-
-impl RepairGate {
-    /// A new measure of the delay from sending a packet to its acknowledgement.
-    fn delay_sample(&mut self, d: Duration) {
-        self.latest = Some(d);
-        self.smoothed = Some(self.smoothed.map_or(d, |s| (s * 7 + d) / 8));
-    }
-
-    /// How long its packets queue now: its delay over the `least` seen.
-    fn queueing(&self, least: Option<Duration>) -> Duration {
-        match (least, self.latest, self.smoothed) {
-            (Some(l), Some(a), Some(s)) => a.min(s).saturating_sub(l),
-            _ => Duration::ZERO,
-        }
-    }
-
-    /// Whether packet `seq` (`size` bytes of RTP) may be sent again now, to a viewer of a
-    /// stream of `pps` packets a second whose least acknowledgement delay is `least`; if
-    /// so, it counts as sent.
-    fn allow(
-        &mut self,
-        now: Instant,
-        seq: SeqNo,
-        size: usize,
-        pps: f64,
-        least: Option<Duration>,
-    ) -> bool {
-        let slot = (seq.0 % REPAIR_SLOTS as u64) as usize;
-        let queueing = self.queueing(least);
-        if queueing < REPAIR_QUEUEING {
-            self.at = None;
-            // Remembered only once its packets have queued: a viewer whose never do
-            // keeps no table (8 KiB).
-            if let Some(r) = self.recent.get_mut(slot) {
-                *r = (seq, now);
-            }
-            return true;
-        }
-        if self.recent.is_empty() {
-            self.recent = vec![(SeqNo(u64::MAX), now); REPAIR_SLOTS];
-        }
-        let hold = queueing.clamp(REPAIR_HOLD_MIN, REPAIR_HOLD_MAX);
-        let (last, at) = self.recent[slot];
-        let again = last == seq;
-        if again && now.saturating_duration_since(at) < hold {
-            self.held_repeat += 1;
-            return false;
-        }
-        // Its packets queue: the link is full, and what it carried lately is its rate.
-        if let Some(bps) = self
-            .limit
-            .filter(|(_, at)| now.saturating_duration_since(*at) < REPAIR_LIMIT_MEMORY)
-            .map(|(bps, _)| bps)
-            .or(self.carried.filter(|&c| {
-                // A link that carries half again the stream has room: its delay rose for
-                // another reason (a path's hiccup, a source's pause), not a full queue.
-                let stream = pps * size as f64 * 8.0;
-                c > 0 && (c as f64) < stream * CARRIED_FULL
-            }))
-        {
-            // What the link carries beyond the stream, in packets of this size.
-            let room = bps as f64 / 8.0 / size.max(1) as f64 - pps;
-            let rate = room.max(REPAIR_LIMITED_MIN);
-            let burst = (pps * REPAIR_BURST.as_secs_f64()).max(1.0);
-            let elapsed = self.at.map_or(f64::INFINITY, |t| {
-                now.saturating_duration_since(t).as_secs_f64()
-            });
-            self.tokens = (self.tokens + elapsed * rate).min(burst);
-            self.at = Some(now);
-            if self.tokens < 1.0 {
-                self.held_budget += 1;
-                return false;
-            }
-            self.tokens -= 1.0;
-        } else {
-            self.at = None;
-        }
-        self.recent[slot] = (seq, now);
-        true
-    }
-}
-
 /// Speeds remembered per client and per network.
 const MAX_KNOWN: usize = 10_000;
 /// How long a speed is remembered.
@@ -331,8 +204,6 @@ struct Viewer {
     /// The least delay ever seen from sending a packet to the watch that has it: a far
     /// viewer's window covers its round trip.
     ack_delay: Option<Duration>,
-    /// What its NACKs may be answered with.
-    repairs: RepairGate,
     /// The viewer's id, as its watches name it.
     client: NodeId,
     /// Its delivery speed.
@@ -900,35 +771,12 @@ impl Edge {
                     self.counters.drops.add(reason);
                     return;
                 };
-                // Its repair gate, taken out while the rings are read.
-                let Some((pps, least, limited, carried, mut gate)) =
-                    self.streams.get_mut(&holder).and_then(|st| {
-                        let v = st.viewers.get_mut(&from)?;
-                        let limited = v.speed.estimate(now).filter(|e| e.limited);
-                        let carried = v.speed.most(now);
-                        let gate = std::mem::take(&mut v.repairs);
-                        Some((st.pps, v.ack_delay, limited, carried, gate))
-                    })
-                else {
-                    self.counters.drops.add("nack_from_stranger");
+                let Some(st) = self.streams.get(&id) else {
+                    self.counters.drops.add("nack_unknown_stream");
                     return;
                 };
-                if let Some(e) = limited {
-                    gate.limit = Some((e.bps, now));
-                }
-                gate.carried = carried;
-                let mut allow = |seq, size| gate.allow(now, seq, size, pps, least);
-                let mut a = match self.streams.get(&id) {
-                    Some(st) => node::answer_nack_gated(
-                        &mut self.out,
-                        &st.ring,
-                        from,
-                        &ranges,
-                        MAX_NACK_ANSWER,
-                        &mut allow,
-                    ),
-                    None => NackAnswer::default(),
-                };
+                let mut a =
+                    node::answer_nack(&mut self.out, &st.ring, from, &ranges, MAX_NACK_ANSWER);
                 // What that rendition does not hold, another of the ladder may: every
                 // rendition numbers its packets apart (see PROTOCOL.md).
                 if a.missing > 0 {
@@ -937,18 +785,16 @@ impl Edge {
                             let Some(ost) = self.streams.get(other).filter(|_| *other != id) else {
                                 continue;
                             };
-                            let b = node::answer_nack_gated(
+                            let b = node::answer_nack(
                                 &mut self.out,
                                 &ost.ring,
                                 from,
                                 &ranges,
                                 MAX_NACK_ANSWER,
-                                &mut allow,
                             );
                             a.sent += b.sent;
                             a.bytes += b.bytes;
-                            a.held_back += b.held_back;
-                            a.missing = a.missing.saturating_sub(b.sent + b.held_back);
+                            a.missing = a.missing.saturating_sub(b.sent);
                         }
                     }
                 }
@@ -958,9 +804,6 @@ impl Edge {
                     .get_mut(&holder)
                     .and_then(|st| st.viewers.get_mut(&from))
                 {
-                    self.counters.repairs_held_repeat += std::mem::take(&mut gate.held_repeat);
-                    self.counters.repairs_held_budget += std::mem::take(&mut gate.held_budget);
-                    v.repairs = gate;
                     v.sent_bytes += a.bytes;
                     // A probe that makes it lose packets (more than one in twenty of
                     // those sent meanwhile: a lossy link loses some anyway) ends now.
@@ -968,8 +811,6 @@ impl Edge {
                         ad.probe_nacked += ranges.iter().map(|r| u64::from(r.count)).sum::<u64>();
                         if ad.probe_nacked * 20 > ad.probe_sent.max(40) {
                             ad.chooser.probe_lost(now);
-                            v.pad_ratio = 0.0;
-                            self.counters.probe_loss_ends += 1;
                         }
                     }
                 }
@@ -1197,50 +1038,26 @@ impl Edge {
             // What it has is no longer in flight, and counts to its speed: what it says
             // it received, when it counts (never more than was sent to it); otherwise
             // what it acknowledged (holes below the highest number included).
-            // How long its packets take to be acknowledged: from sending the last packet
-            // of this edge's it got (its watch names it), or, from a viewer that does not
-            // name it, the newest of this edge's it has by the bytes it counts from this
-            // edge (which fails after a loss: no packet matches what it counts again).
-            // Its highest number says nothing here (it may come from an edge it is
-            // leaving, 20 ms after this one sent what is 300 ms away), so a viewer that
-            // does neither keeps the base window.
-            // Where the packet it names is in flight (looked up once: it also says what
-            // is acknowledged, below).
-            let through = watch
-                .newest
-                .and_then(|n| v.in_flight.iter().position(|(s, ..)| *s == n));
-            let newest = match (watch.newest, watch.received) {
-                (Some(_), _) => through.map(|i| v.in_flight[i].1),
-                (None, Some(r)) => v
-                    .in_flight
+            // How long its packets take to be acknowledged: the newest of this edge's it
+            // has, by the bytes it counts from this edge. Its highest number says nothing
+            // here (it may come from an edge it is leaving, 20 ms after this one sent
+            // what is 300 ms away), so a viewer that does not count keeps the base window.
+            let newest = watch.received.and_then(|r| {
+                v.in_flight
                     .iter()
                     .take_while(|(.., cum)| *cum <= r)
                     .last()
-                    .map(|(_, sent, ..)| *sent),
-                (None, None) => None,
-            };
-            // What it has is no longer in flight: what was sent up to the packet it names
-            // (sent before it, so had or lost), and what its highest number passes in
-            // that number's space. Its highest number alone fails across a move down a
-            // ladder: the viewer's last packets of the rendition it left (numbered above
-            // the one it is on) would pass everything sent since, and leave no flow
-            // window; the packet it names alone fails where the edge forwards repairs'
-            // copies (a set reflector's preburst to a cold edge), which it never names.
+                    .map(|(_, sent, ..)| *sent)
+            });
             let mut bytes = 0;
-            let mut popped = 0;
-            while let Some(&(s, _, size, _)) = v.in_flight.front() {
-                let named = through.is_some_and(|last| popped <= last);
-                let passed = s <= watch.acked && s.space() == watch.acked.space();
-                if !(named || passed) {
-                    break;
-                }
+            while let Some(&(_, _, size, _)) =
+                v.in_flight.front().filter(|(s, ..)| *s <= watch.acked)
+            {
                 bytes += u64::from(size);
                 v.in_flight.pop_front();
-                popped += 1;
             }
             if let Some(sent) = newest {
                 let d = now.saturating_duration_since(sent);
-                v.repairs.delay_sample(d);
                 // The least ever seen: queueing on a congested link (its own packets
                 // waiting in a bottleneck) never grows the window, only the path's delay.
                 if v.ack_delay.is_none_or(|least| d < least) {
@@ -1390,7 +1207,6 @@ impl Edge {
                 acked: watch.acked,
                 in_flight: VecDeque::new(),
                 ack_delay: None,
-                repairs: RepairGate::default(),
                 client: watch.node,
                 speed: speed::Meter::new(self.config.speed.clone()),
                 reported: watch.received,
@@ -1644,7 +1460,7 @@ impl Edge {
                                 v.sent_bytes += size;
                                 v.speed.sent(now, size);
 
-                                let len = size as u32;
+                                let len = e.item.datagram.len() as u32;
                                 v.in_flight.push_back((e.seq, now, len, v.sent_bytes));
                                 v.tail.sent(now, e.seq);
                             }
@@ -2181,7 +1997,7 @@ impl Edge {
                 // Each second, what each viewer's speed says is remembered (the chooser
                 // reads the meter itself; nothing else needs the estimate here).
                 if remember {
-                    if let Some(e) = v.speed.remembered(now) {
+                    if let Some(e) = v.speed.estimate(now) {
                         known.push((v.client, *key, e));
                     }
                 }
@@ -2221,17 +2037,6 @@ impl Edge {
                 }
                 if probe.is_none() && a.probing {
                     tracing::debug!(viewer = %key, outcome = ?a.chooser.last_probe(), "probe ended");
-                    // A probe that showed room measured the link at least that fast:
-                    // remembered now, not only at the next second's look (by then the
-                    // meter holds only what came after the probe), so a viewer from the
-                    // same network joining meanwhile starts as high.
-                    if let Some(o) = a.chooser.last_probe().filter(|o| o.ok) {
-                        let e = speed::Estimate {
-                            bps: o.rate,
-                            limited: false,
-                        };
-                        known.push((v.client, *key, e));
-                    }
                     // What the probe sent, and the repairs of what it made the viewer
                     // lose, say nothing of the stream's own delivery.
                     v.speed.restart(now);
@@ -2452,10 +2257,15 @@ mod tests {
                 token: Bytes::new(),
                 received: None,
                 policy: None,
-                newest: None,
             }),
         };
-        from_viewer(from, &m)
+        let mut b = BytesMut::new();
+        Codec::viewer().encode(&m, &mut b).unwrap();
+        Input::Received {
+            from,
+            datagram: b.freeze(),
+            node: false,
+        }
     }
 
     /// Everything the edge sends, decoded, in order.
@@ -2637,19 +2447,13 @@ mod tests {
         if let Body::Watch(w) = &mut m.body {
             w.received = Some(received);
         }
-        from_viewer(from, &m)
-    }
-
-    /// [`ack_received`] naming `newest` as the last packet it got from the edge.
-    fn ack_naming(now: Instant, from: Peer, acked: u64, received: u64, newest: u64) -> Input {
-        let Input::Received { datagram, .. } = ack_received(now, from, acked, received) else {
-            unreachable!()
-        };
-        let (_, mut m) = codec().decode_any(datagram).unwrap();
-        if let Body::Watch(w) = &mut m.body {
-            w.newest = Some(SeqNo(newest));
+        let mut b = BytesMut::new();
+        Codec::viewer().encode(&m, &mut b).unwrap();
+        Input::Received {
+            from,
+            datagram: b.freeze(),
+            node: false,
         }
-        from_viewer(from, &m)
     }
 
     #[test]
@@ -2687,237 +2491,6 @@ mod tests {
             b < sent_bps * 12 / 10,
             "never credited beyond what was sent: {b}"
         );
-    }
-
-    /// Message `m` as viewer `from` sends it.
-    fn from_viewer(from: Peer, m: &Message) -> Input {
-        let mut b = BytesMut::new();
-        Codec::viewer().encode(m, &mut b).unwrap();
-        Input::Received {
-            from,
-            datagram: b.freeze(),
-            node: false,
-        }
-    }
-
-    /// A viewer's NACK for `count` packets from `first`.
-    fn viewer_nack(from: Peer, first: u64, count: u16) -> Input {
-        let m = Message {
-            header: Header {
-                stream: STREAM,
-                ..Header::default()
-            },
-            body: Body::Nack(vec![SeqRange {
-                first: SeqNo(first),
-                count,
-            }]),
-        };
-        from_viewer(from, &m)
-    }
-
-    /// How many copies of packet `seq` went to `to`.
-    fn copies(out: &[(Peer, Body)], to: Peer, seq: u64) -> usize {
-        out.iter()
-            .filter(|(p, b)| *p == to && matches!(b, Body::Media(m) if m.seq.0 == seq))
-            .count()
-    }
-
-    /// An edge serving viewer `v` a steady stream for `steps` of 100 ms, `v` saying at
-    /// each what it received `lag` steps before (its packets queue that long on its
-    /// link); what it received so far, by step.
-    fn served_with_lag(
-        e: &mut Edge,
-        now: &mut Instant,
-        next: &mut u64,
-        v: Peer,
-        steps: usize,
-        lag: usize,
-        had: &mut Vec<(u64, u64)>,
-    ) {
-        for _ in 0..steps {
-            for (to, body) in steady(e, now, next) {
-                if let (true, Body::Media(m)) = (to == v, body) {
-                    let (got, bytes) = had.last().copied().unwrap_or((0, 0));
-                    had.push((got.max(m.seq.0), bytes + m.rtp.len() as u64));
-                }
-            }
-            let i = had.len().saturating_sub(1 + lag * 40);
-            let (got, bytes) = had.get(i).copied().unwrap_or((0, 0));
-            e.handle_input(*now, ack_received(*now, v, got, bytes));
-        }
-    }
-
-    /// An edge with one stream and one viewer that counts what it receives.
-    fn counting_viewer() -> (Instant, Edge, Peer) {
-        let now = Instant::now();
-        let mut e = edge(now);
-        let v = viewer(5000);
-        e.handle_input(now, media(1, 1000, Flags::KEYFRAME | Flags::DISCONTINUITY));
-        e.handle_input(now, ack_received(now, v, 0, 0));
-        (now, e, v)
-    }
-
-    /// A counting viewer sent at least 20 packets (their numbers) and not acknowledged.
-    fn viewer_with_packets_in_flight() -> (Instant, Edge, Peer, Vec<u64>) {
-        let (mut now, mut e, v) = counting_viewer();
-        let mut next = 1001;
-        let mut got = Vec::new();
-        while got.len() < 20 && next < 2000 {
-            for (to, body) in steady(&mut e, &mut now, &mut next) {
-                if let (true, Body::Media(m)) = (to == v, body) {
-                    got.push(m.seq.0);
-                }
-            }
-        }
-        assert!(got.len() >= 20, "{got:?}");
-        (now, e, v, got)
-    }
-
-    /// What is in flight to `v` after its watch acknowledging `acked` and naming `newest`.
-    fn in_flight_after(e: &mut Edge, now: Instant, v: Peer, acked: u64, newest: u64) -> Vec<u64> {
-        e.handle_input(now, ack_naming(now, v, acked, 0, newest));
-        e.streams[&STREAM].viewers[&v]
-            .in_flight
-            .iter()
-            .map(|f| f.0.0)
-            .collect()
-    }
-
-    /// A watch that names the last packet it got from the edge leaves in flight exactly
-    /// what was sent after it, whatever its highest number says: after a move down a
-    /// ladder, that number is the last of the rendition left, in another number space
-    /// above every number of the one it is on, and would leave the viewer no flow window.
-    #[test]
-    fn what_was_sent_after_the_named_packet_stays_in_flight() {
-        let (now, mut e, v, got) = viewer_with_packets_in_flight();
-        let named = got[got.len() - 11];
-        let left = in_flight_after(&mut e, now, v, 1 << 46, named);
-        assert_eq!(left, got[got.len() - 10..].to_vec());
-    }
-
-    /// A watch whose named packet the edge never sent as its own (a repair's copy, as a
-    /// set reflector's preburst to a cold edge is forwarded) still acknowledges what its
-    /// highest number passes: the window does not fill until in-flight packets expire.
-    #[test]
-    fn a_watch_naming_no_packet_in_flight_still_acknowledges_by_its_highest_number() {
-        let (now, mut e, v, got) = viewer_with_packets_in_flight();
-        let highest = got[got.len() - 11];
-        let left = in_flight_after(&mut e, now, v, highest, 1 << 40);
-        assert_eq!(left, got[got.len() - 10..].to_vec());
-    }
-
-    #[test]
-    fn a_repair_is_sent_again_at_once_unless_the_viewers_packets_queue() {
-        let (mut now, mut e, v) = counting_viewer();
-        let (mut next, mut had) = (1001, Vec::new());
-        // Acknowledged as it comes: every ask is answered, even twice at once (a lossy
-        // link may lose the first answer).
-        served_with_lag(&mut e, &mut now, &mut next, v, 10, 0, &mut had);
-        e.handle_input(now, viewer_nack(v, 1100, 1));
-        e.handle_input(now, viewer_nack(v, 1100, 1));
-        assert_eq!(copies(&sent(&mut e), v, 1100), 2);
-        // Its packets now wait 400 ms on its link: an answer still on its way is not sent
-        // again when asked once more, only once it should have arrived.
-        served_with_lag(&mut e, &mut now, &mut next, v, 15, 4, &mut had);
-        let seq = next - 200;
-        e.handle_input(now, viewer_nack(v, seq, 1));
-        assert_eq!(copies(&sent(&mut e), v, seq), 1);
-        now += Duration::from_millis(100);
-        e.handle_input(now, viewer_nack(v, seq, 1));
-        assert_eq!(copies(&sent(&mut e), v, seq), 0);
-        assert_eq!(e.counters().repairs_held_repeat, 1);
-        now += Duration::from_millis(400);
-        e.handle_input(now, viewer_nack(v, seq, 1));
-        assert_eq!(copies(&sent(&mut e), v, seq), 1);
-    }
-
-    #[test]
-    fn the_acknowledgement_delay_is_measured_after_a_loss() {
-        let (mut now, mut e, v) = counting_viewer();
-        let mut next = 1001;
-        let (mut got, mut bytes) = (0, 0);
-        let mut lost = Vec::new();
-        for step in 0..20 {
-            for (to, body) in steady(&mut e, &mut now, &mut next) {
-                if let (true, Body::Media(m)) = (to == v, body) {
-                    // Lost on the way: more than it acknowledges at once (then asked
-                    // for, and repaired).
-                    if step == 5 {
-                        lost.push(m.seq.0);
-                        continue;
-                    }
-                    // The last packet sent to it, all of them in order here.
-                    got = got.max(m.seq.0);
-                    bytes += m.rtp.len() as u64;
-                }
-            }
-            if step == 5 {
-                e.handle_input(now, viewer_nack(v, lost[0], lost.len() as u16));
-                for (to, body) in sent(&mut e) {
-                    if let (true, Body::Media(m)) = (to == v, body) {
-                        bytes += m.rtp.len() as u64;
-                    }
-                }
-            }
-            // Its acknowledgements come 20 ms after what they acknowledge, then 70 ms.
-            let delay = Duration::from_millis(if step < 10 { 20 } else { 70 });
-            let at = now + delay;
-            e.handle_input(at, ack_naming(at, v, got, bytes, got));
-        }
-        let gate = &e.streams[&STREAM].viewers[&v].repairs;
-        assert_eq!(gate.latest, Some(Duration::from_millis(70)));
-    }
-
-    #[test]
-    fn a_limited_viewers_repairs_fit_in_what_its_link_carries_beyond_its_stream() {
-        let now = Instant::now();
-        let mut gate = RepairGate::default();
-        let least = Some(Duration::from_millis(10));
-        gate.delay_sample(Duration::from_millis(300));
-        // Its link carried 120 kbit/s of packets of 300 bytes (50 a second) while its
-        // stream sends 40 a second: 10 repairs a second, 12 at once (300 ms of stream).
-        gate.limit = Some((120_000, now));
-        let allowed = |gate: &mut RepairGate, at: Instant, from: u64| {
-            (from..from + 100)
-                .filter(|&q| gate.allow(at, SeqNo(q), 300, 40.0, least))
-                .count()
-        };
-        assert_eq!(allowed(&mut gate, now, 0), 12);
-        assert_eq!(gate.held_budget, 88);
-        assert_eq!(allowed(&mut gate, now + Duration::from_secs(1), 1000), 10);
-        // Once the link is no longer measured limited, no budget.
-        let later = now + REPAIR_LIMIT_MEMORY + Duration::from_secs(1);
-        assert_eq!(allowed(&mut gate, later, 2000), 100);
-    }
-
-    /// A viewer whose packets queue while its link carries little more than its stream
-    /// (a link just full, not yet measured limited) gets repairs within what the link
-    /// carries beyond the stream; one whose link carries far more (its delay rose for
-    /// another reason) is not held to it.
-    #[test]
-    fn a_full_links_repairs_fit_in_what_it_carried_lately() {
-        let now = Instant::now();
-        let least = Some(Duration::from_millis(10));
-        let allowed = |gate: &mut RepairGate, at: Instant, from: u64| {
-            (from..from + 100)
-                .filter(|&q| gate.allow(at, SeqNo(q), 300, 40.0, least))
-                .count()
-        };
-        // 40 packets of 300 bytes a second: 96 kbit/s of stream.
-        let mut full = RepairGate::default();
-        full.delay_sample(Duration::from_millis(300));
-        full.carried = Some(120_000);
-        assert_eq!(allowed(&mut full, now, 0), 12);
-        assert_eq!(allowed(&mut full, now + Duration::from_secs(1), 1000), 10);
-        let mut roomy = RepairGate::default();
-        roomy.delay_sample(Duration::from_millis(300));
-        roomy.carried = Some(1_000_000);
-        assert_eq!(allowed(&mut roomy, now, 0), 100);
-        // Nothing queues: every ask is answered.
-        let mut calm = RepairGate::default();
-        calm.delay_sample(Duration::from_millis(10));
-        calm.carried = Some(120_000);
-        assert_eq!(allowed(&mut calm, now, 0), 100);
     }
 
     /// A media message of `stream`: one TS packet, starting a PES with time `pts` when

@@ -69,7 +69,6 @@ fn watch(id: u64, cookie: Cookie, token: &str) -> Message {
             token: Bytes::copy_from_slice(token.as_bytes()),
             received: None,
             policy: None,
-            newest: None,
         }),
     }
 }

@@ -359,10 +359,8 @@ pub enum WatchStart {
     Live = 2,
 }
 
-/// `received` in a watch that carries a policy or a newest number but no count.
+/// `received` in a watch that carries a policy but no count.
 const NOT_COUNTED: u64 = u64::MAX;
-/// `policy` in a watch that carries a newest number but no policy.
-const NO_POLICY: u32 = u32::MAX;
 
 /// A viewer's request to an edge, repeated as its refresh and acknowledgement.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -386,10 +384,6 @@ pub struct Watch {
     pub received: Option<u64>,
     /// What the viewer asks of a ladder's renditions (a ceiling, or a pin), if anything.
     pub policy: Option<crate::speed::Policy>,
-    /// The highest sequence number received from this edge (the watch's addressee), when
-    /// the viewer tells it: the edge measures how long its packets take to be
-    /// acknowledged from when it sent that one, exactly, whatever was lost before it.
-    pub newest: Option<SeqNo>,
 }
 
 /// What an edge tells a viewer.
@@ -867,20 +861,12 @@ fn encode_body(body: &Body, out: &mut BytesMut) -> Result<(), EncodeError> {
             out.put_slice(&w.cookie);
             out.put_u8(w.token.len() as u8);
             out.put_slice(&w.token);
-            if w.received.is_some() || w.policy.is_some() || w.newest.is_some() {
+            if w.received.is_some() || w.policy.is_some() {
                 out.put_u64(w.received.unwrap_or(NOT_COUNTED));
             }
-            match w.policy {
-                Some(p) => {
-                    // Never NO_POLICY: the largest ceiling is one under it.
-                    let kbps = p.ceiling.map_or(0, |c| (c / 1000).clamp(1, 0x7fff_fffe)) as u32;
-                    out.put_u32(kbps | if p.pinned { 1 << 31 } else { 0 });
-                }
-                None if w.newest.is_some() => out.put_u32(NO_POLICY),
-                None => {}
-            }
-            if let Some(n) = w.newest {
-                out.put_u64(n.0);
+            if let Some(p) = w.policy {
+                let kbps = p.ceiling.map_or(0, |c| (c / 1000).clamp(1, 0x7fff_ffff)) as u32;
+                out.put_u32(kbps | if p.pinned { 1 << 31 } else { 0 });
             }
         }
         Body::Notice { kind, value } => {
@@ -1032,15 +1018,10 @@ fn decode_body(kind: Kind, buf: &mut impl Buf) -> Result<Body, DecodeError> {
                 policy: if buf.has_remaining() {
                     let raw = get_u32(buf)?;
                     let kbps = u64::from(raw & 0x7fff_ffff);
-                    (raw != NO_POLICY).then_some(crate::speed::Policy {
+                    Some(crate::speed::Policy {
                         ceiling: (kbps > 0).then_some(kbps * 1000),
                         pinned: raw >> 31 == 1,
                     })
-                } else {
-                    None
-                },
-                newest: if buf.has_remaining() {
-                    Some(SeqNo(get_u64(buf)?))
                 } else {
                     None
                 },

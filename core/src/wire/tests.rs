@@ -118,7 +118,6 @@ fn samples() -> Vec<Message> {
                     ceiling: Some(3_000_000),
                     pinned: true,
                 }),
-                newest: Some(SeqNo(16)),
             }),
         },
         Message {
@@ -533,11 +532,10 @@ fn arb_message() -> impl Strategy<Value = Message> {
             any::<[u8; COOKIE_LEN]>(),
             prop::collection::vec(any::<u8>(), 0..=MAX_TOKEN),
             prop::option::of(0..u64::MAX),
-            prop::option::of((prop::option::of(1u64..0x7fff_ffff), any::<bool>())),
-            prop::option::of(any::<u64>()),
+            prop::option::of((prop::option::of(1u64..0x7fff_ffff), any::<bool>()))
         )
             .prop_map(
-                |(n, l, st, s, a, cookie, t, received, policy, newest)| Body::Watch(Watch {
+                |(n, l, st, s, a, cookie, t, received, policy)| Body::Watch(Watch {
                     node: NodeId(n),
                     lease_ms: l,
                     start: [WatchStart::Keyframe, WatchStart::Seq, WatchStart::Live]
@@ -551,7 +549,6 @@ fn arb_message() -> impl Strategy<Value = Message> {
                         ceiling: kbps.map(|k| k * 1000),
                         pinned,
                     }),
-                    newest: newest.map(SeqNo),
                 })
             ),
         (1u8..8, any::<u64>()).prop_map(|(k, value)| Body::Notice {
