@@ -66,8 +66,11 @@ impl std::fmt::Display for Violation {
 pub struct Outcome {
     /// The seed of the schedule run.
     pub seed: u64,
-    /// Every invariant broken (empty: the run passed).
+    /// Every invariant broken (empty: the run passed): the first 200, and the first of
+    /// each kind past them.
     pub violations: Vec<Violation>,
+    /// How many times each invariant was broken, all of them counted.
+    pub broken: std::collections::BTreeMap<&'static str, u64>,
     /// Events processed.
     pub events: u64,
     /// Packets the capture sent.
@@ -239,7 +242,9 @@ pub fn check(w: &World) -> Outcome {
         ..Outcome::default()
     };
     let mut violate = |kind: &'static str, who: &str, at: Instant, detail: String| {
-        if out.violations.len() < 200 {
+        let seen = out.broken.entry(kind).or_default();
+        *seen += 1;
+        if out.violations.len() < 200 || *seen == 1 {
             out.violations.push(Violation {
                 kind,
                 who: who.to_owned(),
