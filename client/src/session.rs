@@ -258,6 +258,9 @@ pub struct Stats {
     pub late_or_duplicate: u64,
     /// Copies of a source session left behind (dropped).
     pub stale: u64,
+    /// Sessions left behind taken up again without the edge's word: it moved the viewer
+    /// back to a rendition it was on before, and the notice saying so was lost.
+    pub revived: u64,
     /// New source sessions followed (the capture started again).
     pub sessions: u64,
     /// Asks for a missing packet sent to the edge.
@@ -1180,6 +1183,14 @@ impl Session {
                 if !header.flags.contains(Flags::RETRANSMIT) && header.stream != self.stream_now {
                     self.stream_before = self.stream_now;
                     self.stream_now = header.stream;
+                    // Its edge moved it to another rendition, whose notice may be lost
+                    // on a link too slow for the one it left: a session it was on
+                    // before is not stale now (its packets would all be dropped).
+                    let ssrc = m.rtp.fields().ssrc;
+                    if self.retired.contains(&ssrc) {
+                        self.retired.retain(|s| *s != ssrc);
+                        self.stats.revived += 1;
+                    }
                 }
                 // A repair says nothing of where the new edge streams from (a cold edge
                 // may answer one for a packet it holds before it can serve the resume
