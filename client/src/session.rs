@@ -75,7 +75,7 @@ const LEFT_GRACE: Duration = Duration::from_secs(1);
 /// holes, gives its edge this long to move it down before it leaves for another edge:
 /// a link too slow for the rendition is the edge's to answer (its meter, then the next
 /// keyframe), and a new edge would start measuring afresh, at the same rendition.
-const STEP_DOWN_GRACE: Duration = Duration::from_secs(3);
+const STEP_DOWN_GRACE: Duration = Duration::from_millis(4_500);
 /// How long after a failed assignment it is asked for again.
 const RETRY_ASSIGN: Duration = Duration::from_millis(250);
 /// The lease asked for in every watch.

@@ -92,15 +92,16 @@ pub struct Meter {
     total_delivered: u64,
     backlog: Option<i64>,
     /// Since when it measures (its start, or its last restart): no verdict of
-    /// *limited* before a whole down window is measured.
+    /// *limited* before `whole` is measured (the down window, or half of it after a
+    /// move down).
     started: Option<Instant>,
+    whole: Duration,
 }
 
 impl Meter {
     /// A meter with nothing measured.
     pub fn new(config: Config) -> Meter {
         Meter {
-            config,
             samples: VecDeque::with_capacity(HELD),
             since: None,
             bytes: 0,
@@ -111,6 +112,8 @@ impl Meter {
             total_delivered: 0,
             backlog: None,
             started: None,
+            whole: config.down_window,
+            config,
         }
     }
 
@@ -141,6 +144,20 @@ impl Meter {
     /// Forgets what was measured (a probe just ended: what it sent, and the repairs
     /// of what it made the viewer lose, say nothing of the stream's own delivery).
     pub fn restart(&mut self, now: Instant) {
+        self.restart_for(now, self.config.down_window);
+    }
+
+    /// Forgets what was measured, as the viewer moves down to a lower rendition: a link
+    /// still too slow for it shows within half the down window, so a drop across two
+    /// renditions costs one window and a half, not two. (What that half holds is only
+    /// the new rendition's: the link just held the viewer back, so a queue of the old
+    /// one draining reads as room, never as a limit.)
+    pub fn restart_stepped_down(&mut self, now: Instant) {
+        self.restart_for(now, self.config.down_window / 2);
+    }
+
+    fn restart_for(&mut self, now: Instant, whole: Duration) {
+        self.whole = whole;
         self.started = Some(now);
         self.samples.clear();
         self.backlog = None;
@@ -240,10 +257,13 @@ impl Meter {
             let held = recent.clone().rev().take_while(|s| s.blocked).count();
             // A whole window measured since the start (or a move, or a probe): what
             // follows a change (a queue draining, repairs) is no verdict on the link.
-            let whole = self
-                .started
-                .is_some_and(|t| now.saturating_duration_since(t) >= self.config.down_window);
-            if whole && n >= 4 && (behind || blocked * 4 >= n * 3 || held >= 4) {
+            // After a move down, half a window that falls behind is enough: the link
+            // just held the viewer back, and a full window (which a stalled viewer's late
+            // acknowledgements also fill) is no sign of its own.
+            let measured = self.started.map(|t| now.saturating_duration_since(t));
+            let whole = measured.is_some_and(|m| m >= self.config.down_window);
+            let early = measured.is_some_and(|m| m >= self.whole) && behind;
+            if (whole || early) && n >= 4 && (behind || blocked * 4 >= n * 3 || held >= 4) {
                 let mean = recent.map(|s| s.bps).sum::<u64>() / n as u64;
                 return Some(Estimate {
                     bps: mean,
@@ -318,7 +338,8 @@ pub struct AdaptConfig {
     /// How long a probe sends at the rate the next rendition needs.
     pub probe_for: Duration,
     /// No move within this long of the last one: its viewer is still changing sessions
-    /// (its buffer waits for the last one's holes).
+    /// (its buffer waits for the last one's holes). Default 1 s: a second move down
+    /// (a drop across two renditions) follows the meter's half window after the first.
     pub dwell: Duration,
 }
 
@@ -330,7 +351,7 @@ impl Default for AdaptConfig {
             probe_every: Duration::from_secs(3),
             probe_max: Duration::from_secs(6),
             probe_for: Duration::from_secs(1),
-            dwell: Duration::from_secs(2),
+            dwell: Duration::from_secs(1),
         }
     }
 }
@@ -713,6 +734,64 @@ mod tests {
         let m = Meter::new(Config::default());
         assert_eq!(m.estimate(t0()), None);
         assert!(!m.slow(t0()));
+    }
+
+    /// A viewer sent `stream` bit/s, of which its link carries `link` (the rest is lost),
+    /// for `secs` in 10 ms steps from `t`; its acknowledgements stop for `stall` seconds
+    /// from `stall_at` (its process descheduled), then say at once what came meanwhile.
+    /// The first time the estimate says limited, seconds after `t`.
+    fn first_limited(
+        m: &mut Meter,
+        t: Instant,
+        (stream, link): (u64, u64),
+        secs: f64,
+        (stall_at, stall): (f64, f64),
+    ) -> Option<f64> {
+        let mut owed = 0.0;
+        for i in 1..=(secs * 100.0) as usize {
+            let s = i as f64 / 100.0;
+            let now = t + Duration::from_millis(i as u64 * 10);
+            m.sent(now, stream / 800);
+            owed += link as f64 / 800.0;
+            if !(stall_at..stall_at + stall).contains(&s) {
+                m.delivered(now, owed as u64);
+                owed = 0.0;
+            }
+            m.tick(now);
+            if m.estimate(now).is_some_and(|e| e.limited) {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// After a move down, a link still too slow for the new rendition is told within
+    /// half the down window (a drop across two renditions costs a window and a half,
+    /// not two); after any other restart, a whole window as before.
+    #[test]
+    fn a_link_still_too_slow_after_a_move_down_is_told_within_half_a_window() {
+        let t = t0();
+        let mut m = Meter::new(Config::default());
+        m.restart_stepped_down(t);
+        let early = first_limited(&mut m, t, (2_500_000, 1_500_000), 3.0, (0.0, 0.0));
+        assert!(early.is_some_and(|s| s <= 1.3), "{early:?}");
+        let mut m = Meter::new(Config::default());
+        m.restart(t);
+        let whole = first_limited(&mut m, t, (2_500_000, 1_500_000), 3.0, (0.0, 0.0));
+        assert!(whole.is_some_and(|s| s >= 2.0), "{whole:?}");
+    }
+
+    /// A viewer whose link carries the new rendition, but whose acknowledgements stall
+    /// for 300 ms (a loaded machine), is not judged limited early: what it owed comes.
+    #[test]
+    fn a_stalled_viewer_after_a_move_down_is_not_judged_limited() {
+        for stall_at in [0.3, 0.6, 0.9, 1.2, 1.5, 1.8] {
+            let t = t0();
+            let mut m = Meter::new(Config::default());
+            m.restart_stepped_down(t);
+            let got = first_limited(&mut m, t, (2_500_000, 2_500_000), 2.5, (stall_at, 0.3));
+            assert_eq!(got, None, "stall at {stall_at} s");
+        }
     }
 
     proptest! {

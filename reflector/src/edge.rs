@@ -1695,8 +1695,13 @@ impl Edge {
         v.cursor = Some(c);
         // What is in flight is of the other session: acknowledgements now name this one.
         v.in_flight.clear();
-        // What was measured on the other rendition says nothing of this one's delivery.
-        v.speed.restart(now);
+        // What was measured on the other rendition says nothing of this one's delivery;
+        // after a move down, a link still too slow for this one is told sooner.
+        if reason == speed::Reason::Down {
+            v.speed.restart_stepped_down(now);
+        } else {
+            v.speed.restart(now);
+        }
         v.tail = TailProbe::default();
         if let Some(a) = v.adapt.as_mut() {
             a.pending = None;
