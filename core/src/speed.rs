@@ -23,6 +23,15 @@ use crate::Bitrate;
 pub const SAMPLE: Duration = Duration::from_millis(250);
 /// Samples held: the last 10 s.
 const HELD: usize = 40;
+/// A probe sends this much more than the next rendition needs (over the climbing
+/// share): its copies grow over its first half, and what arrives over the second, in
+/// samples whose credits come in bursts, reads below what was sent.
+const PROBE_OVER: f64 = 1.25;
+/// After a move down, a verdict before the whole window moves the viewer only when it
+/// received under this share of its rendition's nominal rate: right after a move the
+/// edge sends the new rendition's catch-up faster than the link carries, which is no
+/// sign the rendition does not fit.
+const EARLY_SHARE: f64 = 0.9;
 
 /// What a meter judges with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -257,14 +266,15 @@ impl Meter {
             let held = recent.clone().rev().take_while(|s| s.blocked).count();
             // A whole window measured since the start (or a move, or a probe): what
             // follows a change (a queue draining, repairs) is no verdict on the link.
-            // After a move down, half a window that falls behind is enough: the link
-            // just held the viewer back, and a full window (which a stalled viewer's late
-            // acknowledgements also fill) is no sign of its own.
+            // After a move down, half a window is enough when it falls behind: the link
+            // just held the viewer back. A full window (which a stalled viewer's late
+            // acknowledgements also fill) is left to the whole window, and so is a rate
+            // not clearly under the rendition's (the chooser's part, see `settled`).
+            let mean = recent.clone().map(|s| s.bps).sum::<u64>() / n as u64;
             let measured = self.started.map(|t| now.saturating_duration_since(t));
             let whole = measured.is_some_and(|m| m >= self.config.down_window);
             let early = measured.is_some_and(|m| m >= self.whole) && behind;
             if (whole || early) && n >= 4 && (behind || blocked * 4 >= n * 3 || held >= 4) {
-                let mean = recent.map(|s| s.bps).sum::<u64>() / n as u64;
                 return Some(Estimate {
                     bps: mean,
                     limited: true,
@@ -288,6 +298,13 @@ impl Meter {
             bps: max,
             limited: false,
         })
+    }
+
+    /// Whether a whole down window was measured since it started (or restarted): a
+    /// verdict before that is an early one (after a move down).
+    pub fn settled(&self, now: Instant) -> bool {
+        self.started
+            .is_some_and(|t| now.saturating_duration_since(t) >= self.config.down_window)
     }
 
     /// What it received since `since`, bit/s: the samples that closed after it.
@@ -335,7 +352,9 @@ pub struct AdaptConfig {
     pub probe_every: Duration,
     /// The longest wait between probes.
     pub probe_max: Duration,
-    /// How long a probe sends at the rate the next rendition needs.
+    /// How long a probe lasts: its copies grow over the first half (the edge paces
+    /// them), then it sends at the rate the next rendition needs; what arrives over the
+    /// second half is measured.
     pub probe_for: Duration,
     /// No move within this long of the last one: its viewer is still changing sessions
     /// (its buffer waits for the last one's holes). Default 1 s: a second move down
@@ -454,6 +473,8 @@ pub struct ProbeOutcome {
     pub limited: bool,
     /// Whether it showed room.
     pub ok: bool,
+    /// When it ended (a probe ended early by losses leaves the last outcome as it was).
+    pub at: Instant,
 }
 
 impl Chooser {
@@ -516,8 +537,8 @@ impl Chooser {
     /// probe tries, over the share).
     pub fn probing(&self, now: Instant, ladder: &[u64]) -> Option<u64> {
         let (until, target) = self.probe?;
-        // A tenth above what the rendition needs: a link that carries the probe has room.
-        (now < until).then(|| (ladder[target] as f64 / self.config.share * 1.1) as u64)
+        // Above what the rendition needs ([`PROBE_OVER`]): a link that carries it has room.
+        (now < until).then(|| (ladder[target] as f64 / self.config.share * PROBE_OVER) as u64)
     }
 
     /// The rendition the viewer should move to, and why, when it differs from the one it
@@ -535,7 +556,11 @@ impl Chooser {
             return (self.cur != cap).then_some((cap, Reason::Policy));
         }
         let e = meter.estimate(now)?;
-        if e.limited && ladder[self.cur] as f64 > e.bps as f64 * self.config.keep {
+        let clearly_under = (e.bps as f64) < ladder[self.cur] as f64 * EARLY_SHARE;
+        if e.limited
+            && ladder[self.cur] as f64 > e.bps as f64 * self.config.keep
+            && (meter.settled(now) || clearly_under)
+        {
             // Held back under its rendition's rate: down to what the link carries.
             self.probe_failed(now);
             let to = fits(ladder, e.bps as f64 * self.config.keep).unwrap_or(0);
@@ -550,7 +575,9 @@ impl Chooser {
             // loss is no measure of its link.
             self.probe = None;
             // What it received over the probe's second half (the first fills the
-            // link's queue), not its best moment: a link that fell meanwhile shows.
+            // link's queue, its copies growing), not its best moment: a link that fell
+            // meanwhile shows. A sample begun mostly before the half is left out (its
+            // copies were still growing): one always closes after it.
             let half = until - self.config.probe_for / 2;
             let rate = meter.mean_since(half).unwrap_or(0);
             let ok = !e.limited && (rate as f64) * self.config.share >= ladder[target] as f64;
@@ -559,6 +586,7 @@ impl Chooser {
                 needed: (ladder[target] as f64 / self.config.share) as u64,
                 limited: e.limited,
                 ok,
+                at: now,
             });
             if !ok {
                 self.probe_failed(now);
@@ -736,61 +764,104 @@ mod tests {
         assert!(!m.slow(t0()));
     }
 
-    /// A viewer sent `stream` bit/s, of which its link carries `link` (the rest is lost),
-    /// for `secs` in 10 ms steps from `t`; its acknowledgements stop for `stall` seconds
-    /// from `stall_at` (its process descheduled), then say at once what came meanwhile.
-    /// The first time the estimate says limited, seconds after `t`.
-    fn first_limited(
-        m: &mut Meter,
-        t: Instant,
-        (stream, link): (u64, u64),
-        secs: f64,
-        (stall_at, stall): (f64, f64),
-    ) -> Option<f64> {
-        let mut owed = 0.0;
-        for i in 1..=(secs * 100.0) as usize {
-            let s = i as f64 / 100.0;
-            let now = t + Duration::from_millis(i as u64 * 10);
-            m.sent(now, stream / 800);
-            owed += link as f64 / 800.0;
-            if !(stall_at..stall_at + stall).contains(&s) {
-                m.delivered(now, owed as u64);
-                owed = 0.0;
-            }
-            m.tick(now);
-            if m.estimate(now).is_some_and(|e| e.limited) {
-                return Some(s);
-            }
-        }
-        None
+    /// A viewer just moved down to 2.5 Mbit/s of a 1/2.5/5 ladder (its meter started
+    /// over at `t`), sent `stream` bit/s (`burst` for the first `burst_for` seconds: the
+    /// new rendition's catch-up), of which its link carries `link` (the rest is lost),
+    /// for `secs` in 10 ms steps; its acknowledgements stop for `stall` seconds from
+    /// `stall_at` (its process descheduled), then say at once what came meanwhile. The
+    /// first time its chooser moves it down, seconds after `t`.
+    struct AfterMove {
+        stream: u64,
+        burst: (u64, f64),
+        link: u64,
+        stall: (f64, f64),
+        restart_down: bool,
     }
 
-    /// After a move down, a link still too slow for the new rendition is told within
+    impl AfterMove {
+        fn new(stream: u64, link: u64) -> AfterMove {
+            AfterMove {
+                stream,
+                burst: (stream, 0.0),
+                link,
+                stall: (0.0, 0.0),
+                restart_down: true,
+            }
+        }
+
+        fn first_down(&self, secs: f64) -> Option<f64> {
+            let t = t0();
+            let mut m = Meter::new(Config::default());
+            let mut c = Chooser::join(AdaptConfig::default(), Policy::default(), &LADDER, None, t);
+            c.moved(t, 1);
+            if self.restart_down {
+                m.restart_stepped_down(t);
+            } else {
+                m.restart(t);
+            }
+            let mut owed = 0.0;
+            let (stall_at, stall) = self.stall;
+            for i in 1..=(secs * 100.0) as usize {
+                let s = i as f64 / 100.0;
+                let now = t + Duration::from_millis(i as u64 * 10);
+                let rate = if s <= self.burst.1 {
+                    self.burst.0
+                } else {
+                    self.stream
+                };
+                m.sent(now, rate / 800);
+                owed += (self.link.min(rate)) as f64 / 800.0;
+                if !(stall_at..stall_at + stall).contains(&s) {
+                    m.delivered(now, owed as u64);
+                    owed = 0.0;
+                }
+                m.tick(now);
+                if let Some((_, Reason::Down)) = c.decide(now, &LADDER, &m) {
+                    return Some(s);
+                }
+            }
+            None
+        }
+    }
+
+    /// After a move down, a link clearly too slow for the new rendition is told within
     /// half the down window (a drop across two renditions costs a window and a half,
-    /// not two); after any other restart, a whole window as before.
+    /// not two); one just too slow, and after any other restart, a whole window.
     #[test]
     fn a_link_still_too_slow_after_a_move_down_is_told_within_half_a_window() {
-        let t = t0();
-        let mut m = Meter::new(Config::default());
-        m.restart_stepped_down(t);
-        let early = first_limited(&mut m, t, (2_500_000, 1_500_000), 3.0, (0.0, 0.0));
+        let early = AfterMove::new(2_500_000, 1_500_000).first_down(3.0);
         assert!(early.is_some_and(|s| s <= 1.3), "{early:?}");
-        let mut m = Meter::new(Config::default());
-        m.restart(t);
-        let whole = first_limited(&mut m, t, (2_500_000, 1_500_000), 3.0, (0.0, 0.0));
+        // Just under the rendition (a loaded viewer's late credits read alike): the
+        // whole window.
+        let close = AfterMove::new(2_500_000, 2_300_000).first_down(3.0);
+        assert!(close.is_some_and(|s| s >= 2.0), "{close:?}");
+        let whole = AfterMove {
+            restart_down: false,
+            ..AfterMove::new(2_500_000, 1_500_000)
+        }
+        .first_down(3.0);
         assert!(whole.is_some_and(|s| s >= 2.0), "{whole:?}");
     }
 
-    /// A viewer whose link carries the new rendition, but whose acknowledgements stall
-    /// for 300 ms (a loaded machine), is not judged limited early: what it owed comes.
+    /// Right after a move down, the new rendition's catch-up goes out faster than the
+    /// link carries, and a viewer's acknowledgements may stall (a loaded machine):
+    /// neither moves a viewer whose link carries the rendition further down.
     #[test]
-    fn a_stalled_viewer_after_a_move_down_is_not_judged_limited() {
+    fn a_catch_up_or_a_stall_after_a_move_down_moves_it_no_further() {
+        // The catch-up overflows a link of 2.7 Mbit/s: what it drops is behind for good,
+        // and the whole window may judge so; half of one does not.
+        let catch_up = AfterMove {
+            burst: (5_000_000, 0.6),
+            ..AfterMove::new(2_500_000, 2_700_000)
+        };
+        let down = catch_up.first_down(4.0);
+        assert!(down.is_none_or(|s| s >= 2.0), "{down:?}");
         for stall_at in [0.3, 0.6, 0.9, 1.2, 1.5, 1.8] {
-            let t = t0();
-            let mut m = Meter::new(Config::default());
-            m.restart_stepped_down(t);
-            let got = first_limited(&mut m, t, (2_500_000, 2_500_000), 2.5, (stall_at, 0.3));
-            assert_eq!(got, None, "stall at {stall_at} s");
+            let stalled = AfterMove {
+                stall: (stall_at, 0.3),
+                ..AfterMove::new(2_500_000, 2_500_000)
+            };
+            assert_eq!(stalled.first_down(4.0), None, "stall at {stall_at} s");
         }
     }
 

@@ -114,6 +114,8 @@ pub struct Counters {
     pub probes: u64,
     /// Bytes those probes sent.
     pub probe_bytes: u64,
+    /// Probes ended early because the viewer lost packets (the link had no room).
+    pub probe_loss_ends: u64,
 }
 
 /// One stream's figures, for the metrics.

@@ -105,13 +105,16 @@ struct Adapt {
     passed: Option<u64>,
     /// Keyframes with no aligned one in the target rendition, in a row.
     unaligned: u32,
-    /// Whether a probe was under way at the last look.
+    /// Whether a probe was under way at the last look, and since when.
     probing: bool,
+    probe_started: Option<Instant>,
     /// During a probe: packets of the stream sent, and packets the viewer asked for.
     probe_sent: u64,
     probe_nacked: u64,
 }
 
+/// A probe's copies grow over this share of it, from none (see `Chooser::probing`).
+const GROW_SHARE: f64 = 0.5;
 /// How long a viewer waits at its keyframe for the other rendition's aligned keyframe
 /// (just subscribed, it may be a moment behind).
 const ALIGN_WAIT: Duration = Duration::from_millis(300);
@@ -811,6 +814,10 @@ impl Edge {
                         ad.probe_nacked += ranges.iter().map(|r| u64::from(r.count)).sum::<u64>();
                         if ad.probe_nacked * 20 > ad.probe_sent.max(40) {
                             ad.chooser.probe_lost(now);
+                            // Its copies stop now, not at the next look: each one more
+                            // overflows the link further.
+                            v.pad_ratio = 0.0;
+                            self.counters.probe_loss_ends += 1;
                         }
                     }
                 }
@@ -1164,6 +1171,7 @@ impl Edge {
                 passed: None,
                 unaligned: 0,
                 probing: false,
+                probe_started: None,
                 probe_sent: 0,
                 probe_nacked: 0,
             });
@@ -2039,9 +2047,21 @@ impl Edge {
                     self.counters.probes += 1;
                     a.probe_sent = 0;
                     a.probe_nacked = 0;
+                    a.probe_started = Some(now);
                 }
                 if probe.is_none() && a.probing {
-                    tracing::debug!(viewer = %key, outcome = ?a.chooser.last_probe(), "probe ended");
+                    tracing::debug!(viewer = %key, outcome = ?a.chooser.last_probe(), meter = ?v.speed, "probe ended");
+                    // A probe that showed room measured the link at least that fast:
+                    // remembered now, not only at the next second's look (by then the
+                    // meter holds only what came after the probe), so a viewer from the
+                    // same network joining meanwhile starts as high.
+                    if let Some(o) = a.chooser.last_probe().filter(|o| o.ok && o.at == now) {
+                        let e = speed::Estimate {
+                            bps: o.rate,
+                            limited: false,
+                        };
+                        known.push((v.client, *key, e));
+                    }
                     // What the probe sent, and the repairs of what it made the viewer
                     // lose, say nothing of the stream's own delivery.
                     v.speed.restart(now);
@@ -2055,8 +2075,17 @@ impl Edge {
                     .filter(|r| *r > 0)
                     .unwrap_or(rates[a.chooser.current()])
                     .max(1);
-                v.pad_ratio =
-                    probe.map_or(0.0, |r| r.saturating_sub(stream) as f64 / stream as f64);
+                // Its copies grow over the probe's first third (what follows is
+                // measured): on a link without room the queue fills slowly, and the
+                // first losses end the probe before it overflows by the whole step to
+                // the next rendition.
+                let ramp = a.probe_started.filter(|_| a.probing).map_or(1.0, |t| {
+                    let grow = self.config.adapt.probe_for.as_secs_f64() * GROW_SHARE;
+                    (now.saturating_duration_since(t).as_secs_f64() / grow).clamp(0.0, 1.0)
+                });
+                v.pad_ratio = probe.map_or(0.0, |r| {
+                    ramp * r.saturating_sub(stream) as f64 / stream as f64
+                });
             }
         }
         for (client, key, e) in known {
@@ -2561,6 +2590,94 @@ mod tests {
     #[test]
     fn a_keyframe_whose_time_stamp_is_in_its_next_packet_is_aligned_too() {
         ladder_move(true);
+    }
+
+    /// A probe's copies grow from none over its first half (a link without room fills
+    /// slowly and shows losses before the whole step overflows it), and stop at once
+    /// when the viewer's asks show it losing packets.
+    #[test]
+    fn a_probes_copies_grow_and_stop_at_the_first_losses() {
+        let mut now = Instant::now();
+        let config = Config {
+            ladders: vec![vec![(StreamId(11), 1_000_000), (StreamId(12), 2_500_000)]],
+            ..edge(now).config
+        };
+        let mut e = Edge::new(config, codec(), WallClock::new(now, 1_800_000_000_000))
+            .unwrap()
+            .with_cookie_secret(COOKIE_SECRET);
+        let v = viewer(5000);
+        // A watch of rendition 11, acknowledging `acked`, having received `bytes`.
+        let watch_11 = |now: Instant, acked: u64, bytes: u64| {
+            let Input::Received { datagram, .. } = ack_received(now, v, acked, bytes) else {
+                unreachable!()
+            };
+            let (_, mut m) = codec().decode_any(datagram).unwrap();
+            m.header.stream = StreamId(11);
+            from_viewer_msg(v, &m)
+        };
+        let (mut highest, mut bytes) = (0u64, 0u64);
+        e.handle_input(now, watch_11(now, 0, 0));
+        // Copies sent to the viewer per 20 ms step once a probe starts, and the step the
+        // viewer asks for many packets at once.
+        let mut copies = Vec::new();
+        let mut nacked_at = None;
+        for i in 0..400u64 {
+            let key = i % 10 == 0;
+            let pts = key.then_some(90_000 * (i / 10));
+            e.handle_input(now, ts_media_flagged(11, 0x11, 1000 + i, pts, key));
+            e.handle_input(now, ts_media_flagged(12, 0x12, 7000 + i, pts, key));
+            now += Duration::from_millis(20);
+            e.handle_timeout(now);
+            let mut seen = std::collections::HashSet::new();
+            let mut dup = 0;
+            for (to, body) in sent(&mut e) {
+                if let (true, Body::Media(m)) = (to == v, body) {
+                    bytes += m.rtp.len() as u64;
+                    highest = highest.max(m.seq.0);
+                    if !seen.insert(m.seq.0) {
+                        dup += 1;
+                    }
+                }
+            }
+            if dup > 0 || !copies.is_empty() {
+                copies.push(dup);
+            }
+            // Its asks show it losing packets, 15 steps into the probe.
+            if copies.len() == 15 && nacked_at.is_none() {
+                nacked_at = Some(copies.len());
+                let m = Message {
+                    header: Header {
+                        stream: StreamId(11),
+                        ..Header::default()
+                    },
+                    body: Body::Nack(vec![SeqRange {
+                        first: SeqNo(highest.saturating_sub(60)),
+                        count: 50,
+                    }]),
+                };
+                e.handle_input(now, from_viewer_msg(v, &m));
+            }
+            e.handle_input(now, watch_11(now, highest, bytes));
+        }
+        assert!(copies.len() > 15, "a probe ran: {copies:?}");
+        // Growing: its first 100 ms send under half the copies of its third.
+        let first: usize = copies[..5].iter().sum();
+        let third: usize = copies[10..15].iter().sum();
+        assert!(first * 2 <= third, "{copies:?}");
+        // Stopped at once: no copy after the asks.
+        assert!(copies[15..].iter().all(|&c| c == 0), "{copies:?}");
+        assert_eq!(e.counters().probe_loss_ends, 1);
+    }
+
+    /// Message `m` as viewer `from` sends it.
+    fn from_viewer_msg(from: Peer, m: &Message) -> Input {
+        let mut b = BytesMut::new();
+        Codec::viewer().encode(m, &mut b).unwrap();
+        Input::Received {
+            from,
+            datagram: b.freeze(),
+            node: false,
+        }
     }
 
     fn ladder_move(split: bool) {
