@@ -32,6 +32,11 @@ struct Args {
     /// Viewer transports measured at each count, in turn: `udp`, `quic`.
     #[arg(long, default_value = "udp,quic", value_delimiter = ',')]
     transports: Vec<String>,
+    /// The raw baseline sends this many packets to each socket per `sendmmsg` call, at
+    /// the same rate (every this many packet intervals): with more than one, a receiving
+    /// thread drains several per wakeup.
+    #[arg(long, default_value_t = 1)]
+    raw_batch: usize,
 }
 
 /// What the raw baseline did.
@@ -62,7 +67,7 @@ fn thread_cpu_seconds() -> f64 {
 /// The raw baseline: one packet every `gap` to each of `n` sockets with sendmmsg, for
 /// `secs`, timed: the CPU of the one thread that sends (the edge's figure is its whole
 /// process's; both share the machine with their receivers).
-fn raw_baseline(n: usize, pps_per_viewer: u64, secs: u64) -> Raw {
+fn raw_baseline(n: usize, pps_per_viewer: u64, secs: u64, batch: usize) -> Raw {
     let count = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut addrs: Vec<SocketAddr> = Vec::new();
@@ -85,12 +90,15 @@ fn raw_baseline(n: usize, pps_per_viewer: u64, secs: u64) -> Raw {
     let src = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let packet = vec![0x47u8; 1356];
     let gap = Duration::from_nanos(1_000_000_000 / pps_per_viewer);
-    let msgs: Vec<(SocketAddr, &[u8])> = addrs.iter().map(|a| (*a, &packet[..])).collect();
+    let batch = batch.max(1);
+    let msgs: Vec<(SocketAddr, &[u8])> = (0..batch)
+        .flat_map(|_| addrs.iter().map(|a| (*a, &packet[..])))
+        .collect();
     let start = Instant::now();
     let cpu0 = thread_cpu_seconds();
-    let total = secs * pps_per_viewer;
-    for i in 0..total {
-        let due = start + gap * i as u32;
+    let total = secs * pps_per_viewer / batch as u64 * batch as u64;
+    for i in (0..total).step_by(batch) {
+        let due = start + gap * (i + batch as u64 - 1) as u32;
         while Instant::now() < due {
             std::thread::sleep(
                 due.saturating_duration_since(Instant::now())
@@ -203,7 +211,7 @@ fn main() -> anyhow::Result<()> {
                 .copied()
                 .unwrap_or(f64::NAN)
         };
-        let base = raw_baseline(n, pps, args.seconds.min(5));
+        let base = raw_baseline(n, pps, args.seconds.min(5), args.raw_batch);
         println!(
             "{transport:>4} viewers {n:>4}: lossless {lossless}/{n} (missing {missing} of {packets}) | edge CPU {:.1}% of a core, {:.1}% per Gbps delivered | delivered {delivered_pps:.0} packets/s, {gbps:.3} Gbps, measured ({:.0} packets/s nominal, {:.1}%) | RSS +{:.0} KiB ({:.1} MiB per 1000 viewers) | join when all join at once p50 {:.1} ms p99 {:.1} ms | raw sendmmsg at the same rate delivered {:.3}%, CPU {:.1}% of a core, {:.1}% per Gbps: edge/raw {:.2}x",
             cpu * 100.0,
