@@ -866,7 +866,9 @@ async fn write_control(conn: Connection, mut rx: mpsc::Receiver<Bytes>, role: &'
         lost(n);
         return;
     };
-    let mut buf = BytesMut::with_capacity(4096);
+    // Grown as needed: a viewer's connection carries a few small messages a second,
+    // and thousands of them hold these buffers (issue 16: memory per QUIC viewer).
+    let mut buf = BytesMut::new();
     while let Some(m) = rx.recv().await {
         buf.clear();
         buf.extend_from_slice(&(m.len() as u16).to_be_bytes());
@@ -897,7 +899,8 @@ async fn read_control(
     role: &'static str,
 ) {
     let peer = conn.remote_address();
-    let mut buf = BytesMut::with_capacity(16 * 1024);
+    // Grown as needed (see `write_control`).
+    let mut buf = BytesMut::new();
     loop {
         loop {
             match braid_core::wire::split_frame(&mut buf) {
