@@ -2481,13 +2481,7 @@ mod tests {
         if let Body::Watch(w) = &mut m.body {
             w.received = Some(received);
         }
-        let mut b = BytesMut::new();
-        Codec::viewer().encode(&m, &mut b).unwrap();
-        Input::Received {
-            from,
-            datagram: b.freeze(),
-            node: false,
-        }
+        from_viewer_msg(from, &m)
     }
 
     #[test]
@@ -2598,13 +2592,7 @@ mod tests {
     #[test]
     fn a_probes_copies_grow_and_stop_at_the_first_losses() {
         let mut now = Instant::now();
-        let config = Config {
-            ladders: vec![vec![(StreamId(11), 1_000_000), (StreamId(12), 2_500_000)]],
-            ..edge(now).config
-        };
-        let mut e = Edge::new(config, codec(), WallClock::new(now, 1_800_000_000_000))
-            .unwrap()
-            .with_cookie_secret(COOKIE_SECRET);
+        let mut e = ladder_edge(now);
         let v = viewer(5000);
         // A watch of rendition 11, acknowledging `acked`, having received `bytes`.
         let watch_11 = |now: Instant, acked: u64, bytes: u64| {
@@ -2680,15 +2668,20 @@ mod tests {
         }
     }
 
-    fn ladder_move(split: bool) {
-        let mut now = Instant::now();
+    /// An edge serving a ladder of two renditions, streams 11 (1 Mbit/s) and 12.
+    fn ladder_edge(now: Instant) -> Edge {
         let config = Config {
             ladders: vec![vec![(StreamId(11), 1_000_000), (StreamId(12), 2_500_000)]],
             ..edge(now).config
         };
-        let mut e = Edge::new(config, codec(), WallClock::new(now, 1_800_000_000_000))
+        Edge::new(config, codec(), WallClock::new(now, 1_800_000_000_000))
             .unwrap()
-            .with_cookie_secret(COOKIE_SECRET);
+            .with_cookie_secret(COOKIE_SECRET)
+    }
+
+    fn ladder_move(split: bool) {
+        let mut now = Instant::now();
+        let mut e = ladder_edge(now);
         let v = viewer(5000);
         // A new viewer of the ladder, with nothing known of its speed: the lowest.
         let Input::Received { datagram, .. } = watch(now, v, WatchStart::Keyframe, 0) else {
