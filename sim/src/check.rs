@@ -579,6 +579,10 @@ pub struct Regression {
     /// fixed yet).
     #[serde(default = "pass")]
     pub expect: String,
+    /// Kinds of violation the run must not show, whatever it expects: a defect fixed in
+    /// a run that still shows another.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub never: Vec<String>,
     /// The run.
     pub schedule: Schedule,
 }
@@ -599,6 +603,23 @@ impl Regression {
     pub fn check(&self) -> Result<Outcome, String> {
         let o = run(self.schedule.clone());
         let kinds: Vec<&str> = o.violations.iter().map(|v| v.kind).collect();
+        if let Some(k) = self
+            .never
+            .iter()
+            .find(|k| o.broken.contains_key(k.as_str()))
+        {
+            return Err(format!(
+                "broke {} {k} invariants, which it must never: {}",
+                o.broken[k.as_str()],
+                o.violations
+                    .iter()
+                    .filter(|v| v.kind == k.as_str())
+                    .take(3)
+                    .map(|v| v.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ));
+        }
         match self.expect.as_str() {
             "pass" if o.passed() => Ok(o),
             "pass" => Err(format!(
@@ -628,6 +649,7 @@ pub fn parse_regression(text: &str) -> Result<Regression, String> {
             Ok(schedule) => Ok(Regression {
                 about: String::new(),
                 expect: pass(),
+                never: Vec::new(),
                 schedule,
             }),
             Err(_) => Err(e.to_string()),

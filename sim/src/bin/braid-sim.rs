@@ -150,6 +150,7 @@ fn main() -> std::process::ExitCode {
                     .first()
                     .map_or("pass", |v| v.kind)
                     .to_owned(),
+                never: Vec::new(),
                 schedule: schedule.clone(),
             };
             if let Err(e) = std::fs::write(path, r.to_toml()) {
