@@ -158,9 +158,9 @@ impl Meter {
 
     /// Forgets what was measured, as the viewer moves down to a lower rendition: a link
     /// still too slow for it shows within half the down window, so a drop across two
-    /// renditions costs one window and a half, not two. (What that half holds is only
-    /// the new rendition's: the link just held the viewer back, so a queue of the old
-    /// one draining reads as room, never as a limit.)
+    /// renditions costs one window and a half, not two. (That half also holds the new
+    /// rendition's catch-up, sent faster than the link carries: the chooser moves on
+    /// such an early verdict only well under the rendition's rate, `EARLY_SHARE`.)
     pub fn restart_stepped_down(&mut self, now: Instant) {
         self.restart_for(now, self.config.down_window / 2);
     }
@@ -576,8 +576,8 @@ impl Chooser {
             self.probe = None;
             // What it received over the probe's second half (the first fills the
             // link's queue, its copies growing), not its best moment: a link that fell
-            // meanwhile shows. A sample begun mostly before the half is left out (its
-            // copies were still growing): one always closes after it.
+            // meanwhile shows. The sample that straddles the half reads low (its copies
+            // were still growing): [`PROBE_OVER`] leaves room for it.
             let half = until - self.config.probe_for / 2;
             let rate = meter.mean_since(half).unwrap_or(0);
             let ok = !e.limited && (rate as f64) * self.config.share >= ladder[target] as f64;
@@ -765,8 +765,8 @@ mod tests {
     }
 
     /// A viewer just moved down to 2.5 Mbit/s of a 1/2.5/5 ladder (its meter started
-    /// over at `t`), sent `stream` bit/s (`burst` for the first `burst_for` seconds: the
-    /// new rendition's catch-up), of which its link carries `link` (the rest is lost),
+    /// over at `t`), sent `stream` bit/s (`burst`: a rate for its first seconds, the new
+    /// rendition's catch-up), of which its link carries `link` (the rest is lost),
     /// for `secs` in 10 ms steps; its acknowledgements stop for `stall` seconds from
     /// `stall_at` (its process descheduled), then say at once what came meanwhile. The
     /// first time its chooser moves it down, seconds after `t`.
