@@ -105,8 +105,7 @@ struct Adapt {
     passed: Option<u64>,
     /// Keyframes with no aligned one in the target rendition, in a row.
     unaligned: u32,
-    /// Whether a probe was under way at the last look, and since when.
-    probing: bool,
+    /// Since when a probe is under way, as of the last look.
     probe_started: Option<Instant>,
     /// During a probe: packets of the stream sent, and packets the viewer asked for.
     probe_sent: u64,
@@ -810,7 +809,7 @@ impl Edge {
                     v.sent_bytes += a.bytes;
                     // A probe that makes it lose packets (more than one in twenty of
                     // those sent meanwhile: a lossy link loses some anyway) ends now.
-                    if let Some(ad) = v.adapt.as_mut().filter(|ad| ad.probing) {
+                    if let Some(ad) = v.adapt.as_mut().filter(|ad| ad.probe_started.is_some()) {
                         ad.probe_nacked += ranges.iter().map(|r| u64::from(r.count)).sum::<u64>();
                         if ad.probe_nacked * 20 > ad.probe_sent.max(40) {
                             ad.chooser.probe_lost(now);
@@ -1170,7 +1169,6 @@ impl Edge {
                 waiting: None,
                 passed: None,
                 unaligned: 0,
-                probing: false,
                 probe_started: None,
                 probe_sent: 0,
                 probe_nacked: 0,
@@ -2043,13 +2041,13 @@ impl Edge {
                     Peer::Addr(_) => a.chooser.probing(now, rates),
                     Peer::Conn(_) => None,
                 };
-                if probe.is_some() && !a.probing {
+                if probe.is_some() && a.probe_started.is_none() {
                     self.counters.probes += 1;
                     a.probe_sent = 0;
                     a.probe_nacked = 0;
                     a.probe_started = Some(now);
                 }
-                if probe.is_none() && a.probing {
+                if probe.is_none() && a.probe_started.take().is_some() {
                     tracing::debug!(viewer = %key, outcome = ?a.chooser.last_probe(), meter = ?v.speed, "probe ended");
                     // A probe that showed room measured the link at least that fast:
                     // remembered now, not only at the next second's look (by then the
@@ -2066,7 +2064,6 @@ impl Edge {
                     // lose, say nothing of the stream's own delivery.
                     v.speed.restart(now);
                 }
-                a.probing = probe.is_some();
                 // Copies in proportion to what the stream really sends it (a rendition
                 // may run under its nominal rate).
                 let stream = v
@@ -2075,11 +2072,11 @@ impl Edge {
                     .filter(|r| *r > 0)
                     .unwrap_or(rates[a.chooser.current()])
                     .max(1);
-                // Its copies grow over the probe's first third (what follows is
-                // measured): on a link without room the queue fills slowly, and the
-                // first losses end the probe before it overflows by the whole step to
-                // the next rendition.
-                let ramp = a.probe_started.filter(|_| a.probing).map_or(1.0, |t| {
+                // Its copies grow over the probe's first half (the second is measured):
+                // on a link without room the queue fills slowly, and the first losses
+                // end the probe before it overflows by the whole step to the next
+                // rendition.
+                let ramp = a.probe_started.map_or(1.0, |t| {
                     let grow = self.config.adapt.probe_for.as_secs_f64() * GROW_SHARE;
                     (now.saturating_duration_since(t).as_secs_f64() / grow).clamp(0.0, 1.0)
                 });
@@ -2608,7 +2605,6 @@ mod tests {
         // Copies sent to the viewer per 20 ms step once a probe starts, and the step the
         // viewer asks for many packets at once.
         let mut copies = Vec::new();
-        let mut nacked_at = None;
         for i in 0..400u64 {
             let key = i % 10 == 0;
             let pts = key.then_some(90_000 * (i / 10));
@@ -2631,8 +2627,7 @@ mod tests {
                 copies.push(dup);
             }
             // Its asks show it losing packets, 15 steps into the probe.
-            if copies.len() == 15 && nacked_at.is_none() {
-                nacked_at = Some(copies.len());
+            if copies.len() == 15 {
                 let m = Message {
                     header: Header {
                         stream: StreamId(11),
