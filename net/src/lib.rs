@@ -28,3 +28,4 @@ pub mod report;
 pub mod sys;
 pub mod tls;
 pub mod udp;
+pub mod workers;

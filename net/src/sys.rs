@@ -14,6 +14,77 @@ use socket2::SockAddr;
 /// Most datagrams per system call.
 pub const BATCH: usize = 32;
 
+/// Sets `SO_REUSEPORT` on `fd` (before it is bound): sockets of this process may then
+/// bind the same address, as a group.
+pub fn reuse_port(fd: RawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `on` lives across the call; the size given is its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Makes the first socket bound in `fd`'s `SO_REUSEPORT` group receive every datagram
+/// that comes to the group (a classic BPF program that returns index 0): the others
+/// only send.
+pub fn steer_to_first(fd: RawFd) -> io::Result<()> {
+    let mut code = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }];
+    let prog = libc::sock_fprog {
+        len: code.len() as u16,
+        filter: code.as_mut_ptr(),
+    };
+    // SAFETY: `prog` and the `code` it points at live across the call (the kernel copies
+    // the program); the size given is `prog`'s.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&prog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Sends every message in `sendmmsg` batches; one the kernel will not take (would block,
+/// or refused, e.g. ECONNREFUSED from an earlier ICMP) is skipped. Returns how many were
+/// skipped.
+pub fn send_all(fd: RawFd, msgs: &[(SocketAddr, &[u8])]) -> u64 {
+    let mut done = 0;
+    let mut failed = 0u64;
+    while done < msgs.len() {
+        match send_batch(fd, &msgs[done..]) {
+            Ok(n) if n > 0 => done += n,
+            Ok(_) | Err(_) => {
+                failed += 1;
+                done += 1;
+            }
+        }
+    }
+    failed
+}
+
 /// Sends each `(destination, bytes)` as one datagram with as few `sendmmsg` calls as
 /// possible. Returns how many were sent; fewer than `msgs.len()` means the socket would
 /// block (or failed) at that message.

@@ -21,6 +21,7 @@ use tokio::io::Interest;
 use crate::impair::{self, Impairer, Verdict};
 use crate::quic::Quic;
 use crate::sys::{self, Received};
+use crate::workers::Workers;
 
 /// Largest datagram received; anything longer is truncated and then refused by the codec.
 pub const MAX_DATAGRAM: usize = 9216;
@@ -111,6 +112,7 @@ pub struct Socket {
     role: &'static str,
     quic: Option<Box<Quic>>,
     quic_rx: Vec<(SocketAddr, Bytes)>,
+    workers: Option<Workers>,
 }
 
 impl Socket {
@@ -120,7 +122,26 @@ impl Socket {
         impairments: Impairments,
         role: &'static str,
     ) -> io::Result<Socket> {
-        let inner = tokio::net::UdpSocket::from_std(bind_std(addr)?)?;
+        Self::bind_with_workers(addr, impairments, role, 1)
+    }
+
+    /// Like [`Socket::bind`], with the send system calls spread over `workers` threads
+    /// (see [`crate::workers`]); 1 makes them on the owning task. Each worker sends on a
+    /// socket of its own bound to the same address (`SO_REUSEPORT`), and every datagram
+    /// that comes in goes to this one: viewers and peers see one address.
+    pub fn bind_with_workers(
+        addr: SocketAddr,
+        impairments: Impairments,
+        role: &'static str,
+        workers: usize,
+    ) -> io::Result<Socket> {
+        let (std, workers) = if workers > 1 {
+            let (main, senders) = bind_group(addr, workers)?;
+            (main, Some(Workers::start(senders, role)?))
+        } else {
+            (bind_std(addr)?, None)
+        };
+        let inner = tokio::net::UdpSocket::from_std(std)?;
         Ok(Socket {
             inner,
             start: Instant::now(),
@@ -135,6 +156,7 @@ impl Socket {
             role,
             quic: None,
             quic_rx: Vec::new(),
+            workers,
         })
     }
 
@@ -183,6 +205,12 @@ impl Socket {
             q.send(now, to, bytes, is_data);
             return;
         }
+        // With workers, each wake-up's datagrams go over in one batch per worker at
+        // [`Socket::flush`]: handing over every 32 would wake a worker each time.
+        if let Some(w) = self.workers.as_mut() {
+            w.push(to, bytes);
+            return;
+        }
         self.outbox.push((to, bytes));
         if self.outbox.len() >= sys::BATCH {
             self.flush();
@@ -197,6 +225,12 @@ impl Socket {
     /// Counters (with the bytes sent over QUIC, when attached).
     pub fn stats(&self) -> Stats {
         let mut s = self.stats;
+        if let Some(w) = &self.workers {
+            let (sent, failed, bytes) = w.counts();
+            s.sent += sent;
+            s.send_failed += failed;
+            s.sent_bytes += bytes;
+        }
         if let Some(q) = &self.quic {
             s.sent_bytes += q.stats().sent_bytes;
         }
@@ -273,32 +307,25 @@ impl Socket {
         self.delayed.peek().map(|Reverse(d)| d.at)
     }
 
-    /// Sends everything queued, in `sendmmsg` batches. A datagram the kernel will not take
-    /// right now (send buffer full) is dropped and counted: a live stream does not wait.
+    /// Sends everything queued, in `sendmmsg` batches (with workers, hands it to them).
+    /// A datagram the kernel will not take right now (send buffer full) is dropped and
+    /// counted: a live stream does not wait.
     pub fn flush(&mut self) {
+        if let Some(w) = self.workers.as_mut() {
+            self.stats.send_failed += w.hand_over(self.role);
+            return;
+        }
         if self.outbox.is_empty() {
             return;
         }
         let msgs: Vec<(SocketAddr, &[u8])> =
             self.outbox.iter().map(|(a, b)| (*a, &b[..])).collect();
-        let fd = self.inner.as_raw_fd();
-        let mut done = 0;
-        let mut failed = 0u64;
-        while done < msgs.len() {
-            // Straight to the non-blocking socket, not through tokio's readiness: a socket
-            // that has never been polled counts as not writable there, which would drop
-            // the first datagrams a daemon sends (its first publish or subscribe).
-            match sys::send_batch(fd, &msgs[done..]) {
-                Ok(n) if n > 0 => done += n,
-                Ok(_) | Err(_) => {
-                    // The datagram at `done` could not be sent (would block, or refused,
-                    // e.g. ECONNREFUSED from an earlier ICMP): count it and go on.
-                    failed += 1;
-                    metrics::counter!("braid_udp_send_failed_total", "role" => self.role)
-                        .increment(1);
-                    done += 1;
-                }
-            }
+        // Straight to the non-blocking socket, not through tokio's readiness: a socket
+        // that has never been polled counts as not writable there, which would drop the
+        // first datagrams a daemon sends (its first publish or subscribe).
+        let failed = sys::send_all(self.inner.as_raw_fd(), &msgs);
+        if failed > 0 {
+            metrics::counter!("braid_udp_send_failed_total", "role" => self.role).increment(failed);
         }
         self.stats.send_failed += failed;
         self.stats.sent += msgs.len() as u64 - failed;
@@ -308,6 +335,11 @@ impl Socket {
             .increment(bytes as u64);
         drop(msgs);
         self.outbox.clear();
+    }
+
+    /// How many threads make the send system calls (1: the owning task).
+    pub fn workers(&self) -> usize {
+        self.workers.as_ref().map_or(1, Workers::len)
     }
 
     /// Waits for datagrams and appends them to `out` (at most a batch). Each is copied
@@ -360,6 +392,34 @@ pub(crate) fn bind_std(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = s.set_send_buffer_size(SOCKET_BUFFER);
     bind_nonblocking(s, addr)
+}
+
+/// A group of `1 + senders` sockets bound to `addr` with `SO_REUSEPORT`: the first
+/// receives everything that comes to the address, the others only send. An address
+/// already bound by anyone is refused, as without the group (a second daemon started on
+/// the same port must fail, not join the group unseen).
+pub(crate) fn bind_group(
+    addr: SocketAddr,
+    senders: usize,
+) -> io::Result<(std::net::UdpSocket, Vec<std::net::UdpSocket>)> {
+    if addr.port() != 0 {
+        // Bound and closed at once: fails if the address is taken.
+        drop(bind_std(addr)?);
+    }
+    let grouped = |addr: SocketAddr| -> io::Result<std::net::UdpSocket> {
+        let s = new_udp(addr)?;
+        sys::reuse_port(s.as_raw_fd())?;
+        let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+        let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+        bind_nonblocking(s, addr)
+    };
+    let main = grouped(addr)?;
+    sys::steer_to_first(main.as_raw_fd())?;
+    let bound = main.local_addr()?;
+    let others = (0..senders)
+        .map(|_| grouped(bound))
+        .collect::<io::Result<Vec<_>>>()?;
+    Ok((main, others))
 }
 
 /// An unbound UDP socket of `addr`'s family, for its options to be set before binding.

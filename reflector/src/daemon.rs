@@ -101,8 +101,13 @@ async fn bind(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let socket = Socket::bind(config.listen, config.impair.clone(), role_name)
-            .with_context(|| format!("binding {}", config.listen))?;
+        let socket = Socket::bind_with_workers(
+            config.listen,
+            config.impair.clone(),
+            role_name,
+            config.send_workers(),
+        )
+        .with_context(|| format!("binding {}", config.listen))?;
         if config.role != Role::Edge {
             return Ok((socket, None));
         }
@@ -151,6 +156,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut ready = vec![
         ("udp", udp_addr.to_string()),
         ("metrics", metrics_addr.to_string()),
+        ("workers", socket.workers().to_string()),
     ];
     if let Some(q) = quic_addr {
         ready.push(("quic", q.to_string()));

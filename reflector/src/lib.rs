@@ -161,6 +161,12 @@ pub struct Config {
     #[arg(long, default_value_t = 256)]
     #[serde(default = "default_max_streams")]
     pub max_streams: usize,
+    /// Threads that make the send system calls, each for a fixed share of the
+    /// destinations (viewers, subscribers); 0, the default, is one per core; 1 sends from
+    /// the packet task itself, as before workers.
+    #[arg(long, default_value_t = 0)]
+    #[serde(default)]
+    pub workers: usize,
     /// Most viewers on this node (edge role).
     #[arg(long, default_value_t = 5000)]
     #[serde(default = "default_max_viewers")]
@@ -349,6 +355,12 @@ impl DaemonConfig for Config {
                 "max_per_stream, max_streams, max_viewers and viewer_window must be above zero"
             );
         }
+        if self.workers > braid_net::workers::MAX {
+            anyhow::bail!(
+                "workers must be at most {} (0: one per core)",
+                braid_net::workers::MAX
+            );
+        }
         if self.slow_after_ms < 1000 {
             anyhow::bail!(
                 "slow_after_ms must be at least 1000: a viewer's speed is judged over seconds"
@@ -370,6 +382,14 @@ impl DaemonConfig for Config {
 }
 
 impl Config {
+    /// Send workers to start: `workers`, or one per core.
+    pub fn send_workers(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+
     fn merge_config(&self) -> merge::Config {
         let window = Duration::from_millis(self.reorder_window_ms);
         let default = merge::Config::default();

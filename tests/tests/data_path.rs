@@ -183,3 +183,46 @@ fn hostile_packets_are_counted_and_dropped() {
         );
     }
 }
+
+/// Issue 16: send workers change which thread makes the system calls, not what a viewer
+/// gets. Under the same seeded loss on every link, the edge's to its viewers as well,
+/// every viewer gets the source byte for byte with the edge sending from its packet task
+/// (`--workers 1`) and from three workers (the set reflectors keep their default, one
+/// per core), and the edge says how many send.
+#[test]
+fn viewers_get_the_source_exactly_with_one_send_worker_and_with_three() {
+    let dir = braid_tests::test_dir();
+    let edge_toml = dir.path().join("edge-loss.toml");
+    std::fs::write(&edge_toml, "[impair.default]\nloss = 0.05\nseed = 11\n").unwrap();
+    for workers in ["1", "3"] {
+        let mut net = Net::start(Spec {
+            seconds: 12.0,
+            viewers: 3,
+            entry_impair: LOSS_10.into(),
+            set_impair: vec![LOSS_10.into(); 3],
+            edge_args: vec![
+                "--config".into(),
+                edge_toml.display().to_string(),
+                "--workers".into(),
+                workers.into(),
+            ],
+            ..Spec::default()
+        });
+        assert_eq!(
+            net.edge.ready["workers"], workers,
+            "the edge's ready line names its send workers"
+        );
+        net.wait_viewers();
+        assert_viewers_exact(&net);
+        let edge = net.edge.metrics();
+        assert_eq!(
+            metrics::sum(edge, "braid_udp_send_failed_total", &["role=\"edge\""]),
+            0.0,
+            "{workers} workers: nothing dropped on the way out"
+        );
+        assert!(
+            metrics::sum(edge, "braid_retransmit_sent_total", &[]) > 0.0,
+            "{workers} workers: the edge's loss to its viewers was repaired"
+        );
+    }
+}

@@ -2,7 +2,8 @@
 //! packets per second that is, CPU per Gbps delivered, memory per viewer, and join time;
 //! against a raw `sendmmsg` loop of the same packet rate to as many sockets, measured in
 //! the same run: what it delivered, and its CPU per Gbps, of which the edge's is printed
-//! as a ratio (the figure that matters on a shared, noisy machine).
+//! as a ratio (the figure that matters on a shared, noisy machine). Each `--workers` count
+//! is a fresh edge measured at every viewer count.
 //!
 //! `cargo build --release --bins && target/release/braid-bench-viewers --viewers 100,200,400`
 //!
@@ -37,6 +38,10 @@ struct Args {
     /// thread drains several per wakeup.
     #[arg(long, default_value_t = 1)]
     raw_batch: usize,
+    /// The edge's send workers (`--workers`), comma-separated: each is a fresh edge
+    /// measured at every count, in turn.
+    #[arg(long, default_value = "1,2", value_delimiter = ',')]
+    workers: Vec<usize>,
 }
 
 /// What the raw baseline did.
@@ -124,15 +129,29 @@ fn raw_baseline(n: usize, pps_per_viewer: u64, secs: u64, batch: usize) -> Raw {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    for &workers in &args.workers {
+        run(&args, workers)?;
+    }
+    Ok(())
+}
+
+/// Every measure of one edge with `workers` send workers.
+fn run(args: &Args, workers: usize) -> anyhow::Result<()> {
     // The join phase takes about 21 s, then each count its warm-up, measurement and pause.
     let longest =
         (args.viewers.len() * args.transports.len()) as f64 * (args.seconds as f64 + 12.0) + 40.0;
+    println!("edge with {workers} send worker(s)");
     let net = Net::start(Spec {
         viewers: 0,
         seconds: longest,
         quic_viewers: true,
         // Every viewer of this rig comes from 127.0.0.1.
-        edge_args: vec!["--quic-max-conns-per-ip".into(), "5000".into()],
+        edge_args: vec![
+            "--quic-max-conns-per-ip".into(),
+            "5000".into(),
+            "--workers".into(),
+            workers.to_string(),
+        ],
         ..Spec::default()
     });
     let edge = net.edge.udp();
@@ -213,7 +232,7 @@ fn main() -> anyhow::Result<()> {
         };
         let base = raw_baseline(n, pps, args.seconds.min(5), args.raw_batch);
         println!(
-            "{transport:>4} viewers {n:>4}: lossless {lossless}/{n} (missing {missing} of {packets}) | edge CPU {:.1}% of a core, {:.1}% per Gbps delivered | delivered {delivered_pps:.0} packets/s, {gbps:.3} Gbps, measured ({:.0} packets/s nominal, {:.1}%) | RSS +{:.0} KiB ({:.1} MiB per 1000 viewers) | join when all join at once p50 {:.1} ms p99 {:.1} ms | raw sendmmsg at the same rate delivered {:.3}%, CPU {:.1}% of a core, {:.1}% per Gbps: edge/raw {:.2}x",
+            "workers {workers} {transport:>4} viewers {n:>4}: lossless {lossless}/{n} (missing {missing} of {packets}) | edge CPU {:.1}% of a core, {:.1}% per Gbps delivered | delivered {delivered_pps:.0} packets/s, {gbps:.3} Gbps, measured ({:.0} packets/s nominal, {:.1}%) | RSS +{:.0} KiB ({:.1} MiB per 1000 viewers) | join when all join at once p50 {:.1} ms p99 {:.1} ms | raw sendmmsg at the same rate delivered {:.3}%, CPU {:.1}% of a core, {:.1}% per Gbps: edge/raw {:.2}x",
             cpu * 100.0,
             cpu * 100.0 / gbps,
             n as f64 * pps as f64,
