@@ -102,6 +102,8 @@ pub struct Socket {
     inner: tokio::net::UdpSocket,
     start: Instant,
     impairments: Impairments,
+    /// No link is impaired: datagrams skip the per-destination lookup.
+    unimpaired: bool,
     links: HashMap<SocketAddr, Impairer>,
     delayed: BinaryHeap<Reverse<Delayed>>,
     order: u64,
@@ -145,6 +147,7 @@ impl Socket {
         Ok(Socket {
             inner,
             start: Instant::now(),
+            unimpaired: impairments.default.is_noop() && impairments.links.is_empty(),
             impairments,
             links: HashMap::new(),
             delayed: BinaryHeap::new(),
@@ -240,6 +243,11 @@ impl Socket {
     /// Queues `bytes` for `to` through that link's impairment. `is_data` says whether it is
     /// media (for `data_only` impairments). Call [`Socket::flush`] to send.
     pub fn send(&mut self, now: Instant, to: SocketAddr, bytes: Bytes, is_data: bool) {
+        if self.unimpaired {
+            // The common case, and the fan-out's: no lookup per datagram.
+            self.release(now, to, bytes, is_data);
+            return;
+        }
         let impairer = match self.links.get_mut(&to) {
             Some(i) => i,
             None => {

@@ -7,8 +7,12 @@
 //!
 //! `cargo build --release --bins && target/release/braid-bench-viewers --viewers 100,200,400`
 //!
-//! Viewers are threads of this process speaking the watch protocol (they compete with the
-//! edge for the machine's two cores, as the baseline's receivers do). What is delivered
+//! Viewers are in this process, speaking the watch protocol (they compete with the edge
+//! for the machine's two cores, as the baseline's receivers do). By default both rigs'
+//! receivers poll non-blocking sockets from a few threads (`--receiver-threads`): on
+//! loopback a sender pays for waking a receiver asleep in `recv`, which no real network
+//! makes it pay, and which was more than half of the bare loop's CPU with a thread per
+//! socket (`--receiver-threads 0`, the old rig). What is delivered
 //! is what they counted: the media datagrams (Braid messages, as they came off the
 //! wire) all viewers received over the measured interval; CPU per Gbps divides the edge's
 //! CPU by that.
@@ -42,6 +46,21 @@ struct Args {
     /// measured at every count, in turn.
     #[arg(long, default_value = "1,2", value_delimiter = ',')]
     workers: Vec<usize>,
+    /// Threads the rig's receivers poll on (the edge's viewers, and the raw loop's
+    /// sockets); 0: a thread per receiver sleeping in `recv`, which on loopback each
+    /// send pays to wake.
+    #[arg(long, default_value_t = 4)]
+    receiver_threads: usize,
+}
+
+/// How the rig's receivers (the edge's viewers and the raw loop's sockets) wait.
+#[derive(Debug, Clone, Copy)]
+enum Receivers {
+    /// This many threads poll non-blocking sockets every millisecond: no send wakes a
+    /// receiver, so each sender's CPU is its sending.
+    Polling(usize),
+    /// A thread per socket sleeps in `recv`: on loopback each send pays for waking it.
+    Blocking,
 }
 
 /// What the raw baseline did.
@@ -72,25 +91,64 @@ fn thread_cpu_seconds() -> f64 {
 /// The raw baseline: one packet every `gap` to each of `n` sockets with sendmmsg, for
 /// `secs`, timed: the CPU of the one thread that sends (the edge's figure is its whole
 /// process's; both share the machine with their receivers).
-fn raw_baseline(n: usize, pps_per_viewer: u64, secs: u64, batch: usize) -> Raw {
+fn raw_baseline(
+    n: usize,
+    pps_per_viewer: u64,
+    secs: u64,
+    batch: usize,
+    receivers: Receivers,
+) -> Raw {
     let count = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut addrs: Vec<SocketAddr> = Vec::new();
     let mut threads = Vec::new();
-    for _ in 0..n {
-        let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        s.set_read_timeout(Some(Duration::from_millis(50)))
-            .expect("timeout");
-        addrs.push(s.local_addr().expect("addr"));
-        let (count, stop) = (count.clone(), stop.clone());
-        threads.push(std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while !stop.load(Ordering::Relaxed) {
-                if s.recv(&mut buf).is_ok() {
-                    count.fetch_add(1, Ordering::Relaxed);
-                }
+    let sockets: Vec<UdpSocket> = (0..n)
+        .map(|_| {
+            let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+            addrs.push(s.local_addr().expect("addr"));
+            s
+        })
+        .collect();
+    match receivers {
+        // As the edge's viewers do (`Crowd::start_polling`): a few threads look at
+        // non-blocking sockets every millisecond, and no send wakes anyone.
+        Receivers::Polling(k) => {
+            let per = n.div_ceil(k.max(1)).max(1);
+            let mut sockets = sockets.into_iter().peekable();
+            while sockets.peek().is_some() {
+                let mine: Vec<UdpSocket> = sockets.by_ref().take(per).collect();
+                let (count, stop) = (count.clone(), stop.clone());
+                threads.push(std::thread::spawn(move || {
+                    for s in &mine {
+                        s.set_nonblocking(true).expect("non-blocking");
+                    }
+                    let mut buf = [0u8; 2048];
+                    while !stop.load(Ordering::Relaxed) {
+                        for s in &mine {
+                            while s.recv(&mut buf).is_ok() {
+                                count.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }));
             }
-        }));
+        }
+        Receivers::Blocking => {
+            for s in sockets {
+                s.set_read_timeout(Some(Duration::from_millis(50)))
+                    .expect("timeout");
+                let (count, stop) = (count.clone(), stop.clone());
+                threads.push(std::thread::spawn(move || {
+                    let mut buf = [0u8; 2048];
+                    while !stop.load(Ordering::Relaxed) {
+                        if s.recv(&mut buf).is_ok() {
+                            count.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }));
+            }
+        }
     }
     let src = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let packet = vec![0x47u8; 1356];
@@ -137,10 +195,14 @@ fn main() -> anyhow::Result<()> {
 
 /// Every measure of one edge with `workers` send workers.
 fn run(args: &Args, workers: usize) -> anyhow::Result<()> {
+    let receivers = match args.receiver_threads {
+        0 => Receivers::Blocking,
+        k => Receivers::Polling(k),
+    };
     // The join phase takes about 21 s, then each count its warm-up, measurement and pause.
     let longest =
         (args.viewers.len() * args.transports.len()) as f64 * (args.seconds as f64 + 12.0) + 40.0;
-    println!("edge with {workers} send worker(s)");
+    println!("edge with {workers} send worker(s); receivers: {receivers:?}");
     let net = Net::start(Spec {
         viewers: 0,
         seconds: longest,
@@ -192,7 +254,10 @@ fn run(args: &Args, workers: usize) -> anyhow::Result<()> {
     {
         let rss_before = rss_kib(pid);
         let c = match transport.as_str() {
-            "udp" => crowd::Crowd::start(edge, n),
+            "udp" => match receivers {
+                Receivers::Polling(k) => crowd::Crowd::start_polling(edge, n, k),
+                Receivers::Blocking => crowd::Crowd::start(edge, n),
+            },
             "quic" => crowd::Crowd::start_quic(edge_quic, n, ca.clone()),
             other => anyhow::bail!("unknown transport {other:?}: udp or quic"),
         };
@@ -230,7 +295,7 @@ fn run(args: &Args, workers: usize) -> anyhow::Result<()> {
                 .copied()
                 .unwrap_or(f64::NAN)
         };
-        let base = raw_baseline(n, pps, args.seconds.min(5), args.raw_batch);
+        let base = raw_baseline(n, pps, args.seconds.min(5), args.raw_batch, receivers);
         println!(
             "workers {workers} {transport:>4} viewers {n:>4}: lossless {lossless}/{n} (missing {missing} of {packets}) | edge CPU {:.1}% of a core, {:.1}% per Gbps delivered | delivered {delivered_pps:.0} packets/s, {gbps:.3} Gbps, measured ({:.0} packets/s nominal, {:.1}%) | RSS +{:.0} KiB ({:.1} MiB per 1000 viewers) | join when all join at once p50 {:.1} ms p99 {:.1} ms | raw sendmmsg at the same rate delivered {:.3}%, CPU {:.1}% of a core, {:.1}% per Gbps: edge/raw {:.2}x",
             cpu * 100.0,
