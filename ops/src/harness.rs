@@ -1668,6 +1668,9 @@ impl ControlNet {
 
     /// Starts edge `i` again with its original command line (after a kill).
     pub fn restart_edge(&mut self, i: usize) {
+        // As systemd's restart does: the old process is gone (a SIGTERM sent to it has
+        // done its work) before the new one binds the same address.
+        self.edges[i].wait(Duration::from_secs(5));
         let log = self.path(&format!("edge{i}-again.log"));
         self.edges[i] = Proc::start(
             &format!("edge{i}"),
