@@ -729,23 +729,25 @@ fn a_rolling_restart_of_every_edge_loses_no_viewer_packet() {
     let hooks = net.path("hooks");
     std::fs::create_dir_all(&hooks).expect("a directory");
     let exec = format!(
-        "touch {d}/restart-$BRAID_NODE; while [ ! -e {d}/up-$BRAID_NODE ]; do sleep 0.1; done",
+        "touch {d}/restart-$BRAID_NODE; for i in $(seq 600); do [ -e {d}/up-$BRAID_NODE ] && break; sleep 0.1; done",
         d = hooks.display()
     );
-    let mut ctl = std::process::Command::new(braid_tests::bin("braid-ctl"))
-        .args([
-            "--control",
-            &net.urls()[0],
-            "rolling-restart",
-            "--exec",
-            &exec,
-        ])
-        .args(["--drain-secs", "20", "--up-secs", "20"])
-        .env("BRAID_OPERATOR_TOKEN", braid_tests::OPERATOR_TOKEN)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::fs::File::create(net.path("ctl.log")).expect("a log"))
-        .spawn()
-        .expect("braid-ctl");
+    // Killed with the test if it fails (and its hook gives up after 60 s by itself).
+    let mut ctl =
+        braid_tests::die_with_parent(std::process::Command::new(braid_tests::bin("braid-ctl")))
+            .args([
+                "--control",
+                &net.urls()[0],
+                "rolling-restart",
+                "--exec",
+                &exec,
+            ])
+            .args(["--drain-secs", "20", "--up-secs", "20"])
+            .env("BRAID_OPERATOR_TOKEN", braid_tests::OPERATOR_TOKEN)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(net.path("ctl.log")).expect("a log"))
+            .spawn()
+            .expect("braid-ctl");
     let mut restarted = Vec::new();
     let end = Instant::now() + Duration::from_secs(120);
     let status = loop {
