@@ -14,18 +14,17 @@ use socket2::SockAddr;
 /// Most datagrams per system call.
 pub const BATCH: usize = 32;
 
-/// Sets `SO_REUSEPORT` on `fd` (before it is bound): sockets of this process may then
-/// bind the same address, as a group.
-pub fn reuse_port(fd: RawFd) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: `on` lives across the call; the size given is its size.
+/// Sets socket option `name` (level `SOL_SOCKET`) of `fd` to `value`.
+fn set_option<T>(fd: RawFd, name: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: `value` is borrowed across the call and the size given is its type's; the
+    // kernel copies what it reads.
     let rc = unsafe {
         libc::setsockopt(
             fd,
             libc::SOL_SOCKET,
-            libc::SO_REUSEPORT,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if rc == 0 {
@@ -33,6 +32,12 @@ pub fn reuse_port(fd: RawFd) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Sets `SO_REUSEPORT` on `fd` (before it is bound): sockets of this process may then
+/// bind the same address, as a group.
+pub fn reuse_port(fd: RawFd) -> io::Result<()> {
+    set_option(fd, libc::SO_REUSEPORT, &(1 as libc::c_int))
 }
 
 /// Makes the first socket bound in `fd`'s `SO_REUSEPORT` group receive every datagram
@@ -45,26 +50,12 @@ pub fn steer_to_first(fd: RawFd) -> io::Result<()> {
         jf: 0,
         k: 0,
     }];
+    // `code` outlives the call that copies the program from it.
     let prog = libc::sock_fprog {
         len: code.len() as u16,
         filter: code.as_mut_ptr(),
     };
-    // SAFETY: `prog` and the `code` it points at live across the call (the kernel copies
-    // the program); the size given is `prog`'s.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_REUSEPORT_CBPF,
-            (&prog as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    set_option(fd, libc::SO_ATTACH_REUSEPORT_CBPF, &prog)
 }
 
 /// Sends every message in `sendmmsg` batches; one the kernel will not take (would block,
