@@ -326,22 +326,13 @@ impl Socket {
         if self.outbox.is_empty() {
             return;
         }
-        let msgs: Vec<(SocketAddr, &[u8])> =
-            self.outbox.iter().map(|(a, b)| (*a, &b[..])).collect();
         // Straight to the non-blocking socket, not through tokio's readiness: a socket
         // that has never been polled counts as not writable there, which would drop the
         // first datagrams a daemon sends (its first publish or subscribe).
-        let failed = sys::send_all(self.inner.as_raw_fd(), &msgs);
-        if failed > 0 {
-            metrics::counter!("braid_udp_send_failed_total", "role" => self.role).increment(failed);
-        }
+        let (sent, failed, bytes) = send_counted(self.inner.as_raw_fd(), &self.outbox, self.role);
+        self.stats.sent += sent;
         self.stats.send_failed += failed;
-        self.stats.sent += msgs.len() as u64 - failed;
-        let bytes: usize = msgs.iter().map(|(_, b)| b.len()).sum();
-        self.stats.sent_bytes += bytes as u64;
-        metrics::counter!("braid_udp_sent_bytes_total", "role" => self.role)
-            .increment(bytes as u64);
-        drop(msgs);
+        self.stats.sent_bytes += bytes;
         self.outbox.clear();
     }
 
@@ -400,6 +391,24 @@ pub(crate) fn bind_std(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = s.set_send_buffer_size(SOCKET_BUFFER);
     bind_nonblocking(s, addr)
+}
+
+/// Sends `datagrams` on `fd` in `sendmmsg` batches, skipping (and counting in
+/// `braid_udp_send_failed_total`) any the kernel will not take; adds the bytes to
+/// `braid_udp_sent_bytes_total`. Returns the datagrams sent, those skipped, and the bytes.
+pub(crate) fn send_counted(
+    fd: std::os::fd::RawFd,
+    datagrams: &[(SocketAddr, Bytes)],
+    role: &'static str,
+) -> (u64, u64, u64) {
+    let msgs: Vec<(SocketAddr, &[u8])> = datagrams.iter().map(|(a, b)| (*a, &b[..])).collect();
+    let failed = sys::send_all(fd, &msgs);
+    if failed > 0 {
+        metrics::counter!("braid_udp_send_failed_total", "role" => role).increment(failed);
+    }
+    let bytes: u64 = msgs.iter().map(|(_, b)| b.len() as u64).sum();
+    metrics::counter!("braid_udp_sent_bytes_total", "role" => role).increment(bytes);
+    (msgs.len() as u64 - failed, failed, bytes)
 }
 
 /// A group of `1 + senders` sockets bound to `addr` with `SO_REUSEPORT`: the first

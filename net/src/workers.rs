@@ -27,8 +27,6 @@ use std::thread::JoinHandle;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
-use crate::sys;
-
 /// Batches queued per worker before the next is dropped (a batch is what one wake-up of
 /// the task had for that worker's destinations).
 pub const QUEUE: usize = 256;
@@ -81,7 +79,11 @@ impl Workers {
                 .spawn(move || {
                     // Until the socket is dropped and this worker's queue is empty.
                     while let Ok(mut batch) = rx.recv() {
-                        send(socket.as_raw_fd(), &batch, role, &counts);
+                        let (sent, failed, bytes) =
+                            crate::udp::send_counted(socket.as_raw_fd(), &batch, role);
+                        counts.sent.fetch_add(sent, Ordering::Relaxed);
+                        counts.failed.fetch_add(failed, Ordering::Relaxed);
+                        counts.bytes.fetch_add(bytes, Ordering::Relaxed);
                         batch.clear();
                         let _ = spare_tx.try_send(batch);
                     }
@@ -162,28 +164,6 @@ impl Drop for Workers {
             let _ = t.join();
         }
     }
-}
-
-/// Sends `batch` on `fd` in `sendmmsg` calls; a datagram the kernel will not take is
-/// counted and skipped.
-fn send(
-    fd: std::os::fd::RawFd,
-    batch: &[(SocketAddr, Bytes)],
-    role: &'static str,
-    counts: &Counts,
-) {
-    let msgs: Vec<(SocketAddr, &[u8])> = batch.iter().map(|(a, b)| (*a, &b[..])).collect();
-    let failed = sys::send_all(fd, &msgs);
-    if failed > 0 {
-        metrics::counter!("braid_udp_send_failed_total", "role" => role).increment(failed);
-    }
-    let bytes: u64 = msgs.iter().map(|(_, b)| b.len() as u64).sum();
-    metrics::counter!("braid_udp_sent_bytes_total", "role" => role).increment(bytes);
-    counts
-        .sent
-        .fetch_add(msgs.len() as u64 - failed, Ordering::Relaxed);
-    counts.failed.fetch_add(failed, Ordering::Relaxed);
-    counts.bytes.fetch_add(bytes, Ordering::Relaxed);
 }
 
 #[cfg(test)]

@@ -1239,6 +1239,36 @@ pub mod crowd {
         seen
     }
 
+    /// Reads one datagram from `sock`, if one comes, into `seen` (media counted in
+    /// `tally`); whether one came.
+    fn take_one(
+        codec: &Codec,
+        sock: &UdpSocket,
+        buf: &mut [u8],
+        seen: &mut Seen,
+        asked: Instant,
+        tally: &Tally,
+    ) -> bool {
+        let Ok(n) = sock.recv(buf) else {
+            return false;
+        };
+        if seen
+            .take(codec, Bytes::copy_from_slice(&buf[..n]), asked)
+            .is_some()
+        {
+            tally.add(n);
+        }
+        true
+    }
+
+    /// Viewer `i` acknowledges what it has when an acknowledgement is due.
+    fn ack_if_due(codec: &Codec, i: usize, sock: &UdpSocket, seen: &mut Seen, edge: SocketAddr) {
+        if let Some(acked) = seen.ack_due() {
+            let w = watch(codec, i as u64, acked, WatchStart::Keyframe, seen.cookie);
+            let _ = sock.send_to(&w, edge);
+        }
+    }
+
     /// Viewer `i` leaves at once, so the edge stops sending to its port.
     fn leave(codec: &Codec, i: usize, sock: &UdpSocket, edge: SocketAddr) {
         let mut out = BytesMut::new();
@@ -1305,24 +1335,8 @@ pub mod crowd {
                             edge,
                         );
                         while !stop.load(Ordering::Relaxed) {
-                            if let Ok(n) = sock.recv(&mut buf) {
-                                let b = Bytes::copy_from_slice(&buf[..n]);
-                                if seen.take(&codec, b, asked).is_some() {
-                                    tally.add(n);
-                                }
-                            }
-                            if let Some(acked) = seen.ack_due() {
-                                let _ = sock.send_to(
-                                    &watch(
-                                        &codec,
-                                        i as u64,
-                                        acked,
-                                        WatchStart::Keyframe,
-                                        seen.cookie,
-                                    ),
-                                    edge,
-                                );
-                            }
+                            take_one(&codec, &sock, &mut buf, &mut seen, asked, &tally);
+                            ack_if_due(&codec, i, &sock, &mut seen, edge);
                         }
                         seen.stopped = Some(Instant::now());
                         leave(&codec, i, &sock, edge);
@@ -1369,22 +1383,8 @@ pub mod crowd {
                         let mut buf = [0u8; 2048];
                         while !stop.load(Ordering::Relaxed) {
                             for (i, sock, seen, asked) in viewers.iter_mut() {
-                                while let Ok(n) = sock.recv(&mut buf) {
-                                    let b = Bytes::copy_from_slice(&buf[..n]);
-                                    if seen.take(&codec, b, *asked).is_some() {
-                                        tally.add(n);
-                                    }
-                                }
-                                if let Some(acked) = seen.ack_due() {
-                                    let w = watch(
-                                        &codec,
-                                        *i as u64,
-                                        acked,
-                                        WatchStart::Keyframe,
-                                        seen.cookie,
-                                    );
-                                    let _ = sock.send_to(&w, edge);
-                                }
+                                while take_one(&codec, sock, &mut buf, seen, *asked, &tally) {}
+                                ack_if_due(&codec, *i, sock, seen, edge);
                             }
                             std::thread::sleep(Duration::from_millis(1));
                         }
