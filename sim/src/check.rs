@@ -513,6 +513,8 @@ fn over_cap(
         .map(|s| s.0)
         .chain(caps.iter().map(|c| c.0))
         .collect();
+    // Nothing after `until` counts (the viewer left, or the run ended).
+    moments.retain(|t| *t < until);
     moments.push(until);
     moments.sort();
     let at = |list: &[(Instant, u64)], t: Instant| {
