@@ -466,9 +466,11 @@ pub struct Session {
     early_watch: Option<Instant>,
     /// Recent switches for the quality of reception, for damping.
     quality_switches: Vec<Instant>,
-    /// Until when a quality verdict waits for the edge to move this viewer down a
-    /// rendition ([`STEP_DOWN_GRACE`]).
-    step_down_grace: Option<Instant>,
+    /// Until when a quality verdict of each kind waits for the edge to move this viewer
+    /// down a rendition ([`STEP_DOWN_GRACE`]): each kind has its own, so a link capped
+    /// while the viewer sees, say, disorder its edge cannot mend still gives the edge its
+    /// whole time to answer the cap.
+    step_down_grace: Vec<(&'static str, Instant)>,
     /// Probes sent: candidate and when.
     probes: Vec<(SocketAddr, Option<f64>)>,
     probe_started: Instant,
@@ -545,7 +547,7 @@ impl Session {
             pending: None,
             switch_marks: Vec::new(),
             quality_switches: Vec::new(),
-            step_down_grace: None,
+            step_down_grace: Vec::new(),
             told: Vec::new(),
             joined_told: false,
             prefill: None,
@@ -787,7 +789,7 @@ impl Session {
         if !self.stats.renditions.is_empty() {
             self.detector.rate_changed(now);
         }
-        self.step_down_grace = None;
+        self.step_down_grace.clear();
         if self.stats.renditions.len() < 256 {
             self.stats.renditions.push(stat.clone());
         }
@@ -1389,17 +1391,22 @@ impl Session {
             };
             // Above the ladder's lowest rendition, the edge moves the viewer down first.
             let above_lowest = self.stats.rendition.as_ref().is_some_and(|r| r.index > 0);
-            let waits_for_edge = judged
-                && quality
-                && above_lowest
-                && match self.step_down_grace {
-                    Some(t) if now < t => true,
-                    Some(t) if now < t + STEP_DOWN_GRACE => false,
-                    _ => {
-                        self.step_down_grace = Some(now + STEP_DOWN_GRACE);
+            let waits_for_edge = judged && quality && above_lowest && {
+                let kind = reason.name();
+                let grace = self.step_down_grace.iter_mut().find(|g| g.0 == kind);
+                match grace {
+                    Some((_, t)) if now < *t => true,
+                    Some((_, t)) if now < *t + STEP_DOWN_GRACE => false,
+                    Some((_, t)) => {
+                        *t = now + STEP_DOWN_GRACE;
                         true
                     }
-                };
+                    None => {
+                        self.step_down_grace.push((kind, now + STEP_DOWN_GRACE));
+                        true
+                    }
+                }
+            };
             if waits_for_edge {
                 tracing::debug!("{reason:?}: waiting for the edge to move down a rendition");
                 self.detector.reset(now);
@@ -1414,7 +1421,7 @@ impl Session {
                     self.quality_switches.push(now);
                 }
                 // The next edge gets its own time to move the viewer down.
-                self.step_down_grace = None;
+                self.step_down_grace.clear();
                 self.decide_switch(now, reason.name().to_owned());
             } else if !judged {
                 // Too early to judge: re-arm, so a problem that lasts is said again.
