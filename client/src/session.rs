@@ -76,6 +76,9 @@ const LEFT_GRACE: Duration = Duration::from_secs(1);
 /// a link too slow for the rendition is the edge's to answer (its meter, then the next
 /// keyframe), and a new edge would start measuring afresh, at the same rendition.
 const STEP_DOWN_GRACE: Duration = Duration::from_millis(4_500);
+/// How long a move down for the link's speed is told to the edges it switches to (a
+/// link's rate changes; an edge that finds room moves it up and ends it sooner).
+const FITS_FOR: Duration = Duration::from_secs(60);
 /// How long after a failed assignment it is asked for again.
 const RETRY_ASSIGN: Duration = Duration::from_millis(250);
 /// The lease asked for in every watch.
@@ -471,6 +474,13 @@ pub struct Session {
     /// while the viewer sees, say, disorder its edge cannot mend still gives the edge its
     /// whole time to answer the cap.
     step_down_grace: Vec<(&'static str, Instant)>,
+    /// The nominal rate, kbit/s, of the rendition an edge last moved it down to for its
+    /// link's speed, and when ([`FITS_FOR`]): its watches say it, so an edge it switches
+    /// to starts it no higher.
+    fits_kbps: Option<(u32, Instant)>,
+    /// The last *rendition* notice taken (its value's lower 32 bits): its watches say
+    /// it, so its edge repeats a newer one it lost.
+    rendition_took: Option<u32>,
     /// Probes sent: candidate and when.
     probes: Vec<(SocketAddr, Option<f64>)>,
     probe_started: Instant,
@@ -548,6 +558,8 @@ impl Session {
             switch_marks: Vec::new(),
             quality_switches: Vec::new(),
             step_down_grace: Vec::new(),
+            fits_kbps: None,
+            rendition_took: None,
             told: Vec::new(),
             joined_told: false,
             prefill: None,
@@ -760,6 +772,7 @@ impl Session {
     /// the output's continuity counters follow on across the change.
     fn rendition(&mut self, now: Instant, value: u64) {
         let n = braid_core::wire::RenditionNotice::unpack(value);
+        self.rendition_took = Some(value as u32);
         self.continuity.start();
         if n.ssrc != 0 {
             self.moved_to = Some(n.ssrc);
@@ -784,6 +797,11 @@ impl Session {
         let same = |a: &RenditionStat| a.index == stat.index && a.reason == stat.reason;
         if self.stats.rendition.as_ref().is_some_and(same) {
             return;
+        }
+        match braid_core::speed::Reason::from_u8(n.reason) {
+            Some(braid_core::speed::Reason::Down) => self.fits_kbps = Some((n.kbps, now)),
+            Some(braid_core::speed::Reason::Up) => self.fits_kbps = None,
+            _ => {}
         }
         tracing::info!(kbps = n.kbps, reason = %stat.reason, "rendition {}", n.index);
         if !self.stats.renditions.is_empty() {
@@ -823,6 +841,11 @@ impl Session {
             token: self.config.token.clone(),
             received: self.received_from.get(&to).copied(),
             policy: self.config.policy,
+            fits_kbps: self
+                .fits_kbps
+                .filter(|(_, at)| self.now.saturating_duration_since(*at) < FITS_FOR)
+                .map(|(kbps, _)| kbps),
+            rendition: self.rendition_took,
         })
     }
 

@@ -481,12 +481,14 @@ impl Chooser {
     /// A viewer joining a ladder of nominal rates (ascending, at least one): its first
     /// rendition fits `known` (its client's or network's last measured speed: a link's
     /// rate under the share, a rate it took in full as it is), else it is the lowest;
-    /// never above its ceiling.
+    /// never above `fitting` (what its client says an edge last moved it down to,
+    /// bit/s) nor its ceiling.
     pub fn join(
         config: AdaptConfig,
         policy: Policy,
         ladder: &[u64],
         known: Option<Estimate>,
+        fitting: Option<u64>,
         now: Instant,
     ) -> Chooser {
         let cap = Self::cap(ladder, policy);
@@ -499,6 +501,7 @@ impl Chooser {
                     fits(ladder, k.bps as f64 * share)
                 })
                 .unwrap_or(0)
+                .min(fitting.map_or(cap, |f| fits(ladder, f as f64).unwrap_or(0)))
                 .min(cap)
         };
         let next_probe = now + config.probe_every;
@@ -633,6 +636,28 @@ impl Chooser {
     pub fn may_move(&self, now: Instant) -> bool {
         self.moved_at
             .is_none_or(|t| now.saturating_duration_since(t) >= self.config.dwell)
+    }
+
+    /// A viewer resuming at a sequence number on rendition `index` (an edge it switched
+    /// to, or its edge restarted): it stays there, unless `fitting` (what its client says
+    /// an edge last moved it down to, bit/s) is lower: then the move down it was owed,
+    /// to be made at its next keyframe (no dwell: it did not move here).
+    pub fn resume(
+        &mut self,
+        now: Instant,
+        ladder: &[u64],
+        index: usize,
+        fitting: Option<u64>,
+    ) -> Option<(usize, Reason)> {
+        self.moved(now, index);
+        if self.policy.pinned {
+            return None;
+        }
+        let to = fits(ladder, fitting? as f64).unwrap_or(0);
+        (to < index).then(|| {
+            self.moved_at = None;
+            (to, Reason::Down)
+        })
     }
 
     /// It now gets rendition `index`.
@@ -792,7 +817,14 @@ mod tests {
         fn first_down(&self, secs: f64) -> Option<f64> {
             let t = t0();
             let mut m = Meter::new(Config::default());
-            let mut c = Chooser::join(AdaptConfig::default(), Policy::default(), &LADDER, None, t);
+            let mut c = Chooser::join(
+                AdaptConfig::default(),
+                Policy::default(),
+                &LADDER,
+                None,
+                None,
+                t,
+            );
             c.moved(t, 1);
             if self.restart_down {
                 m.restart_stepped_down(t);
@@ -922,6 +954,7 @@ mod tests {
             Policy::default(),
             &LADDER,
             known,
+            None,
             t0,
         );
         let mut pending: Option<usize> = None;
@@ -1029,6 +1062,7 @@ mod tests {
                 bps: 100_000_000,
                 limited: false,
             }),
+            None,
             t0,
         );
         assert_eq!(c.current(), 1);
@@ -1036,13 +1070,66 @@ mod tests {
             ceiling: None,
             pinned: true,
         };
-        let mut c = Chooser::join(AdaptConfig::default(), pinned, &LADDER, None, t0);
+        let mut c = Chooser::join(AdaptConfig::default(), pinned, &LADDER, None, None, t0);
         assert_eq!(c.current(), 2);
         let mut f = Fluid::new(Config::default());
         f.run(500_000, 5_000_000, WINDOW, 3.0);
         assert!(f.meter.estimate(f.t).is_some_and(|e| e.limited));
         assert_eq!(c.decide(f.t, &LADDER, &f.meter), None, "pinned stays");
         assert_eq!(c.probing(t0, &LADDER), None);
+    }
+
+    #[test]
+    fn what_a_client_says_fits_bounds_a_join_and_moves_a_resume_down_at_once() {
+        let t0 = t0();
+        let fast = Some(Estimate {
+            bps: 100_000_000,
+            limited: false,
+        });
+        let c = Chooser::join(
+            AdaptConfig::default(),
+            Policy::default(),
+            &LADDER,
+            fast,
+            Some(2_500_000),
+            t0,
+        );
+        assert_eq!(c.current(), 1, "no higher than the client says fits");
+        let c = Chooser::join(
+            AdaptConfig::default(),
+            Policy::default(),
+            &LADDER,
+            None,
+            Some(5_000_000),
+            t0,
+        );
+        assert_eq!(c.current(), 0, "what fits is a bound, not a measure");
+        // Resuming above what fits: down at its next keyframe, no dwell.
+        let mut c = Chooser::join(
+            AdaptConfig::default(),
+            Policy::default(),
+            &LADDER,
+            None,
+            None,
+            t0,
+        );
+        assert_eq!(
+            c.resume(t0, &LADDER, 2, Some(1_200_000)),
+            Some((0, Reason::Down))
+        );
+        assert_eq!(c.current(), 2);
+        assert!(c.may_move(t0));
+        // At or under what fits, or told nothing: it stays, and waits its dwell.
+        assert_eq!(c.resume(t0, &LADDER, 1, Some(2_500_000)), None);
+        assert_eq!(c.resume(t0, &LADDER, 2, None), None);
+        assert!(!c.may_move(t0));
+        // A pin is kept.
+        let pinned = Policy {
+            ceiling: None,
+            pinned: true,
+        };
+        let mut c = Chooser::join(AdaptConfig::default(), pinned, &LADDER, None, None, t0);
+        assert_eq!(c.resume(t0, &LADDER, 2, Some(1_000_000)), None);
     }
 
     proptest! {

@@ -1305,6 +1305,8 @@ pub mod crowd {
                 token: Bytes::new(),
                 received: None,
                 policy: None,
+                fits_kbps: None,
+                rendition: None,
             }),
         };
         codec

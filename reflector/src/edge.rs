@@ -1086,12 +1086,22 @@ impl Edge {
                 v.reported = watch.received;
             }
             let mut repeat = Vec::new();
-            if let Some((value, left @ 1..)) = v.rendition {
-                v.rendition = Some((value, left - 1));
-                repeat.push(Body::Notice {
-                    kind: NoticeKind::Rendition,
-                    value,
-                });
+            // A viewer that says which *rendition* notice it took is told the last one
+            // until it took it (on a link overflowing before a move down, every copy
+            // of a few may be lost, and its stats would show the wrong rendition); one
+            // that does not say, on its next few refreshes.
+            if let Some((value, left)) = v.rendition {
+                let lacks = match watch.rendition {
+                    Some(took) => took != value as u32,
+                    None => left > 0,
+                };
+                if lacks {
+                    v.rendition = Some((value, left.saturating_sub(1)));
+                    repeat.push(Body::Notice {
+                        kind: NoticeKind::Rendition,
+                        value,
+                    });
+                }
             }
             for (slot, kind) in [
                 (&mut v.joined, NoticeKind::Joined),
@@ -1155,17 +1165,29 @@ impl Edge {
             let rates: Vec<u64> = self.config.ladders[l].iter().map(|x| x.1).collect();
             let known = self.known(now, watch.node, from);
             let policy = watch.policy.unwrap_or_default();
-            let mut chooser =
-                speed::Chooser::join(self.config.adapt.clone(), policy, &rates, known, now);
+            // What its client says an edge last moved it down to bounds where it starts,
+            // and moves a resuming viewer down at its first keyframe here: a viewer
+            // switching edges on a capped link would otherwise overflow it for the
+            // whole meter's window again.
+            let fitting = watch.fits_kbps.map(|k| u64::from(k) * 1000);
+            let mut chooser = speed::Chooser::join(
+                self.config.adapt.clone(),
+                policy,
+                &rates,
+                known,
+                fitting,
+                now,
+            );
+            let mut pending = None;
             if watch.start == WatchStart::Seq {
-                chooser.moved(now, r);
+                pending = chooser.resume(now, &rates, r, fitting);
             } else {
                 id = self.config.ladders[l][chooser.current()].0;
             }
             adapt = Some(Adapt {
                 ladder: l,
                 chooser,
-                pending: None,
+                pending,
                 waiting: None,
                 passed: None,
                 unaligned: 0,
@@ -1246,7 +1268,7 @@ impl Edge {
         if let Peer::Conn(c) = from {
             self.tcp_queued.entry(c).or_default();
         }
-        tracing::info!(stream = id.0, viewer = %from, "viewer joined");
+        tracing::info!(stream = id.0, viewer = %from, fits_kbps = ?watch.fits_kbps, "viewer joined");
         if needs_upstream {
             self.subscribe_upstream(now, id);
         }
@@ -2288,6 +2310,8 @@ mod tests {
                 token: Bytes::new(),
                 received: None,
                 policy: None,
+                fits_kbps: None,
+                rendition: None,
             }),
         };
         let mut b = BytesMut::new();

@@ -69,6 +69,8 @@ fn watch(id: u64, cookie: Cookie, token: &str) -> Message {
             token: Bytes::copy_from_slice(token.as_bytes()),
             received: None,
             policy: None,
+            fits_kbps: None,
+            rendition: None,
         }),
     }
 }

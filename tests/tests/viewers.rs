@@ -341,6 +341,8 @@ fn a_viewer_that_stops_reading_is_skipped_and_the_others_lose_nothing() {
                             token: Bytes::new(),
                             received: None,
                             policy: None,
+                            fits_kbps: None,
+                            rendition: None,
                         }),
                     },
                     &mut out,

@@ -361,6 +361,8 @@ pub enum WatchStart {
 
 /// `received` in a watch that carries a policy but no count.
 const NOT_COUNTED: u64 = u64::MAX;
+/// `policy` in a watch that carries a fitting rate but no policy.
+const NO_POLICY: u32 = u32::MAX;
 
 /// A viewer's request to an edge, repeated as its refresh and acknowledgement.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -384,6 +386,13 @@ pub struct Watch {
     pub received: Option<u64>,
     /// What the viewer asks of a ladder's renditions (a ceiling, or a pin), if anything.
     pub policy: Option<crate::speed::Policy>,
+    /// The nominal rate, kbit/s, of the rendition an edge last moved the viewer down to
+    /// for its link's speed (recently, and no edge moved it up since): an edge that does
+    /// not know the viewer starts or resumes it on no higher a rendition.
+    pub fits_kbps: Option<u32>,
+    /// The last *rendition* notice the viewer took (its value's lower 32 bits: reason,
+    /// index, rate; never 0): its edge repeats a newer one until the viewer has it.
+    pub rendition: Option<u32>,
 }
 
 /// What an edge tells a viewer.
@@ -861,12 +870,29 @@ fn encode_body(body: &Body, out: &mut BytesMut) -> Result<(), EncodeError> {
             out.put_slice(&w.cookie);
             out.put_u8(w.token.len() as u8);
             out.put_slice(&w.token);
-            if w.received.is_some() || w.policy.is_some() {
+            // Optional fields, last: each one present needs those before it (absent
+            // ones as their "none").
+            let present = [
+                w.received.is_some(),
+                w.policy.is_some(),
+                w.fits_kbps.is_some(),
+                w.rendition.is_some(),
+            ];
+            let n = present.iter().rposition(|p| *p).map_or(0, |i| i + 1);
+            if n > 0 {
                 out.put_u64(w.received.unwrap_or(NOT_COUNTED));
             }
-            if let Some(p) = w.policy {
-                let kbps = p.ceiling.map_or(0, |c| (c / 1000).clamp(1, 0x7fff_ffff)) as u32;
-                out.put_u32(kbps | if p.pinned { 1 << 31 } else { 0 });
+            if n > 1 {
+                out.put_u32(w.policy.map_or(NO_POLICY, |p| {
+                    let kbps = p.ceiling.map_or(0, |c| (c / 1000).clamp(1, 0x7fff_fffe)) as u32;
+                    kbps | if p.pinned { 1 << 31 } else { 0 }
+                }));
+            }
+            if n > 2 {
+                out.put_u32(w.fits_kbps.unwrap_or(0));
+            }
+            if n > 3 {
+                out.put_u32(w.rendition.unwrap_or(0));
             }
         }
         Body::Notice { kind, value } => {
@@ -1018,10 +1044,20 @@ fn decode_body(kind: Kind, buf: &mut impl Buf) -> Result<Body, DecodeError> {
                 policy: if buf.has_remaining() {
                     let raw = get_u32(buf)?;
                     let kbps = u64::from(raw & 0x7fff_ffff);
-                    Some(crate::speed::Policy {
+                    (raw != NO_POLICY).then_some(crate::speed::Policy {
                         ceiling: (kbps > 0).then_some(kbps * 1000),
                         pinned: raw >> 31 == 1,
                     })
+                } else {
+                    None
+                },
+                fits_kbps: if buf.has_remaining() {
+                    Some(get_u32(buf)?).filter(|k| *k != 0)
+                } else {
+                    None
+                },
+                rendition: if buf.has_remaining() {
+                    Some(get_u32(buf)?).filter(|r| *r != 0)
                 } else {
                     None
                 },

@@ -118,6 +118,8 @@ fn samples() -> Vec<Message> {
                     ceiling: Some(3_000_000),
                     pinned: true,
                 }),
+                fits_kbps: Some(2_500),
+                rendition: Some(0x2100_09c4),
             }),
         },
         Message {
@@ -532,24 +534,30 @@ fn arb_message() -> impl Strategy<Value = Message> {
             any::<[u8; COOKIE_LEN]>(),
             prop::collection::vec(any::<u8>(), 0..=MAX_TOKEN),
             prop::option::of(0..u64::MAX),
-            prop::option::of((prop::option::of(1u64..0x7fff_ffff), any::<bool>()))
+            prop::option::of((prop::option::of(1u64..0x7fff_ffff), any::<bool>())),
+            prop::option::of(1..=u32::MAX),
+            prop::option::of(1..=u32::MAX),
         )
             .prop_map(
-                |(n, l, st, s, a, cookie, t, received, policy)| Body::Watch(Watch {
-                    node: NodeId(n),
-                    lease_ms: l,
-                    start: [WatchStart::Keyframe, WatchStart::Seq, WatchStart::Live]
-                        [usize::from(st)],
-                    seq: SeqNo(s),
-                    acked: SeqNo(a),
-                    cookie,
-                    token: t.into(),
-                    received,
-                    policy: policy.map(|(kbps, pinned)| crate::speed::Policy {
-                        ceiling: kbps.map(|k| k * 1000),
-                        pinned,
-                    }),
-                })
+                |(n, l, st, s, a, cookie, t, received, policy, fits_kbps, rendition)| Body::Watch(
+                    Watch {
+                        node: NodeId(n),
+                        lease_ms: l,
+                        start: [WatchStart::Keyframe, WatchStart::Seq, WatchStart::Live]
+                            [usize::from(st)],
+                        seq: SeqNo(s),
+                        acked: SeqNo(a),
+                        cookie,
+                        token: t.into(),
+                        received,
+                        policy: policy.map(|(kbps, pinned)| crate::speed::Policy {
+                            ceiling: kbps.map(|k| k * 1000),
+                            pinned,
+                        }),
+                        fits_kbps,
+                        rendition,
+                    }
+                )
             ),
         (1u8..8, any::<u64>()).prop_map(|(k, value)| Body::Notice {
             kind: [
