@@ -270,7 +270,17 @@ impl Meter {
             // just held the viewer back. A full window (which a stalled viewer's late
             // acknowledgements also fill) is left to the whole window, and so is a rate
             // not clearly under the rendition's (the chooser's part, see `settled`).
+            // The window's mean, or its second half's when lower: a link that fell
+            // within the window shows at its new rate, not halfway (one move down,
+            // not two a window apart).
             let mean = recent.clone().map(|s| s.bps).sum::<u64>() / n as u64;
+            let half = n / 2;
+            let mean = if half >= 2 {
+                let late = recent.clone().skip(n - half).map(|s| s.bps).sum::<u64>() / half as u64;
+                mean.min(late)
+            } else {
+                mean
+            };
             let measured = self.started.map(|t| now.saturating_duration_since(t));
             let whole = measured.is_some_and(|m| m >= self.config.down_window);
             let early = measured.is_some_and(|m| m >= self.whole) && behind;
@@ -747,6 +757,19 @@ mod tests {
         assert!(e.limited);
         assert!((2_800_000..=3_200_000).contains(&e.bps), "{e:?}");
         assert!(f.meter.slow(f.t));
+    }
+
+    /// A link that falls within the window shows at its new rate, not halfway: a move
+    /// down goes to what fits now, not to a rendition that fits neither rate.
+    #[test]
+    fn a_link_that_fell_within_the_window_shows_at_its_new_rate() {
+        let mut f = Fluid::new(Config::default());
+        f.run(3_000_000, 4_000_000, WINDOW, 8.0);
+        f.run(1_000_000, 4_000_000, WINDOW, 1.1);
+        let e = f.meter.estimate(f.t).unwrap();
+        assert!(e.limited);
+        // The window's mean would be about 2 Mbit/s.
+        assert!((800_000..=1_300_000).contains(&e.bps), "{e:?}");
     }
 
     #[test]
