@@ -357,6 +357,26 @@ impl<T> Ring<T> {
         }
     }
 
+    /// The first keyframe after `cursor`'s next entry, if the ring holds one: its
+    /// position, and the bytes from the cursor up to it (what the viewer has left of the
+    /// group of pictures it is in).
+    pub fn next_keyframe(&self, cursor: &Cursor) -> Option<(u64, usize)> {
+        let i = self.keyframes.partition_point(|&k| k <= cursor.pos);
+        let k = *self.keyframes.get(i)?;
+        let from = usize::try_from(cursor.pos.checked_sub(self.first_pos)?).ok()?;
+        let to = usize::try_from(k - self.first_pos).ok()?;
+        let bytes = self.entries.range(from..to).map(|e| e.size).sum();
+        Some((k, bytes))
+    }
+
+    /// Moves `cursor` on to position `pos` (one ahead of it, such as a keyframe
+    /// [`Ring::next_keyframe`] named) and returns how many packets it passed over.
+    pub fn skip_to(&self, cursor: &mut Cursor, pos: u64) -> u64 {
+        let lost = pos.saturating_sub(cursor.pos);
+        cursor.pos = cursor.pos.max(pos);
+        lost
+    }
+
     /// How many packets `cursor` is behind the newest.
     pub fn lag(&self, cursor: &Cursor) -> u64 {
         self.end().saturating_sub(cursor.pos)
@@ -563,6 +583,23 @@ mod tests {
         assert_eq!(r.skip_to_keyframe(&mut c), 8);
         assert_eq!(read_all(&r, &mut c), vec![8]);
         assert_eq!(r.skip_to_keyframe(&mut c), 0);
+    }
+
+    #[test]
+    fn the_rest_of_a_group_is_measured_and_passed_over() {
+        let t = t0();
+        let mut r = Ring::new(small()).unwrap();
+        fill(&mut r, t, 0..7, 4);
+        let (mut c, _) = r.cursor(Start::Seq(SeqNo(1))).unwrap();
+        // From 1 to the keyframe at 4: three packets of 100 bytes.
+        assert_eq!(r.next_keyframe(&c), Some((4, 300)));
+        assert_eq!(r.skip_to(&mut c, 4), 3);
+        // At a keyframe, the next one is not held yet.
+        assert_eq!(r.next_keyframe(&c), None);
+        assert_eq!(read_all(&r, &mut c), vec![4, 5, 6]);
+        // Never backwards.
+        assert_eq!(r.skip_to(&mut c, 2), 0);
+        assert_eq!(read_all(&r, &mut c), Vec::<u64>::new());
     }
 
     #[test]

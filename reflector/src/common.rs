@@ -108,6 +108,9 @@ pub struct Counters {
     pub rendition_unaligned: u64,
     /// Moves that went to the target's next keyframe after the viewer's (a jump).
     pub rendition_jumps: u64,
+    /// Moves down made at the next keyframe, the rest of the group of pictures passed
+    /// over (the link would have taken too long to carry it).
+    pub rendition_abandons: u64,
     /// Keyframes at which a move waited in vain for the target rendition to catch up.
     pub rendition_late: u64,
     /// Probes started (a viewer sent more than its rendition, to see if it can climb).

@@ -538,6 +538,7 @@ fn export(role: &'static str, machine: &mut Machine) {
         }
         metrics::counter!("braid_edge_rendition_unaligned_total").absolute(c.rendition_unaligned);
         metrics::counter!("braid_edge_rendition_jumps_total").absolute(c.rendition_jumps);
+        metrics::counter!("braid_edge_rendition_abandons_total").absolute(c.rendition_abandons);
         metrics::counter!("braid_edge_rendition_late_total").absolute(c.rendition_late);
         metrics::counter!("braid_edge_probes_total").absolute(c.probes);
         metrics::counter!("braid_edge_probe_loss_ends_total").absolute(c.probe_loss_ends);

@@ -105,6 +105,12 @@ struct Adapt {
     passed: Option<u64>,
     /// Keyframes with no aligned one in the target rendition, in a row.
     unaligned: u32,
+    /// Whether the rest of a group of pictures was passed over for the move pending (at
+    /// most once each).
+    abandoned: bool,
+    /// What its client said an edge last moved it down to, bit/s (its link's rate until
+    /// this edge measures it).
+    fitting: Option<u64>,
     /// Since when a probe is under way, as of the last look.
     probe_started: Option<Instant>,
     /// During a probe: packets of the stream sent, and packets the viewer asked for.
@@ -120,6 +126,11 @@ const ALIGN_WAIT: Duration = Duration::from_millis(300);
 /// After this many keyframes without an aligned one, a move goes to the next keyframe
 /// of the target rendition after the viewer's (a jump in media time, counted).
 const UNALIGNED_GIVE_UP: u32 = 3;
+/// A move down waits for the viewer's next keyframe unless its link, at the rate just
+/// measured, would take longer than this to carry the rest of the group of pictures: then
+/// the rest is passed over (told as skipped, counted), as a player abandons a segment too
+/// slow to finish, instead of the viewer freezing until it arrives.
+const ABANDON_AFTER: Duration = Duration::from_secs(1);
 /// How many packets from a keyframe's first are read for its media time.
 const KEYFRAME_TIME_SCAN: u64 = 8;
 /// Media time within which two renditions' keyframes are aligned (90 kHz: 20 ms).
@@ -1191,6 +1202,8 @@ impl Edge {
                 waiting: None,
                 passed: None,
                 unaligned: 0,
+                abandoned: false,
+                fitting,
                 probe_started: None,
                 probe_sent: 0,
                 probe_nacked: 0,
@@ -2008,6 +2021,7 @@ impl Edge {
         let mut targets = Vec::new();
         let mut moves = Vec::new();
         let mut known = Vec::new();
+        let mut abandons = Vec::new();
         for (&id, st) in self.streams.iter_mut() {
             // The stream's packet rate, smoothed over about a second (a new stream's
             // within a few ticks, so a far viewer's window opens as it starts).
@@ -2043,10 +2057,38 @@ impl Edge {
                         tracing::debug!(viewer = %key, to, reason = reason.as_str(), meter = ?v.speed, "rendition move decided");
                         a.pending = Some((to, reason));
                         a.passed = None;
+                        a.abandoned = false;
                     }
                 }
-                if let Some((to, _)) = a.pending {
+                if let Some((to, reason)) = a.pending {
                     targets.push(self.config.ladders[a.ladder][to].0);
+                    // Down, on a link that would take too long to carry the rest of the
+                    // group of pictures: on to the next keyframe (held, so the viewer
+                    // lags by at least the rest), where the move is made.
+                    if reason == speed::Reason::Down && !a.abandoned && a.chooser.may_move(now) {
+                        // The link's rate as measured, or else (a viewer just resumed
+                        // here) about what its client said fits.
+                        let rate = v
+                            .speed
+                            .estimate(now)
+                            .filter(|e| e.limited)
+                            .map(|e| e.bps)
+                            .or(a
+                                .fitting
+                                .map(|f| (f as f64 / self.config.adapt.share) as u64));
+                        if let (Some(bps), Some(c)) = (rate, v.cursor.as_mut()) {
+                            let at_key = st.ring.peek(c).is_some_and(|e| e.keyframe);
+                            let rest = st.ring.next_keyframe(c).filter(|_| !at_key);
+                            if let Some((k, bytes)) = rest.filter(|(_, b)| {
+                                *b as f64 * 8.0 > bps as f64 * ABANDON_AFTER.as_secs_f64()
+                            }) {
+                                let lost = st.ring.skip_to(c, k);
+                                a.abandoned = true;
+                                tracing::debug!(viewer = %key, lost, bytes, bps, "rest of the group passed over for a move down");
+                                abandons.push((id, *key, lost));
+                            }
+                        }
+                    }
                     let at_key = a.chooser.may_move(now)
                         && v.cursor.is_some_and(|c| {
                             st.ring
@@ -2117,6 +2159,18 @@ impl Edge {
                     self.subscribe_upstream(now, to);
                 }
             }
+        }
+        // Told between the last packet sent and the move's notices: the viewer stops
+        // waiting for what was passed over.
+        for (id, key, lost) in abandons {
+            self.counters.rendition_abandons += 1;
+            self.counters.viewer_skipped_packets += lost;
+            self.counters.viewer_skips += 1;
+            let notice = Body::Notice {
+                kind: NoticeKind::Skipped,
+                value: lost,
+            };
+            self.out.control(key, id, notice);
         }
         for (id, key) in moves {
             self.move_rendition(now, id, key);
@@ -2786,6 +2840,106 @@ mod tests {
         assert_eq!(got[at + 3], format!("{}", 7000 + k), "{text}");
         assert_eq!(e.counters().rendition_changes.get("policy"), Some(&1));
         assert_eq!(e.counters().rendition_unaligned, 0);
+    }
+
+    /// A viewer resuming here on a rendition its client says no longer fits, its
+    /// window full mid-group: the rest of the group would take seconds on its link, so
+    /// it is passed over (told as skipped, counted) and the move down is made at the
+    /// next keyframe, not after the link carried the rest.
+    #[test]
+    fn a_move_down_passes_over_a_group_the_link_would_take_too_long_to_carry() {
+        let mut now = Instant::now();
+        let config = Config {
+            ladders: vec![vec![(StreamId(11), 10_000), (StreamId(12), 100_000)]],
+            viewer_window: 4,
+            ..edge(now).config
+        };
+        let mut e = Edge::new(config, codec(), WallClock::new(now, 1_800_000_000_000))
+            .unwrap()
+            .with_cookie_secret(COOKIE_SECRET);
+        let v = viewer(5000);
+        // Both renditions held (two other viewers pinned to each), a keyframe every 30
+        // packets at the same media times.
+        for (port, stream, ceiling) in [(6000, 11, Some(10_000)), (6001, 12, None)] {
+            let Input::Received { datagram, .. } =
+                watch(now, viewer(port), WatchStart::Keyframe, 0)
+            else {
+                unreachable!()
+            };
+            let (_, mut m) = codec().decode_any(datagram).unwrap();
+            m.header.stream = StreamId(stream);
+            if let Body::Watch(w) = &mut m.body {
+                w.policy = Some(speed::Policy {
+                    ceiling,
+                    pinned: true,
+                });
+            }
+            e.handle_input(now, from_viewer_msg(viewer(port), &m));
+        }
+        let feed = |e: &mut Edge, now: Instant, i: u64| {
+            let key = i % 30 == 0;
+            let pts = key.then_some(90_000 * (i / 30));
+            e.handle_input(now, ts_media_flagged(11, 0x11, 1000 + i, pts, key));
+            e.handle_input(now, ts_media_flagged(12, 0x12, 7000 + i, pts, key));
+        };
+        for i in 0..62 {
+            feed(&mut e, now, i);
+        }
+        sent(&mut e);
+        // It resumes on 12 at 7031, its client saying 10 kbit/s fits.
+        let Input::Received { datagram, .. } = watch(now, v, WatchStart::Seq, 7031) else {
+            unreachable!()
+        };
+        let (_, mut m) = codec().decode_any(datagram).unwrap();
+        m.header.stream = StreamId(12);
+        if let Body::Watch(w) = &mut m.body {
+            w.fits_kbps = Some(10);
+        }
+        e.handle_input(now, from_viewer_msg(v, &m));
+        let mut out = sent(&mut e);
+        for i in 62..70 {
+            now += Duration::from_millis(20);
+            feed(&mut e, now, i);
+            e.handle_timeout(now);
+            out.extend(sent(&mut e));
+        }
+        let mut got: Vec<String> = out
+            .iter()
+            .filter(|(to, _)| *to == v)
+            .filter_map(|(_, body)| match body {
+                Body::Media(m) => Some(format!("{}", m.seq.0)),
+                Body::Notice { kind, value } if *kind != NoticeKind::Joined => {
+                    Some(format!("{kind:?}:{value}"))
+                }
+                _ => None,
+            })
+            .collect();
+        // (a tail probe may send its last packet again)
+        got.dedup();
+        let text = got.join(" ");
+        let down = RenditionNotice {
+            ssrc: 0x11,
+            reason: speed::Reason::Down as u8,
+            index: 0,
+            kbps: 10,
+        };
+        let resumed = RenditionNotice {
+            ssrc: 0,
+            reason: speed::Reason::Join as u8,
+            index: 1,
+            kbps: 100,
+        };
+        // Where it resumed, its window's four, then the 25 before the keyframe at 7060
+        // passed over, then 11 from its keyframe of the same time.
+        let want = format!(
+            "Rendition:{} 7031 7032 7033 7034 Skipped:25 Rendition:{} Ended:7034 Session:1060 1060",
+            resumed.pack(),
+            down.pack()
+        );
+        assert!(text.starts_with(&want), "{text}");
+        assert_eq!(e.counters().rendition_abandons, 1);
+        assert_eq!(e.counters().viewer_skipped_packets, 25);
+        assert_eq!(e.counters().rendition_changes.get("down"), Some(&1));
     }
 
     #[test]
