@@ -156,11 +156,13 @@ impl Meter {
         self.restart_for(now, self.config.down_window);
     }
 
-    /// Forgets what was measured, as the viewer moves down to a lower rendition: a link
-    /// still too slow for it shows within half the down window, so a drop across two
-    /// renditions costs one window and a half, not two. (That half also holds the new
-    /// rendition's catch-up, sent faster than the link carries: the chooser moves on
-    /// such an early verdict only well under the rendition's rate, `EARLY_SHARE`.)
+    /// Forgets what was measured, as the viewer moves down to a lower rendition or a
+    /// probe ends: a link still too slow for its rendition shows within half the down
+    /// window, so a drop across two renditions costs one window and a half, not two,
+    /// and a link that fell while a probe ran is not measured a whole window afresh.
+    /// (That half also holds a catch-up or a probe's queue draining, sent faster than
+    /// the link carries: the chooser moves on such an early verdict only well under the
+    /// rendition's rate, `EARLY_SHARE`, and only once what is on its way grew.)
     pub fn restart_stepped_down(&mut self, now: Instant) {
         self.restart_for(now, self.config.down_window / 2);
     }
@@ -997,10 +999,11 @@ mod tests {
                     if let Some((to, _)) = c.decide(f.t, &LADDER, &f.meter) {
                         pending = Some(to);
                     }
-                    // As the edge does: a probe's end restarts the meter.
+                    // As the edge does: a probe's end restarts the meter, a link
+                    // falling behind told after half a window.
                     let now_probing = c.probing(f.t, &LADDER).is_some();
                     if probing && !now_probing {
-                        f.meter.restart(f.t);
+                        f.meter.restart_stepped_down(f.t);
                     }
                     probing = now_probing;
                 }

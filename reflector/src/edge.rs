@@ -2125,8 +2125,10 @@ impl Edge {
                         known.push((v.client, *key, e));
                     }
                     // What the probe sent, and the repairs of what it made the viewer
-                    // lose, say nothing of the stream's own delivery.
-                    v.speed.restart(now);
+                    // lose, say nothing of the stream's own delivery; but a link that
+                    // fell meanwhile (a probe ends early on the losses it brings) is
+                    // told after half a window, as after a move down.
+                    v.speed.restart_stepped_down(now);
                 }
                 // Copies in proportion to what the stream really sends it (a rendition
                 // may run under its nominal rate).
