@@ -272,7 +272,8 @@ pub struct Stats {
     pub repaired: u64,
     /// Packets that failed to decode.
     pub malformed: u64,
-    /// Media from an edge this viewer no longer watches (dropped).
+    /// Media from an edge this viewer no longer watches, or of a rendition the edge it
+    /// is leaving moved it to after it left (dropped).
     pub stray: u64,
     /// Milliseconds from the first watch message to the first packet received.
     pub join_ms: Option<u64>,
@@ -1178,6 +1179,19 @@ impl Session {
                     self.received_from.retain(|e, _| keep.contains(&Some(*e)));
                 }
                 if from_leaving && !from_edge {
+                    // The edge being left moved this viewer to another rendition after
+                    // it left (its link still carries the first packets): the edge it
+                    // watches now resumes it on the rendition its watches name, and that
+                    // one's packets would take its output into a session no edge serves
+                    // it any more. Repairs of the rendition it left are still holes of
+                    // its own.
+                    let repair = header.flags.contains(Flags::RETRANSMIT);
+                    let ours = header.stream == self.stream_now
+                        || (repair && header.stream == self.stream_before);
+                    if !ours {
+                        self.stats.stray += 1;
+                        return;
+                    }
                     // The edge being left, until the new one delivers.
                     if m.seq > self.acked {
                         self.acked = m.seq;
@@ -1254,10 +1268,12 @@ impl Session {
             // Where a session ends and the next starts holds for every edge: the edge
             // being left may be the only one to have seen them.
             Message {
+                header,
                 body: Body::Notice { kind, value },
-                ..
             } if from_edge
-                || (from_leaving && matches!(kind, NoticeKind::Session | NoticeKind::Ended)) =>
+                || (from_leaving
+                    && header.stream == self.stream_now
+                    && matches!(kind, NoticeKind::Session | NoticeKind::Ended)) =>
             {
                 match kind {
                     NoticeKind::Skipped => {
