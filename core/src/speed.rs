@@ -620,12 +620,15 @@ impl Chooser {
         None
     }
 
-    /// The viewer lost packets: a probe under way ends at once, failed (what it adds
-    /// overflows the link, and the stream's own packets are lost with it).
-    pub fn probe_lost(&mut self, now: Instant) {
-        if self.probe.is_some() {
+    /// The viewer lost packets, or its packets queue on its link: a probe under way
+    /// ends at once, failed (what it adds overflows the link, or is about to, and the
+    /// stream's own packets are lost with it). Returns whether one was under way.
+    pub fn probe_lost(&mut self, now: Instant) -> bool {
+        let probing = self.probe.is_some();
+        if probing {
             self.probe_failed(now);
         }
+        probing
     }
 
     fn probe_failed(&mut self, now: Instant) {

@@ -119,6 +119,9 @@ pub struct Counters {
     pub probe_bytes: u64,
     /// Probes ended early because the viewer lost packets (the link had no room).
     pub probe_loss_ends: u64,
+    /// Probes ended because the viewer's packets queued on its link (acknowledged later
+    /// than the path's least delay by [`crate::edge::PROBE_QUEUE`]), before any loss.
+    pub probe_delay_ends: u64,
 }
 
 /// One stream's figures, for the metrics.

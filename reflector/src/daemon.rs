@@ -542,6 +542,7 @@ fn export(role: &'static str, machine: &mut Machine) {
         metrics::counter!("braid_edge_rendition_late_total").absolute(c.rendition_late);
         metrics::counter!("braid_edge_probes_total").absolute(c.probes);
         metrics::counter!("braid_edge_probe_loss_ends_total").absolute(c.probe_loss_ends);
+        metrics::counter!("braid_edge_probe_delay_ends_total").absolute(c.probe_delay_ends);
         metrics::counter!("braid_edge_probe_bytes_total").absolute(c.probe_bytes);
         for (id, h) in m.hls_stats() {
             let stream = id.0.to_string();

@@ -118,6 +118,9 @@ struct Adapt {
     probe_nacked: u64,
 }
 
+/// A probe ends once the viewer's packets are acknowledged this much later than the
+/// path's least delay: they queue on its link, which is about to overflow.
+pub const PROBE_QUEUE: Duration = Duration::from_millis(100);
 /// A probe's copies grow over this share of it, from none (see `Chooser::probing`).
 const GROW_SHARE: f64 = 0.5;
 /// How long a viewer waits at its keyframe for the other rendition's aligned keyframe
@@ -822,8 +825,9 @@ impl Edge {
                     // those sent meanwhile: a lossy link loses some anyway) ends now.
                     if let Some(ad) = v.adapt.as_mut().filter(|ad| ad.probe_started.is_some()) {
                         ad.probe_nacked += ranges.iter().map(|r| u64::from(r.count)).sum::<u64>();
-                        if ad.probe_nacked * 20 > ad.probe_sent.max(40) {
-                            ad.chooser.probe_lost(now);
+                        if ad.probe_nacked * 20 > ad.probe_sent.max(40)
+                            && ad.chooser.probe_lost(now)
+                        {
                             // Its copies stop now, not at the next look: each one more
                             // overflows the link further.
                             v.pad_ratio = 0.0;
@@ -1020,6 +1024,7 @@ impl Edge {
         let lease = Duration::from_millis(u64::from(watch.lease_ms)).min(MAX_LEASE);
         // A viewer of a ladder may name the rendition it was on before a move.
         let id = self.viewer_stream(id, from).unwrap_or(id);
+        let pps = self.streams.get(&id).map_or(0.0, |st| st.pps);
         if let Some(v) = self
             .streams
             .get_mut(&id)
@@ -1080,6 +1085,26 @@ impl Edge {
                 if v.ack_delay.is_none_or(|least| d < least) {
                     tracing::debug!(viewer = %from, ms = d.as_millis() as u64, "least acknowledgement delay");
                     v.ack_delay = Some(d);
+                }
+                // A probe whose packets queue on the link ends before the queue
+                // overflows: a link without room shows it by delay first, and every
+                // loss then costs the stream's own packets, whose repairs wait behind
+                // the full queue. (A watch goes up to a packet's interval after the
+                // newest packet it acknowledges: that much delay is no queue.)
+                let queued = v.ack_delay.map(|least| d.saturating_sub(least));
+                let interval = if pps > 0.0 {
+                    Duration::from_secs_f64((1.0 / pps).min(0.25))
+                } else {
+                    Duration::from_millis(250)
+                };
+                if let Some(ad) = v.adapt.as_mut().filter(|ad| ad.probe_started.is_some()) {
+                    if queued.is_some_and(|q| q > PROBE_QUEUE + interval)
+                        && ad.chooser.probe_lost(now)
+                    {
+                        tracing::debug!(viewer = %from, ms = queued.unwrap_or_default().as_millis() as u64, "probe ended: its packets queue");
+                        v.pad_ratio = 0.0;
+                        self.counters.probe_delay_ends += 1;
+                    }
                 }
             }
             match (watch.received, v.reported) {
@@ -2730,6 +2755,71 @@ mod tests {
         // Stopped at once: no copy after the asks.
         assert!(copies[15..].iter().all(|&c| c == 0), "{copies:?}");
         assert_eq!(e.counters().probe_loss_ends, 1);
+        // Acknowledged at once, the probe's packets never read as queued.
+        assert_eq!(e.counters().probe_delay_ends, 0);
+    }
+
+    /// A probe ends, before any loss, once the viewer's acknowledgements come later
+    /// than the path's least delay by more than [`PROBE_QUEUE`] (and a packet's
+    /// interval): its packets queue on its link.
+    #[test]
+    fn a_probe_ends_when_its_packets_queue() {
+        let mut now = Instant::now();
+        let mut e = ladder_edge(now);
+        let v = viewer(5000);
+        let watch_11 = |now: Instant, acked: u64, bytes: u64| {
+            let Input::Received { datagram, .. } = ack_received(now, v, acked, bytes) else {
+                unreachable!()
+            };
+            let (_, mut m) = codec().decode_any(datagram).unwrap();
+            m.header.stream = StreamId(11);
+            from_viewer_msg(v, &m)
+        };
+        e.handle_input(now, watch_11(now, 0, 0));
+        // What reached the viewer, by when: (arrival, highest number, bytes so far).
+        let mut arrived: Vec<(Instant, u64, u64)> = Vec::new();
+        let (mut highest, mut bytes) = (0u64, 0u64);
+        let mut probe_from = None;
+        let mut copies_after = 0;
+        for i in 0..400u64 {
+            let key = i % 10 == 0;
+            let pts = key.then_some(90_000 * (i / 10));
+            e.handle_input(now, ts_media_flagged(11, 0x11, 1000 + i, pts, key));
+            e.handle_input(now, ts_media_flagged(12, 0x12, 7000 + i, pts, key));
+            now += Duration::from_millis(20);
+            e.handle_timeout(now);
+            let mut seen = std::collections::HashSet::new();
+            let mut copies = 0;
+            for (to, body) in sent(&mut e) {
+                if let (true, Body::Media(m)) = (to == v, body) {
+                    bytes += m.rtp.len() as u64;
+                    highest = highest.max(m.seq.0);
+                    if !seen.insert(m.seq.0) {
+                        copies += 1;
+                    }
+                }
+            }
+            if copies > 0 && probe_from.is_none() {
+                probe_from = Some(now);
+            }
+            if e.counters().probe_delay_ends > 0 {
+                copies_after += copies;
+            }
+            // 10 ms on the path; once the probe runs, a queue grows 15 ms a step.
+            let queue = probe_from.map_or(Duration::ZERO, |t| (now - t).mul_f64(0.75));
+            arrived.push((now + Duration::from_millis(10) + queue, highest, bytes));
+            // What it has now, acknowledged at once.
+            if let Some(&(_, h, b)) = arrived.iter().rev().find(|(at, ..)| *at <= now) {
+                e.handle_input(now, watch_11(now, h, b));
+            }
+            if e.counters().probe_delay_ends > 0 && copies_after == 0 && i > 380 {
+                break;
+            }
+        }
+        assert!(probe_from.is_some(), "a probe ran");
+        assert_eq!(e.counters().probe_delay_ends, 1);
+        assert_eq!(e.counters().probe_loss_ends, 0);
+        assert_eq!(copies_after, 0, "no copies once it ended");
     }
 
     /// Message `m` as viewer `from` sends it.
