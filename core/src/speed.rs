@@ -845,14 +845,7 @@ mod tests {
         fn first_down(&self, secs: f64) -> Option<f64> {
             let t = t0();
             let mut m = Meter::new(Config::default());
-            let mut c = Chooser::join(
-                AdaptConfig::default(),
-                Policy::default(),
-                &LADDER,
-                None,
-                None,
-                t,
-            );
+            let mut c = fresh(t);
             c.moved(t, 1);
             if self.restart_down {
                 m.restart_stepped_down(t);
@@ -1108,6 +1101,18 @@ mod tests {
         assert_eq!(c.probing(t0, &LADDER), None);
     }
 
+    /// A new viewer of [`LADDER`] with nothing known of it.
+    fn fresh(t: Instant) -> Chooser {
+        Chooser::join(
+            AdaptConfig::default(),
+            Policy::default(),
+            &LADDER,
+            None,
+            None,
+            t,
+        )
+    }
+
     #[test]
     fn what_a_client_says_fits_bounds_a_join_and_moves_a_resume_down_at_once() {
         let t0 = t0();
@@ -1134,14 +1139,7 @@ mod tests {
         );
         assert_eq!(c.current(), 0, "what fits is a bound, not a measure");
         // Resuming above what fits: down at its next keyframe, no dwell.
-        let mut c = Chooser::join(
-            AdaptConfig::default(),
-            Policy::default(),
-            &LADDER,
-            None,
-            None,
-            t0,
-        );
+        let mut c = fresh(t0);
         assert_eq!(
             c.resume(t0, &LADDER, 2, Some(1_200_000)),
             Some((0, Reason::Down))

@@ -1553,15 +1553,9 @@ impl Edge {
                         }
                     }
                     Read::Skipped { lost } => {
-                        self.counters.viewer_skipped_packets += lost;
-                        self.counters.viewer_skips += 1;
                         // Told between the last packet before the skip and the first
                         // after it: the viewer knows which packets it will not get.
-                        let notice = Body::Notice {
-                            kind: NoticeKind::Skipped,
-                            value: lost,
-                        };
-                        self.out.control(key, id, notice);
+                        tell_skipped(&mut self.counters, &mut self.out, key, id, lost);
                     }
                     Read::Pending => break,
                 }
@@ -2191,13 +2185,7 @@ impl Edge {
         // waiting for what was passed over.
         for (id, key, lost) in abandons {
             self.counters.rendition_abandons += 1;
-            self.counters.viewer_skipped_packets += lost;
-            self.counters.viewer_skips += 1;
-            let notice = Body::Notice {
-                kind: NoticeKind::Skipped,
-                value: lost,
-            };
-            self.out.control(key, id, notice);
+            tell_skipped(&mut self.counters, &mut self.out, key, id, lost);
         }
         for (id, key) in moves {
             self.move_rendition(now, id, key);
@@ -2284,6 +2272,24 @@ impl Edge {
             self.counters.drain_signals += st.viewers.len() as u64;
         }
     }
+}
+
+/// Viewer `key` of stream `id` is passed over `lost` packets: counted, and told (between
+/// the last packet sent before them and the first after).
+fn tell_skipped(
+    counters: &mut Counters,
+    out: &mut Outbox<std::convert::Infallible>,
+    key: Peer,
+    id: StreamId,
+    lost: u64,
+) {
+    counters.viewer_skipped_packets += lost;
+    counters.viewer_skips += 1;
+    let notice = Body::Notice {
+        kind: NoticeKind::Skipped,
+        value: lost,
+    };
+    out.control(key, id, notice);
 }
 
 #[cfg(test)]
@@ -2696,38 +2702,14 @@ mod tests {
         let mut now = Instant::now();
         let mut e = ladder_edge(now);
         let v = viewer(5000);
-        // A watch of rendition 11, acknowledging `acked`, having received `bytes`.
-        let watch_11 = |now: Instant, acked: u64, bytes: u64| {
-            let Input::Received { datagram, .. } = ack_received(now, v, acked, bytes) else {
-                unreachable!()
-            };
-            let (_, mut m) = codec().decode_any(datagram).unwrap();
-            m.header.stream = StreamId(11);
-            from_viewer_msg(v, &m)
-        };
+        let watch_11 = |now, acked, bytes| watch_of(11, now, v, acked, bytes);
         let (mut highest, mut bytes) = (0u64, 0u64);
         e.handle_input(now, watch_11(now, 0, 0));
         // Copies sent to the viewer per 20 ms step once a probe starts, and the step the
         // viewer asks for many packets at once.
         let mut copies = Vec::new();
         for i in 0..400u64 {
-            let key = i % 10 == 0;
-            let pts = key.then_some(90_000 * (i / 10));
-            e.handle_input(now, ts_media_flagged(11, 0x11, 1000 + i, pts, key));
-            e.handle_input(now, ts_media_flagged(12, 0x12, 7000 + i, pts, key));
-            now += Duration::from_millis(20);
-            e.handle_timeout(now);
-            let mut seen = std::collections::HashSet::new();
-            let mut dup = 0;
-            for (to, body) in sent(&mut e) {
-                if let (true, Body::Media(m)) = (to == v, body) {
-                    bytes += m.rtp.len() as u64;
-                    highest = highest.max(m.seq.0);
-                    if !seen.insert(m.seq.0) {
-                        dup += 1;
-                    }
-                }
-            }
+            let dup = probe_step(&mut e, &mut now, i, v, &mut highest, &mut bytes);
             if dup > 0 || !copies.is_empty() {
                 copies.push(dup);
             }
@@ -2767,14 +2749,7 @@ mod tests {
         let mut now = Instant::now();
         let mut e = ladder_edge(now);
         let v = viewer(5000);
-        let watch_11 = |now: Instant, acked: u64, bytes: u64| {
-            let Input::Received { datagram, .. } = ack_received(now, v, acked, bytes) else {
-                unreachable!()
-            };
-            let (_, mut m) = codec().decode_any(datagram).unwrap();
-            m.header.stream = StreamId(11);
-            from_viewer_msg(v, &m)
-        };
+        let watch_11 = |now, acked, bytes| watch_of(11, now, v, acked, bytes);
         e.handle_input(now, watch_11(now, 0, 0));
         // What reached the viewer, by when: (arrival, highest number, bytes so far).
         let mut arrived: Vec<(Instant, u64, u64)> = Vec::new();
@@ -2782,23 +2757,7 @@ mod tests {
         let mut probe_from = None;
         let mut copies_after = 0;
         for i in 0..400u64 {
-            let key = i % 10 == 0;
-            let pts = key.then_some(90_000 * (i / 10));
-            e.handle_input(now, ts_media_flagged(11, 0x11, 1000 + i, pts, key));
-            e.handle_input(now, ts_media_flagged(12, 0x12, 7000 + i, pts, key));
-            now += Duration::from_millis(20);
-            e.handle_timeout(now);
-            let mut seen = std::collections::HashSet::new();
-            let mut copies = 0;
-            for (to, body) in sent(&mut e) {
-                if let (true, Body::Media(m)) = (to == v, body) {
-                    bytes += m.rtp.len() as u64;
-                    highest = highest.max(m.seq.0);
-                    if !seen.insert(m.seq.0) {
-                        copies += 1;
-                    }
-                }
-            }
+            let copies = probe_step(&mut e, &mut now, i, v, &mut highest, &mut bytes);
             if copies > 0 && probe_from.is_none() {
                 probe_from = Some(now);
             }
@@ -2820,6 +2779,48 @@ mod tests {
         assert_eq!(e.counters().probe_delay_ends, 1);
         assert_eq!(e.counters().probe_loss_ends, 0);
         assert_eq!(copies_after, 0, "no copies once it ended");
+    }
+
+    /// A watch of `stream` from viewer `v`, acknowledging `acked`, having received
+    /// `bytes`.
+    fn watch_of(stream: u32, now: Instant, v: Peer, acked: u64, bytes: u64) -> Input {
+        let Input::Received { datagram, .. } = ack_received(now, v, acked, bytes) else {
+            unreachable!()
+        };
+        let (_, mut m) = codec().decode_any(datagram).unwrap();
+        m.header.stream = StreamId(stream);
+        from_viewer_msg(v, &m)
+    }
+
+    /// One 20 ms step of a ladder edge's two renditions (11 and 12, a keyframe every 10
+    /// packets): what viewer `v` got counted into `highest` and `bytes`; returns the
+    /// copies (a probe's) among it.
+    fn probe_step(
+        e: &mut Edge,
+        now: &mut Instant,
+        i: u64,
+        v: Peer,
+        highest: &mut u64,
+        bytes: &mut u64,
+    ) -> usize {
+        let key = i % 10 == 0;
+        let pts = key.then_some(90_000 * (i / 10));
+        e.handle_input(*now, ts_media_flagged(11, 0x11, 1000 + i, pts, key));
+        e.handle_input(*now, ts_media_flagged(12, 0x12, 7000 + i, pts, key));
+        *now += Duration::from_millis(20);
+        e.handle_timeout(*now);
+        let mut seen = std::collections::HashSet::new();
+        let mut copies = 0;
+        for (to, body) in sent(e) {
+            if let (true, Body::Media(m)) = (to == v, body) {
+                *bytes += m.rtp.len() as u64;
+                *highest = (*highest).max(m.seq.0);
+                if !seen.insert(m.seq.0) {
+                    copies += 1;
+                }
+            }
+        }
+        copies
     }
 
     /// Message `m` as viewer `from` sends it.
