@@ -118,6 +118,17 @@ struct Adapt {
     probe_nacked: u64,
 }
 
+/// A viewer joining (or resuming after a switch) whose link's rate the edge knows (its
+/// client's or network's speed was measured limited here, or its client says what fits)
+/// gets its catch-up paced at this much of that rate, until it is caught up: what would
+/// go at once waits at the edge, where it is safe, not in the link's queue, which
+/// overflows. (Only the catch-up: a viewer paced all along reads as never held back by
+/// its link, and one paced at a rate measured low reads as limited there.)
+const PACE_GAIN: f64 = 0.95;
+/// A paced viewer is never paced under its stream's rate times this.
+const PACE_STREAM_MARGIN: f64 = 1.05;
+/// A paced viewer may get this much of its rate at once (and two packets at least).
+const PACE_BURST: Duration = Duration::from_millis(20);
 /// A probe ends once the viewer's packets are acknowledged this much later than the
 /// path's least delay: they queue on its link, which is about to overflow.
 pub const PROBE_QUEUE: Duration = Duration::from_millis(100);
@@ -206,6 +217,11 @@ pub enum Input {
 struct Viewer {
     /// Placed once the ring can serve the requested start.
     cursor: Option<Cursor>,
+    /// While it catches up after joining, its link's rate as known, bit/s (see
+    /// [`PACE_GAIN`]), and the bytes it may be sent now, as of when.
+    link_bps: Option<u64>,
+    pace_tokens: f64,
+    pace_at: Instant,
     start: WatchStart,
     start_seq: SeqNo,
     expires: Instant,
@@ -275,6 +291,8 @@ struct Stream {
     empty_since: Option<Instant>,
     /// Input arrived since the merge was last drained.
     dirty: bool,
+    /// When a paced viewer of it may be sent its next packet (the earliest).
+    pace_due: Option<Instant>,
     /// The set reflector subscribed beyond `subscribe_k` while repairs fail, if any.
     extra: Option<usize>,
     /// Repairs judged each [`TROUBLE_PERIOD`].
@@ -616,6 +634,7 @@ impl Edge {
         let mut deadline = self.next_housekeeping;
         for st in self.streams.values() {
             deadline = common::earliest(deadline, st.merge.next_timeout());
+            deadline = common::earliest(deadline, st.pace_due);
         }
         Output::Timeout(deadline)
     }
@@ -689,7 +708,8 @@ impl Edge {
                     }
                 }
             }
-            if pushed {
+            // New packets, or a paced viewer's turn.
+            if pushed || st.pace_due.is_some_and(|t| now >= t) {
                 self.serve(now, id, None);
             }
         }
@@ -975,6 +995,7 @@ impl Edge {
                     last_refresh: None,
                     empty_since: Some(now),
                     dirty: false,
+                    pace_due: None,
                     extra: None,
                     trouble: Trouble::default(),
                     hls: None,
@@ -1197,6 +1218,9 @@ impl Edge {
         // until its next keyframe.
         let mut id = id;
         let mut adapt = None;
+        // Its link's rate, when known here or from its client: it is paced from the start
+        // (a viewer switching edges on a capped link gets its catch-up at that rate).
+        let mut link_bps = None;
         if let Some(&(l, r)) = self.ladder_of.get(&id) {
             let rates: Vec<u64> = self.config.ladders[l].iter().map(|x| x.1).collect();
             let known = self.known(now, watch.node, from);
@@ -1206,6 +1230,10 @@ impl Edge {
             // switching edges on a capped link would otherwise overflow it for the
             // whole meter's window again.
             let fitting = watch.fits_kbps.map(|k| u64::from(k) * 1000);
+            link_bps = known
+                .filter(|k| k.limited)
+                .map(|k| k.bps)
+                .or(fitting.map(|f| (f as f64 / self.config.adapt.share) as u64));
             let mut chooser = speed::Chooser::join(
                 self.config.adapt.clone(),
                 policy,
@@ -1267,6 +1295,10 @@ impl Edge {
             from,
             Viewer {
                 cursor: None,
+                link_bps,
+                // A whole burst to start with (cut down to it at the first look).
+                pace_tokens: f64::INFINITY,
+                pace_at: now,
                 start: watch.start,
                 start_seq: watch.seq,
                 expires: now + lease,
@@ -1405,6 +1437,8 @@ impl Edge {
         };
         // Viewers of a ladder at the keyframe where a move decided for them can be made.
         let mut at_keyframe = Vec::new();
+        // When the first paced viewer held back may be sent its next packet.
+        let mut pace_due: Option<Instant> = None;
         let mut serve_one = |key: Peer, v: &mut Viewer| {
             if v.cursor.is_none() {
                 let start = match v.start {
@@ -1490,6 +1524,30 @@ impl Edge {
                         break;
                     }
                 }
+                // Its catch-up paced at its link's rate, when known: what would go at
+                // once waits here, not in its link's queue.
+                if let (Peer::Addr(_), Some(bps)) = (key, v.link_bps) {
+                    if let Some(next) = st.ring.peek(cursor) {
+                        // Never under the stream's own rate and a margin (a link's rate
+                        // known only roughly, say from what its client said fits, must
+                        // not leave it behind a stream its link carries).
+                        let size = next.item.datagram.len() as f64;
+                        let stream = st.pps * size * PACE_STREAM_MARGIN;
+                        let rate = (bps as f64 * PACE_GAIN / 8.0).max(stream).max(1.0);
+                        let burst = (rate * PACE_BURST.as_secs_f64()).max(3000.0);
+                        let dt = now.saturating_duration_since(v.pace_at).as_secs_f64();
+                        v.pace_tokens = (v.pace_tokens + dt * rate).min(burst);
+                        v.pace_at = now;
+                        // (a byte's leeway: what the clock's steps round off)
+                        if v.pace_tokens + 1.0 < size {
+                            let wait = Duration::from_secs_f64((size - v.pace_tokens) / rate)
+                                .max(Duration::from_micros(100));
+                            pace_due = common::earliest(pace_due, Some(now + wait));
+                            break;
+                        }
+                        v.pace_tokens -= size;
+                    }
+                }
                 match st.ring.read(cursor) {
                     Read::Packet(e) => {
                         if v.first_sent.0 == 0 {
@@ -1557,7 +1615,11 @@ impl Edge {
                         // after it: the viewer knows which packets it will not get.
                         tell_skipped(&mut self.counters, &mut self.out, key, id, lost);
                     }
-                    Read::Pending => break,
+                    Read::Pending => {
+                        // Caught up: pacing was for the catch-up only.
+                        v.link_bps = None;
+                        break;
+                    }
                 }
             }
         };
@@ -1566,11 +1628,13 @@ impl Edge {
                 if let Some(v) = st.viewers.get_mut(&key) {
                     serve_one(key, v);
                 }
+                st.pace_due = common::earliest(st.pace_due, pace_due);
             }
             None => {
                 for (key, v) in st.viewers.iter_mut() {
                     serve_one(*key, v);
                 }
+                st.pace_due = pace_due;
             }
         }
         for key in at_keyframe {
@@ -3033,6 +3097,124 @@ mod tests {
         assert_eq!(e.counters().rendition_abandons, 1);
         assert_eq!(e.counters().viewer_skipped_packets, 25);
         assert_eq!(e.counters().rendition_changes.get("down"), Some(&1));
+    }
+
+    /// A viewer whose link's rate is known (here from what its client says fits) gets its
+    /// catch-up paced at that rate: the packets waiting for it leave over time, not at
+    /// once into its link's queue. Caught up, it is paced no more.
+    #[test]
+    fn a_viewer_with_a_known_link_rate_gets_its_catch_up_paced() {
+        let mut now = Instant::now();
+        let config = Config {
+            ladders: vec![vec![(StreamId(11), 10_000), (StreamId(12), 100_000)]],
+            ..edge(now).config
+        };
+        let mut e = Edge::new(config, codec(), WallClock::new(now, 1_800_000_000_000))
+            .unwrap()
+            .with_cookie_secret(COOKIE_SECRET);
+        // Stream 12 held (another viewer pinned to it) and measured: a packet every 20 ms.
+        let Input::Received { datagram, .. } = watch(now, viewer(6001), WatchStart::Keyframe, 0)
+        else {
+            unreachable!()
+        };
+        let (_, mut m) = codec().decode_any(datagram).unwrap();
+        m.header.stream = StreamId(12);
+        if let Body::Watch(w) = &mut m.body {
+            w.policy = Some(speed::Policy {
+                ceiling: None,
+                pinned: true,
+            });
+        }
+        e.handle_input(now, from_viewer_msg(viewer(6001), &m));
+        let feed = |e: &mut Edge, now: Instant, i: u64| {
+            let key = i % 10 == 0;
+            let pts = key.then_some(90_000 * (i / 10));
+            e.handle_input(now, ts_media_flagged(12, 0x12, 7000 + i, pts, key));
+        };
+        for i in 0..80u64 {
+            feed(&mut e, now, i);
+            now += Duration::from_millis(20);
+            e.handle_timeout(now);
+            sent(&mut e);
+        }
+        // It resumes 60 packets back, its client saying the top rendition fits: its link
+        // carries about 125 kbit/s.
+        let v = viewer(5000);
+        let Input::Received { datagram, .. } = watch(now, v, WatchStart::Seq, 7020) else {
+            unreachable!()
+        };
+        let (_, mut m) = codec().decode_any(datagram).unwrap();
+        m.header.stream = StreamId(12);
+        if let Body::Watch(w) = &mut m.body {
+            w.fits_kbps = Some(100);
+        }
+        e.handle_input(now, from_viewer_msg(v, &m));
+        let media = |out: Vec<(Peer, Body)>| {
+            out.iter()
+                .filter(|(to, b)| *to == v && matches!(b, Body::Media(_)))
+                .count()
+        };
+        let at_once = media(sent(&mut e));
+        // 20 ms of its rate (3,000 bytes at least): a dozen of these 228-byte packets,
+        // not the 60 waiting.
+        assert!((1..=15).contains(&at_once), "{at_once} at once");
+        // Then at about its rate while the stream goes on (a packet every 20 ms): 15.6
+        // kB/s, 68 packets a second, where the stream brings 50.
+        let mut steps = Vec::new();
+        for i in 80..130u64 {
+            feed(&mut e, now, i);
+            now += Duration::from_millis(20);
+            e.handle_timeout(now);
+            steps.push(media(sent(&mut e)));
+        }
+        let second: usize = steps.iter().sum();
+        assert!(
+            (55..=80).contains(&second),
+            "{second} in the next second at 125 kbit/s, then: {steps:?}"
+        );
+        // Caught up within a few seconds more (it gains 15 packets a second), saying
+        // what it received ...
+        let (mut highest, mut got) = (0u64, 0u64);
+        let mut i = 130u64;
+        while e.streams[&StreamId(12)].viewers[&v].link_bps.is_some() && i < 500 {
+            feed(&mut e, now, i);
+            now += Duration::from_millis(20);
+            e.handle_timeout(now);
+            for (to, body) in sent(&mut e) {
+                if let (true, Body::Media(m)) = (to == v, body) {
+                    got += m.rtp.len() as u64;
+                    highest = highest.max(m.seq.0);
+                }
+            }
+            if i % 10 == 0 {
+                e.handle_input(now, watch_of(12, now, v, highest, got));
+                // (the pinned viewer's lease renewed)
+                let Input::Received { datagram, .. } = watch(now, viewer(6001), WatchStart::Seq, 0)
+                else {
+                    unreachable!()
+                };
+                let (_, mut m) = codec().decode_any(datagram).unwrap();
+                m.header.stream = StreamId(12);
+                e.handle_input(now, from_viewer_msg(viewer(6001), &m));
+            }
+            i += 1;
+        }
+        assert!(i < 500, "caught up");
+        // ... a burst (a repair upstream releasing what waited for it) goes to it as to
+        // the viewer that was never paced.
+        for k in 0..20 {
+            feed(&mut e, now, i + k);
+        }
+        now += Duration::from_millis(20);
+        e.handle_timeout(now);
+        let out = sent(&mut e);
+        let to = |p: Peer| {
+            out.iter()
+                .filter(|(to, b)| *to == p && matches!(b, Body::Media(_)))
+                .count()
+        };
+        assert!(to(viewer(6001)) >= 10, "{}", to(viewer(6001)));
+        assert_eq!(to(v), to(viewer(6001)));
     }
 
     #[test]
