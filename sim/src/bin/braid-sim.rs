@@ -67,6 +67,9 @@ struct Args {
     log: Option<String>,
 }
 
+/// The shortest random schedule, ms.
+const MIN_RANDOM_MS: u64 = 5_000;
+
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     if let Some(filter) = &args.log {
@@ -108,6 +111,16 @@ fn main() -> std::process::ExitCode {
         } else {
             std::process::ExitCode::FAILURE
         };
+    }
+    // A random schedule's viewers join from 0.5 s up to two thirds of the run, and one
+    // has 5 s to start: shorter runs cannot be drawn, nor checked.
+    if args.schedule.is_none() && duration_ms < MIN_RANDOM_MS {
+        eprintln!(
+            "braid-sim: --seconds {} is too short for random schedules: at least {} s",
+            args.seconds,
+            MIN_RANDOM_MS / 1000
+        );
+        return std::process::ExitCode::from(2);
     }
     let one = match (&args.schedule, args.seed) {
         (Some(path), _) => {
