@@ -108,9 +108,9 @@ struct Adapt {
     /// Whether the rest of a group of pictures was passed over for the move pending (at
     /// most once each).
     abandoned: bool,
-    /// What its client said an edge last moved it down to, bit/s (its link's rate until
-    /// this edge measures it).
-    fitting: Option<u64>,
+    /// About its link's rate, bit/s, from what its client said an edge last moved it
+    /// down to (over the climbing share): what it goes by until this edge measures it.
+    fitting_link: Option<u64>,
     /// Since when a probe is under way, as of the last look.
     probe_started: Option<Instant>,
     /// During a probe: packets of the stream sent, and packets the viewer asked for.
@@ -1230,10 +1230,8 @@ impl Edge {
             // switching edges on a capped link would otherwise overflow it for the
             // whole meter's window again.
             let fitting = watch.fits_kbps.map(|k| u64::from(k) * 1000);
-            link_bps = known
-                .filter(|k| k.limited)
-                .map(|k| k.bps)
-                .or(fitting.map(|f| (f as f64 / self.config.adapt.share) as u64));
+            let fitting_link = fitting.map(|f| (f as f64 / self.config.adapt.share) as u64);
+            link_bps = known.filter(|k| k.limited).map(|k| k.bps).or(fitting_link);
             let mut chooser = speed::Chooser::join(
                 self.config.adapt.clone(),
                 policy,
@@ -1256,7 +1254,7 @@ impl Edge {
                 passed: None,
                 unaligned: 0,
                 abandoned: false,
-                fitting,
+                fitting_link,
                 probe_started: None,
                 probe_sent: 0,
                 probe_nacked: 0,
@@ -2156,9 +2154,7 @@ impl Edge {
                             .estimate(now)
                             .filter(|e| e.limited)
                             .map(|e| e.bps)
-                            .or(a
-                                .fitting
-                                .map(|f| (f as f64 / self.config.adapt.share) as u64));
+                            .or(a.fitting_link);
                         if let (Some(bps), Some(c)) = (rate, v.cursor.as_mut()) {
                             let at_key = st.ring.peek(c).is_some_and(|e| e.keyframe);
                             let rest = st.ring.next_keyframe(c).filter(|_| !at_key);
@@ -2399,9 +2395,46 @@ mod tests {
             ladders: Vec::new(),
             adapt: speed::AdaptConfig::default(),
         };
+        edge_of(config, now)
+    }
+
+    /// An edge of `config`, with the tests' codec, clock and cookie secret.
+    fn edge_of(config: Config, now: Instant) -> Edge {
         Edge::new(config, codec(), WallClock::new(now, 1_800_000_000_000))
             .unwrap()
             .with_cookie_secret(COOKIE_SECRET)
+    }
+
+    /// A watch of `stream` from `from` (its start `start` at `seq`, counting nothing),
+    /// changed by `edit`.
+    fn watch_on(
+        stream: u32,
+        now: Instant,
+        from: Peer,
+        start: WatchStart,
+        seq: u64,
+        edit: impl FnOnce(&mut Watch),
+    ) -> Input {
+        let Input::Received { datagram, .. } = watch(now, from, start, seq) else {
+            unreachable!()
+        };
+        let (_, mut m) = codec().decode_any(datagram).unwrap();
+        m.header.stream = StreamId(stream);
+        if let Body::Watch(w) = &mut m.body {
+            edit(w);
+        }
+        from_viewer_msg(from, &m)
+    }
+
+    /// A watch pinning `from` to the highest rendition of `stream`'s ladder under
+    /// `ceiling`.
+    fn pinned(stream: u32, now: Instant, from: Peer, ceiling: Option<u64>) -> Input {
+        watch_on(stream, now, from, WatchStart::Keyframe, 0, |w| {
+            w.policy = Some(speed::Policy {
+                ceiling,
+                pinned: true,
+            });
+        })
     }
 
     const COOKIE_SECRET: [u8; 32] = [5; 32];
@@ -2835,9 +2868,6 @@ mod tests {
             if let Some(&(_, h, b)) = arrived.iter().rev().find(|(at, ..)| *at <= now) {
                 e.handle_input(now, watch_11(now, h, b));
             }
-            if e.counters().probe_delay_ends > 0 && copies_after == 0 && i > 380 {
-                break;
-            }
         }
         assert!(probe_from.is_some(), "a probe ran");
         assert_eq!(e.counters().probe_delay_ends, 1);
@@ -2904,9 +2934,7 @@ mod tests {
             ladders: vec![vec![(StreamId(11), 1_000_000), (StreamId(12), 2_500_000)]],
             ..edge(now).config
         };
-        Edge::new(config, codec(), WallClock::new(now, 1_800_000_000_000))
-            .unwrap()
-            .with_cookie_secret(COOKIE_SECRET)
+        edge_of(config, now)
     }
 
     fn ladder_move(split: bool) {
@@ -3011,27 +3039,12 @@ mod tests {
             viewer_window: 4,
             ..edge(now).config
         };
-        let mut e = Edge::new(config, codec(), WallClock::new(now, 1_800_000_000_000))
-            .unwrap()
-            .with_cookie_secret(COOKIE_SECRET);
+        let mut e = edge_of(config, now);
         let v = viewer(5000);
         // Both renditions held (two other viewers pinned to each), a keyframe every 30
         // packets at the same media times.
         for (port, stream, ceiling) in [(6000, 11, Some(10_000)), (6001, 12, None)] {
-            let Input::Received { datagram, .. } =
-                watch(now, viewer(port), WatchStart::Keyframe, 0)
-            else {
-                unreachable!()
-            };
-            let (_, mut m) = codec().decode_any(datagram).unwrap();
-            m.header.stream = StreamId(stream);
-            if let Body::Watch(w) = &mut m.body {
-                w.policy = Some(speed::Policy {
-                    ceiling,
-                    pinned: true,
-                });
-            }
-            e.handle_input(now, from_viewer_msg(viewer(port), &m));
+            e.handle_input(now, pinned(stream, now, viewer(port), ceiling));
         }
         let feed = |e: &mut Edge, now: Instant, i: u64| {
             let key = i % 30 == 0;
@@ -3044,15 +3057,10 @@ mod tests {
         }
         sent(&mut e);
         // It resumes on 12 at 7031, its client saying 10 kbit/s fits.
-        let Input::Received { datagram, .. } = watch(now, v, WatchStart::Seq, 7031) else {
-            unreachable!()
-        };
-        let (_, mut m) = codec().decode_any(datagram).unwrap();
-        m.header.stream = StreamId(12);
-        if let Body::Watch(w) = &mut m.body {
-            w.fits_kbps = Some(10);
-        }
-        e.handle_input(now, from_viewer_msg(v, &m));
+        let resume = watch_on(12, now, v, WatchStart::Seq, 7031, |w| {
+            w.fits_kbps = Some(10)
+        });
+        e.handle_input(now, resume);
         let mut out = sent(&mut e);
         for i in 62..70 {
             now += Duration::from_millis(20);
@@ -3109,23 +3117,9 @@ mod tests {
             ladders: vec![vec![(StreamId(11), 10_000), (StreamId(12), 100_000)]],
             ..edge(now).config
         };
-        let mut e = Edge::new(config, codec(), WallClock::new(now, 1_800_000_000_000))
-            .unwrap()
-            .with_cookie_secret(COOKIE_SECRET);
+        let mut e = edge_of(config, now);
         // Stream 12 held (another viewer pinned to it) and measured: a packet every 20 ms.
-        let Input::Received { datagram, .. } = watch(now, viewer(6001), WatchStart::Keyframe, 0)
-        else {
-            unreachable!()
-        };
-        let (_, mut m) = codec().decode_any(datagram).unwrap();
-        m.header.stream = StreamId(12);
-        if let Body::Watch(w) = &mut m.body {
-            w.policy = Some(speed::Policy {
-                ceiling: None,
-                pinned: true,
-            });
-        }
-        e.handle_input(now, from_viewer_msg(viewer(6001), &m));
+        e.handle_input(now, pinned(12, now, viewer(6001), None));
         let feed = |e: &mut Edge, now: Instant, i: u64| {
             let key = i % 10 == 0;
             let pts = key.then_some(90_000 * (i / 10));
@@ -3140,15 +3134,10 @@ mod tests {
         // It resumes 60 packets back, its client saying the top rendition fits: its link
         // carries about 125 kbit/s.
         let v = viewer(5000);
-        let Input::Received { datagram, .. } = watch(now, v, WatchStart::Seq, 7020) else {
-            unreachable!()
-        };
-        let (_, mut m) = codec().decode_any(datagram).unwrap();
-        m.header.stream = StreamId(12);
-        if let Body::Watch(w) = &mut m.body {
-            w.fits_kbps = Some(100);
-        }
-        e.handle_input(now, from_viewer_msg(v, &m));
+        let resume = watch_on(12, now, v, WatchStart::Seq, 7020, |w| {
+            w.fits_kbps = Some(100)
+        });
+        e.handle_input(now, resume);
         let media = |out: Vec<(Peer, Body)>| {
             out.iter()
                 .filter(|(to, b)| *to == v && matches!(b, Body::Media(_)))
@@ -3189,13 +3178,7 @@ mod tests {
             if i % 10 == 0 {
                 e.handle_input(now, watch_of(12, now, v, highest, got));
                 // (the pinned viewer's lease renewed)
-                let Input::Received { datagram, .. } = watch(now, viewer(6001), WatchStart::Seq, 0)
-                else {
-                    unreachable!()
-                };
-                let (_, mut m) = codec().decode_any(datagram).unwrap();
-                m.header.stream = StreamId(12);
-                e.handle_input(now, from_viewer_msg(viewer(6001), &m));
+                e.handle_input(now, pinned(12, now, viewer(6001), None));
             }
             i += 1;
         }
