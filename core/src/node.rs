@@ -341,6 +341,8 @@ pub struct NackAnswer {
     pub missing: u64,
     /// The NACK asked for more than the limit; the rest was ignored.
     pub over_limit: bool,
+    /// Held, but not sent again: over the byte budget (see [`answer_nack_within`]).
+    pub over_budget: u64,
 }
 
 /// Answers a NACK for `ranges` from `kept`: every packet held goes to `to` again with the
@@ -353,6 +355,21 @@ pub fn answer_nack<T: Kept, E>(
     ranges: &[SeqRange],
     limit: u64,
 ) -> NackAnswer {
+    answer_nack_within(out, kept, to, ranges, limit, u64::MAX)
+}
+
+/// [`answer_nack`], sending at most `budget` RTP bytes again: the packets asked for
+/// first go first; the rest held are counted in [`NackAnswer::over_budget`] (a peer whose
+/// link is full gets no more repairs than its link has room for: more would only
+/// overflow it again).
+pub fn answer_nack_within<T: Kept, E>(
+    out: &mut Outbox<E>,
+    kept: &impl Held<T>,
+    to: Peer,
+    ranges: &[SeqRange],
+    limit: u64,
+    budget: u64,
+) -> NackAnswer {
     let mut answer = NackAnswer::default();
     let mut looked = 0u64;
     for r in ranges {
@@ -363,6 +380,9 @@ pub fn answer_nack<T: Kept, E>(
             }
             looked += 1;
             match kept.held(r.first.plus(i)) {
+                Some(p) if answer.bytes + p.media().rtp.len() as u64 > budget => {
+                    answer.over_budget += 1;
+                }
                 Some(p) if out.retransmit(to, p.header(), p.media()) => {
                     answer.sent += 1;
                     answer.bytes += p.media().rtp.len() as u64;
@@ -521,6 +541,17 @@ mod tests {
         assert_eq!(seqs, [10, 11, 12]);
         let a = answer_nack(&mut out, &kept, to, &ranges, 2);
         assert_eq!((a.sent, a.missing, a.over_limit), (0, 2, true));
+        // Within a budget of two packets' bytes: the first two asked for, the third
+        // counted, not sent.
+        while out.pop().is_some() {}
+        let size = kept.held(SeqNo(10)).unwrap().media().rtp.len() as u64;
+        let a = answer_nack_within(&mut out, &kept, to, &ranges, 256, size * 2 + 1);
+        assert_eq!((a.sent, a.bytes, a.over_budget), (2, size * 2, 1));
+        let mut sent = 0;
+        while let Some(Output::Transmit(_)) = out.pop() {
+            sent += 1;
+        }
+        assert_eq!(sent, 2);
     }
 
     #[test]

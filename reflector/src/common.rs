@@ -65,6 +65,9 @@ pub struct Counters {
     pub retransmit_sent: u64,
     /// Packets asked for that were no longer kept.
     pub retransmit_missing: u64,
+    /// Packets asked for and kept, not sent again: over the viewer's repair budget, its
+    /// link measured full (edge).
+    pub repairs_over_budget: u64,
     /// NACKs sent upstream.
     pub nack_sent: u64,
     /// Packets given up by the merge (every path lost them, repairs failed).

@@ -129,6 +129,13 @@ const PACE_GAIN: f64 = 0.95;
 const PACE_STREAM_MARGIN: f64 = 1.05;
 /// A paced viewer may get this much of its rate at once (and two packets at least).
 const PACE_BURST: Duration = Duration::from_millis(20);
+/// A viewer whose link is measured limited is sent repairs at most at this share of
+/// its link's rate: on a link whose queue overflowed, every hole asked for again and
+/// answered at once goes into the same full queue, loses the stream's next packets and
+/// the notices with them, and those are asked for in turn.
+const REPAIR_SHARE: f64 = 0.3;
+/// … and at most this much of that at once (and a large packet's bytes at least).
+const REPAIR_BURST: Duration = Duration::from_millis(200);
 /// A probe ends once the viewer's packets are acknowledged this much later than the
 /// path's least delay: they queue on its link, which is about to overflow.
 pub const PROBE_QUEUE: Duration = Duration::from_millis(100);
@@ -154,6 +161,33 @@ const ALIGN_TICKS: u64 = 1800;
 /// take, enough for [`WINDOW_DELAYS`] of its least acknowledgement delay, at most
 /// [`WINDOW_GROWTH`] times `base`: a viewer 300 ms away is not held to 64 packets per
 /// 600 ms round trip (about 1.1 Mbit/s), nor measured slow for it.
+/// The repair bytes viewer `v` may be sent now: unbounded unless its link is measured
+/// limited (or known from what its client said fits), then [`REPAIR_SHARE`] of that
+/// rate, at most [`REPAIR_BURST`] of it at once.
+fn repair_budget(now: Instant, v: &mut Viewer) -> u64 {
+    match v.speed.estimate(now) {
+        Some(e) if e.limited => v.limited_bps = Some(e.bps),
+        // Not held back, at more than it was limited to: the link is faster now. (Less,
+        // after a move down to what fits, says nothing of the link.)
+        Some(e) if v.limited_bps.is_some_and(|l| e.bps > l) => v.limited_bps = None,
+        _ => {}
+    }
+    let rate = v
+        .limited_bps
+        .or(v.adapt.as_ref().and_then(|a| a.fitting_link));
+    let Some(bps) = rate else {
+        v.repair_tokens = f64::INFINITY;
+        v.repair_at = now;
+        return u64::MAX;
+    };
+    let rate = bps as f64 * REPAIR_SHARE / 8.0;
+    let burst = (rate * REPAIR_BURST.as_secs_f64()).max(1500.0);
+    let dt = now.saturating_duration_since(v.repair_at).as_secs_f64();
+    v.repair_tokens = (v.repair_tokens + dt * rate).min(burst);
+    v.repair_at = now;
+    v.repair_tokens.max(0.0) as u64
+}
+
 fn viewer_window(base: u64, pps: f64, ack_delay: Option<Duration>) -> u64 {
     let Some(delay) = ack_delay else {
         return base;
@@ -222,6 +256,11 @@ struct Viewer {
     link_bps: Option<u64>,
     pace_tokens: f64,
     pace_at: Instant,
+    /// Repair bytes it may be sent now, as of when (see [`REPAIR_SHARE`]), and its link's
+    /// rate as last measured limited (a meter restarted at a move has no estimate yet).
+    repair_tokens: f64,
+    limited_bps: Option<u64>,
+    repair_at: Instant,
     start: WatchStart,
     start_seq: SeqNo,
     expires: Instant,
@@ -807,12 +846,24 @@ impl Edge {
                     self.counters.drops.add(reason);
                     return;
                 };
+                // What its link has room for, when the link is measured limited.
+                let budget = self
+                    .streams
+                    .get_mut(&holder)
+                    .and_then(|st| st.viewers.get_mut(&from))
+                    .map_or(u64::MAX, |v| repair_budget(now, v));
                 let Some(st) = self.streams.get(&id) else {
                     self.counters.drops.add("nack_unknown_stream");
                     return;
                 };
-                let mut a =
-                    node::answer_nack(&mut self.out, &st.ring, from, &ranges, MAX_NACK_ANSWER);
+                let mut a = node::answer_nack_within(
+                    &mut self.out,
+                    &st.ring,
+                    from,
+                    &ranges,
+                    MAX_NACK_ANSWER,
+                    budget,
+                );
                 // What that rendition does not hold, another of the ladder may: every
                 // rendition numbers its packets apart (see PROTOCOL.md).
                 if a.missing > 0 {
@@ -821,15 +872,17 @@ impl Edge {
                             let Some(ost) = self.streams.get(other).filter(|_| *other != id) else {
                                 continue;
                             };
-                            let b = node::answer_nack(
+                            let b = node::answer_nack_within(
                                 &mut self.out,
                                 &ost.ring,
                                 from,
                                 &ranges,
                                 MAX_NACK_ANSWER,
+                                budget.saturating_sub(a.bytes),
                             );
                             a.sent += b.sent;
                             a.bytes += b.bytes;
+                            a.over_budget += b.over_budget;
                             a.missing = a.missing.saturating_sub(b.sent);
                         }
                     }
@@ -841,6 +894,9 @@ impl Edge {
                     .and_then(|st| st.viewers.get_mut(&from))
                 {
                     v.sent_bytes += a.bytes;
+                    if budget != u64::MAX {
+                        v.repair_tokens -= a.bytes as f64;
+                    }
                     // A probe that makes it lose packets (more than one in twenty of
                     // those sent meanwhile: a lossy link loses some anyway) ends now.
                     if let Some(ad) = v.adapt.as_mut().filter(|ad| ad.probe_started.is_some()) {
@@ -857,6 +913,7 @@ impl Edge {
                 }
                 self.counters.retransmit_sent += a.sent;
                 self.counters.retransmit_missing += a.missing;
+                self.counters.repairs_over_budget += a.over_budget;
                 if a.over_limit {
                     self.counters.drops.add("nack_over_limit");
                 }
@@ -1297,6 +1354,9 @@ impl Edge {
                 // A whole burst to start with (cut down to it at the first look).
                 pace_tokens: f64::INFINITY,
                 pace_at: now,
+                repair_tokens: f64::INFINITY,
+                limited_bps: None,
+                repair_at: now,
                 start: watch.start,
                 start_seq: watch.seq,
                 expires: now + lease,
@@ -3105,6 +3165,83 @@ mod tests {
         assert_eq!(e.counters().rendition_abandons, 1);
         assert_eq!(e.counters().viewer_skipped_packets, 25);
         assert_eq!(e.counters().rendition_changes.get("down"), Some(&1));
+    }
+
+    /// A viewer whose link is known to be slow (here from what its client says fits) is
+    /// sent repairs at most at [`REPAIR_SHARE`] of its rate, however many it asks for:
+    /// answered all at once, they would overflow the link that lost them. One whose link
+    /// is not known to be limited gets every packet it asks for.
+    #[test]
+    fn repairs_to_a_viewer_with_a_slow_link_stay_within_its_share() {
+        let mut now = Instant::now();
+        let config = Config {
+            ladders: vec![vec![(StreamId(11), 10_000), (StreamId(12), 100_000)]],
+            ..edge(now).config
+        };
+        let mut e = edge_of(config, now);
+        let fast = viewer(6001);
+        e.handle_input(now, pinned(12, now, fast, None));
+        for i in 0..80u64 {
+            let key = i % 10 == 0;
+            let pts = key.then_some(90_000 * (i / 10));
+            e.handle_input(now, ts_media_flagged(12, 0x12, 7000 + i, pts, key));
+            now += Duration::from_millis(20);
+            e.handle_timeout(now);
+            sent(&mut e);
+        }
+        // Its client says 100 kbit/s fits: a link of 125 kbit/s, 1.5 kB of repairs at once
+        // (a large packet's worth), 4.7 kB/s after.
+        let slow = viewer(5000);
+        e.handle_input(
+            now,
+            watch_on(12, now, slow, WatchStart::Seq, 7070, |w| {
+                w.fits_kbps = Some(100)
+            }),
+        );
+        sent(&mut e);
+        let nack = |to: Peer| {
+            let m = Message {
+                header: Header {
+                    stream: StreamId(12),
+                    ..Header::default()
+                },
+                body: Body::Nack(vec![SeqRange {
+                    first: SeqNo(7020),
+                    count: 40,
+                }]),
+            };
+            from_viewer_msg(to, &m)
+        };
+        let repairs = |out: Vec<(Peer, Body)>, to: Peer| -> u64 {
+            out.iter()
+                .filter_map(|(p, b)| match b {
+                    Body::Media(m) if *p == to => Some(m.rtp.len() as u64),
+                    _ => None,
+                })
+                .sum()
+        };
+        e.handle_input(now, nack(slow));
+        let first = repairs(sent(&mut e), slow);
+        assert!((1..=1500).contains(&first), "{first} bytes at once");
+        let over = e.counters().repairs_over_budget;
+        assert!(over >= 30, "{over} not sent again");
+        // Asked again at once: nothing more; a second later, about 4.7 kB.
+        e.handle_input(now, nack(slow));
+        assert_eq!(repairs(sent(&mut e), slow), 0);
+        now += Duration::from_secs(1);
+        e.handle_input(now, nack(slow));
+        let later = repairs(sent(&mut e), slow);
+        assert!(
+            (1..=1500).contains(&later),
+            "{later} bytes a second later (burst-capped)"
+        );
+        // The viewer nothing is known of gets all forty.
+        e.handle_input(now, nack(fast));
+        let all = repairs(sent(&mut e), fast);
+        assert!(
+            all >= 40 * 200,
+            "{all} bytes to the viewer of unknown speed"
+        );
     }
 
     /// A viewer whose link's rate is known (here from what its client says fits) gets its
