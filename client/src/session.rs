@@ -76,6 +76,10 @@ const LEFT_GRACE: Duration = Duration::from_secs(1);
 /// a link too slow for the rendition is the edge's to answer (its meter, then the next
 /// keyframe), and a new edge would start measuring afresh, at the same rendition.
 const STEP_DOWN_GRACE: Duration = Duration::from_millis(4_500);
+/// A cold output whose first packet is no keyframe, with none seen yet (the one the edge
+/// started it at lost for good, and its word of where that was too), skips to the next
+/// keyframe for this long at most: a stream may flag none.
+const COLD_KEYFRAME_WAIT: Duration = Duration::from_secs(3);
 /// How long a move down for the link's speed is told to the edges it switches to (a
 /// link's rate changes; an edge that finds room moves it up and ends it sooner).
 const FITS_FOR: Duration = Duration::from_secs(60);
@@ -448,7 +452,10 @@ pub struct Session {
     written_ssrc: Option<u32>,
     /// Starting past the first keyframe, packets are skipped up to the next one.
     to_keyframe: bool,
-    /// Whether the stream flags keyframes at all (without, nothing is skipped for one).
+    /// Since when, with no keyframe seen yet (see [`COLD_KEYFRAME_WAIT`]).
+    to_keyframe_since: Option<Instant>,
+    /// Whether the stream flags keyframes at all (without, a cold start skips for one
+    /// [`COLD_KEYFRAME_WAIT`] at most).
     keyframes_seen: bool,
     /// Switch requests whose answer is not waited for (the viewer already moved).
     told: Vec<u64>,
@@ -576,6 +583,7 @@ impl Session {
             session_start: None,
             written_ssrc: None,
             to_keyframe: false,
+            to_keyframe_since: None,
             keyframes_seen: false,
             probes: Vec::new(),
             probe_started: now,
@@ -1489,14 +1497,20 @@ impl Session {
                         if !cold && self.rendition_ssrcs.contains(&item.ssrc) {
                             self.continuity.resync();
                         }
-                        self.to_keyframe = cold && self.keyframes_seen && !item.keyframe;
+                        self.to_keyframe = cold && !item.keyframe;
                         if self.to_keyframe {
+                            self.to_keyframe_since = Some(now);
                             self.stats.skips += 1;
                             tracing::warn!("the first keyframe was lost: starting at the next one");
                         }
                     }
                     if self.to_keyframe {
-                        if !item.keyframe {
+                        // (a stream that flags no keyframe at all is written after a
+                        // while, from where it stands)
+                        let waited = self
+                            .to_keyframe_since
+                            .is_some_and(|t| now.saturating_duration_since(t) > COLD_KEYFRAME_WAIT);
+                        if !item.keyframe && (self.keyframes_seen || !waited) {
                             self.stats.skipped += 1;
                             continue;
                         }
