@@ -38,6 +38,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use braid_core::playout::{Placement, PlacementConfig, Playout, Prefer, Tier};
+use braid_core::queueing::QueueDelay;
 
 use crate::control::Assignment;
 
@@ -412,6 +413,9 @@ pub struct Session {
     left: Option<(SocketAddr, Instant)>,
     start: (WatchStart, SeqNo),
     buffer: merge::Buffer<Held>,
+    /// How long the edge's packets wait in a queue on the way (its asks are repeated no
+    /// sooner than that after their round trip).
+    queue: QueueDelay,
     detector: Detector,
     stats: Stats,
     got_from_edge: bool,
@@ -541,6 +545,7 @@ impl Session {
             left: None,
             start,
             buffer,
+            queue: QueueDelay::new(braid_core::wire::rtp::CLOCK_RATE_MP2T),
             detector,
             stats: Stats {
                 transport: transport.to_owned(),
@@ -1271,6 +1276,11 @@ impl Session {
                         repair: header.flags.contains(Flags::RETRANSMIT),
                     },
                 );
+                if !header.flags.contains(Flags::RETRANSMIT) {
+                    let f = m.rtp.fields();
+                    self.queue.sample(now, f.ssrc, f.timestamp);
+                    self.buffer.set_queue(PathId(0), self.queue.queue(now));
+                }
                 self.take_media(now, PathId(0), header.flags, m);
             }
             // Where a session ends and the next starts holds for every edge: the edge
@@ -1756,6 +1766,9 @@ impl Session {
             .push((self.stats.switches.len() - 1, p.detected, self.stats.gaps));
         self.edge = Some(to);
         self.stats.edge = to.to_string();
+        // Another edge, another path: its queue is measured afresh.
+        self.queue.reset();
+        self.buffer.set_queue(PathId(0), Duration::ZERO);
         // Resume where the output stands; a viewer that got nothing yet starts afresh
         // (at the latest keyframe, or where it was told to).
         if self.buffer.next_seq().is_some() || self.acked.0 > 0 {

@@ -32,6 +32,7 @@ pub mod merge;
 pub mod node;
 pub mod nodeauth;
 pub mod playout;
+pub mod queueing;
 pub mod ring;
 pub mod seq;
 pub mod speed;

@@ -260,6 +260,9 @@ struct PathState {
     /// Its repair round trip, smoothed, and how much that varies (as TCP's RTO).
     srtt: Option<Duration>,
     rttvar: Duration,
+    /// How long its packets wait in a queue on the way now, as its owner measures it
+    /// ([`Buffer::set_queue`]): an answer waits as long.
+    queue: Duration,
 }
 
 /// A path silent for this many of its usual longest gaps between arrivals is suspect:
@@ -775,6 +778,15 @@ impl<T> Buffer<T> {
     /// Counters for the whole buffer.
     pub fn stats(&self) -> Stats {
         self.stats
+    }
+
+    /// Says how long `path`'s packets now wait in a queue on the way (measured from
+    /// their senders' time stamps, `queueing::QueueDelay`): an ask on it is repeated no
+    /// sooner than that, and its answer is not expected before. The round trip timed
+    /// from the last ask cannot show it: on a full queue the answer to an earlier ask
+    /// comes just after the last, and asks repeated at that pace fill the queue further.
+    pub fn set_queue(&mut self, path: PathId, queue: Duration) {
+        self.path_mut(path).queue = queue;
     }
 
     /// Counters for one path (zero for a path never seen).
@@ -1366,8 +1378,10 @@ impl<T> Buffer<T> {
             (self.config.nack_retry, self.config.nack_retry, false),
             |p| {
                 (
-                    p.retry_after(self.config.nack_retry),
-                    p.expected_answer(self.config.nack_retry),
+                    // (a round trip measured long already holds the queue)
+                    p.retry_after(self.config.nack_retry)
+                        .max(p.queue + RETRY_FLOOR),
+                    p.expected_answer(self.config.nack_retry).max(p.queue),
                     p.srtt.is_some(),
                 )
             },

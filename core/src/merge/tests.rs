@@ -1126,8 +1126,14 @@ fn a_path_silent_beyond_its_usual_gaps_is_not_asked_and_does_not_hold_asks_back(
 /// later (the round trip is measured), then 15 is lost and never answered. The times
 /// (ms) of the asks for it over the `for_ms` after it.
 fn ask_times(config: Config, for_ms: u64) -> Vec<u64> {
+    ask_times_queued(config, for_ms, Duration::ZERO)
+}
+
+/// [`ask_times`], its path's packets said to wait `queue` in a queue on the way.
+fn ask_times_queued(config: Config, for_ms: u64, queue: Duration) -> Vec<u64> {
     let t = t0();
     let mut b = Buffer::starting_at(config, SeqNo(1)).unwrap();
+    b.set_queue(PathId(0), queue);
     for s in 1..=11 {
         b.handle_input(t + ms(s), packet(0, s));
     }
@@ -1163,6 +1169,25 @@ fn with_a_measured_round_trip_asks_go_on_while_an_answer_can_come_in_time() {
     assert!(times.len() > 2, "{times:?}");
     assert!(times.windows(2).all(|w| w[1] - w[0] < 40), "{times:?}");
     assert!(times.iter().all(|t| *t < 61 + 200), "{times:?}");
+}
+
+/// A path whose packets wait 150 ms in a queue: its round trip timed from the last ask
+/// is 10 ms, but an ask is repeated no sooner than the queue's wait, so its answer can
+/// come first (asked at the 10 ms pace, every ask's answer would join the full queue).
+#[test]
+fn asks_on_a_path_with_a_queue_wait_for_it() {
+    let config = Config {
+        reorder_window: ms(500),
+        nack_attempts: 4,
+        nack_retry: ms(100),
+        ..config()
+    };
+    let fast = ask_times(config.clone(), 500);
+    assert!(fast.windows(2).any(|w| w[1] - w[0] < 40), "{fast:?}");
+    let queued = ask_times_queued(config, 500, ms(150));
+    assert!(!queued.is_empty(), "asked at all");
+    assert!(queued.windows(2).all(|w| w[1] - w[0] >= 150), "{queued:?}");
+    assert!(queued.len() < fast.len(), "{queued:?} against {fast:?}");
 }
 
 /// A long fixed window (a viewer's 10 s buffer): beyond the attempts configured, the
