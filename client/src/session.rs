@@ -326,7 +326,8 @@ pub struct RenditionStat {
     pub kbps: u32,
     /// Why the edge chose it: join, down, up, policy.
     pub reason: String,
-    /// Milliseconds since the session started.
+    /// Milliseconds since the session started: when its packets began to come, or when
+    /// the edge's notice of it came if that was first.
     pub at_ms: u64,
 }
 
@@ -801,11 +802,19 @@ impl Session {
         let reason = braid_core::speed::Reason::from_u8(n.reason)
             .map_or("unknown", |r| r.as_str())
             .to_owned();
+        // Dated from when its packets began to come, if they came first (the notice and
+        // its repeats may be lost on the very link too slow for the rendition left).
+        let last_at = self.stats.renditions.last().map(|r| r.at_ms);
+        let began = self
+            .ssrc_changed_at
+            .filter(|_| n.ssrc != 0 && self.ssrc == Some(n.ssrc))
+            .map(|t| t.duration_since(self.started).as_millis() as u64)
+            .filter(|t| last_at.is_some_and(|last| *t > last));
         let stat = RenditionStat {
             index: n.index,
             kbps: n.kbps,
             reason,
-            at_ms: now.duration_since(self.started).as_millis() as u64,
+            at_ms: began.unwrap_or(now.duration_since(self.started).as_millis() as u64),
         };
         // The edge repeats its notices: one change is one entry.
         let same = |a: &RenditionStat| a.index == stat.index && a.reason == stat.reason;
