@@ -77,6 +77,10 @@ const LEFT_GRACE: Duration = Duration::from_secs(1);
 /// a link too slow for the rendition is the edge's to answer (its meter, then the next
 /// keyframe), and a new edge would start measuring afresh, at the same rendition.
 const STEP_DOWN_GRACE: Duration = Duration::from_millis(4_500);
+/// A verdict of a kind not said for this long (its trouble went away; one that lasts is
+/// said again within a second or so) starts a new grace: a passing one must not use up
+/// the edge's time to answer a later one.
+const GRACE_LAPSE: Duration = Duration::from_secs(2);
 /// A cold output whose first packet is no keyframe, with none seen yet (the one the edge
 /// started it at lost for good, and its word of where that was too), skips to the next
 /// keyframe for this long at most: a stream may flag none.
@@ -485,8 +489,9 @@ pub struct Session {
     /// Until when a quality verdict of each kind waits for the edge to move this viewer
     /// down a rendition ([`STEP_DOWN_GRACE`]): each kind has its own, so a link capped
     /// while the viewer sees, say, disorder its edge cannot mend still gives the edge its
-    /// whole time to answer the cap.
-    step_down_grace: Vec<(&'static str, Instant)>,
+    /// whole time to answer the cap; and when that kind was last said
+    /// ([`GRACE_LAPSE`]).
+    step_down_grace: Vec<(&'static str, Instant, Instant)>,
     /// The nominal rate, kbit/s, of the rendition an edge last moved it down to for its
     /// link's speed, and when ([`FITS_FOR`]): its watches say it, so an edge it switches
     /// to starts it no higher.
@@ -1461,14 +1466,26 @@ impl Session {
                 let kind = reason.name();
                 let grace = self.step_down_grace.iter_mut().find(|g| g.0 == kind);
                 match grace {
-                    Some((_, t)) if now < *t => true,
-                    Some((_, t)) if now < *t + STEP_DOWN_GRACE => false,
-                    Some((_, t)) => {
-                        *t = now + STEP_DOWN_GRACE;
+                    // The same trouble as before it lapsed: a new one, a new grace.
+                    Some((_, t, last)) if now.saturating_duration_since(*last) > GRACE_LAPSE => {
+                        (*t, *last) = (now + STEP_DOWN_GRACE, now);
+                        true
+                    }
+                    Some((_, t, last)) if now < *t => {
+                        *last = now;
+                        true
+                    }
+                    Some((_, t, last)) if now < *t + STEP_DOWN_GRACE => {
+                        *last = now;
+                        false
+                    }
+                    Some((_, t, last)) => {
+                        (*t, *last) = (now + STEP_DOWN_GRACE, now);
                         true
                     }
                     None => {
-                        self.step_down_grace.push((kind, now + STEP_DOWN_GRACE));
+                        self.step_down_grace
+                            .push((kind, now + STEP_DOWN_GRACE, now));
                         true
                     }
                 }
