@@ -51,6 +51,9 @@ const WINDOW_DELAYS: f64 = 2.0;
 const WINDOW_GROWTH: u64 = 8;
 /// How often a stream's packet rate is measured.
 const PPS_EVERY: Duration = Duration::from_millis(200);
+/// A ladder stream's rate on the wire is measured over this long (a few groups of
+/// pictures: a keyframe's burst is not its rate), from at least half of it.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
 
 /// A viewer that got nothing for this long is sent a heartbeat (checked every 100 ms).
 const HEARTBEAT: Duration = Duration::from_millis(60);
@@ -346,6 +349,13 @@ struct Stream {
     /// the count and time it was last measured from.
     pps: f64,
     pps_mark: Option<(Instant, u64)>,
+    /// Datagram bytes the merge released, all told, the newest one's RTP time stamp
+    /// (its capture's send time), and marks of both over the last [`RATE_WINDOW`] of
+    /// stamps: the stream's rate on the wire (see [`Edge::rates`]), by when its packets
+    /// were sent, not when they came (a new subscription's first seconds come at once).
+    bytes_in: u64,
+    newest_stamp: Option<u32>,
+    rate_marks: VecDeque<(u32, u64)>,
 }
 
 /// How the repairs of a stream went over the last period: an edge whose paths keep
@@ -448,7 +458,10 @@ pub struct Edge {
     slow: HashSet<(StreamId, Peer)>,
     /// Each ladder stream's ladder and rendition index.
     ladder_of: HashMap<StreamId, (usize, usize)>,
-    /// Each ladder's nominal rates.
+    /// Each ladder's rates: each rendition's nominal rate, or what its stream measures
+    /// on the wire over the last [`RATE_WINDOW`] where that is more (its headers, tables
+    /// and audio on top of a label that counts the video): a rendition fits a link by
+    /// what it takes of it. (A playlist's BANDWIDTH is the same: the peak it takes.)
     rates: Vec<Vec<u64>>,
     /// Target renditions already warned of unaligned keyframes.
     warned_unaligned: HashSet<StreamId>,
@@ -705,6 +718,7 @@ impl Edge {
             let mut gaps = Vec::new();
             let wall_ms = self.clock.unix_ms(now);
             let hls = &mut st.hls;
+            let (mut released_bytes, mut newest_stamp) = (0u64, None);
             let pushed = common::drain_merge(
                 now,
                 id,
@@ -714,8 +728,10 @@ impl Edge {
                 &mut self.counters,
                 |path| reflectors.get(usize::from(path.0)).copied(),
                 |_, p| {
+                    released_bytes += p.datagram.len() as u64;
+                    let f = p.media.rtp.fields();
+                    newest_stamp = Some(f.timestamp);
                     if let Some(h) = hls.as_mut() {
-                        let f = p.media.rtp.fields();
                         h.push(
                             p.media.seq,
                             f.timestamp,
@@ -731,6 +747,8 @@ impl Edge {
                 // for it now rather than for the whole of their buffer.
                 |_, first, count| gaps.push((first, count)),
             );
+            st.bytes_in += released_bytes;
+            st.newest_stamp = newest_stamp.or(st.newest_stamp);
             // Every path lost these and the repairs failed: the viewers stop waiting for
             // them now rather than for the whole of their buffer.
             for (first, count) in gaps {
@@ -1060,6 +1078,9 @@ impl Edge {
                     unknown_at: HashSet::new(),
                     pps: 0.0,
                     pps_mark: None,
+                    bytes_in: 0,
+                    newest_stamp: None,
+                    rate_marks: VecDeque::new(),
                 },
             );
         }
@@ -1279,7 +1300,7 @@ impl Edge {
         // (a viewer switching edges on a capped link gets its catch-up at that rate).
         let mut link_bps = None;
         if let Some(&(l, r)) = self.ladder_of.get(&id) {
-            let rates: Vec<u64> = self.config.ladders[l].iter().map(|x| x.1).collect();
+            let rates = self.rates[l].clone();
             let known = self.known(now, watch.node, from);
             let policy = watch.policy.unwrap_or_default();
             // What its client says an edge last moved it down to bounds where it starts,
@@ -2152,6 +2173,43 @@ impl Edge {
         }
     }
 
+    /// Each ladder stream's rate on the wire over the last [`RATE_WINDOW`], and the
+    /// ladders' rates from it (see [`Edge::rates`]).
+    fn measure_rates(&mut self) {
+        for (l, ladder) in self.config.ladders.iter().enumerate() {
+            for (i, (id, nominal)) in ladder.iter().enumerate() {
+                let measured = self.streams.get_mut(id).and_then(|st| {
+                    let stamp = st.newest_stamp?;
+                    let window = (RATE_WINDOW.as_millis() as u32).saturating_mul(90);
+                    // Stamps that go back, or leap (another capture's clock): anew.
+                    if st.rate_marks.back().is_some_and(|(t, _)| {
+                        let d = stamp.wrapping_sub(*t);
+                        d > u32::MAX / 2 || d > window.saturating_mul(12)
+                    }) {
+                        st.rate_marks.clear();
+                    }
+                    if st.rate_marks.back().is_none_or(|(t, _)| *t != stamp) {
+                        st.rate_marks.push_back((stamp, st.bytes_in));
+                    }
+                    while st
+                        .rate_marks
+                        .front()
+                        .is_some_and(|(t, _)| stamp.wrapping_sub(*t) > window)
+                    {
+                        st.rate_marks.pop_front();
+                    }
+                    let &(from, bytes) = st.rate_marks.front()?;
+                    let span = stamp.wrapping_sub(from);
+                    (span >= window / 2).then(|| {
+                        (st.bytes_in.saturating_sub(bytes) as f64 * 8.0 * 90_000.0
+                            / f64::from(span)) as u64
+                    })
+                });
+                self.rates[l][i] = measured.map_or(*nominal, |m| m.max(*nominal));
+            }
+        }
+    }
+
     /// Renditions follow speed: each ladder viewer's chooser decides (a move is made at
     /// its next keyframe; its target is opened and subscribed now, so it is there by
     /// then), a probe pads what it sends, and every second each viewer's speed is
@@ -2163,6 +2221,7 @@ impl Edge {
         let mut moves = Vec::new();
         let mut known = Vec::new();
         let mut abandons = Vec::new();
+        self.measure_rates();
         for (&id, st) in self.streams.iter_mut() {
             // The stream's packet rate, smoothed over about a second (a new stream's
             // within a few ticks, so a far viewer's window opens as it starts).
@@ -2795,6 +2854,18 @@ mod tests {
         pts: Option<u64>,
         keyframe: bool,
     ) -> Input {
+        ts_media_stamped(stream, ssrc, seq, pts, keyframe, 0)
+    }
+
+    /// [`ts_media_flagged`], its RTP time stamp `stamp`.
+    fn ts_media_stamped(
+        stream: u32,
+        ssrc: u32,
+        seq: u64,
+        pts: Option<u64>,
+        keyframe: bool,
+        stamp: u32,
+    ) -> Input {
         let mut ts = vec![0x47, 0x01, 0x00, 0x10];
         if let Some(v) = pts {
             ts[1] = 0x41;
@@ -2813,7 +2884,7 @@ mod tests {
                 marker: false,
                 payload_type: 33,
                 seq: SeqNo(seq).low(),
-                timestamp: 0,
+                timestamp: stamp,
                 ssrc,
             },
             &ts,
@@ -3165,6 +3236,54 @@ mod tests {
         assert_eq!(e.counters().rendition_abandons, 1);
         assert_eq!(e.counters().viewer_skipped_packets, 25);
         assert_eq!(e.counters().rendition_changes.get("down"), Some(&1));
+    }
+
+    /// A rendition whose stream takes more of a link than its nominal rate says (its
+    /// headers and tables on top of a label) is fitted by what it takes: a viewer whose
+    /// client says 60 kbit/s fits starts on the lowest, not on a rendition labelled 50
+    /// kbit/s that carries 91 on the wire. A stream under its label keeps the label.
+    #[test]
+    fn renditions_are_fitted_by_their_rate_on_the_wire_when_it_is_more() {
+        let mut now = Instant::now();
+        let config = Config {
+            ladders: vec![vec![(StreamId(11), 10_000), (StreamId(12), 50_000)]],
+            ..edge(now).config
+        };
+        let mut e = edge_of(config, now);
+        e.handle_input(now, pinned(12, now, viewer(6001), None));
+        // Stream 12: a 228-byte datagram every 20 ms by its time stamps, 91 kbit/s, for
+        // 4 s; its first second comes at once (a new subscription's burst), which is not
+        // its rate.
+        for i in 0..200u64 {
+            let key = i % 10 == 0;
+            let pts = key.then_some(90_000 * (i / 10));
+            let stamp = (i * 20 * 90) as u32;
+            e.handle_input(now, ts_media_stamped(12, 0x12, 7000 + i, pts, key, stamp));
+            if i < 50 {
+                continue;
+            }
+            now += Duration::from_millis(20);
+            e.handle_timeout(now);
+            sent(&mut e);
+        }
+        let measured = e.rates[0][1];
+        assert!((80_000..=100_000).contains(&measured), "{measured}");
+        assert_eq!(e.rates[0][0], 10_000, "no stream measured: its label");
+        let v = viewer(5000);
+        e.handle_input(
+            now,
+            watch_on(12, now, v, WatchStart::Keyframe, 0, |w| {
+                w.fits_kbps = Some(60)
+            }),
+        );
+        let joined = sent(&mut e).into_iter().find_map(|(to, b)| match b {
+            Body::Notice {
+                kind: NoticeKind::Rendition,
+                value,
+            } if to == v => Some(RenditionNotice::unpack(value).index),
+            _ => None,
+        });
+        assert_eq!(joined, Some(0));
     }
 
     /// A viewer whose link is known to be slow (here from what its client says fits) is
