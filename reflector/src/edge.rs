@@ -54,6 +54,8 @@ const PPS_EVERY: Duration = Duration::from_millis(200);
 /// A ladder stream's rate on the wire is measured over this long (a few groups of
 /// pictures: a keyframe's burst is not its rate), from at least half of it.
 const RATE_WINDOW: Duration = Duration::from_secs(5);
+/// Marks kept for it at most (a tick's each: 20 s of ticks).
+const RATE_MARKS: usize = 200;
 
 /// A viewer that got nothing for this long is sent a heartbeat (checked every 100 ms).
 const HEARTBEAT: Duration = Duration::from_millis(60);
@@ -2191,10 +2193,12 @@ impl Edge {
                     if st.rate_marks.back().is_none_or(|(t, _)| *t != stamp) {
                         st.rate_marks.push_back((stamp, st.bytes_in));
                     }
+                    // (one mark a tick at most: stamps that crawl keep no more)
                     while st
                         .rate_marks
                         .front()
                         .is_some_and(|(t, _)| stamp.wrapping_sub(*t) > window)
+                        || st.rate_marks.len() > RATE_MARKS
                     {
                         st.rate_marks.pop_front();
                     }
@@ -2515,6 +2519,18 @@ mod tests {
             adapt: speed::AdaptConfig::default(),
         };
         edge_of(config, now)
+    }
+
+    /// An edge with a ladder of two renditions, stream 11 at 10 kbit/s and 12 at
+    /// `top_bps`, stream 12 held by a viewer pinned to it.
+    fn two_renditions(now: Instant, top_bps: u64) -> Edge {
+        let config = Config {
+            ladders: vec![vec![(StreamId(11), 10_000), (StreamId(12), top_bps)]],
+            ..edge(now).config
+        };
+        let mut e = edge_of(config, now);
+        e.handle_input(now, pinned(12, now, viewer(6001), None));
+        e
     }
 
     /// An edge of `config`, with the tests' codec, clock and cookie secret.
@@ -3245,12 +3261,7 @@ mod tests {
     #[test]
     fn renditions_are_fitted_by_their_rate_on_the_wire_when_it_is_more() {
         let mut now = Instant::now();
-        let config = Config {
-            ladders: vec![vec![(StreamId(11), 10_000), (StreamId(12), 50_000)]],
-            ..edge(now).config
-        };
-        let mut e = edge_of(config, now);
-        e.handle_input(now, pinned(12, now, viewer(6001), None));
+        let mut e = two_renditions(now, 50_000);
         // Stream 12: a 228-byte datagram every 20 ms by its time stamps, 91 kbit/s, for
         // 4 s; its first second comes at once (a new subscription's burst), which is not
         // its rate.
@@ -3293,13 +3304,8 @@ mod tests {
     #[test]
     fn repairs_to_a_viewer_with_a_slow_link_stay_within_its_share() {
         let mut now = Instant::now();
-        let config = Config {
-            ladders: vec![vec![(StreamId(11), 10_000), (StreamId(12), 100_000)]],
-            ..edge(now).config
-        };
-        let mut e = edge_of(config, now);
+        let mut e = two_renditions(now, 100_000);
         let fast = viewer(6001);
-        e.handle_input(now, pinned(12, now, fast, None));
         for i in 0..80u64 {
             let key = i % 10 == 0;
             let pts = key.then_some(90_000 * (i / 10));
@@ -3369,13 +3375,8 @@ mod tests {
     #[test]
     fn a_viewer_with_a_known_link_rate_gets_its_catch_up_paced() {
         let mut now = Instant::now();
-        let config = Config {
-            ladders: vec![vec![(StreamId(11), 10_000), (StreamId(12), 100_000)]],
-            ..edge(now).config
-        };
-        let mut e = edge_of(config, now);
-        // Stream 12 held (another viewer pinned to it) and measured: a packet every 20 ms.
-        e.handle_input(now, pinned(12, now, viewer(6001), None));
+        // Stream 12 held and measured: a packet every 20 ms.
+        let mut e = two_renditions(now, 100_000);
         let feed = |e: &mut Edge, now: Instant, i: u64| {
             let key = i % 10 == 0;
             let pts = key.then_some(90_000 * (i / 10));
