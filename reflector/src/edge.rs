@@ -2182,7 +2182,8 @@ impl Edge {
             for (i, (id, nominal)) in ladder.iter().enumerate() {
                 let measured = self.streams.get_mut(id).and_then(|st| {
                     let stamp = st.newest_stamp?;
-                    let window = (RATE_WINDOW.as_millis() as u32).saturating_mul(90);
+                    let hz = braid_core::wire::rtp::CLOCK_RATE_MP2T;
+                    let window = (RATE_WINDOW.as_millis() as u32).saturating_mul(hz / 1000);
                     // Stamps that go back, or leap (another capture's clock): anew.
                     if st.rate_marks.back().is_some_and(|(t, _)| {
                         let d = stamp.wrapping_sub(*t);
@@ -2205,7 +2206,7 @@ impl Edge {
                     let &(from, bytes) = st.rate_marks.front()?;
                     let span = stamp.wrapping_sub(from);
                     (span >= window / 2).then(|| {
-                        (st.bytes_in.saturating_sub(bytes) as f64 * 8.0 * 90_000.0
+                        (st.bytes_in.saturating_sub(bytes) as f64 * 8.0 * f64::from(hz)
                             / f64::from(span)) as u64
                     })
                 });
@@ -3350,7 +3351,8 @@ mod tests {
         assert!((1..=1500).contains(&first), "{first} bytes at once");
         let over = e.counters().repairs_over_budget;
         assert!(over >= 30, "{over} not sent again");
-        // Asked again at once: nothing more; a second later, about 4.7 kB.
+        // Asked again at once: nothing more; a second later, what refilled (4.7 kB/s),
+        // no more than a burst's 1.5 kB at once.
         e.handle_input(now, nack(slow));
         assert_eq!(repairs(sent(&mut e), slow), 0);
         now += Duration::from_secs(1);
