@@ -1,6 +1,5 @@
 //! `braid-capture`: see the library's documentation.
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> std::process::ExitCode {
-    braid_net::daemon::main(braid_capture::run).await
+fn main() -> std::process::ExitCode {
+    braid_net::daemon::main(braid_capture::run)
 }

@@ -178,11 +178,19 @@ pub trait DaemonConfig: clap::Parser + DeserializeOwned + serde::Serialize {
     }
     /// Checks the configuration, with a message that says what to fix.
     fn validate(&self) -> anyhow::Result<()>;
+    /// Threads the daemon's tasks run on besides its main one. 0 (the default): every
+    /// task on the one thread that runs `run`. With more, the main task keeps its thread
+    /// and the tasks it spawns (QUIC connections and their handshakes, TCP viewers)
+    /// share this many others.
+    fn task_threads(&self) -> usize {
+        0
+    }
 }
 
 /// A daemon's `main`: load the config (exit 2 with a message if it is bad), answer
-/// `--check`, else run until SIGTERM or Ctrl-C (exit 1 with a message on failure).
-pub async fn main<C, F, Fut>(run: F) -> std::process::ExitCode
+/// `--check`, else start the runtime ([`DaemonConfig::task_threads`]) and run until
+/// SIGTERM or Ctrl-C (exit 1 with a message on failure).
+pub fn main<C, F, Fut>(run: F) -> std::process::ExitCode
 where
     C: DaemonConfig,
     F: FnOnce(C, CancellationToken) -> Fut,
@@ -205,8 +213,29 @@ where
         println!("{}: configuration ok", C::NAME);
         return ExitCode::SUCCESS;
     }
-    let shutdown = shutdown_on_signals();
-    match run(config, shutdown).await {
+    let runtime = match config.task_threads() {
+        0 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .thread_name(format!("{}-task", C::NAME.trim_start_matches("braid-")))
+            .enable_all()
+            .build(),
+    };
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{}: cannot start the runtime: {e}", C::NAME);
+            return ExitCode::FAILURE;
+        }
+    };
+    // `block_on` runs `run` itself on this thread, whatever the runtime.
+    let outcome = runtime.block_on(async {
+        let shutdown = shutdown_on_signals();
+        run(config, shutdown).await
+    });
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{}: {e:#}", C::NAME);

@@ -157,6 +157,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ("udp", udp_addr.to_string()),
         ("metrics", metrics_addr.to_string()),
         ("workers", socket.workers().to_string()),
+        ("task_threads", config.task_threads.to_string()),
     ];
     if let Some(q) = quic_addr {
         ready.push(("quic", q.to_string()));

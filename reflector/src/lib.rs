@@ -167,6 +167,14 @@ pub struct Config {
     #[arg(long, default_value_t = 0)]
     #[serde(default)]
     pub workers: usize,
+    /// Threads for the connections' tasks (QUIC connections with their handshakes and
+    /// encryption, TCP viewers), beside the packet task's own thread; 0, the default,
+    /// runs them all on the packet task's thread. For machines with many cores whose
+    /// QUIC viewers fill one: on two cores shared with the viewers it cost a quarter
+    /// more CPU per Gbps and joined no faster (BENCHMARKS.md).
+    #[arg(long, default_value_t = 0)]
+    #[serde(default)]
+    pub task_threads: usize,
     /// Most viewers on this node (edge role).
     #[arg(long, default_value_t = 5000)]
     #[serde(default = "default_max_viewers")]
@@ -310,6 +318,10 @@ impl DaemonConfig for Config {
         self.log_json
     }
 
+    fn task_threads(&self) -> usize {
+        self.task_threads
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
         braid_net::daemon::network_key(&self.network_key).context("--network-key")?;
         self.merge_config().validate()?;
@@ -353,6 +365,12 @@ impl DaemonConfig for Config {
         {
             anyhow::bail!(
                 "max_per_stream, max_streams, max_viewers and viewer_window must be above zero"
+            );
+        }
+        if self.task_threads > braid_net::workers::MAX {
+            anyhow::bail!(
+                "task-threads must be at most {} (0: none beside the packet task's)",
+                braid_net::workers::MAX
             );
         }
         if self.workers > braid_net::workers::MAX {

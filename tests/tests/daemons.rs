@@ -261,6 +261,19 @@ fn check_accepts_good_config_and_refuses_bad_with_a_message() {
             "middle",
         ),
         (
+            "braid-reflector",
+            &[
+                "--check",
+                "--role",
+                "set",
+                "--network-key",
+                "a network key",
+                "--task-threads",
+                "65",
+            ],
+            "task-threads must be at most 64",
+        ),
+        (
             "braid-capture",
             &["--check", "--stream-key", "k"],
             "no entry point",

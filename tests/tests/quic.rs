@@ -51,6 +51,36 @@ fn all_quic_with_ten_percent_loss_everywhere_is_byte_exact() {
     assert_eq!(net.viewer_stats(0)["transport"], "quic");
 }
 
+/// Issue 16: an edge whose QUIC connections run on two threads beside its packet task
+/// (`--task-threads 2`: handshakes, encryption and the control streams in parallel with
+/// the merge) serves its QUIC viewers byte-exact under loss, as with one thread.
+#[test]
+fn an_edge_with_task_threads_serves_quic_viewers_byte_exact() {
+    let mut net = Net::start(Spec {
+        seconds: 12.0,
+        viewers: 3,
+        entry_impair: LOSS_10.into(),
+        set_impair: vec![LOSS_10.into(); 3],
+        quic_sets: vec![true; 3],
+        quic_viewers: true,
+        edge_args: vec!["--task-threads".into(), "2".into()],
+        ..Spec::default()
+    });
+    assert_eq!(net.edge.ready["task_threads"], "2", "the edge says so");
+    let threads = std::fs::read_dir(format!("/proc/{}/task", net.edge.pid()))
+        .expect("the edge's threads")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "reflector-task")
+        .count();
+    assert_eq!(threads, 2, "the edge runs two task threads");
+    net.wait_viewers();
+    assert_viewers_exact(&net);
+    assert_quic_carried(&net.edge);
+    for i in 0..3 {
+        assert_eq!(net.viewer_stats(i)["transport"], "quic");
+    }
+}
+
 /// Acceptance 1 mixed: path 0 UDP, paths 1 and 2 QUIC, loss everywhere, then a QUIC set
 /// reflector and an entry point SIGKILLed mid-stream: nothing lost.
 #[test]

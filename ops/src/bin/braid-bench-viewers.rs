@@ -46,6 +46,10 @@ struct Args {
     /// measured at every count, in turn.
     #[arg(long, default_value = "1,2", value_delimiter = ',')]
     workers: Vec<usize>,
+    /// The edge's threads for its connections' tasks (`--task-threads`), comma-separated:
+    /// each is a fresh edge for every `--workers` count.
+    #[arg(long, default_value = "0", value_delimiter = ',')]
+    task_threads: Vec<usize>,
     /// Threads the rig's receivers poll on (the edge's viewers, and the raw loop's
     /// sockets); 0: a thread per receiver sleeping in `recv`, which on loopback each
     /// send pays to wake.
@@ -188,13 +192,15 @@ fn raw_baseline(
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     for &workers in &args.workers {
-        run(&args, workers)?;
+        for &threads in &args.task_threads {
+            run(&args, workers, threads)?;
+        }
     }
     Ok(())
 }
 
-/// Every measure of one edge with `workers` send workers.
-fn run(args: &Args, workers: usize) -> anyhow::Result<()> {
+/// Every measure of one edge with `workers` send workers and `threads` task threads.
+fn run(args: &Args, workers: usize, threads: usize) -> anyhow::Result<()> {
     let receivers = match args.receiver_threads {
         0 => Receivers::Blocking,
         k => Receivers::Polling(k),
@@ -202,7 +208,9 @@ fn run(args: &Args, workers: usize) -> anyhow::Result<()> {
     // The join phase takes about 21 s, then each count its warm-up, measurement and pause.
     let longest =
         (args.viewers.len() * args.transports.len()) as f64 * (args.seconds as f64 + 12.0) + 40.0;
-    println!("edge with {workers} send worker(s); receivers: {receivers:?}");
+    println!(
+        "edge with {workers} send worker(s), {threads} task thread(s); receivers: {receivers:?}"
+    );
     let net = Net::start(Spec {
         viewers: 0,
         seconds: longest,
@@ -213,6 +221,8 @@ fn run(args: &Args, workers: usize) -> anyhow::Result<()> {
             "5000".into(),
             "--workers".into(),
             workers.to_string(),
+            "--task-threads".into(),
+            threads.to_string(),
         ],
         ..Spec::default()
     });
@@ -297,7 +307,7 @@ fn run(args: &Args, workers: usize) -> anyhow::Result<()> {
         };
         let base = raw_baseline(n, pps, args.seconds.min(5), args.raw_batch, receivers);
         println!(
-            "workers {workers} {transport:>4} viewers {n:>4}: lossless {lossless}/{n} (missing {missing} of {packets}) | edge CPU {:.1}% of a core, {:.1}% per Gbps delivered | delivered {delivered_pps:.0} packets/s, {gbps:.3} Gbps, measured ({:.0} packets/s nominal, {:.1}%) | RSS +{:.0} KiB ({:.1} MiB per 1000 viewers) | join when all join at once p50 {:.1} ms p99 {:.1} ms | raw sendmmsg at the same rate delivered {:.3}%, CPU {:.1}% of a core, {:.1}% per Gbps: edge/raw {:.2}x",
+            "workers {workers} threads {threads} {transport:>4} viewers {n:>4}: lossless {lossless}/{n} (missing {missing} of {packets}) | edge CPU {:.1}% of a core, {:.1}% per Gbps delivered | delivered {delivered_pps:.0} packets/s, {gbps:.3} Gbps, measured ({:.0} packets/s nominal, {:.1}%) | RSS +{:.0} KiB ({:.1} MiB per 1000 viewers) | join when all join at once p50 {:.1} ms p99 {:.1} ms | raw sendmmsg at the same rate delivered {:.3}%, CPU {:.1}% of a core, {:.1}% per Gbps: edge/raw {:.2}x",
             cpu * 100.0,
             cpu * 100.0 / gbps,
             n as f64 * pps as f64,
