@@ -115,6 +115,8 @@ pub struct Socket {
     quic: Option<Box<Quic>>,
     quic_rx: Vec<(SocketAddr, Bytes)>,
     workers: Option<Workers>,
+    /// See [`Socket::set_upstream`].
+    upstream: Vec<SocketAddr>,
 }
 
 impl Socket {
@@ -160,6 +162,7 @@ impl Socket {
             quic: None,
             quic_rx: Vec::new(),
             workers,
+            upstream: Vec::new(),
         })
     }
 
@@ -209,15 +212,29 @@ impl Socket {
             return;
         }
         // With workers, each wake-up's datagrams go over in one batch per worker at
-        // [`Socket::flush`]: handing over every 32 would wake a worker each time.
-        if let Some(w) = self.workers.as_mut() {
+        // [`Socket::flush`]: handing over every 32 would wake a worker each time. What
+        // goes upstream (subscriptions, NACKs: a few a second per peer, never media)
+        // leaves on the task's own socket, so that a worker whose socket is full
+        // (datagrams to slow viewers held in the host's own queue) cannot starve the
+        // subscriptions and repairs that every viewer, on every worker, depends on.
+        // Downstream, a destination's control stays in its worker's order with its
+        // media (a skip notice comes between the packets it separates).
+        // (Media never goes upstream: the bulk of the datagrams skips the lookup.)
+        let upstream = !is_data && self.upstream.contains(&to);
+        if let Some(w) = self.workers.as_mut().filter(|_| !upstream) {
             w.push(to, bytes);
             return;
         }
         self.outbox.push((to, bytes));
         if self.outbox.len() >= sys::BATCH {
-            self.flush();
+            self.send_outbox();
         }
+    }
+
+    /// The node's upstream peers (an edge's set reflectors, a set reflector's entry
+    /// points): with workers, what goes to them leaves on this task's socket.
+    pub fn set_upstream(&mut self, peers: impl IntoIterator<Item = SocketAddr>) {
+        self.upstream = peers.into_iter().collect();
     }
 
     /// The bound address.
@@ -315,17 +332,21 @@ impl Socket {
         self.delayed.peek().map(|Reverse(d)| d.at)
     }
 
-    /// Sends everything queued, in `sendmmsg` batches (with workers, hands it to them).
+    /// Sends everything queued, in `sendmmsg` batches (with workers, hands the media to
+    /// them).
     /// A datagram the kernel will not take right now (send buffer full) is dropped and
     /// counted: a live stream does not wait.
     pub fn flush(&mut self) {
+        if !self.outbox.is_empty() {
+            self.send_outbox();
+        }
         if let Some(w) = self.workers.as_mut() {
             self.stats.send_failed += w.hand_over(self.role);
-            return;
         }
-        if self.outbox.is_empty() {
-            return;
-        }
+    }
+
+    /// Sends what is queued for the task's own socket.
+    fn send_outbox(&mut self) {
         // Straight to the non-blocking socket, not through tokio's readiness: a socket
         // that has never been polled counts as not writable there, which would drop the
         // first datagrams a daemon sends (its first publish or subscribe).

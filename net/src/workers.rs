@@ -4,7 +4,7 @@
 //! A daemon's task decides what goes where (the sans-IO machine, the impairment layer);
 //! the `sendmmsg` calls that put each datagram on the wire, most of an edge's or a set
 //! reflector's CPU at fan-out, are spread over `n` threads. Every destination belongs to
-//! one worker for the socket's life ([`Workers::pick`], a fixed hash of its address), so
+//! one worker for the socket's life ([`pick`], a fixed hash of its address), so
 //! its datagrams leave in the order they were queued, and a viewer never moves between
 //! workers. Each worker sends on a socket of its own bound to the daemon's address
 //! (`SO_REUSEPORT`, with a program that gives every datagram that comes in to the task's
@@ -60,6 +60,16 @@ pub(crate) struct Workers {
     threads: Vec<JoinHandle<()>>,
 }
 
+/// Which of `n` workers sends to `to`: always the same one, in every run and every
+/// process (a test places viewers on the workers it wants with it).
+pub fn pick(to: SocketAddr, n: usize) -> usize {
+    // SipHash with fixed keys: the same in every run and every process.
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new_with_keys(0x0062_7261_6964, 0x776f_726b);
+    to.hash(&mut h);
+    (h.finish() % n.max(1) as u64) as usize
+}
+
 impl Workers {
     /// Starts a worker for each socket of `sockets` (at most [`MAX`]), which it sends on.
     pub(crate) fn start(
@@ -105,18 +115,9 @@ impl Workers {
         self.queues.len()
     }
 
-    /// The worker that sends to `to`, always the same one.
-    pub(crate) fn pick(to: SocketAddr, n: usize) -> usize {
-        // SipHash with fixed keys: the same in every run and every process.
-        #[allow(deprecated)]
-        let mut h = std::hash::SipHasher::new_with_keys(0x0062_7261_6964, 0x776f_726b);
-        to.hash(&mut h);
-        (h.finish() % n.max(1) as u64) as usize
-    }
-
     /// Queues a datagram for its worker (sent at [`Workers::hand_over`]).
     pub(crate) fn push(&mut self, to: SocketAddr, bytes: Bytes) {
-        let i = Self::pick(to, self.parts.len());
+        let i = pick(to, self.parts.len());
         self.parts[i].push((to, bytes));
     }
 
@@ -206,8 +207,8 @@ mod tests {
         let mut per = [0usize; 4];
         for port in 1000..3000u16 {
             let to = SocketAddr::from(([127, 0, 0, 1], port));
-            let w = Workers::pick(to, 4);
-            assert_eq!(w, Workers::pick(to, 4));
+            let w = pick(to, 4);
+            assert_eq!(w, pick(to, 4));
             per[w] += 1;
         }
         // 2,000 ports over 4 workers: each within a fifth of its share.

@@ -247,6 +247,44 @@ impl Hosts {
         );
     }
 
+    /// Caps what host `from` sends to host `to` at `rate`, on `from`'s own end of its
+    /// link (`htb`, a class for `to`'s address): the datagrams wait in `from`'s queue,
+    /// held against the socket that sent them, as behind a slow local link, while
+    /// everything else `from` sends goes at full speed. The queue is long (100,000
+    /// datagrams), so the sender's socket buffer fills before it drops any.
+    pub fn limit_toward(&self, from: &str, to: &str, rate: &str) {
+        let (ns, dst) = (self.get(from).netns.clone(), self.get(to).addr);
+        let tc = |args: &[&str]| {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &ns, "tc"])
+                .args(args)
+                .output()
+                .expect("tc");
+            assert!(
+                out.status.success(),
+                "tc {args:?} on {from}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let dst = format!("{dst}/32");
+        tc(&[
+            "qdisc", "replace", "dev", "eth0", "root", "handle", "1:", "htb", "default", "1",
+        ]);
+        for (class, rate) in [("1:1", "10gbit"), ("1:2", rate)] {
+            tc(&[
+                "class", "add", "dev", "eth0", "parent", "1:", "classid", class, "htb", "rate",
+                rate, "ceil", rate, "quantum", "60000",
+            ]);
+        }
+        tc(&[
+            "qdisc", "add", "dev", "eth0", "parent", "1:2", "pfifo", "limit", "100000",
+        ]);
+        tc(&[
+            "filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+            "match", "ip", "dst", &dst, "flowid", "1:2",
+        ]);
+    }
+
     /// Lifts the cap [`Hosts::limit`] put on `name`'s link.
     pub fn unlimit(&self, name: &str) {
         self.tc(name, &["del", "root"]);

@@ -228,12 +228,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             Machine::Edge(Box::new(Edge::new(config.edge_config()?, codec, clock)?))
         }
     };
+    let upstream: Vec<SocketAddr> = (config.reflectors.iter())
+        .chain(&config.upstreams)
+        .map(|p| p.addr)
+        .collect();
+    socket.set_upstream(upstream.iter().copied());
     let mut d = Daemon {
         socket,
         writers: HashMap::new(),
         tcp_peers: HashMap::new(),
         shared,
         egress_mark: (now, 0),
+        upstream_configured: upstream,
         learned: Vec::new(),
         role: role_name,
         exported_drops: 0,
@@ -318,6 +324,8 @@ struct Daemon {
     shared: Arc<report::Shared>,
     /// (when, bytes sent then), for the egress rate.
     egress_mark: (Instant, u64),
+    /// The upstream peers configured (`--reflector`, `--upstream`).
+    upstream_configured: Vec<SocketAddr>,
     /// The set reflectors last given to the machine from the control server.
     learned: Vec<PeerAddr>,
     role: &'static str,
@@ -490,6 +498,9 @@ impl Daemon {
             now,
             edge::Input::Reflectors(listed.iter().map(|r| r.addr).collect()),
         );
+        let configured = self.upstream_configured.iter().copied();
+        self.socket
+            .set_upstream(configured.chain(listed.iter().map(|r| r.addr)));
         self.learned = listed;
     }
 }

@@ -28,8 +28,19 @@ impl HostNet {
     /// share of what it sends (Braid's seeded impairment layer: the kernel here has no
     /// netem). Every daemon serves its metrics on its host's address, port 9600.
     fn start(test: &str, seconds: f64, loss: Option<f64>) -> Option<HostNet> {
+        Self::start_with(test, seconds, loss, &[])
+    }
+
+    /// As [`HostNet::start`], the edge with `edge_args` as well.
+    fn start_with(
+        test: &str,
+        seconds: f64,
+        loss: Option<f64>,
+        edge_args: &[&str],
+    ) -> Option<HostNet> {
         let names = [
             "capture", "entry0", "entry1", "set0", "set1", "set2", "edge", "viewer", "monitor",
+            "slow",
         ];
         let hosts = match Hosts::new(&names) {
             Ok(h) => h,
@@ -84,6 +95,7 @@ impl HostNet {
         for set in &sets {
             a.extend([s("--reflector"), set.clone()]);
         }
+        a.extend(edge_args.iter().map(|v| s(v)));
         procs.push(start("edge", "braid-reflector", a));
         let viewer = Proc::spawn_in(
             &hosts.get("viewer").netns,
@@ -224,6 +236,127 @@ fn a_path_capped_below_the_streams_rate_loses_the_viewer_nothing() {
         capped < full * 0.5,
         "the capped path really carried less: {capped} packets against {full}"
     );
+}
+
+/// Issue 16: slow viewers on one send worker delay no viewer on another. The edge's
+/// own end of its link is capped toward the slow viewers' host (`htb`), so what the
+/// edge sends them waits in the edge's queue, held against the socket of the worker
+/// that sent it: the one place a viewer's slowness reaches a socket others are served
+/// from. Ten slow viewers on one worker fill its socket (each one's flow window grows
+/// with the delay it saw first, the queue the others made); a viewer on the other
+/// worker gets the source byte for byte, because the edge's subscriptions and NACKs
+/// upstream leave on its task's own socket (through the full worker's they were
+/// refused, and every viewer, on both workers, lost 400 to 1,600 packets). A viewer on
+/// the full worker shares its socket: what it lost is printed, not asserted.
+#[test]
+fn slow_viewers_on_one_worker_delay_no_viewer_on_the_other() {
+    let Some(net) = HostNet::start_with(
+        "slow_viewers_on_one_worker_delay_no_viewer_on_the_other",
+        26.0,
+        None,
+        &["--workers", "2"],
+    ) else {
+        return;
+    };
+    assert_eq!(
+        net.procs[5].ready["workers"], "2",
+        "the edge has two workers"
+    );
+    net.hosts.limit_toward("edge", "slow", "400kbit");
+    let on = |host: &str, port: u16| SocketAddr::from((net.hosts.get(host).addr, port));
+    // Ports that put the viewers where the test wants them (the edge picks a viewer's
+    // worker by its address, always the same way).
+    let ports_on = |host: &str, worker: usize, n: usize| -> Vec<u16> {
+        (24_000..)
+            .filter(|&p| braid_net::workers::pick(on(host, p), 2) == worker)
+            .take(n)
+            .collect()
+    };
+    let port_on = |worker: usize| ports_on("viewer", worker, 1)[0];
+    let slow_worker = 0;
+    let seconds = 22.0;
+    let edge = on("edge", 9200).to_string();
+    let client = |host: &str, name: &str, port: u16| {
+        let p = |f: &str| net.path(f).display().to_string();
+        let args: Vec<String> = [
+            "--edge",
+            &edge,
+            "--bind",
+            &format!("0.0.0.0:{port}"),
+            "--out",
+            &p(&format!("{name}.ts")),
+            "--stats-json",
+            &p(&format!("{name}.json")),
+            "--duration",
+            &seconds.to_string(),
+            "--start-timeout",
+            "10",
+        ]
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+        let log = net.path(&format!("{name}.log"));
+        Proc::spawn_in(
+            &net.hosts.get(host).netns,
+            name,
+            "braid-client",
+            &args,
+            &log,
+        )
+    };
+    let mut slow: Vec<Proc> = (ports_on("slow", slow_worker, 10).into_iter().enumerate())
+        .map(|(i, port)| client("slow", &format!("slow{i}"), port))
+        .collect();
+    let mut same = client("viewer", "same-worker", port_on(slow_worker));
+    let mut other = client("viewer", "other-worker", port_on(1 - slow_worker));
+    let tee = net.path("tee.ts");
+    let exits = wait_all([&mut same, &mut other], &tee, Duration::from_secs(30));
+    let last = |name: &str| -> serde_json::Value {
+        let stats = std::fs::read_to_string(net.path(&format!("{name}.json"))).expect("stats");
+        serde_json::from_str(stats.lines().last().expect("a line")).expect("JSON")
+    };
+    let addr: SocketAddr = net.procs[5].ready["metrics"].parse().expect("an address");
+    let m = net.hosts.scrape("edge", addr);
+    let refused = braid_tests::metrics::sum_of(&m, "braid_udp_send_failed_total", &[]);
+    assert!(
+        refused > 0.0,
+        "the slow viewers' worker filled its socket (else this test shows nothing)"
+    );
+    // The cap held the slow viewers back: each got a fraction of what the others did.
+    let bytes = |name: &str| last(name)["bytes"].as_f64().expect("bytes");
+    let good = bytes("other-worker");
+    for i in 0..slow.len() {
+        let got = bytes(&format!("slow{i}"));
+        assert!(
+            got < good * 0.3,
+            "slow{i} was slow: {got} bytes against {good}"
+        );
+    }
+    eprintln!(
+        "{refused} datagrams refused to the full worker; its other viewer: {}",
+        last("same-worker")
+    );
+    assert!(
+        exits[1].status.success(),
+        "the viewer on the other worker failed"
+    );
+    let st = last("other-worker");
+    assert_eq!((&st["gaps"], &st["skips"]), (&0.into(), &0.into()), "{st}");
+    compare::assert_whole(
+        &tee,
+        &net.path("other-worker.ts"),
+        &compare::Whole {
+            bytes_per_sec: BITRATE as f64 / 8.0,
+            seconds,
+            tee_at_exit: exits[1].tee_len,
+        },
+    );
+    let gaps = braid_tests::metrics::sum_of(&m, "braid_merge_gaps_total", &[]);
+    assert_eq!(
+        gaps, 0.0,
+        "the edge's own stream had no gap: its upstream was whole"
+    );
+    slow.iter_mut().for_each(Proc::terminate);
 }
 
 /// The samples of PromQL `q` from the Prometheus at `prom` on host `monitor`.
