@@ -8,6 +8,7 @@
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use socket2::SockAddr;
 
@@ -76,44 +77,167 @@ pub fn send_all(fd: RawFd, msgs: &[(SocketAddr, &[u8])]) -> u64 {
     failed
 }
 
+/// Most datagrams one segmentation-offload message carries (`UDP_MAX_SEGMENTS` in
+/// kernels before 6.9).
+const GSO_SEGMENTS: usize = 64;
+/// Most bytes one carries (a UDP datagram's limit, less room for its headers).
+const GSO_BYTES: usize = 60_000;
+/// Set when the kernel refused segmentation offload: from then on every datagram goes
+/// as a message of its own.
+static GSO_OFF: AtomicBool = AtomicBool::new(false);
+/// Datagrams that left in segmentation-offload messages, in this process.
+static GSO_DATAGRAMS: AtomicU64 = AtomicU64::new(0);
+
+/// How many datagrams this process sent in segmentation-offload messages (several to
+/// one address, cut apart by the kernel).
+pub fn gso_datagrams() -> u64 {
+    GSO_DATAGRAMS.load(Ordering::Relaxed)
+}
+
+/// How many of `msgs`, from the first, go as one message: with `gso`, the datagrams to
+/// the first one's address that follow it, each of its size but the last (which may be
+/// shorter), within the kernel's limits; otherwise one.
+fn run_len(msgs: &[(SocketAddr, &[u8])], gso: bool) -> usize {
+    let Some(&(to, first)) = msgs.first() else {
+        return 0;
+    };
+    let size = first.len();
+    if !gso || size == 0 {
+        return 1;
+    }
+    let (mut n, mut bytes) = (1, size);
+    while let Some(&(a, b)) = msgs.get(n) {
+        if n == GSO_SEGMENTS || a != to || b.is_empty() || b.len() > size {
+            break;
+        }
+        if bytes + b.len() > GSO_BYTES {
+            break;
+        }
+        n += 1;
+        bytes += b.len();
+        if b.len() < size {
+            break;
+        }
+    }
+    n
+}
+
 /// Sends each `(destination, bytes)` as one datagram with as few `sendmmsg` calls as
-/// possible. Returns how many were sent; fewer than `msgs.len()` means the socket would
-/// block (or failed) at that message.
+/// possible. Datagrams to one address in a row (a viewer's catch-up at its join, a
+/// repair, what one wake-up had for it) go as one message that the kernel cuts into
+/// datagrams (UDP segmentation offload, `UDP_SEGMENT`) when it offers it: one pass
+/// through the socket layer and the route for many datagrams. Returns how many were
+/// sent; fewer than `msgs.len()` means the socket would block (or failed) at that
+/// message.
 pub fn send_batch(fd: RawFd, msgs: &[(SocketAddr, &[u8])]) -> io::Result<usize> {
+    send_with(fd, msgs, gso_on())
+}
+
+/// Whether segmentation offload is to be tried: not after the kernel refused it, nor
+/// when the environment says `BRAID_NO_GSO=1` (to compare, or to rule it out).
+fn gso_on() -> bool {
+    static NOT_WANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let not_wanted =
+        *NOT_WANTED.get_or_init(|| std::env::var_os("BRAID_NO_GSO").is_some_and(|v| v == "1"));
+    !not_wanted && !GSO_OFF.load(Ordering::Relaxed)
+}
+
+/// [`send_batch`], with segmentation offload or without.
+fn send_with(fd: RawFd, msgs: &[(SocketAddr, &[u8])], gso: bool) -> io::Result<usize> {
     let mut sent = 0;
     while sent < msgs.len() {
-        let chunk = &msgs[sent..msgs.len().min(sent + BATCH)];
-        let addrs: Vec<SockAddr> = chunk.iter().map(|(a, _)| SockAddr::from(*a)).collect();
-        let mut iovs: Vec<libc::iovec> = chunk
+        // Up to BATCH messages: (first datagram, datagrams).
+        let mut runs = [(0usize, 0usize); BATCH];
+        let (mut count, mut end) = (0, sent);
+        while count < BATCH && end < msgs.len() {
+            let n = run_len(&msgs[end..], gso);
+            runs[count] = (end, n);
+            count += 1;
+            end += n;
+        }
+        let runs = &runs[..count];
+        let addrs: Vec<SockAddr> = runs
+            .iter()
+            .map(|&(i, _)| SockAddr::from(msgs[i].0))
+            .collect();
+        let mut iovs: Vec<libc::iovec> = msgs[sent..end]
             .iter()
             .map(|(_, b)| libc::iovec {
                 iov_base: b.as_ptr() as *mut libc::c_void,
                 iov_len: b.len(),
             })
             .collect();
-        let mut hdrs: Vec<libc::mmsghdr> = (0..chunk.len())
-            .map(|i| {
-                // SAFETY: mmsghdr is plain data; all-zero is a valid value.
-                let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                h.msg_hdr.msg_name = addrs[i].as_ptr() as *mut libc::c_void;
-                h.msg_hdr.msg_namelen = addrs[i].len();
-                h.msg_hdr.msg_iov = &mut iovs[i];
-                h.msg_hdr.msg_iovlen = 1;
-                h
-            })
-            .collect();
-        // SAFETY: `hdrs` points at `addrs` and `iovs`, which outlive the call, and at the
-        // caller's byte slices, which are borrowed for the whole function.
+        let iov_base = iovs.as_mut_ptr();
+        // Room for one control message of a u16 per message (aligned as a cmsghdr).
+        // SAFETY: cmsghdr is plain data; all-zero is a valid value.
+        let mut controls: [[libc::cmsghdr; 2]; BATCH] = unsafe { std::mem::zeroed() };
+        // SAFETY: CMSG_SPACE only computes a size.
+        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
+        let mut hdrs: Vec<libc::mmsghdr> = Vec::with_capacity(runs.len());
+        for (k, &(i, n)) in runs.iter().enumerate() {
+            // SAFETY: mmsghdr is plain data; all-zero is a valid value.
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_name = addrs[k].as_ptr() as *mut libc::c_void;
+            h.msg_hdr.msg_namelen = addrs[k].len();
+            // SAFETY: `i - sent` indexes `iovs`, which has a place for every datagram
+            // from `sent` to `end`.
+            h.msg_hdr.msg_iov = unsafe { iov_base.add(i - sent) };
+            h.msg_hdr.msg_iovlen = n as _;
+            if n > 1 {
+                h.msg_hdr.msg_control = controls[k].as_mut_ptr().cast();
+                h.msg_hdr.msg_controllen = space as _;
+                // SAFETY: the header's control buffer is `controls[k]`, 32 bytes aligned
+                // for a cmsghdr, more than CMSG_SPACE(2); CMSG_FIRSTHDR returns its
+                // start, and CMSG_DATA points inside it.
+                unsafe {
+                    let c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
+                    (*c).cmsg_level = libc::SOL_UDP;
+                    (*c).cmsg_type = libc::UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as _;
+                    std::ptr::write_unaligned(
+                        libc::CMSG_DATA(c).cast::<u16>(),
+                        msgs[i].1.len() as u16,
+                    );
+                }
+            }
+            hdrs.push(h);
+        }
+        // SAFETY: `hdrs` points at `addrs`, `iovs` and `controls`, which outlive the
+        // call, and at the caller's byte slices, which are borrowed for the whole
+        // function.
         let n = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), hdrs.len() as libc::c_uint, 0) };
         if n < 0 {
             let err = io::Error::last_os_error();
-            if sent > 0 && err.kind() == io::ErrorKind::WouldBlock {
-                return Ok(sent);
+            let (i, len) = runs[0];
+            if len > 1 && err.kind() != io::ErrorKind::WouldBlock {
+                // Refused as one message: this kernel or device has no offload (then
+                // never again), or this run does not suit it (larger than the path's
+                // MTU, say). Its datagrams go one by one, as they would without it.
+                if matches!(
+                    err.raw_os_error(),
+                    Some(libc::EIO | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
+                ) {
+                    GSO_OFF.store(true, Ordering::Relaxed);
+                }
+                match send_with(fd, &msgs[i..i + len], false) {
+                    Ok(k) if k == len => {
+                        sent += k;
+                        continue;
+                    }
+                    Ok(k) => return Ok(sent + k),
+                    Err(e) => return if sent > 0 { Ok(sent) } else { Err(e) },
+                }
             }
             return if sent > 0 { Ok(sent) } else { Err(err) };
         }
-        sent += n as usize;
-        if (n as usize) < chunk.len() {
+        let n = n as usize;
+        let done: usize = runs[..n].iter().map(|r| r.1).sum();
+        let offloaded: usize = runs[..n].iter().filter(|r| r.1 > 1).map(|r| r.1).sum();
+        if offloaded > 0 {
+            GSO_DATAGRAMS.fetch_add(offloaded as u64, Ordering::Relaxed);
+        }
+        sent += done;
+        if n < runs.len() {
             return Ok(sent);
         }
     }
@@ -268,5 +392,96 @@ mod tests {
             }
         }
         assert_eq!(got, payloads);
+    }
+
+    /// Datagrams received on `rx` until `n` came (or a second passed without one).
+    fn receive(rx: &UdpSocket, n: usize) -> Vec<(SocketAddr, Vec<u8>)> {
+        let mut bufs = vec![[0u8; 2048]; BATCH];
+        let (mut got, mut out) = (Vec::new(), Vec::new());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while got.len() < n && std::time::Instant::now() < deadline {
+            match recv_batch(rx.as_raw_fd(), &mut bufs, &mut out) {
+                Ok(_) => got.extend(
+                    out.iter()
+                        .enumerate()
+                        .map(|(i, r)| (r.from, bufs[i][..r.len].to_vec())),
+                ),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        got
+    }
+
+    /// Runs of datagrams to one address (equal sizes, a shorter last one, runs longer
+    /// than one message may carry) go as segmentation-offload messages, and arrive as
+    /// the datagrams they were, in order, each destination's apart from the other's.
+    #[test]
+    fn runs_to_one_address_arrive_as_the_datagrams_they_were() {
+        let bind = || {
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+            s.set_recv_buffer_size(4 << 20).unwrap();
+            s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+                .unwrap();
+            s.set_nonblocking(true).unwrap();
+            UdpSocket::from(s)
+        };
+        let (a, b, tx) = (bind(), bind(), bind());
+        let (to_a, to_b) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        // 100 full datagrams and a short one to `a` (more than one message's 64), then
+        // one to `b`, then 3 of 1,300 bytes to `a` and 2 of varying sizes to `b`.
+        let mut sends: Vec<(SocketAddr, Vec<u8>)> = (0..100u8)
+            .map(|i| (to_a, vec![i; 1316]))
+            .chain([(to_a, vec![200; 400]), (to_b, vec![201; 1316])])
+            .chain((0..3u8).map(|i| (to_a, vec![210 + i; 1300])))
+            .collect();
+        sends.extend([(to_b, vec![220; 10]), (to_b, vec![221; 900])]);
+        let msgs: Vec<(SocketAddr, &[u8])> = sends.iter().map(|(t, p)| (*t, &p[..])).collect();
+        let before = gso_datagrams();
+        assert_eq!(send_batch(tx.as_raw_fd(), &msgs).unwrap(), msgs.len());
+        let from = tx.local_addr().unwrap();
+        for (rx, to) in [(&a, to_a), (&b, to_b)] {
+            let want: Vec<(SocketAddr, Vec<u8>)> = sends
+                .iter()
+                .filter(|(t, _)| *t == to)
+                .map(|(_, p)| (from, p.clone()))
+                .collect();
+            assert_eq!(receive(rx, want.len()), want);
+        }
+        // Linux has had UDP_SEGMENT since 4.18: the runs to `a` went offloaded.
+        assert!(
+            !GSO_OFF.load(Ordering::Relaxed),
+            "the kernel took the offload"
+        );
+        assert!(
+            gso_datagrams() - before >= 104,
+            "{} offloaded",
+            gso_datagrams() - before
+        );
+    }
+
+    #[test]
+    fn a_run_is_datagrams_to_one_address_of_one_size_and_a_shorter_last() {
+        let (x, y) = (
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            SocketAddr::from(([127, 0, 0, 1], 2)),
+        );
+        let (big, small, empty) = (vec![0u8; 1000], vec![0u8; 10], Vec::new());
+        let run = |m: &[(SocketAddr, &Vec<u8>)], gso| {
+            let m: Vec<(SocketAddr, &[u8])> = m.iter().map(|(a, b)| (*a, &b[..])).collect();
+            run_len(&m, gso)
+        };
+        assert_eq!(run(&[], true), 0);
+        assert_eq!(run(&[(x, &big), (x, &big), (y, &big)], true), 2);
+        assert_eq!(run(&[(x, &big), (x, &big), (y, &big)], false), 1);
+        assert_eq!(run(&[(x, &big), (x, &small), (x, &small)], true), 2);
+        assert_eq!(run(&[(x, &small), (x, &big)], true), 1);
+        assert_eq!(run(&[(x, &empty), (x, &empty)], true), 1);
+        assert_eq!(run(&[(x, &big), (x, &empty)], true), 1);
+        let many: Vec<(SocketAddr, &Vec<u8>)> = (0..100).map(|_| (x, &big)).collect();
+        assert_eq!(run(&many, true), GSO_SEGMENTS.min(GSO_BYTES / 1000));
+        let tiny: Vec<(SocketAddr, &Vec<u8>)> = (0..100).map(|_| (x, &small)).collect();
+        assert_eq!(run(&tiny, true), GSO_SEGMENTS);
     }
 }
