@@ -161,6 +161,9 @@ impl Tls {
         .with_single_cert(certs, key)
         .context("the TLS certificate does not match its key")?;
         config.alpn_protocols = vec![ALPN.to_vec()];
+        config.ticketer = Arc::new(Tickets(
+            rustls::crypto::ring::Ticketer::new().context("a session ticket key")?,
+        ));
         Ok(Some(config))
     }
 
@@ -182,6 +185,79 @@ impl Tls {
         config.alpn_protocols = vec![ALPN.to_vec()];
         Ok(config)
     }
+}
+
+/// Session tickets: a returning peer (a viewer switching back to an edge, a node
+/// reconnecting) resumes its TLS session without a new certificate signature, on any
+/// number of peers: the session's state travels sealed in the ticket (ChaCha20-Poly1305
+/// under a key of this process, rotated every 6 h), where rustls' default keeps the
+/// last 256 sessions in memory and a busy edge's returning viewers miss it. Each ticket
+/// presented is counted, `braid_tls_tickets_total{result="accepted"|"refused"}` (one
+/// sealed by an earlier process of this node, or under a key rotated out, is refused,
+/// and the handshake is a full one).
+#[derive(Debug)]
+struct Tickets(Arc<dyn rustls::server::ProducesTickets>);
+
+impl rustls::server::ProducesTickets for Tickets {
+    fn enabled(&self) -> bool {
+        self.0.enabled()
+    }
+
+    fn lifetime(&self) -> u32 {
+        self.0.lifetime()
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        self.0.encrypt(plain)
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        let plain = self.0.decrypt(cipher);
+        let result = if plain.is_some() {
+            "accepted"
+        } else {
+            "refused"
+        };
+        metrics::counter!("braid_tls_tickets_total", "result" => result).increment(1);
+        plain
+    }
+}
+
+/// One TLS handshake between `client` and `server` in memory (to `127.0.0.1`), the
+/// server's session tickets delivered after it: how it went, and the time the server
+/// side took. For tests and benchmarks of the configurations above.
+pub fn handshake_in_memory(
+    client: &Arc<rustls::ClientConfig>,
+    server: &Arc<rustls::ServerConfig>,
+) -> (rustls::HandshakeKind, std::time::Duration) {
+    let name = ServerName::try_from("127.0.0.1").expect("an address");
+    let mut c = rustls::ClientConnection::new(client.clone(), name).expect("a client");
+    let mut spent = std::time::Duration::ZERO;
+    let t = std::time::Instant::now();
+    let mut s = rustls::ServerConnection::new(server.clone()).expect("a server");
+    spent += t.elapsed();
+    let mut wire = Vec::new();
+    for _ in 0..10 {
+        wire.clear();
+        while c.wants_write() {
+            c.write_tls(&mut wire).expect("to memory");
+        }
+        let t = std::time::Instant::now();
+        s.read_tls(&mut &wire[..]).expect("from memory");
+        s.process_new_packets().expect("the client's flight");
+        wire.clear();
+        while s.wants_write() {
+            s.write_tls(&mut wire).expect("to memory");
+        }
+        spent += t.elapsed();
+        c.read_tls(&mut &wire[..]).expect("from memory");
+        c.process_new_packets().expect("the server's flight");
+        if !c.is_handshaking() && !s.is_handshaking() && !s.wants_write() {
+            break;
+        }
+    }
+    assert!(!c.is_handshaking(), "the handshake ended");
+    (c.handshake_kind().expect("a handshake kind"), spent)
 }
 
 /// The crypto provider used everywhere (ring).
@@ -452,6 +528,40 @@ mod tests {
         assert!(tls.server_config().unwrap().is_some());
         tls.client_config().unwrap();
         assert_eq!(fingerprint_file(&dir.join("node-a.pem")).unwrap().len(), 64);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A returning client resumes its session, however many clients came since: 300
+    /// clients (over the 256 sessions rustls keeps by default) each connect, then each
+    /// again, and every second handshake is a resumption.
+    #[test]
+    fn every_returning_client_resumes_however_many_came_between() {
+        let dir = std::env::temp_dir().join(format!("braid-tickets-{}", std::process::id()));
+        make_dev_certs(&dir, &["edge".into()], &[]).unwrap();
+        let server = Tls {
+            cert: Some(dir.join("edge.pem")),
+            key: Some(dir.join("edge.key")),
+            ..Tls::default()
+        };
+        let server = Arc::new(server.server_config().unwrap().expect("a server"));
+        let viewer = Tls {
+            ca: Some(dir.join("ca.pem")),
+            ..Tls::default()
+        };
+        let clients: Vec<Arc<rustls::ClientConfig>> = (0..300)
+            .map(|_| Arc::new(viewer.client_config().unwrap()))
+            .collect();
+        for c in &clients {
+            assert_eq!(
+                handshake_in_memory(c, &server).0,
+                rustls::HandshakeKind::Full
+            );
+        }
+        let resumed = clients
+            .iter()
+            .filter(|c| handshake_in_memory(c, &server).0 == rustls::HandshakeKind::Resumed)
+            .count();
+        assert_eq!(resumed, 300, "returning clients resumed");
         let _ = std::fs::remove_dir_all(dir);
     }
 }
