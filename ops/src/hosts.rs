@@ -65,6 +65,21 @@ pub fn http_get_in(netns: &str, addr: std::net::SocketAddr, path: &str) -> Strin
         .map_or(String::new(), |(_, b)| b.to_owned())
 }
 
+/// `tc ARGS` in network namespace `ns`, which must succeed (`host` names it in the
+/// message).
+fn tc_in(ns: &str, args: &[&str], host: &str) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "tc"])
+        .args(args)
+        .output()
+        .expect("tc");
+    assert!(
+        out.status.success(),
+        "tc {args:?} on {host}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// One host.
 #[derive(Debug, Clone)]
 pub struct Host {
@@ -254,18 +269,7 @@ impl Hosts {
     /// datagrams), so the sender's socket buffer fills before it drops any.
     pub fn limit_toward(&self, from: &str, to: &str, rate: &str) {
         let (ns, dst) = (self.get(from).netns.clone(), self.get(to).addr);
-        let tc = |args: &[&str]| {
-            let out = Command::new("ip")
-                .args(["netns", "exec", &ns, "tc"])
-                .args(args)
-                .output()
-                .expect("tc");
-            assert!(
-                out.status.success(),
-                "tc {args:?} on {from}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
+        let tc = |args: &[&str]| tc_in(&ns, args, from);
         let dst = format!("{dst}/32");
         tc(&[
             "qdisc", "replace", "dev", "eth0", "root", "handle", "1:", "htb", "default", "1",
@@ -298,16 +302,11 @@ impl Hosts {
             (h.netns.as_str(), "eth0"),
             (self.hub.as_str(), h.hub_end.as_str()),
         ] {
-            let out = Command::new("ip")
-                .args(["netns", "exec", ns, "tc", "qdisc", op, "dev", dev])
-                .args(rest)
-                .output()
-                .expect("tc");
-            assert!(
-                out.status.success(),
-                "tc on {name}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let args: Vec<&str> = ["qdisc", op, "dev", dev]
+                .into_iter()
+                .chain(rest.iter().copied())
+                .collect();
+            tc_in(ns, &args, name);
         }
     }
 
