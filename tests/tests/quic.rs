@@ -178,6 +178,49 @@ fn sigkilled_quic_peer_is_noticed_and_its_subscription_moves() {
     assert_viewers_exact(&net);
 }
 
+/// Issue 16: a peer that comes back resumes its TLS session. A QUIC set reflector hangs
+/// (SIGSTOP) past the 1 s idle timeout; when it wakes, the edge and the entry points
+/// that lost their connections to it dial again, presenting the session tickets it gave
+/// them, and it takes them (`braid_tls_tickets_total{result="accepted"}`): the
+/// handshake skips its certificate and signature. The viewer loses nothing.
+#[test]
+fn a_peer_dialing_again_resumes_its_tls_session() {
+    let mut net = Net::start(Spec {
+        seconds: 12.0,
+        viewers: 1,
+        quic_sets: vec![true; 3],
+        ..Spec::default()
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let set = net.sets[1].metrics();
+    let accepted = |v: f64| v > 0.0;
+    assert_eq!(
+        metrics::sum(set, "braid_tls_tickets_total", &[]),
+        0.0,
+        "first connections are full handshakes"
+    );
+    let signal = |sig: &str| {
+        let pid = net.sets[1].pid().to_string();
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status();
+        assert!(ok.is_ok_and(|s| s.success()), "kill {sig}");
+    };
+    signal("-STOP");
+    std::thread::sleep(Duration::from_secs(2));
+    signal("-CONT");
+    let resumed = metrics::sum_when(
+        set,
+        "braid_tls_tickets_total",
+        &["result=\"accepted\""],
+        Duration::from_secs(8),
+        accepted,
+    );
+    assert!(resumed >= 1.0, "a peer dialing again resumed its session");
+    net.wait_viewers();
+    assert_viewers_exact(&net);
+}
+
 /// A viewer of an edge that should get nothing: it gives up after 3 s.
 fn hopeful_viewer(net: &Net, name: &str, edge: std::net::SocketAddr) -> Proc {
     Proc::spawn(
