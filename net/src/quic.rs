@@ -210,6 +210,8 @@ struct Peer {
     /// backoff (a peer refusing this node's certificate after the handshake would
     /// otherwise be redialed at once, over and over).
     up_since: Option<Instant>,
+    /// What this node dials it with (see [`Quic::peer_client`]).
+    client: Option<quinn::ClientConfig>,
 }
 
 /// A connection up this long counts as working: losing it then redials at once.
@@ -220,6 +222,9 @@ const STABLE: Duration = Duration::from_secs(2);
 pub struct Quic {
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
+    /// The TLS side of `client`, and its transport, for each dialed peer's own.
+    client_tls: rustls::ClientConfig,
+    transport: Arc<quinn::TransportConfig>,
     server_name: Option<String>,
     peers: HashMap<SocketAddr, Peer>,
     events: mpsc::Receiver<Event>,
@@ -339,11 +344,12 @@ impl Quic {
             }
             None => None,
         };
+        let client_tls = tls.client_config()?;
         let mut client = quinn::ClientConfig::new(Arc::new(
-            QuicClientConfig::try_from(tls.client_config()?)
+            QuicClientConfig::try_from(client_tls.clone())
                 .context("TLS config unusable for QUIC")?,
         ));
-        client.transport_config(transport);
+        client.transport_config(transport.clone());
         let socket = crate::udp::bind_std(bind).with_context(|| format!("binding QUIC {bind}"))?;
         let accepting = server.is_some();
         let runtime = Arc::new(quinn::TokioRuntime);
@@ -369,6 +375,8 @@ impl Quic {
         Ok(Quic {
             endpoint,
             client,
+            client_tls,
+            transport,
             server_name: tls.server_name.clone(),
             peers: HashMap::new(),
             events,
@@ -529,13 +537,35 @@ impl Quic {
         }
     }
 
+    /// A client configuration of one peer's own, so that the sessions it resumes are
+    /// that peer's: rustls keeps them by server name, and peers that share one (daemons
+    /// on one host, told apart by port, or every peer under `--tls-server-name`) would
+    /// be offered each other's tickets, which they cannot open.
+    fn peer_client(&self) -> quinn::ClientConfig {
+        let mut tls = self.client_tls.clone();
+        tls.resumption = rustls::client::Resumption::in_memory_sessions(4);
+        match QuicClientConfig::try_from(tls) {
+            Ok(c) => {
+                let mut c = quinn::ClientConfig::new(Arc::new(c));
+                c.transport_config(self.transport.clone());
+                c
+            }
+            Err(_) => self.client.clone(),
+        }
+    }
+
     fn dial(&mut self, peer: SocketAddr) {
         let name = self
             .server_name
             .clone()
             .unwrap_or_else(|| peer.ip().to_string());
+        let client = match self.peers.get(&peer).and_then(|p| p.client.clone()) {
+            Some(c) => c,
+            None => self.peer_client(),
+        };
         let p = self.peers.entry(peer).or_default();
-        let connecting = match self.endpoint.connect_with(self.client.clone(), peer, &name) {
+        p.client = Some(client.clone());
+        let connecting = match self.endpoint.connect_with(client, peer, &name) {
             Ok(c) => c,
             Err(e) => {
                 p.backoff = (p.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
