@@ -381,12 +381,18 @@ pub fn check(w: &World) -> Outcome {
                     })
                     .collect();
                 if let Some(first) = unjustified.first() {
+                    let ladder = match &rec.stats[v] {
+                        Some(stats) if !s.stream.ladder.is_empty() => {
+                            ladder_context(stats, joined, &rec.link_caps[v], first.1)
+                        }
+                        _ => String::new(),
+                    };
                     violate(
                         "gap",
                         &who,
                         t1,
                         format!(
-                            "{} packets lost from {} (sent at {} ms), between {} and {}",
+                            "{} packets lost from {} (sent at {} ms), between {} and {}{ladder}",
                             unjustified.len(),
                             first.0,
                             at_ms(first.1),
@@ -490,6 +496,34 @@ const STEP_DOWN_BOUND: Duration = Duration::from_millis(4_500);
 const OVERFLOW_BEFORE: Duration = Duration::from_millis(500);
 /// … to this long after the step-down (the viewer's 500 ms buffer and a repair round).
 const OVERFLOW_AFTER: Duration = Duration::from_millis(1_000);
+
+/// Where a ladder's viewer stood at `t`, to say with a gap: its link's cap and since when,
+/// the rendition it was served and since when (from its stats' changes).
+fn ladder_context(
+    stats: &braid_client::Stats,
+    joined: Instant,
+    caps: &[(Instant, u64)],
+    t: Instant,
+) -> String {
+    let cap = caps.iter().take_while(|(at, _)| *at <= t).last();
+    let served = stats
+        .renditions
+        .iter()
+        .map(|r| (joined + Duration::from_millis(r.at_ms), r.kbps))
+        .take_while(|(at, _)| *at <= t)
+        .last();
+    let since = |at: Instant| t.saturating_duration_since(at).as_millis();
+    let cap = match cap {
+        Some((at, 0)) => format!("uncapped for {} ms", since(*at)),
+        Some((at, kbps)) => format!("capped at {kbps} kbit/s for {} ms", since(*at)),
+        None => "never capped".to_string(),
+    };
+    let served = match served {
+        Some((at, kbps)) => format!("{kbps} kbit/s for {} ms", since(at)),
+        None => "no rendition yet".to_string(),
+    };
+    format!("; link {cap}, rendition {served}")
+}
 
 /// The stretches a viewer of a ladder was served a rendition whose nominal rate is above
 /// its link's cap (from its stats' changes, `at_ms` since it `joined`; `caps` are the
