@@ -343,6 +343,9 @@ pub struct NackAnswer {
     pub over_limit: bool,
     /// Held, but not sent again: over the byte budget (see [`answer_nack_within`]).
     pub over_budget: u64,
+    /// Held, but not sent again: asked for again before the last copy sent could have
+    /// arrived (see [`Repaired`]).
+    pub too_soon: u64,
 }
 
 /// Answers a NACK for `ranges` from `kept`: every packet held goes to `to` again with the
@@ -355,13 +358,14 @@ pub fn answer_nack<T: Kept, E>(
     ranges: &[SeqRange],
     limit: u64,
 ) -> NackAnswer {
-    answer_nack_within(out, kept, to, ranges, limit, u64::MAX)
+    answer_nack_within(out, kept, to, ranges, limit, u64::MAX, |_| true)
 }
 
 /// [`answer_nack`], sending at most `budget` RTP bytes again: the packets asked for
 /// first go first; the rest held are counted in [`NackAnswer::over_budget`] (a peer whose
 /// link is full gets no more repairs than its link has room for: more would only
-/// overflow it again).
+/// overflow it again). A packet goes only if `fresh` says it may (and that it went, see
+/// [`Repaired::fresh`]); the rest are counted in [`NackAnswer::too_soon`].
 pub fn answer_nack_within<T: Kept, E>(
     out: &mut Outbox<E>,
     kept: &impl Held<T>,
@@ -369,6 +373,7 @@ pub fn answer_nack_within<T: Kept, E>(
     ranges: &[SeqRange],
     limit: u64,
     budget: u64,
+    mut fresh: impl FnMut(SeqNo) -> bool,
 ) -> NackAnswer {
     let mut answer = NackAnswer::default();
     let mut looked = 0u64;
@@ -379,10 +384,12 @@ pub fn answer_nack_within<T: Kept, E>(
                 return answer;
             }
             looked += 1;
-            match kept.held(r.first.plus(i)) {
+            let seq = r.first.plus(i);
+            match kept.held(seq) {
                 Some(p) if answer.bytes + p.media().rtp.len() as u64 > budget => {
                     answer.over_budget += 1;
                 }
+                Some(_) if !fresh(seq) => answer.too_soon += 1,
                 Some(p) if out.retransmit(to, p.header(), p.media()) => {
                     answer.sent += 1;
                     answer.bytes += p.media().rtp.len() as u64;
@@ -393,6 +400,48 @@ pub fn answer_nack_within<T: Kept, E>(
         }
     }
     answer
+}
+
+/// The packets lately sent again to one peer, and when: a peer that asks for a packet
+/// again before the copy last sent could have reached it (within its round trip) is not
+/// sent another. A peer whose link queues asks again while the first answer waits in
+/// the queue; each answer more fills the queue further and loses the stream's next
+/// packets, which are asked for in turn, until repairs crowd out the stream.
+#[derive(Debug, Clone, Default)]
+pub struct Repaired {
+    order: VecDeque<(SeqNo, Instant)>,
+    at: std::collections::HashMap<SeqNo, Instant>,
+}
+
+impl Repaired {
+    /// Packets remembered at most (a peer asking for more at once forgets the oldest).
+    pub const HELD: usize = 1024;
+    /// Remembered this long at most.
+    pub const FOR: Duration = Duration::from_secs(2);
+
+    /// Whether `seq` may be sent again now, to a peer `round_trip` away; if so it is
+    /// remembered as sent now.
+    pub fn fresh(&mut self, now: Instant, round_trip: Duration, seq: SeqNo) -> bool {
+        while let Some(&(old, at)) = self.order.front() {
+            if self.order.len() < Self::HELD && now.saturating_duration_since(at) < Self::FOR {
+                break;
+            }
+            self.order.pop_front();
+            if self.at.get(&old) == Some(&at) {
+                self.at.remove(&old);
+            }
+        }
+        if self
+            .at
+            .get(&seq)
+            .is_some_and(|at| now.saturating_duration_since(*at) < round_trip)
+        {
+            return false;
+        }
+        self.order.push_back((seq, now));
+        self.at.insert(seq, now);
+        true
+    }
 }
 
 /// At most one log line per period for a warning anyone can provoke (a wrong key, a bad
@@ -545,13 +594,46 @@ mod tests {
         // counted, not sent.
         while out.pop().is_some() {}
         let size = kept.held(SeqNo(10)).unwrap().media().rtp.len() as u64;
-        let a = answer_nack_within(&mut out, &kept, to, &ranges, 256, size * 2 + 1);
+        let a = answer_nack_within(&mut out, &kept, to, &ranges, 256, size * 2 + 1, |_| true);
         assert_eq!((a.sent, a.bytes, a.over_budget), (2, size * 2, 1));
         let mut sent = 0;
         while let Some(Output::Transmit(_)) = out.pop() {
             sent += 1;
         }
         assert_eq!(sent, 2);
+        // Packets its peer may not be sent again yet: counted, not sent.
+        let a = answer_nack_within(&mut out, &kept, to, &ranges, 256, u64::MAX, |s| {
+            s != SeqNo(11)
+        });
+        assert_eq!((a.sent, a.too_soon, a.missing), (2, 1, 2));
+    }
+
+    #[test]
+    fn a_packet_asked_for_again_within_the_round_trip_is_not_sent_again() {
+        let now = t0();
+        let rtt = Duration::from_millis(300);
+        let mut r = Repaired::default();
+        assert!(r.fresh(now, rtt, SeqNo(7)));
+        assert!(r.fresh(now, rtt, SeqNo(8)), "another packet goes");
+        // Asked again while the first copy is on its way: not sent.
+        assert!(!r.fresh(now + Duration::from_millis(100), rtt, SeqNo(7)));
+        assert!(!r.fresh(now + Duration::from_millis(299), rtt, SeqNo(7)));
+        // Asked again after a round trip: the copy was lost, another goes.
+        assert!(r.fresh(now + rtt, rtt, SeqNo(7)));
+        assert!(!r.fresh(now + rtt, rtt, SeqNo(7)));
+        // A peer with no round trip known is answered every time.
+        assert!(r.fresh(now + rtt, Duration::ZERO, SeqNo(7)));
+        // Memory stays bounded however many packets are asked for, the oldest forgotten.
+        let later = now + Duration::from_secs(1);
+        for s in 0..(Repaired::HELD as u64 * 3) {
+            assert!(r.fresh(later, rtt, SeqNo(1000 + s)));
+        }
+        assert!(r.order.len() <= Repaired::HELD && r.at.len() <= Repaired::HELD);
+        assert!(r.fresh(later, rtt, SeqNo(1000)), "forgotten");
+        // And by age.
+        let much_later = later + Repaired::FOR;
+        assert!(r.fresh(much_later, Duration::from_secs(10), SeqNo(1000)));
+        assert!(r.order.len() <= 1 && r.at.len() <= 1, "{:?}", r.order.len());
     }
 
     #[test]

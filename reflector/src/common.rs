@@ -68,6 +68,9 @@ pub struct Counters {
     /// Packets asked for and kept, not sent again: over the viewer's repair budget, its
     /// link measured full (edge).
     pub repairs_over_budget: u64,
+    /// Packets asked for again before the copy last sent could have reached the viewer
+    /// (within its round trip now), not sent again (edge).
+    pub repairs_too_soon: u64,
     /// NACKs sent upstream.
     pub nack_sent: u64,
     /// Packets given up by the merge (every path lost them, repairs failed).

@@ -139,8 +139,18 @@ const PACE_BURST: Duration = Duration::from_millis(20);
 /// answered at once goes into the same full queue, loses the stream's next packets and
 /// the notices with them, and those are asked for in turn.
 const REPAIR_SHARE: f64 = 0.3;
+/// … and at most what the link has beside the stream's own rate on the wire, when that
+/// is known (a ladder's rendition): a link carrying a rendition at 92% of its rate has
+/// 8% for repairs, and 30% of it would overflow the queue the move down left full, for
+/// as long as the holes that overflow opened are asked for again. At least this share
+/// of the link, though: a link the stream fills still gets its holes filled, slowly.
+const REPAIR_FLOOR: f64 = 0.02;
 /// … and at most this much of that at once (and a large packet's bytes at least).
 const REPAIR_BURST: Duration = Duration::from_millis(200);
+/// A packet asked for again is sent again no sooner than the viewer's least round trip
+/// after the last copy, or this, if less: a least round trip measured long (a viewer
+/// that joined behind a queue) must not leave a lossy link's holes unrepaired.
+const REASK_HOLD_MAX: Duration = Duration::from_millis(200);
 /// A probe ends once the viewer's packets are acknowledged this much later than the
 /// path's least delay: they queue on its link, which is about to overflow.
 pub const PROBE_QUEUE: Duration = Duration::from_millis(100);
@@ -168,8 +178,10 @@ const ALIGN_TICKS: u64 = 1800;
 /// 600 ms round trip (about 1.1 Mbit/s), nor measured slow for it.
 /// The repair bytes viewer `v` may be sent now: unbounded unless its link is measured
 /// limited (or known from what its client said fits), then [`REPAIR_SHARE`] of that
-/// rate, at most [`REPAIR_BURST`] of it at once.
-fn repair_budget(now: Instant, v: &mut Viewer) -> u64 {
+/// rate, or what the link has beside `stream_bps` (its stream's rate on the wire, when
+/// known) if that is less, [`REPAIR_FLOOR`] of it at least; at most [`REPAIR_BURST`] of
+/// it at once.
+fn repair_budget(now: Instant, v: &mut Viewer, stream_bps: Option<u64>) -> u64 {
     match v.speed.estimate(now) {
         Some(e) if e.limited => v.limited_bps = Some(e.bps),
         // Not held back, at more than it was limited to: the link is faster now. (Less,
@@ -185,7 +197,19 @@ fn repair_budget(now: Instant, v: &mut Viewer) -> u64 {
         v.repair_at = now;
         return u64::MAX;
     };
-    let rate = bps as f64 * REPAIR_SHARE / 8.0;
+    let link = bps as f64;
+    let rate = match stream_bps {
+        Some(stream) => (link * REPAIR_SHARE)
+            .min(link - stream as f64)
+            .max(link * REPAIR_FLOOR),
+        // A stream of one rate: the share of what it is sent, if that is more (a link
+        // measured limited as the stream paused upstream, or as a lossy link lost what
+        // was then not repaired, must not starve its holes of repairs).
+        None => {
+            let sent = v.speed.sent_rate(now).unwrap_or(0) as f64;
+            link.max(sent) * REPAIR_SHARE
+        }
+    } / 8.0;
     let burst = (rate * REPAIR_BURST.as_secs_f64()).max(1500.0);
     let dt = now.saturating_duration_since(v.repair_at).as_secs_f64();
     v.repair_tokens = (v.repair_tokens + dt * rate).min(burst);
@@ -266,6 +290,9 @@ struct Viewer {
     repair_tokens: f64,
     limited_bps: Option<u64>,
     repair_at: Instant,
+    /// What it was sent again lately: a packet asked for again within its least round
+    /// trip (`ack_delay`) since the last copy went is not sent again.
+    repaired: node::Repaired,
     start: WatchStart,
     start_seq: SeqNo,
     expires: Instant,
@@ -461,7 +488,8 @@ pub struct Edge {
     /// Each ladder stream's ladder and rendition index.
     ladder_of: HashMap<StreamId, (usize, usize)>,
     /// Each ladder's rates: each rendition's nominal rate, or what its stream measures
-    /// on the wire over the last [`RATE_WINDOW`] where that is more (its headers, tables
+    /// (or last measured, while this edge does not take it) on the wire over the last
+    /// [`RATE_WINDOW`] where that is more (its headers, tables
     /// and audio on top of a label that counts the video): a rendition fits a link by
     /// what it takes of it. (A playlist's BANDWIDTH is the same: the peak it takes.)
     rates: Vec<Vec<u64>>,
@@ -866,12 +894,25 @@ impl Edge {
                     self.counters.drops.add(reason);
                     return;
                 };
-                // What its link has room for, when the link is measured limited.
-                let budget = self
+                // What its link has room for, when the link is measured limited: beside
+                // the rendition it is served now, when it is a ladder's.
+                let stream_bps = self
+                    .ladder_of
+                    .get(&holder)
+                    .and_then(|&(l, i)| self.rates.get(l)?.get(i).copied());
+                let (budget, mut repaired, round_trip) = self
                     .streams
                     .get_mut(&holder)
                     .and_then(|st| st.viewers.get_mut(&from))
-                    .map_or(u64::MAX, |v| repair_budget(now, v));
+                    .map_or((u64::MAX, node::Repaired::default(), None), |v| {
+                        (
+                            repair_budget(now, v, stream_bps),
+                            std::mem::take(&mut v.repaired),
+                            v.ack_delay,
+                        )
+                    });
+                let round_trip = round_trip.unwrap_or_default().min(REASK_HOLD_MAX);
+                let mut fresh = |seq| repaired.fresh(now, round_trip, seq);
                 let Some(st) = self.streams.get(&id) else {
                     self.counters.drops.add("nack_unknown_stream");
                     return;
@@ -883,6 +924,7 @@ impl Edge {
                     &ranges,
                     MAX_NACK_ANSWER,
                     budget,
+                    &mut fresh,
                 );
                 // What that rendition does not hold, another of the ladder may: every
                 // rendition numbers its packets apart (see PROTOCOL.md).
@@ -899,10 +941,12 @@ impl Edge {
                                 &ranges,
                                 MAX_NACK_ANSWER,
                                 budget.saturating_sub(a.bytes),
+                                &mut fresh,
                             );
                             a.sent += b.sent;
                             a.bytes += b.bytes;
                             a.over_budget += b.over_budget;
+                            a.too_soon += b.too_soon;
                             a.missing = a.missing.saturating_sub(b.sent);
                         }
                     }
@@ -913,7 +957,15 @@ impl Edge {
                     .get_mut(&holder)
                     .and_then(|st| st.viewers.get_mut(&from))
                 {
+                    v.repaired = repaired;
                     v.sent_bytes += a.bytes;
+                    // A ladder's viewer asking for much of its stream again moves down
+                    // (its meter says it is behind), where the link has room for the
+                    // stream and its repairs; a stream of one rate has nowhere to go,
+                    // and budgeting its repairs would only leave its holes unfilled.
+                    if v.adapt.is_some() {
+                        v.speed.repaired(now, a.bytes);
+                    }
                     if budget != u64::MAX {
                         v.repair_tokens -= a.bytes as f64;
                     }
@@ -934,6 +986,7 @@ impl Edge {
                 self.counters.retransmit_sent += a.sent;
                 self.counters.retransmit_missing += a.missing;
                 self.counters.repairs_over_budget += a.over_budget;
+                self.counters.repairs_too_soon += a.too_soon;
                 if a.over_limit {
                     self.counters.drops.add("nack_over_limit");
                 }
@@ -1380,6 +1433,7 @@ impl Edge {
                 repair_tokens: f64::INFINITY,
                 limited_bps: None,
                 repair_at: now,
+                repaired: node::Repaired::default(),
                 start: watch.start,
                 start_seq: watch.seq,
                 expires: now + lease,
@@ -2210,7 +2264,11 @@ impl Edge {
                             / f64::from(span)) as u64
                     })
                 });
-                self.rates[l][i] = measured.map_or(*nominal, |m| m.max(*nominal));
+                // Not measured now (no viewer here takes it): what it took when it was,
+                // or its label (a move down by label alone may land on a rendition
+                // whose headers and tables fill the link).
+                let known = self.rates[l][i];
+                self.rates[l][i] = measured.map_or(known, |m| m.max(*nominal));
             }
         }
     }
@@ -3296,17 +3354,19 @@ mod tests {
             _ => None,
         });
         assert_eq!(joined, Some(0));
+        // Its stream gone from this edge (no viewer here takes it any more): what it
+        // took on the wire is kept, not its label, for the next move that reads it.
+        e.streams.remove(&StreamId(12));
+        now += Duration::from_secs(1);
+        e.handle_timeout(now);
+        assert_eq!(e.rates[0][1], measured);
     }
 
-    /// A viewer whose link is known to be slow (here from what its client says fits) is
-    /// sent repairs at most at [`REPAIR_SHARE`] of its rate, however many it asks for:
-    /// answered all at once, they would overflow the link that lost them. One whose link
-    /// is not known to be limited gets every packet it asks for.
-    #[test]
-    fn repairs_to_a_viewer_with_a_slow_link_stay_within_its_share() {
+    /// The two-rendition edge with 80 packets of stream 12 (a keyframe every ten, one
+    /// every 20 ms) held and sent to its pinned viewer; and the time after.
+    fn ladder_with_80_packets() -> (Edge, Instant) {
         let mut now = Instant::now();
         let mut e = two_renditions(now, 100_000);
-        let fast = viewer(6001);
         for i in 0..80u64 {
             let key = i % 10 == 0;
             let pts = key.then_some(90_000 * (i / 10));
@@ -3315,6 +3375,32 @@ mod tests {
             e.handle_timeout(now);
             sent(&mut e);
         }
+        (e, now)
+    }
+
+    /// A NACK from `to` for `count` packets of stream 12 from `first`.
+    fn nack_12(to: Peer, first: u64, count: u16) -> Input {
+        let m = Message {
+            header: Header {
+                stream: StreamId(12),
+                ..Header::default()
+            },
+            body: Body::Nack(vec![SeqRange {
+                first: SeqNo(first),
+                count,
+            }]),
+        };
+        from_viewer_msg(to, &m)
+    }
+
+    /// A viewer whose link is known to be slow (here from what its client says fits) is
+    /// sent repairs at most at [`REPAIR_SHARE`] of its rate, however many it asks for:
+    /// answered all at once, they would overflow the link that lost them. One whose link
+    /// is not known to be limited gets every packet it asks for.
+    #[test]
+    fn repairs_to_a_viewer_with_a_slow_link_stay_within_its_share() {
+        let (mut e, mut now) = ladder_with_80_packets();
+        let fast = viewer(6001);
         // Its client says 100 kbit/s fits: a link of 125 kbit/s, 1.5 kB of repairs at once
         // (a large packet's worth), 4.7 kB/s after.
         let slow = viewer(5000);
@@ -3325,19 +3411,7 @@ mod tests {
             }),
         );
         sent(&mut e);
-        let nack = |to: Peer| {
-            let m = Message {
-                header: Header {
-                    stream: StreamId(12),
-                    ..Header::default()
-                },
-                body: Body::Nack(vec![SeqRange {
-                    first: SeqNo(7020),
-                    count: 40,
-                }]),
-            };
-            from_viewer_msg(to, &m)
-        };
+        let nack = |to: Peer| nack_12(to, 7020, 40);
         let repairs = |out: Vec<(Peer, Body)>, to: Peer| -> u64 {
             out.iter()
                 .filter_map(|(p, b)| match b {
@@ -3369,6 +3443,88 @@ mod tests {
             all >= 40 * 200,
             "{all} bytes to the viewer of unknown speed"
         );
+    }
+
+    /// A viewer whose rendition takes most of its link gets repairs only within what the
+    /// link has beside the rendition, not [`REPAIR_SHARE`] of the link: more would fill
+    /// the queue its losses came from. (Its client says 100 kbit/s fits: a link of 125;
+    /// the rendition takes 100 or more of it.)
+    #[test]
+    fn repairs_to_a_rendition_that_fills_its_link_keep_to_what_is_left() {
+        let (mut e, mut now) = ladder_with_80_packets();
+        let v = viewer(5000);
+        e.handle_input(
+            now,
+            watch_on(12, now, v, WatchStart::Seq, 7070, |w| {
+                w.fits_kbps = Some(100)
+            }),
+        );
+        sent(&mut e);
+        let link = 125_000.0;
+        let left = link - e.rates[0][1] as f64;
+        assert!(
+            left < link * REPAIR_SHARE,
+            "the rendition leaves {left} bit/s"
+        );
+        let nack = nack_12(v, 7020, 40);
+        // Asked every 100 ms for 2 s: what it is sent after the first burst.
+        e.handle_input(now, nack.clone());
+        sent(&mut e);
+        let mut bytes = 0.0;
+        for _ in 0..20 {
+            now += Duration::from_millis(100);
+            e.handle_input(now, nack.clone());
+            bytes += sent(&mut e)
+                .iter()
+                .filter_map(|(p, b)| match b {
+                    Body::Media(m) if *p == v => Some(m.rtp.len() as f64),
+                    _ => None,
+                })
+                .sum::<f64>();
+        }
+        let rate = bytes * 8.0 / 2.0;
+        let budget = left.max(link * REPAIR_FLOOR);
+        assert!(
+            rate <= budget * 1.1 && rate >= budget * 0.6,
+            "{rate} bit/s of repairs, {budget} left beside the rendition"
+        );
+    }
+
+    /// A packet asked for again before the copy just sent could have reached the viewer
+    /// (within its least round trip) is not sent again, and is counted: on a link whose
+    /// queue holds the first answer, each ask answered again only fills the queue more.
+    /// Asked again after a round trip (the copy was lost), it goes.
+    #[test]
+    fn a_packet_asked_for_again_within_the_viewers_round_trip_goes_once() {
+        let (mut e, mut now) = ladder_with_80_packets();
+        let v = viewer(5000);
+        e.handle_input(now, watch_on(12, now, v, WatchStart::Seq, 7070, |_| {}));
+        sent(&mut e);
+        // Its watch 60 ms later says it has all it was sent: a round trip of 60 ms.
+        now += Duration::from_millis(60);
+        e.handle_input(
+            now,
+            watch_on(12, now, v, WatchStart::Seq, 7070, |w| {
+                w.acked = SeqNo(7079);
+                w.received = Some(1 << 40);
+            }),
+        );
+        sent(&mut e);
+        let nack = nack_12(v, 7072, 3);
+        let repairs = |out: Vec<(Peer, Body)>| {
+            out.iter()
+                .filter(|(p, b)| *p == v && matches!(b, Body::Media(_)))
+                .count()
+        };
+        e.handle_input(now, nack.clone());
+        assert_eq!(repairs(sent(&mut e)), 3);
+        now += Duration::from_millis(20);
+        e.handle_input(now, nack.clone());
+        assert_eq!(repairs(sent(&mut e)), 0, "asked again 20 ms later");
+        assert_eq!(e.counters().repairs_too_soon, 3);
+        now += Duration::from_millis(40);
+        e.handle_input(now, nack);
+        assert_eq!(repairs(sent(&mut e)), 3, "asked again a round trip later");
     }
 
     /// A viewer whose link's rate is known (here from what its client says fits) gets its
