@@ -27,9 +27,6 @@ const HELD: usize = 40;
 /// share): its copies grow over its first half, and what arrives over the second, in
 /// samples whose credits come in bursts, reads below what was sent.
 const PROBE_OVER: f64 = 1.25;
-/// A viewer sent again more than this share (numerator, denominator) of what it was sent
-/// of the stream over the down window is behind (see [`Meter::repaired`]).
-const REPAIRS_BEHIND: (u64, u64) = (1, 2);
 /// After a move down, a verdict before the whole window moves the viewer only when it
 /// received under this share of its rendition's nominal rate: right after a move the
 /// edge sends the new rendition's catch-up faster than the link carries, which is no
@@ -67,8 +64,6 @@ struct Sample {
     bytes: u64,
     /// What of the stream was sent to it.
     sent: u64,
-    /// What was sent to it again, asked for.
-    repairs: u64,
     /// Whether its window or queue held back packets ready for it.
     blocked: bool,
     /// Whether the estimate at its close said limited.
@@ -97,7 +92,6 @@ pub struct Meter {
     since: Option<Instant>,
     bytes: u64,
     sent: u64,
-    repairs: u64,
     blocked: bool,
     /// Since when every sample was limited (under `slow_below`, when set).
     limited_since: Option<Instant>,
@@ -121,7 +115,6 @@ impl Meter {
             since: None,
             bytes: 0,
             sent: 0,
-            repairs: 0,
             blocked: false,
             limited_since: None,
             total_sent: 0,
@@ -149,16 +142,6 @@ impl Meter {
         self.tick(now);
         self.sent = self.sent.saturating_add(bytes);
         self.total_sent = self.total_sent.saturating_add(bytes);
-    }
-
-    /// `bytes` were sent to the viewer again, as it asked. A viewer asking again for more
-    /// than half of what it is sent is not keeping up, however much it receives: the
-    /// repairs of a full link's losses fill the link in place of the stream, and what
-    /// they displace is asked for in turn (received, repairs included, it would read as
-    /// a link that carries the stream).
-    pub fn repaired(&mut self, now: Instant, bytes: u64) {
-        self.tick(now);
-        self.repairs = self.repairs.saturating_add(bytes);
     }
 
     /// The viewer's window or queue held back packets ready for it.
@@ -194,7 +177,6 @@ impl Meter {
         self.since = Some(now);
         self.bytes = 0;
         self.sent = 0;
-        self.repairs = 0;
         self.blocked = false;
         self.limited_since = None;
     }
@@ -219,7 +201,6 @@ impl Meter {
             bps,
             bytes: self.bytes,
             sent: self.sent,
-            repairs: self.repairs,
             blocked: self.blocked,
             limited: false,
             backlog: self.backlog,
@@ -241,7 +222,6 @@ impl Meter {
         self.since = Some(now);
         self.bytes = 0;
         self.sent = 0;
-        self.repairs = 0;
         self.blocked = false;
     }
 
@@ -280,10 +260,6 @@ impl Meter {
                 _ => 0,
             };
             let behind = growth > 4000 && growth.saturating_mul(20) > sent as i64;
-            // Asked for again more than half of what it was sent (see `repaired`).
-            let repairs: u64 = recent.clone().map(|s| s.repairs).sum();
-            let behind = behind
-                || (sent > 0 && repairs.saturating_mul(REPAIRS_BEHIND.1) > sent * REPAIRS_BEHIND.0);
             // Held back in three samples of four: a keyframe's burst fills a window
             // now and then, a link too slow for the stream does it all the time. A
             // second of samples at least: fewer say more of acknowledgements' timing
@@ -809,28 +785,6 @@ mod tests {
         assert!(!e.limited);
         assert!((3_800_000..=4_400_000).contains(&e.bps), "{e:?}");
         assert!(!f.meter.slow(f.t));
-    }
-
-    /// A viewer that receives all it is sent, repairs included, but asks for much of
-    /// its stream again, is behind: the repairs fill its link in the stream's place.
-    /// The repairs of a lossy link (a fifth of the stream here) are no such sign.
-    #[test]
-    fn a_viewer_asking_for_more_than_half_its_stream_again_is_behind() {
-        for (repaired_share, behind) in [(0.6, true), (0.2, false)] {
-            let mut m = Meter::new(Config::default());
-            let mut t = t0();
-            for _ in 0..400 {
-                t += Duration::from_millis(10);
-                // 240 kbit/s of the stream, and the repairs, all received.
-                let sent = 300u64;
-                let again = (sent as f64 * repaired_share) as u64;
-                m.sent(t, sent);
-                m.repaired(t, again);
-                m.delivered(t, sent + again);
-            }
-            let e = m.estimate(t).unwrap();
-            assert_eq!(e.limited, behind, "{repaired_share}: {e:?}");
-        }
     }
 
     #[test]

@@ -493,6 +493,10 @@ pub struct Edge {
     /// and audio on top of a label that counts the video): a rendition fits a link by
     /// what it takes of it. (A playlist's BANDWIDTH is the same: the peak it takes.)
     rates: Vec<Vec<u64>>,
+    /// Each ladder's renditions' rates on the wire as last measured here (what a
+    /// rendition leaves of a link for its repairs: a label above what it carries must
+    /// not starve them).
+    wire: Vec<Vec<Option<u64>>>,
     /// Target renditions already warned of unaligned keyframes.
     warned_unaligned: HashSet<StreamId>,
     /// Speeds last measured, per client id and per network (/24, /48), with when.
@@ -535,6 +539,7 @@ impl Edge {
             .iter()
             .map(|l| l.iter().map(|r| r.1).collect())
             .collect();
+        let wire = config.ladders.iter().map(|l| vec![None; l.len()]).collect();
         Ok(Edge {
             config,
             clock,
@@ -552,6 +557,7 @@ impl Edge {
             slow: HashSet::new(),
             ladder_of,
             rates,
+            wire,
             warned_unaligned: HashSet::new(),
             known_clients: HashMap::new(),
             known_networks: HashMap::new(),
@@ -896,10 +902,10 @@ impl Edge {
                 };
                 // What its link has room for, when the link is measured limited: beside
                 // the rendition it is served now, when it is a ladder's.
-                let stream_bps = self
-                    .ladder_of
-                    .get(&holder)
-                    .and_then(|&(l, i)| self.rates.get(l)?.get(i).copied());
+                let stream_bps = self.ladder_of.get(&holder).and_then(|&(l, i)| {
+                    let wire = self.wire.get(l)?.get(i).copied().flatten();
+                    wire.or_else(|| self.rates.get(l)?.get(i).copied())
+                });
                 let (budget, mut repaired, round_trip) = self
                     .streams
                     .get_mut(&holder)
@@ -959,13 +965,6 @@ impl Edge {
                 {
                     v.repaired = repaired;
                     v.sent_bytes += a.bytes;
-                    // A ladder's viewer asking for much of its stream again moves down
-                    // (its meter says it is behind), where the link has room for the
-                    // stream and its repairs; a stream of one rate has nowhere to go,
-                    // and budgeting its repairs would only leave its holes unfilled.
-                    if v.adapt.is_some() {
-                        v.speed.repaired(now, a.bytes);
-                    }
                     if budget != u64::MAX {
                         v.repair_tokens -= a.bytes as f64;
                     }
@@ -2269,6 +2268,9 @@ impl Edge {
                 // whose headers and tables fill the link).
                 let known = self.rates[l][i];
                 self.rates[l][i] = measured.map_or(known, |m| m.max(*nominal));
+                if measured.is_some() {
+                    self.wire[l][i] = measured;
+                }
             }
         }
     }
