@@ -199,9 +199,12 @@ fn repair_budget(now: Instant, v: &mut Viewer, stream_bps: Option<u64>) -> u64 {
     };
     let link = bps as f64;
     let rate = match stream_bps {
-        Some(stream) => (link * REPAIR_SHARE)
+        // A rendition the link carries: what it leaves. (One over the link is about to
+        // be moved down; its share as before, so its meter measures the link it has.)
+        Some(stream) if (stream as f64) < link => (link * REPAIR_SHARE)
             .min(link - stream as f64)
             .max(link * REPAIR_FLOOR),
+        Some(_) => link * REPAIR_SHARE,
         // A stream of one rate: the share of what it is sent, if that is more (a link
         // measured limited as the stream paused upstream, or as a lossy link lost what
         // was then not repaired, must not starve its holes of repairs).
