@@ -917,7 +917,9 @@ impl Edge {
                         (
                             repair_budget(now, v, stream_bps),
                             std::mem::take(&mut v.repaired),
-                            v.ack_delay,
+                            // (A ladder's viewer: one of one rate, on a lossy link, asks
+                            // again at its own pace; its holes have nowhere else to go.)
+                            v.ack_delay.filter(|_| v.adapt.is_some()),
                         )
                     });
                 let round_trip = round_trip.unwrap_or_default().min(REASK_HOLD_MAX);
