@@ -3468,7 +3468,8 @@ mod tests {
         );
         sent(&mut e);
         let link = 125_000.0;
-        let left = link - e.rates[0][1] as f64;
+        // What the edge reads the rendition to take: its rate on the wire, or its label.
+        let left = link - e.wire[0][1].unwrap_or(e.rates[0][1]) as f64;
         assert!(
             left < link * REPAIR_SHARE,
             "the rendition leaves {left} bit/s"
