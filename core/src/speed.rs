@@ -64,6 +64,8 @@ struct Sample {
     bytes: u64,
     /// What of the stream was sent to it.
     sent: u64,
+    /// Repairs sent to it.
+    repairs: u64,
     /// Whether its window or queue held back packets ready for it.
     blocked: bool,
     /// Whether the estimate at its close said limited.
@@ -82,6 +84,18 @@ pub struct Estimate {
     pub limited: bool,
 }
 
+/// What a viewer received of all it was sent, over a meter's window
+/// ([`Meter::received_share`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Share {
+    /// What it received over what it was sent, repairs included.
+    pub received: f64,
+    /// Repairs sent over what was sent of the stream.
+    pub repairs: f64,
+    /// What it received, bit/s (the window's mean).
+    pub bps: u64,
+}
+
 /// One viewer's delivery speed.
 #[derive(Debug, Clone)]
 pub struct Meter {
@@ -92,6 +106,7 @@ pub struct Meter {
     since: Option<Instant>,
     bytes: u64,
     sent: u64,
+    repairs: u64,
     blocked: bool,
     /// Since when every sample was limited (under `slow_below`, when set).
     limited_since: Option<Instant>,
@@ -115,6 +130,7 @@ impl Meter {
             since: None,
             bytes: 0,
             sent: 0,
+            repairs: 0,
             blocked: false,
             limited_since: None,
             total_sent: 0,
@@ -142,6 +158,12 @@ impl Meter {
         self.tick(now);
         self.sent = self.sent.saturating_add(bytes);
         self.total_sent = self.total_sent.saturating_add(bytes);
+    }
+
+    /// `bytes` of repairs were sent to the viewer (see [`Meter::received_share`]).
+    pub fn repaired(&mut self, now: Instant, bytes: u64) {
+        self.tick(now);
+        self.repairs = self.repairs.saturating_add(bytes);
     }
 
     /// The viewer's window or queue held back packets ready for it.
@@ -177,6 +199,7 @@ impl Meter {
         self.since = Some(now);
         self.bytes = 0;
         self.sent = 0;
+        self.repairs = 0;
         self.blocked = false;
         self.limited_since = None;
     }
@@ -201,6 +224,7 @@ impl Meter {
             bps,
             bytes: self.bytes,
             sent: self.sent,
+            repairs: self.repairs,
             blocked: self.blocked,
             limited: false,
             backlog: self.backlog,
@@ -222,7 +246,17 @@ impl Meter {
         self.since = Some(now);
         self.bytes = 0;
         self.sent = 0;
+        self.repairs = 0;
         self.blocked = false;
+    }
+
+    /// How many of the last samples are within the down window.
+    fn in_window(&self, now: Instant) -> usize {
+        self.samples
+            .iter()
+            .rev()
+            .take_while(|s| now.saturating_duration_since(s.at) <= self.config.down_window)
+            .count()
     }
 
     /// What the meter says now, once it holds a sample. Over the down window: limited
@@ -232,12 +266,7 @@ impl Meter {
     /// the highest sample since it was last limited (a lower bound).
     pub fn estimate(&self, now: Instant) -> Option<Estimate> {
         let len = self.samples.len();
-        let n = self
-            .samples
-            .iter()
-            .rev()
-            .take_while(|s| now.saturating_duration_since(s.at) <= self.config.down_window)
-            .count();
+        let n = self.in_window(now);
         if n > 0 {
             let recent = self.samples.range(len - n..);
             let blocked = recent.clone().filter(|s| s.blocked).count();
@@ -309,6 +338,42 @@ impl Meter {
         Some(Estimate {
             bps: max,
             limited: false,
+        })
+    }
+
+    /// Over the down window, what share of all it was sent (repairs included) the viewer
+    /// received, and its rate, bit/s (the window's mean); `None` until a window holds
+    /// four samples, 8 kB were sent and something was received.
+    ///
+    /// The estimate cannot see a link that drops what it is offered: it weighs what
+    /// arrives against the stream alone, and on a link whose queue overflows, the
+    /// repairs that do arrive make up for the stream's packets that do not. Such a
+    /// viewer looks like it keeps up while it is offered more than its link carries,
+    /// and the edge reads it here (see `repair_budget` in the reflector).
+    pub fn received_share(&self, now: Instant) -> Option<Share> {
+        let len = self.samples.len();
+        let n = self.in_window(now);
+        if n < 4 {
+            return None;
+        }
+        let received: u64 = self.samples.range(len - n..).map(|s| s.bytes).sum();
+        // Against what was sent one sample earlier (what it says it received was sent
+        // up to an acknowledgement before).
+        let lag = usize::from(len > n);
+        let (sent, repairs) = self
+            .samples
+            .range(len - n - lag..len - lag)
+            .fold((0, 0), |(a, b), s| (a + s.sent, b + s.repairs));
+        let offered = sent + repairs;
+        // (Nothing received: nothing is known of its link, which may never have said.)
+        if offered <= 8_000 || received == 0 {
+            return None;
+        }
+        let mean = self.samples.range(len - n..).map(|s| s.bps).sum::<u64>() / n as u64;
+        Some(Share {
+            received: received as f64 / offered as f64,
+            repairs: repairs as f64 / sent.max(1) as f64,
+            bps: mean,
         })
     }
 
@@ -808,6 +873,49 @@ mod tests {
         // Judged over the down window: slow no more once the window is past.
         f.run(50_000_000, 4_000_000, WINDOW, 2.5);
         assert!(!f.meter.slow(f.t));
+    }
+
+    /// Sent `stream` bit/s and `repairs` bit/s of repairs for `secs` in 10 ms steps, of
+    /// which a share `kept` arrives, the stream's first, then repairs (a link that drops
+    /// what its queue cannot hold keeps `kept` < 1 of all, a lossy link loses at random).
+    fn offered(
+        stream: u64,
+        repairs: u64,
+        stream_kept: f64,
+        repairs_kept: f64,
+        secs: f64,
+    ) -> (Meter, Instant) {
+        let mut m = Meter::new(Config::default());
+        let mut t = t0();
+        for _ in 0..(secs * 100.0) as usize {
+            t += Duration::from_millis(10);
+            let (s, r) = (stream / 800, repairs / 800);
+            m.sent(t, s);
+            m.repaired(t, r);
+            m.delivered(t, (s as f64 * stream_kept + r as f64 * repairs_kept) as u64);
+        }
+        (m, t)
+    }
+
+    /// A link that drops most of what it is offered is read so, though what arrives
+    /// (its repairs making up for the stream's losses) keeps up with the stream: the
+    /// estimate sees no limit. Random loss, even at 10%, is not read so.
+    #[test]
+    fn a_link_dropping_most_of_what_it_is_offered_shows_in_its_received_share() {
+        // 229 kbit/s of stream and 700 of repairs on a 260 kbit/s link.
+        let (m, t) = offered(229_000, 700_000, 0.85, 0.093, 3.0);
+        let e = m.estimate(t).unwrap();
+        assert!(!e.limited, "{e:?}");
+        let share = m.received_share(t).unwrap();
+        assert!(share.received < 0.3, "{share:?}");
+        assert!(share.repairs > 2.5, "{share:?}");
+        assert!((240_000..=280_000).contains(&share.bps), "{share:?}");
+        // 10% random loss, repaired.
+        let (m, t) = offered(1_000_000, 110_000, 0.9, 0.9, 3.0);
+        let share = m.received_share(t).unwrap();
+        assert!(share.received > 0.85, "{share:?}");
+        assert!(share.repairs < 0.15, "{share:?}");
+        assert!(Meter::new(Config::default()).received_share(t).is_none());
     }
 
     #[test]

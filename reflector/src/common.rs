@@ -71,6 +71,10 @@ pub struct Counters {
     /// Packets asked for again before the copy last sent could have reached the viewer
     /// (within its round trip now), not sent again (edge).
     pub repairs_too_soon: u64,
+    /// Times a ladder's viewer was read as flooded by its repairs (it received under
+    /// 75% of all it was sent, repairs half as much again as its stream) and had them
+    /// held to what it receives (edge).
+    pub repair_floods: u64,
     /// NACKs sent upstream.
     pub nack_sent: u64,
     /// Packets given up by the merge (every path lost them, repairs failed).

@@ -525,6 +525,7 @@ fn export(role: &'static str, machine: &mut Machine) {
     by_role("braid_retransmit_missing_total", c.retransmit_missing);
     by_role("braid_repairs_over_budget_total", c.repairs_over_budget);
     by_role("braid_repairs_too_soon_total", c.repairs_too_soon);
+    by_role("braid_repair_floods_total", c.repair_floods);
     by_role("braid_nack_sent_total", c.nack_sent);
     by_role("braid_merge_gap_packets_total", c.gap_packets);
     by_role("braid_tail_probes_total", c.tail_probes);

@@ -147,9 +147,26 @@ const REPAIR_SHARE: f64 = 0.3;
 const REPAIR_FLOOR: f64 = 0.02;
 /// … and at most this much of that at once (and a large packet's bytes at least).
 const REPAIR_BURST: Duration = Duration::from_millis(200);
-/// A packet asked for again is sent again no sooner than the viewer's least round trip
-/// after the last copy, or this, if less: a least round trip measured long (a viewer
-/// that joined behind a queue) must not leave a lossy link's holes unrepaired.
+/// A ladder's viewer that receives less than this share of all it is sent, repairs included,
+/// over the meter's window, is on a link that drops what it is offered (its queue
+/// overflows with repairs as much as with the stream), however much of the stream
+/// arrives: its repairs are held to what the link has room for, at the rate it received.
+const OVERLOADED: f64 = 0.75;
+/// … while it is sent at least this much in repairs of what it is sent of the stream:
+/// repairs flooding its link (a join's catch-up that overflows it drops first copies,
+/// whose holes need their repairs at once).
+const FLOODED: f64 = 0.5;
+/// A link read as dropping what it was offered is read so until the viewer receives this
+/// share of all it is sent again.
+const OVERLOAD_CLEARS: f64 = 0.9;
+/// … or receives this much more than it did then.
+const OVERLOAD_FASTER: f64 = 1.25;
+/// A packet asked for again is sent again no sooner than the viewer's round trip after
+/// the last copy (its least, or its recent one when more: a queue standing on its link
+/// holds the first copy, and an ask every 80-100 ms would send each hole three or four
+/// times into it), or this, if less: a round trip measured long (a viewer that joined
+/// behind a queue, or whose losses skew the reading) must not leave a lossy link's holes
+/// unrepaired.
 const REASK_HOLD_MAX: Duration = Duration::from_millis(200);
 /// A probe ends once the viewer's packets are acknowledged this much later than the
 /// path's least delay: they queue on its link, which is about to overflow.
@@ -171,22 +188,49 @@ const ABANDON_AFTER: Duration = Duration::from_secs(1);
 const KEYFRAME_TIME_SCAN: u64 = 8;
 /// Media time within which two renditions' keyframes are aligned (90 kHz: 20 ms).
 const ALIGN_TICKS: u64 = 1800;
-/// A datagram viewer's flow window, packets: `base` (`viewer_window`), or, for a viewer
-/// whose acknowledgements come later than `base` packets of the stream (`pps` a second)
-/// take, enough for [`WINDOW_DELAYS`] of its least acknowledgement delay, at most
-/// [`WINDOW_GROWTH`] times `base`: a viewer 300 ms away is not held to 64 packets per
-/// 600 ms round trip (about 1.1 Mbit/s), nor measured slow for it.
 /// The repair bytes viewer `v` may be sent now: unbounded unless its link is measured
 /// limited (or known from what its client said fits), then [`REPAIR_SHARE`] of that
 /// rate, or what the link has beside `stream_bps` (its stream's rate on the wire, when
 /// known) if that is less, [`REPAIR_FLOOR`] of it at least; at most [`REPAIR_BURST`] of
 /// it at once.
 fn repair_budget(now: Instant, v: &mut Viewer, stream_bps: Option<u64>) -> u64 {
+    // A ladder's viewer whose link drops most of what it is offered while it is sent
+    // heavy repairs: they flood the link that lost what they repair. (Random loss, even
+    // heavy, drops far less. A viewer of one rate is left to its estimate: its stream's
+    // rate is no measure of its link, and what it receives reads low at a stall or a
+    // switch, which would starve the holes they leave.)
+    let share = v.speed.received_share(now).filter(|_| stream_bps.is_some());
+    let overloaded = share
+        .filter(|s| s.received < OVERLOADED && s.repairs >= FLOODED)
+        .map(|s| s.bps);
+    // Read so, until it receives nearly all it is sent again, or at a rate well above
+    // what it received then (a sample with a keyframe in it reads above the link's).
+    let recovered = v.overloaded
+        && (share.is_some_and(|s| s.received >= OVERLOAD_CLEARS)
+            || v.speed
+                .estimate(now)
+                .zip(v.limited_bps)
+                .is_some_and(|(e, l)| !e.limited && e.bps as f64 > l as f64 * OVERLOAD_FASTER));
     match v.speed.estimate(now) {
-        Some(e) if e.limited => v.limited_bps = Some(e.bps),
+        Some(e) if e.limited => {
+            v.limited_bps = Some(e.bps);
+            v.overloaded = false;
+        }
+        // Its link drops what it is offered (its queue overflows, with repairs as much
+        // as with the stream), though what arrives makes up for the stream.
+        _ if overloaded.is_some() => {
+            v.limited_bps = overloaded;
+            v.overloaded = true;
+        }
+        _ if recovered => {
+            v.limited_bps = None;
+            v.overloaded = false;
+        }
         // Not held back, at more than it was limited to: the link is faster now. (Less,
         // after a move down to what fits, says nothing of the link.)
-        Some(e) if v.limited_bps.is_some_and(|l| e.bps > l) => v.limited_bps = None,
+        Some(e) if !v.overloaded && v.limited_bps.is_some_and(|l| e.bps > l) => {
+            v.limited_bps = None;
+        }
         _ => {}
     }
     let rate = v
@@ -220,6 +264,11 @@ fn repair_budget(now: Instant, v: &mut Viewer, stream_bps: Option<u64>) -> u64 {
     v.repair_tokens.max(0.0) as u64
 }
 
+/// A datagram viewer's flow window, packets: `base` (`viewer_window`), or, for a viewer
+/// whose acknowledgements come later than `base` packets of the stream (`pps` a second)
+/// take, enough for [`WINDOW_DELAYS`] of its least acknowledgement delay, at most
+/// [`WINDOW_GROWTH`] times `base`: a viewer 300 ms away is not held to 64 packets per
+/// 600 ms round trip (about 1.1 Mbit/s), nor measured slow for it.
 fn viewer_window(base: u64, pps: f64, ack_delay: Option<Duration>) -> u64 {
     let Some(delay) = ack_delay else {
         return base;
@@ -292,9 +341,12 @@ struct Viewer {
     /// rate as last measured limited (a meter restarted at a move has no estimate yet).
     repair_tokens: f64,
     limited_bps: Option<u64>,
+    /// Whether `limited_bps` was read as the link dropped what it was offered
+    /// ([`OVERLOADED`]), not from the meter's estimate.
+    overloaded: bool,
     repair_at: Instant,
-    /// What it was sent again lately: a packet asked for again within its least round
-    /// trip (`ack_delay`) since the last copy went is not sent again.
+    /// What it was sent again lately: a packet asked for again within its round trip
+    /// (see [`REASK_HOLD_MAX`]) since the last copy went is not sent again.
     repaired: node::Repaired,
     start: WatchStart,
     start_seq: SeqNo,
@@ -310,6 +362,12 @@ struct Viewer {
     /// The least delay ever seen from sending a packet to the watch that has it: a far
     /// viewer's window covers its round trip.
     ack_delay: Option<Duration>,
+    /// The same delay lately (smoothed): its round trip with what queues on its link.
+    /// Read with the bytes of repairs it was sent added to what it says it received:
+    /// each repair stands for a copy lost (see the watch's handling).
+    recent_delay: Option<Duration>,
+    /// Bytes of repairs sent to it.
+    repairs_sent: u64,
     /// The viewer's id, as its watches name it.
     client: NodeId,
     /// Its delivery speed.
@@ -909,19 +967,29 @@ impl Edge {
                     let wire = self.wire.get(l)?.get(i).copied().flatten();
                     wire.or_else(|| self.rates.get(l)?.get(i).copied())
                 });
+                let mut flooded = false;
                 let (budget, mut repaired, round_trip) = self
                     .streams
                     .get_mut(&holder)
                     .and_then(|st| st.viewers.get_mut(&from))
                     .map_or((u64::MAX, node::Repaired::default(), None), |v| {
+                        let was = v.overloaded;
+                        let budget = repair_budget(now, v, stream_bps);
+                        flooded = v.overloaded && !was;
                         (
-                            repair_budget(now, v, stream_bps),
+                            budget,
                             std::mem::take(&mut v.repaired),
                             // (A ladder's viewer: one of one rate, on a lossy link, asks
                             // again at its own pace; its holes have nowhere else to go.)
-                            v.ack_delay.filter(|_| v.adapt.is_some()),
+                            v.ack_delay
+                                .max(v.recent_delay)
+                                .filter(|_| v.adapt.is_some()),
                         )
                     });
+                if flooded {
+                    self.counters.repair_floods += 1;
+                    tracing::debug!(viewer = %from, "repairs flood its link: held to what it receives");
+                }
                 let round_trip = round_trip.unwrap_or_default().min(REASK_HOLD_MAX);
                 let mut fresh = |seq| repaired.fresh(now, round_trip, seq);
                 let Some(st) = self.streams.get(&id) else {
@@ -970,6 +1038,8 @@ impl Edge {
                 {
                     v.repaired = repaired;
                     v.sent_bytes += a.bytes;
+                    v.speed.repaired(now, a.bytes);
+                    v.repairs_sent += a.bytes;
                     if budget != u64::MAX {
                         v.repair_tokens -= a.bytes as f64;
                     }
@@ -1229,6 +1299,24 @@ impl Edge {
                     .last()
                     .map(|(_, sent, ..)| *sent)
             });
+            // Lately, by the same bytes with those of every repair sent added: every
+            // copy lost (a first one, or a repair) that is repaired is one repair more,
+            // so what the viewer counts and what was sent to it no longer drift apart
+            // with each loss, as they do above until no packet maps at all (a viewer
+            // whose link overflows stops being measured just as its queue stands).
+            // The repairs still on their way read it a little early, never late.
+            let newest_lately = watch.received.and_then(|r| {
+                let r = r.saturating_add(v.repairs_sent);
+                v.in_flight
+                    .iter()
+                    .take_while(|(.., cum)| *cum <= r)
+                    .last()
+                    .map(|(_, sent, ..)| *sent)
+            });
+            if let Some(sent) = newest_lately {
+                let d = now.saturating_duration_since(sent);
+                v.recent_delay = Some(v.recent_delay.map_or(d, |r| (r * 3 + d) / 4));
+            }
             let mut bytes = 0;
             while let Some(&(_, _, size, _)) =
                 v.in_flight.front().filter(|(s, ..)| *s <= watch.acked)
@@ -1436,6 +1524,7 @@ impl Edge {
                 pace_at: now,
                 repair_tokens: f64::INFINITY,
                 limited_bps: None,
+                overloaded: false,
                 repair_at: now,
                 repaired: node::Repaired::default(),
                 start: watch.start,
@@ -1444,6 +1533,8 @@ impl Edge {
                 acked: watch.acked,
                 in_flight: VecDeque::new(),
                 ack_delay: None,
+                recent_delay: None,
+                repairs_sent: 0,
                 client: watch.node,
                 speed: speed::Meter::new(self.config.speed.clone()),
                 reported: watch.received,
@@ -3495,6 +3586,132 @@ mod tests {
         assert!(
             rate <= budget * 1.1 && rate >= budget * 0.6,
             "{rate} bit/s of repairs, {budget} left beside the rendition"
+        );
+    }
+
+    /// A viewer whose link drops most of what it is offered gets its repairs held to its
+    /// share of what it receives, though what does arrive keeps up with the stream (its
+    /// meter never reads it limited): answered in full, every ask goes into the queue
+    /// that overflowed, and its holes never fill.
+    #[test]
+    fn repairs_to_a_viewer_whose_link_drops_most_of_them_are_held_to_its_share() {
+        let (mut e, mut now) = ladder_with_80_packets();
+        let v = viewer(5000);
+        e.handle_input(now, watch_on(12, now, v, WatchStart::Seq, 7070, |_| {}));
+        sent(&mut e);
+        let media_bytes = |out: Vec<(Peer, Body)>| -> u64 {
+            out.iter()
+                .filter_map(|(p, b)| match b {
+                    Body::Media(m) if *p == v => Some(m.rtp.len() as u64),
+                    _ => None,
+                })
+                .sum()
+        };
+        // Every 100 ms it asks for 40 packets and says it received 1,250 bytes more
+        // (100 kbit/s): far less than it is sent.
+        let mut received = 0u64;
+        let mut late = 0u64;
+        for i in 0..40 {
+            now += Duration::from_millis(100);
+            received += 1_250;
+            e.handle_input(
+                now,
+                watch_on(12, now, v, WatchStart::Seq, 7070, |w| {
+                    w.acked = SeqNo(7079);
+                    w.received = Some(received);
+                }),
+            );
+            e.handle_timeout(now);
+            sent(&mut e);
+            e.handle_input(now, nack_12(v, 7020, 40));
+            let bytes = media_bytes(sent(&mut e));
+            if i >= 30 {
+                late += bytes;
+            }
+        }
+        // Over its last second: 30% of the 100 kbit/s it receives, and a burst.
+        let rate = late * 8;
+        assert!(
+            rate <= (100_000.0 * REPAIR_SHARE * 1.2) as u64 + 12_000,
+            "{rate} bit/s of repairs to a viewer receiving 100 kbit/s"
+        );
+        assert!(rate > 0, "no repairs at all");
+        assert_eq!(e.counters().repair_floods, 1);
+    }
+
+    /// A viewer whose link loses copies, each repaired, is still measured: its recent
+    /// acknowledgement delay shows the queue that builds on its link. (The bytes it
+    /// says it received fall behind what was sent to it by every copy lost; read
+    /// against them alone, no packet maps once the first few are lost, and a link
+    /// whose queue stands full looks as empty as when the viewer joined.)
+    #[test]
+    fn a_lossy_viewers_recent_delay_shows_the_queue_on_its_link() {
+        let (mut e, mut now) = ladder_with_80_packets();
+        let v = viewer(5000);
+        e.handle_input(now, watch_on(12, now, v, WatchStart::Seq, 7070, |_| {}));
+        // What is on its way to the viewer (when it arrives, its sequence number, bytes).
+        let mut link: Vec<(Instant, u64, u64)> = Vec::new();
+        let (mut received, mut highest, mut firsts) = (0u64, 0u64, 0u64);
+        let mut lost: Vec<u64> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut next = 7080u64;
+        for step in 0..250u64 {
+            // 10 ms on its link for 2 s, then 300 ms: a queue stands on it.
+            let delay = Duration::from_millis(if step < 100 { 10 } else { 300 });
+            for (to, body) in sent(&mut e) {
+                if let (true, Body::Media(m)) = (to == v, body) {
+                    let seq = m.seq.0;
+                    if seen.insert(seq) {
+                        firsts += 1;
+                        // One first copy in five is lost; repairs arrive.
+                        if firsts % 5 == 0 {
+                            lost.push(seq);
+                            continue;
+                        }
+                    }
+                    link.push((now + delay, seq, m.rtp.len() as u64));
+                }
+            }
+            link.retain(|&(at, seq, bytes)| {
+                let arrived = at <= now;
+                if arrived {
+                    received += bytes;
+                    highest = highest.max(seq);
+                }
+                !arrived
+            });
+            if step % 5 == 0 {
+                e.handle_input(
+                    now,
+                    watch_on(12, now, v, WatchStart::Seq, 7070, |w| {
+                        w.acked = SeqNo(highest);
+                        w.received = Some(received);
+                    }),
+                );
+                for seq in lost.drain(..) {
+                    e.handle_input(now, nack_12(v, seq, 1));
+                }
+            }
+            // The stream: a packet every 20 ms, a keyframe every tenth.
+            let key = next % 10 == 0;
+            let pts = key.then_some(90_000 * (next - 7000) / 10);
+            e.handle_input(now, ts_media_flagged(12, 0x12, next, pts, key));
+            next += 1;
+            now += Duration::from_millis(20);
+            e.handle_timeout(now);
+        }
+        let st = &e.streams[&StreamId(12)];
+        let viewer = &st.viewers[&v];
+        let recent = viewer.recent_delay.expect("a recent delay");
+        assert!(
+            recent >= Duration::from_millis(200),
+            "recent delay {recent:?}, least {:?}",
+            viewer.ack_delay
+        );
+        assert!(
+            viewer
+                .ack_delay
+                .is_some_and(|d| d < Duration::from_millis(100))
         );
     }
 
