@@ -1304,7 +1304,9 @@ impl Edge {
             // so what the viewer counts and what was sent to it no longer drift apart
             // with each loss, as they do above until no packet maps at all (a viewer
             // whose link overflows stops being measured just as its queue stands).
-            // The repairs still on their way read it a little early, never late.
+            // Repairs still on their way, and repairs not needed (sent again while the
+            // first copy waited in a queue, both arrive and both are counted), read it
+            // early: on a link that is sent several copies of each hole, far early.
             let newest_lately = watch.received.and_then(|r| {
                 let r = r.saturating_add(v.repairs_sent);
                 v.in_flight
