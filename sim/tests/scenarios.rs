@@ -365,6 +365,16 @@ fn an_edge_whose_repairs_keep_failing_subscribes_to_one_more_set_reflector() {
     );
 }
 
+/// The world of regression `name` (in `sim/regressions/`), run to its end.
+fn replayed(name: &str) -> World {
+    let file = format!("{}/regressions/{name}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(file).expect("the regression's schedule");
+    let r = braid_sim::check::parse_regression(&text).expect("a regression");
+    let mut w = World::new(r.schedule);
+    w.run();
+    w
+}
+
 /// A ladder's viewer on a link its lowest rendition nearly fills (issue 13: 110 kbit/s,
 /// 97% of it on the wire), from `sim/regressions/`. Every hole the full link opened,
 /// asked for again and again while its first answer waited in the queue, used to be
@@ -372,14 +382,7 @@ fn an_edge_whose_repairs_keep_failing_subscribes_to_one_more_set_reflector() {
 /// offered to a link of 110), and the viewer lost 108 packets of 870.
 #[test]
 fn repairs_do_not_crowd_out_a_rendition_that_nearly_fills_its_link() {
-    let file = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/regressions/ladder-repairs-crowd-out-a-nearly-full-link.toml"
-    );
-    let text = std::fs::read_to_string(file).expect("the regression's schedule");
-    let r = braid_sim::check::parse_regression(&text).expect("a regression");
-    let mut w = World::new(r.schedule);
-    w.run();
+    let w = replayed("ladder-repairs-crowd-out-a-nearly-full-link.toml");
     let st = w.record.stats[10].as_ref().expect("viewer10's stats");
     assert!(
         st.packets > 700 && st.gaps * 100 <= st.packets,
@@ -396,14 +399,7 @@ fn repairs_do_not_crowd_out_a_rendition_that_nearly_fills_its_link() {
 /// alone, 90 with the budget alone).
 #[test]
 fn repairs_that_flood_a_link_are_held_to_what_it_receives() {
-    let file = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/regressions/ladder-repairs-flood-a-link-they-fill.toml"
-    );
-    let text = std::fs::read_to_string(file).expect("the regression's schedule");
-    let r = braid_sim::check::parse_regression(&text).expect("a regression");
-    let mut w = World::new(r.schedule);
-    w.run();
+    let w = replayed("ladder-repairs-flood-a-link-they-fill.toml");
     let st = w.record.stats[13].as_ref().expect("viewer13's stats");
     assert!(
         st.packets > 2000 && st.gaps < 150,
