@@ -205,13 +205,13 @@ fn repair_budget(now: Instant, v: &mut Viewer, stream_bps: Option<u64>) -> u64 {
         .map(|s| s.bps);
     // Read so, until it receives nearly all it is sent again, or at a rate well above
     // what it received then (a sample with a keyframe in it reads above the link's).
+    let estimate = v.speed.estimate(now);
     let recovered = v.overloaded
         && (share.is_some_and(|s| s.received >= OVERLOAD_CLEARS)
-            || v.speed
-                .estimate(now)
+            || estimate
                 .zip(v.limited_bps)
                 .is_some_and(|(e, l)| !e.limited && e.bps as f64 > l as f64 * OVERLOAD_FASTER));
-    match v.speed.estimate(now) {
+    match estimate {
         Some(e) if e.limited => {
             v.limited_bps = Some(e.bps);
             v.overloaded = false;
@@ -1292,13 +1292,15 @@ impl Edge {
             // has, by the bytes it counts from this edge. Its highest number says nothing
             // here (it may come from an edge it is leaving, 20 ms after this one sent
             // what is 300 ms away), so a viewer that does not count keeps the base window.
-            let newest = watch.received.and_then(|r| {
+            // When the newest packet within `bytes` sent to it went.
+            let sent_within = |bytes: u64| {
                 v.in_flight
                     .iter()
-                    .take_while(|(.., cum)| *cum <= r)
+                    .take_while(|(.., cum)| *cum <= bytes)
                     .last()
                     .map(|(_, sent, ..)| *sent)
-            });
+            };
+            let newest = watch.received.and_then(sent_within);
             // Lately, by the same bytes with those of every repair sent added: every
             // copy lost (a first one, or a repair) that is repaired is one repair more,
             // so what the viewer counts and what was sent to it no longer drift apart
@@ -1307,14 +1309,9 @@ impl Edge {
             // Repairs still on their way, and repairs not needed (sent again while the
             // first copy waited in a queue, both arrive and both are counted), read it
             // early: on a link that is sent several copies of each hole, far early.
-            let newest_lately = watch.received.and_then(|r| {
-                let r = r.saturating_add(v.repairs_sent);
-                v.in_flight
-                    .iter()
-                    .take_while(|(.., cum)| *cum <= r)
-                    .last()
-                    .map(|(_, sent, ..)| *sent)
-            });
+            let newest_lately = watch
+                .received
+                .and_then(|r| sent_within(r.saturating_add(v.repairs_sent)));
             if let Some(sent) = newest_lately {
                 let d = now.saturating_duration_since(sent);
                 v.recent_delay = Some(v.recent_delay.map_or(d, |r| (r * 3 + d) / 4));
@@ -3478,6 +3475,16 @@ mod tests {
         (e, now)
     }
 
+    /// The bytes of RTP packets in `out` sent to `to`.
+    fn media_bytes(out: &[(Peer, Body)], to: Peer) -> u64 {
+        out.iter()
+            .filter_map(|(p, b)| match b {
+                Body::Media(m) if *p == to => Some(m.rtp.len() as u64),
+                _ => None,
+            })
+            .sum()
+    }
+
     /// A NACK from `to` for `count` packets of stream 12 from `first`.
     fn nack_12(to: Peer, first: u64, count: u16) -> Input {
         let m = Message {
@@ -3512,14 +3519,7 @@ mod tests {
         );
         sent(&mut e);
         let nack = |to: Peer| nack_12(to, 7020, 40);
-        let repairs = |out: Vec<(Peer, Body)>, to: Peer| -> u64 {
-            out.iter()
-                .filter_map(|(p, b)| match b {
-                    Body::Media(m) if *p == to => Some(m.rtp.len() as u64),
-                    _ => None,
-                })
-                .sum()
-        };
+        let repairs = |out: Vec<(Peer, Body)>, to: Peer| media_bytes(&out, to);
         e.handle_input(now, nack(slow));
         let first = repairs(sent(&mut e), slow);
         assert!((1..=1500).contains(&first), "{first} bytes at once");
@@ -3575,13 +3575,7 @@ mod tests {
         for _ in 0..20 {
             now += Duration::from_millis(100);
             e.handle_input(now, nack.clone());
-            bytes += sent(&mut e)
-                .iter()
-                .filter_map(|(p, b)| match b {
-                    Body::Media(m) if *p == v => Some(m.rtp.len() as f64),
-                    _ => None,
-                })
-                .sum::<f64>();
+            bytes += media_bytes(&sent(&mut e), v) as f64;
         }
         let rate = bytes * 8.0 / 2.0;
         let budget = left.max(link * REPAIR_FLOOR);
@@ -3601,14 +3595,6 @@ mod tests {
         let v = viewer(5000);
         e.handle_input(now, watch_on(12, now, v, WatchStart::Seq, 7070, |_| {}));
         sent(&mut e);
-        let media_bytes = |out: Vec<(Peer, Body)>| -> u64 {
-            out.iter()
-                .filter_map(|(p, b)| match b {
-                    Body::Media(m) if *p == v => Some(m.rtp.len() as u64),
-                    _ => None,
-                })
-                .sum()
-        };
         // Every 100 ms it asks for 40 packets and says it received 1,250 bytes more
         // (100 kbit/s): far less than it is sent.
         let mut received = 0u64;
@@ -3626,7 +3612,7 @@ mod tests {
             e.handle_timeout(now);
             sent(&mut e);
             e.handle_input(now, nack_12(v, 7020, 40));
-            let bytes = media_bytes(sent(&mut e));
+            let bytes = media_bytes(&sent(&mut e), v);
             if i >= 30 {
                 late += bytes;
             }
@@ -3718,7 +3704,7 @@ mod tests {
     }
 
     /// A packet asked for again before the copy just sent could have reached the viewer
-    /// (within its least round trip) is not sent again, and is counted: on a link whose
+    /// (within its round trip) is not sent again, and is counted: on a link whose
     /// queue holds the first answer, each ask answered again only fills the queue more.
     /// Asked again after a round trip (the copy was lost), it goes.
     #[test]
