@@ -9,8 +9,12 @@
 //! reads as a short round trip. Its asks repeated at that pace go into the same full
 //! queue (see `merge::Buffer::set_queue`).
 //!
-//! The delays are relative to one session's first packet: a new session (another SSRC,
-//! another capture's clock) starts over, as does [`QueueDelay::reset`] (another sender).
+//! The delays are relative to one session's first packet. A new session (another SSRC,
+//! another capture's clock: a ladder's other rendition, a restarted capture) comes from
+//! the same sender through the same queues, so the queue read just before it is carried
+//! over: its first packet is taken to wait as long (otherwise a viewer moved to another
+//! rendition behind a full queue would read that queue as empty, and repeat its asks into
+//! it). [`QueueDelay::reset`] (another sender) starts over.
 //! Stamps wrap (32 bits); an origin older than [`REANCHOR`] is taken again, well before a
 //! wrap could be misread. Any input is taken: a stamp far off reads as a delay far off,
 //! never a panic, and what is kept is bounded ([`MAX_KEPT`]).
@@ -89,14 +93,25 @@ impl QueueDelay {
         let stale = self
             .origin
             .is_some_and(|(s, at, _)| s != ssrc || now.saturating_duration_since(at) > REANCHOR);
-        if stale {
+        // A new session from the same sender (another rendition, a restarted capture)
+        // comes through the same queues: its first packet waits as long as the last
+        // one of the old. Its stamps cannot be compared with the old ones, so the wait
+        // is carried over as its least delay's offset.
+        let carried = if stale {
+            let q = self.queue(now);
             self.reset();
-        }
+            q.as_micros() as i64
+        } else {
+            0
+        };
         let (_, at, first) = *self.origin.get_or_insert((ssrc, now, stamp));
         let since = now.saturating_duration_since(at).as_micros() as i64;
         let stamped =
             i64::from(stamp.wrapping_sub(first) as i32) * 1_000_000 / i64::from(self.clock_hz);
         let delay = since - stamped;
+        if carried > 0 {
+            self.long.push(now, delay - carried, LONG);
+        }
         self.long.push(now, delay, LONG);
         self.short.push(now, delay, SHORT);
     }
@@ -162,6 +177,30 @@ mod tests {
         assert!(q.queue(t0 + ms(370 * 20 + 30)) < ms(5));
         // Silent beyond the short window: nothing is known of now.
         assert_eq!(q.queue(t0 + ms(370 * 20 + 500)), Duration::ZERO);
+    }
+
+    /// Another rendition (a capture of its own: another session, other stamps) reaches
+    /// a viewer through the link whose queue stood full before: its first packet waits
+    /// as long, and the wait reads on, not as the new session's empty queue; once the
+    /// queue drains, it reads as none again.
+    #[test]
+    fn a_new_session_behind_a_full_queue_reads_that_queue() {
+        let t0 = Instant::now();
+        let mut q = QueueDelay::new(HZ);
+        run(&mut q, t0, 0, 200, |_| 30);
+        run(&mut q, t0, 200, 100, |i| 30 + ((i - 200) * 6).min(300));
+        // Session 9 from packet 300 on, its stamps from an origin of its own.
+        let other = |q: &mut QueueDelay, from: u64, n: u64, delay: &dyn Fn(u64) -> u64| {
+            for i in from..from + n {
+                let stamp = 77_000_000u32.wrapping_add((i * 20 * 90) as u32);
+                q.sample(t0 + ms(i * 20 + delay(i)), 9, stamp);
+            }
+        };
+        other(&mut q, 300, 150, &|_| 330);
+        let wait = q.queue(t0 + ms(450 * 20 + 330));
+        assert!(wait >= ms(290) && wait <= ms(310), "{wait:?}");
+        other(&mut q, 450, 20, &|_| 30);
+        assert!(q.queue(t0 + ms(470 * 20 + 30)) < ms(5));
     }
 
     #[test]
