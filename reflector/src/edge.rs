@@ -2414,7 +2414,7 @@ impl Edge {
                 let rates = &self.rates[a.ladder];
                 if let Some((to, reason)) = a.chooser.decide(now, rates, &v.speed) {
                     if a.pending.map(|p| p.0) != Some(to) {
-                        tracing::debug!(viewer = %key, to, reason = reason.as_str(), meter = ?v.speed, "rendition move decided");
+                        tracing::debug!(viewer = %key, to, reason = reason.as_str(), estimate = ?v.speed.estimate(now), meter = ?v.speed, "rendition move decided");
                         a.pending = Some((to, reason));
                         a.passed = None;
                         a.abandoned = false;
