@@ -145,9 +145,21 @@ mod tests {
 
     /// A packet every 20 ms for `secs`, each delayed by `delay(i)` past its stamp.
     fn run(q: &mut QueueDelay, t0: Instant, from: u64, n: u64, delay: impl Fn(u64) -> u64) {
+        run_session(q, t0, (7, 0), from, n, delay);
+    }
+
+    /// [`run`] for session `ssrc`, its stamps counted from `base`.
+    fn run_session(
+        q: &mut QueueDelay,
+        t0: Instant,
+        (ssrc, base): (u32, u32),
+        from: u64,
+        n: u64,
+        delay: impl Fn(u64) -> u64,
+    ) {
         for i in from..from + n {
-            let stamp = (i * 20 * 90) as u32;
-            q.sample(t0 + ms(i * 20 + delay(i)), 7, stamp);
+            let stamp = base.wrapping_add((i * 20 * 90) as u32);
+            q.sample(t0 + ms(i * 20 + delay(i)), ssrc, stamp);
         }
     }
 
@@ -190,16 +202,11 @@ mod tests {
         run(&mut q, t0, 0, 200, |_| 30);
         run(&mut q, t0, 200, 100, |i| 30 + ((i - 200) * 6).min(300));
         // Session 9 from packet 300 on, its stamps from an origin of its own.
-        let other = |q: &mut QueueDelay, from: u64, n: u64, delay: &dyn Fn(u64) -> u64| {
-            for i in from..from + n {
-                let stamp = 77_000_000u32.wrapping_add((i * 20 * 90) as u32);
-                q.sample(t0 + ms(i * 20 + delay(i)), 9, stamp);
-            }
-        };
-        other(&mut q, 300, 150, &|_| 330);
+        let other = (9, 77_000_000);
+        run_session(&mut q, t0, other, 300, 150, |_| 330);
         let wait = q.queue(t0 + ms(450 * 20 + 330));
         assert!(wait >= ms(290) && wait <= ms(310), "{wait:?}");
-        other(&mut q, 450, 20, &|_| 30);
+        run_session(&mut q, t0, other, 450, 20, |_| 30);
         assert!(q.queue(t0 + ms(470 * 20 + 30)) < ms(5));
     }
 
