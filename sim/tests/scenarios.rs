@@ -408,3 +408,23 @@ fn repairs_that_flood_a_link_are_held_to_what_it_receives() {
         st.packets
     );
 }
+
+/// Issue 13: a ladder's viewer moved to another rendition (a session of its own) while
+/// its link's queue stood full reads that queue on, and asks no sooner than it drains.
+/// It read the new session's queue as empty (its least delay taken behind the full
+/// queue), asked for its holes every 80-100 ms into 300 ms of queue, and the answers
+/// arrived as duplicates that crowded the link: 760 asks, 460 duplicates and 185
+/// packets lost (most while it was served above its link's cap, which the check
+/// excuses). Since: 293, 353 and 146.
+#[test]
+fn a_new_rendition_behind_a_full_queue_is_not_asked_into_it() {
+    let w = replayed("ladder-new-rendition-behind-a-full-queue.toml");
+    let st = w.record.stats[11].as_ref().expect("viewer11's stats");
+    assert!(
+        st.packets > 1500 && st.nacks < 450 && st.gaps < 170,
+        "viewer11 asked {} times and lost {} of {} packets: {st:?}",
+        st.nacks,
+        st.gaps,
+        st.packets
+    );
+}
