@@ -24,6 +24,7 @@ pub mod daemon;
 mod impaired_socket;
 pub mod limit;
 pub mod quic;
+pub mod quic_core;
 pub mod report;
 pub mod sys;
 pub mod tls;

@@ -262,7 +262,7 @@ impl std::fmt::Debug for Quic {
     }
 }
 
-fn transport(initial_mtu: u16, congestion: Congestion) -> Arc<quinn::TransportConfig> {
+pub(crate) fn transport(initial_mtu: u16, congestion: Congestion) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("1 s is a valid idle timeout"),
