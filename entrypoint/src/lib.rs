@@ -329,7 +329,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     }
     export(machine.counters());
-    if let Some(q) = socket.quic() {
+    if let Some(q) = socket.quic_mut() {
         q.close();
     }
     tracing::info!("entry point stopped");

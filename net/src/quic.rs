@@ -21,15 +21,17 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::{Bytes, BytesMut};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{Connection, SendDatagramError};
+use quinn_proto::{ConnectionHandle, SendDatagramError, Transmit};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+
+use crate::quic_core::{ControlError, Core, CoreEvent};
 
 use crate::tls::Tls;
 use crate::udp::Impairments;
@@ -42,8 +44,6 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Control messages kept for a peer while it is being dialed.
 const PENDING_MAX: usize = 64;
-/// Control messages queued per connection.
-const CONTROL_QUEUE: usize = 1024;
 /// Bytes of datagrams quinn keeps for one connection before the daemon's task reads them;
 /// the connection's reader drains it at once into the daemon's queue.
 const DATAGRAM_RECEIVE_BUFFER: usize = 1 << 20;
@@ -167,28 +167,8 @@ pub struct Stats {
     pub dropped: u64,
 }
 
-enum Event {
-    Message(SocketAddr, Bytes),
-    Up {
-        peer: SocketAddr,
-        conn: Connection,
-        control: mpsc::Sender<Bytes>,
-        node: bool,
-    },
-    Down {
-        peer: SocketAddr,
-        id: usize,
-        reason: String,
-    },
-    DialFailed {
-        peer: SocketAddr,
-        reason: String,
-    },
-}
-
 struct Conn {
-    conn: Connection,
-    control: mpsc::Sender<Bytes>,
+    ch: ConnectionHandle,
     node: bool,
     warned_size: bool,
     /// Datagrams dropped for a full send buffer since the last warning about it.
@@ -201,7 +181,8 @@ struct Conn {
 struct Peer {
     dial: bool,
     conn: Option<Conn>,
-    connecting: bool,
+    /// The connection being dialed, until it is up or fails.
+    connecting: Option<ConnectionHandle>,
     pending: Vec<Bytes>,
     retry_at: Option<Instant>,
     backoff: Duration,
@@ -218,24 +199,30 @@ struct Peer {
 const STABLE: Duration = Duration::from_secs(2);
 
 /// A daemon's QUIC endpoint and its connections. Owned by the daemon's task, inside its
-/// [`crate::udp::Socket`].
+/// [`crate::udp::Socket`], and driven from it: no connection has a task, a channel or a
+/// transmit buffer of its own ([`crate::quic_core`]).
 pub struct Quic {
-    endpoint: quinn::Endpoint,
+    core: Core,
+    socket: Arc<dyn quinn::AsyncUdpSocket>,
+    /// One receive buffer for the endpoint, in `BATCH_SIZE` slots.
+    recv_buf: Box<[u8]>,
     client: quinn::ClientConfig,
     /// The TLS side of `client`, and its transport, for each dialed peer's own.
     client_tls: rustls::ClientConfig,
     transport: Arc<quinn::TransportConfig>,
     server_name: Option<String>,
     peers: HashMap<SocketAddr, Peer>,
-    events: mpsc::Receiver<Event>,
-    events_tx: mpsc::Sender<Event>,
     changes: Vec<Change>,
+    /// A change was made that the owner has not been woken for.
+    changed: bool,
+    sleep: Pin<Box<tokio::time::Sleep>>,
     stats: Stats,
     /// Per-packet counters, looked up once (on first use: after the daemon installed
     /// its metrics recorder) instead of by name for every datagram.
     counters: Option<Counters>,
     role: &'static str,
     accepting: bool,
+    closing: bool,
 }
 
 struct Counters {
@@ -255,8 +242,9 @@ impl Counters {
 impl std::fmt::Debug for Quic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Quic")
-            .field("local", &self.endpoint.local_addr().ok())
+            .field("local", &self.socket.local_addr().ok())
             .field("peers", &self.peers.len())
+            .field("connections", &self.core.connections())
             .field("stats", &self.stats)
             .finish()
     }
@@ -299,6 +287,21 @@ pub(crate) fn transport(initial_mtu: u16, congestion: Congestion) -> Arc<quinn::
 
 fn dropped(role: &'static str, reason: &'static str) {
     metrics::counter!("braid_quic_dropped_total", "role" => role, "reason" => reason).increment(1);
+}
+
+/// Puts one transmit on the wire; a datagram the socket will not take now is dropped and
+/// counted (QUIC takes it as lost).
+fn transmit(socket: &dyn quinn::AsyncUdpSocket, role: &'static str, t: &Transmit, b: &[u8]) {
+    let t = quinn::udp::Transmit {
+        destination: t.destination,
+        ecn: None,
+        contents: b,
+        segment_size: t.segment_size,
+        src_ip: t.src_ip,
+    };
+    if socket.try_send(&t).is_err() {
+        metrics::counter!("braid_udp_send_failed_total", "role" => role).increment(1);
+    }
 }
 
 impl Quic {
@@ -352,46 +355,39 @@ impl Quic {
         client.transport_config(transport.clone());
         let socket = crate::udp::bind_std(bind).with_context(|| format!("binding QUIC {bind}"))?;
         let accepting = server.is_some();
-        let runtime = Arc::new(quinn::TokioRuntime);
-        let socket = quinn::Runtime::wrap_udp_socket(&*runtime, socket)
+        let runtime = quinn::TokioRuntime;
+        let socket = quinn::Runtime::wrap_udp_socket(&runtime, socket)
             .with_context(|| format!("starting QUIC on {bind}"))?;
         let socket = crate::impaired_socket::ImpairedSocket::wrap(socket, impairments, start, role);
-        let endpoint = quinn::Endpoint::new_with_abstract_socket(
-            quinn::EndpointConfig::default(),
+        let slot = usize::from(options.initial_mtu.max(1500)) * socket.max_receive_segments();
+        let core = Core::new(
             server,
-            socket,
-            runtime,
-        )
-        .with_context(|| format!("starting QUIC on {bind}"))?;
-        let (events_tx, events) = mpsc::channel(16 * 1024);
-        if accepting {
-            tokio::spawn(accept(
-                endpoint.clone(),
-                events_tx.clone(),
-                options.max_conns_per_ip,
-                role,
-            ));
-        }
+            options.max_conns_per_ip,
+            socket.max_transmit_segments(),
+        );
         Ok(Quic {
-            endpoint,
+            core,
+            recv_buf: vec![0; slot * quinn::udp::BATCH_SIZE].into(),
+            socket,
             client,
             client_tls,
             transport,
             server_name: tls.server_name.clone(),
             peers: HashMap::new(),
-            events,
-            events_tx,
             changes: Vec::new(),
+            changed: false,
+            sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
             stats: Stats::default(),
             counters: None,
             role,
             accepting,
+            closing: false,
         })
     }
 
     /// The endpoint's address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.endpoint.local_addr()
+        self.socket.local_addr()
     }
 
     /// Whether this endpoint accepts connections (it has a certificate).
@@ -402,6 +398,11 @@ impl Quic {
     /// Counters.
     pub fn stats(&self) -> Stats {
         self.stats
+    }
+
+    /// Connections open (handshaking, up or closing).
+    pub fn connections(&self) -> usize {
+        self.core.connections()
     }
 
     /// Marks `peer` as a QUIC peer to dial when something is sent to it.
@@ -420,8 +421,8 @@ impl Quic {
     pub fn connect_now(&mut self, peer: SocketAddr) {
         let p = self.peers.entry(peer).or_default();
         p.dial = true;
-        if p.conn.is_none() && !p.connecting {
-            self.dial(peer);
+        if p.conn.is_none() && p.connecting.is_none() {
+            self.dial(Instant::now(), peer);
         }
     }
 
@@ -449,6 +450,7 @@ impl Quic {
     }
 
     /// Sends `bytes` to `peer`: media as a datagram, anything else on the control stream.
+    /// It leaves at the next [`Quic::flush`] (or [`Quic::recv`]).
     pub fn send(&mut self, now: Instant, peer: SocketAddr, bytes: Bytes, is_data: bool) {
         let role = self.role;
         let p = self.peers.entry(peer).or_default();
@@ -464,23 +466,23 @@ impl Quic {
                 dropped(role, "not_connected");
                 self.stats.dropped += 1;
             }
-            if p.dial && !p.connecting && p.retry_at.is_none_or(|t| t <= now) {
-                self.dial(peer);
+            if p.dial && p.connecting.is_none() && p.retry_at.is_none_or(|t| t <= now) {
+                self.dial(now, peer);
             }
             return;
         };
         let len = bytes.len() as u64;
         if is_data {
-            if c.conn.datagram_send_buffer_space() < bytes.len() {
+            if self.core.datagram_space(c.ch) < bytes.len() {
                 dropped(role, "send_buffer_full");
                 self.stats.dropped += 1;
                 c.full_since_warned += 1;
                 if c.warned_full
-                    .is_none_or(|t| now.duration_since(t) >= FULL_WARN_EVERY)
+                    .is_none_or(|t| now.saturating_duration_since(t) >= FULL_WARN_EVERY)
                 {
-                    let path = c.conn.stats().path;
+                    let (rtt, cwnd) = self.core.path(c.ch).unwrap_or_default();
                     tracing::warn!(%peer, dropped = c.full_since_warned,
-                        rtt_ms = path.rtt.as_secs_f64() * 1e3, cwnd = path.cwnd,
+                        rtt_ms = rtt.as_secs_f64() * 1e3, cwnd,
                         "QUIC datagrams dropped: the connection's send buffer is full \
                          (counted in braid_quic_dropped_total{{reason=\"send_buffer_full\"}})");
                     c.warned_full = Some(now);
@@ -488,7 +490,7 @@ impl Quic {
                 }
                 return;
             }
-            match c.conn.send_datagram(bytes) {
+            match self.core.send_datagram(c.ch, bytes) {
                 Ok(()) => {
                     self.stats.datagrams_sent += 1;
                     self.stats.sent_bytes += len;
@@ -504,7 +506,7 @@ impl Quic {
                                 tracing::warn!(
                                     %peer,
                                     size = len,
-                                    max = ?c.conn.max_datagram_size(),
+                                    max = ?self.core.max_datagram(c.ch),
                                     "datagram larger than the QUIC path carries: dropped \
                                      (counted in braid_quic_dropped_total{{reason=\"too_large\"}}); \
                                      the path carries less than Braid's 1372-byte packets: capture with --ts-per-rtp 5"
@@ -515,21 +517,26 @@ impl Quic {
                         SendDatagramError::UnsupportedByPeer | SendDatagramError::Disabled => {
                             "datagrams_unsupported"
                         }
-                        SendDatagramError::ConnectionLost(_) => "connection_lost",
+                        // Room was checked above; a connection closing takes no more.
+                        SendDatagramError::Blocked(_) => "send_buffer_full",
                     };
                     dropped(role, reason);
                     self.stats.dropped += 1;
                 }
             }
         } else {
-            match c.control.try_send(bytes) {
+            match self.core.send_control(c.ch, &bytes) {
                 Ok(()) => {
                     self.stats.messages_sent += 1;
                     self.stats.sent_bytes += len;
                     let m = self.counters.get_or_insert_with(|| Counters::new(role));
                     m.bytes.increment(len);
                 }
-                Err(_) => {
+                Err(ControlError::Closed) => {
+                    dropped(role, "connection_lost");
+                    self.stats.dropped += 1;
+                }
+                Err(ControlError::Full | ControlError::TooLarge) => {
                     dropped(role, "control_queue_full");
                     self.stats.dropped += 1;
                 }
@@ -554,7 +561,10 @@ impl Quic {
         }
     }
 
-    fn dial(&mut self, peer: SocketAddr) {
+    fn dial(&mut self, now: Instant, peer: SocketAddr) {
+        if self.closing {
+            return;
+        }
         let name = self
             .server_name
             .clone()
@@ -565,105 +575,160 @@ impl Quic {
         };
         let p = self.peers.entry(peer).or_default();
         p.client = Some(client.clone());
-        let connecting = match self.endpoint.connect_with(client, peer, &name) {
-            Ok(c) => c,
+        match self.core.connect(now, client, peer, &name) {
+            Ok(ch) => p.connecting = Some(ch),
             Err(e) => {
                 p.backoff = (p.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
-                p.retry_at = Some(Instant::now() + p.backoff);
+                p.retry_at = Some(now + p.backoff);
                 if p.backoff == BACKOFF_MIN {
                     tracing::warn!(%peer, "cannot dial over QUIC: {e}");
                 }
-                return;
             }
-        };
-        p.connecting = true;
-        let tx = self.events_tx.clone();
-        let role = self.role;
-        tokio::spawn(async move {
-            match connecting.await {
-                Ok(conn) => established(conn, true, tx, role, None).await,
-                Err(e) => {
-                    metrics::counter!("braid_quic_handshake_failed_total", "role" => role, "side" => "dial", "reason" => handshake_failure(&e))
-                        .increment(1);
-                    let _ = tx
-                        .send(Event::DialFailed {
-                            peer,
-                            reason: e.to_string(),
-                        })
-                        .await;
-                }
-            }
-        });
-    }
-
-    /// Waits for the next thing from the connections, handles it, and appends a received
-    /// message, if it was one, to `out` (with any others already waiting).
-    pub async fn recv(&mut self, out: &mut Vec<(SocketAddr, Bytes)>) {
-        let Some(ev) = self.events.recv().await else {
-            // The sender half lives in `self`: the channel never closes.
-            return std::future::pending().await;
-        };
-        self.handle(ev, out);
-        let mut n = 0;
-        while n < 256 {
-            match self.events.try_recv() {
-                Ok(ev) => self.handle(ev, out),
-                Err(_) => break,
-            }
-            n += 1;
         }
     }
 
-    fn handle(&mut self, ev: Event, out: &mut Vec<(SocketAddr, Bytes)>) {
-        let now = Instant::now();
+    /// Puts what the connections have to send on the wire.
+    pub fn flush(&mut self, now: Instant) {
+        let Quic {
+            core, socket, role, ..
+        } = self;
+        core.flush(now, &mut |t, b| transmit(&**socket, role, t, b));
+    }
+
+    /// Drives the connections: what they send, and what happened to them (messages to
+    /// `out`).
+    fn drive(&mut self, now: Instant, out: &mut Vec<(SocketAddr, Bytes)>) {
+        for _ in 0..4 {
+            self.flush(now);
+            let events = self.core.take_events();
+            if events.is_empty() {
+                break;
+            }
+            for ev in events {
+                self.handle(now, ev, out);
+            }
+        }
+    }
+
+    /// Waits for the next thing from the network or a connection's timer, handles it,
+    /// and appends received messages to `out`. Returns once a message came or a
+    /// connection changed. Cancel-safe: nothing is lost when it is dropped while waiting.
+    pub async fn recv(&mut self, out: &mut Vec<(SocketAddr, Bytes)>) {
+        loop {
+            self.drive(Instant::now(), out);
+            if !out.is_empty() || std::mem::take(&mut self.changed) {
+                return;
+            }
+            let deadline = self.core.poll_timeout();
+            if let Some(d) = deadline {
+                self.sleep.as_mut().reset(d.into());
+            }
+            let Quic {
+                socket,
+                recv_buf,
+                sleep,
+                ..
+            } = self;
+            let socket = &**socket;
+            let got = tokio::select! {
+                biased;
+                r = std::future::poll_fn(|cx| poll_datagrams(socket, recv_buf, cx)) => Some(r),
+                () = sleep.as_mut(), if deadline.is_some() => None,
+            };
+            let now = Instant::now();
+            match got {
+                Some(Ok(datagrams)) => {
+                    let Quic {
+                        core, socket, role, ..
+                    } = self;
+                    for (from, local_ip, data) in datagrams {
+                        core.handle(now, from, local_ip, data, &mut |t, b| {
+                            transmit(&**socket, role, t, b)
+                        });
+                    }
+                }
+                // Errors from ICMP (a peer's port closed) are the peer's idle timeout's
+                // to judge.
+                Some(Err(_)) => {}
+                None => self.core.handle_timeout(now),
+            }
+        }
+    }
+
+    fn handle(&mut self, now: Instant, ev: CoreEvent, out: &mut Vec<(SocketAddr, Bytes)>) {
+        let role = self.role;
         match ev {
-            Event::Message(peer, bytes) => {
+            CoreEvent::Message(_, peer, bytes) => {
                 self.stats.received += 1;
                 out.push((peer, bytes));
             }
-            Event::Up {
-                peer,
-                conn,
-                control,
-                node,
-            } => {
+            CoreEvent::Up { ch, peer, node, .. } => {
                 let p = self.peers.entry(peer).or_default();
-                p.connecting = false;
+                if p.connecting == Some(ch) {
+                    p.connecting = None;
+                }
                 p.retry_at = None;
                 p.down_since = None;
                 p.up_since = Some(now);
                 for m in p.pending.drain(..) {
-                    if control.try_send(m).is_err() {
-                        dropped(self.role, "control_queue_full");
+                    if self.core.send_control(ch, &m).is_err() {
+                        dropped(role, "control_queue_full");
                         self.stats.dropped += 1;
                     }
                 }
-                tracing::info!(%peer, node, rtt_ms = conn.rtt().as_secs_f64() * 1e3,
-                    max_datagram = ?conn.max_datagram_size(), "QUIC connection up");
+                let (rtt, _) = self.core.path(ch).unwrap_or_default();
+                tracing::info!(%peer, node, rtt_ms = rtt.as_secs_f64() * 1e3,
+                    max_datagram = ?self.core.max_datagram(ch), "QUIC connection up");
                 if let Some(old) = p.conn.replace(Conn {
-                    conn,
-                    control,
+                    ch,
                     node,
                     warned_size: false,
                     full_since_warned: 0,
                     warned_full: None,
                 }) {
                     // Both sides dialed at once: the newer connection carries on.
-                    old.conn.close(0u32.into(), b"replaced");
+                    self.core.close(now, old.ch, 0, b"replaced");
                 }
                 self.push_change(Change::Up { peer, node });
             }
-            Event::Down { peer, id, reason } => {
+            CoreEvent::Down {
+                ch,
+                peer,
+                dialed,
+                up,
+                reason,
+            } => {
+                if !up {
+                    let side = if dialed { "dial" } else { "accept" };
+                    metrics::counter!("braid_quic_handshake_failed_total", "role" => role, "side" => side, "reason" => handshake_failure(&reason))
+                        .increment(1);
+                }
                 let Some(p) = self.peers.get_mut(&peer) else {
+                    if !up && !dialed {
+                        tracing::warn!(%peer, "QUIC handshake refused: {reason}");
+                    }
                     return;
                 };
-                if p.conn.as_ref().is_none_or(|c| c.conn.stable_id() != id) {
+                if p.connecting == Some(ch) {
+                    // A dial that failed.
+                    p.connecting = None;
+                    p.backoff = (p.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
+                    p.retry_at = Some(now + p.backoff);
+                    tracing::warn!(%peer, retry_ms = p.backoff.as_millis() as u64, "QUIC dial failed: {reason}");
+                    return;
+                }
+                if p.conn.as_ref().is_none_or(|c| c.ch != ch) {
+                    if !up && !dialed {
+                        tracing::warn!(%peer, "QUIC handshake refused: {reason}");
+                    }
                     return;
                 }
                 p.conn = None;
                 p.down_since = Some(now);
                 match p.up_since.take() {
-                    Some(t) if now.duration_since(t) >= STABLE => p.backoff = Duration::ZERO,
+                    Some(t) if now.saturating_duration_since(t) >= STABLE => {
+                        p.backoff = Duration::ZERO
+                    }
                     _ => {
                         // Died young: the next dial waits, longer each time.
                         p.backoff = (p.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
@@ -675,21 +740,34 @@ impl Quic {
                     // address next.
                     let n = p.pending.len() as u64;
                     p.pending.clear();
-                    metrics::counter!("braid_quic_dropped_total", "role" => self.role, "reason" => "connection_lost")
+                    metrics::counter!("braid_quic_dropped_total", "role" => role, "reason" => "connection_lost")
                         .increment(n);
                     self.stats.dropped += n;
                 }
-                metrics::counter!("braid_quic_connections_lost_total", "role" => self.role)
-                    .increment(1);
+                metrics::counter!("braid_quic_connections_lost_total", "role" => role).increment(1);
+                let reason = reason.to_string();
                 tracing::info!(%peer, %reason, "QUIC connection down");
                 self.push_change(Change::Down { peer, reason });
             }
-            Event::DialFailed { peer, reason } => {
-                let p = self.peers.entry(peer).or_default();
-                p.connecting = false;
-                p.backoff = (p.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
-                p.retry_at = Some(now + p.backoff);
-                tracing::warn!(%peer, retry_ms = p.backoff.as_millis() as u64, "QUIC dial failed: {reason}");
+            CoreEvent::Refused { peer } => {
+                metrics::counter!("braid_quic_refused_total", "role" => role, "reason" => "per_ip_limit")
+                    .increment(1);
+                tracing::warn!(%peer, "QUIC connection refused: too many from this address");
+            }
+            CoreEvent::AcceptFailed { peer, reason } => {
+                metrics::counter!("braid_quic_handshake_failed_total", "role" => role, "side" => "accept", "reason" => handshake_failure(&reason))
+                    .increment(1);
+                tracing::warn!(%peer, "QUIC handshake refused: {reason}");
+            }
+            CoreEvent::BadFrame { peer } => {
+                metrics::counter!("braid_dropped_total", "role" => role, "reason" => "quic_bad_frame")
+                    .increment(1);
+                tracing::warn!(%peer, "QUIC control stream broken: closing");
+            }
+            CoreEvent::ControlLost { count, .. } => {
+                metrics::counter!("braid_quic_dropped_total", "role" => role, "reason" => "connection_lost")
+                    .increment(count);
+                self.stats.dropped += count;
             }
         }
     }
@@ -700,17 +778,20 @@ impl Quic {
             self.changes.remove(0);
         }
         self.changes.push(c);
+        self.changed = true;
     }
 
-    /// Forgets peers that are gone and that this node does not dial.
+    /// Runs the connections' timers that are due, and forgets peers that are gone and
+    /// that this node does not dial.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.core.handle_timeout(now);
         let mut lost = 0;
         self.peers.retain(|_, p| {
             let keep = p.dial
                 || p.conn.is_some()
-                || p.connecting
+                || p.connecting.is_some()
                 || p.down_since
-                    .is_none_or(|t| now.duration_since(t) < FORGET_AFTER);
+                    .is_none_or(|t| now.saturating_duration_since(t) < FORGET_AFTER);
             if !keep {
                 lost += p.pending.len() as u64;
             }
@@ -725,67 +806,56 @@ impl Quic {
 
     /// Closes every connection at once, so peers notice now rather than at their idle
     /// timeout.
-    pub fn close(&self) {
-        self.endpoint.close(0u32.into(), b"shutting down");
+    pub fn close(&mut self) {
+        let now = Instant::now();
+        self.closing = true;
+        self.core.close_all(now, 0, b"shutting down");
+        self.flush(now);
     }
 }
 
-/// Accepts connections, at most `max_per_ip` at a time from one IP address.
-async fn accept(
-    endpoint: quinn::Endpoint,
-    tx: mpsc::Sender<Event>,
-    max_per_ip: usize,
-    role: &'static str,
-) {
-    let per_ip: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
-    while let Some(incoming) = endpoint.accept().await {
-        let peer = incoming.remote_address();
-        // A slot is only taken by an address that proved it receives our packets: a
-        // Retry first, so spoofed Initials cannot hold a victim's slots.
-        if !incoming.remote_address_validated() && incoming.may_retry() {
-            let _ = incoming.retry();
-            continue;
-        }
-        let slot = {
-            let mut m = per_ip.lock().unwrap_or_else(|e| e.into_inner());
-            let n = m.entry(peer.ip()).or_insert(0);
-            if *n >= max_per_ip {
-                drop(m);
-                metrics::counter!("braid_quic_refused_total", "role" => role, "reason" => "per_ip_limit")
-                    .increment(1);
-                tracing::warn!(%peer, max_per_ip, "QUIC connection refused: too many from this address");
-                incoming.refuse();
+/// Receives what the socket holds (a batch, datagrams split where the kernel coalesced
+/// them), or registers the task to be woken.
+#[allow(clippy::type_complexity)]
+fn poll_datagrams(
+    socket: &dyn quinn::AsyncUdpSocket,
+    buf: &mut [u8],
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<std::io::Result<Vec<(SocketAddr, Option<IpAddr>, BytesMut)>>> {
+    use quinn::udp::{BATCH_SIZE, RecvMeta};
+    let slot = buf.len() / BATCH_SIZE;
+    let mut metas = [RecvMeta::default(); BATCH_SIZE];
+    let mut iovs: [std::io::IoSliceMut<'_>; BATCH_SIZE] = {
+        let mut bufs = buf.chunks_mut(slot).map(std::io::IoSliceMut::new);
+        std::array::from_fn(|_| bufs.next().expect("BATCH_SIZE slots"))
+    };
+    loop {
+        match socket.poll_recv(cx, &mut iovs, &mut metas) {
+            std::task::Poll::Ready(Ok(n)) => {
+                let mut out = Vec::new();
+                for (meta, b) in metas.iter().zip(iovs.iter()).take(n) {
+                    let mut data = BytesMut::from(&b[..meta.len]);
+                    while !data.is_empty() {
+                        let d = data.split_to(meta.stride.min(data.len()));
+                        out.push((meta.addr, meta.dst_ip, d));
+                    }
+                }
+                return std::task::Poll::Ready(Ok(out));
+            }
+            // A reset is undefined in QUIC and may be injected by anyone.
+            std::task::Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
                 continue;
             }
-            *n += 1;
-            IpSlot {
-                map: per_ip.clone(),
-                ip: peer.ip(),
-            }
-        };
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let conn = match incoming.accept() {
-                Ok(connecting) => connecting.await,
-                Err(e) => Err(e),
-            };
-            match conn {
-                Ok(conn) => established(conn, false, tx, role, Some(slot)).await,
-                Err(e) => {
-                    metrics::counter!("braid_quic_handshake_failed_total", "role" => role, "side" => "accept", "reason" => handshake_failure(&e))
-                        .increment(1);
-                    tracing::warn!(%peer, "QUIC handshake refused: {e}");
-                }
-            }
-        });
+            other => return other.map(|r| r.map(|_| Vec::new())),
+        }
     }
 }
 
 /// Why a handshake failed, for the `reason` label: `tls` (a certificate one side does not
 /// trust, or another TLS failure, on either side), `refused` (the peer takes no more
 /// connections), `timed_out` (too little came back in time), or `other`.
-fn handshake_failure(e: &quinn::ConnectionError) -> &'static str {
-    use quinn::ConnectionError as E;
+fn handshake_failure(e: &quinn_proto::ConnectionError) -> &'static str {
+    use quinn_proto::ConnectionError as E;
     let code = match e {
         E::TransportError(t) => u64::from(t.code),
         E::ConnectionClosed(c) => u64::from(c.error_code),
@@ -797,161 +867,5 @@ fn handshake_failure(e: &quinn::ConnectionError) -> &'static str {
         0x02 => "refused",
         0x100..=0x1ff => "tls",
         _ => "other",
-    }
-}
-
-/// Holds one of an IP address's connection slots until dropped.
-struct IpSlot {
-    map: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    ip: IpAddr,
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.ip);
-            }
-        }
-    }
-}
-
-/// Runs an established connection until it closes: tells the daemon, writes its control
-/// stream, reads datagrams and the peer's control streams.
-async fn established(
-    conn: Connection,
-    dialed: bool,
-    tx: mpsc::Sender<Event>,
-    role: &'static str,
-    _slot: Option<IpSlot>,
-) {
-    let peer = conn.remote_address();
-    // A dialed peer passed our trust check as a server; an accepting side learns whether
-    // the dialer proved itself with a client certificate the trust settings accepted.
-    let node = dialed
-        || conn
-            .peer_identity()
-            .and_then(|i| {
-                i.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
-                    .ok()
-            })
-            .is_some_and(|c| !c.is_empty());
-    let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
-    tokio::spawn(write_control(conn.clone(), control_rx, role));
-    if tx
-        .send(Event::Up {
-            peer,
-            conn: conn.clone(),
-            control,
-            node,
-        })
-        .await
-        .is_err()
-    {
-        return;
-    }
-    let reason = loop {
-        tokio::select! {
-            d = conn.read_datagram() => match d {
-                // Media never waits here: quinn would drop the oldest datagrams of a
-                // full receive buffer without a word; a full queue to the daemon's task
-                // drops this one, counted.
-                Ok(d) => match tx.try_send(Event::Message(peer, d)) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => dropped(role, "receive_queue_full"),
-                    Err(mpsc::error::TrySendError::Closed(_)) => return,
-                },
-                Err(e) => break e.to_string(),
-            },
-            s = conn.accept_uni() => match s {
-                Ok(s) => {
-                    tokio::spawn(read_control(conn.clone(), s, tx.clone(), role));
-                }
-                Err(e) => break e.to_string(),
-            },
-        }
-    };
-    let _ = tx
-        .send(Event::Down {
-            peer,
-            id: conn.stable_id(),
-            reason,
-        })
-        .await;
-}
-
-async fn write_control(conn: Connection, mut rx: mpsc::Receiver<Bytes>, role: &'static str) {
-    let lost = |n: u64| {
-        metrics::counter!("braid_quic_dropped_total", "role" => role, "reason" => "connection_lost")
-            .increment(n);
-    };
-    let Ok(mut stream) = conn.open_uni().await else {
-        rx.close();
-        let mut n = 0;
-        while rx.try_recv().is_ok() {
-            n += 1;
-        }
-        lost(n);
-        return;
-    };
-    // Grown as needed: a viewer's connection carries a few small messages a second,
-    // and thousands of them hold these buffers (issue 16: memory per QUIC viewer).
-    let mut buf = BytesMut::new();
-    while let Some(m) = rx.recv().await {
-        buf.clear();
-        buf.extend_from_slice(&(m.len() as u16).to_be_bytes());
-        buf.extend_from_slice(&m);
-        let mut batch = 1;
-        // Batch whatever else is queued into one write.
-        while let Ok(m) = rx.try_recv() {
-            buf.extend_from_slice(&(m.len() as u16).to_be_bytes());
-            buf.extend_from_slice(&m);
-            batch += 1;
-        }
-        if stream.write_all(&buf).await.is_err() {
-            // This batch, and whatever is queued behind it, never reaches the peer.
-            rx.close();
-            while rx.try_recv().is_ok() {
-                batch += 1;
-            }
-            lost(batch);
-            return;
-        }
-    }
-}
-
-async fn read_control(
-    conn: Connection,
-    mut stream: quinn::RecvStream,
-    tx: mpsc::Sender<Event>,
-    role: &'static str,
-) {
-    let peer = conn.remote_address();
-    // Grown as needed (see `write_control`).
-    let mut buf = BytesMut::new();
-    loop {
-        loop {
-            match braid_core::wire::split_frame(&mut buf) {
-                Ok(Some(m)) => {
-                    if tx.send(Event::Message(peer, m)).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    metrics::counter!("braid_dropped_total", "role" => role, "reason" => "quic_bad_frame")
-                        .increment(1);
-                    tracing::warn!(%peer, "QUIC control stream broken ({e}): closing");
-                    conn.close(1u32.into(), b"bad frame");
-                    return;
-                }
-            }
-        }
-        match stream.read_chunk(16 * 1024, true).await {
-            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
-            Ok(None) | Err(_) => return,
-        }
     }
 }

@@ -340,6 +340,9 @@ impl Socket {
         if !self.outbox.is_empty() {
             self.send_outbox();
         }
+        if let Some(q) = self.quic.as_mut() {
+            q.flush(Instant::now());
+        }
         if let Some(w) = self.workers.as_mut() {
             self.stats.send_failed += w.hand_over(self.role);
         }

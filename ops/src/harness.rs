@@ -1232,7 +1232,7 @@ pub mod crowd {
             }
         }
         seen.stopped = Some(Instant::now());
-        if let Some(q) = sock.quic() {
+        if let Some(q) = sock.quic_mut() {
             // Closing the connection is the viewer leaving: the edge drops it at once.
             q.close();
         }

@@ -307,7 +307,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     d.drive(&mut machine);
     export(d.role, &mut machine);
-    if let Some(q) = d.socket.quic() {
+    if let Some(q) = d.socket.quic_mut() {
         q.close();
     }
     tracing::info!("reflector stopped");
