@@ -180,8 +180,8 @@ pub trait DaemonConfig: clap::Parser + DeserializeOwned + serde::Serialize {
     fn validate(&self) -> anyhow::Result<()>;
     /// Threads the daemon's tasks run on besides its main one. 0 (the default): every
     /// task on the one thread that runs `run`. With more, the main task keeps its thread
-    /// and the tasks it spawns (QUIC connections and their handshakes, TCP viewers)
-    /// share this many others.
+    /// and the tasks it spawns (TCP viewers; QUIC connections have none, they are driven
+    /// from the main task) share this many others.
     fn task_threads(&self) -> usize {
         0
     }

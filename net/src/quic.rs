@@ -1,4 +1,5 @@
-//! QUIC links (quinn), driven from a daemon's one task like its UDP socket.
+//! QUIC links (quinn-proto through [`crate::quic_core`]), driven from a daemon's one task
+//! like its UDP socket: no connection has a task, a channel or a transmit buffer of its own.
 //!
 //! - **One connection per node pair** carries every stream, both ways: whichever side dials
 //!   first, the other sends on the same connection. Peers are known by the address of

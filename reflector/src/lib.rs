@@ -167,11 +167,9 @@ pub struct Config {
     #[arg(long, default_value_t = 0)]
     #[serde(default)]
     pub workers: usize,
-    /// Threads for the connections' tasks (QUIC connections with their handshakes and
-    /// encryption, TCP viewers), beside the packet task's own thread; 0, the default,
-    /// runs them all on the packet task's thread. For machines with many cores whose
-    /// QUIC viewers fill one: on two cores shared with the viewers it cost a quarter
-    /// more CPU per Gbps and joined no faster (BENCHMARKS.md).
+    /// Threads for the daemon's other tasks (TCP viewers), beside the packet task's own
+    /// thread; 0, the default, runs them all on the packet task's thread. QUIC
+    /// connections are driven from the packet task itself, with no task of their own.
     #[arg(long, default_value_t = 0)]
     #[serde(default)]
     pub task_threads: usize,

@@ -51,9 +51,9 @@ fn all_quic_with_ten_percent_loss_everywhere_is_byte_exact() {
     assert_eq!(net.viewer_stats(0)["transport"], "quic");
 }
 
-/// Issue 16: an edge whose QUIC connections run on two threads beside its packet task
-/// (`--task-threads 2`: handshakes, encryption and the control streams in parallel with
-/// the merge) serves its QUIC viewers byte-exact under loss, as with one thread.
+/// Issue 16: an edge on a multi-threaded runtime (`--task-threads 2`: its packet task on
+/// the main thread, which drives its QUIC connections, two threads for other tasks)
+/// serves its QUIC viewers byte-exact under loss, as with one thread.
 #[test]
 fn an_edge_with_task_threads_serves_quic_viewers_byte_exact() {
     let mut net = Net::start(Spec {

@@ -46,7 +46,7 @@ struct Args {
     /// measured at every count, in turn.
     #[arg(long, default_value = "1,2", value_delimiter = ',')]
     workers: Vec<usize>,
-    /// The edge's threads for its connections' tasks (`--task-threads`), comma-separated:
+    /// The edge's threads for its other tasks (`--task-threads`: TCP viewers), comma-separated:
     /// each is a fresh edge for every `--workers` count.
     #[arg(long, default_value = "0", value_delimiter = ',')]
     task_threads: Vec<usize>,
