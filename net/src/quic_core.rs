@@ -108,7 +108,9 @@ struct Conn {
 pub struct Core {
     endpoint: Endpoint,
     server: Option<Arc<ServerConfig>>,
-    conns: HashMap<ConnectionHandle, Conn>,
+    /// Boxed: a connection's state is several KiB, and a table of them inline would keep
+    /// a slack of empty slots as large (and move every one as it grows).
+    conns: HashMap<ConnectionHandle, Box<Conn>>,
     generation: u64,
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     touched: Vec<ConnectionHandle>,
@@ -176,7 +178,7 @@ impl Core {
         let peer = q.remote_address();
         self.conns.insert(
             ch,
-            Conn {
+            Box::new(Conn {
                 q,
                 peer,
                 generation: self.generation,
@@ -188,7 +190,7 @@ impl Core {
                 partial: Vec::new(),
                 armed: None,
                 touched: false,
-            },
+            }),
         );
         self.touch(ch);
     }
