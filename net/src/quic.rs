@@ -216,6 +216,8 @@ pub struct Quic {
     changes: Vec<Change>,
     /// A change was made that the owner has not been woken for.
     changed: bool,
+    /// What the core said happened, kept for its room between calls.
+    events: Vec<CoreEvent>,
     sleep: Pin<Box<tokio::time::Sleep>>,
     stats: Stats,
     /// Per-packet counters, looked up once (on first use: after the daemon installed
@@ -377,6 +379,7 @@ impl Quic {
             peers: HashMap::new(),
             changes: Vec::new(),
             changed: false,
+            events: Vec::new(),
             sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
             stats: Stats::default(),
             counters: None,
@@ -474,32 +477,19 @@ impl Quic {
         };
         let len = bytes.len() as u64;
         if is_data {
-            if self.core.datagram_space(c.ch) < bytes.len() {
-                dropped(role, "send_buffer_full");
-                self.stats.dropped += 1;
-                c.full_since_warned += 1;
-                if c.warned_full
-                    .is_none_or(|t| now.saturating_duration_since(t) >= FULL_WARN_EVERY)
-                {
-                    let (rtt, cwnd) = self.core.path(c.ch).unwrap_or_default();
-                    tracing::warn!(%peer, dropped = c.full_since_warned,
-                        rtt_ms = rtt.as_secs_f64() * 1e3, cwnd,
-                        "QUIC datagrams dropped: the connection's send buffer is full \
-                         (counted in braid_quic_dropped_total{{reason=\"send_buffer_full\"}})");
-                    c.warned_full = Some(now);
-                    c.full_since_warned = 0;
-                }
-                return;
-            }
             match self.core.send_datagram(c.ch, bytes) {
-                Ok(()) => {
+                Some(Ok(())) => {
                     self.stats.datagrams_sent += 1;
                     self.stats.sent_bytes += len;
                     let m = self.counters.get_or_insert_with(|| Counters::new(role));
                     m.datagrams.increment(1);
                     m.bytes.increment(len);
                 }
-                Err(e) => {
+                None => {
+                    dropped(role, "connection_lost");
+                    self.stats.dropped += 1;
+                }
+                Some(Err(e)) => {
                     let reason = match e {
                         SendDatagramError::TooLarge => {
                             if !c.warned_size {
@@ -518,8 +508,21 @@ impl Quic {
                         SendDatagramError::UnsupportedByPeer | SendDatagramError::Disabled => {
                             "datagrams_unsupported"
                         }
-                        // Room was checked above; a connection closing takes no more.
-                        SendDatagramError::Blocked(_) => "send_buffer_full",
+                        SendDatagramError::Blocked(_) => {
+                            c.full_since_warned += 1;
+                            if c.warned_full
+                                .is_none_or(|t| now.saturating_duration_since(t) >= FULL_WARN_EVERY)
+                            {
+                                let (rtt, cwnd) = self.core.path(c.ch).unwrap_or_default();
+                                tracing::warn!(%peer, dropped = c.full_since_warned,
+                                    rtt_ms = rtt.as_secs_f64() * 1e3, cwnd,
+                                    "QUIC datagrams dropped: the connection's send buffer is full \
+                                     (counted in braid_quic_dropped_total{{reason=\"send_buffer_full\"}})");
+                                c.warned_full = Some(now);
+                                c.full_since_warned = 0;
+                            }
+                            "send_buffer_full"
+                        }
                     };
                     dropped(role, reason);
                     self.stats.dropped += 1;
@@ -601,12 +604,15 @@ impl Quic {
     fn drive(&mut self, now: Instant, out: &mut Vec<(SocketAddr, Bytes)>) {
         for _ in 0..4 {
             self.flush(now);
-            let events = self.core.take_events();
-            if events.is_empty() {
-                break;
-            }
-            for ev in events {
+            let mut events = std::mem::take(&mut self.events);
+            self.core.take_events(&mut events);
+            let any = !events.is_empty();
+            for ev in events.drain(..) {
                 self.handle(now, ev, out);
+            }
+            self.events = events;
+            if !any {
+                break;
             }
         }
     }

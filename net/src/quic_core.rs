@@ -197,10 +197,7 @@ impl Core {
 
     fn touch(&mut self, ch: ConnectionHandle) {
         if let Some(c) = self.conns.get_mut(&ch) {
-            if !c.touched {
-                c.touched = true;
-                self.touched.push(ch);
-            }
+            mark(ch, c, &mut self.touched);
         }
     }
 
@@ -280,30 +277,25 @@ impl Core {
         }
     }
 
-    /// Queues a media datagram on connection `ch`.
+    /// Queues a media datagram on connection `ch`; `None` when there is no such
+    /// connection. A full send buffer refuses it (`Blocked`): live media does not push
+    /// out what is already queued.
     pub fn send_datagram(
         &mut self,
         ch: ConnectionHandle,
         bytes: Bytes,
-    ) -> Result<(), SendDatagramError> {
-        let Some(c) = self.conns.get_mut(&ch) else {
-            return Err(SendDatagramError::Disabled);
-        };
-        c.q.datagrams().send(bytes, false)?;
-        self.touch(ch);
-        Ok(())
+    ) -> Option<Result<(), SendDatagramError>> {
+        let c = self.conns.get_mut(&ch)?;
+        let r = c.q.datagrams().send(bytes, false);
+        if r.is_ok() {
+            mark(ch, c, &mut self.touched);
+        }
+        Some(r)
     }
 
     /// The largest datagram connection `ch` carries now, if any.
     pub fn max_datagram(&mut self, ch: ConnectionHandle) -> Option<usize> {
         self.conns.get_mut(&ch)?.q.datagrams().max_size()
-    }
-
-    /// Room for datagrams on connection `ch` before its send buffer is full, bytes.
-    pub fn datagram_space(&mut self, ch: ConnectionHandle) -> usize {
-        self.conns
-            .get_mut(&ch)
-            .map_or(0, |c| c.q.datagrams().send_buffer_space())
     }
 
     /// Queues a control message on connection `ch`'s stream, framed by its length.
@@ -318,7 +310,7 @@ impl Core {
         framed.extend_from_slice(msg);
         c.backlog.push_back(framed.freeze());
         write_backlog(c, &mut self.events);
-        self.touch(ch);
+        mark(ch, c, &mut self.touched);
         Ok(())
     }
 
@@ -407,11 +399,7 @@ impl Core {
         };
         c.touched = false;
         // What the connection tells the endpoint (identifiers to issue or retire).
-        while let Some(ev) = c.q.poll_endpoint_events() {
-            if let Some(ce) = self.endpoint.handle_event(ch, ev) {
-                c.q.handle_event(ce);
-            }
-        }
+        endpoint_events(&mut self.endpoint, ch, c);
         while let Some(ev) = c.q.poll() {
             app_event(now, ch, c, ev, &mut self.events);
         }
@@ -425,17 +413,12 @@ impl Core {
             sent += t.size.div_ceil(t.segment_size.unwrap_or(t.size).max(1));
             if sent >= MAX_TRANSMITS_PER_FLUSH {
                 // Others get their turn; this one is driven again.
-                c.touched = true;
-                self.touched.push(ch);
+                mark(ch, c, &mut self.touched);
                 break;
             }
         }
         // Events the transmit raised (a close sent, endpoint events).
-        while let Some(ev) = c.q.poll_endpoint_events() {
-            if let Some(ce) = self.endpoint.handle_event(ch, ev) {
-                c.q.handle_event(ce);
-            }
-        }
+        endpoint_events(&mut self.endpoint, ch, c);
         if c.q.is_drained() {
             if let Some(ip) = c.slot {
                 if let Some(n) = self.per_ip.get_mut(&ip) {
@@ -463,9 +446,27 @@ impl Core {
         }
     }
 
-    /// What happened since the last call.
-    pub fn take_events(&mut self) -> Vec<CoreEvent> {
-        std::mem::take(&mut self.events)
+    /// Moves what happened since the last call to the end of `into`.
+    pub fn take_events(&mut self, into: &mut Vec<CoreEvent>) {
+        into.append(&mut self.events);
+    }
+}
+
+/// Queues connection `ch` to be driven at the next flush, once.
+fn mark(ch: ConnectionHandle, c: &mut Conn, touched: &mut Vec<ConnectionHandle>) {
+    if !c.touched {
+        c.touched = true;
+        touched.push(ch);
+    }
+}
+
+/// Hands the endpoint what connection `ch` tells it (identifiers to issue or retire, its
+/// end), and the connection what the endpoint answers.
+fn endpoint_events(endpoint: &mut Endpoint, ch: ConnectionHandle, c: &mut Conn) {
+    while let Some(ev) = c.q.poll_endpoint_events() {
+        if let Some(ce) = endpoint.handle_event(ch, ev) {
+            c.q.handle_event(ce);
+        }
     }
 }
 
@@ -705,9 +706,9 @@ mod tests {
                             wire.push((t.destination, from, d.to_vec()));
                         }
                     });
-                    for e in core.take_events() {
-                        self.events.push((from, e));
-                    }
+                    let mut events = Vec::new();
+                    core.take_events(&mut events);
+                    self.events.extend(events.into_iter().map(|e| (from, e)));
                 }
             }
         }
@@ -759,6 +760,7 @@ mod tests {
         for i in 0..50u8 {
             net.core(b)
                 .send_datagram(cb, Bytes::from(vec![i; 1300]))
+                .expect("connected")
                 .unwrap();
         }
         net.run(Duration::from_millis(50));
@@ -766,6 +768,41 @@ mod tests {
         let got = net.messages(a);
         assert_eq!(got.len(), 50, "every datagram arrives");
         assert!(got.iter().all(|(from, m)| *from == b && m.len() == 1300));
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    /// A connection whose peer acknowledges nothing holds at most its send buffer of
+    /// media (256 KiB); what comes beyond is refused, for the caller to count, and what is
+    /// queued is not pushed out by newer datagrams.
+    #[test]
+    fn a_full_send_buffer_refuses_media_beyond_it() {
+        let d = certs("full", &["a", "b"]);
+        let (ta, tb) = (tls(&d, "a"), tls(&d, "b"));
+        let (a, b) = (addr(1), addr(2));
+        let mut net = Net::new(vec![
+            (a, Core::new(None, 8, MAX_SEGMENTS)),
+            (b, Core::new(Some(server(&tb)), 8, MAX_SEGMENTS)),
+        ]);
+        let now = net.now;
+        net.core(a)
+            .connect(now, client(&ta), b, "127.0.0.1")
+            .unwrap();
+        net.run(Duration::from_millis(50));
+        let (cb, _) = up(&net.events, b).expect("up");
+        net.cut.push(a);
+        let (mut queued, mut refused) = (0, 0);
+        for i in 0..400u32 {
+            let m = Bytes::from(vec![i as u8; 1300]);
+            match net.core(b).send_datagram(cb, m).expect("connected") {
+                Ok(()) => queued += 1,
+                Err(SendDatagramError::Blocked(_)) => refused += 1,
+                Err(e) => panic!("{e}"),
+            }
+            net.run(Duration::from_millis(1));
+        }
+        // 256 KiB of 1,300-byte datagrams, and the few the congestion window let out.
+        assert!((190..=220).contains(&queued), "{queued} queued");
+        assert_eq!(queued + refused, 400);
         let _ = std::fs::remove_dir_all(d);
     }
 
