@@ -45,9 +45,17 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Control messages kept for a peer while it is being dialed.
 const PENDING_MAX: usize = 64;
-/// Bytes of datagrams quinn keeps for one connection before the daemon's task reads them;
-/// the connection's reader drains it at once into the daemon's queue.
+/// Bytes of datagrams quinn keeps for one connection before the daemon's task reads them
+/// (the core drains them as each packet is handled).
 const DATAGRAM_RECEIVE_BUFFER: usize = 1 << 20;
+/// Bytes of one stream's data a peer may send beyond what was read: what the endpoint holds
+/// for it while a lost packet delays the rest. A control message is at most 9,002 bytes
+/// framed, read as it comes; quinn's default (1.25 MB) would let a peer park that much
+/// per stream.
+pub(crate) const STREAM_RECEIVE_WINDOW: u32 = 64 * 1024;
+/// The same for all of a connection's streams together (quinn's default has no bound):
+/// the four streams a peer may open.
+pub(crate) const RECEIVE_WINDOW: u32 = 4 * STREAM_RECEIVE_WINDOW;
 /// Bytes of datagrams waiting for a connection's congestion window.
 const DATAGRAM_SEND_BUFFER: usize = 256 << 10;
 /// The round trip assumed before one is measured (quinn's default is RFC 9002's 333 ms).
@@ -283,6 +291,8 @@ pub(crate) fn transport(initial_mtu: u16, congestion: Congestion) -> Arc<quinn::
     // datagrams back queues at most this much (about half a second at 4 Mbps), and
     // beyond it new datagrams are dropped and counted, for the merge to repair.
     t.datagram_send_buffer_size(DATAGRAM_SEND_BUFFER);
+    t.stream_receive_window(STREAM_RECEIVE_WINDOW.into());
+    t.receive_window(RECEIVE_WINDOW.into());
     t.max_concurrent_uni_streams(4u32.into());
     t.max_concurrent_bidi_streams(0u32.into());
     Arc::new(t)

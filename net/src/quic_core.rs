@@ -611,7 +611,7 @@ fn read_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quic::{Congestion, transport};
+    use crate::quic::{Congestion, RECEIVE_WINDOW, STREAM_RECEIVE_WINDOW, transport};
     use crate::tls::{Tls, make_dev_certs};
     use quinn_proto::crypto::rustls::{QuicClientConfig, QuicServerConfig};
     use std::time::Duration;
@@ -903,6 +903,47 @@ mod tests {
         net.events.clear();
         net.run(Duration::from_millis(50));
         assert!(up(&net.events, b).is_some(), "{:?}", net.events);
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    /// What a peer can make the listener hold for it in stream data (data it has not read:
+    /// a stream's bytes that wait for a lost packet before them) is bounded by the
+    /// windows it advertises. A hostile peer opens every stream it may and fills each
+    /// with the wire to the listener cut, the most it could ever park there.
+    #[test]
+    fn a_peer_can_park_at_most_the_receive_window_in_stream_data() {
+        let d = certs("window", &["a", "b"]);
+        let (ta, tb) = (tls(&d, "a"), tls(&d, "b"));
+        let (a, b) = (addr(1), addr(2));
+        let mut net = Net::new(vec![
+            (a, Core::new(None, 8, MAX_SEGMENTS)),
+            (b, Core::new(Some(server(&tb)), 8, MAX_SEGMENTS)),
+        ]);
+        let now = net.now;
+        let ca = net
+            .core(a)
+            .connect(now, client(&ta), b, "127.0.0.1")
+            .unwrap();
+        net.run(Duration::from_millis(50));
+        assert!(up(&net.events, b).is_some());
+        net.cut.push(b);
+        let q = &mut net.core(a).conns.get_mut(&ca).unwrap().q;
+        let chunk = vec![7u8; 16 * 1024];
+        let mut accepted = 0usize;
+        while let Some(id) = q.streams().open(Dir::Uni) {
+            let mut s = q.send_stream(id);
+            while let Ok(n) = s.write(&chunk) {
+                accepted += n;
+                if n == 0 || accepted > 64 << 20 {
+                    break;
+                }
+            }
+        }
+        assert!(
+            accepted <= RECEIVE_WINDOW as usize,
+            "{accepted} bytes of stream data accepted for the listener to hold"
+        );
+        assert!(accepted >= STREAM_RECEIVE_WINDOW as usize, "{accepted}");
         let _ = std::fs::remove_dir_all(d);
     }
 }
