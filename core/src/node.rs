@@ -100,6 +100,10 @@ impl Drops {
     }
 }
 
+/// Outputs' room an empty [`Outbox`] keeps: a busy edge's outputs between two drains
+/// in steady state (a few hundred viewers' packets of one input batch).
+pub const OUTBOX_KEEP: usize = 4096;
+
 /// A machine's queue of outputs, with the codec that signs the messages it builds.
 #[derive(Debug)]
 pub struct Outbox<E> {
@@ -188,9 +192,15 @@ impl<E> Outbox<E> {
         self.queue.push_back(Output::Event(e));
     }
 
-    /// The next output queued, if any.
+    /// The next output queued, if any. A queue drained after a burst (many viewers
+    /// joining at once, each sent its catch-up) gives back what it grew beyond
+    /// [`OUTBOX_KEEP`] outputs, rather than hold the burst's memory for good.
     pub fn pop(&mut self) -> Option<Output<E>> {
-        self.queue.pop_front()
+        let o = self.queue.pop_front();
+        if o.is_none() && self.queue.capacity() > OUTBOX_KEEP {
+            self.queue.shrink_to(OUTBOX_KEEP);
+        }
+        o
     }
 
     /// Outputs queued.
@@ -560,6 +570,34 @@ mod tests {
             seq: SeqNo(seq),
             rtp,
         }
+    }
+
+    #[test]
+    fn a_drained_outbox_gives_back_a_bursts_room() {
+        let mut out: Outbox<()> = Outbox::new(Codec::new(Key::derive("k")));
+        let d = Bytes::from_static(b"x");
+        for _ in 0..3 {
+            for _ in 0..20_000 {
+                out.send(Peer::Conn(1), d.clone(), true);
+            }
+            let mut popped = 0;
+            while out.pop().is_some() {
+                popped += 1;
+            }
+            assert_eq!(popped, 20_000);
+            assert!(
+                out.queue.capacity() <= OUTBOX_KEEP,
+                "{}",
+                out.queue.capacity()
+            );
+        }
+        // A steady queue keeps its room: no allocation per drain.
+        for _ in 0..100 {
+            out.send(Peer::Conn(1), d.clone(), true);
+        }
+        let room = out.queue.capacity();
+        while out.pop().is_some() {}
+        assert_eq!(out.queue.capacity(), room);
     }
 
     #[test]

@@ -34,6 +34,11 @@ pub const QUEUE: usize = 256;
 /// Emptied batches kept per worker for reuse.
 const SPARE: usize = 4;
 
+/// Room an emptied batch keeps for reuse: a wake-up's datagrams for one worker in steady
+/// state. A burst's batch (many viewers joining at once, each sent its catch-up) gives
+/// back the rest, rather than hold the burst's memory in every spare for good.
+const BATCH_KEEP: usize = 4096;
+
 /// Most workers a socket may have.
 pub const MAX: usize = 64;
 
@@ -95,6 +100,9 @@ impl Workers {
                         counts.failed.fetch_add(failed, Ordering::Relaxed);
                         counts.bytes.fetch_add(bytes, Ordering::Relaxed);
                         batch.clear();
+                        if batch.capacity() > BATCH_KEEP {
+                            batch.shrink_to(BATCH_KEEP);
+                        }
                         let _ = spare_tx.try_send(batch);
                     }
                 })?;
@@ -252,6 +260,31 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(w.counts(), (300, 0, 1200));
+    }
+
+    /// A burst's batch comes back to be reused without the burst's room.
+    #[test]
+    fn a_bursts_batch_is_reused_without_its_room() {
+        let (_main, senders) = crate::udp::bind_group(local(), 1).unwrap();
+        let r = UdpSocket::bind(local()).unwrap();
+        let to = r.local_addr().unwrap();
+        let mut w = Workers::start(senders, "test").unwrap();
+        for _ in 0..20_000 {
+            w.push(to, Bytes::from_static(b"x"));
+        }
+        assert_eq!(w.hand_over("test"), 0);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let back = loop {
+            if let Ok(b) = w.spare.try_recv() {
+                break b;
+            }
+            assert!(Instant::now() < deadline, "the batch never came back");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let (sent, failed, _) = w.counts();
+        assert_eq!(sent + failed, 20_000);
+        assert!(back.is_empty());
+        assert!(back.capacity() <= BATCH_KEEP, "{}", back.capacity());
     }
 
     /// What was handed over is sent even when the socket goes right after.
