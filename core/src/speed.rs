@@ -55,23 +55,51 @@ impl Default for Config {
     }
 }
 
-/// One sample.
+/// One sample. Held by every viewer's meter ([`HELD`] of them), so kept small: a
+/// sample's counts fit 32 bits (4 GB in a sample, 4.29 Gbit/s for one viewer), and
+/// saturate beyond.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Sample {
     at: Instant,
-    /// What it received over the sample.
-    bps: u64,
-    bytes: u64,
+    /// What it received over the sample, bit/s.
+    bps: u32,
+    bytes: u32,
     /// What of the stream was sent to it.
-    sent: u64,
+    sent: u32,
     /// Repairs sent to it.
-    repairs: u64,
+    repairs: u32,
+    /// What was on its way at the last credit by its close.
+    backlog: Option<i32>,
     /// Whether its window or queue held back packets ready for it.
     blocked: bool,
     /// Whether the estimate at its close said limited.
     limited: bool,
-    /// What was on its way at the last credit by its close.
-    backlog: Option<i64>,
+}
+
+impl Sample {
+    fn bps(&self) -> u64 {
+        u64::from(self.bps)
+    }
+    fn bytes(&self) -> u64 {
+        u64::from(self.bytes)
+    }
+    fn sent(&self) -> u64 {
+        u64::from(self.sent)
+    }
+    fn repairs(&self) -> u64 {
+        u64::from(self.repairs)
+    }
+    fn backlog(&self) -> Option<i64> {
+        self.backlog.map(i64::from)
+    }
+}
+
+// Every viewer holds `HELD` of them.
+const _: () = assert!(std::mem::size_of::<Sample>() <= 48);
+
+/// `v` in 32 bits, saturated.
+fn narrow(v: u64) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
 }
 
 /// What a meter says of a viewer's link.
@@ -221,13 +249,15 @@ impl Meter {
         }
         self.samples.push_back(Sample {
             at: now,
-            bps,
-            bytes: self.bytes,
-            sent: self.sent,
-            repairs: self.repairs,
+            bps: narrow(bps),
+            bytes: narrow(self.bytes),
+            sent: narrow(self.sent),
+            repairs: narrow(self.repairs),
             blocked: self.blocked,
             limited: false,
-            backlog: self.backlog,
+            backlog: self
+                .backlog
+                .map(|b| b.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32),
         });
         let e = self.estimate(now);
         let limited = e.is_some_and(|e| e.limited);
@@ -270,15 +300,15 @@ impl Meter {
         if n > 0 {
             let recent = self.samples.range(len - n..);
             let blocked = recent.clone().filter(|s| s.blocked).count();
-            let sent: u64 = recent.clone().map(|s| s.sent).sum();
+            let sent: u64 = recent.clone().map(|s| s.sent()).sum();
             // What is on its way grew by more than 5% of what was sent: the viewer
             // receives less than it is sent. (Read at credits, which come in steps.)
             // The lesser of two readings at each end: a keyframe's burst in flight at
             // one credit is not a queue.
             let start = len.saturating_sub(n + 1);
             let low = |i: usize| {
-                let a = self.samples[i].backlog;
-                let b = self.samples.get(i + 1).and_then(|s| s.backlog);
+                let a = self.samples[i].backlog();
+                let b = self.samples.get(i + 1).and_then(|s| s.backlog());
                 match (a, b) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -312,10 +342,11 @@ impl Meter {
             // The window's mean, or its second half's when lower: a link that fell
             // within the window shows at its new rate, not halfway (one move down,
             // not two a window apart).
-            let mean = recent.clone().map(|s| s.bps).sum::<u64>() / n as u64;
+            let mean = recent.clone().map(|s| s.bps()).sum::<u64>() / n as u64;
             let half = n / 2;
             let mean = if half >= 2 {
-                let late = recent.clone().skip(n - half).map(|s| s.bps).sum::<u64>() / half as u64;
+                let late =
+                    recent.clone().skip(n - half).map(|s| s.bps()).sum::<u64>() / half as u64;
                 mean.min(late)
             } else {
                 mean
@@ -337,11 +368,11 @@ impl Meter {
             .iter()
             .rposition(|s| s.limited)
             .map_or(0, |i| i + 1);
-        let max = self.samples.iter().skip(since).map(|s| s.bps).max();
+        let max = self.samples.iter().skip(since).map(|s| s.bps()).max();
         let max = match max {
             Some(m) => m,
             // Every sample held was limited, longer ago than the window: the last.
-            None => self.samples.back()?.bps,
+            None => self.samples.back()?.bps(),
         };
         Some(Estimate {
             bps: max,
@@ -364,20 +395,20 @@ impl Meter {
         if n < 4 {
             return None;
         }
-        let received: u64 = self.samples.range(len - n..).map(|s| s.bytes).sum();
+        let received: u64 = self.samples.range(len - n..).map(|s| s.bytes()).sum();
         // Against what was sent one sample earlier (what it says it received was sent
         // up to an acknowledgement before).
         let lag = usize::from(len > n);
         let (sent, repairs) = self
             .samples
             .range(len - n - lag..len - lag)
-            .fold((0, 0), |(a, b), s| (a + s.sent, b + s.repairs));
+            .fold((0, 0), |(a, b), s| (a + s.sent(), b + s.repairs()));
         let offered = sent + repairs;
         // (Nothing received: nothing is known of its link, which may never have said.)
         if offered <= 8_000 || received == 0 {
             return None;
         }
-        let mean = self.samples.range(len - n..).map(|s| s.bps).sum::<u64>() / n as u64;
+        let mean = self.samples.range(len - n..).map(|s| s.bps()).sum::<u64>() / n as u64;
         Some(Share {
             received: received as f64 / offered as f64,
             repairs: repairs as f64 / sent.max(1) as f64,
@@ -398,7 +429,7 @@ impl Meter {
         if after.is_empty() {
             return None;
         }
-        Some(after.iter().map(|s| s.bps).sum::<u64>() / after.len() as u64)
+        Some(after.iter().map(|s| s.bps()).sum::<u64>() / after.len() as u64)
     }
 
     /// What of the stream was sent to it over the down window, bit/s (its rendition's
@@ -411,7 +442,7 @@ impl Meter {
             .collect();
         let first = recent.first()?;
         let span = now.saturating_duration_since(first.at) + SAMPLE;
-        let bytes: u64 = recent.iter().map(|s| s.sent).sum();
+        let bytes: u64 = recent.iter().map(|s| s.sent()).sum();
         Some(Bitrate::from_size_over(crate::DataSize(bytes), span).as_u64())
     }
 
