@@ -730,6 +730,37 @@ mod tests {
         SocketAddr::from(([127, 0, 0, 1], port))
     }
 
+    /// Node `a` dialed node `b` (a listener; `a` too when `a_listens`), 50 ms on: the
+    /// certificates' directory, the network, both addresses and `a`'s connection.
+    fn dialed(
+        name: &str,
+        a_listens: bool,
+    ) -> (
+        std::path::PathBuf,
+        Net,
+        SocketAddr,
+        SocketAddr,
+        ConnectionHandle,
+    ) {
+        let d = certs(name, &["a", "b"]);
+        let (ta, tb) = (tls(&d, "a"), tls(&d, "b"));
+        let (a, b) = (addr(1), addr(2));
+        let mut net = Net::new(vec![
+            (
+                a,
+                Core::new(a_listens.then(|| server(&ta)), 8, MAX_SEGMENTS),
+            ),
+            (b, Core::new(Some(server(&tb)), 8, MAX_SEGMENTS)),
+        ]);
+        let now = net.now;
+        let ca = net
+            .core(a)
+            .connect(now, client(&ta), b, "127.0.0.1")
+            .unwrap();
+        net.run(Duration::from_millis(50));
+        (d, net, a, b, ca)
+    }
+
     fn up(events: &[(SocketAddr, CoreEvent)], at: SocketAddr) -> Option<(ConnectionHandle, bool)> {
         events.iter().find_map(|(a, e)| match e {
             CoreEvent::Up { ch, node, .. } if *a == at => Some((*ch, *node)),
@@ -739,19 +770,7 @@ mod tests {
 
     #[test]
     fn one_connection_carries_datagrams_and_control_both_ways() {
-        let d = certs("both", &["a", "b"]);
-        let (ta, tb) = (tls(&d, "a"), tls(&d, "b"));
-        let (a, b) = (addr(1), addr(2));
-        let mut net = Net::new(vec![
-            (a, Core::new(Some(server(&ta)), 8, MAX_SEGMENTS)),
-            (b, Core::new(Some(server(&tb)), 8, MAX_SEGMENTS)),
-        ]);
-        let now = net.now;
-        let ca = net
-            .core(a)
-            .connect(now, client(&ta), b, "127.0.0.1")
-            .unwrap();
-        net.run(Duration::from_millis(50));
+        let (d, mut net, a, b, ca) = dialed("both", true);
         let (_, a_sees_b_node) = up(&net.events, a).expect("the dialer is up");
         let (cb, b_sees_a_node) = up(&net.events, b).expect("the listener is up");
         assert!(a_sees_b_node, "a dialed b and b passed its trust check");
@@ -776,18 +795,7 @@ mod tests {
     /// queued is not pushed out by newer datagrams.
     #[test]
     fn a_full_send_buffer_refuses_media_beyond_it() {
-        let d = certs("full", &["a", "b"]);
-        let (ta, tb) = (tls(&d, "a"), tls(&d, "b"));
-        let (a, b) = (addr(1), addr(2));
-        let mut net = Net::new(vec![
-            (a, Core::new(None, 8, MAX_SEGMENTS)),
-            (b, Core::new(Some(server(&tb)), 8, MAX_SEGMENTS)),
-        ]);
-        let now = net.now;
-        net.core(a)
-            .connect(now, client(&ta), b, "127.0.0.1")
-            .unwrap();
-        net.run(Duration::from_millis(50));
+        let (d, mut net, a, b, _) = dialed("full", false);
         let (cb, _) = up(&net.events, b).expect("up");
         net.cut.push(a);
         let (mut queued, mut refused) = (0, 0);
@@ -808,18 +816,7 @@ mod tests {
 
     #[test]
     fn a_vanished_peer_is_noticed_by_its_idle_timeout() {
-        let d = certs("idle", &["a", "b"]);
-        let (ta, tb) = (tls(&d, "a"), tls(&d, "b"));
-        let (a, b) = (addr(1), addr(2));
-        let mut net = Net::new(vec![
-            (a, Core::new(None, 8, MAX_SEGMENTS)),
-            (b, Core::new(Some(server(&tb)), 8, MAX_SEGMENTS)),
-        ]);
-        let now = net.now;
-        net.core(a)
-            .connect(now, client(&ta), b, "127.0.0.1")
-            .unwrap();
-        net.run(Duration::from_millis(50));
+        let (d, mut net, a, b, _) = dialed("idle", false);
         assert!(up(&net.events, b).is_some());
         // Keep-alives hold an idle connection up.
         net.run(Duration::from_secs(3));
@@ -912,19 +909,7 @@ mod tests {
     /// with the wire to the listener cut, the most it could ever park there.
     #[test]
     fn a_peer_can_park_at_most_the_receive_window_in_stream_data() {
-        let d = certs("window", &["a", "b"]);
-        let (ta, tb) = (tls(&d, "a"), tls(&d, "b"));
-        let (a, b) = (addr(1), addr(2));
-        let mut net = Net::new(vec![
-            (a, Core::new(None, 8, MAX_SEGMENTS)),
-            (b, Core::new(Some(server(&tb)), 8, MAX_SEGMENTS)),
-        ]);
-        let now = net.now;
-        let ca = net
-            .core(a)
-            .connect(now, client(&ta), b, "127.0.0.1")
-            .unwrap();
-        net.run(Duration::from_millis(50));
+        let (d, mut net, a, b, ca) = dialed("window", false);
         assert!(up(&net.events, b).is_some());
         net.cut.push(b);
         let q = &mut net.core(a).conns.get_mut(&ca).unwrap().q;
