@@ -428,3 +428,55 @@ fn a_new_rendition_behind_a_full_queue_is_not_asked_into_it() {
         st.packets
     );
 }
+
+/// Issue 13, and CI's failing capped viewer: a link capped at 2.8-3.2 Mbit/s, over the
+/// keeping line of the middle rendition (about 2.5 Mbit/s of TS and 2.56 on the wire,
+/// a 95% share of the cap must cover it), moves a viewer from the top to the middle and
+/// never past it to the lowest, from which no probe climbs back under that cap. Its
+/// credits come in steps (the client acknowledges every 32 packets or 250 ms): read
+/// over each sample's duration, the viewer under 2.9 Mbit/s moved on to the lowest
+/// 2.7 s after reaching the middle; read between credits it stays.
+///
+/// Gaps are not asserted: on links a rendition fills to 92-97% they are the ladder
+/// class's known defect (see the README); what is asserted is where each viewer goes.
+#[test]
+fn a_cap_at_the_middle_renditions_keeping_line_moves_a_viewer_to_it_not_past_it() {
+    let caps = [2800, 2850, 2900, 3000, 3100, 3200];
+    let mut s = schedule(topology(2, 2, 1), Vec::new(), Vec::new());
+    s.duration_ms = 50_000;
+    // About 1, 2.5 and 5 Mbit/s of TS, 7 TS packets to a datagram: the real test's.
+    s.stream.ladder = vec![27, 66, 133];
+    s.stream.ts_per_rtp = 7;
+    s.faults = caps
+        .iter()
+        .enumerate()
+        .map(|(i, &kbps)| {
+            let node = format!("viewer{i}");
+            fault(25_000, FaultKind::LinkRate { node, kbps })
+        })
+        .collect();
+    let mut w = World::new(s);
+    w.run();
+    for (i, cap) in caps.iter().enumerate() {
+        let st = w.record.stats[i].as_ref().expect("stats");
+        let moves: Vec<(u64, u8)> = st.renditions.iter().map(|r| (r.at_ms, r.index)).collect();
+        let at_cap = st
+            .renditions
+            .iter()
+            .rfind(|r| r.at_ms < 25_000)
+            .map(|r| r.index);
+        assert_eq!(
+            at_cap,
+            Some(2),
+            "viewer{i} climbed to the top first: {moves:?}"
+        );
+        assert!(
+            st.renditions
+                .iter()
+                .all(|r| r.index > 0 || r.at_ms < 25_000),
+            "viewer{i} under a {cap} kbit/s cap went past the middle: {moves:?}"
+        );
+        let last = st.renditions.last().map(|r| r.index);
+        assert_eq!(last, Some(1), "viewer{i} settled on the middle: {moves:?}");
+    }
+}
