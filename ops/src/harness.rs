@@ -970,8 +970,12 @@ impl Net {
         }
         // The kernel may hold the old sockets for a moment.
         let deadline = Instant::now() + Duration::from_secs(5);
+        // Each restart's log of its own (a later one does not overwrite an earlier's).
+        let log = (1..)
+            .map(|n| self.path(&format!("edge-restarted-{n}.log")))
+            .find(|p| !p.exists())
+            .expect("a free name");
         loop {
-            let log = self.path("edge-restarted.log");
             let p =
                 std::panic::catch_unwind(|| Proc::start("edge", "braid-reflector", &args, &log));
             match p {
