@@ -412,6 +412,9 @@ pub struct Buffer<T> {
     /// Before the first release, packets wait one window so that copies reordered ahead
     /// of the first arrival still make it.
     hold_until: Option<Instant>,
+    /// Before the first release, packets wait at least until then too
+    /// ([`Buffer::gather_until`]).
+    gather_until: Option<Instant>,
     ready: VecDeque<Output<T>>,
     /// First asks, in the order the holes appeared.
     nack_queue: VecDeque<NackRun>,
@@ -468,6 +471,7 @@ impl<T> Buffer<T> {
             released_any: false,
             played: false,
             hold_until: None,
+            gather_until: None,
             ready: VecDeque::new(),
             nack_queue: VecDeque::new(),
             retry_queue: VecDeque::new(),
@@ -672,6 +676,7 @@ impl<T> Buffer<T> {
         self.next = None;
         self.released_any = false;
         self.hold_until = None;
+        self.gather_until = None;
         self.expected = None;
     }
 
@@ -695,6 +700,7 @@ impl<T> Buffer<T> {
         self.next = None;
         self.released_any = false;
         self.hold_until = None;
+        self.gather_until = None;
     }
 
     /// The sender says the stream starts at `first` (an edge's *joined* notice): before
@@ -708,8 +714,9 @@ impl<T> Buffer<T> {
         }
         let Some(next) = self.next else {
             // Nothing yet: the first packet decides whether `first` is near enough to
-            // believe (a stream may have moved on, to another session, meanwhile).
-            self.expected = Some(first);
+            // believe (a stream may have moved on, to another session, meanwhile). Told
+            // twice, the earlier start.
+            self.expected = Some(self.expected.map_or(first, |e| e.min(first)));
             return;
         };
         if first >= next || (next.0 - first.0) as usize >= self.config.max_held - self.slots.len() {
@@ -736,7 +743,21 @@ impl<T> Buffer<T> {
     /// a join). Holes still wait their window. Does nothing once packets were released.
     pub fn start_now(&mut self) {
         if !self.released_any {
-            self.hold_until = None;
+            self.hold_until = self.gather_until;
+        }
+    }
+
+    /// Nothing is released before `until` (unless something already was): the owner
+    /// gathers where its readers start (an edge opening a stream for viewers that
+    /// resume, each at its own point, as they come back one by one) and may move the
+    /// start earlier meanwhile ([`Buffer::expect_from`]).
+    pub fn gather_until(&mut self, until: Instant) {
+        if self.released_any {
+            return;
+        }
+        self.gather_until = Some(until);
+        if let Some(h) = self.hold_until.as_mut() {
+            *h = (*h).max(until);
         }
     }
 
@@ -923,7 +944,8 @@ impl<T> Buffer<T> {
                 .take()
                 .filter(|e| *e <= seq && seq.0 - e.0 < self.config.max_held as u64 / 2);
             if told.is_none() || !self.played {
-                self.hold_until = Some(now + self.config.reorder_window);
+                let window = now + self.config.reorder_window;
+                self.hold_until = Some(self.gather_until.map_or(window, |g| g.max(window)));
             }
             let behind = told.filter(|e| *e < seq);
             let holes = behind.map_or(0, |e| seq.0 - e.0);

@@ -44,6 +44,10 @@ const DRAIN_SIGNAL: Duration = Duration::from_secs(1);
 /// is forgotten anyway, so this only frees a window that acknowledgements can no longer
 /// reach (packets the viewer will never have), never a merely paused viewer's.
 const IN_FLIGHT_TTL: Duration = Duration::from_secs(3);
+/// A stream opened for a viewer that resumes releases nothing for this long, so that
+/// its other viewers coming back (a client repeats its watch every 250 ms while its
+/// edge is silent) are each started at their own point.
+const RESUME_GATHER: Duration = Duration::from_millis(300);
 /// A viewer's window grows to cover this many of its acknowledgement delays of the
 /// stream (its round trip plus the time between its acknowledgements)…
 const WINDOW_DELAYS: f64 = 2.0;
@@ -1556,10 +1560,17 @@ impl Edge {
         );
         st.empty_since = None;
         let needs_upstream = st.upstream.is_empty();
-        if needs_upstream && watch.start == WatchStart::Seq && st.ring.is_empty() {
+        if watch.start == WatchStart::Seq && st.ring.is_empty() {
             // A cold stream for a viewer resuming (a switch, or its edge restarted): the
             // merge starts where the viewer is, so what it lacks is asked of the set
-            // reflectors, which keep the last seconds.
+            // reflectors, which keep the last seconds. Its other viewers come back one
+            // by one (a client repeats its watch every 250 ms while its edge is
+            // silent), each at its own point: the merge releases nothing for
+            // `RESUME_GATHER`, and starts at the earliest point told meanwhile (a viewer
+            // a few packets behind the first was started at a later keyframe).
+            if needs_upstream {
+                st.merge.gather_until(now + RESUME_GATHER);
+            }
             st.merge.expect_from(now, watch.seq);
         }
         self.viewers += 1;
@@ -3826,6 +3837,72 @@ mod tests {
         };
         assert!(to(viewer(6001)) >= 10, "{}", to(viewer(6001)));
         assert_eq!(to(v), to(viewer(6001)));
+    }
+
+    /// Viewers of a restarted edge come back one by one (a client repeats its watch
+    /// every 250 ms while its edge is silent), each at its own point. The stream opens
+    /// for the first; one 200 ms later, ten packets behind it, is served from its own
+    /// point, what lies between asked of the set reflectors. (It was started at a later
+    /// keyframe, told it missed 395 packets, in one run of the real restarted edge of
+    /// five.)
+    #[test]
+    fn viewers_resuming_a_cold_stream_one_by_one_are_each_served_from_their_point() {
+        let mut now = Instant::now();
+        let mut e = edge(now);
+        let (first, second) = (viewer(5000), viewer(5001));
+        let mut out = Vec::new();
+        let step = |e: &mut Edge, now: Instant, out: &mut Vec<(Peer, Body)>| {
+            // The set reflector answers every ask at once, and the stream flows on.
+            let got = sent(e);
+            for (p, b) in &got {
+                if let (true, Body::Nack(ranges)) = (*p == Peer::Addr(set()), b) {
+                    for r in ranges {
+                        for seq in r.first.0..r.first.0 + u64::from(r.count) {
+                            e.handle_input(now, media(1, seq, Flags::RETRANSMIT));
+                        }
+                    }
+                }
+            }
+            out.extend(got);
+            out.extend(sent(e));
+        };
+        e.handle_input(now, watch(now, first, WatchStart::Seq, 1020));
+        for seq in 1030..1060 {
+            now += Duration::from_millis(10);
+            e.handle_input(now, media(1, seq, Flags::empty()));
+            e.handle_timeout(now);
+            step(&mut e, now, &mut out);
+            if seq == 1050 {
+                e.handle_input(now, watch(now, second, WatchStart::Seq, 1010));
+                step(&mut e, now, &mut out);
+            }
+        }
+        for _ in 0..10 {
+            now += Duration::from_millis(50);
+            e.handle_timeout(now);
+            step(&mut e, now, &mut out);
+        }
+        // (Each in order; the last may go twice, a probe for a lost tail.)
+        let media_to = |v: Peer| -> Vec<u64> {
+            let mut got: Vec<u64> = seen(&out, v)
+                .into_iter()
+                .filter_map(|(k, s)| k.is_none().then_some(s))
+                .collect();
+            got.dedup();
+            got
+        };
+        let late = media_to(second);
+        assert_eq!(late.first(), Some(&1010), "{:?}", seen(&out, second));
+        assert_eq!(late, (1010..1060).collect::<Vec<_>>());
+        assert!(
+            !seen(&out, second)
+                .iter()
+                .any(|(k, _)| *k == Some(NoticeKind::Missed)),
+            "{:?}",
+            seen(&out, second)
+        );
+        // The first is served from its own point, not the second's.
+        assert_eq!(media_to(first), (1020..1060).collect::<Vec<_>>());
     }
 
     #[test]
