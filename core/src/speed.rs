@@ -904,6 +904,15 @@ mod tests {
             }
         }
 
+        /// Nothing queued or measured, from `t` on (a move's new rendition: what the
+        /// old one queued is left behind).
+        fn at(t: Instant) -> Fluid {
+            Fluid {
+                t,
+                ..Fluid::new(Config::default())
+            }
+        }
+
         fn run(&mut self, link: u64, stream: u64, window: f64, secs: f64) {
             self.run_padded(link, stream, 0, window, secs);
         }
@@ -1414,8 +1423,7 @@ mod tests {
         assert_eq!(c.decide(f.t, &LADDER, &f.meter), Some((0, Reason::Down)));
         // Once a move is made, the next one is decided afresh.
         c.moved(f.t, 1);
-        let mut g = Fluid::new(Config::default());
-        g.t = f.t;
+        let mut g = Fluid::at(f.t);
         g.run(2_550_000, 5_000_000, WINDOW, 6.0);
         assert_eq!(c.decide(g.t, &LADDER, &g.meter), Some((0, Reason::Down)));
     }
@@ -1438,8 +1446,7 @@ mod tests {
         // Where it fits, and stays (a move starts the new rendition at its keyframe:
         // what the old one had queued is left behind).
         c.moved(f.t, 1);
-        let mut after = Fluid::new(Config::default());
-        after.t = f.t;
+        let mut after = Fluid::at(f.t);
         for _ in 0..16 {
             after.run(2_550_000, 2_500_000, WINDOW, 0.25);
             assert_eq!(c.decide(after.t, &LADDER, &after.meter), None);
@@ -1452,8 +1459,7 @@ mod tests {
         g.run(2_300_000, 5_000_000, WINDOW, 6.0);
         assert_eq!(c.decide(g.t, &LADDER, &g.meter), Some((1, Reason::Down)));
         c.moved(g.t, 1);
-        let mut after = Fluid::new(Config::default());
-        after.t = g.t;
+        let mut after = Fluid::at(g.t);
         after.run(2_300_000, 2_500_000, WINDOW, 4.0);
         assert_eq!(
             c.decide(after.t, &LADDER, &after.meter),
