@@ -10,7 +10,9 @@
 //! fell behind, starts where a decoder can.
 //!
 //! Positions are absolute (they count every packet ever pushed), so a cursor whose
-//! position was evicted knows exactly how many packets it lost.
+//! position was evicted knows exactly how many packets it lost. They start high enough
+//! that a young ring can take packets before its first ([`Ring::prepend`]): the past a
+//! viewer resuming from before the ring's start lacks, asked for upstream.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -132,6 +134,8 @@ pub struct Stats {
     pub evicted_bytes: u64,
     /// Pushes refused because the sequence number did not increase.
     pub out_of_order: u64,
+    /// Packets put before the oldest ([`Ring::prepend`]).
+    pub prepended: u64,
 }
 
 /// The last few seconds of one stream. Sans-IO: time is passed to [`Ring::push`].
@@ -144,6 +148,9 @@ pub struct Ring<T> {
     /// Absolute positions of keyframes still in the ring, ascending.
     keyframes: VecDeque<u64>,
     bytes: usize,
+    /// Whether anything ever left the front (evicted, or dropped by a restart): a cursor
+    /// may then point before it, so nothing is put there any more.
+    trimmed: bool,
     stats: Stats,
 }
 
@@ -152,11 +159,14 @@ impl<T> Ring<T> {
     pub fn new(config: Config) -> Result<Self, Error> {
         config.validate()?;
         Ok(Ring {
+            // Room below the first packet for as many as the ring can hold, put there
+            // later (`prepend`).
+            first_pos: config.max_packets as u64,
             config,
             entries: VecDeque::new(),
-            first_pos: 0,
             keyframes: VecDeque::new(),
             bytes: 0,
+            trimmed: false,
             stats: Stats::default(),
         })
     }
@@ -203,7 +213,48 @@ impl<T> Ring<T> {
         }
     }
 
+    /// Puts a packet before the oldest held (one that came after it: a repair of the
+    /// stream's past, asked for a viewer resuming from before the ring's start). It
+    /// enters as old as the oldest. Refused (`false`) unless `seq` is below the oldest
+    /// and it fits the packet and byte bounds, or once anything left the front (a
+    /// cursor may point there).
+    pub fn prepend(&mut self, seq: SeqNo, keyframe: bool, size: usize, item: T) -> bool {
+        let Some(front) = self.entries.front() else {
+            return false;
+        };
+        if self.trimmed
+            || seq >= front.seq
+            || self.first_pos == 0
+            || self.entries.len() >= self.config.max_packets
+            || self.bytes + size > self.config.max_bytes
+        {
+            return false;
+        }
+        let at = front.at;
+        self.first_pos -= 1;
+        if keyframe {
+            self.keyframes.push_front(self.first_pos);
+        }
+        self.bytes += size;
+        self.entries.push_front(Entry {
+            seq,
+            keyframe,
+            at,
+            size,
+            item,
+        });
+        self.stats.prepended += 1;
+        true
+    }
+
+    /// Whether [`Ring::prepend`] may still put packets before the oldest (nothing left
+    /// the front yet, and the ring holds something to put them before).
+    pub fn may_prepend(&self) -> bool {
+        !self.trimmed && !self.entries.is_empty()
+    }
+
     fn pop_front(&mut self) {
+        self.trimmed = true;
         if let Some(e) = self.entries.pop_front() {
             self.bytes -= e.size;
             self.first_pos += 1;
@@ -217,6 +268,7 @@ impl<T> Ring<T> {
     /// packet held is dropped (cursors in it are overtaken, counted as skipped, and move
     /// to the new session's first keyframe). Positions go on counting.
     pub fn restart(&mut self) {
+        self.trimmed = true;
         self.first_pos = self.end();
         self.entries.clear();
         self.keyframes.clear();
@@ -592,13 +644,14 @@ mod tests {
         fill(&mut r, t, 0..7, 4);
         let (mut c, _) = r.cursor(Start::Seq(SeqNo(1))).unwrap();
         // From 1 to the keyframe at 4: three packets of 100 bytes.
-        assert_eq!(r.next_keyframe(&c), Some((4, 300)));
-        assert_eq!(r.skip_to(&mut c, 4), 3);
+        let at = c.position();
+        assert_eq!(r.next_keyframe(&c), Some((at + 3, 300)));
+        assert_eq!(r.skip_to(&mut c, at + 3), 3);
         // At a keyframe, the next one is not held yet.
         assert_eq!(r.next_keyframe(&c), None);
         assert_eq!(read_all(&r, &mut c), vec![4, 5, 6]);
         // Never backwards.
-        assert_eq!(r.skip_to(&mut c, 2), 0);
+        assert_eq!(r.skip_to(&mut c, at + 1), 0);
         assert_eq!(read_all(&r, &mut c), Vec::<u64>::new());
     }
 
@@ -646,6 +699,52 @@ mod tests {
         assert_eq!(r.read(&mut c), Read::Pending);
         fill(&mut r, t, 4..6, 2);
         assert_eq!(read_all(&r, &mut c), vec![4, 5]);
+    }
+
+    #[test]
+    fn packets_put_before_the_oldest_are_read_by_a_cursor_started_there() {
+        let t = t0();
+        let mut r = Ring::new(small()).unwrap();
+        fill(&mut r, t, 5..8, 3);
+        let (mut early, _) = r.cursor(Start::Seq(SeqNo(5))).unwrap();
+        assert_eq!(read_all(&r, &mut early), vec![5, 6, 7]);
+        // Before them, newest first: 4, 3 (a keyframe), then 1 with 2 still missing.
+        assert!(r.prepend(SeqNo(4), false, 100, 4));
+        assert!(r.prepend(SeqNo(3), true, 100, 3));
+        assert!(!r.prepend(SeqNo(3), true, 100, 3), "not below the oldest");
+        let (mut c, missed) = r.cursor(Start::Seq(SeqNo(3))).unwrap();
+        assert_eq!(missed, 0);
+        assert_eq!(read_all(&r, &mut c), vec![3, 4, 5, 6, 7]);
+        // From before them: the keyframe put there.
+        let (mut c, missed) = r.cursor(Start::Seq(SeqNo(1))).unwrap();
+        assert_eq!(missed, 2);
+        assert_eq!(read_all(&r, &mut c), vec![3, 4, 5, 6, 7]);
+        // A cursor placed before stays where it was.
+        fill(&mut r, t, 8..9, 3);
+        assert_eq!(read_all(&r, &mut early), vec![8]);
+        assert_eq!((r.len(), r.bytes(), r.stats().prepended), (6, 600, 2));
+    }
+
+    #[test]
+    fn nothing_is_put_before_the_oldest_beyond_the_bounds_or_once_the_front_moved() {
+        let t = t0();
+        let mut r = Ring::new(small()).unwrap();
+        assert!(!r.prepend(SeqNo(1), false, 100, 1), "an empty ring");
+        fill(&mut r, t, 20..29, 100);
+        assert!(r.prepend(SeqNo(19), false, 100, 19));
+        assert!(!r.prepend(SeqNo(18), false, 100, 18), "ten packets held");
+        let mut r = Ring::new(small()).unwrap();
+        fill(&mut r, t, 20..21, 100);
+        assert!(!r.prepend(SeqNo(19), false, 9_901, 19), "over the bytes");
+        // An eviction: a cursor may point before the front.
+        fill(&mut r, t, 21..32, 100);
+        assert!(!r.may_prepend());
+        assert!(!r.prepend(SeqNo(10), false, 1, 10));
+        let mut r = Ring::new(small()).unwrap();
+        fill(&mut r, t, 20..22, 100);
+        r.restart();
+        fill(&mut r, t, 1..2, 100);
+        assert!(!r.prepend(SeqNo(0), false, 1, 0), "after a restart");
     }
 
     #[test]
