@@ -89,6 +89,12 @@ pub struct Counters {
     pub viewer_skipped_packets: u64,
     /// Packets a resuming viewer asked for that the ring no longer held (edge).
     pub resume_missed_packets: u64,
+    /// Packets of a stream's past asked of the set reflectors for viewers resuming from
+    /// before the ring's start, and put before it (edge).
+    pub backfill_packets: u64,
+    /// Packets of that past asked for and not put there: they did not come (or came
+    /// after a hole) before the last ask ended (edge).
+    pub backfill_missing: u64,
     /// Subscriptions moved off a set reflector that delivered nothing (edge).
     pub path_replaced: u64,
     /// Switch messages sent to viewers of a drained edge (edge).

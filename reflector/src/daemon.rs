@@ -542,6 +542,8 @@ fn export(role: &'static str, machine: &mut Machine) {
             .absolute(c.viewer_skipped_packets);
         metrics::counter!("braid_edge_resume_missed_packets_total")
             .absolute(c.resume_missed_packets);
+        metrics::counter!("braid_edge_backfill_packets_total").absolute(c.backfill_packets);
+        metrics::counter!("braid_edge_backfill_missing_total").absolute(c.backfill_missing);
         metrics::counter!("braid_edge_path_replaced_total").absolute(c.path_replaced);
         metrics::counter!("braid_edge_drain_signals_total").absolute(c.drain_signals);
         metrics::gauge!("braid_viewers").set(m.viewers() as f64);

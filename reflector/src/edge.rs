@@ -24,7 +24,7 @@ use braid_core::ring::{self, Cursor, Read, Ring, Start};
 use braid_core::speed;
 use braid_core::token::Signer;
 use braid_core::wire::{
-    Body, Class, Codec, Cookie, ErrorCode, Flags, Keepalive, NoticeKind, RenditionNotice,
+    Body, Class, Codec, Cookie, ErrorCode, Flags, Keepalive, NoticeKind, RenditionNotice, SeqRange,
     SwitchReason, Watch, WatchStart,
 };
 use braid_core::{NodeId, PathId, SeqNo, StreamId};
@@ -48,6 +48,15 @@ const IN_FLIGHT_TTL: Duration = Duration::from_secs(3);
 /// its other viewers coming back (a client repeats its watch every 250 ms while its
 /// edge is silent) are each started at their own point.
 const RESUME_GATHER: Duration = Duration::from_millis(300);
+/// Most packets of a stream's past asked for at once for viewers resuming from before
+/// its ring's start (a [`Backfill`]): four NACK answers' worth, 2.6 s at 4 Mbit/s.
+const BACKFILL_MAX: u64 = 4 * MAX_NACK_ANSWER;
+/// What a backfill still lacks is asked for again this often, each time of the next set
+/// reflector subscribed…
+const BACKFILL_ASK_EVERY: Duration = Duration::from_millis(200);
+/// … this many times in all; then what came is put in the ring and the viewers waiting
+/// for it start.
+const BACKFILL_ASKS: u8 = 3;
 /// A viewer's window grows to cover this many of its acknowledgement delays of the
 /// stream (its round trip plus the time between its acknowledgements)…
 const WINDOW_DELAYS: f64 = 2.0;
@@ -450,6 +459,55 @@ struct Stream {
     bytes_in: u64,
     newest_stamp: Option<u32>,
     rate_marks: VecDeque<(u32, u64)>,
+    /// The past before the ring's first packet, asked for viewers resuming from there.
+    backfill: Option<Backfill>,
+}
+
+/// The stream's past before its ring's first packet, asked of the set reflectors (which
+/// keep the last seconds) for viewers resuming from there: a restarted edge's viewers
+/// come back one by one, and one whose watch comes after the stream started, at an
+/// earlier point than the first viewer's, would otherwise be started at a later
+/// keyframe. Its viewers wait for it; once it is whole, or after its last ask, what
+/// came is put before the ring's first packet ([`Ring::prepend`]).
+struct Backfill {
+    /// The earliest number asked for.
+    first: SeqNo,
+    /// The ring's first packet when asked (not asked for).
+    end: SeqNo,
+    /// The source session the ring's first packet is of (an answer of another is not
+    /// this stream's past).
+    ssrc: u32,
+    /// What came, by number from `first`, and how many of them have not.
+    got: Vec<Option<Packet>>,
+    lacking: usize,
+    /// Asks made, and when the next is due.
+    asks: u8,
+    next_ask: Instant,
+}
+
+impl Backfill {
+    fn covers(&self, seq: SeqNo) -> bool {
+        self.first <= seq && seq < self.end
+    }
+
+    /// The runs still lacking, at most `MAX_NACK_ANSWER` numbers each.
+    fn lacking(&self) -> Vec<SeqRange> {
+        let mut runs: Vec<SeqRange> = Vec::new();
+        for (i, p) in self.got.iter().enumerate() {
+            if p.is_some() {
+                continue;
+            }
+            let seq = SeqNo(self.first.0 + i as u64);
+            match runs.last_mut() {
+                Some(r) if r.end() == seq && u64::from(r.count) < MAX_NACK_ANSWER => r.count += 1,
+                _ => runs.push(SeqRange {
+                    first: seq,
+                    count: 1,
+                }),
+            }
+        }
+        runs
+    }
 }
 
 /// How the repairs of a stream went over the last period: an edge whose paths keep
@@ -924,6 +982,27 @@ impl Edge {
                     return;
                 };
                 let (seq, keyframe) = (media.seq, msg.header.flags.contains(Flags::KEYFRAME));
+                // The stream's past asked for viewers resuming from before the ring's
+                // start: kept aside (for the merge, it is long released).
+                if let Some(b) = st.backfill.as_mut().filter(|b| b.covers(seq)) {
+                    let slot = &mut b.got[(seq.0 - b.first.0) as usize];
+                    if media.rtp.fields().ssrc != b.ssrc {
+                        self.counters.drops.add("backfill_other_session");
+                    } else if slot.is_some() {
+                        self.counters.drops.add("backfill_duplicate");
+                    } else {
+                        *slot = Some(Packet {
+                            datagram: bytes,
+                            header: msg.header,
+                            media,
+                        });
+                        b.lacking -= 1;
+                        if b.lacking == 0 {
+                            self.finish_backfill(now, id);
+                        }
+                    }
+                    return;
+                }
                 common::accept_media(
                     now,
                     &mut st.merge,
@@ -1214,6 +1293,7 @@ impl Edge {
                     bytes_in: 0,
                     newest_stamp: None,
                     rate_marks: VecDeque::new(),
+                    backfill: None,
                 },
             );
         }
@@ -1573,6 +1653,10 @@ impl Edge {
             }
             st.merge.expect_from(now, watch.seq);
         }
+        // A warm stream whose ring starts after the viewer's point, when the stream
+        // opened for it and its first viewers moments ago (a restarted edge's viewers
+        // come back one by one): its past is asked for.
+        let backfill = (watch.start == WatchStart::Seq && !st.ring.is_empty()).then_some(watch.seq);
         self.viewers += 1;
         self.counters.viewer_joins += 1;
         if let Peer::Conn(c) = from {
@@ -1581,6 +1665,9 @@ impl Edge {
         tracing::info!(stream = id.0, viewer = %from, fits_kbps = ?watch.fits_kbps, "viewer joined");
         if needs_upstream {
             self.subscribe_upstream(now, id);
+        }
+        if let Some(from) = backfill {
+            self.ask_backfill(now, id, from);
         }
         if let Some(&(l, r)) = self.ladder_of.get(&id) {
             // Which rendition it starts on (its SSRC comes with the first packet).
@@ -1679,6 +1766,8 @@ impl Edge {
         let mut at_keyframe = Vec::new();
         // When the first paced viewer held back may be sent its next packet.
         let mut pace_due: Option<Instant> = None;
+        // The numbers whose viewers wait for the stream's past.
+        let backfilling = st.backfill.as_ref().map(|b| b.first..b.end);
         let mut serve_one = |key: Peer, v: &mut Viewer| {
             if v.cursor.is_none() {
                 let start = match v.start {
@@ -1686,8 +1775,16 @@ impl Edge {
                     WatchStart::Seq => Start::Seq(v.start_seq),
                     WatchStart::Live => Start::Live,
                 };
-                // A resume waits for packets to arrive; a keyframe start for a keyframe.
+                // A resume waits for packets to arrive (or for the stream's past asked
+                // for it); a keyframe start for a keyframe.
                 if v.start != WatchStart::Keyframe && st.ring.is_empty() {
+                    return;
+                }
+                if v.start == WatchStart::Seq
+                    && backfilling
+                        .as_ref()
+                        .is_some_and(|r| r.contains(&v.start_seq))
+                {
                     return;
                 }
                 if let Ok((c, missed)) = st.ring.cursor(start) {
@@ -2114,6 +2211,128 @@ impl Edge {
         }
     }
 
+    /// Asks the set reflectors for stream `id`'s past from `from` up to its ring's first
+    /// packet, for a viewer resuming there ([`Backfill`]): only while the ring can still
+    /// take packets before its first (nothing left it yet) and within
+    /// [`BACKFILL_MAX`] of it. A backfill under way is extended.
+    fn ask_backfill(&mut self, now: Instant, id: StreamId, from: SeqNo) {
+        let Some(st) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let Some(oldest) = st.ring.oldest().filter(|_| st.ring.may_prepend()) else {
+            return;
+        };
+        let (end, ssrc) = (oldest.seq, oldest.item.media.rtp.fields().ssrc);
+        let b = st.backfill.get_or_insert_with(|| Backfill {
+            first: end,
+            end,
+            ssrc,
+            got: Vec::new(),
+            lacking: 0,
+            asks: 0,
+            next_ask: now,
+        });
+        if from >= b.first || b.end.0 - from.0 > BACKFILL_MAX {
+            if b.got.is_empty() {
+                st.backfill = None;
+            }
+            return;
+        }
+        let more = (b.first.0 - from.0) as usize;
+        b.got
+            .splice(0..0, std::iter::repeat_with(|| None).take(more));
+        b.lacking += more;
+        let asked = b.first;
+        b.first = from;
+        tracing::debug!(
+            stream = id.0,
+            from = from.0,
+            to = b.end.0,
+            "stream's past asked for a resuming viewer"
+        );
+        // The new numbers now; all that lacks again at each ask.
+        let runs: Vec<SeqRange> = b
+            .lacking()
+            .into_iter()
+            .filter(|r| r.first < asked)
+            .collect();
+        b.asks = 1;
+        b.next_ask = now + BACKFILL_ASK_EVERY;
+        self.send_backfill_asks(id, 0, &runs);
+    }
+
+    /// Sends `runs` of stream `id`'s past to the set reflector subscribed `turn`-th
+    /// (round the subscriptions).
+    fn send_backfill_asks(&mut self, id: StreamId, turn: usize, runs: &[SeqRange]) {
+        let Some(st) = self.streams.get(&id) else {
+            return;
+        };
+        let Some(&(i, _)) = st.upstream.get(turn % st.upstream.len().max(1)) else {
+            return;
+        };
+        let to = Peer::Addr(self.config.reflectors[i]);
+        for r in runs {
+            self.out.control(to, id, Body::Nack(vec![*r]));
+            self.counters.nack_sent += 1;
+        }
+    }
+
+    /// Asks again for what stream `id`'s backfill lacks, when due; after the last ask,
+    /// ends it.
+    fn backfill_due(&mut self, now: Instant, id: StreamId) {
+        let Some(b) = self
+            .streams
+            .get_mut(&id)
+            .and_then(|st| st.backfill.as_mut())
+            .filter(|b| now >= b.next_ask)
+        else {
+            return;
+        };
+        if b.asks >= BACKFILL_ASKS {
+            self.finish_backfill(now, id);
+            return;
+        }
+        let (turn, runs) = (usize::from(b.asks), b.lacking());
+        b.asks += 1;
+        b.next_ask = now + BACKFILL_ASK_EVERY;
+        self.send_backfill_asks(id, turn, &runs);
+    }
+
+    /// Puts what stream `id`'s backfill got before its ring's first packet, newest
+    /// first, as far as it follows on without a hole, and serves the viewers that
+    /// waited for it. What did not come (or follows a hole) is counted; a viewer whose
+    /// point it was starts at the first keyframe held and is told what it missed.
+    fn finish_backfill(&mut self, now: Instant, id: StreamId) {
+        let Some(st) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let Some(b) = st.backfill.take() else {
+            return;
+        };
+        let asked = b.got.len() as u64;
+        let mut put = 0;
+        for p in b.got.into_iter().rev() {
+            let Some(p) = p else {
+                break;
+            };
+            let keyframe = p.header.flags.contains(Flags::KEYFRAME);
+            let (seq, size) = (p.media.seq, p.datagram.len());
+            if !st.ring.prepend(seq, keyframe, size, p) {
+                break;
+            }
+            put += 1;
+        }
+        self.counters.backfill_packets += put;
+        self.counters.backfill_missing += asked - put;
+        tracing::info!(
+            stream = id.0,
+            put,
+            missing = asked - put,
+            "stream's past put before the ring for resuming viewers"
+        );
+        self.serve(now, id, None);
+    }
+
     fn subscribe_k(&self) -> usize {
         self.config
             .subscribe_k
@@ -2188,6 +2407,15 @@ impl Edge {
             .collect();
         for id in top_up {
             self.subscribe_upstream(now, id);
+        }
+        let backfilling: Vec<StreamId> = self
+            .streams
+            .iter()
+            .filter(|(_, st)| st.backfill.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in backfilling {
+            self.backfill_due(now, id);
         }
         let mut close = Vec::new();
         let mut refresh = Vec::new();
@@ -3882,27 +4110,114 @@ mod tests {
             e.handle_timeout(now);
             step(&mut e, now, &mut out);
         }
-        // (Each in order; the last may go twice, a probe for a lost tail.)
-        let media_to = |v: Peer| -> Vec<u64> {
-            let mut got: Vec<u64> = seen(&out, v)
-                .into_iter()
-                .filter_map(|(k, s)| k.is_none().then_some(s))
-                .collect();
-            got.dedup();
-            got
-        };
-        let late = media_to(second);
+        let late = media_to(&out, second);
         assert_eq!(late.first(), Some(&1010), "{:?}", seen(&out, second));
         assert_eq!(late, (1010..1060).collect::<Vec<_>>());
+        assert!(!told_missed(&out, second), "{:?}", seen(&out, second));
+        // The first is served from its own point, not the second's.
+        assert_eq!(media_to(&out, first), (1020..1060).collect::<Vec<_>>());
+    }
+
+    /// A restarted edge's viewers resuming one by one, the second `late` after the first
+    /// and from `second_from`, while its set reflector keeps the stream from `kept_from`
+    /// (answering asks for it at once) and the stream has a keyframe every 10 packets.
+    /// What was sent to each viewer, and the edge.
+    fn resume_late(
+        late: Duration,
+        second_from: u64,
+        kept_from: u64,
+    ) -> (Vec<(Peer, Body)>, Edge, Instant) {
+        let mut now = Instant::now();
+        let mut e = edge(now);
+        let (first, second) = (viewer(5000), viewer(5001));
+        let mut out = Vec::new();
+        let flags = |seq: u64| Flags::empty().with(Flags::KEYFRAME, seq % 10 == 0);
+        let step = |e: &mut Edge, now: Instant, out: &mut Vec<(Peer, Body)>| {
+            let got = sent(e);
+            for (p, b) in &got {
+                if let (true, Body::Nack(ranges)) = (*p == Peer::Addr(set()), b) {
+                    for r in ranges {
+                        for seq in r.first.0.max(kept_from)..r.end().0 {
+                            let f = flags(seq).with(Flags::RETRANSMIT, true);
+                            e.handle_input(now, media(1, seq, f));
+                        }
+                    }
+                }
+            }
+            out.extend(got);
+            out.extend(sent(e));
+        };
+        let start = now;
+        e.handle_input(now, watch(now, first, WatchStart::Seq, 1020));
+        for seq in 1030..1200 {
+            now += Duration::from_millis(10);
+            e.handle_input(now, media(1, seq, flags(seq)));
+            e.handle_timeout(now);
+            step(&mut e, now, &mut out);
+            if now.duration_since(start) >= late && !out.iter().any(|(p, _)| *p == second) {
+                e.handle_input(now, watch(now, second, WatchStart::Seq, second_from));
+                step(&mut e, now, &mut out);
+            }
+        }
+        (out, e, now)
+    }
+
+    /// Whether `v` was told it missed packets.
+    fn told_missed(out: &[(Peer, Body)], v: Peer) -> bool {
+        seen(out, v)
+            .iter()
+            .any(|(k, _)| *k == Some(NoticeKind::Missed))
+    }
+
+    /// Media numbers sent to `v` in order (the last may go twice: a probe for a lost
+    /// tail).
+    fn media_to(out: &[(Peer, Body)], v: Peer) -> Vec<u64> {
+        let mut got: Vec<u64> = seen(out, v)
+            .into_iter()
+            .filter_map(|(k, s)| k.is_none().then_some(s))
+            .collect();
+        got.dedup();
+        got
+    }
+
+    #[test]
+    fn a_viewer_resuming_after_the_stream_started_gets_its_past_from_the_set_reflectors() {
+        // 600 ms after the first (a client under load, its watch late): the stream
+        // released long before, its ring starts at 1020.
+        let (out, e, _) = resume_late(Duration::from_millis(600), 1005, 0);
+        let (first, second) = (viewer(5000), viewer(5001));
+        assert_eq!(media_to(&out, second), (1005..1200).collect::<Vec<_>>());
+        assert!(!told_missed(&out, second), "{:?}", seen(&out, second));
+        assert_eq!(media_to(&out, first), (1020..1200).collect::<Vec<_>>());
+        let c = e.counters();
+        assert_eq!((c.backfill_packets, c.backfill_missing), (15, 0));
+        assert_eq!(c.resume_missed_packets, 0);
+    }
+
+    #[test]
+    fn a_past_the_set_reflectors_no_longer_keep_is_counted_and_the_viewer_starts_at_a_keyframe() {
+        // They keep from 1012: 1012-1019 come, a keyframe (1010) does not; the viewer
+        // starts at the first keyframe held after its last ask, told what it missed.
+        let (out, e, _) = resume_late(Duration::from_millis(600), 995, 1012);
+        let second = viewer(5001);
+        let got = media_to(&out, second);
+        assert_eq!(got, (1020..1200).collect::<Vec<_>>());
         assert!(
-            !seen(&out, second)
-                .iter()
-                .any(|(k, _)| *k == Some(NoticeKind::Missed)),
+            seen(&out, second).contains(&(Some(NoticeKind::Missed), 25)),
             "{:?}",
             seen(&out, second)
         );
-        // The first is served from its own point, not the second's.
-        assert_eq!(media_to(first), (1020..1060).collect::<Vec<_>>());
+        let c = e.counters();
+        assert_eq!((c.backfill_packets, c.backfill_missing), (8, 17));
+        // Within its asks: 3 of them, 200 ms apart (and a housekeeping tick).
+        let at = out
+            .iter()
+            .position(|(p, b)| *p == second && matches!(b, Body::Media(_)));
+        let waited = out[..at.expect("served")]
+            .iter()
+            .filter(|(p, b)| *p == Peer::Addr(set()) && matches!(b, Body::Nack(_)))
+            .count();
+        assert!(waited >= 3, "asked {waited} times before giving up");
     }
 
     #[test]
