@@ -72,6 +72,9 @@ const LEAVE_AT_MOST: Duration = Duration::from_secs(2);
 const EARLY_WATCH: Duration = Duration::from_millis(50);
 /// Packets from an edge just left are taken this long after (they were in flight).
 const LEFT_GRACE: Duration = Duration::from_secs(1);
+/// An edge silent this long is gone (a live one sends media, or a keepalive within
+/// 160 ms): the holes it was repairing are held for the edge that resumes the stream.
+const EDGE_GONE: Duration = Duration::from_millis(300);
 /// A viewer on a rendition above its ladder's lowest that receives too little, or with
 /// holes, gives its edge this long to move it down before it leaves for another edge:
 /// a link too slow for the rendition is the edge's to answer (its meter, then the next
@@ -527,6 +530,11 @@ impl Session {
             nack_retry: (window / 5).max(Duration::from_millis(10)),
             // The playout buffer is the viewer's to size: a hole waits all of it.
             adaptive_window: false,
+            // Its edge gone (restarting, or dead until the viewer moves), the holes it
+            // was repairing wait for the edge that resumes the stream. A live edge
+            // says something every 160 ms at most (media, or keepalives while the
+            // stream pauses).
+            hold_in_silence: Some(EDGE_GONE),
             ..merge::Config::default()
         })?;
         let mut detector = Detector::new(config.detect.clone())?;
@@ -1190,6 +1198,10 @@ impl Session {
             || self
                 .left
                 .is_some_and(|(e, t)| from == Some(e) && now < t + LEFT_GRACE);
+        if from_edge || from_leaving {
+            // Whatever it says, the edge lives: holes still wait only their window.
+            self.buffer.heard(now);
+        }
         match msg {
             Message {
                 header,

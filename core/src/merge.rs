@@ -74,7 +74,21 @@ pub struct Config {
     /// is asked for nothing in the meantime, and does not hold back the asks of holes
     /// every other path went past.
     pub path_timeout: Duration,
+    /// With `Some(quiet)`: once nothing has come for `quiet`, no packet on any path and
+    /// no word from the sender ([`Buffer::heard`]), holes are not given up while the
+    /// silence lasts (for [`SILENCE_HOLD_MAX`] at most), and when the sender is heard
+    /// again each hole waits what it had left and is asked for afresh. A sender silent
+    /// that long is gone (a viewer's edge restarting, or dead until the viewer moves):
+    /// the repairs the holes wait for can only come after it, and waiting costs the
+    /// player nothing, as nothing newer comes meanwhile. Size `quiet` above the
+    /// sender's longest silence while it lives (an edge's keepalives: 160 ms). Off by
+    /// default (`None`).
+    pub hold_in_silence: Option<Duration>,
 }
+
+/// Holes are held through a silence ([`Config::hold_in_silence`]) this long at most: a
+/// set reflector keeps the last 4 s, so what a restarted sender can still give back.
+pub const SILENCE_HOLD_MAX: Duration = Duration::from_secs(4);
 
 impl Default for Config {
     fn default() -> Self {
@@ -87,6 +101,7 @@ impl Default for Config {
             nack_retry: Duration::from_millis(40),
             adaptive_window: true,
             path_timeout: Duration::from_millis(500),
+            hold_in_silence: None,
         }
     }
 }
@@ -198,6 +213,9 @@ pub struct Stats {
     pub nacked: u64,
     /// Of those, repeated asks (the first went unanswered).
     pub nack_retries: u64,
+    /// Silences of the whole stream its holes were held through
+    /// ([`Config::hold_in_silence`]).
+    pub silences_held: u64,
     /// Asked-for sequence numbers that then arrived in time.
     pub repaired: u64,
     /// Times the sender jumped more than `max_held` ahead and the buffer was flushed.
@@ -434,6 +452,8 @@ pub struct Buffer<T> {
     next_session: Option<NextSession<T>>,
     /// Far jumps claimed and not yet believed, by path.
     jump_claims: Vec<JumpClaim>,
+    /// When the sender was last heard, on any path ([`Config::hold_in_silence`]).
+    last_arrival: Option<Instant>,
 }
 
 /// A path's word that the stream is far ahead of the buffer.
@@ -481,6 +501,7 @@ impl<T> Buffer<T> {
             expected: None,
             next_session: None,
             jump_claims: Vec::new(),
+            last_arrival: None,
         })
     }
 
@@ -612,6 +633,7 @@ impl<T> Buffer<T> {
     /// once otherwise.
     pub fn handle_next_session(&mut self, now: Instant, path: PathId, seq: SeqNo, item: T) {
         self.advance(now);
+        self.heard(now);
         match &mut self.next_session {
             Some(n) if n.waiting.len() < self.config.max_held => {
                 // Numbers skipped since the last one held aside (or the start the
@@ -907,7 +929,59 @@ impl<T> Buffer<T> {
             .is_some_and(|t| now.saturating_duration_since(t) <= self.config.path_timeout)
     }
 
+    /// The sender spoke at `now` (a packet, or any word of its: a keepalive). After a
+    /// silence holes were held through ([`Config::hold_in_silence`]), each waits what it
+    /// had left, and is asked for afresh (its asks went to a sender that was not there).
+    pub fn heard(&mut self, now: Instant) {
+        self.advance(now);
+        let last = self.last_arrival.replace(now);
+        let Some(quiet) = last.map(|t| now.saturating_duration_since(t)) else {
+            return;
+        };
+        if self.config.hold_in_silence.is_none_or(|q| quiet < q) {
+            return;
+        }
+        let mut runs: Vec<(SeqNo, u64)> = Vec::new();
+        let next = self.next.unwrap_or(SeqNo(0));
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            let Slot::Hole { since, asks, .. } = slot else {
+                continue;
+            };
+            *since += quiet;
+            *asks = 0;
+            let seq = next.plus(i as u64);
+            match runs.last_mut() {
+                Some((first, count)) if first.plus(*count) == seq => *count += 1,
+                _ => runs.push((seq, 1)),
+            }
+        }
+        if runs.is_empty() {
+            return;
+        }
+        self.stats.silences_held += 1;
+        if self.config.nack {
+            for (first, count) in runs {
+                self.nack_queue.push_back(NackRun {
+                    first,
+                    count,
+                    due: now + self.config.nack_delay,
+                    asks: 0,
+                    last_path: None,
+                });
+            }
+        }
+    }
+
+    /// Whether holes are held now, the whole stream silent ([`Config::hold_in_silence`]),
+    /// and until when at most.
+    fn silent_until(&self, now: Instant) -> Option<Instant> {
+        let (quiet, last) = (self.config.hold_in_silence?, self.last_arrival?);
+        let (from, until) = (last + quiet, last + quiet + SILENCE_HOLD_MAX);
+        (from <= now && now < until).then_some(until)
+    }
+
     fn handle_packet(&mut self, now: Instant, path: PathId, seq: SeqNo, item: T) {
+        self.heard(now);
         let p = self.path_mut(path);
         p.stats.received += 1;
         if seq.0 >= MAX_SEQ {
@@ -1218,7 +1292,7 @@ impl<T> Buffer<T> {
                 Some(Output::Packet { seq: next, item })
             }
             Slot::Hole { since, .. } => {
-                if now < *since + window {
+                if now < *since + window || self.silent_until(now).is_some() {
                     return None;
                 }
                 let mut count = 0;
@@ -1494,7 +1568,11 @@ impl<T> Buffer<T> {
         if let Some(until) = self.hold_until {
             consider(until);
         } else if let Some(Slot::Hole { since, .. }) = self.slots.front() {
-            consider(*since + self.window);
+            let due = *since + self.window;
+            match self.now.and_then(|now| self.silent_until(now)) {
+                Some(until) if due <= until => consider(until),
+                _ => consider(due),
+            }
         }
         if self.config.nack {
             if let Some(run) = self.nack_queue.front() {

@@ -23,6 +23,7 @@ fn config() -> Config {
         nack_retry: ms(30),
         adaptive_window: false,
         path_timeout: ms(500),
+        hold_in_silence: None,
     }
 }
 
@@ -1272,4 +1273,75 @@ fn an_adaptive_window_gives_up_when_the_measured_paths_can_no_longer_answer() {
         adaptive < 500 && w < ms(500),
         "adaptive: given up at {adaptive} ms with a {w:?} window"
     );
+}
+
+/// Packets 10-13 with 12 lost, then no packet on any path until `back_ms`, when 14
+/// comes, then 12 (a repair from a restarted sender) 40 ms later. With `alive`, the
+/// sender's keepalives are heard every 100 ms meanwhile. What was released, and the
+/// stats.
+fn silence(hold: Option<Duration>, back_ms: u64, alive: bool) -> (Vec<Output<u64>>, Stats) {
+    let t = t0();
+    let mut b = Buffer::new(Config {
+        hold_in_silence: hold,
+        ..config()
+    })
+    .unwrap();
+    let mut out = Vec::new();
+    for s in [10, 11, 13] {
+        b.handle_input(t + ms(s), packet(0, s));
+    }
+    // The silence, in 10 ms steps, as a caller woken by its timers would see it.
+    let mut now = ms(14);
+    while now < ms(back_ms) {
+        if alive && now.as_millis() % 100 == 4 {
+            b.heard(t + now);
+        }
+        b.handle_timeout(t + now);
+        out.extend(drain(&mut b));
+        now += ms(10);
+    }
+    b.handle_input(t + ms(back_ms), packet(0, 14));
+    for step in 1..=4 {
+        b.handle_timeout(t + ms(back_ms + 10 * step));
+        out.extend(drain(&mut b));
+    }
+    b.handle_input(t + ms(back_ms + 40), packet(0, 12));
+    b.handle_timeout(t + ms(back_ms + 500));
+    out.extend(drain(&mut b));
+    (out, b.stats())
+}
+
+#[test]
+fn a_hole_is_held_through_a_silence_of_the_whole_stream_and_filled_after_it() {
+    // The sender is gone 1.5 s: the hole's window (100 ms) passes in the silence.
+    let (out, stats) = silence(Some(ms(50)), 1_500, false);
+    assert_eq!(released(&out), [10, 11, 12, 13, 14], "{out:?}");
+    assert_eq!((stats.gaps, stats.silences_held), (0, 1));
+    // Asked for again once the stream came back (the first asks went to nobody).
+    let asks: Vec<_> = out
+        .iter()
+        .filter(|o| matches!(o, Output::Nack { range, .. } if range.first == SeqNo(12)))
+        .collect();
+    assert_eq!(asks.len(), 2, "{out:?}");
+    // Without it, the hole is a gap within its window, and 12 comes late.
+    let (out, stats) = silence(None, 1_500, false);
+    assert_eq!(released(&out), [10, 11, 13, 14], "{out:?}");
+    assert_eq!((stats.gaps, stats.late), (1, 1));
+}
+
+#[test]
+fn a_hole_is_held_through_a_silence_only_so_long() {
+    let back = 50 + SILENCE_HOLD_MAX.as_millis() as u64 + 500;
+    let (out, stats) = silence(Some(ms(50)), back, false);
+    assert_eq!(released(&out), [10, 11, 13, 14], "{out:?}");
+    assert_eq!((stats.gaps, stats.late, stats.silences_held), (1, 1, 0));
+}
+
+#[test]
+fn a_hole_waits_only_its_window_while_the_sender_is_heard() {
+    // Keepalives every 100 ms: the stream pauses upstream, its sender lives, and the
+    // hole is given up after its window as always.
+    let (out, stats) = silence(Some(ms(150)), 1_500, true);
+    assert_eq!(released(&out), [10, 11, 13, 14], "{out:?}");
+    assert_eq!((stats.gaps, stats.silences_held), (1, 0));
 }
