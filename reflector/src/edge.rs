@@ -55,7 +55,8 @@ const BACKFILL_MAX: u64 = 4 * MAX_NACK_ANSWER;
 /// reflector subscribed…
 const BACKFILL_ASK_EVERY: Duration = Duration::from_millis(200);
 /// … this many times in all; then what came is put in the ring and the viewers waiting
-/// for it start.
+/// for it start. A backfill extended by later viewers (each extension asked at once,
+/// then again) still ends within two more of these periods.
 const BACKFILL_ASKS: u8 = 3;
 /// A viewer's window grows to cover this many of its acknowledgement delays of the
 /// stream (its round trip plus the time between its acknowledgements)…
@@ -480,6 +481,8 @@ struct Backfill {
     /// What came, by number from `first`, and how many of them have not.
     got: Vec<Option<Packet>>,
     lacking: usize,
+    /// When it ends at the latest, however often it is extended (its viewers wait).
+    until: Instant,
     /// Asks made, and when the next is due.
     asks: u8,
     next_ask: Instant,
@@ -2229,6 +2232,7 @@ impl Edge {
             ssrc,
             got: Vec::new(),
             lacking: 0,
+            until: now + BACKFILL_ASK_EVERY * u32::from(BACKFILL_ASKS + 2),
             asks: 0,
             next_ask: now,
         });
@@ -2284,11 +2288,11 @@ impl Edge {
             .streams
             .get_mut(&id)
             .and_then(|st| st.backfill.as_mut())
-            .filter(|b| now >= b.next_ask)
+            .filter(|b| now >= b.next_ask || now >= b.until)
         else {
             return;
         };
-        if b.asks >= BACKFILL_ASKS {
+        if b.asks >= BACKFILL_ASKS || now >= b.until {
             self.finish_backfill(now, id);
             return;
         }
@@ -4218,6 +4222,46 @@ mod tests {
             .filter(|(p, b)| *p == Peer::Addr(set()) && matches!(b, Body::Nack(_)))
             .count();
         assert!(waited >= 3, "asked {waited} times before giving up");
+    }
+
+    #[test]
+    fn a_backfill_extended_by_viewer_after_viewer_still_ends_in_time() {
+        // The set reflector never answers; a viewer every 150 ms names a point one
+        // earlier than the last. The first to wait is served within the bound.
+        let mut now = Instant::now();
+        let mut e = edge(now);
+        let mut out = Vec::new();
+        e.handle_input(now, watch(now, viewer(5000), WatchStart::Seq, 1020));
+        let mut asked_at = None;
+        let mut next_viewer = 0;
+        for seq in 1030..1400 {
+            now += Duration::from_millis(10);
+            let flags = Flags::empty().with(Flags::KEYFRAME, seq % 10 == 0);
+            e.handle_input(now, media(1, seq, flags));
+            e.handle_timeout(now);
+            out.extend(sent(&mut e).into_iter().map(|o| (now, o)));
+            if seq >= 1090 && (seq - 1090) % 15 == 0 && next_viewer < 20 {
+                let v = viewer(5001 + next_viewer);
+                e.handle_input(
+                    now,
+                    watch(now, v, WatchStart::Seq, 1015 - u64::from(next_viewer)),
+                );
+                asked_at.get_or_insert(now);
+                next_viewer += 1;
+                out.extend(sent(&mut e).into_iter().map(|o| (now, o)));
+            }
+        }
+        let first_media = out
+            .iter()
+            .find(|(_, (p, b))| *p == viewer(5001) && matches!(b, Body::Media(_)))
+            .map(|(t, _)| *t)
+            .expect("served");
+        let waited = first_media - asked_at.expect("asked");
+        assert!(
+            waited <= BACKFILL_ASK_EVERY * u32::from(BACKFILL_ASKS + 2) + HOUSEKEEPING,
+            "waited {waited:?}"
+        );
+        assert!(e.counters().backfill_missing > 0);
     }
 
     #[test]
